@@ -1,0 +1,305 @@
+//! Frames: how a [`Message`] becomes bytes on a QUIC stream and back.
+//!
+//! A frame is `length: u32 BE | version: u16 BE | message type: u8 | body`, where `length`
+//! counts everything after itself. The length prefix is handled by tokio-util's
+//! [`LengthDelimitedCodec`]; the limit is checked against the prefix before a single body
+//! byte is buffered, so a peer that announces 4 GiB costs nothing. Bodies are encoded with
+//! bincode (standard configuration, with a byte limit); bincode never leaves this module.
+
+use bytes::{Buf, BufMut, BytesMut};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tokio_util::codec::{Decoder, Encoder, LengthDelimitedCodec};
+
+use crate::error_code::ErrorCode;
+use crate::message::{DecodeBody, EncodeBody, Message, MessageType};
+use crate::types::{VersionRange, SUPPORTED_VERSIONS};
+
+/// Bytes in the length prefix.
+const LENGTH_PREFIX_LEN: usize = 4;
+/// Bytes of version and message type after the length prefix.
+const HEADER_LEN: usize = 3;
+
+/// The frame size limits of each phase of a conversation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FrameLimits {
+    /// Largest frame accepted before the hello is validated. Default 64 KiB: a hello is a
+    /// few hundred bytes, and an unauthenticated-as-a-mirror peer should cost little.
+    pub handshake: usize,
+    /// Largest frame accepted afterwards. Default 16 MiB: snapshot chunks and WAL batches
+    /// are bounded well below it; raising it lets one frame pin more memory per stream.
+    pub data: usize,
+}
+
+impl Default for FrameLimits {
+    fn default() -> Self {
+        FrameLimits {
+            handshake: 64 * 1024,
+            data: 16 * 1024 * 1024,
+        }
+    }
+}
+
+/// The largest body bincode will ever decode, whatever the frame limit: a collection length
+/// claimed beyond it fails before anything is allocated.
+const BODY_LIMIT: usize = 64 * 1024 * 1024;
+
+fn bincode_config() -> impl bincode::config::Config {
+    bincode::config::standard().with_limit::<BODY_LIMIT>()
+}
+
+/// Why a frame could not be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    /// The length prefix exceeds the current phase's limit.
+    #[error("frame of {len} bytes exceeds the {max} byte limit")]
+    TooLarge {
+        /// The announced (or, when encoding, actual) frame length.
+        len: u64,
+        /// The limit in force.
+        max: usize,
+    },
+    /// The frame is shorter than its version and type header.
+    #[error("frame of {len} bytes is shorter than the {HEADER_LEN} byte header")]
+    Truncated {
+        /// The frame's length.
+        len: usize,
+    },
+    /// The stream ended in the middle of a frame.
+    #[error("stream ended in the middle of a frame ({buffered} bytes buffered)")]
+    UnexpectedEof {
+        /// Bytes of the unfinished frame still buffered (after any consumed length prefix).
+        buffered: usize,
+    },
+    /// The header names a protocol version this node does not speak.
+    #[error("frame uses protocol version {found}, this node speaks {supported}")]
+    UnsupportedVersion {
+        /// The version in the header.
+        found: u16,
+        /// What this node speaks.
+        supported: VersionRange,
+    },
+    /// The header names no known message type.
+    #[error("unknown message type {0}")]
+    UnknownType(u8),
+    /// The body does not decode as the type the header names.
+    #[error("malformed {message_type:?} body")]
+    MalformedBody {
+        /// The type the header named.
+        message_type: MessageType,
+        /// What the decoder reported.
+        #[source]
+        source: BodyError,
+    },
+    /// The body decoded but bytes were left over.
+    #[error("{message_type:?} body has {extra} unexpected trailing bytes")]
+    TrailingBytes {
+        /// The type the header named.
+        message_type: MessageType,
+        /// How many bytes were left.
+        extra: usize,
+    },
+    /// A message could not be encoded.
+    #[error("could not encode {message_type:?}")]
+    Encode {
+        /// The message's type.
+        message_type: MessageType,
+        /// What the encoder reported.
+        #[source]
+        source: BodyError,
+    },
+    /// The underlying stream failed.
+    #[error("stream I/O failed")]
+    Io(#[from] std::io::Error),
+}
+
+impl FrameError {
+    /// The code a peer is refused with when its frame fails this way.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            FrameError::TooLarge { .. } => ErrorCode::FrameTooLarge,
+            FrameError::UnsupportedVersion { .. } => ErrorCode::BadVersion,
+            FrameError::Truncated { .. }
+            | FrameError::UnexpectedEof { .. }
+            | FrameError::UnknownType(_)
+            | FrameError::MalformedBody { .. }
+            | FrameError::TrailingBytes { .. } => ErrorCode::MalformedFrame,
+            FrameError::Encode { .. } | FrameError::Io(_) => ErrorCode::Internal,
+        }
+    }
+}
+
+/// The encoder's own error, kept opaque so that the encoding crate stays private.
+#[derive(Debug, thiserror::Error)]
+#[error(transparent)]
+pub struct BodyError(Box<dyn std::error::Error + Send + Sync>);
+
+/// Reads and writes [`Message`] frames; use with `tokio_util::codec::Framed`.
+#[derive(Debug)]
+pub struct FrameCodec {
+    /// Owns the length prefix and enforces the limit before buffering.
+    length_delimited: LengthDelimitedCodec,
+    /// The version written into outgoing headers: the lowest supported one until the
+    /// handshake negotiates another, so that any peer can read a hello.
+    version: u16,
+}
+
+impl FrameCodec {
+    /// A codec that refuses frames longer than `max_frame_len` bytes (after the prefix).
+    pub fn new(max_frame_len: usize) -> FrameCodec {
+        FrameCodec {
+            length_delimited: LengthDelimitedCodec::builder()
+                .length_field_length(LENGTH_PREFIX_LEN)
+                .max_frame_length(max_frame_len)
+                .new_codec(),
+            version: SUPPORTED_VERSIONS.min,
+        }
+    }
+
+    /// Changes the limit, as a conversation moves from handshake to data.
+    pub fn set_max_frame_len(&mut self, max_frame_len: usize) {
+        self.length_delimited.set_max_frame_length(max_frame_len);
+    }
+
+    /// The limit in force.
+    pub fn max_frame_len(&self) -> usize {
+        self.length_delimited.max_frame_length()
+    }
+
+    /// Writes `version` into outgoing headers from now on.
+    pub fn set_version(&mut self, version: u16) {
+        self.version = version;
+    }
+}
+
+impl Decoder for FrameCodec {
+    type Item = Message;
+    type Error = FrameError;
+
+    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Message>, FrameError> {
+        // Check the prefix ourselves first only to name the length in the error; the
+        // length-delimited codec would refuse the same frame with an untyped io::Error.
+        if src.len() >= LENGTH_PREFIX_LEN {
+            let len = u64::from((&src[..LENGTH_PREFIX_LEN]).get_u32());
+            let max = self.max_frame_len();
+            if len > max as u64 {
+                return Err(FrameError::TooLarge { len, max });
+            }
+        }
+        match self.length_delimited.decode(src)? {
+            Some(frame) => decode_frame(&frame).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    fn decode_eof(&mut self, src: &mut BytesMut) -> Result<Option<Message>, FrameError> {
+        match self.decode(src)? {
+            Some(message) => Ok(Some(message)),
+            None if src.is_empty() => Ok(None),
+            None => Err(FrameError::UnexpectedEof {
+                buffered: src.len(),
+            }),
+        }
+    }
+}
+
+impl Encoder<Message> for FrameCodec {
+    type Error = FrameError;
+
+    fn encode(&mut self, message: Message, dst: &mut BytesMut) -> Result<(), FrameError> {
+        self.encode(&message, dst)
+    }
+}
+
+impl Encoder<&Message> for FrameCodec {
+    type Error = FrameError;
+
+    fn encode(&mut self, message: &Message, dst: &mut BytesMut) -> Result<(), FrameError> {
+        let frame = encode_frame(self.version, message)?;
+        let max = self.max_frame_len();
+        if frame.len() > max {
+            // Refuse to send what the peer would refuse to read.
+            return Err(FrameError::TooLarge {
+                len: frame.len() as u64,
+                max,
+            });
+        }
+        self.length_delimited.encode(frame.freeze(), dst)?;
+        Ok(())
+    }
+}
+
+/// Encodes the frame contents after the length prefix: header and body.
+pub fn encode_frame(version: u16, message: &Message) -> Result<BytesMut, FrameError> {
+    let mut frame = BytesMut::with_capacity(256);
+    frame.put_u16(version);
+    frame.put_u8(message.message_type() as u8);
+    message
+        .encode_body(BincodeEncoder(&mut frame))
+        .map_err(|source| FrameError::Encode {
+            message_type: message.message_type(),
+            source,
+        })?;
+    Ok(frame)
+}
+
+/// Decodes the frame contents after the length prefix. Total: any bytes give a message or
+/// an error, never a panic.
+pub fn decode_frame(frame: &[u8]) -> Result<Message, FrameError> {
+    if frame.len() < HEADER_LEN {
+        return Err(FrameError::Truncated { len: frame.len() });
+    }
+    let (header, body) = frame.split_at(HEADER_LEN);
+    let version = u16::from_be_bytes([header[0], header[1]]);
+    if version < SUPPORTED_VERSIONS.min || version > SUPPORTED_VERSIONS.max {
+        return Err(FrameError::UnsupportedVersion {
+            found: version,
+            supported: SUPPORTED_VERSIONS,
+        });
+    }
+    let message_type =
+        MessageType::from_number(header[2]).ok_or(FrameError::UnknownType(header[2]))?;
+    Message::decode_body(
+        message_type,
+        BincodeDecoder {
+            message_type,
+            body,
+        },
+    )
+}
+
+struct BincodeEncoder<'a>(&'a mut BytesMut);
+
+impl EncodeBody for BincodeEncoder<'_> {
+    type Output = Result<(), BodyError>;
+
+    fn encode<T: Serialize>(self, body: &T) -> Result<(), BodyError> {
+        bincode::serde::encode_into_std_write(body, &mut self.0.writer(), bincode_config())
+            .map(drop)
+            .map_err(|error| BodyError(Box::new(error)))
+    }
+}
+
+struct BincodeDecoder<'a> {
+    message_type: MessageType,
+    body: &'a [u8],
+}
+
+impl DecodeBody for BincodeDecoder<'_> {
+    type Error = FrameError;
+
+    fn decode<T: DeserializeOwned>(self) -> Result<T, FrameError> {
+        let (value, read) = bincode::serde::decode_from_slice::<T, _>(self.body, bincode_config())
+            .map_err(|error| FrameError::MalformedBody {
+                message_type: self.message_type,
+                source: BodyError(Box::new(error)),
+            })?;
+        if read != self.body.len() {
+            return Err(FrameError::TrailingBytes {
+                message_type: self.message_type,
+                extra: self.body.len() - read,
+            });
+        }
+        Ok(value)
+    }
+}

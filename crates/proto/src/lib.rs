@@ -1,0 +1,26 @@
+//! xmirror's wire protocol, with no I/O.
+//!
+//! This crate owns everything two xmirror nodes must agree on byte for byte: the messages
+//! ([`message`]), how they are framed and size-limited ([`codec`]), the stable error codes
+//! ([`ErrorCode`]), the hashes both sides compute ([`hash`]), and the handshake decision
+//! ([`decide()`]). It never touches a socket, a file or a clock: callers hand it bytes and
+//! facts and get bytes and decisions back, so every rule here is a pure function tested in
+//! memory. The async layers live in `xmirror-source` and `xmirror-mirror`.
+
+pub mod codec;
+pub mod decide;
+mod error_code;
+pub mod hash;
+pub mod message;
+pub mod status;
+mod types;
+
+pub use codec::{FrameCodec, FrameError, FrameLimits};
+pub use decide::{decide, negotiate_version, Reject, SnapshotPlan, SourceView};
+pub use error_code::ErrorCode;
+pub use hash::{ChainHash, StateDigest};
+pub use message::{Decision, Entry, Message, SnapshotReason};
+pub use types::{
+    Lsn, Name, NameError, PeerIdentity, Role, RoleParseError, SnapshotId, UnixMillis,
+    VersionRange, PROTOCOL_VERSION, SUPPORTED_VERSIONS,
+};

@@ -1,0 +1,424 @@
+//! Every message two xmirror nodes exchange, and its stable message-type number.
+//!
+//! The mirror protocol (ALPN `xmirror-mirror/1`) uses `Hello` .. `Heartbeat`; the client
+//! protocol (ALPN `xmirror-client/1`) uses the requests and replies. Which message may come
+//! when is the handlers' business; this module only says what each one holds.
+
+use serde::{Deserialize, Serialize};
+
+use crate::error_code::ErrorCode;
+use crate::hash::{ChainHash, StateDigest};
+use crate::status::NodeStatus;
+use crate::types::{Lsn, Name, Role, SnapshotId, UnixMillis, VersionRange};
+
+/// One write in the log. A WAL entry at LSN n is applied after every entry below n.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Entry {
+    /// Sets `key` to `value`.
+    Put {
+        /// The key written.
+        key: Vec<u8>,
+        /// Its new value.
+        value: Vec<u8>,
+    },
+    /// Removes `key`; deleting an absent key is allowed and changes nothing but the LSN.
+    Delete {
+        /// The key removed.
+        key: Vec<u8>,
+    },
+}
+
+impl Entry {
+    /// The key the entry touches.
+    pub fn key(&self) -> &[u8] {
+        match self {
+            Entry::Put { key, .. } | Entry::Delete { key } => key,
+        }
+    }
+
+    /// Bytes of key and value, the measure batches and retention are bounded by.
+    pub fn payload_len(&self) -> usize {
+        match self {
+            Entry::Put { key, value } => key.len() + value.len(),
+            Entry::Delete { key } => key.len(),
+        }
+    }
+}
+
+/// The first frame on a mirror's control stream: who it is and where it stands.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    /// The protocol versions the mirror speaks; the source picks the highest common one.
+    pub versions: VersionRange,
+    /// The cluster the mirror expects the source to belong to.
+    pub source_cluster: Name,
+    /// The database to mirror.
+    pub database: Name,
+    /// The mirror's name, which keys its slot on the source.
+    pub mirror_name: Name,
+    /// The role the mirror declares; it must agree with its certificate.
+    pub role: Role,
+    /// The last LSN the mirror applied durably (`Lsn::ZERO` for an empty mirror).
+    pub applied_lsn: Lsn,
+    /// The mirror's chain hash at `applied_lsn`, proving which history it holds.
+    pub chain_hash: ChainHash,
+    /// Present when the mirror was interrupted in the middle of a snapshot.
+    pub resume: Option<ResumeToken>,
+}
+
+/// Where an interrupted snapshot stopped, as the mirror persisted it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResumeToken {
+    /// The snapshot that was interrupted.
+    pub snapshot_id: SnapshotId,
+    /// The last key the mirror applied; `None` when no chunk was applied yet.
+    pub after_key: Option<Vec<u8>>,
+}
+
+/// The source's answer to a hello.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum HelloAck {
+    /// The hello passed validation; the decision says what comes next.
+    Accepted(Accepted),
+    /// The hello failed validation; the connection closes with the same code.
+    Rejected(Rejected),
+}
+
+/// An accepted hello.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Accepted {
+    /// The source's cluster id, which the mirror checks against what it expects.
+    pub source_cluster: Name,
+    /// The negotiated protocol version.
+    pub version: u16,
+    /// The source's last LSN when it decided, so the mirror knows how far behind it is.
+    pub source_last_lsn: Lsn,
+    /// Snapshot or stream.
+    pub decision: Decision,
+}
+
+/// A refusal, with the code and a sentence for the operator.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rejected {
+    /// What went wrong, as a stable code.
+    pub code: ErrorCode,
+    /// What went wrong, in words, naming the values involved.
+    pub detail: String,
+}
+
+/// What the source will send after the ack.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Decision {
+    /// WAL batches from `from_lsn` on; no snapshot.
+    Stream {
+        /// The first LSN the source will send (the mirror's applied LSN + 1).
+        from_lsn: Lsn,
+    },
+    /// A fresh snapshot: the mirror clears its data, applies the chunks, then the WAL from
+    /// `base_lsn + 1`.
+    Snapshot {
+        /// Names this snapshot so the mirror can resume it.
+        snapshot_id: SnapshotId,
+        /// The source's last LSN before the scan started.
+        base_lsn: Lsn,
+        /// The source's chain hash at `base_lsn`, where the mirror's chain continues.
+        base_chain_hash: ChainHash,
+        /// Why streaming was not possible.
+        reason: SnapshotReason,
+    },
+    /// Continue an interrupted snapshot after the last key the mirror applied.
+    ResumeSnapshot {
+        /// The snapshot being resumed.
+        snapshot_id: SnapshotId,
+        /// The scan continues after this key (from the start when `None`).
+        after_key: Option<Vec<u8>>,
+        /// The snapshot's base LSN, unchanged from when it started.
+        base_lsn: Lsn,
+        /// The chain hash at `base_lsn`, unchanged from when it started.
+        base_chain_hash: ChainHash,
+    },
+}
+
+impl Decision {
+    /// The decision's name as status and logs show it: `stream`, `snapshot`, `resume_snapshot`.
+    pub fn kind(&self) -> DecisionKind {
+        match self {
+            Decision::Stream { .. } => DecisionKind::Stream,
+            Decision::Snapshot { .. } => DecisionKind::Snapshot,
+            Decision::ResumeSnapshot { .. } => DecisionKind::ResumeSnapshot,
+        }
+    }
+}
+
+/// A decision without its data, for status reports and counters.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DecisionKind {
+    /// See [`Decision::Stream`].
+    Stream,
+    /// See [`Decision::Snapshot`].
+    Snapshot,
+    /// See [`Decision::ResumeSnapshot`].
+    ResumeSnapshot,
+}
+
+/// Why the source chose a fresh snapshot over streaming.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SnapshotReason {
+    /// The mirror has applied nothing yet.
+    NewMirror,
+    /// The entries after the mirror's applied LSN are no longer in the source's WAL.
+    BehindRetainedWal,
+    /// The mirror claims an LSN the source has not reached (the source's data was replaced).
+    AheadOfSource,
+    /// The mirror's chain hash differs from the source's at the same LSN.
+    DivergedHistory,
+    /// The mirror was interrupted mid-snapshot, and that snapshot can no longer be resumed.
+    ResumeExpired,
+}
+
+/// A run of key-ordered pairs from the source's data.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotChunk {
+    /// The snapshot the chunk belongs to.
+    pub snapshot_id: SnapshotId,
+    /// Pairs in ascending key order, all after the previous chunk's last key.
+    pub pairs: Vec<(Vec<u8>, Vec<u8>)>,
+}
+
+/// The scan is complete; the mirror is consistent once it has applied `end_lsn`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotDone {
+    /// The snapshot that finished.
+    pub snapshot_id: SnapshotId,
+    /// The source's last LSN when the scan ended.
+    pub end_lsn: Lsn,
+}
+
+/// Consecutive WAL entries.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WalBatch {
+    /// The LSN of `entries[0]`.
+    pub first_lsn: Lsn,
+    /// The entries, in LSN order, without gaps.
+    pub entries: Vec<Entry>,
+    /// The source's chain hash after the last entry, which the mirror checks its own against.
+    pub chain_hash: ChainHash,
+    /// When the source committed the last entry, for lag in milliseconds.
+    pub commit_time: UnixMillis,
+}
+
+impl WalBatch {
+    /// The LSN of the last entry (the one before `first_lsn` for an empty batch).
+    pub fn last_lsn(&self) -> Lsn {
+        Lsn((self.first_lsn.0 + self.entries.len() as u64).saturating_sub(1))
+    }
+}
+
+/// The mirror's progress, sent on the control stream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MirrorAck {
+    /// The last LSN read off the wire.
+    pub received: Lsn,
+    /// The last LSN flushed to the mirror's disk: what the source's slot advances to.
+    pub durable: Lsn,
+    /// The last LSN visible to reads on the mirror.
+    pub applied: Lsn,
+}
+
+/// Sent by the source when idle, so the mirror knows its lag even without writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Heartbeat {
+    /// The source's last committed LSN.
+    pub last_lsn: Lsn,
+    /// When that LSN was committed.
+    pub commit_time: UnixMillis,
+}
+
+/// Client API: set a key (sources only).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PutRequest {
+    /// The key.
+    pub key: Vec<u8>,
+    /// The value.
+    pub value: Vec<u8>,
+}
+
+/// Client API: remove a key (sources only).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeleteRequest {
+    /// The key.
+    pub key: Vec<u8>,
+}
+
+/// Client API: read a key.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GetRequest {
+    /// The key.
+    pub key: Vec<u8>,
+}
+
+/// Client API: ask for the node's status.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusRequest;
+
+/// Client API: ask for the digest of the node's whole state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DigestRequest;
+
+/// Reply to a put or delete: the write is durable at `lsn`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WriteReply {
+    /// The LSN the write was given.
+    pub lsn: Lsn,
+}
+
+/// Reply to a get.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GetReply {
+    /// The value, or `None` when the key is absent.
+    pub value: Option<Vec<u8>>,
+    /// The node's applied LSN when it read.
+    pub lsn: Lsn,
+}
+
+/// Reply to a status request.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusReply {
+    /// The status of whichever kind of node answered.
+    pub status: NodeStatus,
+}
+
+/// Reply to a digest request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DigestReply {
+    /// The applied LSN the digest was taken at.
+    pub lsn: Lsn,
+    /// The digest of the whole key-value state at `lsn`.
+    pub digest: StateDigest,
+}
+
+/// Reply to any client request that was refused.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorReply {
+    /// What went wrong, as a stable code.
+    pub code: ErrorCode,
+    /// What went wrong, in words.
+    pub detail: String,
+}
+
+/// Encodes a message body of any type (implemented by the codec, which owns the encoding).
+pub(crate) trait EncodeBody {
+    type Output;
+    fn encode<T: Serialize>(self, body: &T) -> Self::Output;
+}
+
+/// Decodes a message body of a type chosen by the frame header.
+pub(crate) trait DecodeBody {
+    type Error;
+    fn decode<T: serde::de::DeserializeOwned>(self) -> Result<T, Self::Error>;
+}
+
+macro_rules! messages {
+    ($($(#[$doc:meta])* $name:ident = $number:literal,)*) => {
+        /// Any frame's payload. Each variant wraps the struct of the same name.
+        #[derive(Clone, Debug, PartialEq, Eq)]
+        pub enum Message {
+            $($(#[$doc])* $name($name),)*
+        }
+
+        /// The message-type byte in every frame header. The numbers are part of the wire format.
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+        #[repr(u8)]
+        pub enum MessageType {
+            $($(#[$doc])* $name = $number,)*
+        }
+
+        impl MessageType {
+            /// Every message type, in number order.
+            pub const ALL: &'static [MessageType] = &[$(MessageType::$name,)*];
+
+            /// The type for a header byte, if it names one.
+            pub fn from_number(number: u8) -> Option<MessageType> {
+                match number {
+                    $($number => Some(MessageType::$name),)*
+                    _ => None,
+                }
+            }
+        }
+
+        impl Message {
+            /// The type byte this message is framed with.
+            pub fn message_type(&self) -> MessageType {
+                match self {
+                    $(Message::$name(_) => MessageType::$name,)*
+                }
+            }
+        }
+
+        $(
+            impl From<$name> for Message {
+                fn from(body: $name) -> Message {
+                    Message::$name(body)
+                }
+            }
+        )*
+
+        impl Message {
+            /// Hands the body to `encoder` with its concrete type.
+            pub(crate) fn encode_body<E: EncodeBody>(&self, encoder: E) -> E::Output {
+                match self {
+                    $(Message::$name(body) => encoder.encode(body),)*
+                }
+            }
+
+            /// Asks `decoder` for a body of the type `message_type` names.
+            pub(crate) fn decode_body<D: DecodeBody>(
+                message_type: MessageType,
+                decoder: D,
+            ) -> Result<Message, D::Error> {
+                match message_type {
+                    $(MessageType::$name => decoder.decode::<$name>().map(Message::$name),)*
+                }
+            }
+        }
+    };
+}
+
+messages! {
+    /// Mirror to source: the first frame on the control stream.
+    Hello = 1,
+    /// Source to mirror: the answer to the hello.
+    HelloAck = 2,
+    /// Source to mirror: pairs of a snapshot.
+    SnapshotChunk = 3,
+    /// Source to mirror: the snapshot scan ended.
+    SnapshotDone = 4,
+    /// Source to mirror: WAL entries.
+    WalBatch = 5,
+    /// Mirror to source: progress.
+    MirrorAck = 6,
+    /// Source to mirror: liveness and lag when idle.
+    Heartbeat = 7,
+    /// Client to node: put.
+    PutRequest = 16,
+    /// Client to node: delete.
+    DeleteRequest = 17,
+    /// Client to node: get.
+    GetRequest = 18,
+    /// Client to node: status.
+    StatusRequest = 19,
+    /// Client to node: digest.
+    DigestRequest = 20,
+    /// Node to client: a write is durable.
+    WriteReply = 32,
+    /// Node to client: a value.
+    GetReply = 33,
+    /// Node to client: status.
+    StatusReply = 34,
+    /// Node to client: a digest.
+    DigestReply = 35,
+    /// Node to client: a refusal.
+    ErrorReply = 36,
+}

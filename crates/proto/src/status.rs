@@ -1,0 +1,105 @@
+//! What `xmirror status` reports, as the nodes send it over the client API.
+//!
+//! The field names are the JSON contract of `status --json` (see ../shared/SPEC.md), so
+//! renaming one is a breaking change for operators' scripts.
+
+use serde::{Deserialize, Serialize};
+
+use crate::message::DecisionKind;
+use crate::types::{Lsn, Name, UnixMillis};
+
+/// The status of whichever kind of node answered.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NodeStatus {
+    /// A source node.
+    Source(SourceStatus),
+    /// An observer mirror.
+    Mirror(MirrorStatus),
+}
+
+/// A source's status.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SourceStatus {
+    /// The node's name.
+    pub name: Name,
+    /// The node's cluster.
+    pub cluster_id: Name,
+    /// The last committed (durable) LSN.
+    pub last_lsn: Lsn,
+    /// The oldest LSN still in the WAL; `last_lsn + 1` when the WAL is empty.
+    pub wal_first_lsn: Lsn,
+    /// When `last_lsn` was committed.
+    pub commit_time: UnixMillis,
+    /// One entry per slot, connected or not.
+    pub mirrors: Vec<SlotStatus>,
+}
+
+/// One mirror's slot on a source.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SlotStatus {
+    /// The mirror's name.
+    pub name: Name,
+    /// The last LSN the mirror acknowledged as durable.
+    pub acked_lsn: Lsn,
+    /// What the slot is doing.
+    pub state: SlotState,
+    /// `last_lsn - acked_lsn`.
+    pub lag_entries: u64,
+    /// When the mirror was last heard from.
+    pub last_seen: UnixMillis,
+}
+
+/// A slot's state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SlotState {
+    /// A session is sending it a snapshot.
+    Snapshot,
+    /// A session is streaming it the WAL.
+    Streaming,
+    /// No session; the slot holds the WAL from its acked LSN.
+    Disconnected,
+    /// Retention passed the slot; the mirror gets a snapshot when it returns.
+    Invalidated,
+}
+
+/// A mirror's status.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MirrorStatus {
+    /// The node's name.
+    pub name: Name,
+    /// The cluster of the source it mirrors.
+    pub source_cluster: Name,
+    /// What the mirror is doing.
+    pub state: MirrorState,
+    /// The last LSN applied (and visible to reads).
+    pub applied_lsn: Lsn,
+    /// The source's last LSN, as last heard.
+    pub source_lsn: Lsn,
+    /// Milliseconds between the source committing its last LSN and the mirror applying it;
+    /// zero when caught up.
+    pub lag_ms: u64,
+    /// Whether the mirror serves reads (it has applied its snapshot's end LSN).
+    pub consistent: bool,
+    /// Fresh snapshots started over the life of the data directory.
+    pub snapshots_started: u64,
+    /// Snapshots resumed over the life of the data directory.
+    pub snapshots_resumed: u64,
+    /// The source's last decision, if a hello was ever accepted.
+    pub last_decision: Option<DecisionKind>,
+}
+
+/// A mirror's state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MirrorState {
+    /// Dialling or saying hello.
+    Connecting,
+    /// Receiving snapshot chunks.
+    Snapshot,
+    /// Applying the WAL towards the source's last LSN.
+    CatchingUp,
+    /// Caught up and applying live batches.
+    Streaming,
+}

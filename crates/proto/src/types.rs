@@ -1,0 +1,290 @@
+//! Small value types shared by every message: LSNs, names, roles and versions.
+//!
+//! Each gets its own type so that an LSN is never mixed up with a byte count and a name
+//! from the wire is validated once, when it is decoded, before anything uses it.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+/// The protocol version this build speaks best.
+pub const PROTOCOL_VERSION: u16 = 1;
+
+/// Every protocol version this build can speak, as a mirror or as a source.
+pub const SUPPORTED_VERSIONS: VersionRange = VersionRange {
+    min: 1,
+    max: PROTOCOL_VERSION,
+};
+
+/// A log sequence number: the position of one entry in the source's write-ahead log.
+///
+/// LSNs start at 1. `Lsn::ZERO` is the position before the first entry, which is where an
+/// empty store stands; it is a real position (the chain hash at it is
+/// [`ChainHash::GENESIS`](crate::ChainHash::GENESIS)), not a sentinel.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
+#[serde(transparent)]
+pub struct Lsn(pub u64);
+
+impl Lsn {
+    /// The position before the first entry.
+    pub const ZERO: Lsn = Lsn(0);
+
+    /// The position right after this one.
+    pub fn next(self) -> Lsn {
+        Lsn(self.0 + 1)
+    }
+
+    /// The position `count` entries after this one.
+    pub fn advance(self, count: u64) -> Lsn {
+        Lsn(self.0 + count)
+    }
+
+    /// Entries from `older` (exclusive) to `self` (inclusive); zero when `older` is ahead.
+    pub fn entries_since(self, older: Lsn) -> u64 {
+        self.0.saturating_sub(older.0)
+    }
+}
+
+impl fmt::Display for Lsn {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// Names a snapshot transfer on the source, so that an interrupted one can be resumed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct SnapshotId(pub u64);
+
+impl fmt::Display for SnapshotId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// Wall-clock time in milliseconds since the Unix epoch, as the source's clock saw it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct UnixMillis(pub u64);
+
+/// A name that comes from the wire or a certificate: cluster ids, node names, databases.
+///
+/// Names end up in file paths, store keys, SPIFFE URIs and log lines, so they are checked
+/// once, here: 1 to 63 bytes of ASCII letters, digits, `-`, `_` and `.`, starting with a
+/// letter or digit. Decoding a message with a bad name fails; no other code sees one.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct Name(String);
+
+/// Why a string is not a valid [`Name`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NameError {
+    /// Names must not be empty.
+    #[error("name is empty")]
+    Empty,
+    /// Names are at most [`Name::MAX_LEN`] bytes.
+    #[error("name is {len} bytes long, the limit is {}", Name::MAX_LEN)]
+    TooLong {
+        /// The length that was offered.
+        len: usize,
+    },
+    /// Names use a small ASCII alphabet so they are safe in paths, URIs and logs.
+    #[error("name contains {found:?}: only ASCII letters, digits, '-', '_' and '.' are allowed, starting with a letter or digit")]
+    BadCharacter {
+        /// The first character that is not allowed.
+        found: char,
+    },
+}
+
+impl Name {
+    /// The longest name accepted, in bytes (a DNS label's limit, so names fit in SANs).
+    pub const MAX_LEN: usize = 63;
+
+    /// Checks `value` and wraps it.
+    pub fn new(value: impl Into<String>) -> Result<Name, NameError> {
+        let value = value.into();
+        if value.is_empty() {
+            return Err(NameError::Empty);
+        }
+        if value.len() > Self::MAX_LEN {
+            return Err(NameError::TooLong { len: value.len() });
+        }
+        for (index, found) in value.chars().enumerate() {
+            let allowed = found.is_ascii_alphanumeric()
+                || (index > 0 && matches!(found, '-' | '_' | '.'));
+            if !allowed {
+                return Err(NameError::BadCharacter { found });
+            }
+        }
+        Ok(Name(value))
+    }
+
+    /// The name as a string slice.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for Name {
+    type Error = NameError;
+    fn try_from(value: String) -> Result<Self, Self::Error> {
+        Name::new(value)
+    }
+}
+
+impl From<Name> for String {
+    fn from(name: Name) -> String {
+        name.0
+    }
+}
+
+impl FromStr for Name {
+    type Err = NameError;
+    fn from_str(value: &str) -> Result<Self, Self::Err> {
+        Name::new(value)
+    }
+}
+
+impl fmt::Display for Name {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// What a certified node is allowed to be, from its SPIFFE ID `spiffe://<cluster>/<role>/<name>`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Role {
+    /// Owns a database and its WAL; serves mirrors and clients.
+    Source,
+    /// A read-only mirror of a source, possibly in another cluster.
+    Observer,
+    /// A member of a source's own replication quorum; never served as a mirror.
+    Voter,
+    /// An application or operator using the client API.
+    Client,
+}
+
+impl Role {
+    /// Every role, in a fixed order (for tests and help texts).
+    pub const ALL: [Role; 4] = [Role::Source, Role::Observer, Role::Voter, Role::Client];
+
+    /// The role's path segment in a SPIFFE ID.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Source => "source",
+            Role::Observer => "observer",
+            Role::Voter => "voter",
+            Role::Client => "client",
+        }
+    }
+}
+
+/// A string that names no [`Role`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown role {0:?}: expected one of source, observer, voter, client")]
+pub struct RoleParseError(pub String);
+
+impl FromStr for Role {
+    type Err = RoleParseError;
+    fn from_str(value: &str) -> Result<Self, Self::Err> {
+        Role::ALL
+            .into_iter()
+            .find(|role| role.as_str() == value)
+            .ok_or_else(|| RoleParseError(value.to_owned()))
+    }
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Who the peer is, as its verified certificate says (never as the peer itself claims).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct PeerIdentity {
+    /// The cluster whose CA issued the certificate (the SPIFFE trust domain).
+    pub cluster_id: Name,
+    /// What the certificate allows the peer to do.
+    pub role: Role,
+    /// The node's name within its cluster.
+    pub name: Name,
+}
+
+impl PeerIdentity {
+    /// The SPIFFE ID this identity is written as in a certificate.
+    pub fn spiffe_uri(&self) -> String {
+        format!("spiffe://{}/{}/{}", self.cluster_id, self.role, self.name)
+    }
+}
+
+impl fmt::Display for PeerIdentity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.spiffe_uri())
+    }
+}
+
+/// An inclusive range of protocol versions a node can speak.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VersionRange {
+    /// The oldest version spoken.
+    pub min: u16,
+    /// The newest version spoken.
+    pub max: u16,
+}
+
+impl fmt::Display for VersionRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}..={}", self.min, self.max)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_accept_the_documented_alphabet() {
+        for good in ["a", "east-1", "db_0.main", "Z9", &"x".repeat(63)] {
+            assert_eq!(Name::new(good).unwrap().as_str(), good);
+        }
+    }
+
+    #[test]
+    fn names_refuse_everything_else() {
+        assert_eq!(Name::new(""), Err(NameError::Empty));
+        assert_eq!(
+            Name::new("x".repeat(64)),
+            Err(NameError::TooLong { len: 64 })
+        );
+        for (bad, found) in [
+            ("../etc", '.'),
+            ("a/b", '/'),
+            ("-lead", '-'),
+            ("sp ace", ' '),
+            ("é", 'é'),
+            ("a\nb", '\n'),
+        ] {
+            assert_eq!(Name::new(bad), Err(NameError::BadCharacter { found }));
+        }
+    }
+
+    #[test]
+    fn roles_parse_from_their_own_names_only() {
+        for role in Role::ALL {
+            assert_eq!(role.as_str().parse::<Role>(), Ok(role));
+        }
+        assert!("admin".parse::<Role>().is_err());
+        assert!("Source".parse::<Role>().is_err());
+    }
+
+    #[test]
+    fn lsn_arithmetic_saturates_where_it_must() {
+        assert_eq!(Lsn(5).entries_since(Lsn(2)), 3);
+        assert_eq!(Lsn(2).entries_since(Lsn(5)), 0);
+        assert_eq!(Lsn::ZERO.next(), Lsn(1));
+    }
+}

@@ -1,0 +1,396 @@
+//! Frame codec properties: every message round-trips, any bytes decode to a value or a
+//! typed error, and limits are enforced from the length prefix alone.
+
+use bytes::{BufMut, BytesMut};
+use proptest::prelude::*;
+use tokio_util::codec::{Decoder, Encoder};
+use xmirror_proto::codec::decode_frame;
+use xmirror_proto::message::*;
+use xmirror_proto::status::*;
+use xmirror_proto::*;
+
+fn bytes(max: usize) -> impl Strategy<Value = Vec<u8>> {
+    proptest::collection::vec(any::<u8>(), 0..max)
+}
+
+fn name() -> impl Strategy<Value = Name> {
+    "[a-z0-9][a-z0-9._-]{0,20}".prop_map(|value| Name::new(value).unwrap())
+}
+
+fn lsn() -> impl Strategy<Value = Lsn> {
+    any::<u64>().prop_map(Lsn)
+}
+
+fn hash() -> impl Strategy<Value = ChainHash> {
+    any::<[u8; 32]>().prop_map(ChainHash)
+}
+
+fn role() -> impl Strategy<Value = Role> {
+    proptest::sample::select(Role::ALL.to_vec())
+}
+
+fn code() -> impl Strategy<Value = ErrorCode> {
+    proptest::sample::select(ErrorCode::ALL.to_vec())
+}
+
+fn versions() -> impl Strategy<Value = VersionRange> {
+    (any::<u16>(), any::<u16>()).prop_map(|(min, max)| VersionRange { min, max })
+}
+
+fn entry() -> impl Strategy<Value = Entry> {
+    prop_oneof![
+        (bytes(16), bytes(32)).prop_map(|(key, value)| Entry::Put { key, value }),
+        bytes(16).prop_map(|key| Entry::Delete { key }),
+    ]
+}
+
+fn decision() -> impl Strategy<Value = Decision> {
+    let reason = proptest::sample::select(vec![
+        SnapshotReason::NewMirror,
+        SnapshotReason::BehindRetainedWal,
+        SnapshotReason::AheadOfSource,
+        SnapshotReason::DivergedHistory,
+        SnapshotReason::ResumeExpired,
+    ]);
+    prop_oneof![
+        lsn().prop_map(|from_lsn| Decision::Stream { from_lsn }),
+        (any::<u64>(), lsn(), hash(), reason).prop_map(
+            |(id, base_lsn, base_chain_hash, reason)| Decision::Snapshot {
+                snapshot_id: SnapshotId(id),
+                base_lsn,
+                base_chain_hash,
+                reason,
+            }
+        ),
+        (any::<u64>(), proptest::option::of(bytes(16)), lsn(), hash()).prop_map(
+            |(id, after_key, base_lsn, base_chain_hash)| Decision::ResumeSnapshot {
+                snapshot_id: SnapshotId(id),
+                after_key,
+                base_lsn,
+                base_chain_hash,
+            }
+        ),
+    ]
+}
+
+fn node_status() -> impl Strategy<Value = NodeStatus> {
+    let slot = (name(), lsn(), any::<u64>(), any::<u64>()).prop_map(
+        |(name, acked_lsn, lag_entries, seen)| SlotStatus {
+            name,
+            acked_lsn,
+            state: SlotState::Invalidated,
+            lag_entries,
+            last_seen: UnixMillis(seen),
+        },
+    );
+    prop_oneof![
+        (
+            name(),
+            name(),
+            lsn(),
+            lsn(),
+            proptest::collection::vec(slot, 0..3)
+        )
+            .prop_map(
+                |(name, cluster_id, last_lsn, wal_first_lsn, mirrors)| NodeStatus::Source(
+                    SourceStatus {
+                        name,
+                        cluster_id,
+                        last_lsn,
+                        wal_first_lsn,
+                        commit_time: UnixMillis(5),
+                        mirrors,
+                    }
+                )
+            ),
+        (name(), name(), lsn(), lsn(), any::<u64>(), any::<bool>()).prop_map(
+            |(name, source_cluster, applied_lsn, source_lsn, counter, consistent)| {
+                NodeStatus::Mirror(MirrorStatus {
+                    name,
+                    source_cluster,
+                    state: MirrorState::CatchingUp,
+                    applied_lsn,
+                    source_lsn,
+                    lag_ms: counter,
+                    consistent,
+                    snapshots_started: counter / 2,
+                    snapshots_resumed: counter / 3,
+                    last_decision: Some(DecisionKind::ResumeSnapshot),
+                })
+            }
+        ),
+    ]
+}
+
+fn message() -> impl Strategy<Value = Message> {
+    let resume = (any::<u64>(), proptest::option::of(bytes(16))).prop_map(
+        |(id, after_key)| ResumeToken {
+            snapshot_id: SnapshotId(id),
+            after_key,
+        },
+    );
+    let hello = (
+        versions(),
+        name(),
+        name(),
+        name(),
+        role(),
+        lsn(),
+        hash(),
+        proptest::option::of(resume),
+    )
+        .prop_map(
+            |(versions, source_cluster, database, mirror_name, role, applied_lsn, chain_hash, resume)| {
+                Message::Hello(Hello {
+                    versions,
+                    source_cluster,
+                    database,
+                    mirror_name,
+                    role,
+                    applied_lsn,
+                    chain_hash,
+                    resume,
+                })
+            },
+        );
+    let ack = prop_oneof![
+        (name(), any::<u16>(), lsn(), decision()).prop_map(
+            |(source_cluster, version, source_last_lsn, decision)| HelloAck::Accepted(Accepted {
+                source_cluster,
+                version,
+                source_last_lsn,
+                decision,
+            })
+        ),
+        (code(), ".{0,40}").prop_map(|(code, detail)| HelloAck::Rejected(Rejected { code, detail })),
+    ]
+    .prop_map(Message::HelloAck);
+    prop_oneof![
+        hello,
+        ack,
+        (
+            any::<u64>(),
+            proptest::collection::vec((bytes(8), bytes(8)), 0..5)
+        )
+            .prop_map(|(id, pairs)| Message::SnapshotChunk(SnapshotChunk {
+                snapshot_id: SnapshotId(id),
+                pairs
+            })),
+        (any::<u64>(), lsn()).prop_map(|(id, end_lsn)| Message::SnapshotDone(SnapshotDone {
+            snapshot_id: SnapshotId(id),
+            end_lsn
+        })),
+        (lsn(), proptest::collection::vec(entry(), 0..5), hash(), any::<u64>()).prop_map(
+            |(first_lsn, entries, chain_hash, time)| Message::WalBatch(WalBatch {
+                first_lsn,
+                entries,
+                chain_hash,
+                commit_time: UnixMillis(time),
+            })
+        ),
+        (lsn(), lsn(), lsn()).prop_map(|(received, durable, applied)| Message::MirrorAck(
+            MirrorAck {
+                received,
+                durable,
+                applied
+            }
+        )),
+        (lsn(), any::<u64>()).prop_map(|(last_lsn, time)| Message::Heartbeat(Heartbeat {
+            last_lsn,
+            commit_time: UnixMillis(time)
+        })),
+        (bytes(16), bytes(64)).prop_map(|(key, value)| Message::PutRequest(PutRequest { key, value })),
+        bytes(16).prop_map(|key| Message::DeleteRequest(DeleteRequest { key })),
+        bytes(16).prop_map(|key| Message::GetRequest(GetRequest { key })),
+        Just(Message::StatusRequest(StatusRequest)),
+        Just(Message::DigestRequest(DigestRequest)),
+        lsn().prop_map(|lsn| Message::WriteReply(WriteReply { lsn })),
+        (proptest::option::of(bytes(32)), lsn())
+            .prop_map(|(value, lsn)| Message::GetReply(GetReply { value, lsn })),
+        node_status().prop_map(|status| Message::StatusReply(StatusReply { status })),
+        (lsn(), any::<[u8; 32]>()).prop_map(|(lsn, digest)| Message::DigestReply(DigestReply {
+            lsn,
+            digest: StateDigest(digest)
+        })),
+        (code(), ".{0,40}").prop_map(|(code, detail)| Message::ErrorReply(ErrorReply { code, detail })),
+    ]
+}
+
+fn encode(message: &Message, max: usize) -> Result<BytesMut, FrameError> {
+    let mut buffer = BytesMut::new();
+    FrameCodec::new(max).encode(message, &mut buffer)?;
+    Ok(buffer)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(512))]
+
+    #[test]
+    fn every_message_round_trips(message in message()) {
+        let mut wire = encode(&message, FrameLimits::default().data).unwrap();
+        let mut codec = FrameCodec::new(FrameLimits::default().data);
+        prop_assert_eq!(codec.decode(&mut wire).unwrap(), Some(message));
+        prop_assert!(wire.is_empty());
+    }
+
+    #[test]
+    fn messages_survive_arbitrary_split_points(message in message(), split in any::<prop::sample::Index>()) {
+        let wire = encode(&message, FrameLimits::default().data).unwrap();
+        let split = split.index(wire.len());
+        let mut codec = FrameCodec::new(FrameLimits::default().data);
+        let mut buffer = BytesMut::from(&wire[..split]);
+        let first = codec.decode(&mut buffer).unwrap();
+        if split < wire.len() {
+            prop_assert_eq!(first, None);
+            buffer.extend_from_slice(&wire[split..]);
+            prop_assert_eq!(codec.decode(&mut buffer).unwrap(), Some(message));
+        } else {
+            prop_assert_eq!(first, Some(message));
+        }
+    }
+
+    #[test]
+    fn any_bytes_decode_to_a_value_or_an_error(input in bytes(512)) {
+        let _ = decode_frame(&input);
+        let mut codec = FrameCodec::new(FrameLimits::default().handshake);
+        let mut buffer = BytesMut::from(&input[..]);
+        // Drain the buffer the way a connection would, until it errors or needs more.
+        while let Ok(Some(_)) = codec.decode(&mut buffer) {}
+        let _ = codec.decode_eof(&mut buffer);
+    }
+
+    #[test]
+    fn any_body_after_a_valid_header_is_handled(message_type in any::<u8>(), body in bytes(256)) {
+        let mut frame = vec![0, 1, message_type];
+        frame.extend_from_slice(&body);
+        match decode_frame(&frame) {
+            Ok(message) => prop_assert_eq!(message.message_type() as u8, message_type),
+            Err(error) => prop_assert!(matches!(error.code(), ErrorCode::MalformedFrame)),
+        }
+    }
+
+    #[test]
+    fn mutated_frames_never_panic(message in message(), flips in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..4)) {
+        let wire = encode(&message, FrameLimits::default().data).unwrap();
+        let mut frame = wire[4..].to_vec();
+        for (index, byte) in flips {
+            let at = index.index(frame.len());
+            frame[at] = byte;
+        }
+        let _ = decode_frame(&frame);
+    }
+}
+
+#[test]
+fn a_4_gib_length_prefix_is_refused_before_buffering() {
+    let mut codec = FrameCodec::new(FrameLimits::default().handshake);
+    let mut buffer = BytesMut::new();
+    buffer.put_u32(u32::MAX);
+    buffer.put_slice(&[0, 1, 1]);
+    let error = codec.decode(&mut buffer).unwrap_err();
+    assert!(
+        matches!(error, FrameError::TooLarge { len, max } if len == u64::from(u32::MAX) && max == 64 * 1024),
+        "{error:?}"
+    );
+    assert_eq!(error.code(), ErrorCode::FrameTooLarge);
+    // Nothing was reserved for the announced body.
+    assert!(buffer.capacity() < 1024);
+}
+
+#[test]
+fn the_limit_follows_the_phase() {
+    let big = Message::PutRequest(PutRequest {
+        key: vec![1; 8],
+        value: vec![7; 100 * 1024],
+    });
+    let limits = FrameLimits::default();
+    let mut wire = encode(&big, limits.data).unwrap();
+    let mut handshake = FrameCodec::new(limits.handshake);
+    assert!(matches!(
+        handshake.decode(&mut wire.clone()),
+        Err(FrameError::TooLarge { .. })
+    ));
+    handshake.set_max_frame_len(limits.data);
+    assert_eq!(handshake.decode(&mut wire).unwrap(), Some(big.clone()));
+    // The encoder refuses to send what the peer would refuse to read.
+    assert!(matches!(
+        encode(&big, limits.handshake),
+        Err(FrameError::TooLarge { .. })
+    ));
+}
+
+#[test]
+fn malformed_frames_get_typed_errors() {
+    assert!(matches!(
+        decode_frame(&[0, 1]),
+        Err(FrameError::Truncated { len: 2 })
+    ));
+    assert!(matches!(
+        decode_frame(&[0, 1, 200]),
+        Err(FrameError::UnknownType(200))
+    ));
+    assert!(matches!(
+        decode_frame(&[0, 9, 19]),
+        Err(FrameError::UnsupportedVersion { found: 9, .. })
+    ));
+    // StatusRequest has an empty body: one extra byte is trailing garbage.
+    assert!(matches!(
+        decode_frame(&[0, 1, 19, 0]),
+        Err(FrameError::TrailingBytes { extra: 1, .. })
+    ));
+    // A hello whose body is cut short.
+    assert!(matches!(
+        decode_frame(&[0, 1, 1, 1]),
+        Err(FrameError::MalformedBody { .. })
+    ));
+    // A truncated stream is an error at EOF, not a silent end.
+    let mut codec = FrameCodec::new(1024);
+    let mut buffer = BytesMut::from(&[0u8, 0, 0, 10, 0, 1][..]);
+    assert!(matches!(
+        codec.decode_eof(&mut buffer),
+        Err(FrameError::UnexpectedEof { .. })
+    ));
+}
+
+#[test]
+fn a_name_that_fails_validation_fails_decoding() {
+    let hello = Message::Hello(Hello {
+        versions: SUPPORTED_VERSIONS,
+        source_cluster: Name::new("east").unwrap(),
+        database: Name::new("main").unwrap(),
+        mirror_name: Name::new("abcd").unwrap(),
+        role: Role::Observer,
+        applied_lsn: Lsn(0),
+        chain_hash: ChainHash::GENESIS,
+        resume: None,
+    });
+    let wire = encode(&hello, 1024).unwrap();
+    // Rewrite the mirror name "abcd" into "../x" in place: same length, invalid name.
+    let position = wire.windows(4).position(|window| window == b"abcd").unwrap();
+    let mut frame = wire[4..].to_vec();
+    frame[position - 4..position].copy_from_slice(b"../x");
+    assert!(matches!(
+        decode_frame(&frame),
+        Err(FrameError::MalformedBody { .. })
+    ));
+}
+
+#[test]
+fn a_claimed_huge_collection_fails_without_allocating() {
+    // GetRequest { key: Vec<u8> } whose varint length claims u64::MAX bytes.
+    let mut frame = vec![0, 1, 18, 0xFF];
+    frame.extend_from_slice(&u64::MAX.to_le_bytes());
+    assert!(matches!(
+        decode_frame(&frame),
+        Err(FrameError::MalformedBody { .. })
+    ));
+}
+
+#[test]
+fn message_type_numbers_are_stable() {
+    let numbers: Vec<u8> = MessageType::ALL.iter().map(|t| *t as u8).collect();
+    assert_eq!(
+        numbers,
+        [1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 32, 33, 34, 35, 36]
+    );
+}

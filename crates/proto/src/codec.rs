@@ -259,13 +259,7 @@ pub fn decode_frame(frame: &[u8]) -> Result<Message, FrameError> {
     }
     let message_type =
         MessageType::from_number(header[2]).ok_or(FrameError::UnknownType(header[2]))?;
-    Message::decode_body(
-        message_type,
-        BincodeDecoder {
-            message_type,
-            body,
-        },
-    )
+    Message::decode_body(message_type, BincodeDecoder { message_type, body })
 }
 
 struct BincodeEncoder<'a>(&'a mut BytesMut);

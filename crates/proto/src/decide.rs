@@ -282,10 +282,7 @@ mod tests {
     #[test]
     fn rejects_every_certificate_role_but_observer() {
         for role in [Role::Source, Role::Voter, Role::Client] {
-            let peer = PeerIdentity {
-                role,
-                ..observer()
-            };
+            let peer = PeerIdentity { role, ..observer() };
             let mut claimed = hello(200);
             claimed.role = role;
             assert_eq!(reject_code(&claimed, &peer), ErrorCode::ObserverOnly);
@@ -324,10 +321,16 @@ mod tests {
         };
         assert_eq!(reject_code(&all_wrong, &voter), ErrorCode::BadVersion);
         all_wrong.versions = SUPPORTED_VERSIONS;
-        assert_eq!(reject_code(&all_wrong, &voter), ErrorCode::ClusterIdMismatch);
+        assert_eq!(
+            reject_code(&all_wrong, &voter),
+            ErrorCode::ClusterIdMismatch
+        );
         all_wrong.source_cluster = name("east");
         assert_eq!(reject_code(&all_wrong, &voter), ErrorCode::ObserverOnly);
-        assert_eq!(reject_code(&all_wrong, &observer()), ErrorCode::RoleMismatch);
+        assert_eq!(
+            reject_code(&all_wrong, &observer()),
+            ErrorCode::RoleMismatch
+        );
         all_wrong.role = Role::Observer;
         assert_eq!(
             reject_code(&all_wrong, &observer()),

@@ -130,10 +130,12 @@ fn update_with_len(hasher: &mut blake3::Hasher, bytes: &[u8]) {
 
 fn to_hex(bytes: &[u8]) -> String {
     use std::fmt::Write;
-    bytes.iter().fold(String::with_capacity(64), |mut hex, byte| {
-        let _ = write!(hex, "{byte:02x}");
-        hex
-    })
+    bytes
+        .iter()
+        .fold(String::with_capacity(64), |mut hex, byte| {
+            let _ = write!(hex, "{byte:02x}");
+            hex
+        })
 }
 
 #[cfg(test)]
@@ -154,12 +156,7 @@ mod tests {
         assert_ne!(base, ChainHash::GENESIS.next(Lsn(1), &put("a", "2")));
         assert_ne!(
             base,
-            ChainHash::GENESIS.next(
-                Lsn(1),
-                &Entry::Delete {
-                    key: b"a".to_vec()
-                }
-            )
+            ChainHash::GENESIS.next(Lsn(1), &Entry::Delete { key: b"a".to_vec() })
         );
         // Length prefixes keep ("ab","c") and ("a","bc") apart.
         assert_ne!(

@@ -21,6 +21,6 @@ pub use error_code::ErrorCode;
 pub use hash::{ChainHash, StateDigest};
 pub use message::{Decision, Entry, Message, SnapshotReason};
 pub use types::{
-    Lsn, Name, NameError, PeerIdentity, Role, RoleParseError, SnapshotId, UnixMillis,
-    VersionRange, PROTOCOL_VERSION, SUPPORTED_VERSIONS,
+    Lsn, Name, NameError, PeerIdentity, Role, RoleParseError, SnapshotId, UnixMillis, VersionRange,
+    PROTOCOL_VERSION, SUPPORTED_VERSIONS,
 };

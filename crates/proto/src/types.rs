@@ -113,8 +113,8 @@ impl Name {
             return Err(NameError::TooLong { len: value.len() });
         }
         for (index, found) in value.chars().enumerate() {
-            let allowed = found.is_ascii_alphanumeric()
-                || (index > 0 && matches!(found, '-' | '_' | '.'));
+            let allowed =
+                found.is_ascii_alphanumeric() || (index > 0 && matches!(found, '-' | '_' | '.'));
             if !allowed {
                 return Err(NameError::BadCharacter { found });
             }

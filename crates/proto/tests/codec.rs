@@ -91,18 +91,16 @@ fn node_status() -> impl Strategy<Value = NodeStatus> {
             lsn(),
             proptest::collection::vec(slot, 0..3)
         )
-            .prop_map(
-                |(name, cluster_id, last_lsn, wal_first_lsn, mirrors)| NodeStatus::Source(
-                    SourceStatus {
-                        name,
-                        cluster_id,
-                        last_lsn,
-                        wal_first_lsn,
-                        commit_time: UnixMillis(5),
-                        mirrors,
-                    }
-                )
-            ),
+            .prop_map(|(name, cluster_id, last_lsn, wal_first_lsn, mirrors)| {
+                NodeStatus::Source(SourceStatus {
+                    name,
+                    cluster_id,
+                    last_lsn,
+                    wal_first_lsn,
+                    commit_time: UnixMillis(5),
+                    mirrors,
+                })
+            }),
         (name(), name(), lsn(), lsn(), any::<u64>(), any::<bool>()).prop_map(
             |(name, source_cluster, applied_lsn, source_lsn, counter, consistent)| {
                 NodeStatus::Mirror(MirrorStatus {
@@ -123,12 +121,11 @@ fn node_status() -> impl Strategy<Value = NodeStatus> {
 }
 
 fn message() -> impl Strategy<Value = Message> {
-    let resume = (any::<u64>(), proptest::option::of(bytes(16))).prop_map(
-        |(id, after_key)| ResumeToken {
+    let resume =
+        (any::<u64>(), proptest::option::of(bytes(16))).prop_map(|(id, after_key)| ResumeToken {
             snapshot_id: SnapshotId(id),
             after_key,
-        },
-    );
+        });
     let hello = (
         versions(),
         name(),
@@ -140,7 +137,16 @@ fn message() -> impl Strategy<Value = Message> {
         proptest::option::of(resume),
     )
         .prop_map(
-            |(versions, source_cluster, database, mirror_name, role, applied_lsn, chain_hash, resume)| {
+            |(
+                versions,
+                source_cluster,
+                database,
+                mirror_name,
+                role,
+                applied_lsn,
+                chain_hash,
+                resume,
+            )| {
                 Message::Hello(Hello {
                     versions,
                     source_cluster,
@@ -162,7 +168,8 @@ fn message() -> impl Strategy<Value = Message> {
                 decision,
             })
         ),
-        (code(), ".{0,40}").prop_map(|(code, detail)| HelloAck::Rejected(Rejected { code, detail })),
+        (code(), ".{0,40}")
+            .prop_map(|(code, detail)| HelloAck::Rejected(Rejected { code, detail })),
     ]
     .prop_map(Message::HelloAck);
     prop_oneof![
@@ -180,14 +187,20 @@ fn message() -> impl Strategy<Value = Message> {
             snapshot_id: SnapshotId(id),
             end_lsn
         })),
-        (lsn(), proptest::collection::vec(entry(), 0..5), hash(), any::<u64>()).prop_map(
-            |(first_lsn, entries, chain_hash, time)| Message::WalBatch(WalBatch {
-                first_lsn,
-                entries,
-                chain_hash,
-                commit_time: UnixMillis(time),
-            })
-        ),
+        (
+            lsn(),
+            proptest::collection::vec(entry(), 0..5),
+            hash(),
+            any::<u64>()
+        )
+            .prop_map(|(first_lsn, entries, chain_hash, time)| Message::WalBatch(
+                WalBatch {
+                    first_lsn,
+                    entries,
+                    chain_hash,
+                    commit_time: UnixMillis(time),
+                }
+            )),
         (lsn(), lsn(), lsn()).prop_map(|(received, durable, applied)| Message::MirrorAck(
             MirrorAck {
                 received,
@@ -199,7 +212,8 @@ fn message() -> impl Strategy<Value = Message> {
             last_lsn,
             commit_time: UnixMillis(time)
         })),
-        (bytes(16), bytes(64)).prop_map(|(key, value)| Message::PutRequest(PutRequest { key, value })),
+        (bytes(16), bytes(64))
+            .prop_map(|(key, value)| Message::PutRequest(PutRequest { key, value })),
         bytes(16).prop_map(|key| Message::DeleteRequest(DeleteRequest { key })),
         bytes(16).prop_map(|key| Message::GetRequest(GetRequest { key })),
         Just(Message::StatusRequest(StatusRequest)),
@@ -212,7 +226,8 @@ fn message() -> impl Strategy<Value = Message> {
             lsn,
             digest: StateDigest(digest)
         })),
-        (code(), ".{0,40}").prop_map(|(code, detail)| Message::ErrorReply(ErrorReply { code, detail })),
+        (code(), ".{0,40}")
+            .prop_map(|(code, detail)| Message::ErrorReply(ErrorReply { code, detail })),
     ]
 }
 
@@ -366,7 +381,10 @@ fn a_name_that_fails_validation_fails_decoding() {
     });
     let wire = encode(&hello, 1024).unwrap();
     // Rewrite the mirror name "abcd" into "../x" in place: same length, invalid name.
-    let position = wire.windows(4).position(|window| window == b"abcd").unwrap();
+    let position = wire
+        .windows(4)
+        .position(|window| window == b"abcd")
+        .unwrap();
     let mut frame = wire[4..].to_vec();
     frame[position - 4..position].copy_from_slice(b"../x");
     assert!(matches!(

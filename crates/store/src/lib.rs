@@ -1,0 +1,274 @@
+//! xmirror's embedded store: the key-value data, the write-ahead log and the metadata that
+//! must change atomically with them.
+//!
+//! [`Store`] is exactly what the source and the mirror need and nothing an engine happens to
+//! offer; [`SledStore`] implements it on sled. No sled type crosses this crate's boundary,
+//! so another engine can be added beside it and run through the same conformance suite
+//! (`tests/conformance.rs`) without touching a caller.
+//!
+//! Durability: nothing written is durable until [`Store::flush`] returns. Callers batch
+//! (group commit) and flush once per batch before acknowledging anything.
+
+mod record;
+mod sled_store;
+pub mod testing;
+
+pub use record::{SlotRecord, SnapshotProgress, SnapshotRef, SyncState, WalRecord};
+pub use sled_store::SledStore;
+
+use xmirror_proto::{ChainHash, Entry, Lsn, Name, SnapshotId, StateDigest, UnixMillis};
+
+/// Where a store stands: its last applied LSN and the chain hash at it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Position {
+    /// The last applied LSN (`Lsn::ZERO` when empty).
+    pub lsn: Lsn,
+    /// The chain hash at `lsn`.
+    pub chain_hash: ChainHash,
+}
+
+impl Position {
+    /// An empty store's position.
+    pub const GENESIS: Position = Position {
+        lsn: Lsn::ZERO,
+        chain_hash: ChainHash::GENESIS,
+    };
+}
+
+/// Consecutive entries to apply, with where they start.
+#[derive(Clone, Copy, Debug)]
+pub struct Batch<'a> {
+    /// The LSN of `entries[0]`.
+    pub first_lsn: Lsn,
+    /// The entries, in LSN order.
+    pub entries: &'a [Entry],
+    /// When the source committed them (kept in the WAL for lag reporting).
+    pub commit_time: UnixMillis,
+    /// Keep the entries in the WAL (a source does; a mirror does not need to).
+    pub keep_wal: bool,
+    /// The chain hash the sender says the batch ends at; a mismatch refuses the batch.
+    pub expected_chain_hash: Option<ChainHash>,
+}
+
+/// The result of [`Store::apply`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Applied {
+    /// The store's position after the batch.
+    pub position: Position,
+    /// How many of the batch's entries were new (the rest had been applied before).
+    pub newly_applied: usize,
+}
+
+/// The oldest and newest LSN in a source's WAL.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WalBounds {
+    /// The oldest retained LSN; `last + 1` when the WAL is empty.
+    pub first: Lsn,
+    /// The newest LSN.
+    pub last: Lsn,
+}
+
+impl WalBounds {
+    /// How many entries the WAL holds.
+    pub fn len(&self) -> u64 {
+        (self.last.0 + 1).saturating_sub(self.first.0)
+    }
+
+    /// Whether the WAL holds no entry.
+    pub fn is_empty(&self) -> bool {
+        self.first > self.last
+    }
+}
+
+/// A run of key-ordered pairs read by [`Store::scan`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ScanChunk {
+    /// Pairs in ascending key order.
+    pub pairs: Vec<(Vec<u8>, Vec<u8>)>,
+    /// Whether keys remain after the last pair.
+    pub more: bool,
+}
+
+impl ScanChunk {
+    /// Key and value bytes in the chunk.
+    pub fn payload_len(&self) -> usize {
+        self.pairs.iter().map(|(k, v)| k.len() + v.len()).sum()
+    }
+}
+
+/// Why a store operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The store could not be opened (missing permissions, or another process holds it).
+    #[error("cannot open the store at {path}")]
+    Open {
+        /// The data directory.
+        path: std::path::PathBuf,
+        /// The engine's reason.
+        #[source]
+        source: EngineError,
+    },
+    /// The engine failed (I/O error, disk full, corruption it detected).
+    #[error("storage engine failed")]
+    Engine(#[from] EngineError),
+    /// A batch starts after the next LSN the store expects: entries are missing.
+    #[error("batch starts at LSN {first}, but the store has applied only up to LSN {applied}")]
+    Gap {
+        /// The store's applied LSN.
+        applied: Lsn,
+        /// The batch's first LSN.
+        first: Lsn,
+    },
+    /// The chain hash after the batch differs from the sender's: the histories diverged.
+    #[error("chain hash after LSN {lsn} is {actual:?}, the sender has {expected:?}")]
+    ChainMismatch {
+        /// The LSN compared at.
+        lsn: Lsn,
+        /// What the sender said.
+        expected: ChainHash,
+        /// What the store computed.
+        actual: ChainHash,
+    },
+    /// A record on disk does not decode.
+    #[error("corrupt {record} record: {detail}")]
+    Corrupt {
+        /// Which kind of record.
+        record: &'static str,
+        /// What was wrong with it.
+        detail: String,
+    },
+    /// A snapshot operation names a snapshot the store is not receiving.
+    #[error("snapshot {got} is not the one in progress ({expected:?})")]
+    NotThisSnapshot {
+        /// The snapshot in progress, if any.
+        expected: Option<SnapshotId>,
+        /// The snapshot named.
+        got: SnapshotId,
+    },
+    /// Snapshot pairs must arrive in ascending key order, after the resume position.
+    #[error("snapshot pairs out of key order")]
+    SnapshotOutOfOrder,
+    /// The WAL no longer holds the requested LSN.
+    #[error("WAL entry {requested} was truncated; the WAL starts at {first}")]
+    WalTruncated {
+        /// The LSN asked for.
+        requested: Lsn,
+        /// The oldest LSN still held.
+        first: Lsn,
+    },
+    /// WAL entries cannot be applied while a snapshot scan is incomplete.
+    #[error("cannot apply WAL entries while snapshot {0} is still scanning")]
+    SnapshotInProgress(SnapshotId),
+}
+
+/// An engine's own error, boxed so that engine types stay inside this crate.
+#[derive(Debug, thiserror::Error)]
+#[error(transparent)]
+pub struct EngineError(Box<dyn std::error::Error + Send + Sync>);
+
+impl EngineError {
+    /// Whether the engine ran out of disk space, which an operator can fix without data loss.
+    pub fn is_disk_full(&self) -> bool {
+        let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(self.0.as_ref());
+        while let Some(error) = cause {
+            if let Some(io) = error.downcast_ref::<std::io::Error>() {
+                return io.raw_os_error() == Some(28); // ENOSPC
+            }
+            cause = error.source();
+        }
+        false
+    }
+}
+
+/// Everything the source and the mirror need from storage.
+///
+/// One process owns a store at a time (engines lock their directory). Writes
+/// ([`apply`](Store::apply), the snapshot methods, [`truncate_wal`](Store::truncate_wal))
+/// come from one task; reads may come from any.
+pub trait Store: Send + Sync + 'static {
+    /// The last applied LSN and the chain hash at it.
+    fn position(&self) -> Position;
+
+    /// Applies `batch` and the new position in one atomic write.
+    ///
+    /// Entries at or below the applied LSN are skipped (re-applying is a no-op); a batch
+    /// that starts beyond `applied + 1` is a [`StoreError::Gap`]. Not durable until
+    /// [`flush`](Store::flush).
+    fn apply(&self, batch: Batch<'_>) -> Result<Applied, StoreError>;
+
+    /// Makes every write so far durable.
+    fn flush(&self) -> Result<(), StoreError>;
+
+    /// A key's value.
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError>;
+
+    /// The digest of the whole key-value state, with the LSN it was taken at. Writes wait
+    /// while it runs, so the two always match.
+    fn digest(&self) -> Result<(Lsn, StateDigest), StoreError>;
+
+    /// Number of keys in the data.
+    fn key_count(&self) -> Result<u64, StoreError>;
+
+    // ---- The source's WAL ----
+
+    /// The WAL's oldest and newest LSN.
+    fn wal_bounds(&self) -> WalBounds;
+
+    /// Up to `max_entries` WAL records from `from`, stopping early once `max_bytes` of
+    /// payload are read (at least one record is returned when one exists).
+    fn read_wal(
+        &self,
+        from: Lsn,
+        max_entries: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<WalRecord>, StoreError>;
+
+    /// The chain hash at `lsn`, when the store still knows it (from `wal_bounds().first - 1`
+    /// to the applied LSN).
+    fn chain_hash_at(&self, lsn: Lsn) -> Result<Option<ChainHash>, StoreError>;
+
+    /// Removes WAL entries below `first_kept`.
+    fn truncate_wal(&self, first_kept: Lsn) -> Result<(), StoreError>;
+
+    // ---- Snapshots ----
+
+    /// Up to `max_bytes` of key-ordered pairs after `after` (from the first key when `None`).
+    /// At least one pair is returned when any remains, however large.
+    fn scan(&self, after: Option<&[u8]>, max_bytes: usize) -> Result<ScanChunk, StoreError>;
+
+    /// Starts receiving a fresh snapshot: clears the data and records the snapshot, so that a
+    /// restart resumes it instead of trusting partial data. Calling it again for the same
+    /// snapshot (after a crash before any chunk) clears again.
+    fn begin_snapshot(&self, snapshot_id: SnapshotId, base: Position) -> Result<(), StoreError>;
+
+    /// Applies a chunk of a snapshot together with the new resume position (its last key).
+    fn apply_snapshot_chunk(
+        &self,
+        snapshot_id: SnapshotId,
+        pairs: &[(Vec<u8>, Vec<u8>)],
+    ) -> Result<(), StoreError>;
+
+    /// Ends the scan: the store now waits for the WAL up to `end_lsn` before it is consistent.
+    fn finish_snapshot_scan(&self, snapshot_id: SnapshotId, end_lsn: Lsn)
+        -> Result<(), StoreError>;
+
+    /// Where the store stands with respect to snapshots.
+    fn sync_state(&self) -> SyncState;
+
+    // ---- Metadata ----
+
+    /// Every persisted slot (source side).
+    fn slots(&self) -> Result<Vec<SlotRecord>, StoreError>;
+
+    /// Creates or replaces a slot.
+    fn put_slot(&self, slot: &SlotRecord) -> Result<(), StoreError>;
+
+    /// Removes a slot, if present.
+    fn remove_slot(&self, name: &Name) -> Result<(), StoreError>;
+
+    /// A named counter (mirror statistics such as snapshots started); zero when unset.
+    fn counter(&self, name: &str) -> Result<u64, StoreError>;
+
+    /// Adds `delta` to a named counter and returns the new value.
+    fn add_to_counter(&self, name: &str, delta: u64) -> Result<u64, StoreError>;
+}

@@ -1,0 +1,400 @@
+//! The records the store keeps besides the data, and their on-disk byte layout.
+//!
+//! The layout is written by hand (fixed-width big-endian integers, `u32` length prefixes)
+//! rather than borrowed from the wire encoding, so that changing the protocol's encoder
+//! never changes what is on disk. Every decoder is total: bad bytes give
+//! [`StoreError::Corrupt`], never a panic.
+
+use xmirror_proto::{ChainHash, Entry, Lsn, Name, SnapshotId, UnixMillis};
+
+use crate::{Position, StoreError};
+
+/// One WAL entry as the source keeps it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WalRecord {
+    /// The entry's LSN.
+    pub lsn: Lsn,
+    /// The write.
+    pub entry: Entry,
+    /// The chain hash after this entry, so the source can prove any retained position.
+    pub chain_hash: ChainHash,
+    /// When the entry was committed, for lag in milliseconds.
+    pub commit_time: UnixMillis,
+}
+
+/// Where a store stands with respect to snapshots (a mirror's view; a source stays `Fresh`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SyncState {
+    /// Never received a snapshot.
+    Fresh,
+    /// Receiving a snapshot's key scan; the data is partial.
+    Scanning(SnapshotProgress),
+    /// The scan is complete; the data is consistent once the WAL up to `end_lsn` is applied.
+    Replaying {
+        /// The source's last LSN when the scan ended.
+        end_lsn: Lsn,
+    },
+    /// The data equals the source's at the applied LSN.
+    Consistent,
+}
+
+/// An incoming snapshot's resume position, persisted with every chunk.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SnapshotProgress {
+    /// The snapshot being received.
+    pub snapshot_id: SnapshotId,
+    /// The source's position when the scan started.
+    pub base: Position,
+    /// The last key applied; `None` before the first chunk.
+    pub after_key: Option<Vec<u8>>,
+    /// Whether the old data has been cleared (a crash while clearing leaves this false).
+    pub cleared: bool,
+}
+
+/// A mirror's slot on the source: how much WAL to keep for it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SlotRecord {
+    /// The mirror's name.
+    pub name: Name,
+    /// The last LSN the mirror acknowledged as durable; the WAL is kept after it.
+    pub acked_lsn: Lsn,
+    /// When the mirror was last heard from.
+    pub last_seen: UnixMillis,
+    /// Retention passed the slot: the mirror needs a fresh snapshot.
+    pub invalidated: bool,
+    /// The snapshot the mirror is receiving, which it may resume.
+    pub snapshot: Option<SnapshotRef>,
+}
+
+/// Identifies a snapshot and where it started.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SnapshotRef {
+    /// The snapshot's id.
+    pub snapshot_id: SnapshotId,
+    /// The source's position when the scan started.
+    pub base: Position,
+}
+
+/// Appends fields to a record.
+#[derive(Default)]
+pub(crate) struct RecordWriter(pub(crate) Vec<u8>);
+
+impl RecordWriter {
+    pub(crate) fn u8(&mut self, value: u8) -> &mut Self {
+        self.0.push(value);
+        self
+    }
+
+    pub(crate) fn u64(&mut self, value: u64) -> &mut Self {
+        self.0.extend_from_slice(&value.to_be_bytes());
+        self
+    }
+
+    pub(crate) fn hash(&mut self, value: &ChainHash) -> &mut Self {
+        self.0.extend_from_slice(&value.0);
+        self
+    }
+
+    pub(crate) fn bytes(&mut self, value: &[u8]) -> &mut Self {
+        let len = u32::try_from(value.len()).expect("keys and values are bounded below 4 GiB");
+        self.0.extend_from_slice(&len.to_be_bytes());
+        self.0.extend_from_slice(value);
+        self
+    }
+
+    pub(crate) fn position(&mut self, value: &Position) -> &mut Self {
+        self.u64(value.lsn.0).hash(&value.chain_hash)
+    }
+
+    pub(crate) fn entry(&mut self, entry: &Entry) -> &mut Self {
+        match entry {
+            Entry::Put { key, value } => self.u8(1).bytes(key).bytes(value),
+            Entry::Delete { key } => self.u8(2).bytes(key),
+        }
+    }
+
+    pub(crate) fn optional_bytes(&mut self, value: Option<&[u8]>) -> &mut Self {
+        match value {
+            Some(bytes) => self.u8(1).bytes(bytes),
+            None => self.u8(0),
+        }
+    }
+
+    pub(crate) fn finish(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.0)
+    }
+}
+
+/// Reads fields back, failing with [`StoreError::Corrupt`] on short or bad input.
+pub(crate) struct RecordReader<'a> {
+    record: &'static str,
+    rest: &'a [u8],
+}
+
+impl<'a> RecordReader<'a> {
+    pub(crate) fn new(record: &'static str, bytes: &'a [u8]) -> Self {
+        RecordReader {
+            record,
+            rest: bytes,
+        }
+    }
+
+    fn corrupt(&self, detail: impl Into<String>) -> StoreError {
+        StoreError::Corrupt {
+            record: self.record,
+            detail: detail.into(),
+        }
+    }
+
+    fn take(&mut self, len: usize) -> Result<&'a [u8], StoreError> {
+        if self.rest.len() < len {
+            return Err(self.corrupt(format!("needs {len} more bytes, {} left", self.rest.len())));
+        }
+        let (taken, rest) = self.rest.split_at(len);
+        self.rest = rest;
+        Ok(taken)
+    }
+
+    pub(crate) fn u8(&mut self) -> Result<u8, StoreError> {
+        Ok(self.take(1)?[0])
+    }
+
+    pub(crate) fn u64(&mut self) -> Result<u64, StoreError> {
+        let bytes = self.take(8)?;
+        Ok(u64::from_be_bytes(bytes.try_into().expect("took 8 bytes")))
+    }
+
+    pub(crate) fn hash(&mut self) -> Result<ChainHash, StoreError> {
+        let bytes = self.take(32)?;
+        Ok(ChainHash(bytes.try_into().expect("took 32 bytes")))
+    }
+
+    pub(crate) fn bytes(&mut self) -> Result<Vec<u8>, StoreError> {
+        let len = self.take(4)?;
+        let len = u32::from_be_bytes(len.try_into().expect("took 4 bytes")) as usize;
+        Ok(self.take(len)?.to_vec())
+    }
+
+    pub(crate) fn position(&mut self) -> Result<Position, StoreError> {
+        Ok(Position {
+            lsn: Lsn(self.u64()?),
+            chain_hash: self.hash()?,
+        })
+    }
+
+    pub(crate) fn entry(&mut self) -> Result<Entry, StoreError> {
+        match self.u8()? {
+            1 => Ok(Entry::Put {
+                key: self.bytes()?,
+                value: self.bytes()?,
+            }),
+            2 => Ok(Entry::Delete { key: self.bytes()? }),
+            tag => Err(self.corrupt(format!("unknown entry tag {tag}"))),
+        }
+    }
+
+    pub(crate) fn optional_bytes(&mut self) -> Result<Option<Vec<u8>>, StoreError> {
+        match self.u8()? {
+            0 => Ok(None),
+            1 => self.bytes().map(Some),
+            tag => Err(self.corrupt(format!("bad option tag {tag}"))),
+        }
+    }
+
+    pub(crate) fn name(&mut self) -> Result<Name, StoreError> {
+        let bytes = self.bytes()?;
+        let text = String::from_utf8(bytes).map_err(|error| self.corrupt(error.to_string()))?;
+        Name::new(text).map_err(|error| self.corrupt(error.to_string()))
+    }
+
+    /// Ends reading; leftover bytes mean the record is not what we think it is.
+    pub(crate) fn finish(self) -> Result<(), StoreError> {
+        if self.rest.is_empty() {
+            Ok(())
+        } else {
+            Err(self.corrupt(format!("{} trailing bytes", self.rest.len())))
+        }
+    }
+}
+
+impl WalRecord {
+    /// The stored value (the LSN is the key).
+    pub(crate) fn encode_value(
+        entry: &Entry,
+        chain_hash: &ChainHash,
+        commit_time: UnixMillis,
+    ) -> Vec<u8> {
+        RecordWriter::default()
+            .u64(commit_time.0)
+            .hash(chain_hash)
+            .entry(entry)
+            .finish()
+    }
+
+    pub(crate) fn decode(lsn: Lsn, value: &[u8]) -> Result<WalRecord, StoreError> {
+        let mut reader = RecordReader::new("WAL", value);
+        let commit_time = UnixMillis(reader.u64()?);
+        let chain_hash = reader.hash()?;
+        let entry = reader.entry()?;
+        reader.finish()?;
+        Ok(WalRecord {
+            lsn,
+            entry,
+            chain_hash,
+            commit_time,
+        })
+    }
+}
+
+impl SyncState {
+    pub(crate) fn encode(&self) -> Vec<u8> {
+        let mut writer = RecordWriter::default();
+        match self {
+            SyncState::Fresh => writer.u8(0),
+            SyncState::Scanning(progress) => writer
+                .u8(1)
+                .u64(progress.snapshot_id.0)
+                .position(&progress.base)
+                .optional_bytes(progress.after_key.as_deref())
+                .u8(u8::from(progress.cleared)),
+            SyncState::Replaying { end_lsn } => writer.u8(2).u64(end_lsn.0),
+            SyncState::Consistent => writer.u8(3),
+        };
+        writer.finish()
+    }
+
+    pub(crate) fn decode(value: &[u8]) -> Result<SyncState, StoreError> {
+        let mut reader = RecordReader::new("sync state", value);
+        let state = match reader.u8()? {
+            0 => SyncState::Fresh,
+            1 => SyncState::Scanning(SnapshotProgress {
+                snapshot_id: SnapshotId(reader.u64()?),
+                base: reader.position()?,
+                after_key: reader.optional_bytes()?,
+                cleared: reader.u8()? != 0,
+            }),
+            2 => SyncState::Replaying {
+                end_lsn: Lsn(reader.u64()?),
+            },
+            3 => SyncState::Consistent,
+            tag => {
+                return Err(StoreError::Corrupt {
+                    record: "sync state",
+                    detail: format!("unknown state {tag}"),
+                })
+            }
+        };
+        reader.finish()?;
+        Ok(state)
+    }
+}
+
+impl SlotRecord {
+    pub(crate) fn encode(&self) -> Vec<u8> {
+        let mut writer = RecordWriter::default();
+        writer
+            .bytes(self.name.as_str().as_bytes())
+            .u64(self.acked_lsn.0)
+            .u64(self.last_seen.0)
+            .u8(u8::from(self.invalidated));
+        match &self.snapshot {
+            Some(snapshot) => writer
+                .u8(1)
+                .u64(snapshot.snapshot_id.0)
+                .position(&snapshot.base),
+            None => writer.u8(0),
+        };
+        writer.finish()
+    }
+
+    pub(crate) fn decode(value: &[u8]) -> Result<SlotRecord, StoreError> {
+        let mut reader = RecordReader::new("slot", value);
+        let name = reader.name()?;
+        let acked_lsn = Lsn(reader.u64()?);
+        let last_seen = UnixMillis(reader.u64()?);
+        let invalidated = reader.u8()? != 0;
+        let snapshot = match reader.u8()? {
+            0 => None,
+            _ => Some(SnapshotRef {
+                snapshot_id: SnapshotId(reader.u64()?),
+                base: reader.position()?,
+            }),
+        };
+        reader.finish()?;
+        Ok(SlotRecord {
+            name,
+            acked_lsn,
+            last_seen,
+            invalidated,
+            snapshot,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_round_trip() {
+        let entry = Entry::Put {
+            key: b"k".to_vec(),
+            value: b"value".to_vec(),
+        };
+        let value = WalRecord::encode_value(&entry, &ChainHash([4; 32]), UnixMillis(99));
+        let record = WalRecord::decode(Lsn(7), &value).unwrap();
+        assert_eq!(record.entry, entry);
+        assert_eq!(record.chain_hash, ChainHash([4; 32]));
+        assert_eq!(record.commit_time, UnixMillis(99));
+
+        let states = [
+            SyncState::Fresh,
+            SyncState::Consistent,
+            SyncState::Replaying { end_lsn: Lsn(12) },
+            SyncState::Scanning(SnapshotProgress {
+                snapshot_id: SnapshotId(3),
+                base: Position {
+                    lsn: Lsn(10),
+                    chain_hash: ChainHash([1; 32]),
+                },
+                after_key: Some(b"abc".to_vec()),
+                cleared: true,
+            }),
+        ];
+        for state in states {
+            assert_eq!(SyncState::decode(&state.encode()).unwrap(), state);
+        }
+
+        let slot = SlotRecord {
+            name: Name::new("m1").unwrap(),
+            acked_lsn: Lsn(5),
+            last_seen: UnixMillis(6),
+            invalidated: true,
+            snapshot: Some(SnapshotRef {
+                snapshot_id: SnapshotId(8),
+                base: Position::GENESIS,
+            }),
+        };
+        assert_eq!(SlotRecord::decode(&slot.encode()).unwrap(), slot);
+    }
+
+    #[test]
+    fn damaged_records_are_corrupt_not_panics() {
+        let value = WalRecord::encode_value(
+            &Entry::Delete { key: b"k".to_vec() },
+            &ChainHash::GENESIS,
+            UnixMillis(1),
+        );
+        for cut in 0..value.len() {
+            assert!(matches!(
+                WalRecord::decode(Lsn(1), &value[..cut]),
+                Err(StoreError::Corrupt { .. })
+            ));
+        }
+        let mut extended = value.clone();
+        extended.push(0);
+        assert!(WalRecord::decode(Lsn(1), &extended).is_err());
+        assert!(SyncState::decode(&[9]).is_err());
+        assert!(SlotRecord::decode(&[0, 0, 0, 2, b'.', b'.']).is_err());
+    }
+}

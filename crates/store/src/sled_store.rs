@@ -1,0 +1,561 @@
+//! The sled engine behind [`Store`].
+//!
+//! Everything lives in sled's default tree under one-byte prefixes, so that one
+//! `apply_batch` (atomic and, after `flush`, durable as a whole) covers data, WAL and
+//! metadata together:
+//!
+//! | prefix | key | value |
+//! | --- | --- | --- |
+//! | `d` | user key | user value |
+//! | `w` | LSN, u64 big-endian (so byte order is LSN order) | [`WalRecord`] |
+//! | `m` | metadata name | position, WAL base, sync state, counters |
+//! | `s` | mirror name | [`SlotRecord`] |
+
+use std::ops::Bound;
+use std::path::Path;
+use std::sync::{Mutex, MutexGuard, PoisonError};
+
+use xmirror_proto::hash::StateDigester;
+use xmirror_proto::{ChainHash, Entry, Lsn, Name, SnapshotId, StateDigest};
+
+use crate::record::{RecordReader, RecordWriter, SnapshotProgress, SyncState};
+use crate::{
+    Applied, Batch, EngineError, Position, ScanChunk, SlotRecord, Store, StoreError, WalBounds,
+    WalRecord,
+};
+
+const DATA: u8 = b'd';
+const WAL: u8 = b'w';
+const META: u8 = b'm';
+const SLOTS: u8 = b's';
+
+const META_POSITION: &str = "position";
+const META_WAL_BASE: &str = "wal_base";
+const META_SYNC: &str = "sync";
+
+/// How many keys one clearing or truncating batch removes: bounds the memory of a batch
+/// while keeping the number of batches small.
+const REMOVE_CHUNK: usize = 10_000;
+
+/// A [`Store`] on sled.
+pub struct SledStore {
+    db: sled::Db,
+    /// The write lock and the cached metadata it guards. Writers hold it for the whole
+    /// read-modify-write of a batch; `digest` holds it so no write lands mid-scan; and the
+    /// snapshot's `end_lsn` is read through it, so it is never below an LSN the scan saw.
+    state: Mutex<CachedMeta>,
+}
+
+struct CachedMeta {
+    position: Position,
+    /// The position just below the oldest retained WAL entry.
+    wal_base: Position,
+    sync: SyncState,
+}
+
+impl From<sled::Error> for EngineError {
+    fn from(error: sled::Error) -> Self {
+        EngineError(Box::new(error))
+    }
+}
+
+impl From<sled::Error> for StoreError {
+    fn from(error: sled::Error) -> Self {
+        StoreError::Engine(error.into())
+    }
+}
+
+fn data_key(key: &[u8]) -> Vec<u8> {
+    let mut prefixed = Vec::with_capacity(key.len() + 1);
+    prefixed.push(DATA);
+    prefixed.extend_from_slice(key);
+    prefixed
+}
+
+fn wal_key(lsn: Lsn) -> [u8; 9] {
+    let mut key = [WAL; 9];
+    key[1..].copy_from_slice(&lsn.0.to_be_bytes());
+    key
+}
+
+fn wal_lsn(key: &[u8]) -> Result<Lsn, StoreError> {
+    let bytes: [u8; 8] = key
+        .get(1..)
+        .and_then(|rest| rest.try_into().ok())
+        .ok_or_else(|| StoreError::Corrupt {
+            record: "WAL key",
+            detail: format!("{} bytes", key.len()),
+        })?;
+    Ok(Lsn(u64::from_be_bytes(bytes)))
+}
+
+fn meta_key(name: &str) -> Vec<u8> {
+    let mut key = vec![META];
+    key.extend_from_slice(name.as_bytes());
+    key
+}
+
+fn slot_key(name: &Name) -> Vec<u8> {
+    let mut key = vec![SLOTS];
+    key.extend_from_slice(name.as_str().as_bytes());
+    key
+}
+
+fn encode_position(position: &Position) -> Vec<u8> {
+    RecordWriter::default().position(position).finish()
+}
+
+fn decode_position(record: &'static str, value: &[u8]) -> Result<Position, StoreError> {
+    let mut reader = RecordReader::new(record, value);
+    let position = reader.position()?;
+    reader.finish()?;
+    Ok(position)
+}
+
+/// Every key with `prefix`, in order.
+fn prefix_range(prefix: u8) -> (Bound<Vec<u8>>, Bound<Vec<u8>>) {
+    (
+        Bound::Included(vec![prefix]),
+        Bound::Excluded(vec![prefix + 1]),
+    )
+}
+
+impl SledStore {
+    /// Opens (creating if needed) the store in directory `path`. Fails if another process
+    /// has it open: one applier per store.
+    pub fn open(path: impl AsRef<Path>) -> Result<SledStore, StoreError> {
+        let path = path.as_ref();
+        let db = sled::Config::new()
+            .path(path)
+            .open()
+            .map_err(|error| StoreError::Open {
+                path: path.to_owned(),
+                source: error.into(),
+            })?;
+        let read_position = |name, default| -> Result<Position, StoreError> {
+            match db.get(meta_key(name))? {
+                Some(value) => decode_position("position", &value),
+                None => Ok(default),
+            }
+        };
+        let position = read_position(META_POSITION, Position::GENESIS)?;
+        let wal_base = read_position(META_WAL_BASE, Position::GENESIS)?;
+        let sync = match db.get(meta_key(META_SYNC))? {
+            Some(value) => SyncState::decode(&value)?,
+            None => SyncState::Fresh,
+        };
+        Ok(SledStore {
+            db,
+            state: Mutex::new(CachedMeta {
+                position,
+                wal_base,
+                sync,
+            }),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, CachedMeta> {
+        // The cache is only updated after a write succeeded, so it is valid even if a
+        // panicking thread held the lock.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Removes every key in `range` in batches of [`REMOVE_CHUNK`], adding `finish` to each
+    /// batch (for example the metadata that says how far the removal got).
+    fn remove_range(
+        &self,
+        range: (Bound<Vec<u8>>, Bound<Vec<u8>>),
+        mut finish: impl FnMut(&[u8], &mut sled::Batch) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
+        loop {
+            let keys = self
+                .db
+                .range(range.clone())
+                .keys()
+                .take(REMOVE_CHUNK)
+                .collect::<Result<Vec<_>, _>>()?;
+            let Some(last) = keys.last() else {
+                return Ok(());
+            };
+            let mut batch = sled::Batch::default();
+            for key in &keys {
+                batch.remove(key.as_ref());
+            }
+            finish(last, &mut batch)?;
+            self.db.apply_batch(batch)?;
+        }
+    }
+}
+
+impl Store for SledStore {
+    fn position(&self) -> Position {
+        self.lock().position
+    }
+
+    fn apply(&self, batch: Batch<'_>) -> Result<Applied, StoreError> {
+        let mut state = self.lock();
+        if let SyncState::Scanning(progress) = &state.sync {
+            return Err(StoreError::SnapshotInProgress(progress.snapshot_id));
+        }
+        let applied = state.position.lsn;
+        if batch.first_lsn > applied.next() {
+            return Err(StoreError::Gap {
+                applied,
+                first: batch.first_lsn,
+            });
+        }
+        // Entries first_lsn..=applied were applied before: skip them.
+        let already_applied = (applied.0 + 1).saturating_sub(batch.first_lsn.0);
+        let skip = usize::try_from(already_applied)
+            .unwrap_or(usize::MAX)
+            .min(batch.entries.len());
+        let new_entries = &batch.entries[skip..];
+        if new_entries.is_empty() {
+            return Ok(Applied {
+                position: state.position,
+                newly_applied: 0,
+            });
+        }
+
+        let mut writes = sled::Batch::default();
+        let mut chain_hash = state.position.chain_hash;
+        let mut lsn = applied;
+        for entry in new_entries {
+            lsn = lsn.next();
+            chain_hash = chain_hash.next(lsn, entry);
+            match entry {
+                Entry::Put { key, value } => writes.insert(data_key(key), value.as_slice()),
+                Entry::Delete { key } => writes.remove(data_key(key)),
+            }
+            if batch.keep_wal {
+                writes.insert(
+                    &wal_key(lsn),
+                    WalRecord::encode_value(entry, &chain_hash, batch.commit_time),
+                );
+            }
+        }
+        if let Some(expected) = batch.expected_chain_hash {
+            if expected != chain_hash {
+                return Err(StoreError::ChainMismatch {
+                    lsn,
+                    expected,
+                    actual: chain_hash,
+                });
+            }
+        }
+        let position = Position { lsn, chain_hash };
+        writes.insert(meta_key(META_POSITION), encode_position(&position));
+        let wal_base = if batch.keep_wal {
+            state.wal_base
+        } else {
+            // Without a WAL the store can only prove its latest position.
+            writes.insert(meta_key(META_WAL_BASE), encode_position(&position));
+            position
+        };
+        let sync = match state.sync {
+            SyncState::Replaying { end_lsn } if lsn >= end_lsn => {
+                writes.insert(meta_key(META_SYNC), SyncState::Consistent.encode());
+                SyncState::Consistent
+            }
+            ref other => other.clone(),
+        };
+        self.db.apply_batch(writes)?;
+        state.position = position;
+        state.wal_base = wal_base;
+        state.sync = sync;
+        Ok(Applied {
+            position,
+            newly_applied: new_entries.len(),
+        })
+    }
+
+    fn flush(&self) -> Result<(), StoreError> {
+        self.db.flush()?;
+        Ok(())
+    }
+
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.db.get(data_key(key))?.map(|value| value.to_vec()))
+    }
+
+    fn digest(&self) -> Result<(Lsn, StateDigest), StoreError> {
+        let state = self.lock();
+        let mut digester = StateDigester::new();
+        for pair in self.db.range(prefix_range(DATA)) {
+            let (key, value) = pair?;
+            digester.update(&key[1..], &value);
+        }
+        Ok((state.position.lsn, digester.finish()))
+    }
+
+    fn key_count(&self) -> Result<u64, StoreError> {
+        let mut count = 0;
+        for key in self.db.range(prefix_range(DATA)).keys() {
+            key?;
+            count += 1;
+        }
+        Ok(count)
+    }
+
+    fn wal_bounds(&self) -> WalBounds {
+        let state = self.lock();
+        WalBounds {
+            first: state.wal_base.lsn.next(),
+            last: state.position.lsn,
+        }
+    }
+
+    fn read_wal(
+        &self,
+        from: Lsn,
+        max_entries: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<WalRecord>, StoreError> {
+        let mut records = Vec::new();
+        let mut bytes = 0;
+        let range = (
+            Bound::Included(wal_key(from).to_vec()),
+            Bound::Excluded(vec![WAL + 1]),
+        );
+        for pair in self.db.range(range) {
+            if records.len() >= max_entries || (bytes >= max_bytes && !records.is_empty()) {
+                break;
+            }
+            let (key, value) = pair?;
+            let record = WalRecord::decode(wal_lsn(&key)?, &value)?;
+            let expected = from.advance(records.len() as u64);
+            if record.lsn != expected {
+                return Err(StoreError::WalTruncated {
+                    requested: expected,
+                    first: self.wal_bounds().first,
+                });
+            }
+            bytes += record.entry.payload_len();
+            records.push(record);
+        }
+        if records.is_empty() && from <= self.position().lsn {
+            return Err(StoreError::WalTruncated {
+                requested: from,
+                first: self.wal_bounds().first,
+            });
+        }
+        Ok(records)
+    }
+
+    fn chain_hash_at(&self, lsn: Lsn) -> Result<Option<ChainHash>, StoreError> {
+        let (position, wal_base) = {
+            let state = self.lock();
+            (state.position, state.wal_base)
+        };
+        if lsn == position.lsn {
+            return Ok(Some(position.chain_hash));
+        }
+        if lsn == wal_base.lsn {
+            return Ok(Some(wal_base.chain_hash));
+        }
+        if lsn < wal_base.lsn || lsn > position.lsn {
+            return Ok(None);
+        }
+        match self.db.get(wal_key(lsn))? {
+            Some(value) => Ok(Some(WalRecord::decode(lsn, &value)?.chain_hash)),
+            // Truncated between reading the bounds and the record.
+            None => Ok(None),
+        }
+    }
+
+    fn truncate_wal(&self, first_kept: Lsn) -> Result<(), StoreError> {
+        let last = self.position().lsn;
+        let first_kept = first_kept.min(last.next());
+        let range = (
+            Bound::Included(wal_key(Lsn::ZERO).to_vec()),
+            Bound::Excluded(wal_key(first_kept).to_vec()),
+        );
+        let mut new_base = None;
+        self.remove_range(range, |last_key, batch| {
+            let lsn = wal_lsn(last_key)?;
+            let value = self.db.get(last_key)?.ok_or_else(|| StoreError::Corrupt {
+                record: "WAL",
+                detail: format!("entry {lsn} vanished during truncation"),
+            })?;
+            let base = Position {
+                lsn,
+                chain_hash: WalRecord::decode(lsn, &value)?.chain_hash,
+            };
+            batch.insert(meta_key(META_WAL_BASE), encode_position(&base));
+            new_base = Some(base);
+            Ok(())
+        })?;
+        if let Some(base) = new_base {
+            let mut state = self.lock();
+            if base.lsn > state.wal_base.lsn {
+                state.wal_base = base;
+            }
+        }
+        Ok(())
+    }
+
+    fn scan(&self, after: Option<&[u8]>, max_bytes: usize) -> Result<ScanChunk, StoreError> {
+        let start = match after {
+            Some(key) => Bound::Excluded(data_key(key)),
+            None => Bound::Included(vec![DATA]),
+        };
+        let mut chunk = ScanChunk::default();
+        let mut bytes = 0;
+        for pair in self.db.range((start, Bound::Excluded(vec![DATA + 1]))) {
+            if bytes >= max_bytes && !chunk.pairs.is_empty() {
+                chunk.more = true;
+                break;
+            }
+            let (key, value) = pair?;
+            bytes += key.len() - 1 + value.len();
+            chunk.pairs.push((key[1..].to_vec(), value.to_vec()));
+        }
+        Ok(chunk)
+    }
+
+    fn begin_snapshot(&self, snapshot_id: SnapshotId, base: Position) -> Result<(), StoreError> {
+        let mut state = self.lock();
+        let mut progress = SnapshotProgress {
+            snapshot_id,
+            base,
+            after_key: None,
+            cleared: false,
+        };
+        // First mark the store as mid-snapshot, so that a crash while clearing is followed
+        // by another clear, never by streaming onto half-deleted data.
+        let mut mark = sled::Batch::default();
+        mark.insert(
+            meta_key(META_SYNC),
+            SyncState::Scanning(progress.clone()).encode(),
+        );
+        mark.insert(meta_key(META_POSITION), encode_position(&base));
+        mark.insert(meta_key(META_WAL_BASE), encode_position(&base));
+        self.db.apply_batch(mark)?;
+        state.sync = SyncState::Scanning(progress.clone());
+        state.position = base;
+        state.wal_base = base;
+
+        self.remove_range(prefix_range(DATA), |_, _| Ok(()))?;
+        self.remove_range(prefix_range(WAL), |_, _| Ok(()))?;
+        progress.cleared = true;
+        let cleared = SyncState::Scanning(progress);
+        self.db.insert(meta_key(META_SYNC), cleared.encode())?;
+        state.sync = cleared;
+        Ok(())
+    }
+
+    fn apply_snapshot_chunk(
+        &self,
+        snapshot_id: SnapshotId,
+        pairs: &[(Vec<u8>, Vec<u8>)],
+    ) -> Result<(), StoreError> {
+        let mut state = self.lock();
+        let mut progress = match &state.sync {
+            SyncState::Scanning(progress)
+                if progress.snapshot_id == snapshot_id && progress.cleared =>
+            {
+                progress.clone()
+            }
+            other => {
+                return Err(StoreError::NotThisSnapshot {
+                    expected: match other {
+                        SyncState::Scanning(progress) => Some(progress.snapshot_id),
+                        _ => None,
+                    },
+                    got: snapshot_id,
+                })
+            }
+        };
+        let Some((last_key, _)) = pairs.last() else {
+            return Ok(());
+        };
+        let mut previous = progress.after_key.as_deref();
+        let mut writes = sled::Batch::default();
+        for (key, value) in pairs {
+            if previous.is_some_and(|previous| key.as_slice() <= previous) {
+                return Err(StoreError::SnapshotOutOfOrder);
+            }
+            writes.insert(data_key(key), value.as_slice());
+            previous = Some(key);
+        }
+        progress.after_key = Some(last_key.clone());
+        let scanning = SyncState::Scanning(progress);
+        writes.insert(meta_key(META_SYNC), scanning.encode());
+        self.db.apply_batch(writes)?;
+        state.sync = scanning;
+        Ok(())
+    }
+
+    fn finish_snapshot_scan(
+        &self,
+        snapshot_id: SnapshotId,
+        end_lsn: Lsn,
+    ) -> Result<(), StoreError> {
+        let mut state = self.lock();
+        match &state.sync {
+            SyncState::Scanning(progress)
+                if progress.snapshot_id == snapshot_id && progress.cleared => {}
+            other => {
+                return Err(StoreError::NotThisSnapshot {
+                    expected: match other {
+                        SyncState::Scanning(progress) => Some(progress.snapshot_id),
+                        _ => None,
+                    },
+                    got: snapshot_id,
+                })
+            }
+        }
+        let next = if state.position.lsn >= end_lsn {
+            SyncState::Consistent
+        } else {
+            SyncState::Replaying { end_lsn }
+        };
+        self.db.insert(meta_key(META_SYNC), next.encode())?;
+        state.sync = next;
+        Ok(())
+    }
+
+    fn sync_state(&self) -> SyncState {
+        self.lock().sync.clone()
+    }
+
+    fn slots(&self) -> Result<Vec<SlotRecord>, StoreError> {
+        self.db
+            .range(prefix_range(SLOTS))
+            .values()
+            .map(|value| SlotRecord::decode(&value?))
+            .collect()
+    }
+
+    fn put_slot(&self, slot: &SlotRecord) -> Result<(), StoreError> {
+        self.db.insert(slot_key(&slot.name), slot.encode())?;
+        Ok(())
+    }
+
+    fn remove_slot(&self, name: &Name) -> Result<(), StoreError> {
+        self.db.remove(slot_key(name))?;
+        Ok(())
+    }
+
+    fn counter(&self, name: &str) -> Result<u64, StoreError> {
+        match self.db.get(meta_key(&format!("counter/{name}")))? {
+            Some(value) => {
+                let mut reader = RecordReader::new("counter", &value);
+                let count = reader.u64()?;
+                reader.finish()?;
+                Ok(count)
+            }
+            None => Ok(0),
+        }
+    }
+
+    fn add_to_counter(&self, name: &str, delta: u64) -> Result<u64, StoreError> {
+        let _writer = self.lock();
+        let count = self.counter(name)?.saturating_add(delta);
+        self.db.insert(
+            meta_key(&format!("counter/{name}")),
+            RecordWriter::default().u64(count).finish(),
+        )?;
+        Ok(count)
+    }
+}

@@ -1,0 +1,654 @@
+//! The conformance suite every `Store` engine must pass, crash test included.
+//!
+//! Each case is a generic function over an engine opener; `engine_suite!` instantiates all
+//! of them for an engine, so adding an engine is one line at the bottom of this file (and
+//! one in `testing::ENGINES` for the crash child).
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use rand::Rng;
+use tempfile::TempDir;
+use xmirror_proto::hash::StateDigester;
+use xmirror_proto::{ChainHash, Entry, Lsn, Name, SnapshotId, StateDigest, UnixMillis};
+use xmirror_store::testing::{open_engine, workload_entry};
+use xmirror_store::{
+    Batch, Position, SlotRecord, SnapshotRef, Store, StoreError, SyncState, WalBounds,
+};
+
+/// An engine under test, by its name in `testing::ENGINES`.
+#[derive(Clone, Copy)]
+pub struct Engine(&'static str);
+
+impl Engine {
+    fn open(self, path: &Path) -> Box<dyn Store> {
+        open_engine(self.0, path).expect("open the store")
+    }
+}
+
+fn put(key: &str, value: &str) -> Entry {
+    Entry::Put {
+        key: key.as_bytes().to_vec(),
+        value: value.as_bytes().to_vec(),
+    }
+}
+
+fn delete(key: &str) -> Entry {
+    Entry::Delete {
+        key: key.as_bytes().to_vec(),
+    }
+}
+
+fn source_batch(first: u64, entries: &[Entry]) -> Batch<'_> {
+    Batch {
+        first_lsn: Lsn(first),
+        entries,
+        commit_time: UnixMillis(1_000 + first),
+        keep_wal: true,
+        expected_chain_hash: None,
+    }
+}
+
+fn mirror_batch(first: Lsn, entries: &[Entry]) -> Batch<'_> {
+    Batch {
+        keep_wal: false,
+        ..source_batch(first.0, entries)
+    }
+}
+
+/// The digest a store must report for `state`.
+fn digest_of(state: &BTreeMap<Vec<u8>, Vec<u8>>) -> StateDigest {
+    let mut digester = StateDigester::new();
+    for (key, value) in state {
+        digester.update(key, value);
+    }
+    digester.finish()
+}
+
+/// Replays `entries` into a model map.
+fn model(entries: &[Entry]) -> BTreeMap<Vec<u8>, Vec<u8>> {
+    let mut state = BTreeMap::new();
+    for entry in entries {
+        match entry {
+            Entry::Put { key, value } => {
+                state.insert(key.clone(), value.clone());
+            }
+            Entry::Delete { key } => {
+                state.remove(key);
+            }
+        }
+    }
+    state
+}
+
+pub fn an_empty_store_stands_at_genesis(engine: Engine) {
+    let dir = TempDir::new().unwrap();
+    let store = engine.open(dir.path());
+    assert_eq!(store.position(), Position::GENESIS);
+    assert_eq!(
+        store.wal_bounds(),
+        WalBounds {
+            first: Lsn(1),
+            last: Lsn(0)
+        }
+    );
+    assert!(store.wal_bounds().is_empty());
+    assert_eq!(
+        store.chain_hash_at(Lsn(0)).unwrap(),
+        Some(ChainHash::GENESIS)
+    );
+    assert_eq!(store.chain_hash_at(Lsn(1)).unwrap(), None);
+    assert_eq!(store.sync_state(), SyncState::Fresh);
+    assert_eq!(
+        store.digest().unwrap(),
+        (Lsn(0), digest_of(&BTreeMap::new()))
+    );
+    assert_eq!(store.key_count().unwrap(), 0);
+    assert!(store.read_wal(Lsn(1), 10, 1 << 20).unwrap().is_empty());
+}
+
+pub fn apply_writes_data_wal_and_chain_together(engine: Engine) {
+    let dir = TempDir::new().unwrap();
+    let store = engine.open(dir.path());
+    let entries = [put("a", "1"), put("b", "2"), delete("a"), put("c", "3")];
+    let applied = store.apply(source_batch(1, &entries)).unwrap();
+    let chain = ChainHash::GENESIS.extend(Lsn(1), &entries);
+    assert_eq!(applied.newly_applied, 4);
+    assert_eq!(
+        applied.position,
+        Position {
+            lsn: Lsn(4),
+            chain_hash: chain
+        }
+    );
+    assert_eq!(store.position(), applied.position);
+    assert_eq!(store.get(b"a").unwrap(), None);
+    assert_eq!(store.get(b"b").unwrap(), Some(b"2".to_vec()));
+    assert_eq!(store.key_count().unwrap(), 2);
+    assert_eq!(
+        store.digest().unwrap(),
+        (Lsn(4), digest_of(&model(&entries)))
+    );
+
+    let wal = store.read_wal(Lsn(1), 100, 1 << 20).unwrap();
+    assert_eq!(wal.len(), 4);
+    let mut expected_hash = ChainHash::GENESIS;
+    for (index, record) in wal.iter().enumerate() {
+        let lsn = Lsn(index as u64 + 1);
+        expected_hash = expected_hash.next(lsn, &entries[index]);
+        assert_eq!(record.lsn, lsn);
+        assert_eq!(record.entry, entries[index]);
+        assert_eq!(record.chain_hash, expected_hash);
+        assert_eq!(record.commit_time, UnixMillis(1_001));
+        assert_eq!(store.chain_hash_at(lsn).unwrap(), Some(expected_hash));
+    }
+    assert_eq!(
+        store.wal_bounds(),
+        WalBounds {
+            first: Lsn(1),
+            last: Lsn(4)
+        }
+    );
+}
+
+pub fn reapplying_is_a_no_op_and_gaps_are_refused(engine: Engine) {
+    let dir = TempDir::new().unwrap();
+    let store = engine.open(dir.path());
+    let first = [put("a", "1"), put("b", "2")];
+    store.apply(source_batch(1, &first)).unwrap();
+    let before = store.position();
+
+    let again = store.apply(source_batch(1, &first)).unwrap();
+    assert_eq!(again.newly_applied, 0);
+    assert_eq!(again.position, before);
+    assert_eq!(store.wal_bounds().last, Lsn(2));
+
+    // Overlapping: LSN 2 again, then 3 new.
+    let overlap = [put("b", "2"), put("c", "3")];
+    let outcome = store.apply(source_batch(2, &overlap)).unwrap();
+    assert_eq!(outcome.newly_applied, 1);
+    assert_eq!(
+        outcome.position.chain_hash,
+        ChainHash::GENESIS.extend(Lsn(1), &[put("a", "1"), put("b", "2"), put("c", "3")])
+    );
+
+    let gap = store.apply(source_batch(5, &[put("e", "5")]));
+    assert!(
+        matches!(
+            gap,
+            Err(StoreError::Gap {
+                applied: Lsn(3),
+                first: Lsn(5)
+            })
+        ),
+        "{gap:?}"
+    );
+    assert_eq!(store.position().lsn, Lsn(3));
+    assert_eq!(store.get(b"e").unwrap(), None);
+}
+
+pub fn a_chain_mismatch_refuses_the_whole_batch(engine: Engine) {
+    let dir = TempDir::new().unwrap();
+    let store = engine.open(dir.path());
+    store.apply(source_batch(1, &[put("a", "1")])).unwrap();
+    let before = store.position();
+    let diverged = [put("a", "2"), put("b", "2")];
+    let batch = Batch {
+        expected_chain_hash: Some(ChainHash([42; 32])),
+        ..mirror_batch(Lsn(2), &diverged)
+    };
+    assert!(matches!(
+        store.apply(batch),
+        Err(StoreError::ChainMismatch { lsn: Lsn(3), .. })
+    ));
+    assert_eq!(store.position(), before);
+    assert_eq!(store.get(b"a").unwrap(), Some(b"1".to_vec()));
+    assert_eq!(store.get(b"b").unwrap(), None);
+
+    let entries = [put("a", "2")];
+    let right = ChainHash::GENESIS.extend(Lsn(1), &[put("a", "1"), put("a", "2")]);
+    let batch = Batch {
+        expected_chain_hash: Some(right),
+        ..mirror_batch(Lsn(2), &entries)
+    };
+    assert_eq!(store.apply(batch).unwrap().position.chain_hash, right);
+}
+
+pub fn everything_survives_a_reopen(engine: Engine) {
+    let dir = TempDir::new().unwrap();
+    let slot = SlotRecord {
+        name: Name::new("m1").unwrap(),
+        acked_lsn: Lsn(2),
+        last_seen: UnixMillis(77),
+        invalidated: false,
+        snapshot: Some(SnapshotRef {
+            snapshot_id: SnapshotId(4),
+            base: Position::GENESIS,
+        }),
+    };
+    let (position, digest) = {
+        let store = engine.open(dir.path());
+        store
+            .apply(source_batch(
+                1,
+                &[put("a", "1"), put("b", "2"), put("c", "3")],
+            ))
+            .unwrap();
+        store.truncate_wal(Lsn(2)).unwrap();
+        store.put_slot(&slot).unwrap();
+        assert_eq!(store.add_to_counter("snapshots_started", 2).unwrap(), 2);
+        store.flush().unwrap();
+        (store.position(), store.digest().unwrap())
+    };
+    let store = engine.open(dir.path());
+    assert_eq!(store.position(), position);
+    assert_eq!(store.digest().unwrap(), digest);
+    assert_eq!(
+        store.wal_bounds(),
+        WalBounds {
+            first: Lsn(2),
+            last: Lsn(3)
+        }
+    );
+    assert_eq!(
+        store.chain_hash_at(Lsn(1)).unwrap(),
+        Some(ChainHash::GENESIS.extend(Lsn(1), &[put("a", "1")]))
+    );
+    assert_eq!(store.slots().unwrap(), vec![slot]);
+    assert_eq!(store.counter("snapshots_started").unwrap(), 2);
+    assert_eq!(store.counter("never_set").unwrap(), 0);
+}
+
+pub fn wal_reads_are_bounded_and_truncation_is_visible(engine: Engine) {
+    let dir = TempDir::new().unwrap();
+    let store = engine.open(dir.path());
+    let entries: Vec<Entry> = (0..100)
+        .map(|i| put(&format!("k{i:03}"), "0123456789"))
+        .collect();
+    store.apply(source_batch(1, &entries)).unwrap();
+
+    assert_eq!(store.read_wal(Lsn(1), 10, 1 << 20).unwrap().len(), 10);
+    // 14 bytes of payload per entry: the byte bound stops after the entry that crosses it.
+    let by_bytes = store.read_wal(Lsn(1), 1_000, 30).unwrap();
+    assert_eq!(by_bytes.len(), 3);
+    // At least one record, however small the byte bound.
+    assert_eq!(store.read_wal(Lsn(50), 1_000, 0).unwrap().len(), 1);
+    let tail = store.read_wal(Lsn(95), 1_000, 1 << 20).unwrap();
+    assert_eq!(
+        tail.iter().map(|r| r.lsn.0).collect::<Vec<_>>(),
+        vec![95, 96, 97, 98, 99, 100]
+    );
+    assert!(store.read_wal(Lsn(101), 10, 1 << 20).unwrap().is_empty());
+
+    let hash_at_60 = store.chain_hash_at(Lsn(60)).unwrap().unwrap();
+    store.truncate_wal(Lsn(61)).unwrap();
+    assert_eq!(store.wal_bounds().first, Lsn(61));
+    assert_eq!(store.wal_bounds().len(), 40);
+    assert_eq!(store.chain_hash_at(Lsn(60)).unwrap(), Some(hash_at_60));
+    assert_eq!(store.chain_hash_at(Lsn(59)).unwrap(), None);
+    assert!(matches!(
+        store.read_wal(Lsn(10), 10, 1 << 20),
+        Err(StoreError::WalTruncated {
+            requested: Lsn(10),
+            first: Lsn(61)
+        })
+    ));
+    assert_eq!(store.read_wal(Lsn(61), 1, 1 << 20).unwrap()[0].lsn, Lsn(61));
+    // Truncating past the end keeps nothing but still knows the latest position.
+    store.truncate_wal(Lsn(1_000)).unwrap();
+    assert!(store.wal_bounds().is_empty());
+    assert_eq!(store.wal_bounds().first, Lsn(101));
+    assert_eq!(
+        store.chain_hash_at(Lsn(100)).unwrap(),
+        Some(store.position().chain_hash)
+    );
+    // Data is untouched by WAL truncation.
+    assert_eq!(store.key_count().unwrap(), 100);
+}
+
+pub fn scans_are_key_ordered_bounded_and_resumable(engine: Engine) {
+    let dir = TempDir::new().unwrap();
+    let store = engine.open(dir.path());
+    let entries: Vec<Entry> = (0..500)
+        .map(|i| put(&format!("key-{:04}", (i * 7919) % 500), &"x".repeat(i % 50)))
+        .collect();
+    store.apply(source_batch(1, &entries)).unwrap();
+    let expected = model(&entries);
+
+    let mut seen = Vec::new();
+    let mut after: Option<Vec<u8>> = None;
+    let mut chunks = 0;
+    loop {
+        let chunk = store.scan(after.as_deref(), 1_000).unwrap();
+        assert!(!chunk.pairs.is_empty() || !chunk.more);
+        // Bounded: the chunk crosses the byte bound by at most its last pair.
+        let last_len = chunk.pairs.last().map_or(0, |(k, v)| k.len() + v.len());
+        assert!(chunk.payload_len() < 1_000 + last_len);
+        after = chunk.pairs.last().map(|(key, _)| key.clone());
+        seen.extend(chunk.pairs);
+        chunks += 1;
+        if !chunk.more {
+            break;
+        }
+    }
+    assert!(chunks > 5, "{chunks} chunks");
+    assert_eq!(seen, expected.into_iter().collect::<Vec<_>>());
+
+    // A pair larger than the bound still comes back alone.
+    let huge = store.scan(None, 0).unwrap();
+    assert_eq!(huge.pairs.len(), 1);
+    assert!(huge.more);
+}
+
+pub fn a_snapshot_is_received_resumably_then_replayed(engine: Engine) {
+    let dir = TempDir::new().unwrap();
+    let store = engine.open(dir.path());
+    // Old data the snapshot must wipe.
+    store
+        .apply(mirror_batch(Lsn(1), &[put("stale", "1"), put("b", "old")]))
+        .unwrap();
+    let base = Position {
+        lsn: Lsn(10),
+        chain_hash: ChainHash([3; 32]),
+    };
+    store.begin_snapshot(SnapshotId(1), base).unwrap();
+    assert_eq!(store.key_count().unwrap(), 0);
+    assert_eq!(store.position(), base);
+    assert!(
+        matches!(store.sync_state(), SyncState::Scanning(p) if p.after_key.is_none() && p.cleared)
+    );
+
+    let pair = |k: &str, v: &str| (k.as_bytes().to_vec(), v.as_bytes().to_vec());
+    store
+        .apply_snapshot_chunk(SnapshotId(1), &[pair("a", "1"), pair("b", "2")])
+        .unwrap();
+    assert!(matches!(
+        store.apply_snapshot_chunk(SnapshotId(2), &[pair("c", "3")]),
+        Err(StoreError::NotThisSnapshot {
+            expected: Some(SnapshotId(1)),
+            got: SnapshotId(2)
+        })
+    ));
+    assert!(matches!(
+        store.apply_snapshot_chunk(SnapshotId(1), &[pair("b", "again")]),
+        Err(StoreError::SnapshotOutOfOrder)
+    ));
+    assert!(matches!(
+        store.apply(mirror_batch(Lsn(11), &[put("z", "1")])),
+        Err(StoreError::SnapshotInProgress(SnapshotId(1)))
+    ));
+    store.flush().unwrap();
+    drop(store);
+
+    // Reopened mid-snapshot: the resume position survived with the chunk.
+    let store = engine.open(dir.path());
+    match store.sync_state() {
+        SyncState::Scanning(progress) => {
+            assert_eq!(progress.snapshot_id, SnapshotId(1));
+            assert_eq!(progress.base, base);
+            assert_eq!(progress.after_key.as_deref(), Some(&b"b"[..]));
+        }
+        other => panic!("expected scanning, got {other:?}"),
+    }
+    store
+        .apply_snapshot_chunk(SnapshotId(1), &[pair("c", "3")])
+        .unwrap();
+    store.finish_snapshot_scan(SnapshotId(1), Lsn(12)).unwrap();
+    assert_eq!(
+        store.sync_state(),
+        SyncState::Replaying { end_lsn: Lsn(12) }
+    );
+
+    // The WAL from base + 1 continues the source's chain.
+    let replay = [put("a", "11"), delete("c")];
+    let applied = store.apply(mirror_batch(Lsn(11), &replay[..1])).unwrap();
+    assert_eq!(
+        applied.position.chain_hash,
+        ChainHash([3; 32]).next(Lsn(11), &replay[0])
+    );
+    assert_eq!(
+        store.sync_state(),
+        SyncState::Replaying { end_lsn: Lsn(12) }
+    );
+    store.apply(mirror_batch(Lsn(12), &replay[1..])).unwrap();
+    assert_eq!(store.sync_state(), SyncState::Consistent);
+    assert_eq!(store.get(b"stale").unwrap(), None);
+    assert_eq!(store.get(b"a").unwrap(), Some(b"11".to_vec()));
+    assert_eq!(store.get(b"c").unwrap(), None);
+    assert_eq!(store.key_count().unwrap(), 2);
+}
+
+pub fn a_snapshot_ending_at_its_base_is_consistent_at_once(engine: Engine) {
+    let dir = TempDir::new().unwrap();
+    let store = engine.open(dir.path());
+    store
+        .begin_snapshot(SnapshotId(9), Position::GENESIS)
+        .unwrap();
+    store.finish_snapshot_scan(SnapshotId(9), Lsn(0)).unwrap();
+    assert_eq!(store.sync_state(), SyncState::Consistent);
+    assert!(matches!(
+        store.finish_snapshot_scan(SnapshotId(9), Lsn(0)),
+        Err(StoreError::NotThisSnapshot { expected: None, .. })
+    ));
+}
+
+/// The spec's fuzzy snapshot: scan while writes go on, then replay base+1..=end, and the
+/// result equals the source exactly.
+pub fn a_fuzzy_snapshot_plus_replay_equals_the_source(engine: Engine) {
+    let source_dir = TempDir::new().unwrap();
+    let mirror_dir = TempDir::new().unwrap();
+    let source = engine.open(source_dir.path());
+    let mirror = engine.open(mirror_dir.path());
+    let mut lsn = Lsn::ZERO;
+    let mut write = |store: &dyn Store, count: u64| {
+        let entries: Vec<Entry> = (1..=count)
+            .map(|i| workload_entry(lsn.advance(i)))
+            .collect();
+        lsn = store
+            .apply(source_batch(lsn.0 + 1, &entries))
+            .unwrap()
+            .position
+            .lsn;
+    };
+    write(&*source, 3_000);
+
+    let base = source.position();
+    mirror.begin_snapshot(SnapshotId(5), base).unwrap();
+    let mut after: Option<Vec<u8>> = None;
+    loop {
+        let chunk = source.scan(after.as_deref(), 4_096).unwrap();
+        mirror
+            .apply_snapshot_chunk(SnapshotId(5), &chunk.pairs)
+            .unwrap();
+        after = chunk.pairs.last().map(|(key, _)| key.clone());
+        // Writes land between chunks, before and after the scan position.
+        write(&*source, 37);
+        if !chunk.more {
+            break;
+        }
+    }
+    let end = source.position().lsn;
+    mirror.finish_snapshot_scan(SnapshotId(5), end).unwrap();
+    let mut from = base.lsn.next();
+    while from <= end {
+        let records = source.read_wal(from, 100, 1 << 20).unwrap();
+        let entries: Vec<Entry> = records.iter().map(|r| r.entry.clone()).collect();
+        let batch = Batch {
+            expected_chain_hash: Some(records.last().unwrap().chain_hash),
+            ..mirror_batch(from, &entries)
+        };
+        mirror.apply(batch).unwrap();
+        from = from.advance(entries.len() as u64);
+    }
+    assert_eq!(mirror.sync_state(), SyncState::Consistent);
+    assert_eq!(mirror.position(), source.position());
+    assert_eq!(mirror.digest().unwrap(), source.digest().unwrap());
+}
+
+pub fn the_digest_depends_on_the_state_not_the_history(engine: Engine) {
+    let one = TempDir::new().unwrap();
+    let two = TempDir::new().unwrap();
+    let a = engine.open(one.path());
+    let b = engine.open(two.path());
+    a.apply(source_batch(
+        1,
+        &[put("x", "1"), put("y", "2"), delete("x")],
+    ))
+    .unwrap();
+    b.apply(source_batch(1, &[put("y", "2")])).unwrap();
+    assert_eq!(a.digest().unwrap().1, b.digest().unwrap().1);
+    b.apply(source_batch(2, &[put("y", "3")])).unwrap();
+    assert_ne!(a.digest().unwrap().1, b.digest().unwrap().1);
+}
+
+pub fn slots_and_counters_are_kept(engine: Engine) {
+    let dir = TempDir::new().unwrap();
+    let store = engine.open(dir.path());
+    let slot = |name: &str, acked| SlotRecord {
+        name: Name::new(name).unwrap(),
+        acked_lsn: Lsn(acked),
+        last_seen: UnixMillis(1),
+        invalidated: false,
+        snapshot: None,
+    };
+    store.put_slot(&slot("b", 5)).unwrap();
+    store.put_slot(&slot("a", 3)).unwrap();
+    store.put_slot(&slot("b", 9)).unwrap();
+    assert_eq!(store.slots().unwrap(), vec![slot("a", 3), slot("b", 9)]);
+    store.remove_slot(&Name::new("a").unwrap()).unwrap();
+    store.remove_slot(&Name::new("absent").unwrap()).unwrap();
+    assert_eq!(store.slots().unwrap(), vec![slot("b", 9)]);
+    assert_eq!(store.add_to_counter("c", 1).unwrap(), 1);
+    assert_eq!(store.add_to_counter("c", 5).unwrap(), 6);
+    assert_eq!(store.counter("c").unwrap(), 6);
+}
+
+pub fn a_second_opener_is_refused(engine: Engine) {
+    let dir = TempDir::new().unwrap();
+    let _first = engine.open(dir.path());
+    match open_engine(engine.0, dir.path()) {
+        Err(StoreError::Open { .. }) => {}
+        Err(other) => panic!("expected an open error, got {other:?}"),
+        Ok(_) => panic!("a second opener of the same directory was allowed"),
+    }
+}
+
+/// Kills a child process applying batches with SIGKILL at random moments, at least 20
+/// times, and checks every reopen against the durability contract.
+pub fn kill_9_loses_nothing_reported_durable(engine: Engine) {
+    const KILLS: usize = 20;
+    let dir = TempDir::new().unwrap();
+    let reference_dir = TempDir::new().unwrap();
+    let reference = engine.open(reference_dir.path());
+    let mut rng = rand::rng();
+    let mut last_recovered = Lsn::ZERO;
+    let started = Instant::now();
+
+    for round in 0..KILLS {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_store-crash-child"))
+            .arg(engine.0)
+            .arg(dir.path())
+            .arg(u64::MAX.to_string())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn the crash child");
+        let stdout = BufReader::new(child.stdout.take().unwrap());
+        let (lines_tx, lines_rx) = std::sync::mpsc::channel();
+        let reader = std::thread::spawn(move || {
+            for line in stdout.lines() {
+                let Ok(line) = line else { break };
+                if lines_tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        // Wait for the child to report progress, then let it run a random while.
+        let first = lines_rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("the child reports a durable LSN");
+        std::thread::sleep(Duration::from_millis(rng.random_range(0..60)));
+        child.kill().expect("SIGKILL the child");
+        child.wait().unwrap();
+        reader.join().unwrap();
+        let reported_durable = std::iter::once(first)
+            .chain(lines_rx.try_iter())
+            .filter_map(|line| line.strip_prefix("durable ")?.parse::<u64>().ok())
+            .map(Lsn)
+            .max()
+            .unwrap();
+
+        let store = engine.open(dir.path());
+        let recovered = store.position();
+        assert!(
+            recovered.lsn >= reported_durable,
+            "round {round}: recovered LSN {} below the reported durable {}",
+            recovered.lsn,
+            reported_durable
+        );
+        assert!(
+            recovered.lsn >= last_recovered,
+            "round {round}: applied LSN moved backwards"
+        );
+        last_recovered = recovered.lsn;
+
+        // Rebuild the reference to the recovered LSN and compare chain and digest.
+        let have = reference.position().lsn;
+        let missing: Vec<Entry> = (have.0 + 1..=recovered.lsn.0)
+            .map(|lsn| workload_entry(Lsn(lsn)))
+            .collect();
+        reference.apply(source_batch(have.0 + 1, &missing)).unwrap();
+        assert_eq!(recovered, reference.position(), "round {round}: chain hash");
+        assert_eq!(
+            store.digest().unwrap(),
+            reference.digest().unwrap(),
+            "round {round}: digest"
+        );
+        drop(store);
+    }
+    println!(
+        "{KILLS} kills of the {} child in {:.1}s, recovered up to LSN {last_recovered}",
+        engine.0,
+        started.elapsed().as_secs_f64()
+    );
+    assert!(last_recovered > Lsn(0));
+}
+
+macro_rules! engine_suite {
+    ($engine:ident: $($case:ident),* $(,)?) => {
+        mod $engine {
+            $(
+                #[test]
+                fn $case() {
+                    super::$case(super::Engine(stringify!($engine)));
+                }
+            )*
+        }
+    };
+}
+
+macro_rules! conformance {
+    ($($engine:ident),*) => {
+        $(engine_suite!($engine:
+            an_empty_store_stands_at_genesis,
+            apply_writes_data_wal_and_chain_together,
+            reapplying_is_a_no_op_and_gaps_are_refused,
+            a_chain_mismatch_refuses_the_whole_batch,
+            everything_survives_a_reopen,
+            wal_reads_are_bounded_and_truncation_is_visible,
+            scans_are_key_ordered_bounded_and_resumable,
+            a_snapshot_is_received_resumably_then_replayed,
+            a_snapshot_ending_at_its_base_is_consistent_at_once,
+            a_fuzzy_snapshot_plus_replay_equals_the_source,
+            the_digest_depends_on_the_state_not_the_history,
+            slots_and_counters_are_kept,
+            a_second_opener_is_refused,
+            kill_9_loses_nothing_reported_durable,
+        );)*
+    };
+}
+
+conformance!(sled);

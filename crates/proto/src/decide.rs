@@ -455,7 +455,7 @@ mod tests {
                 let wal_first = (first_offset + 1).min(last + 1);
                 let cluster = name("east");
                 let databases = [name("main")];
-                let source_hash = known.then(|| if same_hash { MIRROR_HASH } else { ChainHash([1; 32]) });
+                let source_hash = known.then_some(if same_hash { MIRROR_HASH } else { ChainHash([1; 32]) });
                 let view = SourceView {
                     cluster_id: &cluster,
                     versions: SUPPORTED_VERSIONS,

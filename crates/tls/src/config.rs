@@ -1,0 +1,429 @@
+//! rustls and quinn configurations for mutual TLS between xmirror nodes.
+//!
+//! Both directions authenticate by SPIFFE ID: the server requires a client certificate
+//! that chains to the trust bundle and carries a valid SPIFFE ID, and the client checks
+//! that the server's certificate chains to the bundle and names the expected cluster and
+//! role. DNS names are not used for authorisation.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::verify_server_cert_signed_by_trust_anchor;
+use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, CryptoProvider};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::server::{ParsedCertificate, WebPkiClientVerifier};
+use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, RootCertStore};
+use xmirror_proto::{Name, PeerIdentity, Role};
+
+use crate::identity::{identity_from_certificate, IdentityError};
+
+/// ALPN of the mirror protocol.
+pub const ALPN_MIRROR: &[u8] = b"xmirror-mirror/1";
+/// ALPN of the client protocol.
+pub const ALPN_CLIENT: &[u8] = b"xmirror-client/1";
+
+/// Why a TLS configuration could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// A certificate, key or CA file could not be read.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A PEM file holds nothing usable.
+    #[error("{path}: {reason}")]
+    BadPem {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// No `ca*.crt` file in the certs directory: nothing to trust.
+    #[error("no CA certificate (ca*.crt) in {0}")]
+    NoTrustedCa(PathBuf),
+    /// The node's own certificate has no usable SPIFFE ID.
+    #[error("this node's certificate {path}: {source}")]
+    OwnIdentity {
+        /// The certificate file.
+        path: PathBuf,
+        /// Why its identity does not parse.
+        #[source]
+        source: IdentityError,
+    },
+    /// rustls refused the configuration (for example a key that does not match).
+    #[error("TLS configuration refused")]
+    Rustls(#[from] rustls::Error),
+    /// The client verifier could not be built.
+    #[error("client certificate verifier")]
+    Verifier(#[from] rustls::server::VerifierBuilderError),
+    /// quinn refused the rustls configuration.
+    #[error("QUIC TLS configuration refused")]
+    Quic(#[from] quinn::crypto::rustls::NoInitialCipherSuite),
+}
+
+/// Which servers a client accepts.
+#[derive(Clone, Debug)]
+pub struct ExpectedServer {
+    /// The server must belong to this cluster, when set.
+    pub cluster: Option<Name>,
+    /// The server's role must be one of these.
+    pub roles: Vec<Role>,
+}
+
+impl ExpectedServer {
+    /// A source of `cluster`, as a mirror expects.
+    pub fn source_of(cluster: Name) -> ExpectedServer {
+        ExpectedServer {
+            cluster: Some(cluster),
+            roles: vec![Role::Source],
+        }
+    }
+
+    /// Any source or observer node the trust bundle vouches for, as the CLI expects.
+    pub fn any_node() -> ExpectedServer {
+        ExpectedServer {
+            cluster: None,
+            roles: vec![Role::Source, Role::Observer],
+        }
+    }
+
+    /// The TLS server name to dial with. Authorisation uses the SPIFFE ID, so this only
+    /// needs to be a valid name; it is the default DNS SAN when the cluster is known.
+    pub fn server_name(&self) -> String {
+        match &self.cluster {
+            Some(cluster) => format!("source.{cluster}.xmirror").to_ascii_lowercase(),
+            None => "node.xmirror".to_owned(),
+        }
+    }
+
+    fn check(&self, identity: &PeerIdentity) -> Result<(), UnexpectedServer> {
+        let cluster_ok = self
+            .cluster
+            .as_ref()
+            .is_none_or(|cluster| *cluster == identity.cluster_id);
+        if cluster_ok && self.roles.contains(&identity.role) {
+            Ok(())
+        } else {
+            Err(UnexpectedServer {
+                found: identity.clone(),
+                expected: self.clone(),
+            })
+        }
+    }
+}
+
+/// A server whose certificate is valid but names the wrong cluster or role.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("server certificate is {found}, expected {}", describe(expected))]
+pub struct UnexpectedServer {
+    /// Who the server is.
+    pub found: PeerIdentity,
+    /// Who it should have been.
+    pub expected: ExpectedServer,
+}
+
+fn describe(expected: &ExpectedServer) -> String {
+    let roles: Vec<&str> = expected.roles.iter().map(|role| role.as_str()).collect();
+    match &expected.cluster {
+        Some(cluster) => format!("a {} of cluster {cluster}", roles.join(" or ")),
+        None => format!("a {}", roles.join(" or ")),
+    }
+}
+
+/// A refusal carried through rustls, which shows its cause with `Debug`: this type's
+/// `Debug` is the readable sentence, so operators see it in connection errors.
+struct Refusal(String);
+
+impl fmt::Debug for Refusal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Display for Refusal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Refusal {}
+
+fn certificate_error(error: impl std::error::Error) -> rustls::Error {
+    rustls::Error::InvalidCertificate(CertificateError::Other(rustls::OtherError(Arc::new(
+        Refusal(error.to_string()),
+    ))))
+}
+
+/// A node's TLS material: its certificate chain and key, and the CAs it trusts.
+pub struct NodeTls {
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    roots: Arc<RootCertStore>,
+    identity: PeerIdentity,
+    provider: Arc<CryptoProvider>,
+}
+
+impl fmt::Debug for NodeTls {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NodeTls")
+            .field("identity", &self.identity)
+            .field("trusted_cas", &self.roots.len())
+            .finish_non_exhaustive()
+    }
+}
+
+fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> TlsError + '_ {
+    move |source| TlsError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+impl NodeTls {
+    /// Loads `DIR/NAME.crt` and `DIR/NAME.key`, and trusts every certificate in every
+    /// `DIR/ca*.crt` (so a second CA can be added during a rotation).
+    pub fn load(certs_dir: &Path, name: &str) -> Result<NodeTls, TlsError> {
+        let cert_path = certs_dir.join(format!("{name}.crt"));
+        let key_path = certs_dir.join(format!("{name}.key"));
+        let cert_pem = std::fs::read(&cert_path).map_err(io_error(&cert_path))?;
+        let key_pem = std::fs::read(&key_path).map_err(io_error(&key_path))?;
+
+        let mut ca_files: Vec<PathBuf> = std::fs::read_dir(certs_dir)
+            .map_err(io_error(certs_dir))?
+            .filter_map(|entry| entry.ok().map(|entry| entry.path()))
+            .filter(|path| {
+                path.file_name()
+                    .and_then(|name| name.to_str())
+                    .is_some_and(|name| name.starts_with("ca") && name.ends_with(".crt"))
+            })
+            .collect();
+        ca_files.sort();
+        if ca_files.is_empty() {
+            return Err(TlsError::NoTrustedCa(certs_dir.to_owned()));
+        }
+        let mut ca_pems = Vec::new();
+        for path in &ca_files {
+            ca_pems.push((path.clone(), std::fs::read(path).map_err(io_error(path))?));
+        }
+        NodeTls::from_pem(&cert_path, &cert_pem, &key_path, &key_pem, &ca_pems)
+    }
+
+    /// Builds from PEM bytes; the paths only name the sources in errors.
+    pub fn from_pem(
+        cert_path: &Path,
+        cert_pem: &[u8],
+        key_path: &Path,
+        key_pem: &[u8],
+        ca_pems: &[(PathBuf, Vec<u8>)],
+    ) -> Result<NodeTls, TlsError> {
+        let chain = CertificateDer::pem_slice_iter(cert_pem)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|error| TlsError::BadPem {
+                path: cert_path.to_owned(),
+                reason: error.to_string(),
+            })?;
+        let end_entity = chain.first().ok_or_else(|| TlsError::BadPem {
+            path: cert_path.to_owned(),
+            reason: "no certificate in the file".into(),
+        })?;
+        let identity =
+            identity_from_certificate(end_entity).map_err(|source| TlsError::OwnIdentity {
+                path: cert_path.to_owned(),
+                source,
+            })?;
+        let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|error| TlsError::BadPem {
+            path: key_path.to_owned(),
+            reason: error.to_string(),
+        })?;
+
+        let mut roots = RootCertStore::empty();
+        for (path, pem) in ca_pems {
+            let mut found = 0;
+            for certificate in CertificateDer::pem_slice_iter(pem) {
+                let certificate = certificate.map_err(|error| TlsError::BadPem {
+                    path: path.clone(),
+                    reason: error.to_string(),
+                })?;
+                roots.add(certificate)?;
+                found += 1;
+            }
+            if found == 0 {
+                return Err(TlsError::BadPem {
+                    path: path.clone(),
+                    reason: "no certificate in the file".into(),
+                });
+            }
+        }
+        Ok(NodeTls {
+            chain,
+            key,
+            roots: Arc::new(roots),
+            identity,
+            provider: Arc::new(rustls::crypto::ring::default_provider()),
+        })
+    }
+
+    /// Who this node's certificate says it is.
+    pub fn identity(&self) -> &PeerIdentity {
+        &self.identity
+    }
+
+    /// A quinn server config offering `alpn_protocols`, requiring client certificates.
+    pub fn server_config(&self, alpn_protocols: &[&[u8]]) -> Result<quinn::ServerConfig, TlsError> {
+        let webpki =
+            WebPkiClientVerifier::builder_with_provider(self.roots.clone(), self.provider.clone())
+                .build()?;
+        let verifier = Arc::new(SpiffeClientVerifier { webpki });
+        let mut tls = rustls::ServerConfig::builder_with_provider(self.provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(self.chain.clone(), self.key.clone_key())?;
+        tls.alpn_protocols = alpn_protocols.iter().map(|alpn| alpn.to_vec()).collect();
+        Ok(quinn::ServerConfig::with_crypto(Arc::new(
+            QuicServerConfig::try_from(tls)?,
+        )))
+    }
+
+    /// A quinn client config for `alpn` that accepts only `expected` servers.
+    pub fn client_config(
+        &self,
+        alpn: &[u8],
+        expected: ExpectedServer,
+    ) -> Result<quinn::ClientConfig, TlsError> {
+        let verifier = Arc::new(SpiffeServerVerifier {
+            roots: self.roots.clone(),
+            provider: self.provider.clone(),
+            expected,
+        });
+        let mut tls = rustls::ClientConfig::builder_with_provider(self.provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .dangerous()
+            .with_custom_certificate_verifier(verifier)
+            .with_client_auth_cert(self.chain.clone(), self.key.clone_key())?;
+        tls.alpn_protocols = vec![alpn.to_vec()];
+        Ok(quinn::ClientConfig::new(Arc::new(
+            QuicClientConfig::try_from(tls)?,
+        )))
+    }
+}
+
+/// Webpki client verification, plus: the certificate must carry a valid SPIFFE ID.
+#[derive(Debug)]
+struct SpiffeClientVerifier {
+    webpki: Arc<dyn ClientCertVerifier>,
+}
+
+impl ClientCertVerifier for SpiffeClientVerifier {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.webpki.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        let verified = self
+            .webpki
+            .verify_client_cert(end_entity, intermediates, now)?;
+        identity_from_certificate(end_entity).map_err(certificate_error)?;
+        Ok(verified)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.webpki.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.webpki.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.webpki.supported_verify_schemes()
+    }
+}
+
+/// Server verification by chain and SPIFFE ID instead of by DNS name.
+#[derive(Debug)]
+struct SpiffeServerVerifier {
+    roots: Arc<RootCertStore>,
+    provider: Arc<CryptoProvider>,
+    expected: ExpectedServer,
+}
+
+impl ServerCertVerifier for SpiffeServerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let parsed = ParsedCertificate::try_from(end_entity)?;
+        verify_server_cert_signed_by_trust_anchor(
+            &parsed,
+            &self.roots,
+            intermediates,
+            now,
+            self.provider.signature_verification_algorithms.all,
+        )?;
+        let identity = identity_from_certificate(end_entity).map_err(certificate_error)?;
+        self.expected.check(&identity).map_err(certificate_error)?;
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}

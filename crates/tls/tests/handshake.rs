@@ -1,0 +1,439 @@
+//! Mutual TLS over real QUIC on loopback: who is let in, who is refused, and what identity
+//! each side reads back.
+
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rcgen::{CertificateParams, Issuer, KeyPair, PKCS_ECDSA_P256_SHA256};
+use tempfile::TempDir;
+use time::OffsetDateTime;
+use xmirror_proto::{Name, PeerIdentity, Role};
+use xmirror_tls::pki::{load_ca_for, CertificateAuthority, IssueOptions, PkiError, Validity};
+use xmirror_tls::{peer_identity, ExpectedServer, NodeTls, ALPN_CLIENT, ALPN_MIRROR};
+
+fn name(value: &str) -> Name {
+    Name::new(value).unwrap()
+}
+
+fn identity(cluster: &str, role: Role, node: &str) -> PeerIdentity {
+    PeerIdentity {
+        cluster_id: name(cluster),
+        role,
+        name: name(node),
+    }
+}
+
+/// A certs directory with a CA for `cluster`.
+fn pki(cluster: &str) -> TempDir {
+    let dir = TempDir::new().unwrap();
+    CertificateAuthority::generate(&name(cluster), Validity::days_from_now(30).unwrap())
+        .unwrap()
+        .write(dir.path(), false)
+        .unwrap();
+    dir
+}
+
+fn issue_with(dir: &Path, who: &PeerIdentity, validity: Validity) {
+    let ca = load_ca_for(dir, &who.cluster_id).unwrap();
+    let options = IssueOptions {
+        validity,
+        extra_dns_names: vec![],
+    };
+    ca.issue(who, &options)
+        .unwrap()
+        .write(dir, &who.name)
+        .unwrap();
+}
+
+fn issue(dir: &Path, who: &PeerIdentity) {
+    issue_with(dir, who, Validity::days_from_now(1).unwrap());
+}
+
+/// A server on 127.0.0.1 that reports the outcome of the first handshake.
+struct Server {
+    endpoint: quinn::Endpoint,
+    addr: SocketAddr,
+}
+
+impl Server {
+    fn start(tls: &NodeTls) -> Server {
+        let config = tls.server_config(&[ALPN_MIRROR, ALPN_CLIENT]).unwrap();
+        let endpoint = quinn::Endpoint::server(config, "127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = endpoint.local_addr().unwrap();
+        Server { endpoint, addr }
+    }
+
+    /// The first incoming handshake's outcome: the peer's identity and ALPN, or the error.
+    async fn accept(&self) -> Result<(PeerIdentity, Vec<u8>, quinn::Connection), String> {
+        let incoming = self.endpoint.accept().await.expect("endpoint open");
+        let connection = incoming.await.map_err(|error| error.to_string())?;
+        let alpn = connection
+            .handshake_data()
+            .and_then(|data| data.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
+            .and_then(|data| data.protocol)
+            .unwrap_or_default();
+        let who = peer_identity(&connection).map_err(|error| error.to_string())?;
+        Ok((who, alpn, connection))
+    }
+}
+
+/// Dials `addr` with `config`; Ok once both sides would consider the handshake done.
+async fn dial(config: quinn::ClientConfig, addr: SocketAddr) -> Result<quinn::Connection, String> {
+    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    endpoint.set_default_client_config(config);
+    let connecting = endpoint
+        .connect(addr, "src.source.east.xmirror")
+        .map_err(|error| error.to_string())?;
+    connecting.await.map_err(|error| error.to_string())
+}
+
+async fn within<T>(future: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(Duration::from_secs(10), future)
+        .await
+        .expect("handshake finished in time")
+}
+
+#[tokio::test]
+async fn every_role_is_accepted_and_read_back() {
+    let certs = pki("east");
+    let source = identity("east", Role::Source, "src");
+    issue(certs.path(), &source);
+    let server_tls = NodeTls::load(certs.path(), "src").unwrap();
+    assert_eq!(server_tls.identity(), &source);
+    let server = Server::start(&server_tls);
+
+    for role in Role::ALL {
+        let client = identity("east", role, &format!("{role}-1"));
+        issue(certs.path(), &client);
+        let tls = NodeTls::load(certs.path(), client.name.as_str()).unwrap();
+        let alpn = if role == Role::Observer {
+            ALPN_MIRROR
+        } else {
+            ALPN_CLIENT
+        };
+        let config = tls
+            .client_config(alpn, ExpectedServer::source_of(name("east")))
+            .unwrap();
+        let (accepted, dialled) =
+            within(async { tokio::join!(server.accept(), dial(config, server.addr)) }).await;
+        let (seen, seen_alpn, _connection) = accepted.unwrap();
+        let connection = dialled.unwrap();
+        assert_eq!(
+            seen, client,
+            "the server reads the client's certificate identity"
+        );
+        assert_eq!(seen_alpn, alpn);
+        assert_eq!(peer_identity(&connection).unwrap(), source);
+    }
+}
+
+/// Runs a handshake of `client` against a fresh source of cluster east; returns the
+/// server's and the client's outcome.
+async fn handshake(
+    server_certs: &Path,
+    client: quinn::ClientConfig,
+) -> (Result<PeerIdentity, String>, Result<(), String>) {
+    let server_tls = NodeTls::load(server_certs, "src").unwrap();
+    let server = Server::start(&server_tls);
+    let (accepted, dialled) =
+        within(async { tokio::join!(server.accept(), dial(client, server.addr)) }).await;
+    let client_outcome = match dialled {
+        // TLS 1.3 clients finish before the server has judged their certificate: a refusal
+        // then arrives as the connection closing.
+        Ok(connection) => match within(async {
+            tokio::time::timeout(Duration::from_millis(500), connection.closed()).await
+        })
+        .await
+        {
+            Ok(reason) => Err(reason.to_string()),
+            Err(_still_open) => Ok(()),
+        },
+        Err(error) => Err(error),
+    };
+    (accepted.map(|(who, _, _)| who), client_outcome)
+}
+
+fn source_pki() -> TempDir {
+    let certs = pki("east");
+    issue(certs.path(), &identity("east", Role::Source, "src"));
+    certs
+}
+
+fn client_config(certs: &Path, node: &str) -> quinn::ClientConfig {
+    NodeTls::load(certs, node)
+        .unwrap()
+        .client_config(ALPN_MIRROR, ExpectedServer::source_of(name("east")))
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_certificate_from_another_ca_is_refused() {
+    let certs = source_pki();
+    // Same cluster name, different CA: the name proves nothing without the signature.
+    let rogue = pki("east");
+    issue(rogue.path(), &identity("east", Role::Observer, "m1"));
+    // The rogue trusts the real CA, so only the server's check can refuse it.
+    std::fs::copy(
+        certs.path().join("ca.crt"),
+        rogue.path().join("ca-real.crt"),
+    )
+    .unwrap();
+    let (server, client) = handshake(certs.path(), client_config(rogue.path(), "m1")).await;
+    let error = server.unwrap_err();
+    assert!(
+        error.contains("UnknownIssuer") || error.contains("BadSignature"),
+        "{error}"
+    );
+    assert!(client.is_err());
+}
+
+#[tokio::test]
+async fn an_expired_certificate_is_refused() {
+    let certs = source_pki();
+    let now = OffsetDateTime::now_utc();
+    let expired = Validity {
+        not_before: now - time::Duration::days(10),
+        not_after: now - time::Duration::days(1),
+    };
+    issue_with(
+        certs.path(),
+        &identity("east", Role::Observer, "old"),
+        expired,
+    );
+    let (server, client) = handshake(certs.path(), client_config(certs.path(), "old")).await;
+    let error = server.unwrap_err();
+    assert!(error.contains("certificate expired"), "{error}");
+    assert!(client.is_err());
+}
+
+#[tokio::test]
+async fn a_not_yet_valid_certificate_is_refused() {
+    let certs = source_pki();
+    let now = OffsetDateTime::now_utc();
+    let future = Validity {
+        not_before: now + time::Duration::days(1),
+        not_after: now + time::Duration::days(10),
+    };
+    issue_with(
+        certs.path(),
+        &identity("east", Role::Observer, "early"),
+        future,
+    );
+    let (server, _) = handshake(certs.path(), client_config(certs.path(), "early")).await;
+    let error = server.unwrap_err();
+    assert!(error.contains("certificate not valid yet"), "{error}");
+}
+
+#[tokio::test]
+async fn no_client_certificate_is_refused() {
+    let certs = source_pki();
+    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13])
+    .unwrap()
+    .with_root_certificates({
+        let mut roots = rustls::RootCertStore::empty();
+        let pem = std::fs::read(certs.path().join("ca.crt")).unwrap();
+        use rustls::pki_types::pem::PemObject;
+        for cert in rustls::pki_types::CertificateDer::pem_slice_iter(&pem) {
+            roots.add(cert.unwrap()).unwrap();
+        }
+        roots
+    })
+    .with_no_client_auth();
+    let mut tls = tls;
+    tls.alpn_protocols = vec![ALPN_MIRROR.to_vec()];
+    let config = quinn::ClientConfig::new(Arc::new(
+        quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap(),
+    ));
+    let (server, client) = handshake(certs.path(), config).await;
+    let error = server.unwrap_err();
+    assert!(error.contains("peer sent no certificates"), "{error}");
+    assert!(client.is_err());
+}
+
+#[tokio::test]
+async fn a_certificate_without_a_spiffe_id_is_refused() {
+    let certs = source_pki();
+    // Signed by the right CA, but identified only by a DNS name.
+    let ca_cert = std::fs::read_to_string(certs.path().join("ca.crt")).unwrap();
+    let ca_key =
+        KeyPair::from_pem(&std::fs::read_to_string(certs.path().join("ca.key")).unwrap()).unwrap();
+    let issuer = Issuer::from_ca_cert_pem(&ca_cert, ca_key).unwrap();
+    let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut params = CertificateParams::new(vec!["anon.example".to_string()]).unwrap();
+    params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+    let cert = params.signed_by(&key, &issuer).unwrap();
+    std::fs::write(certs.path().join("anon.crt"), cert.pem()).unwrap();
+    std::fs::write(certs.path().join("anon.key"), key.serialize_pem()).unwrap();
+
+    // Our own loader refuses to use it...
+    let error = NodeTls::load(certs.path(), "anon").unwrap_err();
+    assert!(error.to_string().contains("anon.crt"), "{error}");
+    // ...and a peer presenting it is refused by the server.
+    let dir = certs.path();
+    let chain = vec![cert.der().clone()];
+    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13])
+    .unwrap()
+    .with_root_certificates({
+        let mut roots = rustls::RootCertStore::empty();
+        use rustls::pki_types::pem::PemObject;
+        let pem = std::fs::read(dir.join("ca.crt")).unwrap();
+        for cert in rustls::pki_types::CertificateDer::pem_slice_iter(&pem) {
+            roots.add(cert.unwrap()).unwrap();
+        }
+        roots
+    })
+    .with_client_auth_cert(
+        chain,
+        rustls::pki_types::PrivateKeyDer::try_from(key.serialize_der()).unwrap(),
+    )
+    .unwrap();
+    let mut tls = tls;
+    tls.alpn_protocols = vec![ALPN_MIRROR.to_vec()];
+    let config = quinn::ClientConfig::new(Arc::new(
+        quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap(),
+    ));
+    // The stock client verifies DNS names; dial the source by its DNS SAN.
+    let server_tls = NodeTls::load(dir, "src").unwrap();
+    let server = Server::start(&server_tls);
+    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    endpoint.set_default_client_config(config);
+    let connecting = endpoint
+        .connect(server.addr, "src.source.east.xmirror")
+        .unwrap();
+    let (accepted, _) = within(async { tokio::join!(server.accept(), connecting) }).await;
+    let error = accepted.unwrap_err();
+    assert!(error.contains("SPIFFE"), "{error}");
+}
+
+#[tokio::test]
+async fn the_client_refuses_a_server_of_the_wrong_cluster_or_role() {
+    let certs = pki("east");
+    issue(certs.path(), &identity("east", Role::Observer, "m1"));
+    // A server certified as an observer, not a source.
+    issue(certs.path(), &identity("east", Role::Observer, "src"));
+    let (_, client) = handshake(certs.path(), client_config(certs.path(), "m1")).await;
+    let error = client.unwrap_err();
+    assert!(
+        error.contains("expected a source of cluster east"),
+        "{error}"
+    );
+
+    // A real source, but the mirror expects cluster west.
+    let certs = source_pki();
+    issue(certs.path(), &identity("east", Role::Observer, "m1"));
+    let config = NodeTls::load(certs.path(), "m1")
+        .unwrap()
+        .client_config(ALPN_MIRROR, ExpectedServer::source_of(name("west")))
+        .unwrap();
+    let (_, client) = handshake(certs.path(), config).await;
+    let error = client.unwrap_err();
+    assert!(error.contains("spiffe://east/source/src"), "{error}");
+}
+
+#[tokio::test]
+async fn a_second_ca_in_the_bundle_is_trusted_for_rotation() {
+    let certs = source_pki();
+    let other = pki("west");
+    issue(other.path(), &identity("west", Role::Observer, "m1"));
+    // The source trusts both clusters' CAs (ca.crt and ca-west.crt).
+    std::fs::copy(
+        other.path().join("ca.crt"),
+        certs.path().join("ca-west.crt"),
+    )
+    .unwrap();
+    std::fs::copy(
+        certs.path().join("ca.crt"),
+        other.path().join("ca-east.crt"),
+    )
+    .unwrap();
+    let (server, client) = handshake(certs.path(), client_config(other.path(), "m1")).await;
+    assert_eq!(server.unwrap(), identity("west", Role::Observer, "m1"));
+    assert!(client.is_ok());
+}
+
+#[test]
+fn keys_are_private_and_the_ca_is_not_overwritten() {
+    let certs = pki("east");
+    issue(certs.path(), &identity("east", Role::Client, "ops"));
+    for file in ["ca.key", "ops.key"] {
+        let mode = std::fs::metadata(certs.path().join(file))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "{file}");
+    }
+    let again =
+        CertificateAuthority::generate(&name("east"), Validity::days_from_now(1).unwrap()).unwrap();
+    assert!(matches!(
+        again.write(certs.path(), false),
+        Err(PkiError::CaExists(_))
+    ));
+    assert!(matches!(
+        load_ca_for(certs.path(), &name("west")),
+        Err(PkiError::ClusterMismatch { .. })
+    ));
+    assert!(matches!(
+        Validity::days_from_now(0),
+        Err(PkiError::EmptyValidity)
+    ));
+}
+
+#[test]
+fn openssl_verifies_what_certs_issue_writes() {
+    if std::process::Command::new("openssl")
+        .arg("version")
+        .output()
+        .is_err()
+    {
+        println!("skipped: openssl is not installed");
+        return;
+    }
+    let certs = pki("east");
+    for role in Role::ALL {
+        let node = format!("n-{role}");
+        issue(certs.path(), &identity("east", role, &node));
+        let output = std::process::Command::new("openssl")
+            .arg("verify")
+            .arg("-CAfile")
+            .arg(certs.path().join("ca.crt"))
+            .arg(certs.path().join(format!("{node}.crt")))
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "openssl verify {role}: {}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let text = std::process::Command::new("openssl")
+            .args(["x509", "-noout", "-text", "-in"])
+            .arg(certs.path().join(format!("{node}.crt")))
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&text.stdout);
+        assert!(
+            text.contains(&format!("URI:spiffe://east/{role}/{node}")),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!("DNS:{node}.{role}.east.xmirror")),
+            "{text}"
+        );
+        assert!(text.contains("ASN1 OID: prime256v1"), "{text}");
+        assert_eq!(
+            text.contains("TLS Web Server Authentication"),
+            role != Role::Client,
+            "{text}"
+        );
+        assert!(text.contains("TLS Web Client Authentication"), "{text}");
+    }
+}

@@ -1,1 +1,1 @@
-
+//! The mirror node: not built yet (see README.md, "Status").

@@ -1,1 +1,1 @@
-
+//! The source node: not built yet (see README.md, "Status").

@@ -31,7 +31,7 @@ pub const ALPN_CLIENT: &[u8] = b"xmirror-client/1";
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
     /// A certificate, key or CA file could not be read.
-    #[error("{path}: {source}")]
+    #[error("cannot access {path}")]
     Io {
         /// The file or directory.
         path: PathBuf,

@@ -24,7 +24,7 @@ pub enum PkiError {
     #[error("certificate generation failed")]
     Generate(#[from] rcgen::Error),
     /// A file could not be read or written.
-    #[error("{path}: {source}")]
+    #[error("cannot access {path}")]
     Io {
         /// The file.
         path: PathBuf,

@@ -1,0 +1,137 @@
+//! `xmirror certs` as an operator runs it: the real binary, real files.
+
+use std::os::unix::fs::PermissionsExt;
+use std::process::{Command, Output};
+
+use tempfile::TempDir;
+
+fn xmirror(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_xmirror"))
+        .args(args)
+        .output()
+        .expect("run xmirror")
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+#[test]
+fn init_then_issue_writes_the_spec_layout() {
+    let dir = TempDir::new().unwrap();
+    let path = dir.path().to_str().unwrap();
+    let init = xmirror(&["certs", "init", "--dir", path, "--cluster-id", "east"]);
+    assert!(init.status.success(), "{}", stderr(&init));
+    for (role, node) in [("source", "src-1"), ("observer", "m1"), ("client", "ops")] {
+        let issue = xmirror(&[
+            "certs",
+            "issue",
+            "--dir",
+            path,
+            "--cluster-id",
+            "east",
+            "--role",
+            role,
+            "--name",
+            node,
+        ]);
+        assert!(issue.status.success(), "{}", stderr(&issue));
+        assert!(String::from_utf8_lossy(&issue.stdout)
+            .contains(&format!("spiffe://east/{role}/{node}")));
+        let key_mode = std::fs::metadata(dir.path().join(format!("{node}.key")))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(key_mode & 0o777, 0o600);
+        assert!(dir.path().join(format!("{node}.crt")).exists());
+    }
+    let ca_mode = std::fs::metadata(dir.path().join("ca.key"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(ca_mode & 0o777, 0o600);
+}
+
+#[test]
+fn bad_input_gets_a_one_line_error_and_a_non_zero_exit() {
+    let dir = TempDir::new().unwrap();
+    let path = dir.path().to_str().unwrap();
+    assert!(
+        xmirror(&["certs", "init", "--dir", path, "--cluster-id", "east"])
+            .status
+            .success()
+    );
+
+    let cases: [(&[&str], &str); 5] = [
+        (
+            &["certs", "init", "--dir", path, "--cluster-id", "east"],
+            "refusing to replace a CA",
+        ),
+        (
+            &[
+                "certs",
+                "issue",
+                "--dir",
+                path,
+                "--cluster-id",
+                "west",
+                "--role",
+                "client",
+                "--name",
+                "a",
+            ],
+            "is for cluster \"east\", not \"west\"",
+        ),
+        (
+            &[
+                "certs",
+                "issue",
+                "--dir",
+                path,
+                "--cluster-id",
+                "east",
+                "--role",
+                "admin",
+                "--name",
+                "a",
+            ],
+            "unknown role \"admin\"",
+        ),
+        (
+            &[
+                "certs",
+                "issue",
+                "--dir",
+                path,
+                "--cluster-id",
+                "east",
+                "--role",
+                "client",
+                "--name",
+                "../a",
+            ],
+            "name contains '.'",
+        ),
+        (
+            &[
+                "certs",
+                "issue",
+                "--dir",
+                "/nonexistent",
+                "--cluster-id",
+                "east",
+                "--role",
+                "client",
+                "--name",
+                "a",
+            ],
+            "cannot access /nonexistent/ca.crt",
+        ),
+    ];
+    for (args, expected) in cases {
+        let output = xmirror(args);
+        assert!(!output.status.success(), "{args:?} succeeded");
+        let message = stderr(&output);
+        assert!(message.contains(expected), "{args:?}: {message}");
+    }
+}

@@ -1,0 +1,25 @@
+# Shortcuts for the commands in the README. `just --list` shows them all.
+
+# Run the demo: a source and a mirror on this machine, no setup.
+demo:
+    cargo run --release -p xmirror -- demo
+
+# Run every test (the README's test command, what CI runs).
+test:
+    cargo nextest run --workspace
+
+# Formatting and lints, as CI checks them.
+lint:
+    cargo fmt --all -- --check
+    cargo clippy --workspace --all-targets -- -D warnings
+
+# CI exactly as it runs on a fresh clone.
+ci:
+    bash .ci/run
+
+# Development certificates for one cluster in certs/: a CA, a source, an observer, a client.
+certs cluster="dev":
+    cargo run -p xmirror -- certs init --dir certs --cluster-id {{cluster}}
+    cargo run -p xmirror -- certs issue --dir certs --cluster-id {{cluster}} --role source --name source-1
+    cargo run -p xmirror -- certs issue --dir certs --cluster-id {{cluster}} --role observer --name mirror-1
+    cargo run -p xmirror -- certs issue --dir certs --cluster-id {{cluster}} --role client --name ops

@@ -2,6 +2,9 @@
 //! command, and turns any failure into a one-line error and a non-zero exit.
 
 mod certs;
+mod client;
+mod demo;
+mod node;
 
 use std::process::ExitCode;
 
@@ -20,12 +23,68 @@ enum Command {
     /// Make a cluster CA and node certificates.
     #[command(subcommand)]
     Certs(certs::CertsCommand),
+    /// Run a source node: owns the database, serves clients and mirrors.
+    Source(node::SourceArgs),
+    /// Run an observer mirror of a source.
+    Mirror(node::MirrorArgs),
+    /// Write one key on a source.
+    Put(client::PutArgs),
+    /// Read one key from a source or a consistent mirror.
+    Get(client::GetArgs),
+    /// Write N keys as fast as the node accepts them and print the rate.
+    Load(client::LoadArgs),
+    /// Show a node's status.
+    Status(client::StatusArgs),
+    /// Print the digest of a node's whole state and the LSN it was taken at.
+    Digest(client::DigestArgs),
+    /// Run a source and a mirror on this machine, with no setup, and show them at work.
+    Demo,
+}
+
+/// Logs to stderr; `RUST_LOG` overrides `default_level`.
+fn init_logging(default_level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Certs(command) => certs::run(command),
+        command => {
+            init_logging(match command {
+                Command::Source(_) | Command::Mirror(_) => "info",
+                Command::Demo => "warn",
+                _ => "error",
+            });
+            let runtime = match tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(runtime) => runtime,
+                Err(error) => {
+                    eprintln!("xmirror: error: cannot start the async runtime: {error}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            runtime.block_on(async move {
+                match command {
+                    Command::Source(args) => node::run_source(args).await,
+                    Command::Mirror(args) => node::run_mirror(args).await,
+                    Command::Put(args) => client::put(args).await,
+                    Command::Get(args) => client::get(args).await,
+                    Command::Load(args) => client::load(args).await,
+                    Command::Status(args) => client::status(args).await,
+                    Command::Digest(args) => client::digest(args).await,
+                    Command::Demo => demo::run().await,
+                    Command::Certs(_) => unreachable!("handled above"),
+                }
+            })
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -47,11 +47,13 @@ pub enum ErrorCode {
     ShuttingDown = 16,
     /// The node already serves as many connections or handshakes as it is configured for.
     Busy = 17,
+    /// Retention passed this mirror's slot while it streamed; it reconnects for a snapshot.
+    SlotInvalidated = 18,
 }
 
 impl ErrorCode {
     /// Every code, in number order.
-    pub const ALL: [ErrorCode; 17] = [
+    pub const ALL: [ErrorCode; 18] = [
         ErrorCode::BadVersion,
         ErrorCode::ClusterIdMismatch,
         ErrorCode::ObserverOnly,
@@ -69,6 +71,7 @@ impl ErrorCode {
         ErrorCode::Internal,
         ErrorCode::ShuttingDown,
         ErrorCode::Busy,
+        ErrorCode::SlotInvalidated,
     ];
 
     /// The stable number on the wire and in QUIC close frames.
@@ -103,6 +106,7 @@ impl ErrorCode {
             ErrorCode::Internal => "INTERNAL",
             ErrorCode::ShuttingDown => "SHUTTING_DOWN",
             ErrorCode::Busy => "BUSY",
+            ErrorCode::SlotInvalidated => "SLOT_INVALIDATED",
         }
     }
 
@@ -170,6 +174,7 @@ mod tests {
             ("INTERNAL", 15),
             ("SHUTTING_DOWN", 16),
             ("BUSY", 17),
+            ("SLOT_INVALIDATED", 18),
         ];
         let actual: Vec<_> = ErrorCode::ALL
             .iter()
@@ -180,7 +185,7 @@ mod tests {
             assert_eq!(ErrorCode::from_number(code.number()), Some(code));
         }
         assert_eq!(ErrorCode::from_number(0), None);
-        assert_eq!(ErrorCode::from_number(18), None);
+        assert_eq!(ErrorCode::from_number(19), None);
     }
 
     #[test]

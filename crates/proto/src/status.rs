@@ -31,6 +31,8 @@ pub struct SourceStatus {
     pub wal_first_lsn: Lsn,
     /// When `last_lsn` was committed.
     pub commit_time: UnixMillis,
+    /// Snapshot payload bytes (keys and values) sent to mirrors since the source started.
+    pub snapshot_bytes_sent: u64,
     /// One entry per slot, connected or not.
     pub mirrors: Vec<SlotStatus>,
 }

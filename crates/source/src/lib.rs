@@ -1,1 +1,301 @@
-//! The source node: not built yet (see README.md, "Status").
+//! The source node: owns the database and its WAL, serves clients and mirrors.
+//!
+//! - [`writer`]: the one ordered writer that assigns LSNs, with group commit.
+//! - [`session`]: a mirror's session: hello, `proto::decide`, snapshot, streaming.
+//! - [`slots`]: per-mirror slots and WAL retention.
+//! - [`service`]: the client API (put, delete, get, status, digest).
+//!
+//! [`SourceNode::start`] binds one QUIC endpoint for both ALPNs and runs every connection
+//! on its own task, so a stuck mirror costs the others nothing but its bounded retention.
+
+pub mod service;
+pub mod session;
+pub mod slots;
+pub mod writer;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use tokio::sync::watch;
+use xmirror_net::serve::serve_client_connection;
+use xmirror_net::{close_with, server_endpoint, EndpointError, TransportLimits};
+use xmirror_proto::{ErrorCode, FrameLimits, Name, VersionRange, SUPPORTED_VERSIONS};
+use xmirror_store::{SledStore, Store, StoreError};
+use xmirror_tls::{peer_identity, NodeTls, ALPN_CLIENT, ALPN_MIRROR};
+
+use crate::service::SourceService;
+use crate::slots::Slots;
+use crate::writer::{Committed, Writer};
+
+/// Everything a source needs to start. Each field documents its default.
+#[derive(Clone, Debug)]
+pub struct SourceConfig {
+    /// The store's directory.
+    pub data_dir: PathBuf,
+    /// The cluster this source belongs to; mirrors must expect it.
+    pub cluster_id: Name,
+    /// The database mirrors ask for. Default `main`.
+    pub database: Name,
+    /// UDP address to serve on.
+    pub listen: SocketAddr,
+    /// The protocol versions spoken. Default: all this build supports.
+    pub versions: VersionRange,
+    /// How long a mirror has to send its hello. Default 10 s.
+    pub handshake_timeout: Duration,
+    /// Frame limits per phase. Default 64 KiB handshake, 16 MiB data.
+    pub frame_limits: FrameLimits,
+    /// Transport limits. Default: see [`TransportLimits`].
+    pub transport: TransportLimits,
+    /// Most WAL entries kept, whatever the slots want; a slot pushed past it is
+    /// invalidated. Default 10,000,000 (about 1.5 GB of 100-byte writes): generous, so
+    /// that a mirror can be down for a long while and still resume by streaming.
+    pub max_wal_entries: u64,
+    /// How often retention runs. Default 500 ms.
+    pub retention_interval: Duration,
+    /// Most entries per WAL batch. Default 1,024.
+    pub batch_max_entries: usize,
+    /// Most payload bytes per WAL batch (one entry may exceed it). Default 1 MiB.
+    pub batch_max_bytes: usize,
+    /// Payload bytes per snapshot chunk (one pair may exceed it). Default 1 MiB.
+    pub snapshot_chunk_bytes: usize,
+    /// Bytes of WAL sent to a mirror and not yet acknowledged before sending pauses.
+    /// Default 64 MiB: bounds memory per mirror without throttling a healthy one.
+    pub max_unacked_bytes: usize,
+    /// Heartbeat interval when no batch is sent. Default 1 s.
+    pub heartbeat_interval: Duration,
+    /// Largest key accepted from clients. Default 4 KiB.
+    pub max_key_len: usize,
+    /// Largest value accepted from clients. Default 4 MiB.
+    pub max_value_len: usize,
+    /// Client requests outstanding per stream. Default 4,096.
+    pub max_in_flight_per_stream: usize,
+}
+
+impl SourceConfig {
+    /// A configuration with every default.
+    pub fn new(data_dir: PathBuf, cluster_id: Name, listen: SocketAddr) -> SourceConfig {
+        SourceConfig {
+            data_dir,
+            cluster_id,
+            database: Name::new("main").expect("valid name"),
+            listen,
+            versions: SUPPORTED_VERSIONS,
+            handshake_timeout: Duration::from_secs(10),
+            frame_limits: FrameLimits::default(),
+            transport: TransportLimits::default(),
+            max_wal_entries: 10_000_000,
+            retention_interval: Duration::from_millis(500),
+            batch_max_entries: 1_024,
+            batch_max_bytes: 1 << 20,
+            snapshot_chunk_bytes: 1 << 20,
+            max_unacked_bytes: 64 << 20,
+            heartbeat_interval: Duration::from_secs(1),
+            max_key_len: 4 << 10,
+            max_value_len: 4 << 20,
+            max_in_flight_per_stream: 4_096,
+        }
+    }
+}
+
+/// Why the source could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    /// The store could not be opened.
+    #[error("cannot open the store")]
+    Store(#[from] StoreError),
+    /// The endpoint could not be made.
+    #[error(transparent)]
+    Endpoint(#[from] EndpointError),
+}
+
+/// State shared by every task of a source.
+pub struct SourceShared {
+    /// The configuration it started with.
+    pub config: SourceConfig,
+    /// The store.
+    pub store: Arc<dyn Store>,
+    /// Submits client writes.
+    pub writer: Writer,
+    /// The newest commit, which wakes streaming sessions.
+    pub commits: watch::Receiver<Committed>,
+    /// The mirrors' slots.
+    pub slots: Slots,
+    /// Snapshot payload bytes sent since start, over all mirrors.
+    pub snapshot_bytes_sent: AtomicU64,
+    /// Held while admitting a mirror and while enforcing retention, so retention never
+    /// truncates WAL that a just-decided session is about to pin.
+    pub admission: Mutex<()>,
+    /// This node's name.
+    pub name: Name,
+}
+
+/// A running source.
+pub struct SourceNode {
+    /// The address it serves on (with the real port when 0 was asked for).
+    pub local_addr: SocketAddr,
+    endpoint: quinn::Endpoint,
+    shared: Arc<SourceShared>,
+    tasks: tokio::task::JoinSet<()>,
+}
+
+impl SourceNode {
+    /// Opens the store and starts serving.
+    pub async fn start(config: SourceConfig, tls: &NodeTls) -> Result<SourceNode, SourceError> {
+        let data_dir = config.data_dir.clone();
+        let store: Arc<dyn Store> = Arc::new(
+            tokio::task::spawn_blocking(move || SledStore::open(data_dir))
+                .await
+                .expect("open task")?,
+        );
+        let (writer, commits) = Writer::spawn(store.clone());
+        let slots = Slots::load(store.clone())?;
+        let endpoint = server_endpoint(tls, config.listen, &config.transport)?;
+        let local_addr = endpoint
+            .local_addr()
+            .map_err(|source| EndpointError::Bind {
+                addr: config.listen,
+                source,
+            })?;
+        let shared = Arc::new(SourceShared {
+            name: tls.identity().name.clone(),
+            config,
+            store,
+            writer,
+            commits,
+            slots,
+            snapshot_bytes_sent: AtomicU64::new(0),
+            admission: Mutex::new(()),
+        });
+        let mut tasks = tokio::task::JoinSet::new();
+        tasks.spawn(accept_loop(endpoint.clone(), shared.clone()));
+        tasks.spawn(retention_loop(shared.clone()));
+        let position = shared.store.position();
+        tracing::info!(
+            addr = %local_addr,
+            cluster = %shared.config.cluster_id,
+            last_lsn = %position.lsn,
+            "source serving"
+        );
+        Ok(SourceNode {
+            local_addr,
+            endpoint,
+            shared,
+            tasks,
+        })
+    }
+
+    /// The shared state (for status in tests and the demo).
+    pub fn shared(&self) -> &Arc<SourceShared> {
+        &self.shared
+    }
+
+    /// Stops serving: closes every connection and flushes the store.
+    pub async fn shutdown(mut self) {
+        self.endpoint.close(
+            ErrorCode::ShuttingDown.number().into(),
+            b"source shutting down",
+        );
+        self.tasks.shutdown().await;
+        let store = self.shared.store.clone();
+        let _ = tokio::task::spawn_blocking(move || store.flush()).await;
+        self.endpoint.wait_idle().await;
+    }
+}
+
+async fn accept_loop(endpoint: quinn::Endpoint, shared: Arc<SourceShared>) {
+    while let Some(incoming) = endpoint.accept().await {
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let connection = match incoming.await {
+                Ok(connection) => connection,
+                Err(error) => {
+                    tracing::warn!(error = %error, "handshake failed");
+                    return;
+                }
+            };
+            handle_connection(connection, shared).await;
+        });
+    }
+}
+
+async fn handle_connection(connection: quinn::Connection, shared: Arc<SourceShared>) {
+    let peer = match peer_identity(&connection) {
+        Ok(peer) => peer,
+        Err(error) => {
+            close_with(&connection, ErrorCode::NotAuthorized, &error.to_string());
+            return;
+        }
+    };
+    let alpn = connection
+        .handshake_data()
+        .and_then(|data| data.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
+        .and_then(|data| data.protocol)
+        .unwrap_or_default();
+    if alpn == ALPN_CLIENT {
+        let service = Arc::new(SourceService::new(shared.clone()));
+        let max_in_flight = shared.config.max_in_flight_per_stream;
+        serve_client_connection(connection, peer, service, max_in_flight).await;
+    } else if alpn == ALPN_MIRROR {
+        serve_mirror(connection, peer, shared).await;
+    } else {
+        close_with(&connection, ErrorCode::ProtocolViolation, "unknown ALPN");
+    }
+}
+
+async fn serve_mirror(
+    connection: quinn::Connection,
+    peer: xmirror_proto::PeerIdentity,
+    shared: Arc<SourceShared>,
+) {
+    let deadline = shared.config.handshake_timeout;
+    let (mut send, recv) = match tokio::time::timeout(deadline, connection.accept_bi()).await {
+        Ok(Ok(streams)) => streams,
+        Ok(Err(_closed)) => return,
+        Err(_) => {
+            close_with(
+                &connection,
+                ErrorCode::HandshakeTimeout,
+                &format!("no control stream within {deadline:?}"),
+            );
+            return;
+        }
+    };
+    let outcome = session::run_session(recv, &mut send, peer.clone(), shared).await;
+    let _ = send.finish();
+    match outcome {
+        Ok(()) => connection.close(0u32.into(), b"session over"),
+        Err(end) => {
+            tracing::info!(peer = %peer, code = %end.code, detail = %end.detail, "mirror session ended");
+            // Let the rejected ack reach the mirror before the close discards it.
+            let _ = tokio::time::timeout(Duration::from_secs(1), send.stopped()).await;
+            close_with(&connection, end.code, &end.detail);
+        }
+    }
+}
+
+async fn retention_loop(shared: Arc<SourceShared>) {
+    let mut interval = tokio::time::interval(shared.config.retention_interval);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        interval.tick().await;
+        let shared = shared.clone();
+        let result = tokio::task::spawn_blocking(move || {
+            let _admission = shared
+                .admission
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            shared
+                .slots
+                .enforce_retention(shared.config.max_wal_entries)
+        })
+        .await;
+        match result {
+            Ok(Ok(_)) => {}
+            Ok(Err(error)) => tracing::error!(error = %error, "WAL retention failed"),
+            Err(panic) => tracing::error!(error = %panic, "WAL retention task failed"),
+        }
+    }
+}

@@ -271,4 +271,7 @@ pub trait Store: Send + Sync + 'static {
 
     /// Adds `delta` to a named counter and returns the new value.
     fn add_to_counter(&self, name: &str, delta: u64) -> Result<u64, StoreError>;
+
+    /// Sets a named counter (for small persisted values such as the last decision).
+    fn set_counter(&self, name: &str, value: u64) -> Result<(), StoreError>;
 }

@@ -154,6 +154,14 @@ impl SledStore {
         })
     }
 
+    fn write_counter(&self, name: &str, value: u64) -> Result<(), StoreError> {
+        self.db.insert(
+            meta_key(&format!("counter/{name}")),
+            RecordWriter::default().u64(value).finish(),
+        )?;
+        Ok(())
+    }
+
     fn lock(&self) -> MutexGuard<'_, CachedMeta> {
         // The cache is only updated after a write succeeded, so it is valid even if a
         // panicking thread held the lock.
@@ -552,10 +560,12 @@ impl Store for SledStore {
     fn add_to_counter(&self, name: &str, delta: u64) -> Result<u64, StoreError> {
         let _writer = self.lock();
         let count = self.counter(name)?.saturating_add(delta);
-        self.db.insert(
-            meta_key(&format!("counter/{name}")),
-            RecordWriter::default().u64(count).finish(),
-        )?;
+        self.write_counter(name, count)?;
         Ok(count)
+    }
+
+    fn set_counter(&self, name: &str, value: u64) -> Result<(), StoreError> {
+        let _writer = self.lock();
+        self.write_counter(name, value)
     }
 }

@@ -524,6 +524,8 @@ pub fn slots_and_counters_are_kept(engine: Engine) {
     assert_eq!(store.add_to_counter("c", 1).unwrap(), 1);
     assert_eq!(store.add_to_counter("c", 5).unwrap(), 6);
     assert_eq!(store.counter("c").unwrap(), 6);
+    store.set_counter("c", 2).unwrap();
+    assert_eq!(store.counter("c").unwrap(), 2);
 }
 
 pub fn a_second_opener_is_refused(engine: Engine) {

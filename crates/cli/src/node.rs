@@ -1,0 +1,127 @@
+//! `xmirror source` and `xmirror mirror`: run a node until it is stopped (Ctrl-C or
+//! SIGTERM) or, for a mirror, until the source refuses it permanently.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::Args;
+use xmirror_mirror::{MirrorConfig, MirrorNode};
+use xmirror_proto::Name;
+use xmirror_source::{SourceConfig, SourceNode};
+use xmirror_tls::NodeTls;
+
+use crate::client::resolve;
+
+#[derive(Args)]
+pub struct SourceArgs {
+    /// The store's directory (created if missing).
+    #[arg(long)]
+    data_dir: PathBuf,
+    /// This source's cluster; mirrors must name it in --source-cluster.
+    #[arg(long)]
+    cluster_id: Name,
+    /// UDP address to serve on, for example 0.0.0.0:7000.
+    #[arg(long)]
+    listen: String,
+    /// Directory with NAME.crt, NAME.key and the trusted ca*.crt.
+    #[arg(long)]
+    certs: PathBuf,
+    /// This node's name (its certificate files' name).
+    #[arg(long)]
+    name: String,
+    /// The database mirrors ask for.
+    #[arg(long, default_value = "main")]
+    database: Name,
+    /// Most WAL entries kept for slow or absent mirrors; a mirror pushed past it gets a
+    /// snapshot when it returns.
+    #[arg(long, default_value_t = 10_000_000)]
+    max_wal_entries: u64,
+}
+
+#[derive(Args)]
+pub struct MirrorArgs {
+    /// The store's directory (created if missing). One mirror process per directory.
+    #[arg(long)]
+    data_dir: PathBuf,
+    /// The source's UDP address.
+    #[arg(long)]
+    source: String,
+    /// The cluster the source must belong to.
+    #[arg(long)]
+    source_cluster: Name,
+    /// Directory with NAME.crt, NAME.key and the trusted ca*.crt (including the source's CA).
+    #[arg(long)]
+    certs: PathBuf,
+    /// This mirror's name (its certificate files' name; keys its slot on the source).
+    #[arg(long)]
+    name: String,
+    /// Serve the read-only client API on this UDP address.
+    #[arg(long)]
+    listen: Option<String>,
+    /// The database to mirror.
+    #[arg(long, default_value = "main")]
+    database: Name,
+}
+
+async fn stopped() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        if let Ok(mut terminate) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = terminate.recv() => {}
+            }
+            return;
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
+}
+
+fn load_tls(certs: &std::path::Path, name: &str) -> anyhow::Result<NodeTls> {
+    NodeTls::load(certs, name).with_context(|| format!("cannot load the certificates of {name}"))
+}
+
+pub async fn run_source(args: SourceArgs) -> anyhow::Result<()> {
+    let tls = load_tls(&args.certs, &args.name)?;
+    let listen = resolve(&args.listen).await?;
+    let mut config = SourceConfig::new(args.data_dir, args.cluster_id, listen);
+    config.database = args.database;
+    config.max_wal_entries = args.max_wal_entries;
+    let node = SourceNode::start(config, &tls)
+        .await
+        .context("cannot start the source")?;
+    println!("source {} serving on {}", tls.identity(), node.local_addr);
+    stopped().await;
+    tracing::info!("stopping");
+    node.shutdown().await;
+    Ok(())
+}
+
+pub async fn run_mirror(args: MirrorArgs) -> anyhow::Result<()> {
+    let tls = Arc::new(load_tls(&args.certs, &args.name)?);
+    let source = resolve(&args.source).await?;
+    let listen = match &args.listen {
+        Some(listen) => Some(resolve(listen).await?),
+        None => None,
+    };
+    let mut config = MirrorConfig::new(args.data_dir, source, args.source_cluster, listen);
+    config.database = args.database;
+    let identity = tls.identity().clone();
+    let mut node = MirrorNode::start(config, tls)
+        .await
+        .context("cannot start the mirror")?;
+    match node.listen_addr {
+        Some(addr) => println!("mirror {identity} of {source}, serving reads on {addr}"),
+        None => println!("mirror {identity} of {source}"),
+    }
+    tokio::select! {
+        result = node.wait() => result.context("the mirror stopped")?,
+        () = stopped() => {
+            tracing::info!("stopping");
+            node.shutdown().await;
+        }
+    }
+    Ok(())
+}

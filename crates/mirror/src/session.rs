@@ -1,0 +1,301 @@
+//! One session of the mirror with its source: hello, then whatever the source decided.
+//!
+//! Generic over `AsyncRead`/`AsyncWrite`, like the source's side, so the same handler runs
+//! over QUIC and over an in-memory pipe.
+//!
+//! Mirror state machine: `Connecting` --ack: snapshot/resume--> `Snapshot` (apply chunks,
+//! each with its resume key) --SnapshotDone{end_lsn}--> `CatchingUp` (apply WAL from
+//! base + 1; reads refused until `end_lsn` is applied) --applied ≥ source's last LSN-->
+//! `Streaming`. `--ack: stream-->` goes straight to `CatchingUp`/`Streaming`. Any error or
+//! disconnect returns to `Connecting`; everything applied is durable first, so the next
+//! hello starts exactly where this session stopped.
+
+use std::sync::Arc;
+
+use tokio::io::{AsyncRead, AsyncWrite};
+use xmirror_net::{FramedReader, FramedWriter, ReadError};
+use xmirror_proto::message::{Hello, HelloAck, MirrorAck, ResumeToken};
+use xmirror_proto::status::MirrorState;
+use xmirror_proto::{Decision, ErrorCode, FrameError, Lsn, Message, Role};
+use xmirror_store::{Batch, Position, Store, StoreError, SyncState};
+
+use crate::MirrorShared;
+
+/// Why a session ended.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    /// The source refused the hello.
+    #[error("the source refused the hello: {code}: {detail}")]
+    Rejected {
+        /// The code.
+        code: ErrorCode,
+        /// The source's explanation.
+        detail: String,
+    },
+    /// The source is not of the expected cluster.
+    #[error("CLUSTER_ID_MISMATCH: expected a source of cluster {expected}, it says {actual}")]
+    WrongCluster {
+        /// What `--source-cluster` says.
+        expected: String,
+        /// What the source's ack says.
+        actual: String,
+    },
+    /// The source broke the protocol.
+    #[error("PROTOCOL_VIOLATION: {0}")]
+    Protocol(String),
+    /// A frame could not be read or written.
+    #[error(transparent)]
+    Read(#[from] ReadError),
+    /// The store failed (for example the disk is full). Nothing applied is lost.
+    #[error("the mirror's store failed")]
+    Store(#[from] StoreError),
+}
+
+impl From<FrameError> for SessionError {
+    fn from(error: FrameError) -> Self {
+        SessionError::Read(ReadError::Frame(error))
+    }
+}
+
+impl SessionError {
+    /// Whether reconnecting can never help, so the mirror should exit.
+    pub fn is_permanent(&self) -> bool {
+        match self {
+            SessionError::Rejected { code, .. } => code.is_permanent(),
+            SessionError::WrongCluster { .. } => true,
+            _ => false,
+        }
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, SessionError> {
+    match tokio::task::spawn_blocking(work).await {
+        Ok(result) => Ok(result?),
+        Err(panic) => Err(SessionError::Protocol(format!(
+            "store task failed: {panic}"
+        ))),
+    }
+}
+
+/// The hello this store should send.
+pub fn hello_for(shared: &MirrorShared) -> Hello {
+    let position = shared.store.position();
+    let resume = match shared.store.sync_state() {
+        SyncState::Scanning(progress) => Some(ResumeToken {
+            snapshot_id: progress.snapshot_id,
+            // Keys applied before a clear finished do not count.
+            after_key: progress.after_key.filter(|_| progress.cleared),
+        }),
+        _ => None,
+    };
+    Hello {
+        versions: shared.config.versions,
+        source_cluster: shared.config.source_cluster.clone(),
+        database: shared.config.database.clone(),
+        mirror_name: shared.name.clone(),
+        role: Role::Observer,
+        applied_lsn: position.lsn,
+        chain_hash: position.chain_hash,
+        resume,
+    }
+}
+
+/// Runs one session until the source ends it or something fails.
+pub async fn run_session<R, W>(
+    reader: R,
+    writer: W,
+    shared: &Arc<MirrorShared>,
+) -> Result<(), SessionError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let limits = shared.config.frame_limits;
+    let mut reader = FramedReader::new(reader, limits.handshake);
+    let mut writer = FramedWriter::new(writer, limits.handshake);
+    let hello = hello_for(shared);
+    let resumed_from = hello.resume.clone();
+    writer.send(hello).await?;
+
+    let accepted = match reader.next_within(shared.config.handshake_timeout).await? {
+        Message::HelloAck(HelloAck::Accepted(accepted)) => accepted,
+        Message::HelloAck(HelloAck::Rejected(rejected)) => {
+            return Err(SessionError::Rejected {
+                code: rejected.code,
+                detail: rejected.detail,
+            })
+        }
+        other => {
+            return Err(SessionError::Protocol(format!(
+                "expected a hello ack, got {:?}",
+                other.message_type()
+            )))
+        }
+    };
+    if accepted.source_cluster != shared.config.source_cluster {
+        return Err(SessionError::WrongCluster {
+            expected: shared.config.source_cluster.to_string(),
+            actual: accepted.source_cluster.to_string(),
+        });
+    }
+    reader.set_max_frame_len(limits.data);
+    writer.set_max_frame_len(limits.data);
+    shared.heard_from_source(accepted.source_last_lsn, None);
+    start_decision(shared, &accepted.decision, resumed_from.as_ref()).await?;
+
+    loop {
+        let Some(message) = reader.next().await? else {
+            return Ok(());
+        };
+        match message {
+            Message::SnapshotChunk(chunk) => {
+                let store = shared.store.clone();
+                blocking(move || {
+                    store.apply_snapshot_chunk(chunk.snapshot_id, &chunk.pairs)?;
+                    // Durable before the next chunk: a kill never costs a re-sent chunk
+                    // beyond the one in flight.
+                    store.flush()
+                })
+                .await?;
+            }
+            Message::SnapshotDone(done) => {
+                let store = shared.store.clone();
+                let position = blocking(move || {
+                    store.finish_snapshot_scan(done.snapshot_id, done.end_lsn)?;
+                    store.flush()?;
+                    Ok(store.position())
+                })
+                .await?;
+                tracing::info!(
+                    snapshot_id = %done.snapshot_id,
+                    end_lsn = %done.end_lsn,
+                    "snapshot scan complete; replaying the WAL to its end LSN"
+                );
+                shared.heard_from_source(done.end_lsn, None);
+                shared.set_state(MirrorState::CatchingUp);
+                writer.send(ack(position.lsn, position.lsn)).await?;
+            }
+            Message::WalBatch(batch) => {
+                let last_lsn = batch.last_lsn();
+                let commit_time = batch.commit_time;
+                let store = shared.store.clone();
+                let was_consistent = shared.is_consistent();
+                let position = blocking(move || -> Result<Position, StoreError> {
+                    let applied = store.apply(Batch {
+                        first_lsn: batch.first_lsn,
+                        entries: &batch.entries,
+                        commit_time: batch.commit_time,
+                        keep_wal: false,
+                        expected_chain_hash: Some(batch.chain_hash),
+                    })?;
+                    store.flush()?;
+                    Ok(applied.position)
+                })
+                .await?;
+                if !was_consistent && shared.is_consistent() {
+                    tracing::info!(applied_lsn = %position.lsn, "consistent: serving reads");
+                }
+                shared.applied(position.lsn, commit_time);
+                shared.heard_from_source(last_lsn, None);
+                writer.send(ack(last_lsn, position.lsn)).await?;
+            }
+            Message::Heartbeat(heartbeat) => {
+                shared.heard_from_source(heartbeat.last_lsn, Some(heartbeat.commit_time));
+                let applied = shared.store.position().lsn;
+                writer.send(ack(applied, applied)).await?;
+            }
+            other => {
+                return Err(SessionError::Protocol(format!(
+                    "a source may not send {:?} here",
+                    other.message_type()
+                )))
+            }
+        }
+    }
+}
+
+fn ack(received: Lsn, durable: Lsn) -> MirrorAck {
+    // Every apply is flushed before it is acknowledged, so applied and durable coincide.
+    MirrorAck {
+        received,
+        durable,
+        applied: durable,
+    }
+}
+
+/// Records the decision and prepares the store for it.
+async fn start_decision(
+    shared: &Arc<MirrorShared>,
+    decision: &Decision,
+    resumed_from: Option<&ResumeToken>,
+) -> Result<(), SessionError> {
+    tracing::info!(decision = ?decision.kind(), details = ?decision, "source decided");
+    let store: Arc<dyn Store> = shared.store.clone();
+    match decision.clone() {
+        Decision::Stream { from_lsn } => {
+            let applied = store.position().lsn;
+            if from_lsn != applied.next() {
+                return Err(SessionError::Protocol(format!(
+                    "source streams from {from_lsn}, the mirror needs {}",
+                    applied.next()
+                )));
+            }
+            shared.record_decision(decision.kind(), None).await?;
+            shared.set_state(MirrorState::CatchingUp);
+        }
+        Decision::Snapshot {
+            snapshot_id,
+            base_lsn,
+            base_chain_hash,
+            reason,
+        } => {
+            tracing::info!(snapshot_id = %snapshot_id, base_lsn = %base_lsn, reason = ?reason, "fresh snapshot");
+            shared
+                .record_decision(decision.kind(), Some("snapshots_started"))
+                .await?;
+            shared.set_state(MirrorState::Snapshot);
+            let base = Position {
+                lsn: base_lsn,
+                chain_hash: base_chain_hash,
+            };
+            blocking(move || {
+                store.begin_snapshot(snapshot_id, base)?;
+                store.flush()
+            })
+            .await?;
+        }
+        Decision::ResumeSnapshot {
+            snapshot_id,
+            after_key,
+            base_lsn,
+            base_chain_hash,
+        } => {
+            let ours = resumed_from.map(|token| (token.snapshot_id, token.after_key.clone()));
+            if ours != Some((snapshot_id, after_key.clone())) {
+                return Err(SessionError::Protocol(format!(
+                    "source resumes snapshot {snapshot_id} after {after_key:?}, the mirror asked for {ours:?}"
+                )));
+            }
+            tracing::info!(snapshot_id = %snapshot_id, "resuming the snapshot");
+            shared
+                .record_decision(decision.kind(), Some("snapshots_resumed"))
+                .await?;
+            shared.set_state(MirrorState::Snapshot);
+            if after_key.is_none() {
+                // Nothing applied yet (or a clear was interrupted): clear again.
+                let base = Position {
+                    lsn: base_lsn,
+                    chain_hash: base_chain_hash,
+                };
+                blocking(move || {
+                    store.begin_snapshot(snapshot_id, base)?;
+                    store.flush()
+                })
+                .await?;
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,96 @@
+//! quinn endpoints with xmirror's transport settings.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use quinn::{IdleTimeout, TransportConfig, VarInt};
+use xmirror_tls::{ExpectedServer, NodeTls, TlsError, ALPN_CLIENT, ALPN_MIRROR};
+
+/// Transport limits, the same on both ends.
+#[derive(Clone, Copy, Debug)]
+pub struct TransportLimits {
+    /// A connection with no traffic for this long is dead. Default 30 s; keep-alives every
+    /// third of it keep a healthy idle connection open, so this bounds how long a
+    /// partition goes unnoticed.
+    pub idle_timeout: Duration,
+    /// Concurrent bidirectional streams a peer may open. Default 64: a mirror needs one, a
+    /// client one per concurrent conversation.
+    pub max_streams: u32,
+}
+
+impl Default for TransportLimits {
+    fn default() -> Self {
+        TransportLimits {
+            idle_timeout: Duration::from_secs(30),
+            max_streams: 64,
+        }
+    }
+}
+
+impl TransportLimits {
+    fn transport_config(&self) -> Result<TransportConfig, EndpointError> {
+        let mut transport = TransportConfig::default();
+        let idle = IdleTimeout::try_from(self.idle_timeout)
+            .map_err(|_| EndpointError::BadLimit("idle timeout"))?;
+        transport
+            .max_idle_timeout(Some(idle))
+            .keep_alive_interval(Some(self.idle_timeout / 3))
+            .max_concurrent_bidi_streams(VarInt::from_u32(self.max_streams))
+            .max_concurrent_uni_streams(VarInt::from_u32(0));
+        Ok(transport)
+    }
+}
+
+/// Why an endpoint could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum EndpointError {
+    /// The TLS configuration was refused.
+    #[error("TLS configuration")]
+    Tls(#[from] TlsError),
+    /// The UDP socket could not be bound.
+    #[error("cannot bind UDP {addr}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A limit is out of range.
+    #[error("{0} out of range")]
+    BadLimit(&'static str),
+}
+
+/// A server endpoint on `addr` offering both ALPNs.
+pub fn server_endpoint(
+    tls: &NodeTls,
+    addr: SocketAddr,
+    limits: &TransportLimits,
+) -> Result<quinn::Endpoint, EndpointError> {
+    let mut config = tls.server_config(&[ALPN_MIRROR, ALPN_CLIENT])?;
+    config.transport_config(Arc::new(limits.transport_config()?));
+    quinn::Endpoint::server(config, addr).map_err(|source| EndpointError::Bind { addr, source })
+}
+
+/// A client endpoint dialling with `alpn`, accepting only `expected` servers.
+pub fn client_endpoint(
+    tls: &NodeTls,
+    alpn: &[u8],
+    expected: ExpectedServer,
+    limits: &TransportLimits,
+) -> Result<quinn::Endpoint, EndpointError> {
+    let mut config = tls.client_config(alpn, expected)?;
+    config.transport_config(Arc::new(limits.transport_config()?));
+    let addr: SocketAddr = "[::]:0".parse().expect("valid address");
+    let mut endpoint = match quinn::Endpoint::client(addr) {
+        Ok(endpoint) => endpoint,
+        // Hosts without IPv6 still have IPv4.
+        Err(_) => {
+            let addr: SocketAddr = "0.0.0.0:0".parse().expect("valid address");
+            quinn::Endpoint::client(addr).map_err(|source| EndpointError::Bind { addr, source })?
+        }
+    };
+    endpoint.set_default_client_config(config);
+    Ok(endpoint)
+}

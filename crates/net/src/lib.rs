@@ -1,0 +1,22 @@
+//! QUIC plumbing shared by the source, the mirror and the CLI, so that each of them holds
+//! only its own logic.
+//!
+//! - [`endpoint`]: the transport configuration and server/client endpoints.
+//! - [`framed`]: frames over a QUIC stream (or any `AsyncRead`/`AsyncWrite`), with
+//!   deadlines and per-phase limits.
+//! - [`client`]: dialling a node and talking the client protocol.
+//! - [`serve`]: the client-protocol server loop, generic over a [`serve::ClientService`],
+//!   which pipelines requests and answers them in order.
+//! - [`close`]: closing a connection with an [`ErrorCode`](xmirror_proto::ErrorCode) and
+//!   reading one back.
+
+pub mod client;
+pub mod close;
+pub mod endpoint;
+pub mod framed;
+pub mod serve;
+
+pub use client::{Client, ClientError, ClientStream};
+pub use close::{close_with, refusal_of, Refusal};
+pub use endpoint::{client_endpoint, server_endpoint, EndpointError, TransportLimits};
+pub use framed::{FramedReader, FramedWriter, ReadError};

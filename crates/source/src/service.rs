@@ -1,0 +1,150 @@
+//! The source's client API: writes go through the ordered writer, reads straight to the
+//! store.
+//!
+//! Only certificates with the `client` role may write; any authenticated peer may read,
+//! ask for status or for the digest.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use xmirror_net::serve::{error_reply, ClientService, Reply};
+use xmirror_proto::message::{DigestReply, ErrorReply, GetReply, StatusReply, WriteReply};
+use xmirror_proto::status::{NodeStatus, SourceStatus};
+use xmirror_proto::{Entry, ErrorCode, Message, PeerIdentity, Role};
+
+use crate::writer::WriteError;
+use crate::SourceShared;
+
+/// Serves client requests on a source.
+pub struct SourceService {
+    shared: Arc<SourceShared>,
+}
+
+impl SourceService {
+    /// A service over `shared`.
+    pub fn new(shared: Arc<SourceShared>) -> SourceService {
+        SourceService { shared }
+    }
+
+    fn write(&self, peer: &PeerIdentity, entry: Entry) -> Reply {
+        if peer.role != Role::Client {
+            return error_reply(
+                ErrorCode::ReadOnly,
+                format!(
+                    "{peer} has role {}; only client certificates may write",
+                    peer.role
+                ),
+            );
+        }
+        let config = &self.shared.config;
+        let key_len = entry.key().len();
+        if key_len == 0 || key_len > config.max_key_len {
+            return error_reply(
+                ErrorCode::TooLarge,
+                format!(
+                    "keys must be 1 to {} bytes, got {key_len}",
+                    config.max_key_len
+                ),
+            );
+        }
+        if let Entry::Put { value, .. } = &entry {
+            if value.len() > config.max_value_len {
+                return error_reply(
+                    ErrorCode::TooLarge,
+                    format!(
+                        "values must be at most {} bytes, got {}",
+                        config.max_value_len,
+                        value.len()
+                    ),
+                );
+            }
+        }
+        let writer = self.shared.writer.clone();
+        Box::pin(async move {
+            match writer.write(entry).await {
+                Ok(lsn) => Message::WriteReply(WriteReply { lsn }),
+                Err(error) => Message::ErrorReply(ErrorReply {
+                    code: match error {
+                        WriteError::Stopped => ErrorCode::ShuttingDown,
+                        WriteError::Store(_) => ErrorCode::Internal,
+                    },
+                    detail: error.to_string(),
+                }),
+            }
+        })
+    }
+
+    /// The source's status now.
+    pub fn status(shared: &SourceShared) -> SourceStatus {
+        let committed = *shared.commits.borrow();
+        let wal = shared.store.wal_bounds();
+        SourceStatus {
+            name: shared.name.clone(),
+            cluster_id: shared.config.cluster_id.clone(),
+            last_lsn: wal.last,
+            wal_first_lsn: wal.first,
+            commit_time: committed.commit_time,
+            snapshot_bytes_sent: shared.snapshot_bytes_sent.load(Ordering::Relaxed),
+            mirrors: shared.slots.status(wal.last),
+        }
+    }
+}
+
+fn internal(error: impl std::fmt::Display) -> Message {
+    Message::ErrorReply(ErrorReply {
+        code: ErrorCode::Internal,
+        detail: error.to_string(),
+    })
+}
+
+impl ClientService for SourceService {
+    fn handle(&self, peer: &PeerIdentity, request: Message) -> Reply {
+        match request {
+            Message::PutRequest(put) => self.write(
+                peer,
+                Entry::Put {
+                    key: put.key,
+                    value: put.value,
+                },
+            ),
+            Message::DeleteRequest(delete) => self.write(peer, Entry::Delete { key: delete.key }),
+            Message::GetRequest(get) => {
+                let store = self.shared.store.clone();
+                Box::pin(async move {
+                    let read = tokio::task::spawn_blocking(move || {
+                        let lsn = store.position().lsn;
+                        store.get(&get.key).map(|value| (value, lsn))
+                    })
+                    .await;
+                    match read {
+                        Ok(Ok((value, lsn))) => Message::GetReply(GetReply { value, lsn }),
+                        Ok(Err(error)) => internal(error),
+                        Err(panic) => internal(panic),
+                    }
+                })
+            }
+            Message::StatusRequest(_) => {
+                let status = SourceService::status(&self.shared);
+                Box::pin(async move {
+                    Message::StatusReply(StatusReply {
+                        status: NodeStatus::Source(status),
+                    })
+                })
+            }
+            Message::DigestRequest(_) => {
+                let store = self.shared.store.clone();
+                Box::pin(async move {
+                    match tokio::task::spawn_blocking(move || store.digest()).await {
+                        Ok(Ok((lsn, digest))) => Message::DigestReply(DigestReply { lsn, digest }),
+                        Ok(Err(error)) => internal(error),
+                        Err(panic) => internal(panic),
+                    }
+                })
+            }
+            other => error_reply(
+                ErrorCode::ProtocolViolation,
+                format!("{:?} is not a client request", other.message_type()),
+            ),
+        }
+    }
+}

@@ -1,0 +1,355 @@
+//! Slots: one per mirror name, persisted, deciding how much WAL the source keeps.
+//!
+//! SPEC.md, "Slots and retention": the WAL is truncated only below the oldest valid slot's
+//! acknowledged LSN, and never keeps more than `max_wal_entries`; a slot that retention
+//! passes is invalidated and its mirror gets a snapshot next time. [`plan_retention`] is
+//! that rule as a pure function; [`Slots`] holds the slots and their live sessions.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use tokio_util::sync::CancellationToken;
+use xmirror_proto::status::{SlotState, SlotStatus};
+use xmirror_proto::{Decision, Lsn, Name};
+use xmirror_store::{Position, SlotRecord, SnapshotRef, Store, StoreError};
+
+use crate::writer::now_millis;
+
+/// What retention should do now.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RetentionPlan {
+    /// Truncate the WAL below this LSN.
+    pub first_kept: Lsn,
+    /// Slots that this truncation passes.
+    pub invalidate: Vec<Name>,
+}
+
+/// The retention rule. `slots` yields each valid (not yet invalidated) slot's name and
+/// acknowledged LSN. With no valid slot nothing needs the WAL, and it is emptied.
+pub fn plan_retention<'a>(
+    last_lsn: Lsn,
+    max_wal_entries: u64,
+    slots: impl IntoIterator<Item = (&'a Name, Lsn)>,
+) -> RetentionPlan {
+    let slots: Vec<(&Name, Lsn)> = slots.into_iter().collect();
+    let cap_floor = Lsn((last_lsn.0 + 1).saturating_sub(max_wal_entries).max(1));
+    let wanted = slots
+        .iter()
+        .map(|(_, acked)| acked.next())
+        .min()
+        .unwrap_or(last_lsn.next())
+        .min(last_lsn.next());
+    let first_kept = wanted.max(cap_floor);
+    let invalidate = slots
+        .iter()
+        .filter(|(_, acked)| acked.next() < first_kept)
+        .map(|(name, _)| (*name).clone())
+        .collect();
+    RetentionPlan {
+        first_kept,
+        invalidate,
+    }
+}
+
+/// A live session of a slot's mirror.
+struct Session {
+    id: u64,
+    state: SlotState,
+    /// Cancelled when another session with the same name replaces this one.
+    replaced: CancellationToken,
+    /// Set once the session sent `SnapshotDone`: the next ack ends the snapshot's claim.
+    snapshot_sent: bool,
+}
+
+struct Slot {
+    record: SlotRecord,
+    session: Option<Session>,
+}
+
+/// Every slot, persisted in the store, with its live session if any.
+pub struct Slots {
+    store: Arc<dyn Store>,
+    inner: Mutex<SlotsInner>,
+}
+
+struct SlotsInner {
+    slots: BTreeMap<Name, Slot>,
+    next_session_id: u64,
+}
+
+/// A registered session: its id and the token that fires when it is replaced.
+pub struct SessionTicket {
+    /// The session's id within its slot.
+    pub id: u64,
+    /// Fires when another session with the same mirror name takes over.
+    pub replaced: CancellationToken,
+}
+
+impl Slots {
+    /// Loads the persisted slots.
+    pub fn load(store: Arc<dyn Store>) -> Result<Slots, StoreError> {
+        let slots = store
+            .slots()?
+            .into_iter()
+            .map(|record| {
+                (
+                    record.name.clone(),
+                    Slot {
+                        record,
+                        session: None,
+                    },
+                )
+            })
+            .collect();
+        Ok(Slots {
+            store,
+            inner: Mutex::new(SlotsInner {
+                slots,
+                next_session_id: 1,
+            }),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, SlotsInner> {
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The snapshot `name` was receiving, if it can still be resumed: same id, slot not
+    /// invalidated, and the WAL still holds everything after its base.
+    pub fn resumable(
+        &self,
+        name: &Name,
+        snapshot_id: xmirror_proto::SnapshotId,
+        wal_first: Lsn,
+    ) -> Option<SnapshotRef> {
+        let inner = self.lock();
+        let slot = inner.slots.get(name)?;
+        let snapshot = slot.record.snapshot?;
+        (!slot.record.invalidated
+            && snapshot.snapshot_id == snapshot_id
+            && snapshot.base.lsn.next() >= wal_first)
+            .then_some(snapshot)
+    }
+
+    /// Registers a session for `name` that starts as `decision` says, replacing any earlier
+    /// session of the same name, and pins the WAL it will need.
+    pub fn begin_session(
+        &self,
+        name: &Name,
+        decision: &Decision,
+    ) -> Result<SessionTicket, StoreError> {
+        let mut inner = self.lock();
+        let id = inner.next_session_id;
+        inner.next_session_id += 1;
+        let slot = inner.slots.entry(name.clone()).or_insert_with(|| Slot {
+            record: SlotRecord {
+                name: name.clone(),
+                acked_lsn: Lsn::ZERO,
+                last_seen: now_millis(),
+                invalidated: false,
+                snapshot: None,
+            },
+            session: None,
+        });
+        if let Some(previous) = slot.session.take() {
+            tracing::info!(mirror = %name, "a new session replaces the previous one");
+            previous.replaced.cancel();
+        }
+        let (state, acked, snapshot) = match decision {
+            Decision::Stream { from_lsn } => (SlotState::Streaming, Lsn(from_lsn.0 - 1), None),
+            Decision::Snapshot {
+                snapshot_id,
+                base_lsn,
+                base_chain_hash,
+                ..
+            }
+            | Decision::ResumeSnapshot {
+                snapshot_id,
+                base_lsn,
+                base_chain_hash,
+                ..
+            } => (
+                SlotState::Snapshot,
+                *base_lsn,
+                Some(SnapshotRef {
+                    snapshot_id: *snapshot_id,
+                    base: Position {
+                        lsn: *base_lsn,
+                        chain_hash: *base_chain_hash,
+                    },
+                }),
+            ),
+        };
+        slot.record.acked_lsn = acked;
+        slot.record.snapshot = snapshot;
+        slot.record.invalidated = false;
+        slot.record.last_seen = now_millis();
+        self.store.put_slot(&slot.record)?;
+        let replaced = CancellationToken::new();
+        slot.session = Some(Session {
+            id,
+            state,
+            replaced: replaced.clone(),
+            snapshot_sent: false,
+        });
+        Ok(SessionTicket { id, replaced })
+    }
+
+    fn with_session<T>(&self, name: &Name, id: u64, f: impl FnOnce(&mut Slot) -> T) -> Option<T> {
+        let mut inner = self.lock();
+        let slot = inner.slots.get_mut(name)?;
+        if slot
+            .session
+            .as_ref()
+            .is_some_and(|session| session.id == id)
+        {
+            Some(f(slot))
+        } else {
+            None
+        }
+    }
+
+    /// The session finished its snapshot scan and now streams.
+    pub fn snapshot_sent(&self, name: &Name, id: u64) {
+        self.with_session(name, id, |slot| {
+            if let Some(session) = &mut slot.session {
+                session.snapshot_sent = true;
+                session.state = SlotState::Streaming;
+            }
+        });
+    }
+
+    /// The mirror acknowledged `durable`: advance the slot. Returns false when the session
+    /// no longer owns the slot.
+    pub fn acknowledge(&self, name: &Name, id: u64, durable: Lsn) -> Result<bool, StoreError> {
+        let record = self.with_session(name, id, |slot| {
+            slot.record.acked_lsn = slot.record.acked_lsn.max(durable);
+            slot.record.last_seen = now_millis();
+            if slot
+                .session
+                .as_ref()
+                .is_some_and(|session| session.snapshot_sent)
+            {
+                // The mirror has the whole scan: nothing is left to resume.
+                slot.record.snapshot = None;
+            }
+            slot.record.clone()
+        });
+        match record {
+            Some(record) => {
+                self.store.put_slot(&record)?;
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+
+    /// The session ended.
+    pub fn end_session(&self, name: &Name, id: u64) {
+        self.with_session(name, id, |slot| {
+            slot.session = None;
+            slot.record.last_seen = now_millis();
+        });
+    }
+
+    /// Applies the retention rule: invalidates the slots it passes and truncates the WAL.
+    /// Holding the slot lock meanwhile keeps a new session from pinning WAL that is about
+    /// to go.
+    pub fn enforce_retention(&self, max_wal_entries: u64) -> Result<RetentionPlan, StoreError> {
+        let mut inner = self.lock();
+        let last_lsn = self.store.position().lsn;
+        let plan = plan_retention(
+            last_lsn,
+            max_wal_entries,
+            inner
+                .slots
+                .iter()
+                .filter(|(_, slot)| !slot.record.invalidated)
+                .map(|(name, slot)| (name, slot.record.acked_lsn)),
+        );
+        for name in &plan.invalidate {
+            if let Some(slot) = inner.slots.get_mut(name) {
+                tracing::warn!(
+                    mirror = %name,
+                    acked_lsn = %slot.record.acked_lsn,
+                    wal_first_lsn = %plan.first_kept,
+                    "slot invalidated: retention passed it; the mirror will get a snapshot"
+                );
+                slot.record.invalidated = true;
+                slot.record.snapshot = None;
+                self.store.put_slot(&slot.record)?;
+            }
+        }
+        if plan.first_kept > self.store.wal_bounds().first {
+            self.store.truncate_wal(plan.first_kept)?;
+        }
+        Ok(plan)
+    }
+
+    /// Each slot as `status` shows it.
+    pub fn status(&self, last_lsn: Lsn) -> Vec<SlotStatus> {
+        self.lock()
+            .slots
+            .values()
+            .map(|slot| SlotStatus {
+                name: slot.record.name.clone(),
+                acked_lsn: slot.record.acked_lsn,
+                state: match (&slot.session, slot.record.invalidated) {
+                    (_, true) => SlotState::Invalidated,
+                    (Some(session), false) => session.state,
+                    (None, false) => SlotState::Disconnected,
+                },
+                lag_entries: last_lsn.entries_since(slot.record.acked_lsn),
+                last_seen: slot.record.last_seen,
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn name(value: &str) -> Name {
+        Name::new(value).unwrap()
+    }
+
+    #[test]
+    fn keeps_what_the_oldest_slot_needs() {
+        let (a, b) = (name("a"), name("b"));
+        let plan = plan_retention(Lsn(100), 1_000, [(&a, Lsn(40)), (&b, Lsn(70))]);
+        assert_eq!(plan.first_kept, Lsn(41));
+        assert!(plan.invalidate.is_empty());
+    }
+
+    #[test]
+    fn never_keeps_more_than_the_maximum_and_invalidates_what_it_passes() {
+        let (a, b) = (name("a"), name("b"));
+        let plan = plan_retention(Lsn(100), 30, [(&a, Lsn(40)), (&b, Lsn(90))]);
+        assert_eq!(plan.first_kept, Lsn(71));
+        assert_eq!(plan.invalidate, vec![a]);
+        // Exactly at the edge: acked 70 needs 71, which is kept.
+        let c = name("c");
+        let plan = plan_retention(Lsn(100), 30, [(&c, Lsn(70))]);
+        assert_eq!(plan.first_kept, Lsn(71));
+        assert!(plan.invalidate.is_empty());
+    }
+
+    #[test]
+    fn without_slots_nothing_is_kept() {
+        let plan = plan_retention(Lsn(100), 1_000, []);
+        assert_eq!(plan.first_kept, Lsn(101));
+        let empty = plan_retention(Lsn(0), 1_000, []);
+        assert_eq!(empty.first_kept, Lsn(1));
+    }
+
+    #[test]
+    fn a_caught_up_slot_keeps_nothing_and_a_short_wal_needs_no_cap() {
+        let a = name("a");
+        let plan = plan_retention(Lsn(100), 1_000, [(&a, Lsn(100))]);
+        assert_eq!(plan.first_kept, Lsn(101));
+        let plan = plan_retention(Lsn(10), 1_000, [(&a, Lsn(0))]);
+        assert_eq!(plan.first_kept, Lsn(1));
+        assert!(plan.invalidate.is_empty());
+    }
+}

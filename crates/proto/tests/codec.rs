@@ -98,6 +98,7 @@ fn node_status() -> impl Strategy<Value = NodeStatus> {
                     last_lsn,
                     wal_first_lsn,
                     commit_time: UnixMillis(5),
+                    snapshot_bytes_sent: 7,
                     mirrors,
                 })
             }),

@@ -2,14 +2,13 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::Args;
 use xmirror_net::{Client, ClientError};
-use xmirror_proto::message::{DeleteRequest, DigestRequest, GetRequest, PutRequest, StatusRequest};
+use xmirror_proto::message::{GetRequest, PutRequest};
 use xmirror_proto::status::NodeStatus;
-use xmirror_proto::{Lsn, Message, StateDigest};
+use xmirror_proto::Message;
 use xmirror_tls::{ExpectedServer, NodeTls};
 
 /// How to reach a node and who to be.
@@ -139,61 +138,13 @@ pub async fn get(args: GetArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// What a load run achieved.
-pub struct LoadReport {
-    /// Keys written.
-    pub written: u64,
-    /// The last LSN acknowledged.
-    pub last_lsn: Lsn,
-    /// How long it took.
-    pub elapsed: Duration,
-}
-
-/// Writes `count` keys `PREFIX<n>` with `value_size`-byte values, keeping up to a window
-/// of puts in flight on one stream so the node, not the round trip, sets the pace.
-pub async fn write_keys(
-    client: &Client,
-    count: u64,
-    value_size: usize,
-    key_prefix: &str,
-) -> Result<LoadReport, ClientError> {
-    const WINDOW: u64 = 1024;
-    let mut stream = client.stream().await?;
-    let started = Instant::now();
-    let (mut sent, mut acknowledged) = (0u64, 0u64);
-    let mut last_lsn = Lsn::ZERO;
-    while acknowledged < count {
-        while sent < count && sent - acknowledged < WINDOW {
-            let mut value = format!("{key_prefix}{sent}:").into_bytes();
-            value.resize(value_size, b'x');
-            stream
-                .feed(PutRequest {
-                    key: format!("{key_prefix}{sent:010}").into_bytes(),
-                    value,
-                })
-                .await?;
-            sent += 1;
-        }
-        stream.flush().await?;
-        match stream.receive().await? {
-            Message::WriteReply(written) => last_lsn = written.lsn,
-            other => return Err(ClientError::Unexpected(other.message_type())),
-        }
-        acknowledged += 1;
-    }
-    Ok(LoadReport {
-        written: count,
-        last_lsn,
-        elapsed: started.elapsed(),
-    })
-}
-
 pub async fn load(args: LoadArgs) -> anyhow::Result<()> {
     if args.count == 0 {
         bail!("--count must be at least 1");
     }
     let client = connect(&args.node).await?;
-    let report = write_keys(&client, args.count, args.value_size, &args.key_prefix)
+    let report = client
+        .write_keys(args.count, args.value_size, &args.key_prefix)
         .await
         .context("load failed")?;
     let seconds = report.elapsed.as_secs_f64().max(1e-9);
@@ -207,22 +158,6 @@ pub async fn load(args: LoadArgs) -> anyhow::Result<()> {
         report.last_lsn
     );
     Ok(())
-}
-
-/// Asks a node for its status.
-pub async fn fetch_status(client: &Client) -> Result<NodeStatus, ClientError> {
-    match client.request(StatusRequest).await? {
-        Message::StatusReply(reply) => Ok(reply.status),
-        other => Err(ClientError::Unexpected(other.message_type())),
-    }
-}
-
-/// Asks a node for its digest.
-pub async fn fetch_digest(client: &Client) -> Result<(Lsn, StateDigest), ClientError> {
-    match client.request(DigestRequest).await? {
-        Message::DigestReply(reply) => Ok((reply.lsn, reply.digest)),
-        other => Err(ClientError::Unexpected(other.message_type())),
-    }
 }
 
 /// An enum's name as the JSON output spells it (`catching_up`, `resume_snapshot`).
@@ -248,7 +183,7 @@ pub fn status_json(status: &NodeStatus) -> serde_json::Value {
 
 pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
     let client = connect(&args.node).await?;
-    let status = fetch_status(&client).await.context("status failed")?;
+    let status = client.status().await.context("status failed")?;
     if args.json {
         println!("{}", status_json(&status));
         return Ok(());
@@ -300,7 +235,7 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
 
 pub async fn digest(args: DigestArgs) -> anyhow::Result<()> {
     let client = connect(&args.node).await?;
-    let (lsn, digest) = fetch_digest(&client).await.context("digest failed")?;
+    let (lsn, digest) = client.digest().await.context("digest failed")?;
     if args.json {
         println!(
             "{}",
@@ -310,12 +245,4 @@ pub async fn digest(args: DigestArgs) -> anyhow::Result<()> {
         println!("lsn={lsn} digest={digest}");
     }
     Ok(())
-}
-
-/// Deletes a key (used by the demo to show deletes replicate).
-pub async fn delete_key(client: &Client, key: &[u8]) -> Result<Lsn, ClientError> {
-    match client.request(DeleteRequest { key: key.to_vec() }).await? {
-        Message::WriteReply(written) => Ok(written.lsn),
-        other => Err(ClientError::Unexpected(other.message_type())),
-    }
 }

@@ -20,7 +20,7 @@ use xmirror_source::{SourceConfig, SourceNode};
 use xmirror_tls::pki::{CertificateAuthority, IssueOptions, Validity};
 use xmirror_tls::NodeTls;
 
-use crate::client::{connect_to, delete_key, fetch_digest, fetch_status, json_name, write_keys};
+use crate::client::{connect_to, json_name};
 
 const INITIAL_KEYS: u64 = 20_000;
 const LIVE_KEYS: u64 = 5_000;
@@ -69,7 +69,7 @@ async fn wait_for<T, F: Future<Output = anyhow::Result<Option<T>>>>(
 }
 
 async fn mirror_status(client: &Client) -> anyhow::Result<MirrorStatus> {
-    match fetch_status(client).await? {
+    match client.status().await? {
         NodeStatus::Mirror(status) => Ok(status),
         NodeStatus::Source(_) => bail!("expected a mirror's status"),
     }
@@ -77,7 +77,7 @@ async fn mirror_status(client: &Client) -> anyhow::Result<MirrorStatus> {
 
 /// Waits until the mirror has applied the source's last LSN and serves reads.
 async fn caught_up(mirror: &Client, source: &Client) -> anyhow::Result<MirrorStatus> {
-    let target = match fetch_status(source).await? {
+    let target = match source.status().await? {
         NodeStatus::Source(status) => status.last_lsn,
         NodeStatus::Mirror(_) => bail!("expected a source's status"),
     };
@@ -134,7 +134,7 @@ pub async fn run() -> anyhow::Result<()> {
     )
     .await?;
     let app = connect_to(&app_tls, source.local_addr).await?;
-    let report = write_keys(&app, INITIAL_KEYS, VALUE_SIZE, "key-").await?;
+    let report = app.write_keys(INITIAL_KEYS, VALUE_SIZE, "key-").await?;
     println!(
         "source east/source-1 on {}: wrote {} keys ({:.0} writes/s), last lsn {}",
         source.local_addr,
@@ -166,8 +166,8 @@ pub async fn run() -> anyhow::Result<()> {
     );
 
     let started = Instant::now();
-    write_keys(&app, LIVE_KEYS, VALUE_SIZE, "live-").await?;
-    delete_key(&app, b"key-0000000000").await?;
+    app.write_keys(LIVE_KEYS, VALUE_SIZE, "live-").await?;
+    app.delete(b"key-0000000000").await?;
     let status = caught_up(&reader, &app).await?;
     println!(
         "live streaming: {} more writes and a delete applied on the mirror, state {}, lsn {} ({:.2} s)",
@@ -184,7 +184,8 @@ pub async fn run() -> anyhow::Result<()> {
 
     mirror.shutdown().await;
     drop(reader);
-    write_keys(&app, WHILE_DOWN_KEYS, VALUE_SIZE, "later-").await?;
+    app.write_keys(WHILE_DOWN_KEYS, VALUE_SIZE, "later-")
+        .await?;
     println!("mirror stopped; {WHILE_DOWN_KEYS} more writes on the source meanwhile");
     let (mirror, reader) = start_mirror(&mirror_config, &mirror_tls, &reader_tls).await?;
     let status = caught_up(&reader, &app).await?;
@@ -199,8 +200,8 @@ pub async fn run() -> anyhow::Result<()> {
         "the restart should have streamed, but a snapshot was started"
     );
 
-    let (source_lsn, source_digest) = fetch_digest(&app).await?;
-    let (mirror_lsn, mirror_digest) = fetch_digest(&reader).await?;
+    let (source_lsn, source_digest) = app.digest().await?;
+    let (mirror_lsn, mirror_digest) = reader.digest().await?;
     println!("digest source lsn={source_lsn} {source_digest}");
     println!("digest mirror lsn={mirror_lsn} {mirror_digest}");
     ensure!(

@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use tokio::io::{AsyncRead, AsyncWrite};
 use xmirror_net::{FramedReader, FramedWriter, ReadError};
-use xmirror_proto::message::{Hello, HelloAck, MirrorAck, ResumeToken};
+use xmirror_proto::message::{Hello, HelloAck, MirrorAck, ResumeToken, SnapshotChunkAck};
 use xmirror_proto::status::MirrorState;
 use xmirror_proto::{Decision, ErrorCode, FrameError, Lsn, Message, Role};
 use xmirror_store::{Batch, Position, Store, StoreError, SyncState};
@@ -145,20 +145,29 @@ where
     shared.heard_from_source(accepted.source_last_lsn, None);
     start_decision(shared, &accepted.decision, resumed_from.as_ref()).await?;
 
+    let mut chunks_applied = 0u64;
     loop {
         let Some(message) = reader.next().await? else {
             return Ok(());
         };
         match message {
             Message::SnapshotChunk(chunk) => {
+                let snapshot_id = chunk.snapshot_id;
                 let store = shared.store.clone();
                 blocking(move || {
                     store.apply_snapshot_chunk(chunk.snapshot_id, &chunk.pairs)?;
-                    // Durable before the next chunk: a kill never costs a re-sent chunk
-                    // beyond the one in flight.
+                    // Durable before it is acknowledged: the source sends the next chunk
+                    // only then, so a kill costs at most the chunk in flight.
                     store.flush()
                 })
                 .await?;
+                chunks_applied += 1;
+                writer
+                    .send(SnapshotChunkAck {
+                        snapshot_id,
+                        chunks_applied,
+                    })
+                    .await?;
             }
             Message::SnapshotDone(done) => {
                 let store = shared.store.clone();

@@ -1,10 +1,14 @@
 //! Dialling a node and talking the client protocol (`xmirror-client/1`).
 
 use std::net::SocketAddr;
+use std::time::{Duration, Instant};
 
 use quinn::{RecvStream, SendStream};
-use xmirror_proto::message::{ErrorReply, MessageType};
-use xmirror_proto::{FrameError, FrameLimits, Message};
+use xmirror_proto::message::{
+    DeleteRequest, DigestRequest, ErrorReply, MessageType, PutRequest, StatusRequest,
+};
+use xmirror_proto::status::NodeStatus;
+use xmirror_proto::{FrameError, FrameLimits, Lsn, Message, StateDigest};
 use xmirror_tls::{ExpectedServer, NodeTls, ALPN_CLIENT};
 
 use crate::close::{refusal_of, Refusal};
@@ -79,6 +83,93 @@ impl Client {
     pub fn connection(&self) -> &quinn::Connection {
         &self.connection
     }
+
+    /// The node's status.
+    pub async fn status(&self) -> Result<NodeStatus, ClientError> {
+        match self.request(StatusRequest).await? {
+            Message::StatusReply(reply) => Ok(reply.status),
+            other => Err(ClientError::Unexpected(other.message_type())),
+        }
+    }
+
+    /// The digest of the node's whole state and the LSN it was taken at.
+    pub async fn digest(&self) -> Result<(Lsn, StateDigest), ClientError> {
+        match self.request(DigestRequest).await? {
+            Message::DigestReply(reply) => Ok((reply.lsn, reply.digest)),
+            other => Err(ClientError::Unexpected(other.message_type())),
+        }
+    }
+
+    /// Writes `key` = `value`; returns the LSN at which it is durable.
+    pub async fn put(&self, key: &[u8], value: &[u8]) -> Result<Lsn, ClientError> {
+        let request = PutRequest {
+            key: key.to_vec(),
+            value: value.to_vec(),
+        };
+        match self.request(request).await? {
+            Message::WriteReply(written) => Ok(written.lsn),
+            other => Err(ClientError::Unexpected(other.message_type())),
+        }
+    }
+
+    /// Deletes `key`; returns the LSN at which it is durable.
+    pub async fn delete(&self, key: &[u8]) -> Result<Lsn, ClientError> {
+        match self.request(DeleteRequest { key: key.to_vec() }).await? {
+            Message::WriteReply(written) => Ok(written.lsn),
+            other => Err(ClientError::Unexpected(other.message_type())),
+        }
+    }
+
+    /// Writes `count` keys `PREFIX<n, zero-padded>` with `value_size`-byte values, keeping a
+    /// window of puts in flight on one stream so that the node, not the round trip, sets
+    /// the pace.
+    pub async fn write_keys(
+        &self,
+        count: u64,
+        value_size: usize,
+        key_prefix: &str,
+    ) -> Result<LoadReport, ClientError> {
+        const WINDOW: u64 = 1024;
+        let mut stream = self.stream().await?;
+        let started = Instant::now();
+        let (mut sent, mut acknowledged) = (0u64, 0u64);
+        let mut last_lsn = Lsn::ZERO;
+        while acknowledged < count {
+            while sent < count && sent - acknowledged < WINDOW {
+                let mut value = format!("{key_prefix}{sent}:").into_bytes();
+                value.resize(value_size, b'x');
+                stream
+                    .feed(PutRequest {
+                        key: format!("{key_prefix}{sent:010}").into_bytes(),
+                        value,
+                    })
+                    .await?;
+                sent += 1;
+            }
+            stream.flush().await?;
+            match stream.receive().await? {
+                Message::WriteReply(written) => last_lsn = written.lsn,
+                other => return Err(ClientError::Unexpected(other.message_type())),
+            }
+            acknowledged += 1;
+        }
+        Ok(LoadReport {
+            written: count,
+            last_lsn,
+            elapsed: started.elapsed(),
+        })
+    }
+}
+
+/// What [`Client::write_keys`] achieved.
+#[derive(Clone, Copy, Debug)]
+pub struct LoadReport {
+    /// Keys written.
+    pub written: u64,
+    /// The last LSN acknowledged.
+    pub last_lsn: Lsn,
+    /// How long it took.
+    pub elapsed: Duration,
 }
 
 /// One conversation: requests and replies in order; requests may be pipelined.

@@ -16,7 +16,7 @@ pub mod endpoint;
 pub mod framed;
 pub mod serve;
 
-pub use client::{Client, ClientError, ClientStream};
+pub use client::{Client, ClientError, ClientStream, LoadReport};
 pub use close::{close_with, refusal_of, Refusal};
 pub use endpoint::{client_endpoint, server_endpoint, EndpointError, TransportLimits};
 pub use framed::{FramedReader, FramedWriter, ReadError};

@@ -187,6 +187,17 @@ pub struct SnapshotChunk {
     pub pairs: Vec<(Vec<u8>, Vec<u8>)>,
 }
 
+/// The mirror applied (durably) the first `chunks_applied` chunks of this session's
+/// snapshot transfer. The source sends chunk n+1 only once chunk n is acknowledged, so a
+/// mirror killed mid-snapshot costs at most one chunk sent again.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotChunkAck {
+    /// The snapshot being received.
+    pub snapshot_id: SnapshotId,
+    /// Chunks of this session applied so far.
+    pub chunks_applied: u64,
+}
+
 /// The scan is complete; the mirror is consistent once it has applied `end_lsn`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SnapshotDone {
@@ -401,6 +412,8 @@ messages! {
     MirrorAck = 6,
     /// Source to mirror: liveness and lag when idle.
     Heartbeat = 7,
+    /// Mirror to source: snapshot chunks applied.
+    SnapshotChunkAck = 8,
     /// Client to node: put.
     PutRequest = 16,
     /// Client to node: delete.

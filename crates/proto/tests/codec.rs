@@ -209,6 +209,12 @@ fn message() -> impl Strategy<Value = Message> {
                 applied
             }
         )),
+        (any::<u64>(), any::<u64>()).prop_map(|(id, chunks_applied)| Message::SnapshotChunkAck(
+            SnapshotChunkAck {
+                snapshot_id: SnapshotId(id),
+                chunks_applied
+            }
+        )),
         (lsn(), any::<u64>()).prop_map(|(last_lsn, time)| Message::Heartbeat(Heartbeat {
             last_lsn,
             commit_time: UnixMillis(time)
@@ -410,6 +416,6 @@ fn message_type_numbers_are_stable() {
     let numbers: Vec<u8> = MessageType::ALL.iter().map(|t| *t as u8).collect();
     assert_eq!(
         numbers,
-        [1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 32, 33, 34, 35, 36]
+        [1, 2, 3, 4, 5, 6, 7, 8, 16, 17, 18, 19, 20, 32, 33, 34, 35, 36]
     );
 }

@@ -140,9 +140,21 @@ where
         writer.set_max_frame_len(limits.data);
 
         let (acked_tx, acked_rx) = watch::channel(Lsn::ZERO);
-        let ack_reader =
-            acknowledge_loop(reader, shared.clone(), mirror.clone(), ticket.id, acked_tx);
-        let sender = send_loop(&mut writer, &shared, &mirror, ticket.id, decision, acked_rx);
+        let (chunks_tx, chunks_rx) = watch::channel(0u64);
+        let acks = Acks {
+            lsn: acked_tx,
+            chunks: chunks_tx,
+        };
+        let ack_reader = acknowledge_loop(reader, shared.clone(), mirror.clone(), ticket.id, acks);
+        let sender = send_loop(
+            &mut writer,
+            &shared,
+            &mirror,
+            ticket.id,
+            decision,
+            acked_rx,
+            chunks_rx,
+        );
         tokio::select! {
             result = ack_reader => result,
             result = sender => result,
@@ -216,16 +228,27 @@ fn admit(
     Ok((decision, ticket))
 }
 
+/// Where the mirror's acknowledgements are announced to the sender.
+struct Acks {
+    /// The last LSN acknowledged durable.
+    lsn: watch::Sender<Lsn>,
+    /// Snapshot chunks of this session applied.
+    chunks: watch::Sender<u64>,
+}
+
 /// Reads the mirror's acks and advances its slot; anything else ends the session.
 async fn acknowledge_loop<R: AsyncRead + Unpin>(
     mut reader: FramedReader<R>,
     shared: Arc<SourceShared>,
     mirror: xmirror_proto::Name,
     session: u64,
-    acked: watch::Sender<Lsn>,
+    acks: Acks,
 ) -> Result<(), SessionEnd> {
     loop {
         match reader.next().await? {
+            Some(Message::SnapshotChunkAck(ack)) => {
+                acks.chunks.send_replace(ack.chunks_applied);
+            }
             Some(Message::MirrorAck(ack)) => {
                 let last_lsn = shared.store.position().lsn;
                 if ack.durable > last_lsn || ack.received > last_lsn || ack.applied > last_lsn {
@@ -245,7 +268,7 @@ async fn acknowledge_loop<R: AsyncRead + Unpin>(
                 if !still_owner {
                     return Ok(());
                 }
-                acked.send_replace(ack.durable);
+                acks.lsn.send_replace(ack.durable);
             }
             Some(other) => {
                 return Err(SessionEnd::new(
@@ -270,6 +293,7 @@ async fn send_loop<W: AsyncWrite + Unpin>(
     session: u64,
     decision: Decision,
     acked: watch::Receiver<Lsn>,
+    chunks_acked: watch::Receiver<u64>,
 ) -> Result<(), SessionEnd> {
     let next = match decision {
         Decision::Stream { from_lsn } => from_lsn,
@@ -277,33 +301,60 @@ async fn send_loop<W: AsyncWrite + Unpin>(
             snapshot_id,
             base_lsn,
             ..
-        } => send_snapshot(writer, shared, snapshot_id, base_lsn, None).await?,
+        } => send_snapshot(writer, shared, snapshot_id, base_lsn, None, chunks_acked).await?,
         Decision::ResumeSnapshot {
             snapshot_id,
             after_key,
             base_lsn,
             ..
-        } => send_snapshot(writer, shared, snapshot_id, base_lsn, after_key).await?,
+        } => {
+            send_snapshot(
+                writer,
+                shared,
+                snapshot_id,
+                base_lsn,
+                after_key,
+                chunks_acked,
+            )
+            .await?
+        }
     };
     shared.slots.snapshot_sent(mirror, session);
     stream_wal(writer, shared, next, acked).await
 }
 
 /// Sends the key scan after `after_key`, then `SnapshotDone`; returns the first LSN to stream.
+///
+/// Chunk n+1 leaves only once the mirror acknowledged chunk n, so a mirror killed
+/// mid-snapshot makes the source send at most one chunk again; the next chunk is scanned
+/// while the previous one is being applied, so the wait costs about one round trip.
 async fn send_snapshot<W: AsyncWrite + Unpin>(
     writer: &mut FramedWriter<W>,
     shared: &Arc<SourceShared>,
     snapshot_id: SnapshotId,
     base_lsn: Lsn,
     mut after_key: Option<Vec<u8>>,
+    mut chunks_acked: watch::Receiver<u64>,
 ) -> Result<Lsn, SessionEnd> {
     let chunk_bytes = shared.config.snapshot_chunk_bytes;
+    let mut chunks_sent = 0u64;
     loop {
         let store = shared.store.clone();
         let after = after_key.clone();
         let chunk = blocking(move || store.scan(after.as_deref(), chunk_bytes)).await?;
         if let Some((last_key, _)) = chunk.pairs.last() {
             after_key = Some(last_key.clone());
+            if chunks_acked
+                .wait_for(|acked| *acked >= chunks_sent)
+                .await
+                .is_err()
+            {
+                // The ack reader ended; the session is ending with it.
+                return Err(SessionEnd::new(
+                    ErrorCode::ProtocolViolation,
+                    "mirror stopped acknowledging",
+                ));
+            }
             shared
                 .snapshot_bytes_sent
                 .fetch_add(chunk.payload_len() as u64, Ordering::Relaxed);
@@ -313,6 +364,7 @@ async fn send_snapshot<W: AsyncWrite + Unpin>(
                     pairs: chunk.pairs,
                 })
                 .await?;
+            chunks_sent += 1;
         }
         if !chunk.more {
             break;

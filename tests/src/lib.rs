@@ -1,1 +1,361 @@
-//! End-to-end tests of real xmirror processes over real QUIC: not built yet (see README.md, "Status").
+//! The end-to-end harness: real `xmirror` processes with their own data directories and
+//! loopback ports, a certificate authority per test, and polling helpers with deadlines.
+//! Every process is killed when its handle drops, so a failing test leaves nothing behind.
+
+use std::future::Future;
+use std::net::{SocketAddr, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use tempfile::TempDir;
+use xmirror_net::Client;
+use xmirror_proto::status::{MirrorStatus, NodeStatus, SourceStatus};
+use xmirror_proto::{Name, PeerIdentity, Role};
+use xmirror_tls::pki::{CertificateAuthority, IssueOptions, Validity};
+use xmirror_tls::{ExpectedServer, NodeTls};
+
+/// The cluster every test source belongs to.
+pub const CLUSTER: &str = "east";
+
+/// The `xmirror` binary of this build, built first if it is missing.
+pub fn xmirror_bin() -> PathBuf {
+    // Test binaries live in target/<profile>/deps; the binary one level up.
+    let exe = std::env::current_exe().expect("test executable path");
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>/deps/<test>");
+    let bin = profile_dir.join("xmirror");
+    if !bin.exists() {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = Command::new(cargo)
+            .args(["build", "-p", "xmirror", "--bin", "xmirror"])
+            .status()
+            .expect("run cargo build");
+        assert!(status.success(), "building xmirror failed");
+    }
+    bin
+}
+
+/// A UDP port on 127.0.0.1 that was free a moment ago.
+pub fn free_port() -> SocketAddr {
+    let socket = UdpSocket::bind("127.0.0.1:0").expect("bind a UDP port");
+    socket.local_addr().expect("local address")
+}
+
+fn name(value: &str) -> Name {
+    Name::new(value).expect("valid test name")
+}
+
+/// A test's world: a temporary directory with the cluster's certificates in `certs/`.
+///
+/// Certificates: `src` (source), `app` and `ops` (clients), `m1`..`m3` (observers), `v1`
+/// (voter). `rogue/` holds a second CA that also calls itself `east`, with an observer
+/// `m1`, and trusts the real CA (so only the source's check can refuse it).
+pub struct World {
+    /// Everything of this test lives here.
+    pub dir: TempDir,
+    /// The certs directory.
+    pub certs: PathBuf,
+    /// The rogue certs directory.
+    pub rogue_certs: PathBuf,
+}
+
+fn issue_all(dir: &Path, nodes: &[(Role, &str)]) -> CertificateAuthority {
+    let ca = CertificateAuthority::generate(&name(CLUSTER), Validity::days_from_now(1).unwrap())
+        .expect("make a CA");
+    ca.write(dir, false).expect("write the CA");
+    let options = IssueOptions {
+        validity: Validity::days_from_now(1).unwrap(),
+        extra_dns_names: vec![],
+    };
+    for (role, node) in nodes {
+        let identity = PeerIdentity {
+            cluster_id: name(CLUSTER),
+            role: *role,
+            name: name(node),
+        };
+        ca.issue(&identity, &options)
+            .and_then(|certificate| certificate.write(dir, &identity.name))
+            .expect("issue a certificate");
+    }
+    ca
+}
+
+impl World {
+    /// A fresh world.
+    pub fn new() -> World {
+        let dir = TempDir::new().expect("temporary directory");
+        let certs = dir.path().join("certs");
+        let rogue_certs = dir.path().join("rogue");
+        issue_all(
+            &certs,
+            &[
+                (Role::Source, "src"),
+                (Role::Client, "app"),
+                (Role::Client, "ops"),
+                (Role::Observer, "m1"),
+                (Role::Observer, "m2"),
+                (Role::Observer, "m3"),
+                (Role::Voter, "v1"),
+            ],
+        );
+        issue_all(&rogue_certs, &[(Role::Observer, "m1")]);
+        std::fs::copy(certs.join("ca.crt"), rogue_certs.join("ca-real.crt")).expect("copy CA");
+        World {
+            dir,
+            certs,
+            rogue_certs,
+        }
+    }
+
+    /// A path inside the world.
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// Starts `xmirror source` on a free port with data in `data`, and waits until it serves.
+    pub async fn start_source(&self, data: &str, extra: &[&str]) -> Node {
+        self.start_source_on(free_port(), data, extra).await
+    }
+
+    /// Starts `xmirror source` on `addr`.
+    pub async fn start_source_on(&self, addr: SocketAddr, data: &str, extra: &[&str]) -> Node {
+        let mut args = vec![
+            "source".to_string(),
+            "--data-dir".into(),
+            self.path(data).display().to_string(),
+            "--cluster-id".into(),
+            CLUSTER.into(),
+            "--listen".into(),
+            addr.to_string(),
+            "--certs".into(),
+            self.certs.display().to_string(),
+            "--name".into(),
+            "src".into(),
+        ];
+        args.extend(extra.iter().map(|arg| arg.to_string()));
+        let node = Node::spawn(&format!("source-{data}"), self.dir.path(), &args, addr);
+        node.wait_serving(self).await;
+        node
+    }
+
+    /// Starts `xmirror mirror` named `mirror` with data in `data`, serving reads on a free
+    /// port, and waits until its client API answers.
+    pub async fn start_mirror(&self, mirror: &str, data: &str, source: SocketAddr) -> Node {
+        let listen = free_port();
+        let args = mirror_args(
+            &self.path(data),
+            source,
+            CLUSTER,
+            &self.certs,
+            mirror,
+            Some(listen),
+        );
+        let node = Node::spawn(&format!("mirror-{data}"), self.dir.path(), &args, listen);
+        node.wait_serving(self).await;
+        node
+    }
+
+    /// A client connection to `addr` as `app`.
+    pub async fn client(&self, addr: SocketAddr) -> Client {
+        self.client_as("app", addr).await
+    }
+
+    /// A client connection to `addr` with the certificate `name`.
+    pub async fn client_as(&self, name: &str, addr: SocketAddr) -> Client {
+        let tls = NodeTls::load(&self.certs, name).expect("load client certificates");
+        Client::connect(&tls, addr, ExpectedServer::any_node())
+            .await
+            .expect("connect to the node")
+    }
+
+    /// Runs the `xmirror` command line and returns its output.
+    pub fn cli(&self, args: &[&str]) -> std::process::Output {
+        Command::new(xmirror_bin())
+            .args(args)
+            .output()
+            .expect("run xmirror")
+    }
+}
+
+impl Default for World {
+    fn default() -> Self {
+        World::new()
+    }
+}
+
+/// The arguments of `xmirror mirror`.
+pub fn mirror_args(
+    data: &Path,
+    source: SocketAddr,
+    source_cluster: &str,
+    certs: &Path,
+    name: &str,
+    listen: Option<SocketAddr>,
+) -> Vec<String> {
+    let mut args = vec![
+        "mirror".to_string(),
+        "--data-dir".into(),
+        data.display().to_string(),
+        "--source".into(),
+        source.to_string(),
+        "--source-cluster".into(),
+        source_cluster.into(),
+        "--certs".into(),
+        certs.display().to_string(),
+        "--name".into(),
+        name.into(),
+    ];
+    if let Some(listen) = listen {
+        args.extend(["--listen".into(), listen.to_string()]);
+    }
+    args
+}
+
+/// A running `xmirror` process; killed (SIGKILL) when dropped.
+pub struct Node {
+    child: Child,
+    /// Where it serves its client API.
+    pub addr: SocketAddr,
+    /// Its stderr (logs).
+    pub log: PathBuf,
+}
+
+impl Node {
+    /// Spawns `xmirror ARGS`, logging to `<dir>/<label>.log`.
+    pub fn spawn(label: &str, dir: &Path, args: &[String], addr: SocketAddr) -> Node {
+        let log = dir.join(format!("{label}.log"));
+        let log_file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .expect("open the log");
+        let child = Command::new(xmirror_bin())
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log_file)
+            .spawn()
+            .expect("spawn xmirror");
+        Node { child, addr, log }
+    }
+
+    async fn wait_serving(&self, world: &World) {
+        let tls = NodeTls::load(&world.certs, "app").expect("client certificates");
+        let addr = self.addr;
+        wait_until(&format!("{addr} to serve"), Duration::from_secs(30), || {
+            let tls = &tls;
+            async move {
+                Client::connect(tls, addr, ExpectedServer::any_node())
+                    .await
+                    .ok()
+                    .map(drop)
+            }
+        })
+        .await;
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Kills it with SIGKILL and reaps it.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Asks it to stop (SIGTERM) and waits for it.
+    pub fn stop(&mut self) -> ExitStatus {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.pid().to_string()])
+            .status();
+        self.wait_exit(Duration::from_secs(30))
+            .expect("the node stops on SIGTERM")
+    }
+
+    /// Waits for it to exit by itself, up to `limit`.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// What it logged so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// Polls `check` every 20 ms until it returns `Some`; panics after `limit`.
+pub async fn wait_until<T, F: Future<Output = Option<T>>>(
+    what: &str,
+    limit: Duration,
+    mut check: impl FnMut() -> F,
+) -> T {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A mirror's status.
+pub async fn mirror_status(client: &Client) -> MirrorStatus {
+    match client.status().await.expect("mirror status") {
+        NodeStatus::Mirror(status) => status,
+        NodeStatus::Source(_) => panic!("expected a mirror"),
+    }
+}
+
+/// A source's status.
+pub async fn source_status(client: &Client) -> SourceStatus {
+    match client.status().await.expect("source status") {
+        NodeStatus::Source(status) => status,
+        NodeStatus::Mirror(_) => panic!("expected a source"),
+    }
+}
+
+/// Waits until the mirror is consistent at the source's current last LSN, then checks the
+/// two digests are equal at that LSN. Returns the mirror's status.
+pub async fn assert_converged(source: &Client, mirror: &Client) -> MirrorStatus {
+    let target = source_status(source).await.last_lsn;
+    let status = wait_until(
+        "the mirror to converge",
+        Duration::from_secs(120),
+        || async {
+            let status = mirror_status(mirror).await;
+            (status.consistent && status.applied_lsn >= target).then_some(status)
+        },
+    )
+    .await;
+    let source_digest = source.digest().await.expect("source digest");
+    let mirror_digest = mirror.digest().await.expect("mirror digest");
+    assert_eq!(
+        source_digest, mirror_digest,
+        "digests differ at the same LSN (source, mirror)"
+    );
+    status
+}

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::Args;
 use xmirror_mirror::{MirrorConfig, MirrorNode};
-use xmirror_proto::Name;
+use xmirror_proto::{Name, VersionRange};
 use xmirror_source::{SourceConfig, SourceNode};
 use xmirror_tls::NodeTls;
 
@@ -62,6 +62,23 @@ pub struct MirrorArgs {
     /// The database to mirror.
     #[arg(long, default_value = "main")]
     database: Name,
+    /// Protocol versions to offer, MIN..MAX (for testing version negotiation).
+    #[arg(long, hide = true, value_parser = parse_versions)]
+    protocol_versions: Option<VersionRange>,
+}
+
+fn parse_versions(text: &str) -> Result<VersionRange, String> {
+    let (min, max) = text
+        .split_once("..")
+        .ok_or_else(|| format!("expected MIN..MAX, got {text:?}"))?;
+    let parse = |part: &str| {
+        part.parse::<u16>()
+            .map_err(|error| format!("{part:?}: {error}"))
+    };
+    Ok(VersionRange {
+        min: parse(min)?,
+        max: parse(max)?,
+    })
 }
 
 async fn stopped() {
@@ -108,6 +125,9 @@ pub async fn run_mirror(args: MirrorArgs) -> anyhow::Result<()> {
     };
     let mut config = MirrorConfig::new(args.data_dir, source, args.source_cluster, listen);
     config.database = args.database;
+    if let Some(versions) = args.protocol_versions {
+        config.versions = versions;
+    }
     let identity = tls.identity().clone();
     let mut node = MirrorNode::start(config, tls)
         .await

@@ -276,11 +276,25 @@ async fn serve_mirror(
     }
 }
 
+/// Enforces retention every `retention_interval` (slots' acks free WAL), and at once after
+/// a commit takes the WAL past `max_wal_entries`, so the cap is exceeded only by the
+/// writes of one group commit.
 async fn retention_loop(shared: Arc<SourceShared>) {
     let mut interval = tokio::time::interval(shared.config.retention_interval);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut commits = shared.commits.clone();
     loop {
-        interval.tick().await;
+        tokio::select! {
+            _ = interval.tick() => {}
+            changed = commits.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                if shared.store.wal_bounds().len() <= shared.config.max_wal_entries {
+                    continue;
+                }
+            }
+        }
         let shared = shared.clone();
         let result = tokio::task::spawn_blocking(move || {
             let _admission = shared

@@ -18,7 +18,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::{ParsedCertificate, WebPkiClientVerifier};
 use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, RootCertStore};
-use xmirror_proto::{Name, PeerIdentity, Role};
+use xmirror_proto::{ErrorCode, Name, PeerIdentity, Role};
 
 use crate::identity::{identity_from_certificate, IdentityError};
 
@@ -121,14 +121,32 @@ impl ExpectedServer {
     }
 }
 
-/// A server whose certificate is valid but names the wrong cluster or role.
+/// A server whose certificate is valid but names the wrong cluster or role. The message
+/// starts with the matching error code, which is what operators search for.
 #[derive(Debug, Clone, thiserror::Error)]
-#[error("server certificate is {found}, expected {}", describe(expected))]
+#[error(
+    "{}: server certificate is {found}, expected {}",
+    code(self),
+    describe(expected)
+)]
 pub struct UnexpectedServer {
     /// Who the server is.
     pub found: PeerIdentity,
     /// Who it should have been.
     pub expected: ExpectedServer,
+}
+
+fn code(unexpected: &UnexpectedServer) -> ErrorCode {
+    let cluster_ok = unexpected
+        .expected
+        .cluster
+        .as_ref()
+        .is_none_or(|cluster| *cluster == unexpected.found.cluster_id);
+    if cluster_ok {
+        ErrorCode::RoleMismatch
+    } else {
+        ErrorCode::ClusterIdMismatch
+    }
 }
 
 fn describe(expected: &ExpectedServer) -> String {

@@ -336,6 +336,7 @@ async fn the_client_refuses_a_server_of_the_wrong_cluster_or_role() {
         .unwrap();
     let (_, client) = handshake(certs.path(), config).await;
     let error = client.unwrap_err();
+    assert!(error.contains("CLUSTER_ID_MISMATCH"), "{error}");
     assert!(error.contains("spiffe://east/source/src"), "{error}");
 }
 

@@ -1,0 +1,459 @@
+//! End-to-end: real `xmirror` processes over real QUIC on loopback, real sled stores.
+//! Each test is one scenario of the source-and-mirror contract (SPEC.md).
+
+use std::time::Duration;
+
+use xmirror_e2e::{
+    assert_converged, free_port, mirror_args, mirror_status, source_status, wait_until, Node,
+    World, CLUSTER,
+};
+use xmirror_net::ClientError;
+use xmirror_proto::message::DecisionKind;
+use xmirror_proto::status::{MirrorState, SlotState};
+use xmirror_proto::ErrorCode;
+
+const VALUE_SIZE: usize = 100;
+
+/// 1. A new mirror of a source holding 50k keys: snapshot, then streaming; equal digests.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_mirror_gets_a_snapshot_then_streams() {
+    let world = World::new();
+    let source = world.start_source("source", &[]).await;
+    let app = world.client(source.addr).await;
+    app.write_keys(50_000, VALUE_SIZE, "key-").await.unwrap();
+
+    let mirror = world.start_mirror("m1", "m1", source.addr).await;
+    let reader = world.client(mirror.addr).await;
+    let status = assert_converged(&app, &reader).await;
+    assert_eq!(status.last_decision, Some(DecisionKind::Snapshot));
+    assert_eq!(status.snapshots_started, 1);
+    assert_eq!(status.snapshots_resumed, 0);
+
+    // Live writes arrive by streaming, without another snapshot.
+    app.write_keys(2_000, VALUE_SIZE, "live-").await.unwrap();
+    app.delete(b"key-0000000007").await.unwrap();
+    let status = assert_converged(&app, &reader).await;
+    assert_eq!(status.state, MirrorState::Streaming);
+    assert_eq!(status.snapshots_started, 1);
+    let slot = source_status(&app).await.mirrors;
+    assert_eq!(slot.len(), 1);
+    assert_eq!(slot[0].state, SlotState::Streaming);
+}
+
+/// 2. Mirror stopped, 10k more writes, restarted: it streams, no new snapshot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_mirror_resumes_by_streaming() {
+    let world = World::new();
+    let source = world.start_source("source", &[]).await;
+    let app = world.client(source.addr).await;
+    app.write_keys(5_000, VALUE_SIZE, "key-").await.unwrap();
+    let mut mirror = world.start_mirror("m1", "m1", source.addr).await;
+    let reader = world.client(mirror.addr).await;
+    assert_converged(&app, &reader).await;
+    drop(reader);
+    assert!(mirror.stop().success());
+
+    app.write_keys(10_000, VALUE_SIZE, "more-").await.unwrap();
+    let mirror = world.start_mirror("m1", "m1", source.addr).await;
+    let reader = world.client(mirror.addr).await;
+    let status = assert_converged(&app, &reader).await;
+    assert_eq!(status.last_decision, Some(DecisionKind::Stream));
+    assert_eq!(status.snapshots_started, 1, "the restart must not snapshot");
+}
+
+/// 3. Mirror killed with SIGKILL in the middle of a snapshot of 200k keys, restarted: it
+/// resumes, and the source sends at most one chunk twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mirror_killed_mid_snapshot_resumes_it() {
+    const KEYS: u64 = 200_000;
+    const CHUNK: u64 = 1 << 20;
+    let world = World::new();
+    let source = world.start_source("source", &[]).await;
+    let app = world.client(source.addr).await;
+    app.write_keys(KEYS, VALUE_SIZE, "key-").await.unwrap();
+    let data_size = KEYS * ("key-".len() as u64 + 10 + VALUE_SIZE as u64);
+
+    let mut mirror = world.start_mirror("m1", "m1", source.addr).await;
+    let sent_at_kill = wait_until(
+        "a quarter of the snapshot",
+        Duration::from_secs(120),
+        || async {
+            let sent = source_status(&app).await.snapshot_bytes_sent;
+            (sent >= data_size / 4).then_some(sent)
+        },
+    )
+    .await;
+    mirror.kill9();
+    assert!(
+        sent_at_kill < data_size,
+        "the snapshot finished before the kill"
+    );
+
+    let mirror = world.start_mirror("m1", "m1", source.addr).await;
+    let reader = world.client(mirror.addr).await;
+    let status = assert_converged(&app, &reader).await;
+    assert_eq!(status.last_decision, Some(DecisionKind::ResumeSnapshot));
+    assert_eq!(status.snapshots_started, 1);
+    assert_eq!(status.snapshots_resumed, 1);
+    let sent = source_status(&app).await.snapshot_bytes_sent;
+    // One chunk may cross the byte bound by one pair.
+    let bound = data_size + CHUNK + 1024;
+    println!(
+        "snapshot of {KEYS} keys: killed after {sent_at_kill} bytes; {sent} bytes sent in all for {data_size} bytes of data ({} re-sent)",
+        sent.saturating_sub(data_size)
+    );
+    assert!(
+        sent <= bound,
+        "the source sent {sent} snapshot bytes for {data_size} bytes of data (bound {bound})"
+    );
+}
+
+/// 4. A mirror behind the retained WAL: its slot is invalidated, it gets a snapshot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mirror_behind_the_retained_wal_gets_a_snapshot() {
+    let world = World::new();
+    let source = world
+        .start_source("source", &["--max-wal-entries", "1000"])
+        .await;
+    let app = world.client(source.addr).await;
+    app.write_keys(2_000, VALUE_SIZE, "key-").await.unwrap();
+    let mut mirror = world.start_mirror("m1", "m1", source.addr).await;
+    let reader = world.client(mirror.addr).await;
+    assert_converged(&app, &reader).await;
+    drop(reader);
+    assert!(mirror.stop().success());
+
+    app.write_keys(5_000, VALUE_SIZE, "more-").await.unwrap();
+    wait_until(
+        "the slot to be invalidated",
+        Duration::from_secs(30),
+        || async {
+            let status = source_status(&app).await;
+            let wal = status.last_lsn.0 + 1 - status.wal_first_lsn.0;
+            let invalidated = status
+                .mirrors
+                .iter()
+                .any(|slot| slot.state == SlotState::Invalidated);
+            (invalidated && wal <= 1_000).then_some(())
+        },
+    )
+    .await;
+
+    let mirror = world.start_mirror("m1", "m1", source.addr).await;
+    let reader = world.client(mirror.addr).await;
+    let status = assert_converged(&app, &reader).await;
+    assert_eq!(status.last_decision, Some(DecisionKind::Snapshot));
+    assert_eq!(status.snapshots_started, 2);
+}
+
+/// 5. The source's data replaced by a different history under the same cluster id: the
+/// chain hashes differ, so the mirror gets a snapshot, never entries on a foreign history.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_diverged_history_gets_a_snapshot() {
+    let world = World::new();
+    let addr = free_port();
+    let mut source = world.start_source_on(addr, "history-a", &[]).await;
+    let app = world.client(source.addr).await;
+    app.write_keys(1_000, VALUE_SIZE, "a-").await.unwrap();
+    let mut mirror = world.start_mirror("m1", "m1", source.addr).await;
+    let reader = world.client(mirror.addr).await;
+    assert_converged(&app, &reader).await;
+    drop((app, reader));
+    assert!(mirror.stop().success());
+    assert!(source.stop().success());
+
+    // Same address and cluster, another history that is longer than the mirror's.
+    let source = world.start_source_on(addr, "history-b", &[]).await;
+    let app = world.client(source.addr).await;
+    app.write_keys(1_500, VALUE_SIZE, "b-").await.unwrap();
+    let mirror = world.start_mirror("m1", "m1", source.addr).await;
+    let reader = world.client(mirror.addr).await;
+    let status = assert_converged(&app, &reader).await;
+    assert_eq!(status.last_decision, Some(DecisionKind::Snapshot));
+    assert_eq!(status.snapshots_started, 2);
+    assert!(
+        source.log_text().contains("DivergedHistory"),
+        "the source should log the diverged history:\n{}",
+        source.log_text()
+    );
+    let got = reader.status().await.unwrap();
+    drop(got);
+    let old_key = reader
+        .request(xmirror_proto::message::GetRequest {
+            key: b"a-0000000001".to_vec(),
+        })
+        .await
+        .unwrap();
+    assert!(
+        matches!(old_key, xmirror_proto::Message::GetReply(ref reply) if reply.value.is_none()),
+        "data of the old history survived: {old_key:?}"
+    );
+}
+
+fn assert_refused(output: &std::process::Output, code: &str) {
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        !output.status.success(),
+        "expected a non-zero exit; stderr: {stderr}"
+    );
+    assert!(stderr.contains(code), "expected {code} in: {stderr}");
+    assert!(
+        stderr.contains("xmirror: error:"),
+        "expected a one-line error: {stderr}"
+    );
+}
+
+/// Runs a mirror that must be refused permanently, and returns its output.
+fn refused_mirror(world: &World, args: Vec<String>) -> std::process::Output {
+    let mut node = Node::spawn("refused-mirror", world.dir.path(), &args, free_port());
+    let status = node
+        .wait_exit(Duration::from_secs(60))
+        .expect("a refused mirror exits by itself");
+    std::process::Output {
+        status,
+        stdout: Vec::new(),
+        stderr: node.log_text().into_bytes(),
+    }
+}
+
+/// 6. Each wrong peer is refused with its code, and the CLI prints it and exits non-zero.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_peers_are_refused_with_their_code() {
+    let world = World::new();
+    let source = world.start_source("source", &[]).await;
+    let data = |name: &str| world.path(name);
+
+    // The mirror expects another cluster: its own check of the source's certificate refuses.
+    let args = mirror_args(
+        &data("wrong-cluster"),
+        source.addr,
+        "west",
+        &world.certs,
+        "m1",
+        None,
+    );
+    assert_refused(&refused_mirror(&world, args), "CLUSTER_ID_MISMATCH");
+
+    // Versions that do not overlap.
+    let mut args = mirror_args(
+        &data("versions"),
+        source.addr,
+        CLUSTER,
+        &world.certs,
+        "m2",
+        None,
+    );
+    args.extend(["--protocol-versions".into(), "7..9".into()]);
+    assert_refused(&refused_mirror(&world, args), "BAD_VERSION");
+
+    // A voter and a client may not mirror.
+    for name in ["v1", "app"] {
+        let args = mirror_args(&data(name), source.addr, CLUSTER, &world.certs, name, None);
+        assert_refused(&refused_mirror(&world, args), "OBSERVER_ONLY");
+    }
+
+    // A certificate from another CA never gets past TLS.
+    let args = mirror_args(
+        &data("rogue"),
+        source.addr,
+        CLUSTER,
+        &world.rogue_certs,
+        "m1",
+        None,
+    );
+    let output = refused_mirror(&world, args);
+    assert_refused(&output, "TLS");
+    println!(
+        "rogue CA: {}",
+        String::from_utf8_lossy(&output.stderr)
+            .lines()
+            .last()
+            .unwrap_or("")
+    );
+
+    // An observer may not write through the client API.
+    let node = source.addr.to_string();
+    let certs = world.certs.display().to_string();
+    let output = world.cli(&[
+        "put", "--node", &node, "--certs", &certs, "--name", "m1", "k", "v",
+    ]);
+    assert_refused(&output, "READ_ONLY");
+    // ...while a client may.
+    let output = world.cli(&[
+        "put", "--node", &node, "--certs", &certs, "--name", "app", "k", "v",
+    ]);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let output = world.cli(&[
+        "get", "--node", &node, "--certs", &certs, "--name", "ops", "k",
+    ]);
+    assert_eq!(String::from_utf8_lossy(&output.stdout).trim(), "v");
+
+    // The source kept serving through all of it and has no slot for any refused peer.
+    let app = world.client(source.addr).await;
+    assert!(source_status(&app).await.mirrors.is_empty());
+}
+
+/// 7. Reads on a mirror before it is consistent are refused; writes on a mirror always are.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mirror_refuses_reads_until_consistent_and_writes_always() {
+    let world = World::new();
+    // The mirror starts before its source exists: it stays inconsistent meanwhile.
+    let source_addr = free_port();
+    let mirror = world.start_mirror("m1", "m1", source_addr).await;
+    let reader = world.client(mirror.addr).await;
+    let refusal = |result: Result<xmirror_proto::Message, ClientError>| match result {
+        Err(ClientError::Refused(refusal)) => refusal.code,
+        other => panic!("expected a refusal, got {other:?}"),
+    };
+    let get = || xmirror_proto::message::GetRequest { key: b"k".to_vec() };
+    assert_eq!(
+        refusal(reader.request(get()).await),
+        ErrorCode::NotConsistent
+    );
+    assert_eq!(
+        refusal(reader.request(xmirror_proto::message::DigestRequest).await),
+        ErrorCode::NotConsistent
+    );
+    assert_eq!(mirror_status(&reader).await.state, MirrorState::Connecting);
+    let put = || xmirror_proto::message::PutRequest {
+        key: b"k".to_vec(),
+        value: b"v".to_vec(),
+    };
+    assert_eq!(refusal(reader.request(put()).await), ErrorCode::ReadOnly);
+
+    let source = world.start_source_on(source_addr, "source", &[]).await;
+    let app = world.client(source.addr).await;
+    app.put(b"k", b"v").await.unwrap();
+    assert_converged(&app, &reader).await;
+    match reader.request(get()).await.unwrap() {
+        xmirror_proto::Message::GetReply(reply) => {
+            assert_eq!(reply.value.as_deref(), Some(&b"v"[..]))
+        }
+        other => panic!("expected a value, got {other:?}"),
+    }
+    assert_eq!(refusal(reader.request(put()).await), ErrorCode::ReadOnly);
+    // The CLI shows the same refusal.
+    let output = world.cli(&[
+        "put",
+        "--node",
+        &mirror.addr.to_string(),
+        "--certs",
+        &world.certs.display().to_string(),
+        "--name",
+        "app",
+        "k",
+        "w",
+    ]);
+    assert_refused(&output, "READ_ONLY");
+}
+
+/// 8. Three mirrors of one source under a continuous write load converge to one digest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_mirrors_converge_under_load() {
+    let world = World::new();
+    let source = world.start_source("source", &[]).await;
+    let app = world.client(source.addr).await;
+    app.write_keys(5_000, VALUE_SIZE, "base-").await.unwrap();
+
+    let writer = {
+        let app = world.client(source.addr).await;
+        tokio::spawn(async move {
+            for round in 0..20 {
+                app.write_keys(1_000, VALUE_SIZE, &format!("round{round}-"))
+                    .await
+                    .unwrap();
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+    };
+    let mut mirrors = Vec::new();
+    for name in ["m1", "m2", "m3"] {
+        let node = world.start_mirror(name, name, source.addr).await;
+        let reader = world.client(node.addr).await;
+        mirrors.push((node, reader));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    writer.await.unwrap();
+    let mut digests = Vec::new();
+    for (_, reader) in &mirrors {
+        assert_converged(&app, reader).await;
+        digests.push(reader.digest().await.unwrap());
+    }
+    assert!(
+        digests.windows(2).all(|pair| pair[0] == pair[1]),
+        "{digests:?}"
+    );
+    let slots = source_status(&app).await.mirrors;
+    assert_eq!(slots.len(), 3);
+    assert!(
+        slots.iter().all(|slot| slot.state == SlotState::Streaming),
+        "{slots:?}"
+    );
+}
+
+/// `status --json` and `digest --json` print the documented fields.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_prints_the_documented_json() {
+    let world = World::new();
+    let source = world.start_source("source", &[]).await;
+    let app = world.client(source.addr).await;
+    app.write_keys(100, VALUE_SIZE, "key-").await.unwrap();
+    let mirror = world.start_mirror("m1", "m1", source.addr).await;
+    let reader = world.client(mirror.addr).await;
+    assert_converged(&app, &reader).await;
+    let certs = world.certs.display().to_string();
+    let run = |command: &str, node: &str| {
+        let output = world.cli(&[
+            command, "--node", node, "--certs", &certs, "--name", "ops", "--json",
+        ]);
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8(output.stdout).unwrap()
+    };
+    let mirror_json = run("status", &mirror.addr.to_string());
+    for field in [
+        "\"role\":\"mirror\"",
+        "\"state\":\"streaming\"",
+        "\"applied_lsn\":100",
+        "\"source_lsn\":100",
+        "\"lag_ms\":",
+        "\"snapshots_started\":1",
+        "\"snapshots_resumed\":0",
+        "\"last_decision\":\"snapshot\"",
+    ] {
+        assert!(
+            mirror_json.contains(field),
+            "{field} missing in {mirror_json}"
+        );
+    }
+    let source_json = run("status", &source.addr.to_string());
+    for field in [
+        "\"role\":\"source\"",
+        "\"last_lsn\":100",
+        "\"wal_first_lsn\":",
+        "\"mirrors\":[{",
+        "\"name\":\"m1\"",
+        "\"acked_lsn\":100",
+        "\"state\":\"streaming\"",
+    ] {
+        assert!(
+            source_json.contains(field),
+            "{field} missing in {source_json}"
+        );
+    }
+    let source_digest = run("digest", &source.addr.to_string());
+    let mirror_digest = run("digest", &mirror.addr.to_string());
+    assert!(
+        source_digest.starts_with("{\"digest\":\"") || source_digest.starts_with("{\"lsn\":100"),
+        "{source_digest}"
+    );
+    assert!(source_digest.contains("\"lsn\":100"), "{source_digest}");
+    assert_eq!(source_digest, mirror_digest);
+}

@@ -149,6 +149,28 @@ fn decision_from_number(number: u64) -> Option<DecisionKind> {
 }
 
 impl MirrorShared {
+    /// Opens the store: everything but the network, so that the session handler can also
+    /// run over in-memory pipes.
+    pub async fn open(config: MirrorConfig, name: Name) -> Result<Arc<MirrorShared>, MirrorError> {
+        let data_dir = config.data_dir.clone();
+        let store: Arc<dyn Store> = Arc::new(
+            tokio::task::spawn_blocking(move || SledStore::open(data_dir))
+                .await
+                .expect("open task")?,
+        );
+        Ok(Arc::new(MirrorShared {
+            name,
+            config,
+            store,
+            progress: Mutex::new(Progress {
+                state: MirrorState::Connecting,
+                source_lsn: Lsn::ZERO,
+                source_commit_time: None,
+                applied_commit_time: None,
+            }),
+        }))
+    }
+
     fn progress(&self) -> MutexGuard<'_, Progress> {
         self.progress.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -249,23 +271,7 @@ pub struct MirrorNode {
 impl MirrorNode {
     /// Opens the store, starts the client listener and the replication loop.
     pub async fn start(config: MirrorConfig, tls: Arc<NodeTls>) -> Result<MirrorNode, MirrorError> {
-        let data_dir = config.data_dir.clone();
-        let store: Arc<dyn Store> = Arc::new(
-            tokio::task::spawn_blocking(move || SledStore::open(data_dir))
-                .await
-                .expect("open task")?,
-        );
-        let shared = Arc::new(MirrorShared {
-            name: tls.identity().name.clone(),
-            config,
-            store,
-            progress: Mutex::new(Progress {
-                state: MirrorState::Connecting,
-                source_lsn: Lsn::ZERO,
-                source_commit_time: None,
-                applied_commit_time: None,
-            }),
-        });
+        let shared = MirrorShared::open(config, tls.identity().name.clone()).await?;
         let listener = match shared.config.listen {
             Some(addr) => {
                 let endpoint = server_endpoint(&tls, addr, &shared.config.transport)?;

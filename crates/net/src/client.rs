@@ -36,6 +36,9 @@ pub enum ClientError {
     /// The conversation broke off.
     #[error(transparent)]
     Read(#[from] ReadError),
+    /// No node answered in time (nothing listening, or the path drops packets).
+    #[error("no answer within {0:?}")]
+    ConnectTimeout(Duration),
     /// The node answered with a message that does not answer the request.
     #[error("unexpected reply {0:?}")]
     Unexpected(MessageType),
@@ -49,6 +52,9 @@ pub struct Client {
 }
 
 impl Client {
+    /// How long [`connect`](Self::connect) waits for the node's handshake.
+    pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
     /// Connects to the node at `addr`, which must be `expected`.
     pub async fn connect(
         tls: &NodeTls,
@@ -57,7 +63,10 @@ impl Client {
     ) -> Result<Client, ClientError> {
         let server_name = expected.server_name();
         let endpoint = client_endpoint(tls, ALPN_CLIENT, expected, &TransportLimits::default())?;
-        let connection = endpoint.connect(addr, &server_name)?.await?;
+        let connecting = endpoint.connect(addr, &server_name)?;
+        let connection = tokio::time::timeout(Self::CONNECT_TIMEOUT, connecting)
+            .await
+            .map_err(|_| ClientError::ConnectTimeout(Self::CONNECT_TIMEOUT))??;
         Ok(Client {
             connection,
             _endpoint: endpoint,

@@ -19,7 +19,7 @@ pub use codec::{FrameCodec, FrameError, FrameLimits};
 pub use decide::{decide, negotiate_version, Reject, SnapshotPlan, SourceView};
 pub use error_code::ErrorCode;
 pub use hash::{ChainHash, StateDigest};
-pub use message::{Decision, Entry, Message, SnapshotReason};
+pub use message::{Decision, DecisionKind, Entry, Message, SnapshotReason};
 pub use types::{
     Lsn, Name, NameError, PeerIdentity, Role, RoleParseError, SnapshotId, UnixMillis, VersionRange,
     PROTOCOL_VERSION, SUPPORTED_VERSIONS,

@@ -132,6 +132,31 @@ pub struct SourceShared {
     pub name: Name,
 }
 
+impl SourceShared {
+    /// Opens the store and starts the writer: everything but the network, so that the
+    /// protocol handlers can also run over in-memory pipes.
+    pub async fn open(config: SourceConfig, name: Name) -> Result<Arc<SourceShared>, SourceError> {
+        let data_dir = config.data_dir.clone();
+        let store: Arc<dyn Store> = Arc::new(
+            tokio::task::spawn_blocking(move || SledStore::open(data_dir))
+                .await
+                .expect("open task")?,
+        );
+        let (writer, commits) = Writer::spawn(store.clone());
+        let slots = Slots::load(store.clone())?;
+        Ok(Arc::new(SourceShared {
+            name,
+            config,
+            store,
+            writer,
+            commits,
+            slots,
+            snapshot_bytes_sent: AtomicU64::new(0),
+            admission: Mutex::new(()),
+        }))
+    }
+}
+
 /// A running source.
 pub struct SourceNode {
     /// The address it serves on (with the real port when 0 was asked for).
@@ -144,14 +169,6 @@ pub struct SourceNode {
 impl SourceNode {
     /// Opens the store and starts serving.
     pub async fn start(config: SourceConfig, tls: &NodeTls) -> Result<SourceNode, SourceError> {
-        let data_dir = config.data_dir.clone();
-        let store: Arc<dyn Store> = Arc::new(
-            tokio::task::spawn_blocking(move || SledStore::open(data_dir))
-                .await
-                .expect("open task")?,
-        );
-        let (writer, commits) = Writer::spawn(store.clone());
-        let slots = Slots::load(store.clone())?;
         let endpoint = server_endpoint(tls, config.listen, &config.transport)?;
         let local_addr = endpoint
             .local_addr()
@@ -159,16 +176,7 @@ impl SourceNode {
                 addr: config.listen,
                 source,
             })?;
-        let shared = Arc::new(SourceShared {
-            name: tls.identity().name.clone(),
-            config,
-            store,
-            writer,
-            commits,
-            slots,
-            snapshot_bytes_sent: AtomicU64::new(0),
-            admission: Mutex::new(()),
-        });
+        let shared = SourceShared::open(config, tls.identity().name.clone()).await?;
         let mut tasks = tokio::task::JoinSet::new();
         tasks.spawn(accept_loop(endpoint.clone(), shared.clone()));
         tasks.spawn(retention_loop(shared.clone()));

@@ -108,6 +108,9 @@ pub enum StoreError {
         #[source]
         source: EngineError,
     },
+    /// Another process has the store open: one applier per store.
+    #[error("the store at {0} is in use by another process (one xmirror node per data directory)")]
+    Locked(std::path::PathBuf),
     /// The engine failed (I/O error, disk full, corruption it detected).
     #[error("storage engine failed")]
     Engine(#[from] EngineError),

@@ -128,9 +128,14 @@ impl SledStore {
         let db = sled::Config::new()
             .path(path)
             .open()
-            .map_err(|error| StoreError::Open {
-                path: path.to_owned(),
-                source: error.into(),
+            .map_err(|error| match error {
+                sled::Error::Io(io) if io.kind() == std::io::ErrorKind::WouldBlock => {
+                    StoreError::Locked(path.to_owned())
+                }
+                other => StoreError::Open {
+                    path: path.to_owned(),
+                    source: other.into(),
+                },
             })?;
         let read_position = |name, default| -> Result<Position, StoreError> {
             match db.get(meta_key(name))? {

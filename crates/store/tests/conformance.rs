@@ -532,8 +532,8 @@ pub fn a_second_opener_is_refused(engine: Engine) {
     let dir = TempDir::new().unwrap();
     let _first = engine.open(dir.path());
     match open_engine(engine.0, dir.path()) {
-        Err(StoreError::Open { .. }) => {}
-        Err(other) => panic!("expected an open error, got {other:?}"),
+        Err(StoreError::Locked(path)) => assert_eq!(path, dir.path()),
+        Err(other) => panic!("expected a locked error, got {other:?}"),
         Ok(_) => panic!("a second opener of the same directory was allowed"),
     }
 }

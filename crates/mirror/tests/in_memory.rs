@@ -1,0 +1,184 @@
+//! The real source and mirror session handlers, wired to each other over an in-memory
+//! duplex pipe instead of QUIC: the protocol without the network.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tempfile::TempDir;
+use tokio::task::JoinHandle;
+use xmirror_mirror::session::{run_session as run_mirror, SessionError};
+use xmirror_mirror::{MirrorConfig, MirrorShared};
+use xmirror_net::{FramedReader, FramedWriter};
+use xmirror_proto::message::{HelloAck, MirrorAck};
+use xmirror_proto::{DecisionKind, Entry, ErrorCode, Lsn, Message, Name, PeerIdentity, Role};
+use xmirror_source::session::{run_session as run_source, SessionEnd};
+use xmirror_source::{SourceConfig, SourceShared};
+
+fn name(value: &str) -> Name {
+    Name::new(value).unwrap()
+}
+
+fn peer(role: Role) -> PeerIdentity {
+    PeerIdentity {
+        cluster_id: name("west"),
+        role,
+        name: name("m1"),
+    }
+}
+
+const UNUSED_ADDR: &str = "127.0.0.1:9";
+
+async fn source(dir: &TempDir) -> Arc<SourceShared> {
+    let addr: SocketAddr = UNUSED_ADDR.parse().unwrap();
+    let config = SourceConfig::new(dir.path().join("source"), name("east"), addr);
+    SourceShared::open(config, name("src")).await.unwrap()
+}
+
+async fn mirror(dir: &TempDir) -> Arc<MirrorShared> {
+    let addr: SocketAddr = UNUSED_ADDR.parse().unwrap();
+    let config = MirrorConfig::new(dir.path().join("mirror"), addr, name("east"), None);
+    MirrorShared::open(config, name("m1")).await.unwrap()
+}
+
+struct Sessions {
+    source: JoinHandle<Result<(), SessionEnd>>,
+    mirror: JoinHandle<Result<(), SessionError>>,
+}
+
+fn connect(source: &Arc<SourceShared>, mirror: &Arc<MirrorShared>, role: Role) -> Sessions {
+    let (source_end, mirror_end) = tokio::io::duplex(1 << 20);
+    let (source_read, source_write) = tokio::io::split(source_end);
+    let (mirror_read, mirror_write) = tokio::io::split(mirror_end);
+    let source = tokio::spawn(run_source(
+        source_read,
+        source_write,
+        peer(role),
+        source.clone(),
+    ));
+    let mirror = mirror.clone();
+    let mirror = tokio::spawn(async move { run_mirror(mirror_read, mirror_write, &mirror).await });
+    Sessions { source, mirror }
+}
+
+async fn write(source: &SourceShared, prefix: &str, count: usize) {
+    for index in 0..count {
+        let entry = Entry::Put {
+            key: format!("{prefix}{index:05}").into_bytes(),
+            value: vec![b'v'; 50],
+        };
+        source.writer.write(entry).await.unwrap();
+    }
+}
+
+async fn caught_up(source: &SourceShared, mirror: &MirrorShared) {
+    let target = source.store.position().lsn;
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while !(mirror.is_consistent() && mirror.store.position().lsn >= target) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the mirror catches up");
+    assert_eq!(
+        mirror.store.digest().unwrap(),
+        source.store.digest().unwrap()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshot_then_stream_then_resume_by_streaming() {
+    let dir = TempDir::new().unwrap();
+    let source = source(&dir).await;
+    let mirror = mirror(&dir).await;
+    write(&source, "a", 3_000).await;
+
+    let sessions = connect(&source, &mirror, Role::Observer);
+    caught_up(&source, &mirror).await;
+    write(&source, "b", 500).await;
+    caught_up(&source, &mirror).await;
+    let status = mirror.status().unwrap();
+    assert_eq!(status.last_decision, Some(DecisionKind::Snapshot));
+    sessions.source.abort();
+    sessions.mirror.abort();
+
+    write(&source, "c", 500).await;
+    let _sessions = connect(&source, &mirror, Role::Observer);
+    caught_up(&source, &mirror).await;
+    let status = mirror.status().unwrap();
+    assert_eq!(status.last_decision, Some(DecisionKind::Stream));
+    assert_eq!(status.snapshots_started, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_certificate_is_refused_on_both_ends() {
+    let dir = TempDir::new().unwrap();
+    let source = source(&dir).await;
+    let mirror = mirror(&dir).await;
+    let sessions = connect(&source, &mirror, Role::Client);
+    let source_end = sessions.source.await.unwrap().unwrap_err();
+    assert_eq!(source_end.code, ErrorCode::ObserverOnly);
+    match sessions.mirror.await.unwrap() {
+        Err(
+            error @ SessionError::Rejected {
+                code: ErrorCode::ObserverOnly,
+                ..
+            },
+        ) => {
+            assert!(error.is_permanent())
+        }
+        other => panic!("expected OBSERVER_ONLY, got {other:?}"),
+    }
+    assert!(
+        source.slots.status(Lsn::ZERO).is_empty(),
+        "a refused peer gets no slot"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ack_before_the_hello_is_a_protocol_violation() {
+    let dir = TempDir::new().unwrap();
+    let source = source(&dir).await;
+    let (source_end, peer_end) = tokio::io::duplex(1 << 16);
+    let (source_read, source_write) = tokio::io::split(source_end);
+    let (peer_read, peer_write) = tokio::io::split(peer_end);
+    let session = tokio::spawn(run_source(
+        source_read,
+        source_write,
+        peer(Role::Observer),
+        source.clone(),
+    ));
+    let mut writer = FramedWriter::new(peer_write, 1 << 16);
+    let mut reader = FramedReader::new(peer_read, 1 << 16);
+    writer
+        .send(MirrorAck {
+            received: Lsn(5),
+            durable: Lsn(5),
+            applied: Lsn(5),
+        })
+        .await
+        .unwrap();
+    match reader.expect_next().await.unwrap() {
+        Message::HelloAck(HelloAck::Rejected(rejected)) => {
+            assert_eq!(rejected.code, ErrorCode::ProtocolViolation)
+        }
+        other => panic!("expected a rejection, got {other:?}"),
+    }
+    assert_eq!(
+        session.await.unwrap().unwrap_err().code,
+        ErrorCode::ProtocolViolation
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_hello_that_never_comes_times_out() {
+    let dir = TempDir::new().unwrap();
+    let source = source(&dir).await;
+    let (source_end, _silent_peer) = tokio::io::duplex(1 << 16);
+    let (source_read, source_write) = tokio::io::split(source_end);
+    // The paused clock jumps to the 10 s deadline as soon as everything is idle.
+    let end = run_source(source_read, source_write, peer(Role::Observer), source)
+        .await
+        .unwrap_err();
+    assert_eq!(end.code, ErrorCode::HandshakeTimeout);
+}

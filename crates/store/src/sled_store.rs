@@ -129,7 +129,9 @@ impl SledStore {
             .path(path)
             .open()
             .map_err(|error| match error {
-                sled::Error::Io(io) if io.kind() == std::io::ErrorKind::WouldBlock => {
+                // sled reports a held directory lock as an I/O error of kind Other whose
+                // text is all that tells it apart.
+                sled::Error::Io(io) if io.to_string().contains("could not acquire lock") => {
                     StoreError::Locked(path.to_owned())
                 }
                 other => StoreError::Open {

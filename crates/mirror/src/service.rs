@@ -2,8 +2,10 @@
 
 use std::sync::Arc;
 
-use xmirror_net::serve::{error_reply, ClientService, Reply};
-use xmirror_proto::message::{DigestReply, ErrorReply, GetReply, StatusReply};
+use xmirror_net::serve::{
+    digest_reply, error_reply, get_reply, internal_error, ClientService, Reply,
+};
+use xmirror_proto::message::StatusReply;
 use xmirror_proto::status::NodeStatus;
 use xmirror_proto::{ErrorCode, Message, PeerIdentity};
 
@@ -32,13 +34,6 @@ impl MirrorService {
     }
 }
 
-fn internal(error: impl std::fmt::Display) -> Message {
-    Message::ErrorReply(ErrorReply {
-        code: ErrorCode::Internal,
-        detail: error.to_string(),
-    })
-}
-
 impl ClientService for MirrorService {
     fn handle(&self, _peer: &PeerIdentity, request: Message) -> Reply {
         match request {
@@ -53,19 +48,7 @@ impl ClientService for MirrorService {
                 if !self.shared.is_consistent() {
                     return self.not_consistent();
                 }
-                let store = self.shared.store.clone();
-                Box::pin(async move {
-                    let read = tokio::task::spawn_blocking(move || {
-                        let lsn = store.position().lsn;
-                        store.get(&get.key).map(|value| (value, lsn))
-                    })
-                    .await;
-                    match read {
-                        Ok(Ok((value, lsn))) => Message::GetReply(GetReply { value, lsn }),
-                        Ok(Err(error)) => internal(error),
-                        Err(panic) => internal(panic),
-                    }
-                })
+                get_reply(self.shared.store.clone(), get.key)
             }
             Message::StatusRequest(_) => {
                 let status = self.shared.status();
@@ -74,7 +57,7 @@ impl ClientService for MirrorService {
                         Ok(status) => Message::StatusReply(StatusReply {
                             status: NodeStatus::Mirror(status),
                         }),
-                        Err(error) => internal(error),
+                        Err(error) => internal_error(error),
                     }
                 })
             }
@@ -82,14 +65,7 @@ impl ClientService for MirrorService {
                 if !self.shared.is_consistent() {
                     return self.not_consistent();
                 }
-                let store = self.shared.store.clone();
-                Box::pin(async move {
-                    match tokio::task::spawn_blocking(move || store.digest()).await {
-                        Ok(Ok((lsn, digest))) => Message::DigestReply(DigestReply { lsn, digest }),
-                        Ok(Err(error)) => internal(error),
-                        Err(panic) => internal(panic),
-                    }
-                })
+                digest_reply(self.shared.store.clone())
             }
             other => error_reply(
                 ErrorCode::ProtocolViolation,

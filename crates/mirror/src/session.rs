@@ -265,15 +265,7 @@ async fn start_decision(
                 .record_decision(decision.kind(), Some("snapshots_started"))
                 .await?;
             shared.set_state(MirrorState::Snapshot);
-            let base = Position {
-                lsn: base_lsn,
-                chain_hash: base_chain_hash,
-            };
-            blocking(move || {
-                store.begin_snapshot(snapshot_id, base)?;
-                store.flush()
-            })
-            .await?;
+            begin_snapshot(store, snapshot_id, base_lsn, base_chain_hash).await?;
         }
         Decision::ResumeSnapshot {
             snapshot_id,
@@ -294,17 +286,27 @@ async fn start_decision(
             shared.set_state(MirrorState::Snapshot);
             if after_key.is_none() {
                 // Nothing applied yet (or a clear was interrupted): clear again.
-                let base = Position {
-                    lsn: base_lsn,
-                    chain_hash: base_chain_hash,
-                };
-                blocking(move || {
-                    store.begin_snapshot(snapshot_id, base)?;
-                    store.flush()
-                })
-                .await?;
+                begin_snapshot(store, snapshot_id, base_lsn, base_chain_hash).await?;
             }
         }
     }
     Ok(())
+}
+
+/// Clears the store for `snapshot_id` starting at `base_lsn`, durably.
+async fn begin_snapshot(
+    store: Arc<dyn Store>,
+    snapshot_id: xmirror_proto::SnapshotId,
+    base_lsn: Lsn,
+    base_chain_hash: xmirror_proto::ChainHash,
+) -> Result<(), SessionError> {
+    let base = Position {
+        lsn: base_lsn,
+        chain_hash: base_chain_hash,
+    };
+    blocking(move || {
+        store.begin_snapshot(snapshot_id, base)?;
+        store.flush()
+    })
+    .await
 }

@@ -11,8 +11,9 @@ use std::sync::Arc;
 
 use futures_util::stream::{FuturesOrdered, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite};
-use xmirror_proto::message::{ErrorReply, MessageType};
+use xmirror_proto::message::{DigestReply, ErrorReply, GetReply, MessageType};
 use xmirror_proto::{ErrorCode, FrameError, FrameLimits, Message, PeerIdentity};
+use xmirror_store::Store;
 
 use crate::close::close_with;
 use crate::framed::{FramedReader, FramedWriter, ReadError};
@@ -34,6 +35,41 @@ pub fn error_reply(code: ErrorCode, detail: impl Into<String>) -> Reply {
         detail: detail.into(),
     });
     Box::pin(async move { reply })
+}
+
+/// Reads `key` from `store` off the async threads.
+pub fn get_reply(store: Arc<dyn Store>, key: Vec<u8>) -> Reply {
+    Box::pin(async move {
+        let read = tokio::task::spawn_blocking(move || {
+            let lsn = store.position().lsn;
+            store.get(&key).map(|value| (value, lsn))
+        })
+        .await;
+        match read {
+            Ok(Ok((value, lsn))) => Message::GetReply(GetReply { value, lsn }),
+            Ok(Err(error)) => internal_error(error),
+            Err(panic) => internal_error(panic),
+        }
+    })
+}
+
+/// Digests `store` off the async threads.
+pub fn digest_reply(store: Arc<dyn Store>) -> Reply {
+    Box::pin(async move {
+        match tokio::task::spawn_blocking(move || store.digest()).await {
+            Ok(Ok((lsn, digest))) => Message::DigestReply(DigestReply { lsn, digest }),
+            Ok(Err(error)) => internal_error(error),
+            Err(panic) => internal_error(panic),
+        }
+    })
+}
+
+/// An `INTERNAL` error reply naming `error`.
+pub fn internal_error(error: impl std::fmt::Display) -> Message {
+    Message::ErrorReply(ErrorReply {
+        code: ErrorCode::Internal,
+        detail: error.to_string(),
+    })
 }
 
 fn is_request(message_type: MessageType) -> bool {

@@ -7,8 +7,8 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use xmirror_net::serve::{error_reply, ClientService, Reply};
-use xmirror_proto::message::{DigestReply, ErrorReply, GetReply, StatusReply, WriteReply};
+use xmirror_net::serve::{digest_reply, error_reply, get_reply, ClientService, Reply};
+use xmirror_proto::message::{ErrorReply, StatusReply, WriteReply};
 use xmirror_proto::status::{NodeStatus, SourceStatus};
 use xmirror_proto::{Entry, ErrorCode, Message, PeerIdentity, Role};
 
@@ -90,13 +90,6 @@ impl SourceService {
     }
 }
 
-fn internal(error: impl std::fmt::Display) -> Message {
-    Message::ErrorReply(ErrorReply {
-        code: ErrorCode::Internal,
-        detail: error.to_string(),
-    })
-}
-
 impl ClientService for SourceService {
     fn handle(&self, peer: &PeerIdentity, request: Message) -> Reply {
         match request {
@@ -108,21 +101,7 @@ impl ClientService for SourceService {
                 },
             ),
             Message::DeleteRequest(delete) => self.write(peer, Entry::Delete { key: delete.key }),
-            Message::GetRequest(get) => {
-                let store = self.shared.store.clone();
-                Box::pin(async move {
-                    let read = tokio::task::spawn_blocking(move || {
-                        let lsn = store.position().lsn;
-                        store.get(&get.key).map(|value| (value, lsn))
-                    })
-                    .await;
-                    match read {
-                        Ok(Ok((value, lsn))) => Message::GetReply(GetReply { value, lsn }),
-                        Ok(Err(error)) => internal(error),
-                        Err(panic) => internal(panic),
-                    }
-                })
-            }
+            Message::GetRequest(get) => get_reply(self.shared.store.clone(), get.key),
             Message::StatusRequest(_) => {
                 let status = SourceService::status(&self.shared);
                 Box::pin(async move {
@@ -131,16 +110,7 @@ impl ClientService for SourceService {
                     })
                 })
             }
-            Message::DigestRequest(_) => {
-                let store = self.shared.store.clone();
-                Box::pin(async move {
-                    match tokio::task::spawn_blocking(move || store.digest()).await {
-                        Ok(Ok((lsn, digest))) => Message::DigestReply(DigestReply { lsn, digest }),
-                        Ok(Err(error)) => internal(error),
-                        Err(panic) => internal(panic),
-                    }
-                })
-            }
+            Message::DigestRequest(_) => digest_reply(self.shared.store.clone()),
             other => error_reply(
                 ErrorCode::ProtocolViolation,
                 format!("{:?} is not a client request", other.message_type()),

@@ -202,6 +202,25 @@ impl SledStore {
     }
 }
 
+/// The progress of `snapshot_id`, if the store is receiving it (and has cleared its data).
+fn receiving(sync: &SyncState, snapshot_id: SnapshotId) -> Result<SnapshotProgress, StoreError> {
+    match sync {
+        SyncState::Scanning(progress)
+            if progress.snapshot_id == snapshot_id && progress.cleared =>
+        {
+            Ok(progress.clone())
+        }
+        SyncState::Scanning(progress) => Err(StoreError::NotThisSnapshot {
+            expected: Some(progress.snapshot_id),
+            got: snapshot_id,
+        }),
+        _ => Err(StoreError::NotThisSnapshot {
+            expected: None,
+            got: snapshot_id,
+        }),
+    }
+}
+
 impl Store for SledStore {
     fn position(&self) -> Position {
         self.lock().position
@@ -465,22 +484,7 @@ impl Store for SledStore {
         pairs: &[(Vec<u8>, Vec<u8>)],
     ) -> Result<(), StoreError> {
         let mut state = self.lock();
-        let mut progress = match &state.sync {
-            SyncState::Scanning(progress)
-                if progress.snapshot_id == snapshot_id && progress.cleared =>
-            {
-                progress.clone()
-            }
-            other => {
-                return Err(StoreError::NotThisSnapshot {
-                    expected: match other {
-                        SyncState::Scanning(progress) => Some(progress.snapshot_id),
-                        _ => None,
-                    },
-                    got: snapshot_id,
-                })
-            }
-        };
+        let mut progress = receiving(&state.sync, snapshot_id)?;
         let Some((last_key, _)) = pairs.last() else {
             return Ok(());
         };
@@ -507,19 +511,7 @@ impl Store for SledStore {
         end_lsn: Lsn,
     ) -> Result<(), StoreError> {
         let mut state = self.lock();
-        match &state.sync {
-            SyncState::Scanning(progress)
-                if progress.snapshot_id == snapshot_id && progress.cleared => {}
-            other => {
-                return Err(StoreError::NotThisSnapshot {
-                    expected: match other {
-                        SyncState::Scanning(progress) => Some(progress.snapshot_id),
-                        _ => None,
-                    },
-                    got: snapshot_id,
-                })
-            }
-        }
+        receiving(&state.sync, snapshot_id)?;
         let next = if state.position.lsn >= end_lsn {
             SyncState::Consistent
         } else {

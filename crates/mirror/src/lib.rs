@@ -252,7 +252,7 @@ impl MirrorShared {
             source_lsn: progress.source_lsn,
             lag_ms,
             consistent: self.is_consistent(),
-            snapshots_started: self.store.counter("snapshots_started")?,
+            snapshots_started: self.store.counter(xmirror_store::SNAPSHOTS_STARTED)?,
             snapshots_resumed: self.store.counter("snapshots_resumed")?,
             last_decision: decision_from_number(self.store.counter(LAST_DECISION)?),
         })

@@ -261,9 +261,8 @@ async fn start_decision(
             reason,
         } => {
             tracing::info!(snapshot_id = %snapshot_id, base_lsn = %base_lsn, reason = ?reason, "fresh snapshot");
-            shared
-                .record_decision(decision.kind(), Some("snapshots_started"))
-                .await?;
+            // `begin_snapshot` counts it, atomically with marking the store.
+            shared.record_decision(decision.kind(), None).await?;
             shared.set_state(MirrorState::Snapshot);
             begin_snapshot(store, snapshot_id, base_lsn, base_chain_hash).await?;
         }

@@ -404,7 +404,13 @@ async fn stream_wal<W: AsyncWrite + Unpin>(
         let committed = *commits.borrow_and_update();
         if next <= committed.last_lsn && unacked_bytes < config.max_unacked_bytes {
             let store = shared.store.clone();
-            let (max_entries, max_bytes) = (config.batch_max_entries, config.batch_max_bytes);
+            // Only durable entries leave: the store may already hold the next group, which
+            // a crash before its flush would lose, and a mirror must never be ahead of the
+            // source's durable history.
+            let durable_entries =
+                usize::try_from(committed.last_lsn.0 + 1 - next.0).unwrap_or(usize::MAX);
+            let max_entries = config.batch_max_entries.min(durable_entries);
+            let max_bytes = config.batch_max_bytes;
             let records = blocking(move || store.read_wal(next, max_entries, max_bytes)).await?;
             let Some(last) = records.last() else {
                 return Err(SessionEnd::from(StoreError::WalTruncated {

@@ -14,7 +14,7 @@ mod sled_store;
 pub mod testing;
 
 pub use record::{SlotRecord, SnapshotProgress, SnapshotRef, SyncState, WalRecord};
-pub use sled_store::SledStore;
+pub use sled_store::{SledStore, SNAPSHOTS_STARTED};
 
 use xmirror_proto::{ChainHash, Entry, Lsn, Name, SnapshotId, StateDigest, UnixMillis};
 
@@ -241,7 +241,8 @@ pub trait Store: Send + Sync + 'static {
 
     /// Starts receiving a fresh snapshot: clears the data and records the snapshot, so that a
     /// restart resumes it instead of trusting partial data. Calling it again for the same
-    /// snapshot (after a crash before any chunk) clears again.
+    /// snapshot (after a crash before any chunk) clears again. Each distinct snapshot adds
+    /// one to the counter [`SNAPSHOTS_STARTED`], atomically with recording it.
     fn begin_snapshot(&self, snapshot_id: SnapshotId, base: Position) -> Result<(), StoreError>;
 
     /// Applies a chunk of a snapshot together with the new resume position (its last key).

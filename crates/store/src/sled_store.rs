@@ -32,6 +32,8 @@ const SLOTS: u8 = b's';
 const META_POSITION: &str = "position";
 const META_WAL_BASE: &str = "wal_base";
 const META_SYNC: &str = "sync";
+/// The counter [`Store::begin_snapshot`] keeps of distinct snapshots begun.
+pub const SNAPSHOTS_STARTED: &str = "snapshots_started";
 
 /// How many keys one clearing or truncating batch removes: bounds the memory of a batch
 /// while keeping the number of batches small.
@@ -456,8 +458,17 @@ impl Store for SledStore {
             cleared: false,
         };
         // First mark the store as mid-snapshot, so that a crash while clearing is followed
-        // by another clear, never by streaming onto half-deleted data.
+        // by another clear, never by streaming onto half-deleted data. A new snapshot is
+        // counted in the same batch, so the count is exact across crashes.
         let mut mark = sled::Batch::default();
+        let already_begun = matches!(&state.sync, SyncState::Scanning(current) if current.snapshot_id == snapshot_id);
+        if !already_begun {
+            let started = self.counter(SNAPSHOTS_STARTED)?.saturating_add(1);
+            mark.insert(
+                meta_key(&format!("counter/{SNAPSHOTS_STARTED}")),
+                RecordWriter::default().u64(started).finish(),
+            );
+        }
         mark.insert(
             meta_key(META_SYNC),
             SyncState::Scanning(progress.clone()).encode(),

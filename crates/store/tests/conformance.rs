@@ -17,6 +17,7 @@ use xmirror_proto::{ChainHash, Entry, Lsn, Name, SnapshotId, StateDigest, UnixMi
 use xmirror_store::testing::{open_engine, workload_entry};
 use xmirror_store::{
     Batch, Position, SlotRecord, SnapshotRef, Store, StoreError, SyncState, WalBounds,
+    SNAPSHOTS_STARTED,
 };
 
 /// An engine under test, by its name in `testing::ENGINES`.
@@ -355,6 +356,10 @@ pub fn a_snapshot_is_received_resumably_then_replayed(engine: Engine) {
         chain_hash: ChainHash([3; 32]),
     };
     store.begin_snapshot(SnapshotId(1), base).unwrap();
+    // Beginning the same snapshot again (a crash before its first chunk) clears again but
+    // counts once.
+    store.begin_snapshot(SnapshotId(1), base).unwrap();
+    assert_eq!(store.counter(SNAPSHOTS_STARTED).unwrap(), 1);
     assert_eq!(store.key_count().unwrap(), 0);
     assert_eq!(store.position(), base);
     assert!(
@@ -430,7 +435,7 @@ pub fn a_snapshot_ending_at_its_base_is_consistent_at_once(engine: Engine) {
     store.finish_snapshot_scan(SnapshotId(9), Lsn(0)).unwrap();
     assert_eq!(store.sync_state(), SyncState::Consistent);
     assert!(matches!(
-        store.finish_snapshot_scan(SnapshotId(9), Lsn(0)),
+        store.finish_snapshot_scan(SnapshotId(10), Lsn(0)),
         Err(StoreError::NotThisSnapshot { expected: None, .. })
     ));
 }

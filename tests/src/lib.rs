@@ -1,6 +1,14 @@
 //! The end-to-end harness: real `xmirror` processes with their own data directories and
 //! loopback ports, a certificate authority per test, and polling helpers with deadlines.
 //! Every process is killed when its handle drops, so a failing test leaves nothing behind.
+//!
+//! - [`proxy`]: the UDP impairment proxy (delay, jitter, loss, duplication, bandwidth,
+//!   partitions).
+//! - [`checker`]: writers that record every acknowledged write, verification that the
+//!   source still has them, and a monitor that the mirror's applied LSN never moves back.
+
+pub mod checker;
+pub mod proxy;
 
 use std::future::Future;
 use std::net::{SocketAddr, UdpSocket};
@@ -144,15 +152,19 @@ impl World {
     /// Starts `xmirror mirror` named `mirror` with data in `data`, serving reads on a free
     /// port, and waits until its client API answers.
     pub async fn start_mirror(&self, mirror: &str, data: &str, source: SocketAddr) -> Node {
-        let listen = free_port();
-        let args = mirror_args(
-            &self.path(data),
-            source,
-            CLUSTER,
-            &self.certs,
-            mirror,
-            Some(listen),
-        );
+        self.start_mirror_on(free_port(), mirror, data, source).await
+    }
+
+    /// Starts `xmirror mirror` serving reads on `listen` (to restart it on the same address).
+    pub async fn start_mirror_on(
+        &self,
+        listen: SocketAddr,
+        mirror: &str,
+        data: &str,
+        source: SocketAddr,
+    ) -> Node {
+        let data_dir = self.path(data);
+        let args = mirror_args(&data_dir, source, CLUSTER, &self.certs, mirror, Some(listen));
         let node = Node::spawn(&format!("mirror-{data}"), self.dir.path(), &args, listen);
         node.wait_serving(self).await;
         node

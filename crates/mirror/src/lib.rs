@@ -54,6 +54,10 @@ pub struct MirrorConfig {
     pub frame_limits: FrameLimits,
     /// Transport limits. Default: see [`TransportLimits`].
     pub transport: TransportLimits,
+    /// Silence from the source after which the mirror drops the connection and reconnects.
+    /// Default 5 s: five missed heartbeats. Shorter notices a dead source sooner; too short
+    /// reconnects needlessly on a congested link.
+    pub source_silence_timeout: Duration,
     /// First reconnect delay. Default 100 ms.
     pub backoff_min: Duration,
     /// Longest reconnect delay. Default 10 s: a region-wide outage is retried often
@@ -81,6 +85,7 @@ impl MirrorConfig {
             handshake_timeout: Duration::from_secs(10),
             frame_limits: FrameLimits::default(),
             transport: TransportLimits::default(),
+            source_silence_timeout: Duration::from_secs(5),
             backoff_min: Duration::from_millis(100),
             backoff_max: Duration::from_secs(10),
             max_in_flight_per_stream: 1_024,

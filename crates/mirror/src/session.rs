@@ -146,8 +146,15 @@ where
     start_decision(shared, &accepted.decision, resumed_from.as_ref()).await?;
 
     let mut chunks_applied = 0u64;
+    let silence = shared.config.source_silence_timeout;
     loop {
-        let Some(message) = reader.next().await? else {
+        // The source heartbeats every second when idle: a longer silence means the path or
+        // the source is gone (a restarted source cannot even reset the old connection), so
+        // reconnect rather than wait for the transport's idle timeout.
+        let next = tokio::time::timeout(silence, reader.next())
+            .await
+            .map_err(|_| SessionError::Read(ReadError::Timeout(silence)))?;
+        let Some(message) = next? else {
             return Ok(());
         };
         match message {

@@ -1,0 +1,404 @@
+//! Fault injection with real processes: kill -9 of mirrors and sources, an impaired and
+//! partitioned network (through the UDP proxy), a full disk, retention changes, and two
+//! appliers on one store. Every scenario ends at quiescence with the same invariants:
+//! equal digests at the same LSN, every acknowledged write still on the source, the
+//! mirror's applied LSN never moved backwards, and exactly the snapshots expected.
+//!
+//! `XMIRROR_CHAOS=long` (what `just chaos` sets) runs many more iterations.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use rand::Rng;
+use xmirror_e2e::checker::{verify_acked, LsnMonitor, MonitorReport, WriteLoad};
+use xmirror_e2e::proxy::{Impairment, Proxy};
+use xmirror_e2e::{
+    assert_converged, free_port, mirror_args, mirror_status, source_status, wait_until, Node,
+    World, CLUSTER,
+};
+use xmirror_net::Client;
+use xmirror_proto::message::DecisionKind;
+use xmirror_proto::status::SlotState;
+
+fn long_run() -> bool {
+    std::env::var("XMIRROR_CHAOS").is_ok_and(|mode| mode == "long")
+}
+
+/// `short` iterations in CI, `long` with `XMIRROR_CHAOS=long`.
+fn iterations(short: usize, long: usize) -> usize {
+    if long_run() {
+        long
+    } else {
+        short
+    }
+}
+
+/// The figures line every scenario ends with.
+struct Figures {
+    scenario: &'static str,
+    faults: usize,
+    writes_acked: usize,
+    entries_verified: usize,
+    snapshots_expected: u64,
+    snapshots_seen: u64,
+    longest_recovery: Duration,
+}
+
+impl Figures {
+    fn print(&self, started: Instant) {
+        println!(
+            "FIGURES scenario={} faults={} writes_acked={} entries_verified={} snapshots_expected={} snapshots_seen={} longest_recovery_ms={} duration_s={:.1}",
+            self.scenario,
+            self.faults,
+            self.writes_acked,
+            self.entries_verified,
+            self.snapshots_expected,
+            self.snapshots_seen,
+            self.longest_recovery.as_millis(),
+            started.elapsed().as_secs_f64()
+        );
+    }
+}
+
+/// How long until the mirror is consistent at the source's last LSN as of now.
+async fn recovery_time(source: &Client, mirror: &Client, limit: Duration) -> Duration {
+    let started = Instant::now();
+    let target = source_status(source).await.last_lsn;
+    wait_until("the mirror to recover", limit, || async {
+        let status = tokio::time::timeout(Duration::from_secs(2), mirror.status()).await;
+        match status {
+            Ok(Ok(xmirror_proto::status::NodeStatus::Mirror(status))) => {
+                (status.consistent && status.applied_lsn >= target).then_some(())
+            }
+            _ => None,
+        }
+    })
+    .await;
+    started.elapsed()
+}
+
+fn assert_monotonic(report: &MonitorReport) {
+    assert!(report.samples > 0, "the monitor took no samples");
+    assert!(
+        report.regressions.is_empty(),
+        "the applied LSN moved backwards: {:?}",
+        report.regressions
+    );
+}
+
+/// 1. Mirror killed with SIGKILL at random moments: during its snapshot, while catching
+/// up, while streaming.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mirror_kill_9_at_random_moments() {
+    let started = Instant::now();
+    let kills = iterations(20, 200);
+    let world = World::new();
+    let source = world.start_source("source", &[]).await;
+    let app = world.client(source.addr).await;
+    // 20 MB, so the first kills land in the snapshot.
+    app.write_keys(20_000, 1_000, "init-").await.unwrap();
+
+    let listen = free_port();
+    let load = WriteLoad::start(&world.certs, source.addr, 2, 200, Duration::from_millis(5));
+    let monitor = LsnMonitor::start(&world.certs, listen);
+    let mut mirror = world.start_mirror_on(listen, "m1", "m1", source.addr).await;
+    let mut rng = rand::rng();
+    let mut longest_recovery = Duration::ZERO;
+    for kill in 0..kills {
+        if kill % 5 == 4 {
+            let reader = world.client(listen).await;
+            let recovery = recovery_time(&app, &reader, Duration::from_secs(120)).await;
+            longest_recovery = longest_recovery.max(recovery);
+        } else {
+            tokio::time::sleep(Duration::from_millis(rng.random_range(20..1_200))).await;
+        }
+        mirror.kill9();
+        mirror = world.start_mirror_on(listen, "m1", "m1", source.addr).await;
+    }
+    let acked = load.stop().await;
+    let reader = world.client(listen).await;
+    let status = assert_converged(&app, &reader).await;
+    let report = monitor.finish().await;
+    assert_monotonic(&report);
+    let verified = verify_acked(&app, &acked).await + verify_acked(&reader, &acked).await;
+    assert_eq!(status.snapshots_started, 1, "a kill must never cost a fresh snapshot");
+    Figures {
+        scenario: "mirror-kill-9",
+        faults: kills,
+        writes_acked: acked.len(),
+        entries_verified: verified,
+        snapshots_expected: 1,
+        snapshots_seen: status.snapshots_started,
+        longest_recovery,
+    }
+    .print(started);
+    println!(
+        "  resumed snapshots: {}, status samples: {}, applied LSN reached {}",
+        status.snapshots_resumed, report.samples, report.highest
+    );
+}
+
+/// 2. Source killed with SIGKILL under write load and restarted: no acknowledged write is
+/// lost, and the mirror resumes by streaming every time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn source_kill_9_under_load() {
+    let started = Instant::now();
+    let kills = iterations(4, 30);
+    let world = World::new();
+    let addr = free_port();
+    let mut source = world.start_source_on(addr, "source", &[]).await;
+    let app = world.client(addr).await;
+    app.write_keys(5_000, 200, "init-").await.unwrap();
+    let mirror = world.start_mirror("m1", "m1", addr).await;
+    let reader = world.client(mirror.addr).await;
+    assert_converged(&app, &reader).await;
+
+    let load = WriteLoad::start(&world.certs, addr, 3, 200, Duration::ZERO);
+    let monitor = LsnMonitor::start(&world.certs, mirror.addr);
+    let mut rng = rand::rng();
+    let mut longest_recovery = Duration::ZERO;
+    for _ in 0..kills {
+        tokio::time::sleep(Duration::from_millis(rng.random_range(300..1_500))).await;
+        source.kill9();
+        tokio::time::sleep(Duration::from_millis(rng.random_range(0..500))).await;
+        source = world.start_source_on(addr, "source", &[]).await;
+        let app = world.client(addr).await;
+        let recovery = recovery_time(&app, &reader, Duration::from_secs(60)).await;
+        longest_recovery = longest_recovery.max(recovery);
+    }
+    let acked = load.stop().await;
+    let app = world.client(addr).await;
+    let verified = verify_acked(&app, &acked).await;
+    let status = assert_converged(&app, &reader).await;
+    let report = monitor.finish().await;
+    assert_monotonic(&report);
+    assert_eq!(status.snapshots_started, 1, "the mirror must resume by streaming");
+    assert_eq!(status.last_decision, Some(DecisionKind::Stream));
+    Figures {
+        scenario: "source-kill-9",
+        faults: kills,
+        writes_acked: acked.len(),
+        entries_verified: verified,
+        snapshots_expected: 1,
+        snapshots_seen: status.snapshots_started,
+        longest_recovery,
+    }
+    .print(started);
+}
+
+fn rtt_100ms() -> Impairment {
+    Impairment {
+        delay: Duration::from_millis(45),
+        jitter: Duration::from_millis(10),
+        ..Impairment::default()
+    }
+}
+
+/// Starts a mirror that reaches the source through `proxy`.
+fn mirror_via(world: &World, proxy: &Proxy, name: &str, listen: SocketAddr) -> Node {
+    let args = mirror_args(&world.path(name), proxy.addr, CLUSTER, &world.certs, name, Some(listen));
+    Node::spawn(&format!("mirror-{name}"), world.dir.path(), &args, listen)
+}
+
+/// 3. Through the impairment proxy: 100 ms RTT with jitter, 2 % loss with reordering, and a
+/// 15 s partition in the middle of a snapshot and again while streaming. The mirrors
+/// recover by themselves, without a fresh snapshot, and lag returns under 2 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn impaired_and_partitioned_network() {
+    const PARTITION: Duration = Duration::from_secs(15);
+    const LAG_BOUND_MS: u64 = 2_000;
+    let started = Instant::now();
+    let world = World::new();
+    let source = world.start_source("source", &[]).await;
+    let app = world.client(source.addr).await;
+    app.write_keys(20_000, 1_000, "init-").await.unwrap();
+    let data_size = 20_000u64 * (5 + 10 + 1_000);
+    let load = WriteLoad::start(&world.certs, source.addr, 2, 200, Duration::from_millis(10));
+
+    // 100 ms RTT with jitter: snapshot, then streaming.
+    let proxy = Proxy::start(source.addr).await;
+    proxy.set_both(rtt_100ms());
+    let m1_listen = free_port();
+    let _m1 = mirror_via(&world, &proxy, "m1", m1_listen);
+    let monitor = LsnMonitor::start(&world.certs, m1_listen);
+    let reader = wait_until("m1 to serve", Duration::from_secs(30), || async {
+        let tls = xmirror_tls::NodeTls::load(&world.certs, "app").ok()?;
+        Client::connect(&tls, m1_listen, xmirror_tls::ExpectedServer::any_node()).await.ok()
+    })
+    .await;
+    let snapshot_time = recovery_time(&app, &reader, Duration::from_secs(120)).await;
+    println!("  100 ms RTT: snapshot of {data_size} bytes consistent in {:.1} s", snapshot_time.as_secs_f64());
+
+    // 2 % loss each way, with reordering from jitter.
+    proxy.set_both(Impairment {
+        delay: Duration::from_millis(5),
+        jitter: Duration::from_millis(5),
+        loss: 0.02,
+        ..Impairment::default()
+    });
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let lossy_recovery = recovery_time(&app, &reader, Duration::from_secs(60)).await;
+    println!("  2% loss: caught up {:.1} s after writes were sampled", lossy_recovery.as_secs_f64());
+
+    // A 15 s partition in the middle of another mirror's snapshot.
+    let proxy2 = Proxy::start(source.addr).await;
+    proxy2.set_both(rtt_100ms());
+    let sent_before = source_status(&app).await.snapshot_bytes_sent;
+    let m2_listen = free_port();
+    let _m2 = mirror_via(&world, &proxy2, "m2", m2_listen);
+    wait_until("m2's snapshot to be under way", Duration::from_secs(60), || async {
+        let sent = source_status(&app).await.snapshot_bytes_sent - sent_before;
+        (sent >= data_size / 4).then_some(())
+    })
+    .await;
+    proxy2.partition(true);
+    tokio::time::sleep(PARTITION).await;
+    proxy2.partition(false);
+    let m2 = world.client(m2_listen).await;
+    let m2_recovery = recovery_time(&app, &m2, Duration::from_secs(120)).await;
+    let m2_status = mirror_status(&m2).await;
+    assert_eq!(m2_status.snapshots_started, 1, "the partitioned snapshot must resume, not restart");
+    println!(
+        "  partition mid-snapshot: consistent {:.1} s after healing ({} resumes)",
+        m2_recovery.as_secs_f64(),
+        m2_status.snapshots_resumed
+    );
+
+    // A 15 s partition while streaming, under writes.
+    proxy.set_both(rtt_100ms());
+    proxy.partition(true);
+    tokio::time::sleep(PARTITION).await;
+    proxy.partition(false);
+    let stream_recovery = recovery_time(&app, &reader, Duration::from_secs(120)).await;
+    println!("  partition while streaming: caught up {:.1} s after healing", stream_recovery.as_secs_f64());
+    // Lag back under the bound, measured by the mirror against the source's commit times.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let mut worst_lag = 0;
+    for _ in 0..10 {
+        worst_lag = worst_lag.max(mirror_status(&reader).await.lag_ms);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(worst_lag <= LAG_BOUND_MS, "lag {worst_lag} ms after recovery");
+    println!("  lag after recovery: at most {worst_lag} ms over 1 s of samples");
+
+    let acked = load.stop().await;
+    let verified = verify_acked(&app, &acked).await;
+    let m1_status = assert_converged(&app, &reader).await;
+    assert_converged(&app, &m2).await;
+    assert_monotonic(&monitor.finish().await);
+    assert_eq!(m1_status.snapshots_started, 1, "streaming through faults must not snapshot");
+    Figures {
+        scenario: "network",
+        faults: 4,
+        writes_acked: acked.len(),
+        entries_verified: verified,
+        snapshots_expected: 2,
+        snapshots_seen: m1_status.snapshots_started + m2_status.snapshots_started,
+        longest_recovery: m2_recovery.max(stream_recovery),
+    }
+    .print(started);
+    println!(
+        "  proxy datagrams forwarded {} dropped {}",
+        proxy.stats.forwarded.load(std::sync::atomic::Ordering::Relaxed)
+            + proxy2.stats.forwarded.load(std::sync::atomic::Ordering::Relaxed),
+        proxy.stats.dropped.load(std::sync::atomic::Ordering::Relaxed)
+            + proxy2.stats.dropped.load(std::sync::atomic::Ordering::Relaxed)
+    );
+}
+
+/// 5. The source restarted with a much smaller retention while one mirror is down: that
+/// mirror gets a fresh snapshot when it returns; the other keeps streaming.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn smaller_retention_while_a_mirror_is_down() {
+    let started = Instant::now();
+    let world = World::new();
+    let addr = free_port();
+    let mut source = world.start_source_on(addr, "source", &[]).await;
+    let app = world.client(addr).await;
+    app.write_keys(2_000, 100, "init-").await.unwrap();
+    let m1 = world.start_mirror("m1", "m1", addr).await;
+    let mut m2 = world.start_mirror("m2", "m2", addr).await;
+    let m1_reader = world.client(m1.addr).await;
+    let m2_listen = m2.addr;
+    assert_converged(&app, &m1_reader).await;
+    assert_converged(&app, &world.client(m2_listen).await).await;
+
+    assert!(m2.stop().success());
+    assert!(source.stop().success());
+    source = world
+        .start_source_on(addr, "source", &["--max-wal-entries", "500"])
+        .await;
+    let app = world.client(addr).await;
+    wait_until("m1 to stream again", Duration::from_secs(30), || async {
+        let slots = source_status(&app).await.mirrors;
+        slots
+            .iter()
+            .any(|slot| slot.name.as_str() == "m1" && slot.state == SlotState::Streaming)
+            .then_some(())
+    })
+    .await;
+    let mut longest_recovery = Duration::ZERO;
+    for round in 0..20 {
+        app.write_keys(100, 100, &format!("r{round}-")).await.unwrap();
+        longest_recovery = longest_recovery.max(recovery_time(&app, &m1_reader, Duration::from_secs(30)).await);
+    }
+    wait_until("m2's slot to be invalidated", Duration::from_secs(30), || async {
+        let slots = source_status(&app).await.mirrors;
+        slots
+            .iter()
+            .any(|slot| slot.name.as_str() == "m2" && slot.state == SlotState::Invalidated)
+            .then_some(())
+    })
+    .await;
+
+    let m2 = world.start_mirror_on(m2_listen, "m2", "m2", addr).await;
+    let m2_reader = world.client(m2.addr).await;
+    let m2_status = assert_converged(&app, &m2_reader).await;
+    let m1_status = assert_converged(&app, &m1_reader).await;
+    assert_eq!(m2_status.last_decision, Some(DecisionKind::Snapshot));
+    assert_eq!(m2_status.snapshots_started, 2);
+    assert_eq!(m1_status.snapshots_started, 1, "m1 must keep streaming");
+    drop(source);
+    Figures {
+        scenario: "smaller-retention",
+        faults: 2,
+        writes_acked: 4_000,
+        entries_verified: m1_status.applied_lsn.0 as usize,
+        snapshots_expected: 3,
+        snapshots_seen: m1_status.snapshots_started + m2_status.snapshots_started,
+        longest_recovery,
+    }
+    .print(started);
+}
+
+/// 6. Two mirror processes on one data directory: the second refuses to start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_mirrors_on_one_data_directory() {
+    let started = Instant::now();
+    let world = World::new();
+    let source = world.start_source("source", &[]).await;
+    let app = world.client(source.addr).await;
+    app.write_keys(500, 100, "k-").await.unwrap();
+    let first = world.start_mirror("m1", "shared", source.addr).await;
+    let args = mirror_args(&world.path("shared"), source.addr, CLUSTER, &world.certs, "m1", Some(free_port()));
+    let mut second = Node::spawn("mirror-second", world.dir.path(), &args, free_port());
+    let status = second
+        .wait_exit(Duration::from_secs(30))
+        .expect("the second mirror exits by itself");
+    assert!(!status.success());
+    let log = second.log_text();
+    assert!(log.contains("in use by another process"), "{log}");
+    // The first one is unaffected.
+    let reader = world.client(first.addr).await;
+    let status = assert_converged(&app, &reader).await;
+    Figures {
+        scenario: "two-appliers",
+        faults: 1,
+        writes_acked: 500,
+        entries_verified: status.applied_lsn.0 as usize,
+        snapshots_expected: 1,
+        snapshots_seen: status.snapshots_started,
+        longest_recovery: Duration::ZERO,
+    }
+    .print(started);
+}

@@ -17,10 +17,13 @@ use xmirror_tls::{ExpectedServer, NodeTls};
 
 /// Connects within `limit`, or gives `None`.
 async fn try_connect(tls: &NodeTls, addr: SocketAddr, limit: Duration) -> Option<Client> {
-    tokio::time::timeout(limit, Client::connect(tls, addr, ExpectedServer::any_node()))
-        .await
-        .ok()?
-        .ok()
+    tokio::time::timeout(
+        limit,
+        Client::connect(tls, addr, ExpectedServer::any_node()),
+    )
+    .await
+    .ok()?
+    .ok()
 }
 
 /// A write the source acknowledged.
@@ -45,7 +48,13 @@ impl WriteLoad {
     /// Starts `writers` sequential writers as client `app` from `certs`, each pausing
     /// `pause` between writes. A write without an answer within 5 s has an unknown outcome
     /// and is not recorded; the writer reconnects and goes on.
-    pub fn start(certs: &Path, source: SocketAddr, writers: usize, value_size: usize, pause: Duration) -> WriteLoad {
+    pub fn start(
+        certs: &Path,
+        source: SocketAddr,
+        writers: usize,
+        value_size: usize,
+        pause: Duration,
+    ) -> WriteLoad {
         let stop = Arc::new(AtomicBool::new(false));
         let acked = Arc::new(AtomicU64::new(0));
         let tls = Arc::new(NodeTls::load(certs, "app").expect("client certificates"));
@@ -68,7 +77,12 @@ impl WriteLoad {
                         let mut value = format!("{writer}:{sequence}:").into_bytes();
                         value.resize(value_size, b'v');
                         sequence += 1;
-                        match tokio::time::timeout(Duration::from_secs(5), connected.put(&key, &value)).await {
+                        match tokio::time::timeout(
+                            Duration::from_secs(5),
+                            connected.put(&key, &value),
+                        )
+                        .await
+                        {
                             Ok(Ok(lsn)) => {
                                 acked.fetch_add(1, Ordering::Relaxed);
                                 written.push(AckedWrite { key, value, lsn });
@@ -172,7 +186,9 @@ impl LsnMonitor {
                         Ok(Ok(NodeStatus::Mirror(status))) => {
                             report.samples += 1;
                             if status.applied_lsn < report.highest {
-                                report.regressions.push((report.highest, status.applied_lsn));
+                                report
+                                    .regressions
+                                    .push((report.highest, status.applied_lsn));
                             }
                             report.highest = report.highest.max(status.applied_lsn);
                         }

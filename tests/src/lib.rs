@@ -152,7 +152,8 @@ impl World {
     /// Starts `xmirror mirror` named `mirror` with data in `data`, serving reads on a free
     /// port, and waits until its client API answers.
     pub async fn start_mirror(&self, mirror: &str, data: &str, source: SocketAddr) -> Node {
-        self.start_mirror_on(free_port(), mirror, data, source).await
+        self.start_mirror_on(free_port(), mirror, data, source)
+            .await
     }
 
     /// Starts `xmirror mirror` serving reads on `listen` (to restart it on the same address).
@@ -164,7 +165,14 @@ impl World {
         source: SocketAddr,
     ) -> Node {
         let data_dir = self.path(data);
-        let args = mirror_args(&data_dir, source, CLUSTER, &self.certs, mirror, Some(listen));
+        let args = mirror_args(
+            &data_dir,
+            source,
+            CLUSTER,
+            &self.certs,
+            mirror,
+            Some(listen),
+        );
         let node = Node::spawn(&format!("mirror-{data}"), self.dir.path(), &args, listen);
         node.wait_serving(self).await;
         node
@@ -312,6 +320,15 @@ impl Node {
 impl Drop for Node {
     fn drop(&mut self) {
         self.kill9();
+        if std::thread::panicking() {
+            // A failing test shows what each of its nodes logged last.
+            let log = self.log_text();
+            let tail: Vec<&str> = log.lines().rev().take(25).collect();
+            eprintln!("--- last lines of {} ---", self.log.display());
+            for line in tail.into_iter().rev() {
+                eprintln!("{line}");
+            }
+        }
     }
 }
 

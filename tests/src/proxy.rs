@@ -22,8 +22,11 @@ use tokio::time::Instant;
 pub struct Impairment {
     /// Fixed one-way delay.
     pub delay: Duration,
-    /// Extra delay, uniform in 0..jitter per datagram; datagrams overtake each other.
+    /// Extra delay, uniform in 0..jitter per datagram.
     pub jitter: Duration,
+    /// Whether jitter may reorder datagrams (as netem's does); otherwise each datagram
+    /// leaves no earlier than the one before it, as on a real path with varying queues.
+    pub reorder: bool,
     /// Probability that a datagram is dropped.
     pub loss: f64,
     /// Probability that a datagram is sent twice.
@@ -53,23 +56,57 @@ pub struct ProxyStats {
     pub dropped: AtomicU64,
 }
 
+/// A datagram waiting for its departure time.
+struct Departure {
+    at: Instant,
+    datagram: Vec<u8>,
+    copies: u64,
+    socket: Arc<UdpSocket>,
+    to: Option<SocketAddr>,
+}
+
+impl Departure {
+    async fn send(self) {
+        tokio::time::sleep_until(self.at).await;
+        for _ in 0..self.copies {
+            let _ = match self.to {
+                Some(to) => self.socket.send_to(&self.datagram, to).await,
+                None => self.socket.send(&self.datagram).await,
+            };
+        }
+    }
+}
+
 struct Lane {
     impairment: Mutex<Impairment>,
+    /// Datagrams that must leave in order go through one task: timers that fire in the
+    /// same tick would otherwise release them in any order, which QUIC reads as loss.
+    in_order: tokio::sync::mpsc::UnboundedSender<Departure>,
     /// When the bandwidth-capped link is next free.
     next_free: Mutex<Instant>,
+    /// When the last datagram leaves, to keep order when reordering is off.
+    last_departure: Mutex<Instant>,
 }
 
 impl Lane {
     fn new() -> Lane {
+        let (in_order, mut queue) = tokio::sync::mpsc::unbounded_channel::<Departure>();
+        tokio::spawn(async move {
+            while let Some(departure) = queue.recv().await {
+                departure.send().await;
+            }
+        });
         Lane {
+            in_order,
             impairment: Mutex::new(Impairment::default()),
             next_free: Mutex::new(Instant::now()),
+            last_departure: Mutex::new(Instant::now()),
         }
     }
 
-    /// When a datagram of `len` bytes arriving now should leave, or `None` to drop it; and
-    /// whether to send it twice.
-    fn schedule(&self, len: usize) -> Option<(Instant, bool)> {
+    /// When a datagram of `len` bytes arriving now should leave, or `None` to drop it;
+    /// whether to send it twice; and whether it may overtake others.
+    fn schedule(&self, len: usize) -> Option<(Instant, bool, bool)> {
         let impairment = self.impairment.lock().unwrap().clone();
         let mut rng = rand::rng();
         if impairment.partitioned || rng.random_bool(impairment.loss.clamp(0.0, 1.0)) {
@@ -92,7 +129,13 @@ impl Lane {
             rng.random_range(Duration::ZERO..impairment.jitter)
         };
         let duplicate = rng.random_bool(impairment.duplicate.clamp(0.0, 1.0));
-        Some((departure + impairment.delay + jitter, duplicate))
+        let mut departure = departure + impairment.delay + jitter;
+        if !impairment.reorder {
+            let mut last = self.last_departure.lock().unwrap();
+            departure = departure.max(*last);
+            *last = departure;
+        }
+        Some((departure, duplicate, impairment.reorder))
     }
 }
 
@@ -110,7 +153,11 @@ pub struct Proxy {
 impl Proxy {
     /// Starts forwarding from a fresh loopback port to `upstream`.
     pub async fn start(upstream: SocketAddr) -> Proxy {
-        let listener = Arc::new(UdpSocket::bind("127.0.0.1:0").await.expect("bind the proxy"));
+        let listener = Arc::new(
+            UdpSocket::bind("127.0.0.1:0")
+                .await
+                .expect("bind the proxy"),
+        );
         let addr = listener.local_addr().expect("proxy address");
         let to_source = Arc::new(Lane::new());
         let to_mirror = Arc::new(Lane::new());
@@ -172,21 +219,24 @@ fn send_later(
     lane: &Lane,
     stats: &Arc<ProxyStats>,
 ) {
-    let Some((departure, duplicate)) = lane.schedule(datagram.len()) else {
+    let Some((at, duplicate, reorder)) = lane.schedule(datagram.len()) else {
         stats.dropped.fetch_add(1, Ordering::Relaxed);
         return;
     };
     let copies = 1 + u64::from(duplicate);
     stats.forwarded.fetch_add(copies, Ordering::Relaxed);
-    tokio::spawn(async move {
-        tokio::time::sleep_until(departure).await;
-        for _ in 0..copies {
-            let _ = match to {
-                Some(to) => socket.send_to(&datagram, to).await,
-                None => socket.send(&datagram).await,
-            };
-        }
-    });
+    let departure = Departure {
+        at,
+        datagram,
+        copies,
+        socket,
+        to,
+    };
+    if reorder {
+        tokio::spawn(departure.send());
+    } else {
+        let _ = lane.in_order.send(departure);
+    }
 }
 
 async fn forward_from_mirrors(
@@ -220,7 +270,13 @@ async fn forward_from_mirrors(
                 socket
             }
         };
-        send_later(upstream_socket, buffer[..len].to_vec(), None, &to_source, &stats);
+        send_later(
+            upstream_socket,
+            buffer[..len].to_vec(),
+            None,
+            &to_source,
+            &stats,
+        );
     }
 }
 
@@ -238,6 +294,12 @@ async fn forward_to_mirror(
             tokio::time::sleep(Duration::from_millis(10)).await;
             continue;
         };
-        send_later(listener.clone(), buffer[..len].to_vec(), Some(mirror), &lane, &stats);
+        send_later(
+            listener.clone(),
+            buffer[..len].to_vec(),
+            Some(mirror),
+            &lane,
+            &stats,
+        );
     }
 }

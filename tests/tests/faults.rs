@@ -121,7 +121,10 @@ async fn mirror_kill_9_at_random_moments() {
     let report = monitor.finish().await;
     assert_monotonic(&report);
     let verified = verify_acked(&app, &acked).await + verify_acked(&reader, &acked).await;
-    assert_eq!(status.snapshots_started, 1, "a kill must never cost a fresh snapshot");
+    assert_eq!(
+        status.snapshots_started, 1,
+        "a kill must never cost a fresh snapshot"
+    );
     Figures {
         scenario: "mirror-kill-9",
         faults: kills,
@@ -172,7 +175,10 @@ async fn source_kill_9_under_load() {
     let status = assert_converged(&app, &reader).await;
     let report = monitor.finish().await;
     assert_monotonic(&report);
-    assert_eq!(status.snapshots_started, 1, "the mirror must resume by streaming");
+    assert_eq!(
+        status.snapshots_started, 1,
+        "the mirror must resume by streaming"
+    );
     assert_eq!(status.last_decision, Some(DecisionKind::Stream));
     Figures {
         scenario: "source-kill-9",
@@ -186,17 +192,25 @@ async fn source_kill_9_under_load() {
     .print(started);
 }
 
+/// 100 ms RTT: 48 ms each way plus up to 4 ms of jitter (order kept, as on a real path).
 fn rtt_100ms() -> Impairment {
     Impairment {
-        delay: Duration::from_millis(45),
-        jitter: Duration::from_millis(10),
+        delay: Duration::from_millis(48),
+        jitter: Duration::from_millis(4),
         ..Impairment::default()
     }
 }
 
 /// Starts a mirror that reaches the source through `proxy`.
 fn mirror_via(world: &World, proxy: &Proxy, name: &str, listen: SocketAddr) -> Node {
-    let args = mirror_args(&world.path(name), proxy.addr, CLUSTER, &world.certs, name, Some(listen));
+    let args = mirror_args(
+        &world.path(name),
+        proxy.addr,
+        CLUSTER,
+        &world.certs,
+        name,
+        Some(listen),
+    );
     Node::spawn(&format!("mirror-{name}"), world.dir.path(), &args, listen)
 }
 
@@ -211,8 +225,10 @@ async fn impaired_and_partitioned_network() {
     let world = World::new();
     let source = world.start_source("source", &[]).await;
     let app = world.client(source.addr).await;
-    app.write_keys(20_000, 1_000, "init-").await.unwrap();
-    let data_size = 20_000u64 * (5 + 10 + 1_000);
+    // 8 MB: large enough for a partition to land mid-snapshot, small enough that a
+    // stop-and-wait chunk transfer over 100 ms RTT ends in seconds.
+    app.write_keys(8_000, 1_000, "init-").await.unwrap();
+    let data_size = 8_000u64 * (5 + 10 + 1_000);
     let load = WriteLoad::start(&world.certs, source.addr, 2, 200, Duration::from_millis(10));
 
     // 100 ms RTT with jitter: snapshot, then streaming.
@@ -223,22 +239,31 @@ async fn impaired_and_partitioned_network() {
     let monitor = LsnMonitor::start(&world.certs, m1_listen);
     let reader = wait_until("m1 to serve", Duration::from_secs(30), || async {
         let tls = xmirror_tls::NodeTls::load(&world.certs, "app").ok()?;
-        Client::connect(&tls, m1_listen, xmirror_tls::ExpectedServer::any_node()).await.ok()
+        Client::connect(&tls, m1_listen, xmirror_tls::ExpectedServer::any_node())
+            .await
+            .ok()
     })
     .await;
     let snapshot_time = recovery_time(&app, &reader, Duration::from_secs(120)).await;
-    println!("  100 ms RTT: snapshot of {data_size} bytes consistent in {:.1} s", snapshot_time.as_secs_f64());
+    println!(
+        "  100 ms RTT: snapshot of {data_size} bytes consistent in {:.1} s",
+        snapshot_time.as_secs_f64()
+    );
 
     // 2 % loss each way, with reordering from jitter.
     proxy.set_both(Impairment {
         delay: Duration::from_millis(5),
-        jitter: Duration::from_millis(5),
+        jitter: Duration::from_millis(3),
+        reorder: true,
         loss: 0.02,
         ..Impairment::default()
     });
     tokio::time::sleep(Duration::from_secs(3)).await;
     let lossy_recovery = recovery_time(&app, &reader, Duration::from_secs(60)).await;
-    println!("  2% loss: caught up {:.1} s after writes were sampled", lossy_recovery.as_secs_f64());
+    println!(
+        "  2% loss: caught up {:.1} s after writes were sampled",
+        lossy_recovery.as_secs_f64()
+    );
 
     // A 15 s partition in the middle of another mirror's snapshot.
     let proxy2 = Proxy::start(source.addr).await;
@@ -246,10 +271,14 @@ async fn impaired_and_partitioned_network() {
     let sent_before = source_status(&app).await.snapshot_bytes_sent;
     let m2_listen = free_port();
     let _m2 = mirror_via(&world, &proxy2, "m2", m2_listen);
-    wait_until("m2's snapshot to be under way", Duration::from_secs(60), || async {
-        let sent = source_status(&app).await.snapshot_bytes_sent - sent_before;
-        (sent >= data_size / 4).then_some(())
-    })
+    wait_until(
+        "m2's snapshot to be under way",
+        Duration::from_secs(60),
+        || async {
+            let sent = source_status(&app).await.snapshot_bytes_sent - sent_before;
+            (sent >= data_size / 4).then_some(())
+        },
+    )
     .await;
     proxy2.partition(true);
     tokio::time::sleep(PARTITION).await;
@@ -257,7 +286,10 @@ async fn impaired_and_partitioned_network() {
     let m2 = world.client(m2_listen).await;
     let m2_recovery = recovery_time(&app, &m2, Duration::from_secs(120)).await;
     let m2_status = mirror_status(&m2).await;
-    assert_eq!(m2_status.snapshots_started, 1, "the partitioned snapshot must resume, not restart");
+    assert_eq!(
+        m2_status.snapshots_started, 1,
+        "the partitioned snapshot must resume, not restart"
+    );
     println!(
         "  partition mid-snapshot: consistent {:.1} s after healing ({} resumes)",
         m2_recovery.as_secs_f64(),
@@ -270,7 +302,10 @@ async fn impaired_and_partitioned_network() {
     tokio::time::sleep(PARTITION).await;
     proxy.partition(false);
     let stream_recovery = recovery_time(&app, &reader, Duration::from_secs(120)).await;
-    println!("  partition while streaming: caught up {:.1} s after healing", stream_recovery.as_secs_f64());
+    println!(
+        "  partition while streaming: caught up {:.1} s after healing",
+        stream_recovery.as_secs_f64()
+    );
     // Lag back under the bound, measured by the mirror against the source's commit times.
     tokio::time::sleep(Duration::from_secs(1)).await;
     let mut worst_lag = 0;
@@ -278,7 +313,10 @@ async fn impaired_and_partitioned_network() {
         worst_lag = worst_lag.max(mirror_status(&reader).await.lag_ms);
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert!(worst_lag <= LAG_BOUND_MS, "lag {worst_lag} ms after recovery");
+    assert!(
+        worst_lag <= LAG_BOUND_MS,
+        "lag {worst_lag} ms after recovery"
+    );
     println!("  lag after recovery: at most {worst_lag} ms over 1 s of samples");
 
     let acked = load.stop().await;
@@ -286,7 +324,10 @@ async fn impaired_and_partitioned_network() {
     let m1_status = assert_converged(&app, &reader).await;
     assert_converged(&app, &m2).await;
     assert_monotonic(&monitor.finish().await);
-    assert_eq!(m1_status.snapshots_started, 1, "streaming through faults must not snapshot");
+    assert_eq!(
+        m1_status.snapshots_started, 1,
+        "streaming through faults must not snapshot"
+    );
     Figures {
         scenario: "network",
         faults: 4,
@@ -299,10 +340,22 @@ async fn impaired_and_partitioned_network() {
     .print(started);
     println!(
         "  proxy datagrams forwarded {} dropped {}",
-        proxy.stats.forwarded.load(std::sync::atomic::Ordering::Relaxed)
-            + proxy2.stats.forwarded.load(std::sync::atomic::Ordering::Relaxed),
-        proxy.stats.dropped.load(std::sync::atomic::Ordering::Relaxed)
-            + proxy2.stats.dropped.load(std::sync::atomic::Ordering::Relaxed)
+        proxy
+            .stats
+            .forwarded
+            .load(std::sync::atomic::Ordering::Relaxed)
+            + proxy2
+                .stats
+                .forwarded
+                .load(std::sync::atomic::Ordering::Relaxed),
+        proxy
+            .stats
+            .dropped
+            .load(std::sync::atomic::Ordering::Relaxed)
+            + proxy2
+                .stats
+                .dropped
+                .load(std::sync::atomic::Ordering::Relaxed)
     );
 }
 
@@ -339,16 +392,23 @@ async fn smaller_retention_while_a_mirror_is_down() {
     .await;
     let mut longest_recovery = Duration::ZERO;
     for round in 0..20 {
-        app.write_keys(100, 100, &format!("r{round}-")).await.unwrap();
-        longest_recovery = longest_recovery.max(recovery_time(&app, &m1_reader, Duration::from_secs(30)).await);
+        app.write_keys(100, 100, &format!("r{round}-"))
+            .await
+            .unwrap();
+        longest_recovery =
+            longest_recovery.max(recovery_time(&app, &m1_reader, Duration::from_secs(30)).await);
     }
-    wait_until("m2's slot to be invalidated", Duration::from_secs(30), || async {
-        let slots = source_status(&app).await.mirrors;
-        slots
-            .iter()
-            .any(|slot| slot.name.as_str() == "m2" && slot.state == SlotState::Invalidated)
-            .then_some(())
-    })
+    wait_until(
+        "m2's slot to be invalidated",
+        Duration::from_secs(30),
+        || async {
+            let slots = source_status(&app).await.mirrors;
+            slots
+                .iter()
+                .any(|slot| slot.name.as_str() == "m2" && slot.state == SlotState::Invalidated)
+                .then_some(())
+        },
+    )
     .await;
 
     let m2 = world.start_mirror_on(m2_listen, "m2", "m2", addr).await;
@@ -380,7 +440,14 @@ async fn two_mirrors_on_one_data_directory() {
     let app = world.client(source.addr).await;
     app.write_keys(500, 100, "k-").await.unwrap();
     let first = world.start_mirror("m1", "shared", source.addr).await;
-    let args = mirror_args(&world.path("shared"), source.addr, CLUSTER, &world.certs, "m1", Some(free_port()));
+    let args = mirror_args(
+        &world.path("shared"),
+        source.addr,
+        CLUSTER,
+        &world.certs,
+        "m1",
+        Some(free_port()),
+    );
     let mut second = Node::spawn("mirror-second", world.dir.path(), &args, free_port());
     let status = second
         .wait_exit(Duration::from_secs(30))

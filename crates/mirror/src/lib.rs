@@ -58,6 +58,10 @@ pub struct MirrorConfig {
     /// Default 5 s: five missed heartbeats. Shorter notices a dead source sooner; too short
     /// reconnects needlessly on a congested link.
     pub source_silence_timeout: Duration,
+    /// How long one connection attempt may take. Default 5 s: an attempt started during a
+    /// partition is abandoned soon after the path heals instead of waiting out QUIC's
+    /// retransmission backoff.
+    pub connect_timeout: Duration,
     /// First reconnect delay. Default 100 ms.
     pub backoff_min: Duration,
     /// Longest reconnect delay. Default 10 s: a region-wide outage is retried often
@@ -86,6 +90,7 @@ impl MirrorConfig {
             frame_limits: FrameLimits::default(),
             transport: TransportLimits::default(),
             source_silence_timeout: Duration::from_secs(5),
+            connect_timeout: Duration::from_secs(5),
             backoff_min: Duration::from_millis(100),
             backoff_max: Duration::from_secs(10),
             max_in_flight_per_stream: 1_024,
@@ -420,16 +425,22 @@ async fn connect_once(
         .map_err(|error| {
             Attempt::Permanent(format!("cannot dial {}: {error}", shared.config.source))
         })?;
-    let connection =
-        connecting
-            .await
-            .map_err(|error| match permanent_connection_error(&error) {
-                Some(reason) => Attempt::Permanent(reason),
-                None => Attempt::Transient(format!(
-                    "cannot connect to {}: {error}",
-                    shared.config.source
-                )),
-            })?;
+    let timeout = shared.config.connect_timeout;
+    let connection = tokio::time::timeout(timeout, connecting)
+        .await
+        .map_err(|_| {
+            Attempt::Transient(format!(
+                "no answer from {} within {timeout:?}",
+                shared.config.source
+            ))
+        })?
+        .map_err(|error| match permanent_connection_error(&error) {
+            Some(reason) => Attempt::Permanent(reason),
+            None => Attempt::Transient(format!(
+                "cannot connect to {}: {error}",
+                shared.config.source
+            )),
+        })?;
     tracing::info!(source = %shared.config.source, "connected");
     let (mut send, recv) = connection
         .open_bi()

@@ -13,7 +13,7 @@
 use std::sync::Arc;
 
 use tokio::io::{AsyncRead, AsyncWrite};
-use xmirror_net::{FramedReader, FramedWriter, ReadError};
+use xmirror_net::{Activity, FramedReader, FramedWriter, ReadError};
 use xmirror_proto::message::{Hello, HelloAck, MirrorAck, ResumeToken, SnapshotChunkAck};
 use xmirror_proto::status::MirrorState;
 use xmirror_proto::{Decision, ErrorCode, FrameError, Lsn, Message, Role};
@@ -113,7 +113,8 @@ where
     W: AsyncWrite + Unpin,
 {
     let limits = shared.config.frame_limits;
-    let mut reader = FramedReader::new(reader, limits.handshake);
+    let activity = Activity::new();
+    let mut reader = FramedReader::new(activity.watch(reader), limits.handshake);
     let mut writer = FramedWriter::new(writer, limits.handshake);
     let hello = hello_for(shared);
     let resumed_from = hello.resume.clone();
@@ -148,12 +149,20 @@ where
     let mut chunks_applied = 0u64;
     let silence = shared.config.source_silence_timeout;
     loop {
-        // The source heartbeats every second when idle: a longer silence means the path or
-        // the source is gone (a restarted source cannot even reset the old connection), so
-        // reconnect rather than wait for the transport's idle timeout.
-        let next = tokio::time::timeout(silence, reader.next())
-            .await
-            .map_err(|_| SessionError::Read(ReadError::Timeout(silence)))?;
+        // The source heartbeats every second when idle: no byte for longer means the path
+        // or the source is gone (a restarted source cannot even reset the old connection),
+        // so reconnect rather than wait for the transport's idle timeout. Bytes, not whole
+        // frames, count: a large chunk crawling over a slow link is progress.
+        let next = loop {
+            tokio::select! {
+                next = reader.next() => break next,
+                () = tokio::time::sleep(silence / 4) => {
+                    if activity.idle() > silence {
+                        return Err(SessionError::Read(ReadError::Timeout(silence)));
+                    }
+                }
+            }
+        };
         let Some(message) = next? else {
             return Ok(());
         };

@@ -3,10 +3,14 @@
 //! The protocol handlers take these generic halves, so the same handler runs over a QUIC
 //! stream in production and over an in-memory duplex pipe in tests.
 
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_util::codec::{FramedRead, FramedWrite};
 use xmirror_proto::message::MessageType;
 use xmirror_proto::{ErrorCode, FrameCodec, FrameError, Message};
@@ -117,5 +121,73 @@ impl<W: AsyncWrite + Unpin> FramedWriter<W> {
     /// The underlying writer (for example to finish a QUIC stream).
     pub fn get_mut(&mut self) -> &mut W {
         self.inner.get_mut()
+    }
+}
+
+/// When bytes last arrived on a stream, shared between the reader and a watchdog.
+///
+/// A peer that sends one large frame slowly is alive; one that sends nothing is not.
+/// Counting bytes rather than whole frames tells the two apart on a slow link.
+#[derive(Clone, Debug)]
+pub struct Activity {
+    epoch: std::time::Instant,
+    last_millis: Arc<AtomicU64>,
+}
+
+impl Default for Activity {
+    fn default() -> Self {
+        Activity {
+            epoch: std::time::Instant::now(),
+            last_millis: Arc::new(AtomicU64::new(0)),
+        }
+    }
+}
+
+impl Activity {
+    /// Starts counting from now.
+    pub fn new() -> Activity {
+        Activity::default()
+    }
+
+    /// Wraps `reader` so that every read of at least one byte counts as activity.
+    pub fn watch<R>(&self, reader: R) -> ActivityReader<R> {
+        self.touch();
+        ActivityReader {
+            inner: reader,
+            activity: self.clone(),
+        }
+    }
+
+    fn touch(&self) {
+        let now = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_millis.store(now, Ordering::Relaxed);
+    }
+
+    /// How long since bytes last arrived.
+    pub fn idle(&self) -> Duration {
+        let last = Duration::from_millis(self.last_millis.load(Ordering::Relaxed));
+        self.epoch.elapsed().saturating_sub(last)
+    }
+}
+
+/// An `AsyncRead` that records [`Activity`].
+#[derive(Debug)]
+pub struct ActivityReader<R> {
+    inner: R,
+    activity: Activity,
+}
+
+impl<R: AsyncRead + Unpin> AsyncRead for ActivityReader<R> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        context: &mut Context<'_>,
+        buffer: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buffer.filled().len();
+        let result = Pin::new(&mut self.inner).poll_read(context, buffer);
+        if buffer.filled().len() > before {
+            self.activity.touch();
+        }
+        result
     }
 }

@@ -19,4 +19,4 @@ pub mod serve;
 pub use client::{Client, ClientError, ClientStream, LoadReport};
 pub use close::{close_with, refusal_of, Refusal};
 pub use endpoint::{client_endpoint, server_endpoint, EndpointError, TransportLimits};
-pub use framed::{FramedReader, FramedWriter, ReadError};
+pub use framed::{Activity, ActivityReader, FramedReader, FramedWriter, ReadError};

@@ -23,3 +23,8 @@ certs cluster="dev":
     cargo run -p xmirror -- certs issue --dir certs --cluster-id {{cluster}} --role source --name source-1
     cargo run -p xmirror -- certs issue --dir certs --cluster-id {{cluster}} --role observer --name mirror-1
     cargo run -p xmirror -- certs issue --dir certs --cluster-id {{cluster}} --role client --name ops
+
+# The fault-injection suite with many more iterations (200 mirror kills, 30 source kills).
+chaos:
+    cargo build -p xmirror
+    XMIRROR_CHAOS=long cargo nextest run -p xmirror-e2e --test faults --no-capture --test-threads 1

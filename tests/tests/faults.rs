@@ -359,6 +359,112 @@ async fn impaired_and_partitioned_network() {
     );
 }
 
+/// A tmpfs mounted for one test; unmounted when dropped.
+struct Tmpfs {
+    path: std::path::PathBuf,
+}
+
+impl Tmpfs {
+    /// Mounts a tmpfs of `size` (for example `24m`) at `path`, or says why it cannot.
+    fn mount(path: &std::path::Path, size: &str) -> Result<Tmpfs, String> {
+        std::fs::create_dir_all(path).map_err(|error| error.to_string())?;
+        let output = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(path)
+            .output()
+            .map_err(|error| format!("cannot run mount: {error}"))?;
+        if !output.status.success() {
+            return Err(String::from_utf8_lossy(&output.stderr).trim().to_owned());
+        }
+        Ok(Tmpfs {
+            path: path.to_owned(),
+        })
+    }
+
+    /// Grows it to `size`, freeing space.
+    fn resize(&self, size: &str) {
+        let status = std::process::Command::new("mount")
+            .args(["-o", &format!("remount,size={size}")])
+            .arg(&self.path)
+            .status()
+            .expect("run mount");
+        assert!(status.success(), "remount failed");
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.path)
+            .status();
+    }
+}
+
+/// 4. The mirror's disk fills up during a snapshot: it stops with a clear error, loses
+/// nothing it applied, and, restarted (as its supervisor would) once space is freed,
+/// resumes the same snapshot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mirror_disk_full_during_snapshot() {
+    let started = Instant::now();
+    let world = World::new();
+    let tmpfs = match Tmpfs::mount(&world.path("m1"), "24m") {
+        Ok(tmpfs) => tmpfs,
+        Err(reason) => {
+            println!("SKIPPED disk-full scenario: cannot mount a tmpfs here: {reason}");
+            return;
+        }
+    };
+    let source = world.start_source("source", &[]).await;
+    let app = world.client(source.addr).await;
+    // 40 MB of data for a 24 MB disk.
+    app.write_keys(20_000, 2_000, "big-").await.unwrap();
+    let listen = free_port();
+    let monitor = LsnMonitor::start(&world.certs, listen);
+    let mut mirror = world.start_mirror_on(listen, "m1", "m1", source.addr).await;
+    // The engine refuses writes after an I/O failure: the mirror stops with a clear
+    // error for its supervisor to restart it.
+    let exit = mirror
+        .wait_exit(Duration::from_secs(120))
+        .expect("the mirror stops when its disk is full");
+    assert!(!exit.success());
+    let log = mirror.log_text();
+    let reported = log
+        .lines()
+        .find(|line| line.contains("xmirror: error:"))
+        .unwrap_or_default()
+        .to_owned();
+    assert!(reported.contains("No space left on device"), "{log}");
+    assert!(reported.contains("disk full"), "{reported}");
+
+    tmpfs.resize("512m");
+    let healed = Instant::now();
+    let mirror = world.start_mirror_on(listen, "m1", "m1", source.addr).await;
+    let reader = world.client(listen).await;
+    let status = assert_converged(&app, &reader).await;
+    let recovery = healed.elapsed();
+    assert_monotonic(&monitor.finish().await);
+    assert_eq!(
+        status.snapshots_started, 1,
+        "the snapshot resumes after the disk is freed"
+    );
+    println!(
+        "  reported: {}",
+        reported.chars().take(300).collect::<String>()
+    );
+    Figures {
+        scenario: "disk-full",
+        faults: 1,
+        writes_acked: 20_000,
+        entries_verified: status.applied_lsn.0 as usize,
+        snapshots_expected: 1,
+        snapshots_seen: status.snapshots_started,
+        longest_recovery: recovery,
+    }
+    .print(started);
+    drop(mirror);
+}
+
 /// 5. The source restarted with a much smaller retention while one mirror is down: that
 /// mirror gets a fresh snapshot when it returns; the other keeps streaming.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -465,11 +465,19 @@ async fn connect_once(
                 SessionError::Store(_) => ErrorCode::Internal,
             };
             close_with(&connection, code, &error.to_string());
-            let reason = format!("{error:#}");
-            let reason = match &error {
-                SessionError::Store(store) => format!("{reason}: {store}"),
-                _ => reason,
-            };
+            let mut reason = error_chain(&error);
+            if let SessionError::Store(StoreError::Engine(engine)) = &error {
+                // The engine refuses every write after an I/O failure until it is reopened,
+                // so the process stops (crash-only) and its supervisor restarts it;
+                // everything applied so far is durable and is where it resumes.
+                if engine.is_disk_full() {
+                    reason.push_str(
+                        " (disk full: free space in the mirror's data directory; nothing \
+                         applied is lost, and the restarted mirror resumes where it stopped)",
+                    );
+                }
+                return Err(Attempt::Permanent(reason));
+            }
             if error.is_permanent() {
                 Err(Attempt::Permanent(reason))
             } else {
@@ -477,6 +485,18 @@ async fn connect_once(
             }
         }
     }
+}
+
+/// `error` and its causes, joined with ": ", for one log line.
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(inner) = cause {
+        text.push_str(": ");
+        text.push_str(&inner.to_string());
+        cause = inner.source();
+    }
+    text
 }
 
 fn classify_closed(error: &quinn::ConnectionError) -> Attempt {

@@ -130,14 +130,14 @@ impl<W: AsyncWrite + Unpin> FramedWriter<W> {
 /// Counting bytes rather than whole frames tells the two apart on a slow link.
 #[derive(Clone, Debug)]
 pub struct Activity {
-    epoch: std::time::Instant,
+    epoch: tokio::time::Instant,
     last_millis: Arc<AtomicU64>,
 }
 
 impl Default for Activity {
     fn default() -> Self {
         Activity {
-            epoch: std::time::Instant::now(),
+            epoch: tokio::time::Instant::now(),
             last_millis: Arc::new(AtomicU64::new(0)),
         }
     }
@@ -189,5 +189,36 @@ impl<R: AsyncRead + Unpin> AsyncRead for ActivityReader<R> {
             self.activity.touch();
         }
         result
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncWriteExt;
+
+    /// A frame trickling in byte by byte is activity even before it is complete: this is
+    /// what keeps a mirror from abandoning a large chunk on a slow link.
+    #[tokio::test(start_paused = true)]
+    async fn bytes_of_an_unfinished_frame_count_as_activity() {
+        let (mut peer, ours) = tokio::io::duplex(64);
+        let activity = Activity::new();
+        let mut reader = FramedReader::new(activity.watch(ours), 1 << 20);
+        let read = tokio::spawn(async move { reader.next().await });
+        // A 100-byte frame announced, then its bytes one every 100 ms.
+        peer.write_all(&[0, 0, 0, 100]).await.unwrap();
+        for _ in 0..20 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            peer.write_all(&[0]).await.unwrap();
+            tokio::task::yield_now().await;
+            assert!(
+                activity.idle() < Duration::from_millis(150),
+                "{:?}",
+                activity.idle()
+            );
+        }
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        assert!(activity.idle() >= Duration::from_secs(3));
+        read.abort();
     }
 }

@@ -165,21 +165,32 @@ pub enum StoreError {
 }
 
 /// An engine's own error, boxed so that engine types stay inside this crate.
+///
+/// Its message is the engine's own; it reports no further source, so a cause chain prints
+/// the engine's words once.
 #[derive(Debug, thiserror::Error)]
-#[error(transparent)]
-pub struct EngineError(Box<dyn std::error::Error + Send + Sync>);
+#[error("{cause}")]
+pub struct EngineError {
+    cause: Box<dyn std::error::Error + Send + Sync>,
+    /// Set by the engine when the cause is ENOSPC.
+    disk_full: bool,
+}
 
 impl EngineError {
+    /// Wraps an engine's error; `disk_full` when its cause is a full disk.
+    pub(crate) fn new(
+        cause: impl std::error::Error + Send + Sync + 'static,
+        disk_full: bool,
+    ) -> Self {
+        EngineError {
+            cause: Box::new(cause),
+            disk_full,
+        }
+    }
+
     /// Whether the engine ran out of disk space, which an operator can fix without data loss.
     pub fn is_disk_full(&self) -> bool {
-        let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(self.0.as_ref());
-        while let Some(error) = cause {
-            if let Some(io) = error.downcast_ref::<std::io::Error>() {
-                return io.raw_os_error() == Some(28); // ENOSPC
-            }
-            cause = error.source();
-        }
-        false
+        self.disk_full
     }
 }
 

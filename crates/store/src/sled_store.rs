@@ -57,7 +57,12 @@ struct CachedMeta {
 
 impl From<sled::Error> for EngineError {
     fn from(error: sled::Error) -> Self {
-        EngineError(Box::new(error))
+        const ENOSPC: i32 = 28;
+        // sled rebuilds I/O errors when it re-reports a stored failure, keeping only the
+        // kind: check both.
+        let disk_full = matches!(&error, sled::Error::Io(io)
+            if io.raw_os_error() == Some(ENOSPC) || io.kind() == std::io::ErrorKind::StorageFull);
+        EngineError::new(error, disk_full)
     }
 }
 
@@ -577,5 +582,29 @@ impl Store for SledStore {
     fn set_counter(&self, name: &str, value: u64) -> Result<(), StoreError> {
         let _writer = self.lock();
         self.write_counter(name, value)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_disk_is_recognised() {
+        let full = sled::Error::Io(std::io::Error::from_raw_os_error(28));
+        assert!(EngineError::from(full).is_disk_full());
+        let rebuilt = sled::Error::Io(std::io::Error::new(
+            std::io::ErrorKind::StorageFull,
+            "Os { code: 28 }",
+        ));
+        assert!(EngineError::from(rebuilt).is_disk_full());
+        let other = sled::Error::Io(std::io::Error::from_raw_os_error(5));
+        assert!(!EngineError::from(other).is_disk_full());
+        let StoreError::Engine(engine) =
+            StoreError::from(sled::Error::Io(std::io::Error::from_raw_os_error(28)))
+        else {
+            panic!("an engine error")
+        };
+        assert!(engine.is_disk_full());
     }
 }

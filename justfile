@@ -27,4 +27,4 @@ certs cluster="dev":
 # The fault-injection suite with many more iterations (200 mirror kills, 30 source kills).
 chaos:
     cargo build -p xmirror
-    XMIRROR_CHAOS=long cargo nextest run -p xmirror-e2e --test faults --no-capture --test-threads 1
+    XMIRROR_CHAOS=long cargo nextest run --profile chaos -p xmirror-e2e --test faults --no-capture --test-threads 1

@@ -3,6 +3,7 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
@@ -37,6 +38,80 @@ pub struct SourceArgs {
     /// snapshot when it returns.
     #[arg(long, default_value_t = 10_000_000)]
     max_wal_entries: u64,
+    #[command(flatten)]
+    limits: SourceLimits,
+}
+
+/// Limits against misbehaving peers; each default is in docs/SECURITY.md.
+#[derive(Args)]
+struct SourceLimits {
+    /// Milliseconds a peer has for its TLS handshake and hello [default: 10000].
+    #[arg(long)]
+    handshake_timeout_ms: Option<u64>,
+    /// Milliseconds without traffic after which a connection is dead [default: 30000].
+    #[arg(long)]
+    idle_timeout_ms: Option<u64>,
+    /// Connections served at once [default: 1024].
+    #[arg(long)]
+    max_connections: Option<usize>,
+    /// Connections at once that have not finished their handshake and hello [default: 64].
+    #[arg(long)]
+    max_handshakes: Option<usize>,
+    /// Streams a peer may have open at once [default: 64].
+    #[arg(long)]
+    max_streams: Option<u32>,
+    /// Largest frame before the hello is validated, in bytes [default: 65536].
+    #[arg(long)]
+    max_handshake_frame_bytes: Option<usize>,
+    /// Largest frame after the hello, in bytes [default: 16777216].
+    #[arg(long)]
+    max_frame_bytes: Option<usize>,
+    /// WAL bytes sent to a mirror and not yet acknowledged before sending pauses
+    /// [default: 67108864].
+    #[arg(long)]
+    max_unacked_bytes: Option<usize>,
+    /// Largest key a client may write, in bytes [default: 4096].
+    #[arg(long)]
+    max_key_bytes: Option<usize>,
+    /// Largest value a client may write, in bytes [default: 4194304].
+    #[arg(long)]
+    max_value_bytes: Option<usize>,
+}
+
+impl SourceLimits {
+    /// Overrides the configuration's defaults with the flags given.
+    fn apply(&self, config: &mut SourceConfig) {
+        if let Some(ms) = self.handshake_timeout_ms {
+            config.handshake_timeout = Duration::from_millis(ms);
+        }
+        if let Some(ms) = self.idle_timeout_ms {
+            config.transport.idle_timeout = Duration::from_millis(ms);
+        }
+        if let Some(count) = self.max_connections {
+            config.max_connections = count;
+        }
+        if let Some(count) = self.max_handshakes {
+            config.max_handshakes = count;
+        }
+        if let Some(count) = self.max_streams {
+            config.transport.max_streams = count;
+        }
+        if let Some(bytes) = self.max_handshake_frame_bytes {
+            config.frame_limits.handshake = bytes;
+        }
+        if let Some(bytes) = self.max_frame_bytes {
+            config.frame_limits.data = bytes;
+        }
+        if let Some(bytes) = self.max_unacked_bytes {
+            config.max_unacked_bytes = bytes;
+        }
+        if let Some(bytes) = self.max_key_bytes {
+            config.max_key_len = bytes;
+        }
+        if let Some(bytes) = self.max_value_bytes {
+            config.max_value_len = bytes;
+        }
+    }
 }
 
 #[derive(Args)]
@@ -106,6 +181,7 @@ pub async fn run_source(args: SourceArgs) -> anyhow::Result<()> {
     let mut config = SourceConfig::new(args.data_dir, args.cluster_id, listen);
     config.database = args.database;
     config.max_wal_entries = args.max_wal_entries;
+    args.limits.apply(&mut config);
     let node = SourceNode::start(config, &tls)
         .await
         .context("cannot start the source")?;

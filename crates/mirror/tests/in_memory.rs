@@ -55,6 +55,7 @@ fn connect(source: &Arc<SourceShared>, mirror: &Arc<MirrorShared>, role: Role) -
         source_write,
         peer(role),
         source.clone(),
+        None,
     ));
     let mirror = mirror.clone();
     let mirror = tokio::spawn(async move { run_mirror(mirror_read, mirror_write, &mirror).await });
@@ -147,6 +148,7 @@ async fn an_ack_before_the_hello_is_a_protocol_violation() {
         source_write,
         peer(Role::Observer),
         source.clone(),
+        None,
     ));
     let mut writer = FramedWriter::new(peer_write, 1 << 16);
     let mut reader = FramedReader::new(peer_read, 1 << 16);
@@ -177,8 +179,14 @@ async fn a_hello_that_never_comes_times_out() {
     let (source_end, _silent_peer) = tokio::io::duplex(1 << 16);
     let (source_read, source_write) = tokio::io::split(source_end);
     // The paused clock jumps to the 10 s deadline as soon as everything is idle.
-    let end = run_source(source_read, source_write, peer(Role::Observer), source)
-        .await
-        .unwrap_err();
+    let end = run_source(
+        source_read,
+        source_write,
+        peer(Role::Observer),
+        source,
+        None,
+    )
+    .await
+    .unwrap_err();
     assert_eq!(end.code, ErrorCode::HandshakeTimeout);
 }

@@ -19,7 +19,7 @@ use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use tokio::sync::watch;
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use xmirror_net::serve::serve_client_connection;
 use xmirror_net::{close_with, server_endpoint, EndpointError, TransportLimits};
 use xmirror_proto::{ErrorCode, FrameLimits, Name, VersionRange, SUPPORTED_VERSIONS};
@@ -72,6 +72,13 @@ pub struct SourceConfig {
     pub max_value_len: usize,
     /// Client requests outstanding per stream. Default 4,096.
     pub max_in_flight_per_stream: usize,
+    /// Connections served at once; more are refused before their TLS handshake. Default
+    /// 1,024: far above any real fleet of mirrors and clients, low enough to bound memory.
+    pub max_connections: usize,
+    /// Connections at once between their first datagram and a validated hello (mirrors)
+    /// or a finished TLS handshake (clients). Default 64: a flood of peers that never say
+    /// hello is refused while established mirrors carry on.
+    pub max_handshakes: usize,
 }
 
 impl SourceConfig {
@@ -96,6 +103,8 @@ impl SourceConfig {
             max_key_len: 4 << 10,
             max_value_len: 4 << 20,
             max_in_flight_per_stream: 4_096,
+            max_connections: 1_024,
+            max_handshakes: 64,
         }
     }
 }
@@ -214,22 +223,48 @@ impl SourceNode {
 }
 
 async fn accept_loop(endpoint: quinn::Endpoint, shared: Arc<SourceShared>) {
+    let connections = Arc::new(Semaphore::new(shared.config.max_connections));
+    let handshakes = Arc::new(Semaphore::new(shared.config.max_handshakes));
     while let Some(incoming) = endpoint.accept().await {
+        // Refusing before the TLS handshake costs one datagram: a flood of connections or
+        // of handshakes that never finish cannot exhaust the source.
+        let (Ok(connection_permit), Ok(handshake_permit)) = (
+            connections.clone().try_acquire_owned(),
+            handshakes.clone().try_acquire_owned(),
+        ) else {
+            tracing::warn!(
+                remote = %incoming.remote_address(),
+                code = %ErrorCode::Busy,
+                "connection refused: connection or handshake limit reached"
+            );
+            incoming.refuse();
+            continue;
+        };
         let shared = shared.clone();
         tokio::spawn(async move {
-            let connection = match incoming.await {
-                Ok(connection) => connection,
-                Err(error) => {
-                    tracing::warn!(error = %error, "handshake failed");
+            let _connection_permit = connection_permit;
+            let deadline = shared.config.handshake_timeout;
+            let connection = match tokio::time::timeout(deadline, incoming).await {
+                Ok(Ok(connection)) => connection,
+                Ok(Err(error)) => {
+                    tracing::warn!(error = %error, "TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    tracing::warn!(code = %ErrorCode::HandshakeTimeout, "TLS handshake timed out");
                     return;
                 }
             };
-            handle_connection(connection, shared).await;
+            handle_connection(connection, shared, handshake_permit).await;
         });
     }
 }
 
-async fn handle_connection(connection: quinn::Connection, shared: Arc<SourceShared>) {
+async fn handle_connection(
+    connection: quinn::Connection,
+    shared: Arc<SourceShared>,
+    handshake: OwnedSemaphorePermit,
+) {
     let peer = match peer_identity(&connection) {
         Ok(peer) => peer,
         Err(error) => {
@@ -243,11 +278,12 @@ async fn handle_connection(connection: quinn::Connection, shared: Arc<SourceShar
         .and_then(|data| data.protocol)
         .unwrap_or_default();
     if alpn == ALPN_CLIENT {
+        drop(handshake);
         let service = Arc::new(SourceService::new(shared.clone()));
         let max_in_flight = shared.config.max_in_flight_per_stream;
         serve_client_connection(connection, peer, service, max_in_flight).await;
     } else if alpn == ALPN_MIRROR {
-        serve_mirror(connection, peer, shared).await;
+        serve_mirror(connection, peer, shared, handshake).await;
     } else {
         close_with(&connection, ErrorCode::ProtocolViolation, "unknown ALPN");
     }
@@ -257,6 +293,7 @@ async fn serve_mirror(
     connection: quinn::Connection,
     peer: xmirror_proto::PeerIdentity,
     shared: Arc<SourceShared>,
+    handshake: OwnedSemaphorePermit,
 ) {
     let deadline = shared.config.handshake_timeout;
     let (mut send, recv) = match tokio::time::timeout(deadline, connection.accept_bi()).await {
@@ -271,7 +308,8 @@ async fn serve_mirror(
             return;
         }
     };
-    let outcome = session::run_session(recv, &mut send, peer.clone(), shared).await;
+    let outcome =
+        session::run_session(recv, &mut send, peer.clone(), shared, Some(handshake)).await;
     let _ = send.finish();
     match outcome {
         Ok(()) => connection.close(0u32.into(), b"session over"),
@@ -284,9 +322,6 @@ async fn serve_mirror(
     }
 }
 
-/// Enforces retention every `retention_interval` (slots' acks free WAL), and at once after
-/// a commit takes the WAL past `max_wal_entries`, so the cap is exceeded only by the
-/// writes of one group commit.
 async fn retention_loop(shared: Arc<SourceShared>) {
     let mut interval = tokio::time::interval(shared.config.retention_interval);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

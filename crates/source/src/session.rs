@@ -12,11 +12,11 @@
 //! un-acknowledged bytes pauses sending until the mirror acknowledges.
 
 use std::collections::VecDeque;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::watch;
+use tokio::sync::{watch, OwnedSemaphorePermit};
 use xmirror_net::{FramedReader, FramedWriter, ReadError};
 use xmirror_proto::message::{
     Accepted, Heartbeat, Hello, HelloAck, Rejected, SnapshotChunk, SnapshotDone, WalBatch,
@@ -88,11 +88,15 @@ async fn blocking<T: Send + 'static>(
 }
 
 /// Runs a mirror session to its end.
+///
+/// `handshake` is the permit that counts this connection among the unfinished handshakes;
+/// it is released as soon as the hello is validated.
 pub async fn run_session<R, W>(
     reader: R,
     writer: W,
     peer: PeerIdentity,
     shared: Arc<SourceShared>,
+    handshake: Option<OwnedSemaphorePermit>,
 ) -> Result<(), SessionEnd>
 where
     R: AsyncRead + Unpin + Send + 'static,
@@ -118,6 +122,7 @@ where
         Ok(admitted) => admitted,
         Err(end) => return Err(refuse(&mut writer, end).await),
     };
+    drop(handshake);
     let mirror = hello.mirror_name.clone();
     tracing::info!(
         mirror = %mirror,
@@ -145,15 +150,32 @@ where
             lsn: acked_tx,
             chunks: chunks_tx,
         };
-        let ack_reader = acknowledge_loop(reader, shared.clone(), mirror.clone(), ticket.id, acks);
+        // The highest LSN sent so far: a mirror may not acknowledge beyond it.
+        let sent_up_to = Arc::new(AtomicU64::new(match &decision {
+            Decision::Stream { from_lsn } => from_lsn.0 - 1,
+            Decision::Snapshot { base_lsn, .. } | Decision::ResumeSnapshot { base_lsn, .. } => {
+                base_lsn.0
+            }
+        }));
+        let ack_reader = acknowledge_loop(
+            reader,
+            shared.clone(),
+            mirror.clone(),
+            ticket.id,
+            acks,
+            sent_up_to.clone(),
+        );
         let sender = send_loop(
             &mut writer,
             &shared,
             &mirror,
             ticket.id,
             decision,
-            acked_rx,
-            chunks_rx,
+            Progress {
+                acked: acked_rx,
+                chunks_acked: chunks_rx,
+                sent_up_to,
+            },
         );
         tokio::select! {
             result = ack_reader => result,
@@ -236,6 +258,16 @@ struct Acks {
     chunks: watch::Sender<u64>,
 }
 
+/// What the sender learns from the mirror, and tells the ack reader.
+struct Progress {
+    /// The last LSN acknowledged durable.
+    acked: watch::Receiver<Lsn>,
+    /// Snapshot chunks of this session applied.
+    chunks_acked: watch::Receiver<u64>,
+    /// The highest LSN sent.
+    sent_up_to: Arc<AtomicU64>,
+}
+
 /// Reads the mirror's acks and advances its slot; anything else ends the session.
 async fn acknowledge_loop<R: AsyncRead + Unpin>(
     mut reader: FramedReader<R>,
@@ -243,6 +275,7 @@ async fn acknowledge_loop<R: AsyncRead + Unpin>(
     mirror: xmirror_proto::Name,
     session: u64,
     acks: Acks,
+    sent_up_to: Arc<AtomicU64>,
 ) -> Result<(), SessionEnd> {
     loop {
         match reader.next().await? {
@@ -250,13 +283,15 @@ async fn acknowledge_loop<R: AsyncRead + Unpin>(
                 acks.chunks.send_replace(ack.chunks_applied);
             }
             Some(Message::MirrorAck(ack)) => {
-                let last_lsn = shared.store.position().lsn;
-                if ack.durable > last_lsn || ack.received > last_lsn || ack.applied > last_lsn {
+                // An ack of what was never sent would advance the slot past entries the
+                // mirror does not have, and let retention drop them.
+                let sent = Lsn(sent_up_to.load(Ordering::Acquire));
+                let claimed = ack.durable.max(ack.received).max(ack.applied);
+                if claimed > sent {
                     return Err(SessionEnd::new(
                         ErrorCode::ProtocolViolation,
                         format!(
-                            "mirror acknowledged LSN {} beyond the source's last LSN {last_lsn}",
-                            ack.durable.max(ack.received).max(ack.applied)
+                            "mirror acknowledged LSN {claimed}, but only up to {sent} was sent"
                         ),
                     ));
                 }
@@ -292,9 +327,13 @@ async fn send_loop<W: AsyncWrite + Unpin>(
     mirror: &xmirror_proto::Name,
     session: u64,
     decision: Decision,
-    acked: watch::Receiver<Lsn>,
-    chunks_acked: watch::Receiver<u64>,
+    progress: Progress,
 ) -> Result<(), SessionEnd> {
+    let Progress {
+        acked,
+        chunks_acked,
+        sent_up_to,
+    } = progress;
     let next = match decision {
         Decision::Stream { from_lsn } => from_lsn,
         Decision::Snapshot {
@@ -320,7 +359,7 @@ async fn send_loop<W: AsyncWrite + Unpin>(
         }
     };
     shared.slots.snapshot_sent(mirror, session);
-    stream_wal(writer, shared, next, acked).await
+    stream_wal(writer, shared, next, acked, &sent_up_to).await
 }
 
 /// Sends the key scan after `after_key`, then `SnapshotDone`; returns the first LSN to stream.
@@ -388,6 +427,7 @@ async fn stream_wal<W: AsyncWrite + Unpin>(
     shared: &Arc<SourceShared>,
     mut next: Lsn,
     mut acked: watch::Receiver<Lsn>,
+    sent_up_to: &AtomicU64,
 ) -> Result<(), SessionEnd> {
     let config = &shared.config;
     let mut commits = shared.commits.clone();
@@ -428,6 +468,8 @@ async fn stream_wal<W: AsyncWrite + Unpin>(
             next = batch.last_lsn().next();
             unacked.push_back((batch.last_lsn(), bytes));
             unacked_bytes += bytes;
+            // Recorded before sending, so that no ack can overtake it.
+            sent_up_to.store(batch.last_lsn().0, Ordering::Release);
             writer.send(batch).await?;
             idle_since = tokio::time::Instant::now();
             continue;

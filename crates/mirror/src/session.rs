@@ -256,7 +256,7 @@ async fn start_decision(
     decision: &Decision,
     resumed_from: Option<&ResumeToken>,
 ) -> Result<(), SessionError> {
-    tracing::info!(decision = ?decision.kind(), details = ?decision, "source decided");
+    tracing::info!(decision = %decision.summary(), "source decided");
     let store: Arc<dyn Store> = shared.store.clone();
     match decision.clone() {
         Decision::Stream { from_lsn } => {

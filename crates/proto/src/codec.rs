@@ -142,6 +142,9 @@ pub struct FrameCodec {
     /// The version written into outgoing headers: the lowest supported one until the
     /// handshake negotiates another, so that any peer can read a hello.
     version: u16,
+    /// Whether the length prefix of the frame being read was already consumed, so that the
+    /// next bytes are body, not a prefix to check.
+    in_frame: bool,
 }
 
 impl FrameCodec {
@@ -153,6 +156,7 @@ impl FrameCodec {
                 .max_frame_length(max_frame_len)
                 .new_codec(),
             version: SUPPORTED_VERSIONS.min,
+            in_frame: false,
         }
     }
 
@@ -179,16 +183,26 @@ impl Decoder for FrameCodec {
     fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Message>, FrameError> {
         // Check the prefix ourselves first only to name the length in the error; the
         // length-delimited codec would refuse the same frame with an untyped io::Error.
-        if src.len() >= LENGTH_PREFIX_LEN {
+        // Only a prefix is checked: once it is consumed, the buffer holds body bytes.
+        if !self.in_frame && src.len() >= LENGTH_PREFIX_LEN {
             let len = u64::from((&src[..LENGTH_PREFIX_LEN]).get_u32());
             let max = self.max_frame_len();
             if len > max as u64 {
                 return Err(FrameError::TooLarge { len, max });
             }
         }
+        let buffered = src.len();
         match self.length_delimited.decode(src)? {
-            Some(frame) => decode_frame(&frame).map(Some),
-            None => Ok(None),
+            Some(frame) => {
+                self.in_frame = false;
+                decode_frame(&frame).map(Some)
+            }
+            None => {
+                if buffered - src.len() == LENGTH_PREFIX_LEN {
+                    self.in_frame = true;
+                }
+                Ok(None)
+            }
         }
     }
 

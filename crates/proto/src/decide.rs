@@ -252,6 +252,25 @@ mod tests {
     }
 
     #[test]
+    fn decision_summaries_never_show_keys() {
+        let resume = Decision::ResumeSnapshot {
+            snapshot_id: SnapshotId(3),
+            after_key: Some(b"secret-customer-42".to_vec()),
+            base_lsn: Lsn(7),
+            base_chain_hash: ChainHash::GENESIS,
+        };
+        let summary = resume.summary();
+        assert_eq!(
+            summary,
+            "resume_snapshot snapshot_id=3 base_lsn=7 after_key_len=18"
+        );
+        assert_eq!(
+            fresh(SnapshotReason::DivergedHistory).summary(),
+            "snapshot snapshot_id=77 base_lsn=500 reason=DivergedHistory"
+        );
+    }
+
+    #[test]
     fn versions_negotiate_to_the_highest_common() {
         let range = |min, max| VersionRange { min, max };
         assert_eq!(negotiate_version(range(1, 3), range(2, 5)), Some(3));

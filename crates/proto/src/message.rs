@@ -140,6 +140,31 @@ pub enum Decision {
 }
 
 impl Decision {
+    /// The decision for a log line: everything but the resume key, because key contents
+    /// never appear in logs.
+    pub fn summary(&self) -> String {
+        match self {
+            Decision::Stream { from_lsn } => format!("stream from_lsn={from_lsn}"),
+            Decision::Snapshot {
+                snapshot_id,
+                base_lsn,
+                reason,
+                ..
+            } => {
+                format!("snapshot snapshot_id={snapshot_id} base_lsn={base_lsn} reason={reason:?}")
+            }
+            Decision::ResumeSnapshot {
+                snapshot_id,
+                after_key,
+                base_lsn,
+                ..
+            } => format!(
+                "resume_snapshot snapshot_id={snapshot_id} base_lsn={base_lsn} after_key_len={}",
+                after_key.as_ref().map_or(0, Vec::len)
+            ),
+        }
+    }
+
     /// The decision's name as status and logs show it: `stream`, `snapshot`, `resume_snapshot`.
     pub fn kind(&self) -> DecisionKind {
         match self {

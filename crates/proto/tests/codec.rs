@@ -271,6 +271,25 @@ proptest! {
         }
     }
 
+    /// Regression: a frame split after its prefix was judged by its body's first bytes, as
+    /// if they were another prefix, and refused as too large under the handshake limit.
+    #[test]
+    fn frames_split_after_the_prefix_survive_the_handshake_limit(message in message(), split in 4usize..12) {
+        let limit = FrameLimits::default().handshake;
+        let Ok(wire) = encode(&message, limit) else { return Ok(()) };
+        let split = split.min(wire.len());
+        let mut codec = FrameCodec::new(limit);
+        let mut buffer = BytesMut::from(&wire[..split]);
+        let first = codec.decode(&mut buffer).unwrap();
+        if split < wire.len() {
+            prop_assert_eq!(first, None);
+            buffer.extend_from_slice(&wire[split..]);
+            prop_assert_eq!(codec.decode(&mut buffer).unwrap(), Some(message));
+        } else {
+            prop_assert_eq!(first, Some(message));
+        }
+    }
+
     #[test]
     fn any_bytes_decode_to_a_value_or_an_error(input in bytes(512)) {
         let _ = decode_frame(&input);
@@ -368,6 +387,14 @@ fn malformed_frames_get_typed_errors() {
     // A truncated stream is an error at EOF, not a silent end.
     let mut codec = FrameCodec::new(1024);
     let mut buffer = BytesMut::from(&[0u8, 0, 0, 10, 0, 1][..]);
+    assert!(matches!(
+        codec.decode_eof(&mut buffer),
+        Err(FrameError::UnexpectedEof { .. })
+    ));
+    // Also when the body bytes left would read as a huge prefix.
+    let mut codec = FrameCodec::new(1024);
+    let mut buffer = BytesMut::from(&[0u8, 0, 0, 100, 0xFF, 0xFF, 0xFF, 0xFF][..]);
+    assert_eq!(codec.decode(&mut buffer).unwrap(), None);
     assert!(matches!(
         codec.decode_eof(&mut buffer),
         Err(FrameError::UnexpectedEof { .. })

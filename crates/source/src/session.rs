@@ -128,7 +128,7 @@ where
         mirror = %mirror,
         peer = %peer,
         applied_lsn = %hello.applied_lsn,
-        decision = ?decision,
+        decision = %decision.summary(),
         "hello accepted"
     );
     let version =

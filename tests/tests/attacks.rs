@@ -1,0 +1,320 @@
+//! Hostile peers over real QUIC while a legitimate mirror streams: each is refused with its
+//! typed error, the source's memory stays bounded, and the mirror's lag stays under 5 s.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use xmirror_e2e::checker::{LsnMonitor, WriteLoad};
+use xmirror_e2e::{assert_converged, mirror_status, World, CLUSTER};
+use xmirror_net::{client_endpoint, refusal_of, FramedReader, TransportLimits};
+use xmirror_proto::codec::encode_frame;
+use xmirror_proto::message::{
+    Hello, HelloAck, MirrorAck, PutRequest, SnapshotChunk, SnapshotChunkAck,
+};
+use xmirror_proto::{
+    ChainHash, ErrorCode, Lsn, Message, Name, Role, SnapshotId, SUPPORTED_VERSIONS,
+};
+use xmirror_tls::{ExpectedServer, NodeTls, ALPN_CLIENT, ALPN_MIRROR};
+
+const LAG_BOUND_MS: u64 = 5_000;
+
+fn resident_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// A QUIC connection to the source as `name`, on `alpn`.
+async fn connect(
+    world: &World,
+    name: &str,
+    alpn: &[u8],
+    source: SocketAddr,
+) -> Result<quinn::Connection, String> {
+    let tls = NodeTls::load(&world.certs, name).expect("certificates");
+    let expected = ExpectedServer::source_of(Name::new(CLUSTER).unwrap());
+    let server_name = expected.server_name();
+    let endpoint =
+        client_endpoint(&tls, alpn, expected, &TransportLimits::default()).expect("endpoint");
+    let connecting = endpoint
+        .connect(source, &server_name)
+        .map_err(|error| error.to_string())?;
+    connecting.await.map_err(|error| error.to_string())
+}
+
+fn frame(message: &Message) -> Vec<u8> {
+    let body = encode_frame(1, message).expect("encode");
+    let mut framed = (body.len() as u32).to_be_bytes().to_vec();
+    framed.extend_from_slice(&body);
+    framed
+}
+
+fn hello(mirror: &str, role: Role) -> Message {
+    Message::Hello(Hello {
+        versions: SUPPORTED_VERSIONS,
+        source_cluster: Name::new(CLUSTER).unwrap(),
+        database: Name::new("main").unwrap(),
+        mirror_name: Name::new(mirror).unwrap(),
+        role,
+        applied_lsn: Lsn::ZERO,
+        chain_hash: ChainHash::GENESIS,
+        resume: None,
+    })
+}
+
+/// Sends `bytes` on a new stream (then finishes it when `finish`), and returns the error
+/// code the source answered with: a rejected ack, an error reply, or the close code.
+async fn attack(
+    connection: &quinn::Connection,
+    steps: &[Vec<u8>],
+    finish: bool,
+) -> Option<ErrorCode> {
+    let (mut send, recv) = connection.open_bi().await.ok()?;
+    for step in steps {
+        if send.write_all(step).await.is_err() {
+            break;
+        }
+    }
+    if finish {
+        let _ = send.finish();
+    }
+    let mut reader = FramedReader::new(recv, 16 << 20);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        match tokio::time::timeout_at(deadline, reader.next()).await {
+            Ok(Ok(Some(Message::HelloAck(HelloAck::Rejected(rejected))))) => {
+                return Some(rejected.code)
+            }
+            Ok(Ok(Some(Message::ErrorReply(reply)))) => return Some(reply.code),
+            // An accepted ack, chunks, batches: the session goes on until the source ends it.
+            Ok(Ok(Some(_))) => continue,
+            _ => break,
+        }
+    }
+    let reason = tokio::time::timeout(Duration::from_secs(5), connection.closed())
+        .await
+        .ok()?;
+    refusal_of(&reason).map(|refusal| refusal.code)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_peers_are_refused_while_a_mirror_streams() {
+    let world = World::new();
+    let source = world
+        .start_source("source", &["--handshake-timeout-ms", "2000"])
+        .await;
+    let app = world.client(source.addr).await;
+    app.write_keys(2_000, 200, "init-").await.unwrap();
+    let mirror = world.start_mirror("m1", "m1", source.addr).await;
+    let reader = world.client(mirror.addr).await;
+    assert_converged(&app, &reader).await;
+    let load = WriteLoad::start(&world.certs, source.addr, 2, 200, Duration::from_millis(2));
+    let monitor = LsnMonitor::start(&world.certs, mirror.addr);
+
+    // Sample the legitimate mirror's lag all through the attacks.
+    let worst_lag = Arc::new(AtomicU64::new(0));
+    let sampling = Arc::new(AtomicBool::new(true));
+    let sampler = {
+        let (worst_lag, sampling) = (worst_lag.clone(), sampling.clone());
+        let reader = world.client(mirror.addr).await;
+        tokio::spawn(async move {
+            while sampling.load(Ordering::Relaxed) {
+                let status = mirror_status(&reader).await;
+                worst_lag.fetch_max(status.lag_ms, Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    };
+    let rss_before = resident_kib(source.pid());
+
+    // 200 connections that open a stream and never say hello.
+    let silent: Vec<_> = (0..200)
+        .map(|_| {
+            let world_certs = world.certs.clone();
+            let addr = source.addr;
+            tokio::spawn(async move {
+                let tls = NodeTls::load(&world_certs, "m2").expect("certificates");
+                let expected = ExpectedServer::source_of(Name::new(CLUSTER).unwrap());
+                let server_name = expected.server_name();
+                let endpoint =
+                    client_endpoint(&tls, ALPN_MIRROR, expected, &TransportLimits::default())
+                        .unwrap();
+                let Ok(connecting) = endpoint.connect(addr, &server_name) else {
+                    return "refused";
+                };
+                match connecting.await {
+                    Err(_) => "refused",
+                    Ok(connection) => {
+                        let _stream = connection.open_bi().await;
+                        let reason = connection.closed().await;
+                        match refusal_of(&reason) {
+                            Some(refusal) if refusal.code == ErrorCode::HandshakeTimeout => {
+                                "timed out"
+                            }
+                            _ => "other",
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    let mut outcomes = std::collections::BTreeMap::new();
+    for task in silent {
+        *outcomes.entry(task.await.unwrap()).or_insert(0) += 1;
+    }
+    println!("200 silent connections: {outcomes:?}");
+    assert_eq!(outcomes.get("other"), None, "{outcomes:?}");
+    assert!(
+        outcomes.get("timed out").copied().unwrap_or(0) > 0,
+        "{outcomes:?}"
+    );
+
+    // Malformed and out-of-order frames on the mirror protocol.
+    let observer = |name: &'static str| {
+        let world = &world;
+        let addr = source.addr;
+        async move {
+            connect(world, name, ALPN_MIRROR, addr)
+                .await
+                .expect("connect")
+        }
+    };
+    let four_gib = vec![0xFF, 0xFF, 0xFF, 0xFF, 0, 1, 1];
+    assert_eq!(
+        attack(&observer("m2").await, &[four_gib], false).await,
+        Some(ErrorCode::FrameTooLarge)
+    );
+    let truncated = vec![0, 0, 0, 100, 0, 1, 1, 7, 7];
+    assert_eq!(
+        attack(&observer("m2").await, &[truncated], true).await,
+        Some(ErrorCode::MalformedFrame)
+    );
+    let unknown_type = vec![0, 0, 0, 3, 0, 1, 99];
+    assert_eq!(
+        attack(&observer("m2").await, &[unknown_type], false).await,
+        Some(ErrorCode::MalformedFrame)
+    );
+    let early_ack = frame(&Message::MirrorAck(MirrorAck {
+        received: Lsn(5),
+        durable: Lsn(5),
+        applied: Lsn(5),
+    }));
+    assert_eq!(
+        attack(&observer("m2").await, &[early_ack], false).await,
+        Some(ErrorCode::ProtocolViolation)
+    );
+    let twice = frame(&hello("m2", Role::Observer));
+    assert_eq!(
+        attack(&observer("m2").await, &[twice.clone(), twice], false).await,
+        Some(ErrorCode::ProtocolViolation)
+    );
+    let chunk = frame(&Message::SnapshotChunk(SnapshotChunk {
+        snapshot_id: SnapshotId(1),
+        pairs: vec![],
+    }));
+    assert_eq!(
+        attack(
+            &observer("m3").await,
+            &[frame(&hello("m3", Role::Observer)), chunk],
+            false
+        )
+        .await,
+        Some(ErrorCode::ProtocolViolation)
+    );
+    let never_received = frame(&Message::MirrorAck(MirrorAck {
+        received: Lsn(1_000_000),
+        durable: Lsn(1_000_000),
+        applied: Lsn(1_000_000),
+    }));
+    let chunk_ack = frame(&Message::SnapshotChunkAck(SnapshotChunkAck {
+        snapshot_id: SnapshotId(1),
+        chunks_applied: 0,
+    }));
+    assert_eq!(
+        attack(
+            &observer("m3").await,
+            &[
+                frame(&hello("m3", Role::Observer)),
+                chunk_ack,
+                never_received
+            ],
+            false
+        )
+        .await,
+        Some(ErrorCode::ProtocolViolation)
+    );
+
+    // Wrong roles: a client on the mirror protocol, a voter, an observer writing.
+    let client_as_mirror = connect(&world, "app", ALPN_MIRROR, source.addr)
+        .await
+        .unwrap();
+    assert_eq!(
+        attack(
+            &client_as_mirror,
+            &[frame(&hello("app", Role::Client))],
+            false
+        )
+        .await,
+        Some(ErrorCode::ObserverOnly)
+    );
+    let voter = connect(&world, "v1", ALPN_MIRROR, source.addr)
+        .await
+        .unwrap();
+    assert_eq!(
+        attack(&voter, &[frame(&hello("v1", Role::Observer))], false).await,
+        Some(ErrorCode::ObserverOnly)
+    );
+    let disguised = observer("m2").await;
+    assert_eq!(
+        attack(&disguised, &[frame(&hello("m2", Role::Voter))], false).await,
+        Some(ErrorCode::RoleMismatch)
+    );
+    let observer_client = connect(&world, "m2", ALPN_CLIENT, source.addr)
+        .await
+        .unwrap();
+    let put = frame(&Message::PutRequest(PutRequest {
+        key: b"k".to_vec(),
+        value: b"v".to_vec(),
+    }));
+    assert_eq!(
+        attack(&observer_client, &[put], false).await,
+        Some(ErrorCode::ReadOnly)
+    );
+    // A hello on the client protocol is not a request.
+    let confused = connect(&world, "app", ALPN_CLIENT, source.addr)
+        .await
+        .unwrap();
+    assert_eq!(
+        attack(&confused, &[frame(&hello("app", Role::Client))], false).await,
+        Some(ErrorCode::ProtocolViolation)
+    );
+
+    let rss_after = resident_kib(source.pid());
+    sampling.store(false, Ordering::Relaxed);
+    sampler.await.unwrap();
+    load.stop().await;
+    let status = assert_converged(&app, &reader).await;
+    assert!(monitor.finish().await.regressions.is_empty());
+    assert_eq!(
+        status.snapshots_started, 1,
+        "the attacks cost the mirror nothing"
+    );
+    let worst_lag = worst_lag.load(Ordering::Relaxed);
+    println!(
+        "source resident memory {} KiB before, {} KiB after the attacks; mirror lag at most {worst_lag} ms",
+        rss_before, rss_after
+    );
+    assert!(
+        worst_lag <= LAG_BOUND_MS,
+        "mirror lag {worst_lag} ms during the attacks"
+    );
+    assert!(
+        rss_after <= rss_before + 64 * 1024,
+        "source memory grew from {rss_before} KiB to {rss_after} KiB"
+    );
+}

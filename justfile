@@ -28,3 +28,11 @@ certs cluster="dev":
 chaos:
     cargo build -p xmirror
     XMIRROR_CHAOS=long cargo nextest run --profile chaos -p xmirror-e2e --test faults --no-capture --test-threads 1
+
+# Fuzz the frame decoder, hello validation and client request decoding, SECONDS each
+# (installs cargo-fuzz if missing; `-s none` works on the stable toolchain).
+fuzz seconds="600":
+    cargo fuzz --version || cargo install cargo-fuzz --locked
+    cd fuzz && cargo fuzz run -s none frame_decoder -- -max_total_time={{seconds}}
+    cd fuzz && cargo fuzz run -s none hello_validation -- -max_total_time={{seconds}}
+    cd fuzz && cargo fuzz run -s none client_request -- -max_total_time={{seconds}}

@@ -290,6 +290,35 @@ proptest! {
         }
     }
 
+    /// The fuzz target `hello_validation` as a property: any decodable hello, from a peer of
+    /// any role, is decided or refused with one of the handshake's codes.
+    #[test]
+    fn any_hello_is_decided_or_refused_with_a_handshake_code(message in message(), role in role(), applied_known in any::<bool>()) {
+        let Message::Hello(hello) = message else { return Ok(()) };
+        let name = |value: &str| Name::new(value).unwrap();
+        let peer = PeerIdentity { cluster_id: name("west"), role, name: name("m1") };
+        let cluster = name("east");
+        let databases = [name("main")];
+        let view = SourceView {
+            cluster_id: &cluster,
+            versions: SUPPORTED_VERSIONS,
+            databases: &databases,
+            last_lsn: Lsn(1_000),
+            wal_first_lsn: Lsn(500),
+            chain_hash_at_mirror_lsn: applied_known.then_some(hello.chain_hash),
+            resumable: None,
+            fresh_snapshot: SnapshotPlan { snapshot_id: SnapshotId(1), base_lsn: Lsn(1_000), base_chain_hash: ChainHash::GENESIS },
+        };
+        match decide(&hello, &peer, &view) {
+            Ok(Decision::Stream { from_lsn }) => prop_assert_eq!(from_lsn, hello.applied_lsn.next()),
+            Ok(_) => {}
+            Err(reject) => prop_assert!(matches!(
+                reject.code,
+                ErrorCode::BadVersion | ErrorCode::ClusterIdMismatch | ErrorCode::ObserverOnly | ErrorCode::RoleMismatch | ErrorCode::UnknownDatabase
+            )),
+        }
+    }
+
     #[test]
     fn any_bytes_decode_to_a_value_or_an_error(input in bytes(512)) {
         let _ = decode_frame(&input);

@@ -1,0 +1,47 @@
+//! Any frame that decodes as a hello goes through `decide` without panicking, and every
+//! refusal carries one of the handshake's codes.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use xmirror_proto::codec::decode_frame;
+use xmirror_proto::{
+    decide, ChainHash, ErrorCode, Lsn, Message, Name, PeerIdentity, Role, SnapshotId,
+    SnapshotPlan, SourceView, SUPPORTED_VERSIONS,
+};
+
+fuzz_target!(|data: &[u8]| {
+    let Some((&role_byte, frame)) = data.split_first() else { return };
+    let Ok(Message::Hello(hello)) = decode_frame(frame) else { return };
+    let name = |value: &str| Name::new(value).expect("valid");
+    let peer = PeerIdentity {
+        cluster_id: name("west"),
+        role: Role::ALL[usize::from(role_byte) % Role::ALL.len()],
+        name: name("m1"),
+    };
+    let cluster = name("east");
+    let databases = [name("main")];
+    let view = SourceView {
+        cluster_id: &cluster,
+        versions: SUPPORTED_VERSIONS,
+        databases: &databases,
+        last_lsn: Lsn(1_000),
+        wal_first_lsn: Lsn(500),
+        chain_hash_at_mirror_lsn: (hello.applied_lsn.0 % 3 == 0).then_some(hello.chain_hash),
+        resumable: None,
+        fresh_snapshot: SnapshotPlan {
+            snapshot_id: SnapshotId(1),
+            base_lsn: Lsn(1_000),
+            base_chain_hash: ChainHash::GENESIS,
+        },
+    };
+    if let Err(reject) = decide(&hello, &peer, &view) {
+        assert!(matches!(
+            reject.code,
+            ErrorCode::BadVersion
+                | ErrorCode::ClusterIdMismatch
+                | ErrorCode::ObserverOnly
+                | ErrorCode::RoleMismatch
+                | ErrorCode::UnknownDatabase
+        ));
+    }
+});

@@ -20,7 +20,7 @@ use rustls::server::{ParsedCertificate, WebPkiClientVerifier};
 use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, RootCertStore};
 use xmirror_proto::{ErrorCode, Name, PeerIdentity, Role};
 
-use crate::identity::{identity_from_certificate, IdentityError};
+use crate::identity::{identity_from_certificate, IdentityError, TrustDomains};
 
 /// ALPN of the mirror protocol.
 pub const ALPN_MIRROR: &[u8] = b"xmirror-mirror/1";
@@ -186,6 +186,8 @@ pub struct NodeTls {
     chain: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
     roots: Arc<RootCertStore>,
+    /// Which cluster each trusted CA certifies.
+    trust_domains: Arc<TrustDomains>,
     identity: PeerIdentity,
     provider: Arc<CryptoProvider>,
 }
@@ -264,6 +266,7 @@ impl NodeTls {
         })?;
 
         let mut roots = RootCertStore::empty();
+        let mut trust_domains = TrustDomains::default();
         for (path, pem) in ca_pems {
             let mut found = 0;
             for certificate in CertificateDer::pem_slice_iter(pem) {
@@ -271,6 +274,7 @@ impl NodeTls {
                     path: path.clone(),
                     reason: error.to_string(),
                 })?;
+                trust_domains.add_ca(&certificate);
                 roots.add(certificate)?;
                 found += 1;
             }
@@ -285,6 +289,7 @@ impl NodeTls {
             chain,
             key,
             roots: Arc::new(roots),
+            trust_domains: Arc::new(trust_domains),
             identity,
             provider: Arc::new(rustls::crypto::ring::default_provider()),
         })
@@ -300,7 +305,10 @@ impl NodeTls {
         let webpki =
             WebPkiClientVerifier::builder_with_provider(self.roots.clone(), self.provider.clone())
                 .build()?;
-        let verifier = Arc::new(SpiffeClientVerifier { webpki });
+        let verifier = Arc::new(SpiffeClientVerifier {
+            webpki,
+            trust_domains: self.trust_domains.clone(),
+        });
         let mut tls = rustls::ServerConfig::builder_with_provider(self.provider.clone())
             .with_protocol_versions(&[&rustls::version::TLS13])?
             .with_client_cert_verifier(verifier)
@@ -319,6 +327,7 @@ impl NodeTls {
     ) -> Result<quinn::ClientConfig, TlsError> {
         let verifier = Arc::new(SpiffeServerVerifier {
             roots: self.roots.clone(),
+            trust_domains: self.trust_domains.clone(),
             provider: self.provider.clone(),
             expected,
         });
@@ -334,10 +343,12 @@ impl NodeTls {
     }
 }
 
-/// Webpki client verification, plus: the certificate must carry a valid SPIFFE ID.
+/// Webpki client verification, plus: the certificate must carry a valid SPIFFE ID of a
+/// cluster its CA certifies.
 #[derive(Debug)]
 struct SpiffeClientVerifier {
     webpki: Arc<dyn ClientCertVerifier>,
+    trust_domains: Arc<TrustDomains>,
 }
 
 impl ClientCertVerifier for SpiffeClientVerifier {
@@ -354,7 +365,9 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         let verified = self
             .webpki
             .verify_client_cert(end_entity, intermediates, now)?;
-        identity_from_certificate(end_entity).map_err(certificate_error)?;
+        self.trust_domains
+            .identity_of(end_entity)
+            .map_err(certificate_error)?;
         Ok(verified)
     }
 
@@ -385,6 +398,7 @@ impl ClientCertVerifier for SpiffeClientVerifier {
 #[derive(Debug)]
 struct SpiffeServerVerifier {
     roots: Arc<RootCertStore>,
+    trust_domains: Arc<TrustDomains>,
     provider: Arc<CryptoProvider>,
     expected: ExpectedServer,
 }
@@ -406,7 +420,10 @@ impl ServerCertVerifier for SpiffeServerVerifier {
             now,
             self.provider.signature_verification_algorithms.all,
         )?;
-        let identity = identity_from_certificate(end_entity).map_err(certificate_error)?;
+        let identity = self
+            .trust_domains
+            .identity_of(end_entity)
+            .map_err(certificate_error)?;
         self.expected.check(&identity).map_err(certificate_error)?;
         Ok(ServerCertVerified::assertion())
     }

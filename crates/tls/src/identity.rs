@@ -1,5 +1,7 @@
 //! Reading who a peer is from its certificate's SPIFFE ID.
 
+use std::collections::HashMap;
+
 use rustls::pki_types::CertificateDer;
 use x509_parser::extensions::GeneralName;
 use x509_parser::prelude::{FromDer, X509Certificate};
@@ -20,6 +22,14 @@ pub enum IdentityError {
     /// The certificate has more than one SPIFFE ID; which one counts would be ambiguous.
     #[error("the certificate has {0} SPIFFE IDs; exactly one is allowed")]
     SeveralSpiffeIds(usize),
+    /// The certificate names a cluster other than the one its issuing CA certifies.
+    #[error("the certificate names cluster {claimed}, but its CA certifies cluster {certified}")]
+    ForeignCluster {
+        /// The cluster in the certificate's SPIFFE ID.
+        claimed: String,
+        /// The trust domain of the CA that issued it.
+        certified: String,
+    },
     /// The SPIFFE ID is not `spiffe://<cluster>/<role>/<name>` with valid parts.
     #[error("SPIFFE ID {uri:?} is not spiffe://<cluster>/<role>/<name>: {reason}")]
     BadSpiffeId {
@@ -71,6 +81,53 @@ pub fn identity_from_certificate(der: &[u8]) -> Result<PeerIdentity, IdentityErr
         [] => Err(IdentityError::NoSpiffeId),
         [uri] => parse_spiffe_id(uri),
         several => Err(IdentityError::SeveralSpiffeIds(several.len())),
+    }
+}
+
+/// The trust domain a CA certificate declares with a `spiffe://<cluster>` URI SAN (no path).
+pub fn trust_domain_of(certificate: &X509Certificate<'_>) -> Option<String> {
+    let san = certificate.subject_alternative_name().ok()??;
+    san.value.general_names.iter().find_map(|name| match name {
+        GeneralName::URI(uri) => uri
+            .strip_prefix("spiffe://")
+            .filter(|domain| !domain.is_empty() && !domain.contains('/'))
+            .map(str::to_owned),
+        _ => None,
+    })
+}
+
+/// Which cluster each trusted CA certifies, keyed by the CA's subject name, so that a CA
+/// trusted for one cluster cannot vouch for a certificate naming another. CAs that declare
+/// no trust domain are not constrained.
+#[derive(Clone, Debug, Default)]
+pub struct TrustDomains(HashMap<Vec<u8>, String>);
+
+impl TrustDomains {
+    /// Records the trust domain of the CA certificate `der`, if it declares one.
+    pub fn add_ca(&mut self, der: &[u8]) {
+        if let Ok((_, certificate)) = X509Certificate::from_der(der) {
+            if let Some(domain) = trust_domain_of(&certificate) {
+                self.0
+                    .insert(certificate.subject().as_raw().to_vec(), domain);
+            }
+        }
+    }
+
+    /// The identity of the (already chain-verified) certificate `der`, refused when its
+    /// issuer certifies another cluster.
+    pub fn identity_of(&self, der: &[u8]) -> Result<PeerIdentity, IdentityError> {
+        let identity = identity_from_certificate(der)?;
+        let (_, certificate) = X509Certificate::from_der(der)
+            .map_err(|error| IdentityError::Unparseable(error.to_string()))?;
+        if let Some(certified) = self.0.get(certificate.issuer().as_raw()) {
+            if certified != identity.cluster_id.as_str() {
+                return Err(IdentityError::ForeignCluster {
+                    claimed: identity.cluster_id.to_string(),
+                    certified: certified.clone(),
+                });
+            }
+        }
+        Ok(identity)
     }
 }
 

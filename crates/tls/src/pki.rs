@@ -13,9 +13,10 @@ use rcgen::{
     Issuer, KeyPair, KeyUsagePurpose, SanType, PKCS_ECDSA_P256_SHA256,
 };
 use time::{Duration, OffsetDateTime};
-use x509_parser::extensions::GeneralName;
 use x509_parser::prelude::{FromDer, X509Certificate};
 use xmirror_proto::{Name, PeerIdentity, Role};
+
+use crate::identity::trust_domain_of;
 
 /// Why a certificate could not be made, read or written.
 #[derive(Debug, thiserror::Error)]
@@ -293,21 +294,9 @@ fn ca_cluster(path: &Path, pem: &str) -> Result<Name, PkiError> {
         .map_err(|error| bad(format!("not a PEM certificate: {error}")))?;
     let (_, certificate) = X509Certificate::from_der(&parsed.contents)
         .map_err(|error| bad(format!("not an X.509 certificate: {error}")))?;
-    let san = certificate
-        .subject_alternative_name()
-        .map_err(|error| bad(error.to_string()))?
+    let cluster = trust_domain_of(&certificate)
         .ok_or_else(|| bad("the CA has no spiffe://<cluster> URI SAN".into()))?;
-    san.value
-        .general_names
-        .iter()
-        .find_map(|name| match name {
-            GeneralName::URI(uri) => uri.strip_prefix("spiffe://"),
-            _ => None,
-        })
-        .ok_or_else(|| bad("the CA has no spiffe://<cluster> URI SAN".into()))
-        .and_then(|cluster| {
-            Name::new(cluster).map_err(|error| bad(format!("CA cluster id: {error}")))
-        })
+    Name::new(cluster).map_err(|error| bad(format!("CA cluster id: {error}")))
 }
 
 /// Loads the CA in `dir` and checks it signs for `cluster_id`.

@@ -315,6 +315,36 @@ async fn a_certificate_without_a_spiffe_id_is_refused() {
 }
 
 #[tokio::test]
+async fn a_ca_cannot_vouch_for_another_cluster() {
+    let certs = source_pki();
+    // Cluster west's CA is trusted (cross-cluster mirroring), but it signs a certificate
+    // that claims to be an observer of cluster east.
+    let west = pki("west");
+    std::fs::copy(west.path().join("ca.crt"), certs.path().join("ca-west.crt")).unwrap();
+    let ca_cert = std::fs::read_to_string(west.path().join("ca.crt")).unwrap();
+    let ca_key =
+        KeyPair::from_pem(&std::fs::read_to_string(west.path().join("ca.key")).unwrap()).unwrap();
+    let issuer = Issuer::from_ca_cert_pem(&ca_cert, ca_key).unwrap();
+    let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut params = CertificateParams::new(vec!["impostor.xmirror".to_string()]).unwrap();
+    params.subject_alt_names.push(rcgen::SanType::URI(
+        "spiffe://east/observer/impostor".try_into().unwrap(),
+    ));
+    params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+    let cert = params.signed_by(&key, &issuer).unwrap();
+    std::fs::write(west.path().join("impostor.crt"), cert.pem()).unwrap();
+    std::fs::write(west.path().join("impostor.key"), key.serialize_pem()).unwrap();
+    std::fs::copy(certs.path().join("ca.crt"), west.path().join("ca-east.crt")).unwrap();
+    let (server, client) = handshake(certs.path(), client_config(west.path(), "impostor")).await;
+    let error = server.unwrap_err();
+    assert!(
+        error.contains("names cluster east, but its CA certifies cluster west"),
+        "{error}"
+    );
+    assert!(client.is_err());
+}
+
+#[tokio::test]
 async fn the_client_refuses_a_server_of_the_wrong_cluster_or_role() {
     let certs = pki("east");
     issue(certs.path(), &identity("east", Role::Observer, "m1"));

@@ -19,7 +19,8 @@ use std::time::Duration;
 
 use xmirror_net::serve::serve_client_connection;
 use xmirror_net::{
-    client_endpoint, close_with, refusal_of, server_endpoint, EndpointError, TransportLimits,
+    client_endpoint, close_with, refusal_of, server_endpoint, Admission, Admitted, EndpointError,
+    TransportLimits,
 };
 use xmirror_proto::message::DecisionKind;
 use xmirror_proto::status::{MirrorState, MirrorStatus};
@@ -69,6 +70,10 @@ pub struct MirrorConfig {
     pub backoff_max: Duration,
     /// Client requests outstanding per stream. Default 1,024.
     pub max_in_flight_per_stream: usize,
+    /// Client connections served at once on `listen`. Default 256.
+    pub max_connections: usize,
+    /// Client connections at once still in their TLS handshake. Default 32.
+    pub max_handshakes: usize,
 }
 
 impl MirrorConfig {
@@ -94,6 +99,8 @@ impl MirrorConfig {
             backoff_min: Duration::from_millis(100),
             backoff_max: Duration::from_secs(10),
             max_in_flight_per_stream: 1_024,
+            max_connections: 256,
+            max_handshakes: 32,
         }
     }
 }
@@ -341,13 +348,25 @@ impl MirrorNode {
 
 async fn serve_clients(endpoint: quinn::Endpoint, shared: Arc<MirrorShared>) {
     let service = Arc::new(MirrorService::new(shared.clone()));
+    let admission = Admission::new(shared.config.max_connections, shared.config.max_handshakes);
     while let Some(incoming) = endpoint.accept().await {
+        let Some(admitted) = admission.admit() else {
+            tracing::warn!(remote = %incoming.remote_address(), code = %ErrorCode::Busy, "client refused: limit reached");
+            incoming.refuse();
+            continue;
+        };
         let service = service.clone();
         let max_in_flight = shared.config.max_in_flight_per_stream;
+        let deadline = shared.config.handshake_timeout;
         tokio::spawn(async move {
-            let Ok(connection) = incoming.await else {
+            let Admitted {
+                connection: _connection_permit,
+                handshake,
+            } = admitted;
+            let Ok(Ok(connection)) = tokio::time::timeout(deadline, incoming).await else {
                 return;
             };
+            drop(handshake);
             match peer_identity(&connection) {
                 Ok(peer) => serve_client_connection(connection, peer, service, max_in_flight).await,
                 Err(error) => close_with(&connection, ErrorCode::NotAuthorized, &error.to_string()),

@@ -2,6 +2,7 @@
 //! only its own logic.
 //!
 //! - [`endpoint`]: the transport configuration and server/client endpoints.
+//! - [`admission`]: caps on connections and unfinished handshakes.
 //! - [`framed`]: frames over a QUIC stream (or any `AsyncRead`/`AsyncWrite`), with
 //!   deadlines and per-phase limits.
 //! - [`client`]: dialling a node and talking the client protocol.
@@ -10,12 +11,14 @@
 //! - [`close`]: closing a connection with an [`ErrorCode`](xmirror_proto::ErrorCode) and
 //!   reading one back.
 
+pub mod admission;
 pub mod client;
 pub mod close;
 pub mod endpoint;
 pub mod framed;
 pub mod serve;
 
+pub use admission::{Admission, Admitted};
 pub use client::{Client, ClientError, ClientStream, LoadReport};
 pub use close::{close_with, refusal_of, Refusal};
 pub use endpoint::{client_endpoint, server_endpoint, EndpointError, TransportLimits};

@@ -19,9 +19,11 @@ use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{watch, OwnedSemaphorePermit};
 use xmirror_net::serve::serve_client_connection;
-use xmirror_net::{close_with, server_endpoint, EndpointError, TransportLimits};
+use xmirror_net::{
+    close_with, server_endpoint, Admission, Admitted, EndpointError, TransportLimits,
+};
 use xmirror_proto::{ErrorCode, FrameLimits, Name, VersionRange, SUPPORTED_VERSIONS};
 use xmirror_store::{SledStore, Store, StoreError};
 use xmirror_tls::{peer_identity, NodeTls, ALPN_CLIENT, ALPN_MIRROR};
@@ -223,15 +225,9 @@ impl SourceNode {
 }
 
 async fn accept_loop(endpoint: quinn::Endpoint, shared: Arc<SourceShared>) {
-    let connections = Arc::new(Semaphore::new(shared.config.max_connections));
-    let handshakes = Arc::new(Semaphore::new(shared.config.max_handshakes));
+    let admission = Admission::new(shared.config.max_connections, shared.config.max_handshakes);
     while let Some(incoming) = endpoint.accept().await {
-        // Refusing before the TLS handshake costs one datagram: a flood of connections or
-        // of handshakes that never finish cannot exhaust the source.
-        let (Ok(connection_permit), Ok(handshake_permit)) = (
-            connections.clone().try_acquire_owned(),
-            handshakes.clone().try_acquire_owned(),
-        ) else {
+        let Some(admitted) = admission.admit() else {
             tracing::warn!(
                 remote = %incoming.remote_address(),
                 code = %ErrorCode::Busy,
@@ -242,7 +238,10 @@ async fn accept_loop(endpoint: quinn::Endpoint, shared: Arc<SourceShared>) {
         };
         let shared = shared.clone();
         tokio::spawn(async move {
-            let _connection_permit = connection_permit;
+            let Admitted {
+                connection: _connection_permit,
+                handshake: handshake_permit,
+            } = admitted;
             let deadline = shared.config.handshake_timeout;
             let connection = match tokio::time::timeout(deadline, incoming).await {
                 Ok(Ok(connection)) => connection,

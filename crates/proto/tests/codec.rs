@@ -244,6 +244,27 @@ fn encode(message: &Message, max: usize) -> Result<BytesMut, FrameError> {
     Ok(buffer)
 }
 
+/// `wire` arriving in two reads, split at `split`, decodes to exactly `message`.
+fn decodes_split(
+    message: &Message,
+    wire: &[u8],
+    split: usize,
+    limit: usize,
+) -> Result<(), TestCaseError> {
+    let mut codec = FrameCodec::new(limit);
+    let mut buffer = BytesMut::from(&wire[..split]);
+    let first = codec.decode(&mut buffer).unwrap();
+    if split < wire.len() {
+        prop_assert_eq!(first, None);
+        buffer.extend_from_slice(&wire[split..]);
+        let second = codec.decode(&mut buffer).unwrap();
+        prop_assert_eq!(second.as_ref(), Some(message));
+    } else {
+        prop_assert_eq!(first.as_ref(), Some(message));
+    }
+    Ok(())
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(512))]
 
@@ -259,16 +280,7 @@ proptest! {
     fn messages_survive_arbitrary_split_points(message in message(), split in any::<prop::sample::Index>()) {
         let wire = encode(&message, FrameLimits::default().data).unwrap();
         let split = split.index(wire.len());
-        let mut codec = FrameCodec::new(FrameLimits::default().data);
-        let mut buffer = BytesMut::from(&wire[..split]);
-        let first = codec.decode(&mut buffer).unwrap();
-        if split < wire.len() {
-            prop_assert_eq!(first, None);
-            buffer.extend_from_slice(&wire[split..]);
-            prop_assert_eq!(codec.decode(&mut buffer).unwrap(), Some(message));
-        } else {
-            prop_assert_eq!(first, Some(message));
-        }
+        decodes_split(&message, &wire, split, FrameLimits::default().data)?;
     }
 
     /// Regression: a frame split after its prefix was judged by its body's first bytes, as
@@ -277,17 +289,7 @@ proptest! {
     fn frames_split_after_the_prefix_survive_the_handshake_limit(message in message(), split in 4usize..12) {
         let limit = FrameLimits::default().handshake;
         let Ok(wire) = encode(&message, limit) else { return Ok(()) };
-        let split = split.min(wire.len());
-        let mut codec = FrameCodec::new(limit);
-        let mut buffer = BytesMut::from(&wire[..split]);
-        let first = codec.decode(&mut buffer).unwrap();
-        if split < wire.len() {
-            prop_assert_eq!(first, None);
-            buffer.extend_from_slice(&wire[split..]);
-            prop_assert_eq!(codec.decode(&mut buffer).unwrap(), Some(message));
-        } else {
-            prop_assert_eq!(first, Some(message));
-        }
+        decodes_split(&message, &wire, split.min(wire.len()), limit)?;
     }
 
     /// The fuzz target `hello_validation` as a property: any decodable hello, from a peer of

@@ -169,6 +169,58 @@ fn client_config(certs: &Path, node: &str) -> quinn::ClientConfig {
         .unwrap()
 }
 
+/// A certificate signed by the CA in `ca_dir` with a DNS SAN and, optionally, a URI SAN,
+/// made with rcgen directly to bypass the checks of `CertificateAuthority::issue`.
+fn sign_raw(ca_dir: &Path, dns: &str, uri: Option<&str>) -> (rcgen::Certificate, KeyPair) {
+    let ca_cert = std::fs::read_to_string(ca_dir.join("ca.crt")).unwrap();
+    let ca_key =
+        KeyPair::from_pem(&std::fs::read_to_string(ca_dir.join("ca.key")).unwrap()).unwrap();
+    let issuer = Issuer::from_ca_cert_pem(&ca_cert, ca_key).unwrap();
+    let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut params = CertificateParams::new(vec![dns.to_string()]).unwrap();
+    if let Some(uri) = uri {
+        params
+            .subject_alt_names
+            .push(rcgen::SanType::URI(uri.try_into().unwrap()));
+    }
+    params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+    let cert = params.signed_by(&key, &issuer).unwrap();
+    (cert, key)
+}
+
+/// A stock rustls client (DNS-name verification) trusting `ca_dir`'s CA, presenting
+/// `identity` if given.
+fn stock_client(
+    ca_dir: &Path,
+    identity: Option<(&rcgen::Certificate, &KeyPair)>,
+) -> quinn::ClientConfig {
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    let pem = std::fs::read(ca_dir.join("ca.crt")).unwrap();
+    for cert in rustls::pki_types::CertificateDer::pem_slice_iter(&pem) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13])
+    .unwrap()
+    .with_root_certificates(roots);
+    let mut tls = match identity {
+        Some((cert, key)) => builder
+            .with_client_auth_cert(
+                vec![cert.der().clone()],
+                rustls::pki_types::PrivateKeyDer::try_from(key.serialize_der()).unwrap(),
+            )
+            .unwrap(),
+        None => builder.with_no_client_auth(),
+    };
+    tls.alpn_protocols = vec![ALPN_MIRROR.to_vec()];
+    quinn::ClientConfig::new(Arc::new(
+        quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap(),
+    ))
+}
+
 #[tokio::test]
 async fn a_certificate_from_another_ca_is_refused() {
     let certs = source_pki();
@@ -230,26 +282,7 @@ async fn a_not_yet_valid_certificate_is_refused() {
 #[tokio::test]
 async fn no_client_certificate_is_refused() {
     let certs = source_pki();
-    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_protocol_versions(&[&rustls::version::TLS13])
-    .unwrap()
-    .with_root_certificates({
-        let mut roots = rustls::RootCertStore::empty();
-        let pem = std::fs::read(certs.path().join("ca.crt")).unwrap();
-        use rustls::pki_types::pem::PemObject;
-        for cert in rustls::pki_types::CertificateDer::pem_slice_iter(&pem) {
-            roots.add(cert.unwrap()).unwrap();
-        }
-        roots
-    })
-    .with_no_client_auth();
-    let mut tls = tls;
-    tls.alpn_protocols = vec![ALPN_MIRROR.to_vec()];
-    let config = quinn::ClientConfig::new(Arc::new(
-        quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap(),
-    ));
+    let config = stock_client(certs.path(), None);
     let (server, client) = handshake(certs.path(), config).await;
     let error = server.unwrap_err();
     assert!(error.contains("peer sent no certificates"), "{error}");
@@ -260,14 +293,7 @@ async fn no_client_certificate_is_refused() {
 async fn a_certificate_without_a_spiffe_id_is_refused() {
     let certs = source_pki();
     // Signed by the right CA, but identified only by a DNS name.
-    let ca_cert = std::fs::read_to_string(certs.path().join("ca.crt")).unwrap();
-    let ca_key =
-        KeyPair::from_pem(&std::fs::read_to_string(certs.path().join("ca.key")).unwrap()).unwrap();
-    let issuer = Issuer::from_ca_cert_pem(&ca_cert, ca_key).unwrap();
-    let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
-    let mut params = CertificateParams::new(vec!["anon.example".to_string()]).unwrap();
-    params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
-    let cert = params.signed_by(&key, &issuer).unwrap();
+    let (cert, key) = sign_raw(certs.path(), "anon.example", None);
     std::fs::write(certs.path().join("anon.crt"), cert.pem()).unwrap();
     std::fs::write(certs.path().join("anon.key"), key.serialize_pem()).unwrap();
 
@@ -276,31 +302,7 @@ async fn a_certificate_without_a_spiffe_id_is_refused() {
     assert!(error.to_string().contains("anon.crt"), "{error}");
     // ...and a peer presenting it is refused by the server.
     let dir = certs.path();
-    let chain = vec![cert.der().clone()];
-    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_protocol_versions(&[&rustls::version::TLS13])
-    .unwrap()
-    .with_root_certificates({
-        let mut roots = rustls::RootCertStore::empty();
-        use rustls::pki_types::pem::PemObject;
-        let pem = std::fs::read(dir.join("ca.crt")).unwrap();
-        for cert in rustls::pki_types::CertificateDer::pem_slice_iter(&pem) {
-            roots.add(cert.unwrap()).unwrap();
-        }
-        roots
-    })
-    .with_client_auth_cert(
-        chain,
-        rustls::pki_types::PrivateKeyDer::try_from(key.serialize_der()).unwrap(),
-    )
-    .unwrap();
-    let mut tls = tls;
-    tls.alpn_protocols = vec![ALPN_MIRROR.to_vec()];
-    let config = quinn::ClientConfig::new(Arc::new(
-        quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap(),
-    ));
+    let config = stock_client(dir, Some((&cert, &key)));
     // The stock client verifies DNS names; dial the source by its DNS SAN.
     let server_tls = NodeTls::load(dir, "src").unwrap();
     let server = Server::start(&server_tls);
@@ -321,17 +323,11 @@ async fn a_ca_cannot_vouch_for_another_cluster() {
     // that claims to be an observer of cluster east.
     let west = pki("west");
     std::fs::copy(west.path().join("ca.crt"), certs.path().join("ca-west.crt")).unwrap();
-    let ca_cert = std::fs::read_to_string(west.path().join("ca.crt")).unwrap();
-    let ca_key =
-        KeyPair::from_pem(&std::fs::read_to_string(west.path().join("ca.key")).unwrap()).unwrap();
-    let issuer = Issuer::from_ca_cert_pem(&ca_cert, ca_key).unwrap();
-    let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
-    let mut params = CertificateParams::new(vec!["impostor.xmirror".to_string()]).unwrap();
-    params.subject_alt_names.push(rcgen::SanType::URI(
-        "spiffe://east/observer/impostor".try_into().unwrap(),
-    ));
-    params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
-    let cert = params.signed_by(&key, &issuer).unwrap();
+    let (cert, key) = sign_raw(
+        west.path(),
+        "impostor.xmirror",
+        Some("spiffe://east/observer/impostor"),
+    );
     std::fs::write(west.path().join("impostor.crt"), cert.pem()).unwrap();
     std::fs::write(west.path().join("impostor.key"), key.serialize_pem()).unwrap();
     std::fs::copy(certs.path().join("ca.crt"), west.path().join("ca-east.crt")).unwrap();

@@ -5,6 +5,7 @@ mod certs;
 mod client;
 mod demo;
 mod node;
+mod settings;
 
 use std::process::ExitCode;
 
@@ -90,7 +91,13 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             // One line, with every cause: "cannot issue: ca.key: No such file or directory".
-            eprintln!("xmirror: error: {error:#}");
+            let message = format!("{error:#}");
+            let one_line: Vec<&str> = message
+                .lines()
+                .map(str::trim)
+                .filter(|line| !line.is_empty())
+                .collect();
+            eprintln!("xmirror: error: {}", one_line.join(" "));
             ExitCode::FAILURE
         }
     }

@@ -8,152 +8,187 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Args;
 use xmirror_mirror::{MirrorConfig, MirrorNode};
-use xmirror_proto::{Name, VersionRange};
+
 use xmirror_source::{SourceConfig, SourceNode};
 use xmirror_tls::NodeTls;
 
+use xmirror_proto::SUPPORTED_VERSIONS;
+
 use crate::client::resolve;
+use crate::settings::{read_file, required, to_toml, MirrorSettings, SourceSettings};
 
 #[derive(Args)]
 pub struct SourceArgs {
-    /// The store's directory (created if missing).
+    /// TOML file with any of the settings below (flags win over it).
     #[arg(long)]
-    data_dir: PathBuf,
-    /// This source's cluster; mirrors must name it in --source-cluster.
+    config: Option<PathBuf>,
+    /// Print the effective configuration (flags, file and defaults) and exit.
     #[arg(long)]
-    cluster_id: Name,
-    /// UDP address to serve on, for example 0.0.0.0:7000.
-    #[arg(long)]
-    listen: String,
-    /// Directory with NAME.crt, NAME.key and the trusted ca*.crt.
-    #[arg(long)]
-    certs: PathBuf,
-    /// This node's name (its certificate files' name).
-    #[arg(long)]
-    name: String,
-    /// The database mirrors ask for.
-    #[arg(long, default_value = "main")]
-    database: Name,
-    /// Most WAL entries kept for slow or absent mirrors; a mirror pushed past it gets a
-    /// snapshot when it returns.
-    #[arg(long, default_value_t = 10_000_000)]
-    max_wal_entries: u64,
+    print_config: bool,
     #[command(flatten)]
-    limits: SourceLimits,
-}
-
-/// Limits against misbehaving peers; each default is in docs/SECURITY.md.
-#[derive(Args)]
-struct SourceLimits {
-    /// Milliseconds a peer has for its TLS handshake and hello [default: 10000].
-    #[arg(long)]
-    handshake_timeout_ms: Option<u64>,
-    /// Milliseconds without traffic after which a connection is dead [default: 30000].
-    #[arg(long)]
-    idle_timeout_ms: Option<u64>,
-    /// Connections served at once [default: 1024].
-    #[arg(long)]
-    max_connections: Option<usize>,
-    /// Connections at once that have not finished their handshake and hello [default: 64].
-    #[arg(long)]
-    max_handshakes: Option<usize>,
-    /// Streams a peer may have open at once [default: 64].
-    #[arg(long)]
-    max_streams: Option<u32>,
-    /// Largest frame before the hello is validated, in bytes [default: 65536].
-    #[arg(long)]
-    max_handshake_frame_bytes: Option<usize>,
-    /// Largest frame after the hello, in bytes [default: 16777216].
-    #[arg(long)]
-    max_frame_bytes: Option<usize>,
-    /// WAL bytes sent to a mirror and not yet acknowledged before sending pauses
-    /// [default: 67108864].
-    #[arg(long)]
-    max_unacked_bytes: Option<usize>,
-    /// Largest key a client may write, in bytes [default: 4096].
-    #[arg(long)]
-    max_key_bytes: Option<usize>,
-    /// Largest value a client may write, in bytes [default: 4194304].
-    #[arg(long)]
-    max_value_bytes: Option<usize>,
-}
-
-impl SourceLimits {
-    /// Overrides the configuration's defaults with the flags given.
-    fn apply(&self, config: &mut SourceConfig) {
-        if let Some(ms) = self.handshake_timeout_ms {
-            config.handshake_timeout = Duration::from_millis(ms);
-        }
-        if let Some(ms) = self.idle_timeout_ms {
-            config.transport.idle_timeout = Duration::from_millis(ms);
-        }
-        if let Some(count) = self.max_connections {
-            config.max_connections = count;
-        }
-        if let Some(count) = self.max_handshakes {
-            config.max_handshakes = count;
-        }
-        if let Some(count) = self.max_streams {
-            config.transport.max_streams = count;
-        }
-        if let Some(bytes) = self.max_handshake_frame_bytes {
-            config.frame_limits.handshake = bytes;
-        }
-        if let Some(bytes) = self.max_frame_bytes {
-            config.frame_limits.data = bytes;
-        }
-        if let Some(bytes) = self.max_unacked_bytes {
-            config.max_unacked_bytes = bytes;
-        }
-        if let Some(bytes) = self.max_key_bytes {
-            config.max_key_len = bytes;
-        }
-        if let Some(bytes) = self.max_value_bytes {
-            config.max_value_len = bytes;
-        }
-    }
+    settings: SourceSettings,
 }
 
 #[derive(Args)]
 pub struct MirrorArgs {
-    /// The store's directory (created if missing). One mirror process per directory.
+    /// TOML file with any of the settings below (flags win over it).
     #[arg(long)]
-    data_dir: PathBuf,
-    /// The source's UDP address.
+    config: Option<PathBuf>,
+    /// Print the effective configuration (flags, file and defaults) and exit.
     #[arg(long)]
-    source: String,
-    /// The cluster the source must belong to.
-    #[arg(long)]
-    source_cluster: Name,
-    /// Directory with NAME.crt, NAME.key and the trusted ca*.crt (including the source's CA).
-    #[arg(long)]
-    certs: PathBuf,
-    /// This mirror's name (its certificate files' name; keys its slot on the source).
-    #[arg(long)]
-    name: String,
-    /// Serve the read-only client API on this UDP address.
-    #[arg(long)]
-    listen: Option<String>,
-    /// The database to mirror.
-    #[arg(long, default_value = "main")]
-    database: Name,
-    /// Protocol versions to offer, MIN..MAX (for testing version negotiation).
-    #[arg(long, hide = true, value_parser = parse_versions)]
-    protocol_versions: Option<VersionRange>,
+    print_config: bool,
+    #[command(flatten)]
+    settings: MirrorSettings,
 }
 
-fn parse_versions(text: &str) -> Result<VersionRange, String> {
-    let (min, max) = text
-        .split_once("..")
-        .ok_or_else(|| format!("expected MIN..MAX, got {text:?}"))?;
-    let parse = |part: &str| {
-        part.parse::<u16>()
-            .map_err(|error| format!("{part:?}: {error}"))
-    };
-    Ok(VersionRange {
-        min: parse(min)?,
-        max: parse(max)?,
+/// What a source needs besides its [`SourceConfig`].
+struct SourcePlan {
+    config: SourceConfig,
+    certs: PathBuf,
+    name: String,
+    listen: String,
+}
+
+/// Overrides a default with a given setting.
+fn set<T>(target: &mut T, value: Option<T>) {
+    if let Some(value) = value {
+        *target = value;
+    }
+}
+
+fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+}
+
+async fn plan_source(args: &SourceArgs) -> anyhow::Result<SourcePlan> {
+    let settings = args.settings.clone().or(read_file(args.config.as_deref())?);
+    let listen = required(settings.listen, "listen")?;
+    let mut config = SourceConfig::new(
+        required(settings.data_dir, "data_dir")?,
+        required(settings.cluster_id, "cluster_id")?,
+        resolve(&listen).await?,
+    );
+    set(&mut config.database, settings.database);
+    set(&mut config.max_wal_entries, settings.max_wal_entries);
+    set(&mut config.max_connections, settings.max_connections);
+    set(&mut config.max_handshakes, settings.max_handshakes);
+    set(&mut config.transport.max_streams, settings.max_streams);
+    set(
+        &mut config.frame_limits.handshake,
+        settings.max_handshake_frame_bytes,
+    );
+    set(&mut config.frame_limits.data, settings.max_frame_bytes);
+    set(&mut config.max_unacked_bytes, settings.max_unacked_bytes);
+    set(&mut config.max_key_len, settings.max_key_bytes);
+    set(&mut config.max_value_len, settings.max_value_bytes);
+    set(
+        &mut config.handshake_timeout,
+        settings.handshake_timeout_ms.map(Duration::from_millis),
+    );
+    set(
+        &mut config.transport.idle_timeout,
+        settings.idle_timeout_ms.map(Duration::from_millis),
+    );
+    Ok(SourcePlan {
+        config,
+        certs: required(settings.certs, "certs")?,
+        name: required(settings.name, "name")?,
+        listen,
     })
+}
+
+impl SourcePlan {
+    /// Every setting as it will be used, defaults included.
+    fn effective(&self) -> SourceSettings {
+        let config = &self.config;
+        SourceSettings {
+            data_dir: Some(config.data_dir.clone()),
+            cluster_id: Some(config.cluster_id.clone()),
+            listen: Some(self.listen.clone()),
+            certs: Some(self.certs.clone()),
+            name: Some(self.name.clone()),
+            database: Some(config.database.clone()),
+            max_wal_entries: Some(config.max_wal_entries),
+            handshake_timeout_ms: Some(millis(config.handshake_timeout)),
+            idle_timeout_ms: Some(millis(config.transport.idle_timeout)),
+            max_connections: Some(config.max_connections),
+            max_handshakes: Some(config.max_handshakes),
+            max_streams: Some(config.transport.max_streams),
+            max_handshake_frame_bytes: Some(config.frame_limits.handshake),
+            max_frame_bytes: Some(config.frame_limits.data),
+            max_unacked_bytes: Some(config.max_unacked_bytes),
+            max_key_bytes: Some(config.max_key_len),
+            max_value_bytes: Some(config.max_value_len),
+        }
+    }
+}
+
+/// What a mirror needs besides its [`MirrorConfig`].
+struct MirrorPlan {
+    config: MirrorConfig,
+    certs: PathBuf,
+    name: String,
+    source: String,
+    listen: Option<String>,
+}
+
+async fn plan_mirror(args: &MirrorArgs) -> anyhow::Result<MirrorPlan> {
+    let settings = args.settings.clone().or(read_file(args.config.as_deref())?);
+    let source = required(settings.source, "source")?;
+    let listen_addr = match &settings.listen {
+        Some(listen) => Some(resolve(listen).await?),
+        None => None,
+    };
+    let mut config = MirrorConfig::new(
+        required(settings.data_dir, "data_dir")?,
+        resolve(&source).await?,
+        required(settings.source_cluster, "source_cluster")?,
+        listen_addr,
+    );
+    set(&mut config.database, settings.database);
+    set(&mut config.versions, settings.protocol_versions);
+    set(
+        &mut config.source_silence_timeout,
+        settings
+            .source_silence_timeout_ms
+            .map(Duration::from_millis),
+    );
+    set(
+        &mut config.connect_timeout,
+        settings.connect_timeout_ms.map(Duration::from_millis),
+    );
+    set(
+        &mut config.backoff_max,
+        settings.backoff_max_ms.map(Duration::from_millis),
+    );
+    Ok(MirrorPlan {
+        config,
+        certs: required(settings.certs, "certs")?,
+        name: required(settings.name, "name")?,
+        source,
+        listen: settings.listen,
+    })
+}
+
+impl MirrorPlan {
+    /// Every setting as it will be used, defaults included.
+    fn effective(&self) -> MirrorSettings {
+        let config = &self.config;
+        MirrorSettings {
+            data_dir: Some(config.data_dir.clone()),
+            source: Some(self.source.clone()),
+            source_cluster: Some(config.source_cluster.clone()),
+            certs: Some(self.certs.clone()),
+            name: Some(self.name.clone()),
+            listen: self.listen.clone(),
+            database: Some(config.database.clone()),
+            source_silence_timeout_ms: Some(millis(config.source_silence_timeout)),
+            connect_timeout_ms: Some(millis(config.connect_timeout)),
+            backoff_max_ms: Some(millis(config.backoff_max)),
+            // A test-only setting: shown only when it differs from what this build speaks.
+            protocol_versions: (config.versions != SUPPORTED_VERSIONS).then_some(config.versions),
+        }
+    }
 }
 
 async fn stopped() {
@@ -176,13 +211,13 @@ fn load_tls(certs: &std::path::Path, name: &str) -> anyhow::Result<NodeTls> {
 }
 
 pub async fn run_source(args: SourceArgs) -> anyhow::Result<()> {
-    let tls = load_tls(&args.certs, &args.name)?;
-    let listen = resolve(&args.listen).await?;
-    let mut config = SourceConfig::new(args.data_dir, args.cluster_id, listen);
-    config.database = args.database;
-    config.max_wal_entries = args.max_wal_entries;
-    args.limits.apply(&mut config);
-    let node = SourceNode::start(config, &tls)
+    let plan = plan_source(&args).await?;
+    if args.print_config {
+        print!("{}", to_toml(&plan.effective())?);
+        return Ok(());
+    }
+    let tls = load_tls(&plan.certs, &plan.name)?;
+    let node = SourceNode::start(plan.config, &tls)
         .await
         .context("cannot start the source")?;
     println!("source {} serving on {}", tls.identity(), node.local_addr);
@@ -193,19 +228,15 @@ pub async fn run_source(args: SourceArgs) -> anyhow::Result<()> {
 }
 
 pub async fn run_mirror(args: MirrorArgs) -> anyhow::Result<()> {
-    let tls = Arc::new(load_tls(&args.certs, &args.name)?);
-    let source = resolve(&args.source).await?;
-    let listen = match &args.listen {
-        Some(listen) => Some(resolve(listen).await?),
-        None => None,
-    };
-    let mut config = MirrorConfig::new(args.data_dir, source, args.source_cluster, listen);
-    config.database = args.database;
-    if let Some(versions) = args.protocol_versions {
-        config.versions = versions;
+    let plan = plan_mirror(&args).await?;
+    if args.print_config {
+        print!("{}", to_toml(&plan.effective())?);
+        return Ok(());
     }
+    let tls = Arc::new(load_tls(&plan.certs, &plan.name)?);
+    let source = plan.config.source;
     let identity = tls.identity().clone();
-    let mut node = MirrorNode::start(config, tls)
+    let mut node = MirrorNode::start(plan.config, tls)
         .await
         .context("cannot start the mirror")?;
     match node.listen_addr {

@@ -1,0 +1,147 @@
+//! Node settings from flags and a TOML file (`--config FILE`): a flag wins over the file,
+//! the file over the built-in default. `--print-config` shows the effective result.
+//!
+//! Every setting is optional at this level, so that a value can come from either place;
+//! the node commands then require what they need and fill in the defaults.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use serde::de::DeserializeOwned;
+use xmirror_proto::{Name, VersionRange};
+
+/// Declares a settings struct whose every field is an optional `--flag` and an optional
+/// TOML key of the same name, with `or` to layer flags over a file.
+macro_rules! settings {
+    ($(#[$meta:meta])* pub struct $name:ident { $($(#[$field_meta:meta])* $field:ident: $ty:ty,)* }) => {
+        $(#[$meta])*
+        #[derive(clap::Args, serde::Deserialize, serde::Serialize, Clone, Debug, Default, PartialEq)]
+        #[serde(deny_unknown_fields)]
+        pub struct $name {
+            $(
+                $(#[$field_meta])*
+                #[arg(long)]
+                #[serde(default, skip_serializing_if = "Option::is_none")]
+                pub $field: Option<$ty>,
+            )*
+        }
+
+        impl $name {
+            /// Each setting from `self` (the flags), or else from `file`.
+            pub fn or(self, file: $name) -> $name {
+                $name { $($field: self.$field.or(file.$field),)* }
+            }
+        }
+    };
+}
+
+settings! {
+    /// Everything `xmirror source` can be told.
+    pub struct SourceSettings {
+        /// The store's directory (created if missing).
+        data_dir: PathBuf,
+        /// This source's cluster; mirrors must name it in --source-cluster.
+        cluster_id: Name,
+        /// UDP address to serve on, for example 0.0.0.0:7000.
+        listen: String,
+        /// Directory with NAME.crt, NAME.key and the trusted ca*.crt.
+        certs: PathBuf,
+        /// This node's name (its certificate files' name).
+        name: String,
+        /// The database mirrors ask for [default: main].
+        database: Name,
+        /// Most WAL entries kept for slow or absent mirrors; a mirror pushed past it gets a
+        /// snapshot when it returns [default: 10000000].
+        max_wal_entries: u64,
+        /// Milliseconds a peer has for its TLS handshake and hello [default: 10000].
+        handshake_timeout_ms: u64,
+        /// Milliseconds without traffic after which a connection is dead [default: 30000].
+        idle_timeout_ms: u64,
+        /// Connections served at once [default: 1024].
+        max_connections: usize,
+        /// Connections at once that have not finished their handshake and hello [default: 64].
+        max_handshakes: usize,
+        /// Streams a peer may have open at once [default: 64].
+        max_streams: u32,
+        /// Largest frame before the hello is validated, in bytes [default: 65536].
+        max_handshake_frame_bytes: usize,
+        /// Largest frame after the hello, in bytes [default: 16777216].
+        max_frame_bytes: usize,
+        /// WAL bytes sent to a mirror and not yet acknowledged before sending pauses
+        /// [default: 67108864].
+        max_unacked_bytes: usize,
+        /// Largest key a client may write, in bytes [default: 4096].
+        max_key_bytes: usize,
+        /// Largest value a client may write, in bytes [default: 4194304].
+        max_value_bytes: usize,
+    }
+}
+
+settings! {
+    /// Everything `xmirror mirror` can be told.
+    pub struct MirrorSettings {
+        /// The store's directory (created if missing). One mirror process per directory.
+        data_dir: PathBuf,
+        /// The source's UDP address.
+        source: String,
+        /// The cluster the source must belong to.
+        source_cluster: Name,
+        /// Directory with NAME.crt, NAME.key and the trusted ca*.crt (including the source's CA).
+        certs: PathBuf,
+        /// This mirror's name (its certificate files' name; keys its slot on the source).
+        name: String,
+        /// Serve the read-only client API on this UDP address.
+        listen: String,
+        /// The database to mirror [default: main].
+        database: Name,
+        /// Milliseconds without a byte from the source before reconnecting [default: 5000].
+        source_silence_timeout_ms: u64,
+        /// Milliseconds one connection attempt may take [default: 5000].
+        connect_timeout_ms: u64,
+        /// Longest reconnect delay in milliseconds [default: 10000].
+        backoff_max_ms: u64,
+        /// Protocol versions to offer, MIN..MAX (for testing version negotiation).
+        #[arg(hide = true, value_parser = parse_versions)]
+        protocol_versions: VersionRange,
+    }
+}
+
+/// Parses `MIN..MAX`.
+pub fn parse_versions(text: &str) -> Result<VersionRange, String> {
+    let (min, max) = text
+        .split_once("..")
+        .ok_or_else(|| format!("expected MIN..MAX, got {text:?}"))?;
+    let parse = |part: &str| {
+        part.parse::<u16>()
+            .map_err(|error| format!("{part:?}: {error}"))
+    };
+    Ok(VersionRange {
+        min: parse(min)?,
+        max: parse(max)?,
+    })
+}
+
+/// The settings in the TOML file at `path`, or none.
+pub fn read_file<T: DeserializeOwned + Default>(path: Option<&Path>) -> anyhow::Result<T> {
+    let Some(path) = path else {
+        return Ok(T::default());
+    };
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read the config file {}", path.display()))?;
+    toml::from_str(&text).with_context(|| format!("invalid config file {}", path.display()))
+}
+
+/// A required setting, or an error naming both ways to give it.
+pub fn required<T>(value: Option<T>, key: &str) -> anyhow::Result<T> {
+    value.with_context(|| {
+        format!(
+            "missing --{} (or `{key}` in the config file)",
+            key.replace('_', "-")
+        )
+    })
+}
+
+/// The settings as a TOML document.
+pub fn to_toml(settings: &impl serde::Serialize) -> anyhow::Result<String> {
+    toml::to_string(settings).context("cannot print the configuration")
+}

@@ -15,8 +15,20 @@ use clap::{Parser, Subcommand};
 #[derive(Parser)]
 #[command(name = "xmirror", version, about, long_about = None)]
 struct Cli {
+    /// How logs (on stderr) are written: `text` for people, `json` for log pipelines.
+    /// The level comes from RUST_LOG (default: info for nodes, errors only for clients).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -43,13 +55,16 @@ enum Command {
 }
 
 /// Logs to stderr; `RUST_LOG` overrides `default_level`.
-fn init_logging(default_level: &str) {
+fn init_logging(format: LogFormat, default_level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
-    tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => logs.init(),
+        LogFormat::Json => logs.json().init(),
+    }
 }
 
 fn main() -> ExitCode {
@@ -57,11 +72,14 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Certs(command) => certs::run(command),
         command => {
-            init_logging(match command {
-                Command::Source(_) | Command::Mirror(_) => "info",
-                Command::Demo => "warn",
-                _ => "error",
-            });
+            init_logging(
+                cli.log_format,
+                match command {
+                    Command::Source(_) | Command::Mirror(_) => "info",
+                    Command::Demo => "warn",
+                    _ => "error",
+                },
+            );
             let runtime = match tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()

@@ -124,3 +124,57 @@ fn bad_config_gets_a_one_line_error() {
     let output = xmirror(&["source", "--config", "/nonexistent.toml", "--print-config"]);
     assert!(String::from_utf8_lossy(&output.stderr).contains("cannot read the config file"));
 }
+
+#[test]
+fn json_logs_are_one_object_per_line() {
+    use std::io::{BufRead, BufReader};
+    let dir = TempDir::new().unwrap();
+    let certs = dir.path().join("certs");
+    let certs = certs.to_str().unwrap();
+    assert!(
+        xmirror(&["certs", "init", "--dir", certs, "--cluster-id", "east"])
+            .status
+            .success()
+    );
+    let issue = [
+        "certs",
+        "issue",
+        "--dir",
+        certs,
+        "--cluster-id",
+        "east",
+        "--role",
+        "source",
+        "--name",
+        "src",
+    ];
+    assert!(xmirror(&issue).status.success());
+    let data = dir.path().join("data");
+    let mut source = Command::new(env!("CARGO_BIN_EXE_xmirror"))
+        .args([
+            "--log-format",
+            "json",
+            "source",
+            "--listen",
+            "127.0.0.1:0",
+            "--cluster-id",
+            "east",
+        ])
+        .args(["--certs", certs, "--name", "src", "--data-dir"])
+        .arg(&data)
+        .env("RUST_LOG", "info")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(source.stderr.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let _ = source.kill();
+    let _ = source.wait();
+    let log: serde_json::Value = serde_json::from_str(&line).expect("a JSON log line");
+    assert_eq!(log["level"], "INFO");
+    assert_eq!(log["fields"]["message"], "source serving");
+    assert_eq!(log["fields"]["cluster"], "east");
+}

@@ -65,6 +65,12 @@ pub struct StatusArgs {
     /// Print JSON instead of text.
     #[arg(long)]
     json: bool,
+    /// Refresh until interrupted (the table in place, or one JSON line per refresh).
+    #[arg(long)]
+    watch: bool,
+    /// Milliseconds between refreshes with --watch.
+    #[arg(long, default_value_t = 1000)]
+    interval_ms: u64,
 }
 
 #[derive(Args)]
@@ -181,46 +187,71 @@ pub fn status_json(status: &NodeStatus) -> serde_json::Value {
     fields
 }
 
-pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
-    let client = connect(&args.node).await?;
-    let status = client.status().await.context("status failed")?;
-    if args.json {
-        println!("{}", status_json(&status));
-        return Ok(());
-    }
+/// The status as a readable table. `rate` is the applied (mirror) or last (source) LSN's
+/// growth per second since the previous sample, when watching.
+pub fn render_status(status: &NodeStatus, rate: Option<f64>) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let rate = rate.map_or_else(String::new, |rate| format!(" ({rate:.0} entries/s)"));
     match status {
         NodeStatus::Source(source) => {
-            println!(
-                "role          source ({} of cluster {})",
+            let _ = writeln!(
+                out,
+                "role          source {} of cluster {}",
                 source.name, source.cluster_id
             );
-            println!("last_lsn      {}", source.last_lsn);
-            println!("wal_first_lsn {}", source.wal_first_lsn);
-            println!("mirrors       {}", source.mirrors.len());
-            for slot in source.mirrors {
-                println!(
-                    "  {:<20} {:<12} acked_lsn={} lag_entries={}",
-                    slot.name,
+            let _ = writeln!(out, "last_lsn      {}{rate}", source.last_lsn);
+            let _ = writeln!(out, "wal_first_lsn {}", source.wal_first_lsn);
+            let _ = writeln!(
+                out,
+                "snapshot sent {} bytes since start",
+                source.snapshot_bytes_sent
+            );
+            let _ = writeln!(out, "mirrors       {}", source.mirrors.len());
+            if !source.mirrors.is_empty() {
+                let _ = writeln!(
+                    out,
+                    "  {:<20} {:<12} {:>12} {:>12}",
+                    "NAME", "STATE", "ACKED_LSN", "LAG_ENTRIES"
+                );
+            }
+            for slot in &source.mirrors {
+                let _ = writeln!(
+                    out,
+                    "  {:<20} {:<12} {:>12} {:>12}",
+                    slot.name.as_str(),
                     json_name(&slot.state),
-                    slot.acked_lsn,
+                    slot.acked_lsn.0,
                     slot.lag_entries
                 );
             }
         }
         NodeStatus::Mirror(mirror) => {
-            println!(
-                "role          mirror ({} of cluster {})",
+            let _ = writeln!(
+                out,
+                "role          mirror {} of a source in cluster {}",
                 mirror.name, mirror.source_cluster
             );
-            println!(
-                "state         {}",
-                serde_json::to_value(mirror.state)?.as_str().unwrap_or("?")
+            let _ = writeln!(out, "state         {}", json_name(&mirror.state));
+            let _ = writeln!(out, "applied_lsn   {}{rate}", mirror.applied_lsn);
+            let _ = writeln!(out, "source_lsn    {}", mirror.source_lsn);
+            let _ = writeln!(
+                out,
+                "lag           {} entries, {} ms",
+                mirror.source_lsn.entries_since(mirror.applied_lsn),
+                mirror.lag_ms
             );
-            println!("applied_lsn   {}", mirror.applied_lsn);
-            println!("source_lsn    {}", mirror.source_lsn);
-            println!("lag_ms        {}", mirror.lag_ms);
-            println!("consistent    {}", mirror.consistent);
-            println!(
+            let _ = writeln!(
+                out,
+                "consistent    {}",
+                if mirror.consistent {
+                    "yes (serving reads)"
+                } else {
+                    "no (reads refused)"
+                }
+            );
+            let _ = writeln!(
+                out,
                 "snapshots     {} started, {} resumed; last decision {}",
                 mirror.snapshots_started,
                 mirror.snapshots_resumed,
@@ -230,7 +261,97 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
             );
         }
     }
-    Ok(())
+    out
+}
+
+fn progress_lsn(status: &NodeStatus) -> u64 {
+    match status {
+        NodeStatus::Source(source) => source.last_lsn.0,
+        NodeStatus::Mirror(mirror) => mirror.applied_lsn.0,
+    }
+}
+
+pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
+    let client = connect(&args.node).await?;
+    let mut previous: Option<(std::time::Instant, u64)> = None;
+    loop {
+        let status = client.status().await.context("status failed")?;
+        if args.json {
+            println!("{}", status_json(&status));
+        } else {
+            let now = std::time::Instant::now();
+            let lsn = progress_lsn(&status);
+            let rate = previous.map(|(then, before)| {
+                lsn.saturating_sub(before) as f64 / now.duration_since(then).as_secs_f64().max(1e-3)
+            });
+            previous = Some((now, lsn));
+            if args.watch {
+                // Clear the screen and home the cursor: the table refreshes in place.
+                print!("\x1b[2J\x1b[H");
+            }
+            print!("{}", render_status(&status, rate));
+        }
+        if !args.watch {
+            return Ok(());
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(args.interval_ms)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use xmirror_proto::status::{MirrorState, MirrorStatus, SlotState, SlotStatus, SourceStatus};
+    use xmirror_proto::{Lsn, Name, UnixMillis};
+
+    fn name(value: &str) -> Name {
+        Name::new(value).unwrap()
+    }
+
+    #[test]
+    fn the_table_shows_what_an_operator_looks_for() {
+        let mirror = NodeStatus::Mirror(MirrorStatus {
+            name: name("m1"),
+            source_cluster: name("east"),
+            state: MirrorState::CatchingUp,
+            applied_lsn: Lsn(900),
+            source_lsn: Lsn(1_000),
+            lag_ms: 250,
+            consistent: true,
+            snapshots_started: 1,
+            snapshots_resumed: 2,
+            last_decision: Some(xmirror_proto::DecisionKind::ResumeSnapshot),
+        });
+        let table = render_status(&mirror, Some(1500.0));
+        for expected in [
+            "state         catching_up",
+            "applied_lsn   900 (1500 entries/s)",
+            "lag           100 entries, 250 ms",
+            "1 started, 2 resumed; last decision resume_snapshot",
+        ] {
+            assert!(table.contains(expected), "{expected:?} not in\n{table}");
+        }
+        let source = NodeStatus::Source(SourceStatus {
+            name: name("src"),
+            cluster_id: name("east"),
+            last_lsn: Lsn(1_000),
+            wal_first_lsn: Lsn(10),
+            commit_time: UnixMillis(0),
+            snapshot_bytes_sent: 0,
+            mirrors: vec![SlotStatus {
+                name: name("m1"),
+                acked_lsn: Lsn(900),
+                state: SlotState::Invalidated,
+                lag_entries: 100,
+                last_seen: UnixMillis(0),
+            }],
+        });
+        let table = render_status(&source, None);
+        assert!(
+            table.contains("  m1                   invalidated           900          100"),
+            "{table}"
+        );
+    }
 }
 
 pub async fn digest(args: DigestArgs) -> anyhow::Result<()> {

@@ -298,6 +298,20 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
     }
 }
 
+pub async fn digest(args: DigestArgs) -> anyhow::Result<()> {
+    let client = connect(&args.node).await?;
+    let (lsn, digest) = client.digest().await.context("digest failed")?;
+    if args.json {
+        println!(
+            "{}",
+            serde_json::json!({"lsn": lsn.0, "digest": digest.to_hex()})
+        );
+    } else {
+        println!("lsn={lsn} digest={digest}");
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -352,18 +366,4 @@ mod tests {
             "{table}"
         );
     }
-}
-
-pub async fn digest(args: DigestArgs) -> anyhow::Result<()> {
-    let client = connect(&args.node).await?;
-    let (lsn, digest) = client.digest().await.context("digest failed")?;
-    if args.json {
-        println!(
-            "{}",
-            serde_json::json!({"lsn": lsn.0, "digest": digest.to_hex()})
-        );
-    } else {
-        println!("lsn={lsn} digest={digest}");
-    }
-    Ok(())
 }

@@ -52,6 +52,42 @@ pub fn free_port() -> SocketAddr {
     socket.local_addr().expect("local address")
 }
 
+/// A TCP port on 127.0.0.1 that was free a moment ago.
+pub fn free_tcp_port() -> SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a TCP port");
+    listener.local_addr().expect("local address")
+}
+
+/// Scrapes a Prometheus endpoint: each sample's `name{labels}` (labels sorted) and value.
+pub fn scrape(addr: SocketAddr) -> Option<std::collections::BTreeMap<String, f64>> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    let (_, body) = response.split_once("\r\n\r\n")?;
+    let mut samples = std::collections::BTreeMap::new();
+    for line in body
+        .lines()
+        .filter(|line| !line.starts_with('#') && !line.trim().is_empty())
+    {
+        let (series, value) = line.rsplit_once(' ')?;
+        let series = match series.split_once('{') {
+            Some((name, labels)) => {
+                let mut labels: Vec<&str> = labels.trim_end_matches('}').split(',').collect();
+                labels.sort_unstable();
+                format!("{name}{{{}}}", labels.join(","))
+            }
+            None => series.to_owned(),
+        };
+        samples.insert(series, value.parse().ok()?);
+    }
+    Some(samples)
+}
+
 fn name(value: &str) -> Name {
     Name::new(value).expect("valid test name")
 }
@@ -164,8 +200,21 @@ impl World {
         data: &str,
         source: SocketAddr,
     ) -> Node {
+        self.start_mirror_with(listen, mirror, data, source, &[])
+            .await
+    }
+
+    /// Starts `xmirror mirror` serving reads on `listen`, with `extra` flags.
+    pub async fn start_mirror_with(
+        &self,
+        listen: SocketAddr,
+        mirror: &str,
+        data: &str,
+        source: SocketAddr,
+        extra: &[&str],
+    ) -> Node {
         let data_dir = self.path(data);
-        let args = mirror_args(
+        let mut args = mirror_args(
             &data_dir,
             source,
             CLUSTER,
@@ -173,6 +222,7 @@ impl World {
             mirror,
             Some(listen),
         );
+        args.extend(extra.iter().map(|arg| arg.to_string()));
         let node = Node::spawn(&format!("mirror-{data}"), self.dir.path(), &args, listen);
         node.wait_serving(self).await;
         node

@@ -4,8 +4,8 @@
 use std::time::Duration;
 
 use xmirror_e2e::{
-    assert_converged, free_port, mirror_args, mirror_status, source_status, wait_until, Node,
-    World, CLUSTER,
+    assert_converged, free_port, free_tcp_port, mirror_args, mirror_status, scrape, source_status,
+    wait_until, Node, World, CLUSTER,
 };
 use xmirror_net::ClientError;
 use xmirror_proto::message::DecisionKind;
@@ -456,4 +456,84 @@ async fn the_cli_prints_the_documented_json() {
     );
     assert!(source_digest.contains("\"lsn\":100"), "{source_digest}");
     assert_eq!(source_digest, mirror_digest);
+}
+
+/// Both nodes serve Prometheus text on `--metrics`, with the documented names.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_endpoints_serve_prometheus_text() {
+    let world = World::new();
+    let source_metrics = free_tcp_port();
+    let mirror_metrics = free_tcp_port();
+    let source = world
+        .start_source("source", &["--metrics", &source_metrics.to_string()])
+        .await;
+    let app = world.client(source.addr).await;
+    app.write_keys(1_000, VALUE_SIZE, "key-").await.unwrap();
+    let mirror_flags = ["--metrics".to_string(), mirror_metrics.to_string()];
+    let mirror_flags: Vec<&str> = mirror_flags.iter().map(String::as_str).collect();
+    let mirror = world
+        .start_mirror_with(free_port(), "m1", "m1", source.addr, &mirror_flags)
+        .await;
+    let reader = world.client(mirror.addr).await;
+    assert_converged(&app, &reader).await;
+
+    let source_samples = expect_samples(
+        source_metrics,
+        &[
+            ("xmirror_source_last_lsn", 1_000.0),
+            ("xmirror_source_mirror_acked_lsn{mirror=\"m1\"}", 1_000.0),
+            ("xmirror_source_mirror_lag_entries{mirror=\"m1\"}", 0.0),
+            (
+                "xmirror_source_mirror_state{mirror=\"m1\",state=\"streaming\"}",
+                1.0,
+            ),
+            (
+                "xmirror_handshakes_total{code=\"none\",node=\"source\",outcome=\"accepted\"}",
+                1.0,
+            ),
+        ],
+    )
+    .await;
+    assert!(source_samples.contains_key("xmirror_source_mirror_headroom_entries{mirror=\"m1\"}"));
+    assert!(source_samples.contains_key("xmirror_source_mirror_headroom_seconds{mirror=\"m1\"}"));
+    let mirror_samples = expect_samples(
+        mirror_metrics,
+        &[
+            ("xmirror_mirror_applied_lsn", 1_000.0),
+            ("xmirror_mirror_durable_lsn", 1_000.0),
+            ("xmirror_mirror_source_lsn", 1_000.0),
+            ("xmirror_mirror_consistent", 1.0),
+            ("xmirror_mirror_state{state=\"streaming\"}", 1.0),
+            ("xmirror_mirror_snapshot_keys_total", 1_000.0),
+            ("xmirror_mirror_snapshots_started_total", 1.0),
+            (
+                "xmirror_handshakes_total{code=\"none\",node=\"mirror\",outcome=\"accepted\"}",
+                1.0,
+            ),
+        ],
+    )
+    .await;
+    assert!(mirror_samples.contains_key("xmirror_mirror_lag_ms"));
+    assert!(mirror_samples["xmirror_mirror_snapshot_bytes_total"] >= 1_000.0 * VALUE_SIZE as f64);
+}
+
+/// Scrapes `addr` until every `wanted` sample has its value (gauges refresh every second).
+async fn expect_samples(
+    addr: std::net::SocketAddr,
+    wanted: &[(&str, f64)],
+) -> std::collections::BTreeMap<String, f64> {
+    wait_until(
+        "the metrics to show the mirror",
+        Duration::from_secs(15),
+        || async {
+            let samples = tokio::task::spawn_blocking(move || scrape(addr))
+                .await
+                .unwrap()?;
+            wanted
+                .iter()
+                .all(|(series, value)| samples.get(*series) == Some(value))
+                .then_some(samples)
+        },
+    )
+    .await
 }

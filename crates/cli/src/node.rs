@@ -44,6 +44,7 @@ pub struct MirrorArgs {
 /// What a source needs besides its [`SourceConfig`].
 struct SourcePlan {
     config: SourceConfig,
+    metrics: Option<String>,
     certs: PathBuf,
     name: String,
     listen: String,
@@ -91,6 +92,7 @@ async fn plan_source(args: &SourceArgs) -> anyhow::Result<SourcePlan> {
     );
     Ok(SourcePlan {
         config,
+        metrics: settings.metrics,
         certs: required(settings.certs, "certs")?,
         name: required(settings.name, "name")?,
         listen,
@@ -119,6 +121,7 @@ impl SourcePlan {
             max_unacked_bytes: Some(config.max_unacked_bytes),
             max_key_bytes: Some(config.max_key_len),
             max_value_bytes: Some(config.max_value_len),
+            metrics: self.metrics.clone(),
         }
     }
 }
@@ -126,6 +129,7 @@ impl SourcePlan {
 /// What a mirror needs besides its [`MirrorConfig`].
 struct MirrorPlan {
     config: MirrorConfig,
+    metrics: Option<String>,
     certs: PathBuf,
     name: String,
     source: String,
@@ -163,6 +167,7 @@ async fn plan_mirror(args: &MirrorArgs) -> anyhow::Result<MirrorPlan> {
     );
     Ok(MirrorPlan {
         config,
+        metrics: settings.metrics,
         certs: required(settings.certs, "certs")?,
         name: required(settings.name, "name")?,
         source,
@@ -187,8 +192,23 @@ impl MirrorPlan {
             backoff_max_ms: Some(millis(config.backoff_max)),
             // A test-only setting: shown only when it differs from what this build speaks.
             protocol_versions: (config.versions != SUPPORTED_VERSIONS).then_some(config.versions),
+            metrics: self.metrics.clone(),
         }
     }
+}
+
+/// Serves the Prometheus text format on `addr` (path `/metrics`, or any path).
+async fn serve_metrics(addr: Option<&str>) -> anyhow::Result<()> {
+    let Some(addr) = addr else {
+        return Ok(());
+    };
+    let addr = resolve(addr).await?;
+    metrics_exporter_prometheus::PrometheusBuilder::new()
+        .with_http_listener(addr)
+        .install()
+        .with_context(|| format!("cannot serve metrics on {addr}"))?;
+    tracing::info!(addr = %addr, "serving metrics");
+    Ok(())
 }
 
 async fn stopped() {
@@ -217,6 +237,7 @@ pub async fn run_source(args: SourceArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     let tls = load_tls(&plan.certs, &plan.name)?;
+    serve_metrics(plan.metrics.as_deref()).await?;
     let node = SourceNode::start(plan.config, &tls)
         .await
         .context("cannot start the source")?;
@@ -234,6 +255,7 @@ pub async fn run_mirror(args: MirrorArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     let tls = Arc::new(load_tls(&plan.certs, &plan.name)?);
+    serve_metrics(plan.metrics.as_deref()).await?;
     let source = plan.config.source;
     let identity = tls.identity().clone();
     let mut node = MirrorNode::start(plan.config, tls)

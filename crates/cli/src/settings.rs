@@ -74,6 +74,8 @@ settings! {
         max_key_bytes: usize,
         /// Largest value a client may write, in bytes [default: 4194304].
         max_value_bytes: usize,
+        /// Serve Prometheus metrics over HTTP on this address, for example 127.0.0.1:9100.
+        metrics: String,
     }
 }
 
@@ -100,6 +102,8 @@ settings! {
         connect_timeout_ms: u64,
         /// Longest reconnect delay in milliseconds [default: 10000].
         backoff_max_ms: u64,
+        /// Serve Prometheus metrics over HTTP on this address, for example 127.0.0.1:9101.
+        metrics: String,
         /// Protocol versions to offer, MIN..MAX (for testing version negotiation).
         #[arg(hide = true, value_parser = parse_versions)]
         protocol_versions: VersionRange,

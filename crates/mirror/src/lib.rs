@@ -11,6 +11,7 @@
 pub mod backoff;
 pub mod service;
 pub mod session;
+pub mod telemetry;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -20,7 +21,7 @@ use std::time::Duration;
 use xmirror_net::serve::serve_client_connection;
 use xmirror_net::{
     client_endpoint, close_with, refusal_of, server_endpoint, Admission, Admitted, EndpointError,
-    TransportLimits,
+    ReadError, TransportLimits,
 };
 use xmirror_proto::message::DecisionKind;
 use xmirror_proto::status::{MirrorState, MirrorStatus};
@@ -123,6 +124,8 @@ pub enum MirrorError {
 #[derive(Clone, Copy, Debug)]
 struct Progress {
     state: MirrorState,
+    /// The last LSN read off the wire.
+    received_lsn: Lsn,
     source_lsn: Lsn,
     source_commit_time: Option<UnixMillis>,
     applied_commit_time: Option<UnixMillis>,
@@ -181,6 +184,7 @@ impl MirrorShared {
             store,
             progress: Mutex::new(Progress {
                 state: MirrorState::Connecting,
+                received_lsn: Lsn::ZERO,
                 source_lsn: Lsn::ZERO,
                 source_commit_time: None,
                 applied_commit_time: None,
@@ -224,8 +228,14 @@ impl MirrorShared {
         }
     }
 
+    /// The last LSN read off the wire.
+    pub fn received_lsn(&self) -> Lsn {
+        self.progress().received_lsn
+    }
+
     fn applied(&self, lsn: Lsn, commit_time: UnixMillis) {
         let mut progress = self.progress();
+        progress.received_lsn = progress.received_lsn.max(lsn);
         progress.applied_commit_time = Some(commit_time);
         progress.source_lsn = progress.source_lsn.max(lsn);
     }
@@ -311,6 +321,7 @@ impl MirrorNode {
             None => None,
         };
         let replication = tokio::spawn(replicate(shared.clone(), tls));
+        tokio::spawn(telemetry::publish_loop(shared.clone()));
         Ok(MirrorNode {
             listen_addr,
             shared,
@@ -411,13 +422,17 @@ async fn replicate(shared: Arc<MirrorShared>, tls: Arc<NodeTls>) -> Result<(), M
         let applied_before = shared.store.position().lsn;
         let outcome = connect_once(&shared, &endpoint, &server_name).await;
         match outcome {
-            Ok(()) => tracing::info!("source ended the session; reconnecting"),
+            Ok(()) => {
+                tracing::info!("source ended the session; reconnecting");
+                telemetry::reconnect("session_ended");
+            }
             Err(Attempt::Permanent(reason)) => {
                 tracing::error!(reason = %reason, "giving up: this will not succeed by retrying");
                 return Err(MirrorError::Refused(reason));
             }
-            Err(Attempt::Transient(reason)) => {
-                tracing::warn!(reason = %reason, "session failed; reconnecting")
+            Err(Attempt::Transient(label, reason)) => {
+                tracing::warn!(reason = %reason, "session failed; reconnecting");
+                telemetry::reconnect(label);
             }
         }
         if shared.store.position().lsn > applied_before {
@@ -431,7 +446,8 @@ async fn replicate(shared: Arc<MirrorShared>, tls: Arc<NodeTls>) -> Result<(), M
 
 enum Attempt {
     Permanent(String),
-    Transient(String),
+    /// Worth retrying: the metric label for why, and the sentence for the log.
+    Transient(&'static str, String),
 }
 
 async fn connect_once(
@@ -448,17 +464,17 @@ async fn connect_once(
     let connection = tokio::time::timeout(timeout, connecting)
         .await
         .map_err(|_| {
-            Attempt::Transient(format!(
-                "no answer from {} within {timeout:?}",
-                shared.config.source
-            ))
+            Attempt::Transient(
+                "connect_timeout",
+                format!("no answer from {} within {timeout:?}", shared.config.source),
+            )
         })?
         .map_err(|error| match permanent_connection_error(&error) {
             Some(reason) => Attempt::Permanent(reason),
-            None => Attempt::Transient(format!(
-                "cannot connect to {}: {error}",
-                shared.config.source
-            )),
+            None => Attempt::Transient(
+                "connect_failed",
+                format!("cannot connect to {}: {error}", shared.config.source),
+            ),
         })?;
     tracing::info!(source = %shared.config.source, "connected");
     let (mut send, recv) = connection
@@ -500,7 +516,15 @@ async fn connect_once(
             if error.is_permanent() {
                 Err(Attempt::Permanent(reason))
             } else {
-                Err(Attempt::Transient(reason))
+                let label = match &error {
+                    SessionError::Rejected { code, .. } => code.name(),
+                    SessionError::Read(ReadError::Timeout(_)) => "source_silent",
+                    SessionError::Read(_) => "connection_lost",
+                    SessionError::Protocol(_) => "protocol_violation",
+                    SessionError::WrongCluster { .. } => "cluster_id_mismatch",
+                    SessionError::Store(_) => "store",
+                };
+                Err(Attempt::Transient(label, reason))
             }
         }
     }
@@ -522,10 +546,11 @@ fn classify_closed(error: &quinn::ConnectionError) -> Attempt {
     match permanent_connection_error(error) {
         Some(reason) => Attempt::Permanent(reason),
         None => match refusal_of(error) {
-            Some(refusal) => {
-                Attempt::Transient(format!("the source closed the session: {refusal}"))
-            }
-            None => Attempt::Transient(format!("connection lost: {error}")),
+            Some(refusal) => Attempt::Transient(
+                refusal.code.name(),
+                format!("the source closed the session: {refusal}"),
+            ),
+            None => Attempt::Transient("connection_lost", format!("connection lost: {error}")),
         },
     }
 }

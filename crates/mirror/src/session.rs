@@ -121,12 +121,16 @@ where
     writer.send(hello).await?;
 
     let accepted = match reader.next_within(shared.config.handshake_timeout).await? {
-        Message::HelloAck(HelloAck::Accepted(accepted)) => accepted,
+        Message::HelloAck(HelloAck::Accepted(accepted)) => {
+            crate::telemetry::handshake(None);
+            accepted
+        }
         Message::HelloAck(HelloAck::Rejected(rejected)) => {
+            crate::telemetry::handshake(Some(rejected.code));
             return Err(SessionError::Rejected {
                 code: rejected.code,
                 detail: rejected.detail,
-            })
+            });
         }
         other => {
             return Err(SessionError::Protocol(format!(
@@ -169,6 +173,12 @@ where
         match message {
             Message::SnapshotChunk(chunk) => {
                 let snapshot_id = chunk.snapshot_id;
+                let keys = chunk.pairs.len();
+                let bytes: usize = chunk
+                    .pairs
+                    .iter()
+                    .map(|(key, value)| key.len() + value.len())
+                    .sum();
                 let store = shared.store.clone();
                 blocking(move || {
                     store.apply_snapshot_chunk(chunk.snapshot_id, &chunk.pairs)?;
@@ -178,6 +188,7 @@ where
                 })
                 .await?;
                 chunks_applied += 1;
+                crate::telemetry::snapshot_chunk(keys, bytes);
                 writer
                     .send(SnapshotChunkAck {
                         snapshot_id,

@@ -11,6 +11,7 @@
 pub mod service;
 pub mod session;
 pub mod slots;
+pub mod telemetry;
 pub mod writer;
 
 use std::net::SocketAddr;
@@ -191,6 +192,7 @@ impl SourceNode {
         let mut tasks = tokio::task::JoinSet::new();
         tasks.spawn(accept_loop(endpoint.clone(), shared.clone()));
         tasks.spawn(retention_loop(shared.clone()));
+        tasks.spawn(telemetry::publish_loop(shared.clone()));
         let position = shared.store.position();
         tracing::info!(
             addr = %local_addr,

@@ -123,6 +123,7 @@ where
         Err(end) => return Err(refuse(&mut writer, end).await),
     };
     drop(handshake);
+    crate::telemetry::handshake(None);
     let mirror = hello.mirror_name.clone();
     tracing::info!(
         mirror = %mirror,
@@ -197,6 +198,7 @@ async fn refuse<W: AsyncWrite + Unpin>(
     end: SessionEnd,
 ) -> SessionEnd {
     tracing::warn!(code = %end.code, detail = %end.detail, "mirror refused");
+    crate::telemetry::handshake(Some(end.code));
     let _ = writer
         .send(HelloAck::Rejected(Rejected {
             code: end.code,

@@ -1,0 +1,79 @@
+//! The source's metrics, through the `metrics` facade (the binary decides whether and where
+//! they are exported, for example as Prometheus text on `--metrics`). Names start with
+//! `xmirror_`; docs/OPERATIONS.md lists them.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use xmirror_proto::status::SlotState;
+use xmirror_proto::ErrorCode;
+
+use crate::service::SourceService;
+use crate::SourceShared;
+
+/// How often gauges are refreshed from the source's state.
+const PUBLISH_INTERVAL: Duration = Duration::from_secs(1);
+
+const SLOT_STATES: [(SlotState, &str); 4] = [
+    (SlotState::Snapshot, "snapshot"),
+    (SlotState::Streaming, "streaming"),
+    (SlotState::Disconnected, "disconnected"),
+    (SlotState::Invalidated, "invalidated"),
+];
+
+/// Counts a mirror handshake by outcome (and refusal code).
+pub fn handshake(code: Option<ErrorCode>) {
+    let (outcome, code) = match code {
+        None => ("accepted", "none"),
+        Some(code) => ("rejected", code.name()),
+    };
+    metrics::counter!("xmirror_handshakes_total", "node" => "source", "outcome" => outcome, "code" => code)
+        .increment(1);
+}
+
+/// Refreshes the gauges every second, for as long as the source runs.
+pub async fn publish_loop(shared: Arc<SourceShared>) {
+    let mut interval = tokio::time::interval(PUBLISH_INTERVAL);
+    let mut previous: Option<(tokio::time::Instant, u64)> = None;
+    loop {
+        interval.tick().await;
+        let status = SourceService::status(&shared);
+        let now = tokio::time::Instant::now();
+        let last = status.last_lsn.0;
+        // Writes per second since the last refresh: what headroom in seconds is measured by.
+        let write_rate = previous.map_or(0.0, |(then, before): (tokio::time::Instant, u64)| {
+            last.saturating_sub(before) as f64 / now.duration_since(then).as_secs_f64().max(1e-3)
+        });
+        previous = Some((now, last));
+        metrics::gauge!("xmirror_source_last_lsn").set(last as f64);
+        metrics::gauge!("xmirror_source_wal_entries")
+            .set((last + 1).saturating_sub(status.wal_first_lsn.0) as f64);
+        metrics::gauge!("xmirror_source_write_rate").set(write_rate);
+        metrics::counter!("xmirror_source_snapshot_bytes_sent_total")
+            .absolute(status.snapshot_bytes_sent);
+        let max_wal = shared.config.max_wal_entries;
+        for slot in &status.mirrors {
+            let mirror = slot.name.to_string();
+            let retained = slot.lag_entries;
+            let headroom = max_wal.saturating_sub(retained);
+            metrics::gauge!("xmirror_source_mirror_acked_lsn", "mirror" => mirror.clone())
+                .set(slot.acked_lsn.0 as f64);
+            metrics::gauge!("xmirror_source_mirror_lag_entries", "mirror" => mirror.clone())
+                .set(retained as f64);
+            metrics::gauge!("xmirror_source_mirror_retained_wal_entries", "mirror" => mirror.clone()).set(retained as f64);
+            metrics::gauge!("xmirror_source_mirror_headroom_entries", "mirror" => mirror.clone())
+                .set(headroom as f64);
+            let seconds = if write_rate > 0.0 {
+                headroom as f64 / write_rate
+            } else {
+                f64::INFINITY
+            };
+            metrics::gauge!("xmirror_source_mirror_headroom_seconds", "mirror" => mirror.clone())
+                .set(seconds);
+            for (state, label) in SLOT_STATES {
+                let value = if slot.state == state { 1.0 } else { 0.0 };
+                metrics::gauge!("xmirror_source_mirror_state", "mirror" => mirror.clone(), "state" => label).set(value);
+            }
+        }
+    }
+}

@@ -5,6 +5,7 @@ mod certs;
 mod client;
 mod demo;
 mod node;
+mod progress;
 mod settings;
 
 use std::process::ExitCode;

@@ -265,6 +265,7 @@ pub async fn run_mirror(args: MirrorArgs) -> anyhow::Result<()> {
         Some(addr) => println!("mirror {identity} of {source}, serving reads on {addr}"),
         None => println!("mirror {identity} of {source}"),
     }
+    let progress = tokio::spawn(crate::progress::show(node.shared().clone()));
     tokio::select! {
         result = node.wait() => result.context("the mirror stopped")?,
         () = stopped() => {
@@ -272,5 +273,6 @@ pub async fn run_mirror(args: MirrorArgs) -> anyhow::Result<()> {
             node.shutdown().await;
         }
     }
+    progress.abort();
     Ok(())
 }

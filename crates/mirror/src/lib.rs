@@ -120,10 +120,25 @@ pub enum MirrorError {
     Refused(String),
 }
 
+/// A snapshot transfer in progress, as this process has seen it.
+#[derive(Clone, Copy, Debug)]
+pub struct SnapshotTransfer {
+    /// When this session's transfer started.
+    pub started: std::time::Instant,
+    /// Keys applied in this session.
+    pub keys: u64,
+    /// Key and value bytes applied in this session.
+    pub bytes: u64,
+    /// The whole data's keys and bytes, once the source has measured them.
+    pub total: Option<(u64, u64)>,
+}
+
 /// What the mirror knows about its progress, beyond the store.
 #[derive(Clone, Copy, Debug)]
 struct Progress {
     state: MirrorState,
+    /// The snapshot being received, if one is.
+    snapshot: Option<SnapshotTransfer>,
     /// The last LSN read off the wire.
     received_lsn: Lsn,
     source_lsn: Lsn,
@@ -184,6 +199,7 @@ impl MirrorShared {
             store,
             progress: Mutex::new(Progress {
                 state: MirrorState::Connecting,
+                snapshot: None,
                 received_lsn: Lsn::ZERO,
                 source_lsn: Lsn::ZERO,
                 source_commit_time: None,
@@ -226,6 +242,37 @@ impl MirrorShared {
                 MirrorState::CatchingUp
             };
         }
+    }
+
+    /// The snapshot being received, if one is.
+    pub fn snapshot_progress(&self) -> Option<SnapshotTransfer> {
+        self.progress().snapshot
+    }
+
+    fn snapshot_started(&self) {
+        self.progress().snapshot = Some(SnapshotTransfer {
+            started: std::time::Instant::now(),
+            keys: 0,
+            bytes: 0,
+            total: None,
+        });
+    }
+
+    fn snapshot_received(&self, keys: usize, bytes: usize) {
+        if let Some(snapshot) = &mut self.progress().snapshot {
+            snapshot.keys += keys as u64;
+            snapshot.bytes += bytes as u64;
+        }
+    }
+
+    fn snapshot_total(&self, keys: u64, bytes: u64) {
+        if let Some(snapshot) = &mut self.progress().snapshot {
+            snapshot.total = Some((keys, bytes));
+        }
+    }
+
+    fn snapshot_finished(&self) {
+        self.progress().snapshot = None;
     }
 
     /// The last LSN read off the wire.
@@ -418,7 +465,11 @@ async fn replicate(shared: Arc<MirrorShared>, tls: Arc<NodeTls>) -> Result<(), M
     let endpoint = client_endpoint(&tls, ALPN_MIRROR, expected, &shared.config.transport)?;
     let mut backoff = Backoff::new(shared.config.backoff_min, shared.config.backoff_max);
     loop {
-        shared.progress().state = MirrorState::Connecting;
+        {
+            let mut progress = shared.progress();
+            progress.state = MirrorState::Connecting;
+            progress.snapshot = None;
+        }
         let applied_before = shared.store.position().lsn;
         let outcome = connect_once(&shared, &endpoint, &server_name).await;
         match outcome {

@@ -189,12 +189,16 @@ where
                 .await?;
                 chunks_applied += 1;
                 crate::telemetry::snapshot_chunk(keys, bytes);
+                shared.snapshot_received(keys, bytes);
                 writer
                     .send(SnapshotChunkAck {
                         snapshot_id,
                         chunks_applied,
                     })
                     .await?;
+            }
+            Message::SnapshotSize(size) => {
+                shared.snapshot_total(size.keys, size.bytes);
             }
             Message::SnapshotDone(done) => {
                 let store = shared.store.clone();
@@ -211,6 +215,7 @@ where
                 );
                 shared.heard_from_source(done.end_lsn, None);
                 shared.set_state(MirrorState::CatchingUp);
+                shared.snapshot_finished();
                 writer.send(ack(position.lsn, position.lsn)).await?;
             }
             Message::WalBatch(batch) => {
@@ -291,6 +296,7 @@ async fn start_decision(
             // `begin_snapshot` counts it, atomically with marking the store.
             shared.record_decision(decision.kind(), None).await?;
             shared.set_state(MirrorState::Snapshot);
+            shared.snapshot_started();
             begin_snapshot(store, snapshot_id, base_lsn, base_chain_hash).await?;
         }
         Decision::ResumeSnapshot {
@@ -310,6 +316,7 @@ async fn start_decision(
                 .record_decision(decision.kind(), Some("snapshots_resumed"))
                 .await?;
             shared.set_state(MirrorState::Snapshot);
+            shared.snapshot_started();
             if after_key.is_none() {
                 // Nothing applied yet (or a clear was interrupted): clear again.
                 begin_snapshot(store, snapshot_id, base_lsn, base_chain_hash).await?;

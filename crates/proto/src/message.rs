@@ -223,6 +223,18 @@ pub struct SnapshotChunkAck {
     pub chunks_applied: u64,
 }
 
+/// The size of the data being snapshotted, measured by the source while the transfer
+/// runs (an estimate: writes go on), so that the mirror can show progress and an ETA.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotSize {
+    /// The snapshot measured.
+    pub snapshot_id: SnapshotId,
+    /// Keys in the source's data.
+    pub keys: u64,
+    /// Key and value bytes in the source's data.
+    pub bytes: u64,
+}
+
 /// The scan is complete; the mirror is consistent once it has applied `end_lsn`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SnapshotDone {
@@ -439,6 +451,8 @@ messages! {
     Heartbeat = 7,
     /// Mirror to source: snapshot chunks applied.
     SnapshotChunkAck = 8,
+    /// Source to mirror: how large the snapshot is, for progress.
+    SnapshotSize = 9,
     /// Client to node: put.
     PutRequest = 16,
     /// Client to node: delete.

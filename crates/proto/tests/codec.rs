@@ -215,6 +215,13 @@ fn message() -> impl Strategy<Value = Message> {
                 chunks_applied
             }
         )),
+        (any::<u64>(), any::<u64>(), any::<u64>()).prop_map(|(id, keys, bytes)| {
+            Message::SnapshotSize(SnapshotSize {
+                snapshot_id: SnapshotId(id),
+                keys,
+                bytes,
+            })
+        }),
         (lsn(), any::<u64>()).prop_map(|(last_lsn, time)| Message::Heartbeat(Heartbeat {
             last_lsn,
             commit_time: UnixMillis(time)
@@ -474,6 +481,6 @@ fn message_type_numbers_are_stable() {
     let numbers: Vec<u8> = MessageType::ALL.iter().map(|t| *t as u8).collect();
     assert_eq!(
         numbers,
-        [1, 2, 3, 4, 5, 6, 7, 8, 16, 17, 18, 19, 20, 32, 33, 34, 35, 36]
+        [1, 2, 3, 4, 5, 6, 7, 8, 9, 16, 17, 18, 19, 20, 32, 33, 34, 35, 36]
     );
 }

@@ -19,7 +19,8 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{watch, OwnedSemaphorePermit};
 use xmirror_net::{FramedReader, FramedWriter, ReadError};
 use xmirror_proto::message::{
-    Accepted, Heartbeat, Hello, HelloAck, Rejected, SnapshotChunk, SnapshotDone, WalBatch,
+    Accepted, Heartbeat, Hello, HelloAck, Rejected, SnapshotChunk, SnapshotDone, SnapshotSize,
+    WalBatch,
 };
 use xmirror_proto::{
     decide, negotiate_version, Decision, ErrorCode, Lsn, Message, PeerIdentity, Reject, SnapshotId,
@@ -379,7 +380,25 @@ async fn send_snapshot<W: AsyncWrite + Unpin>(
 ) -> Result<Lsn, SessionEnd> {
     let chunk_bytes = shared.config.snapshot_chunk_bytes;
     let mut chunks_sent = 0u64;
+    // The data's size, measured beside the transfer and sent once known, so the mirror
+    // can show progress and an ETA without delaying the first chunk.
+    let store = shared.store.clone();
+    let mut measuring = Some(tokio::task::spawn_blocking(move || store.data_size()));
     loop {
+        if measuring.as_ref().is_some_and(|task| task.is_finished()) {
+            if let Some(Ok(Ok((keys, bytes)))) = match measuring.take() {
+                Some(task) => Some(task.await),
+                None => None,
+            } {
+                writer
+                    .send(SnapshotSize {
+                        snapshot_id,
+                        keys,
+                        bytes,
+                    })
+                    .await?;
+            }
+        }
         let store = shared.store.clone();
         let after = after_key.clone();
         let chunk = blocking(move || store.scan(after.as_deref(), chunk_bytes)).await?;

@@ -223,6 +223,9 @@ pub trait Store: Send + Sync + 'static {
     /// Number of keys in the data.
     fn key_count(&self) -> Result<u64, StoreError>;
 
+    /// Keys and key-plus-value bytes in the data (a scan; an estimate while writes go on).
+    fn data_size(&self) -> Result<(u64, u64), StoreError>;
+
     // ---- The source's WAL ----
 
     /// The WAL's oldest and newest LSN.

@@ -338,6 +338,16 @@ impl Store for SledStore {
         Ok(count)
     }
 
+    fn data_size(&self) -> Result<(u64, u64), StoreError> {
+        let (mut keys, mut bytes) = (0u64, 0u64);
+        for pair in self.db.range(prefix_range(DATA)) {
+            let (key, value) = pair?;
+            keys += 1;
+            bytes += (key.len() - 1 + value.len()) as u64;
+        }
+        Ok((keys, bytes))
+    }
+
     fn wal_bounds(&self) -> WalBounds {
         let state = self.lock();
         WalBounds {

@@ -129,6 +129,8 @@ pub fn apply_writes_data_wal_and_chain_together(engine: Engine) {
     assert_eq!(store.get(b"a").unwrap(), None);
     assert_eq!(store.get(b"b").unwrap(), Some(b"2".to_vec()));
     assert_eq!(store.key_count().unwrap(), 2);
+    // "b"="2" and "c"="3": two keys, four bytes.
+    assert_eq!(store.data_size().unwrap(), (2, 4));
     assert_eq!(
         store.digest().unwrap(),
         (Lsn(4), digest_of(&model(&entries)))

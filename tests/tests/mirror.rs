@@ -483,6 +483,12 @@ async fn metrics_endpoints_serve_prometheus_text() {
             ("xmirror_source_last_lsn", 1_000.0),
             ("xmirror_source_mirror_acked_lsn{mirror=\"m1\"}", 1_000.0),
             ("xmirror_source_mirror_lag_entries{mirror=\"m1\"}", 0.0),
+            ("xmirror_source_mirror_lag_ms{mirror=\"m1\"}", 0.0),
+            ("xmirror_source_mirror_lag_bytes{mirror=\"m1\"}", 0.0),
+            (
+                "xmirror_source_snapshots_total{kind=\"fresh\",mirror=\"m1\"}",
+                1.0,
+            ),
             (
                 "xmirror_source_mirror_state{mirror=\"m1\",state=\"streaming\"}",
                 1.0,

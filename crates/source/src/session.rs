@@ -125,6 +125,15 @@ where
     };
     drop(handshake);
     crate::telemetry::handshake(None);
+    match &decision {
+        Decision::Snapshot { .. } => {
+            crate::telemetry::snapshot_sent(hello.mirror_name.as_str(), "fresh")
+        }
+        Decision::ResumeSnapshot { .. } => {
+            crate::telemetry::snapshot_sent(hello.mirror_name.as_str(), "resumed")
+        }
+        Decision::Stream { .. } => {}
+    }
     let mirror = hello.mirror_name.clone();
     tracing::info!(
         mirror = %mirror,

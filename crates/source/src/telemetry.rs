@@ -21,6 +21,12 @@ const SLOT_STATES: [(SlotState, &str); 4] = [
     (SlotState::Invalidated, "invalidated"),
 ];
 
+/// Counts a snapshot sent to `mirror`: `fresh` or `resumed`.
+pub fn snapshot_sent(mirror: &str, kind: &'static str) {
+    metrics::counter!("xmirror_source_snapshots_total", "mirror" => mirror.to_owned(), "kind" => kind)
+        .increment(1);
+}
+
 /// Counts a mirror handshake by outcome (and refusal code).
 pub fn handshake(code: Option<ErrorCode>) {
     let (outcome, code) = match code {
@@ -52,9 +58,35 @@ pub async fn publish_loop(shared: Arc<SourceShared>) {
         metrics::counter!("xmirror_source_snapshot_bytes_sent_total")
             .absolute(status.snapshot_bytes_sent);
         let max_wal = shared.config.max_wal_entries;
+        let committed = *shared.commits.borrow();
+        // Lag in bytes is estimated from the average entry size since start: exact sizes
+        // would mean reading the WAL range every second.
+        let average_entry_bytes = if committed.entries_since_start > 0 {
+            committed.bytes_since_start as f64 / committed.entries_since_start as f64
+        } else {
+            0.0
+        };
+        let now = crate::writer::now_millis();
         for slot in &status.mirrors {
             let mirror = slot.name.to_string();
             let retained = slot.lag_entries;
+            // Lag in time: how long ago the oldest entry the mirror lacks was committed.
+            let oldest_missing = slot.acked_lsn.next();
+            let lag_ms = if retained == 0 {
+                0
+            } else {
+                let store = shared.store.clone();
+                tokio::task::spawn_blocking(move || store.read_wal(oldest_missing, 1, 0))
+                    .await
+                    .ok()
+                    .and_then(Result::ok)
+                    .and_then(|records| records.first().map(|record| record.commit_time))
+                    .map_or(0, |committed_at| now.0.saturating_sub(committed_at.0))
+            };
+            metrics::gauge!("xmirror_source_mirror_lag_ms", "mirror" => mirror.clone())
+                .set(lag_ms as f64);
+            metrics::gauge!("xmirror_source_mirror_lag_bytes", "mirror" => mirror.clone())
+                .set(retained as f64 * average_entry_bytes);
             let headroom = max_wal.saturating_sub(retained);
             metrics::gauge!("xmirror_source_mirror_acked_lsn", "mirror" => mirror.clone())
                 .set(slot.acked_lsn.0 as f64);

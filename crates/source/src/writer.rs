@@ -25,6 +25,11 @@ pub struct Committed {
     pub last_lsn: Lsn,
     /// When it was committed.
     pub commit_time: UnixMillis,
+    /// Entries committed since the writer started.
+    pub entries_since_start: u64,
+    /// Key and value bytes committed since the writer started (for estimates of lag in
+    /// bytes).
+    pub bytes_since_start: u64,
 }
 
 /// Why a write was not made durable.
@@ -64,6 +69,8 @@ impl Writer {
         let initial = Committed {
             last_lsn: store.position().lsn,
             commit_time: now_millis(),
+            entries_since_start: 0,
+            bytes_since_start: 0,
         };
         let (commits, committed) = watch::channel(initial);
         tokio::spawn(run(store, requests, commits));
@@ -81,18 +88,25 @@ impl Writer {
     }
 }
 
+/// Entries from `first` to `last`, inclusive.
+fn replies_len(first: Lsn, last: Lsn) -> u64 {
+    last.0 + 1 - first.0
+}
+
 async fn run(
     store: Arc<dyn Store>,
     mut requests: mpsc::Receiver<WriteRequest>,
     commits: watch::Sender<Committed>,
 ) {
     let mut group = Vec::with_capacity(MAX_GROUP_ENTRIES);
+    let (mut entries_since_start, mut bytes_since_start) = (0u64, 0u64);
     while requests.recv_many(&mut group, MAX_GROUP_ENTRIES).await > 0 {
         let (entries, replies): (Vec<Entry>, Vec<_>) = group
             .drain(..)
             .map(|request| (request.entry, request.reply))
             .unzip();
         let commit_time = now_millis();
+        let group_bytes: u64 = entries.iter().map(|entry| entry.payload_len() as u64).sum();
         let store_for_batch = store.clone();
         let outcome = tokio::task::spawn_blocking(move || -> Result<Lsn, StoreError> {
             let first_lsn = store_for_batch.position().lsn.next();
@@ -113,9 +127,13 @@ async fn run(
                 for (offset, reply) in replies.into_iter().enumerate() {
                     let _ = reply.send(Ok(first_lsn.advance(offset as u64)));
                 }
+                entries_since_start += replies_len(first_lsn, last_lsn);
+                bytes_since_start += group_bytes;
                 commits.send_replace(Committed {
                     last_lsn,
                     commit_time,
+                    entries_since_start,
+                    bytes_since_start,
                 });
             }
             Ok(Err(error)) => {

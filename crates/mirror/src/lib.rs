@@ -339,6 +339,9 @@ pub struct MirrorNode {
     pub listen_addr: Option<SocketAddr>,
     shared: Arc<MirrorShared>,
     replication: tokio::task::JoinHandle<Result<(), MirrorError>>,
+    /// Refreshes the metrics; holds the shared state, so it must stop before the store
+    /// can be reopened.
+    telemetry: tokio::task::JoinHandle<()>,
     listener: Option<(quinn::Endpoint, tokio::task::JoinHandle<()>)>,
 }
 
@@ -368,11 +371,12 @@ impl MirrorNode {
             None => None,
         };
         let replication = tokio::spawn(replicate(shared.clone(), tls));
-        tokio::spawn(telemetry::publish_loop(shared.clone()));
+        let telemetry = tokio::spawn(telemetry::publish_loop(shared.clone()));
         Ok(MirrorNode {
             listen_addr,
             shared,
             replication,
+            telemetry,
             listener,
         })
     }
@@ -387,20 +391,30 @@ impl MirrorNode {
         (&mut self.replication).await.expect("replication task")
     }
 
-    /// Stops replicating and serving; everything applied is already durable.
+    /// Stops replicating and serving; everything applied is already durable. Returns once
+    /// the store is closed, so that it can be reopened (a restart in the same process).
     pub async fn shutdown(self) {
         self.replication.abort();
         let _ = self.replication.await;
+        self.telemetry.abort();
+        let _ = self.telemetry.await;
         if let Some((endpoint, task)) = self.listener {
             endpoint.close(
                 ErrorCode::ShuttingDown.number().into(),
                 b"mirror shutting down",
             );
             task.abort();
+            let _ = task.await;
             endpoint.wait_idle().await;
         }
         let store = self.shared.store.clone();
         let _ = tokio::task::spawn_blocking(move || store.flush()).await;
+        // Client requests still finishing hold the shared state (and the store) a moment
+        // longer; wait for them, boundedly.
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+        while Arc::strong_count(&self.shared) > 1 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
     }
 }
 

@@ -405,6 +405,19 @@ async fn the_cli_prints_the_documented_json() {
     let mirror = world.start_mirror("m1", "m1", source.addr).await;
     let reader = world.client(mirror.addr).await;
     assert_converged(&app, &reader).await;
+    // The mirror's ack of its last batch may still be on its way to the source.
+    wait_until(
+        "the source to record the mirror's ack",
+        Duration::from_secs(10),
+        || async {
+            let slots = source_status(&app).await.mirrors;
+            slots
+                .iter()
+                .any(|slot| slot.acked_lsn.0 == 100)
+                .then_some(())
+        },
+    )
+    .await;
     let certs = world.certs.display().to_string();
     let run = |command: &str, node: &str| {
         let output = world.cli(&[

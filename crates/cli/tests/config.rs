@@ -11,6 +11,17 @@ fn xmirror(args: &[&str]) -> Output {
         .expect("run xmirror")
 }
 
+/// What `xmirror ARGS` prints, asserting it succeeded.
+fn printed_config(args: &[&str]) -> String {
+    let output = xmirror(args);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).unwrap()
+}
+
 fn config_file(dir: &TempDir, text: &str) -> String {
     let path = dir.path().join("node.toml");
     std::fs::write(&path, text).unwrap();
@@ -32,7 +43,7 @@ max_connections = 10
 fn flags_win_over_the_file_and_the_file_over_defaults() {
     let dir = TempDir::new().unwrap();
     let file = config_file(&dir, SOURCE_FILE);
-    let output = xmirror(&[
+    let printed = printed_config(&[
         "source",
         "--config",
         &file,
@@ -40,12 +51,6 @@ fn flags_win_over_the_file_and_the_file_over_defaults() {
         "7000",
         "--print-config",
     ]);
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let printed = String::from_utf8(output.stdout).unwrap();
     for line in [
         "max_wal_entries = 7000",       // the flag
         "database = \"orders\"",        // the file
@@ -72,7 +77,7 @@ fn the_mirror_reads_the_same_way() {
         &dir,
         "data_dir = \"/m\"\nsource = \"127.0.0.1:7700\"\nsource_cluster = \"east\"\ncerts = \"/c\"\nname = \"m1\"\nconnect_timeout_ms = 2500\n",
     );
-    let output = xmirror(&[
+    let printed = printed_config(&[
         "mirror",
         "--config",
         &file,
@@ -80,12 +85,6 @@ fn the_mirror_reads_the_same_way() {
         "m2",
         "--print-config",
     ]);
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let printed = String::from_utf8(output.stdout).unwrap();
     for line in [
         "name = \"m2\"",
         "connect_timeout_ms = 2500",

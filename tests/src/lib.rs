@@ -19,8 +19,8 @@ use std::time::{Duration, Instant};
 use tempfile::TempDir;
 use xmirror_net::Client;
 use xmirror_proto::status::{MirrorStatus, NodeStatus, SourceStatus};
-use xmirror_proto::{Name, PeerIdentity, Role};
-use xmirror_tls::pki::{CertificateAuthority, IssueOptions, Validity};
+use xmirror_proto::{Name, Role};
+use xmirror_tls::pki::issue_cluster;
 use xmirror_tls::{ExpectedServer, NodeTls};
 
 /// The cluster every test source belongs to.
@@ -106,25 +106,9 @@ pub struct World {
     pub rogue_certs: PathBuf,
 }
 
-fn issue_all(dir: &Path, nodes: &[(Role, &str)]) -> CertificateAuthority {
-    let ca = CertificateAuthority::generate(&name(CLUSTER), Validity::days_from_now(1).unwrap())
-        .expect("make a CA");
-    ca.write(dir, false).expect("write the CA");
-    let options = IssueOptions {
-        validity: Validity::days_from_now(1).unwrap(),
-        extra_dns_names: vec![],
-    };
-    for (role, node) in nodes {
-        let identity = PeerIdentity {
-            cluster_id: name(CLUSTER),
-            role: *role,
-            name: name(node),
-        };
-        ca.issue(&identity, &options)
-            .and_then(|certificate| certificate.write(dir, &identity.name))
-            .expect("issue a certificate");
-    }
-    ca
+fn issue_all(dir: &Path, nodes: &[(Role, &str)]) {
+    let nodes: Vec<(Role, Name)> = nodes.iter().map(|(role, node)| (*role, name(node))).collect();
+    issue_cluster(dir, &name(CLUSTER), &nodes, 1).expect("issue a cluster's certificates");
 }
 
 impl World {

@@ -15,9 +15,9 @@ use anyhow::{bail, ensure, Context};
 use xmirror_mirror::{MirrorConfig, MirrorNode};
 use xmirror_net::Client;
 use xmirror_proto::status::{MirrorState, MirrorStatus, NodeStatus};
-use xmirror_proto::{Name, PeerIdentity, Role};
+use xmirror_proto::{Name, Role};
 use xmirror_source::{SourceConfig, SourceNode};
-use xmirror_tls::pki::{CertificateAuthority, IssueOptions, Validity};
+use xmirror_tls::pki::issue_cluster;
 use xmirror_tls::NodeTls;
 
 use crate::client::{connect_to, json_name};
@@ -33,20 +33,8 @@ fn name(value: &str) -> Name {
 
 /// Writes a CA for `cluster` into `dir` and issues `nodes` from it.
 fn make_cluster(dir: &Path, cluster: &str, nodes: &[(Role, &str)]) -> anyhow::Result<()> {
-    let ca = CertificateAuthority::generate(&name(cluster), Validity::days_from_now(1)?)?;
-    ca.write(dir, false)?;
-    let options = IssueOptions {
-        validity: Validity::days_from_now(1)?,
-        extra_dns_names: vec![],
-    };
-    for (role, node) in nodes {
-        let identity = PeerIdentity {
-            cluster_id: name(cluster),
-            role: *role,
-            name: name(node),
-        };
-        ca.issue(&identity, &options)?.write(dir, &identity.name)?;
-    }
+    let nodes: Vec<(Role, Name)> = nodes.iter().map(|(role, node)| (*role, name(node))).collect();
+    issue_cluster(dir, &name(cluster), &nodes, 1)?;
     Ok(())
 }
 

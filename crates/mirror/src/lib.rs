@@ -155,6 +155,8 @@ pub struct MirrorShared {
     /// This node's name (from its certificate).
     pub name: Name,
     progress: Mutex<Progress>,
+    /// The last applied (and durable) LSN, announced after every apply.
+    applied_lsn: tokio::sync::watch::Sender<Lsn>,
 }
 
 fn now_millis() -> UnixMillis {
@@ -193,10 +195,12 @@ impl MirrorShared {
                 .await
                 .expect("open task")?,
         );
+        let (applied_lsn, _) = tokio::sync::watch::channel(store.position().lsn);
         Ok(Arc::new(MirrorShared {
             name,
             config,
             store,
+            applied_lsn,
             progress: Mutex::new(Progress {
                 state: MirrorState::Connecting,
                 snapshot: None,
@@ -285,6 +289,14 @@ impl MirrorShared {
         progress.received_lsn = progress.received_lsn.max(lsn);
         progress.applied_commit_time = Some(commit_time);
         progress.source_lsn = progress.source_lsn.max(lsn);
+        drop(progress);
+        self.applied_lsn.send_replace(lsn);
+    }
+
+    /// Announces each new applied (and durable) LSN, for callers that wait on the mirror
+    /// without polling (the benchmarks time replication lag with it).
+    pub fn watch_applied(&self) -> tokio::sync::watch::Receiver<Lsn> {
+        self.applied_lsn.subscribe()
     }
 
     /// Persists the decision (and bumps `counter`), so status counts over the life of the

@@ -17,18 +17,45 @@ pub struct TransportLimits {
     /// Concurrent bidirectional streams a peer may open. Default 64: a mirror needs one, a
     /// client one per concurrent conversation.
     pub max_streams: u32,
+    /// Bytes a peer may send on one stream ahead of what this side has read. One stream
+    /// carries a mirror's whole session, so this caps a session at one window per round
+    /// trip. Default 1.25 MB, quinn's (100 Mbit/s at 100 ms); see [`Self::for_link`].
+    pub stream_receive_window: u64,
+    /// Bytes this side keeps in flight unacknowledged on one connection. Default 10 MB,
+    /// quinn's.
+    pub send_window: u64,
 }
+
+/// quinn's default stream receive window: 100 Mbit/s for 100 ms.
+const QUINN_STREAM_RECEIVE_WINDOW: u64 = 1_250_000;
+/// quinn's default send window: eight stream windows.
+const QUINN_SEND_WINDOW: u64 = 8 * QUINN_STREAM_RECEIVE_WINDOW;
 
 impl Default for TransportLimits {
     fn default() -> Self {
         TransportLimits {
             idle_timeout: Duration::from_secs(30),
             max_streams: 64,
+            stream_receive_window: QUINN_STREAM_RECEIVE_WINDOW,
+            send_window: QUINN_SEND_WINDOW,
         }
     }
 }
 
 impl TransportLimits {
+    /// Windows sized for a link of `bytes_per_second` with round-trip time `rtt`: twice the
+    /// bandwidth-delay product (so loss recovery does not stall the sender), never below
+    /// the defaults. A window costs memory only when the reader falls behind.
+    pub fn for_link(bytes_per_second: u64, rtt: Duration) -> TransportLimits {
+        let bandwidth_delay = (bytes_per_second as f64 * rtt.as_secs_f64()) as u64;
+        let defaults = TransportLimits::default();
+        TransportLimits {
+            stream_receive_window: (2 * bandwidth_delay).max(defaults.stream_receive_window),
+            send_window: (2 * bandwidth_delay).max(defaults.send_window),
+            ..defaults
+        }
+    }
+
     fn transport_config(&self) -> Result<TransportConfig, EndpointError> {
         let mut transport = TransportConfig::default();
         let idle = IdleTimeout::try_from(self.idle_timeout)
@@ -37,7 +64,17 @@ impl TransportLimits {
             .max_idle_timeout(Some(idle))
             .keep_alive_interval(Some(self.idle_timeout / 3))
             .max_concurrent_bidi_streams(VarInt::from_u32(self.max_streams))
-            .max_concurrent_uni_streams(VarInt::from_u32(0));
+            .max_concurrent_uni_streams(VarInt::from_u32(0))
+            .stream_receive_window(
+                VarInt::from_u64(self.stream_receive_window)
+                    .map_err(|_| EndpointError::BadLimit("stream receive window"))?,
+            )
+            .send_window(self.send_window)
+            // Both are quinn's defaults, stated because long fat links depend on them:
+            // Cubic grows the window fast after loss, and segmentation offload sends a
+            // window in few system calls.
+            .congestion_controller_factory(Arc::new(quinn::congestion::CubicConfig::default()))
+            .enable_segmentation_offload(true);
         Ok(transport)
     }
 }

@@ -311,3 +311,29 @@ pub fn load_ca_for(dir: &Path, cluster_id: &Name) -> Result<CertificateAuthority
     }
     Ok(ca)
 }
+
+/// Writes a new CA for `cluster_id` into `dir` and issues `nodes` from it, every
+/// certificate valid for `days` days: a whole throwaway cluster for demos, tests and
+/// benchmarks.
+pub fn issue_cluster(
+    dir: &Path,
+    cluster_id: &Name,
+    nodes: &[(Role, Name)],
+    days: u32,
+) -> Result<CertificateAuthority, PkiError> {
+    let ca = CertificateAuthority::generate(cluster_id, Validity::days_from_now(days)?)?;
+    ca.write(dir, false)?;
+    let options = IssueOptions {
+        validity: Validity::days_from_now(days)?,
+        extra_dns_names: vec![],
+    };
+    for (role, name) in nodes {
+        let identity = PeerIdentity {
+            cluster_id: cluster_id.clone(),
+            role: *role,
+            name: name.clone(),
+        };
+        ca.issue(&identity, &options)?.write(dir, name)?;
+    }
+    Ok(ca)
+}

@@ -36,3 +36,10 @@ fuzz seconds="600":
     cd fuzz && cargo fuzz run -s none frame_decoder -- -max_total_time={{seconds}}
     cd fuzz && cargo fuzz run -s none hello_validation -- -max_total_time={{seconds}}
     cd fuzz && cargo fuzz run -s none client_request -- -max_total_time={{seconds}}
+
+# Benchmarks (release build): transport and store ceilings, snapshot, lag, catch-up,
+# fan-out, Redis side by side, a 100 ms RTT link. Writes bench/results.json and a table.
+# Installs Redis from Debian's packages if it is missing. `just bench --quick` for a short run.
+bench *args:
+    command -v redis-server >/dev/null || (apt-get update -qq && apt-get install -y -qq redis-server)
+    cargo run --release -p xmirror-bench -- {{args}}

@@ -107,7 +107,10 @@ pub struct World {
 }
 
 fn issue_all(dir: &Path, nodes: &[(Role, &str)]) {
-    let nodes: Vec<(Role, Name)> = nodes.iter().map(|(role, node)| (*role, name(node))).collect();
+    let nodes: Vec<(Role, Name)> = nodes
+        .iter()
+        .map(|(role, node)| (*role, name(node)))
+        .collect();
     issue_cluster(dir, &name(CLUSTER), &nodes, 1).expect("issue a cluster's certificates");
 }
 

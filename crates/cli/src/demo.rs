@@ -33,7 +33,10 @@ fn name(value: &str) -> Name {
 
 /// Writes a CA for `cluster` into `dir` and issues `nodes` from it.
 fn make_cluster(dir: &Path, cluster: &str, nodes: &[(Role, &str)]) -> anyhow::Result<()> {
-    let nodes: Vec<(Role, Name)> = nodes.iter().map(|(role, node)| (*role, name(node))).collect();
+    let nodes: Vec<(Role, Name)> = nodes
+        .iter()
+        .map(|(role, node)| (*role, name(node)))
+        .collect();
     issue_cluster(dir, &name(cluster), &nodes, 1)?;
     Ok(())
 }

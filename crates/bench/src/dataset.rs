@@ -1,0 +1,186 @@
+//! The benchmark datasets: deterministic keys, incompressible values, and the store
+//! ceiling (raw batch inserts into sled, the engine the nodes use).
+//!
+//! Values are pseudo-random bytes so that neither side gains from compression (Redis
+//! compresses strings in its RDB stream; sled does not compress).
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use xmirror_proto::{Entry, Lsn, UnixMillis};
+use xmirror_store::{Batch, SledStore, Store};
+
+/// Payload bytes per insert batch: the size of one snapshot chunk.
+pub const BATCH_BYTES: usize = 1 << 20;
+
+/// `keys` keys named `<prefix><n, 10 digits>` with `value_bytes`-byte values.
+#[derive(Clone, Copy, Debug)]
+pub struct Dataset {
+    pub keys: u64,
+    pub value_bytes: usize,
+    pub prefix: &'static str,
+}
+
+impl Dataset {
+    pub fn key(&self, index: u64) -> Vec<u8> {
+        format!("{}{index:010}", self.prefix).into_bytes()
+    }
+
+    pub fn value(&self, index: u64) -> Vec<u8> {
+        random_bytes(index, self.value_bytes)
+    }
+
+    /// Key plus value bytes of one pair.
+    pub fn pair_bytes(&self) -> usize {
+        self.prefix.len() + 10 + self.value_bytes
+    }
+
+    /// Key plus value bytes of the whole dataset.
+    pub fn total_bytes(&self) -> u64 {
+        self.keys * self.pair_bytes() as u64
+    }
+
+    /// Pairs per insert batch.
+    pub fn batch_keys(&self) -> u64 {
+        (BATCH_BYTES / self.pair_bytes()).max(1) as u64
+    }
+
+    /// The dataset's pairs in batches of [`Self::batch_keys`].
+    pub fn batches(&self) -> impl Iterator<Item = Vec<(Vec<u8>, Vec<u8>)>> + '_ {
+        let step = self.batch_keys();
+        (0..self.keys).step_by(step as usize).map(move |start| {
+            (start..(start + step).min(self.keys))
+                .map(|index| (self.key(index), self.value(index)))
+                .collect()
+        })
+    }
+
+    pub fn describe(&self) -> String {
+        format!("{} keys x {} B", self.keys, self.value_bytes)
+    }
+}
+
+/// `len` pseudo-random bytes, the same for the same `seed` (splitmix64).
+pub fn random_bytes(seed: u64, len: usize) -> Vec<u8> {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0xD1B5_4A32_D192_ED03;
+    let mut bytes = Vec::with_capacity(len + 8);
+    while bytes.len() < len {
+        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        bytes.extend_from_slice(&(z ^ (z >> 31)).to_le_bytes());
+    }
+    bytes.truncate(len);
+    bytes
+}
+
+/// Writes `dataset` into a new xmirror store at `dir` as puts after its current position,
+/// in batches, flushed once at the end. With `keep_wal` the entries stay in the WAL (a
+/// source a mirror can stream from); without, only the data (a mirror must snapshot).
+pub fn populate(dir: &Path, dataset: &Dataset, keep_wal: bool) -> anyhow::Result<Lsn> {
+    let store = SledStore::open(dir).context("open the store to populate")?;
+    for pairs in dataset.batches() {
+        let entries: Vec<Entry> = pairs
+            .into_iter()
+            .map(|(key, value)| Entry::Put { key, value })
+            .collect();
+        store.apply(Batch {
+            first_lsn: store.position().lsn.next(),
+            entries: &entries,
+            commit_time: UnixMillis(0),
+            keep_wal,
+            expected_chain_hash: None,
+        })?;
+    }
+    store.flush()?;
+    Ok(store.position().lsn)
+}
+
+/// The store ceiling: the dataset inserted into a bare sled tree in batches of one
+/// snapshot chunk, flushed once at the end. What no xmirror path on sled can beat.
+pub fn raw_sled_inserts(dir: &Path, dataset: &Dataset) -> anyhow::Result<Duration> {
+    let db = sled::Config::new()
+        .path(dir)
+        .open()
+        .context("open a bare sled database")?;
+    let batches: Vec<_> = dataset.batches().collect();
+    let started = Instant::now();
+    for pairs in batches {
+        let mut batch = sled::Batch::default();
+        for (key, value) in pairs {
+            batch.insert(key, value);
+        }
+        db.apply_batch(batch)?;
+    }
+    db.flush()?;
+    Ok(started.elapsed())
+}
+
+/// The mirror's snapshot apply path without the network: `begin_snapshot`, then each
+/// chunk applied and flushed as the mirror does, then the scan finished.
+pub fn store_snapshot_path(dir: &Path, dataset: &Dataset) -> anyhow::Result<Duration> {
+    use xmirror_proto::SnapshotId;
+    use xmirror_store::Position;
+    let store = SledStore::open(dir).context("open the store")?;
+    let batches: Vec<_> = dataset.batches().collect();
+    let snapshot_id = SnapshotId(1);
+    let started = Instant::now();
+    store.begin_snapshot(snapshot_id, Position::GENESIS)?;
+    store.flush()?;
+    for pairs in batches {
+        store.apply_snapshot_chunk(snapshot_id, &pairs)?;
+        store.flush()?;
+    }
+    store.finish_snapshot_scan(snapshot_id, Lsn::ZERO)?;
+    store.flush()?;
+    Ok(started.elapsed())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn values_are_deterministic_and_differ_by_seed() {
+        assert_eq!(random_bytes(7, 100), random_bytes(7, 100));
+        assert_ne!(random_bytes(7, 100), random_bytes(8, 100));
+        assert_eq!(random_bytes(7, 13).len(), 13);
+    }
+
+    #[test]
+    fn batches_cover_every_key_once() {
+        let dataset = Dataset {
+            keys: 25_000,
+            value_bytes: 100,
+            prefix: "k-",
+        };
+        let batches: Vec<_> = dataset.batches().collect();
+        assert!(batches.len() > 1);
+        let keys: Vec<Vec<u8>> = batches.into_iter().flatten().map(|(key, _)| key).collect();
+        assert_eq!(keys.len(), 25_000);
+        assert_eq!(keys[0], b"k-0000000000");
+        assert_eq!(keys[24_999], b"k-0000024999");
+        assert_eq!(dataset.pair_bytes(), 2 + 10 + 100);
+    }
+
+    #[test]
+    fn populated_store_holds_the_dataset() {
+        let dir = tempfile::tempdir().unwrap();
+        let dataset = Dataset {
+            keys: 3_000,
+            value_bytes: 64,
+            prefix: "p-",
+        };
+        let last = populate(dir.path(), &dataset, true).unwrap();
+        assert_eq!(last, Lsn(3_000));
+        let store = SledStore::open(dir.path()).unwrap();
+        assert_eq!(store.key_count().unwrap(), 3_000);
+        assert_eq!(
+            store.get(&dataset.key(1_234)).unwrap(),
+            Some(dataset.value(1_234))
+        );
+        assert_eq!(store.wal_bounds().len(), 3_000);
+    }
+}

@@ -1,0 +1,208 @@
+//! Write load at a fixed rate, and replication lag measured per entry.
+//!
+//! Lag is commit-to-applied: from the moment the source's writer announces an LSN durable
+//! (its commit watch) to the moment the mirror announces it applied and durable (its
+//! applied watch), both read in this process on one monotonic clock, for every entry.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use xmirror_net::{Client, FramedReader, FramedWriter};
+use xmirror_proto::message::PutRequest;
+use xmirror_proto::{FrameLimits, Lsn, Message};
+
+use crate::dataset::Dataset;
+
+/// How often the paced writer sends what is due.
+const PACE_TICK: Duration = Duration::from_millis(1);
+
+/// Puts `rate` writes per second of `dataset`'s shape for `duration` over one client
+/// stream, each request sent when due (not in bursts of a whole second), without waiting
+/// for replies; returns the number acknowledged.
+pub async fn paced_puts(
+    client: &Client,
+    dataset: Dataset,
+    rate: u64,
+    duration: Duration,
+) -> anyhow::Result<u64> {
+    let (send, recv) = client.connection().open_bi().await?;
+    let limit = FrameLimits::default().data;
+    let mut writer = FramedWriter::new(send, limit);
+    let mut reader = FramedReader::new(recv, limit);
+    let replies = tokio::spawn(async move {
+        let mut acknowledged = 0u64;
+        while let Some(reply) = reader.next().await? {
+            match reply {
+                Message::WriteReply(_) => acknowledged += 1,
+                other => bail!("unexpected reply {:?}", other.message_type()),
+            }
+        }
+        Ok(acknowledged)
+    });
+    let started = Instant::now();
+    let mut ticks = tokio::time::interval(PACE_TICK);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let total = rate * duration.as_millis() as u64 / 1_000;
+    let mut sent = 0u64;
+    while sent < total {
+        ticks.tick().await;
+        let due = (rate as f64 * started.elapsed().as_secs_f64()) as u64;
+        for index in sent..due.min(total) {
+            writer
+                .feed(PutRequest {
+                    key: dataset.key(index),
+                    value: dataset.value(index),
+                })
+                .await?;
+        }
+        sent = sent.max(due.min(total));
+        writer.flush().await?;
+    }
+    writer
+        .get_mut()
+        .finish()
+        .context("finish the write stream")?;
+    let acknowledged = replies.await.context("reply reader")??;
+    if acknowledged != total {
+        bail!("{acknowledged} of {total} writes acknowledged");
+    }
+    Ok(acknowledged)
+}
+
+/// Records when each LSN appears on a watch channel, until stopped.
+pub struct Timeline {
+    stop: watch::Sender<bool>,
+    task: JoinHandle<Vec<(Lsn, Instant)>>,
+}
+
+impl Timeline {
+    /// Starts recording `lsns`, ignoring its current value.
+    pub fn record<T, F>(mut source: watch::Receiver<T>, lsn_of: F) -> Timeline
+    where
+        T: Send + Sync + 'static,
+        F: Fn(&T) -> Lsn + Send + 'static,
+    {
+        let (stop, mut stopped) = watch::channel(false);
+        source.borrow_and_update();
+        let task = tokio::spawn(async move {
+            let mut seen = Vec::new();
+            loop {
+                tokio::select! {
+                    // A change announced before the stop is still recorded.
+                    biased;
+                    changed = source.changed() => {
+                        if changed.is_err() {
+                            break;
+                        }
+                        let lsn = lsn_of(&source.borrow_and_update());
+                        seen.push((lsn, Instant::now()));
+                    }
+                    _ = stopped.changed() => break,
+                }
+            }
+            seen
+        });
+        Timeline { stop, task }
+    }
+
+    pub async fn finish(self) -> Vec<(Lsn, Instant)> {
+        let _ = self.stop.send(true);
+        self.task.await.unwrap_or_default()
+    }
+}
+
+/// Each entry's lag from its commit to its apply, for entries after `after`: an entry
+/// committed (or applied) when the first announced LSN at or above it was. Entries never
+/// seen applied are left out (the caller waits until the mirror caught up first).
+pub fn entry_lags(after: Lsn, commits: &[(Lsn, Instant)], applied: &[(Lsn, Instant)]) -> Vec<f64> {
+    let mut lags = Vec::new();
+    let mut applied_index = 0;
+    let mut entry = after.0 + 1;
+    for &(commit_lsn, committed_at) in commits {
+        while entry <= commit_lsn.0 {
+            while applied_index < applied.len() && applied[applied_index].0 .0 < entry {
+                applied_index += 1;
+            }
+            let Some(&(_, applied_at)) = applied.get(applied_index) else {
+                return lags;
+            };
+            lags.push(
+                applied_at
+                    .saturating_duration_since(committed_at)
+                    .as_secs_f64()
+                    * 1e3,
+            );
+            entry += 1;
+        }
+    }
+    lags
+}
+
+/// p50, p99 and max of `samples` (milliseconds), nearest rank.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Percentiles {
+    pub p50: f64,
+    pub p99: f64,
+    pub max: f64,
+    pub samples: usize,
+}
+
+impl Percentiles {
+    pub fn of(mut samples: Vec<f64>) -> Percentiles {
+        if samples.is_empty() {
+            return Percentiles::default();
+        }
+        samples.sort_by(f64::total_cmp);
+        let rank = |fraction: f64| {
+            let index = (fraction * samples.len() as f64).ceil() as usize;
+            samples[index.clamp(1, samples.len()) - 1]
+        };
+        Percentiles {
+            p50: rank(0.50),
+            p99: rank(0.99),
+            max: samples[samples.len() - 1],
+            samples: samples.len(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_use_the_nearest_rank() {
+        let samples: Vec<f64> = (1..=100).map(f64::from).collect();
+        let result = Percentiles::of(samples);
+        assert_eq!(result.p50, 50.0);
+        assert_eq!(result.p99, 99.0);
+        assert_eq!(result.max, 100.0);
+        assert_eq!(Percentiles::of(vec![]).samples, 0);
+        assert_eq!(Percentiles::of(vec![3.0]).p99, 3.0);
+    }
+
+    #[test]
+    fn every_entry_gets_the_lag_of_its_group() {
+        let start = Instant::now();
+        let at = |ms: u64| start + Duration::from_millis(ms);
+        // Entries 1-3 committed at 0 ms, 4-5 at 10 ms; the mirror applied 1-2 at 4 ms,
+        // 3-5 at 15 ms.
+        let commits = [(Lsn(3), at(0)), (Lsn(5), at(10))];
+        let applied = [(Lsn(2), at(4)), (Lsn(5), at(15))];
+        let lags = entry_lags(Lsn::ZERO, &commits, &applied);
+        assert_eq!(lags, vec![4.0, 4.0, 15.0, 5.0, 5.0]);
+    }
+
+    #[test]
+    fn entries_not_yet_applied_are_left_out_and_never_negative() {
+        let start = Instant::now();
+        let at = |ms: u64| start + Duration::from_millis(ms);
+        let commits = [(Lsn(12), at(5)), (Lsn(14), at(6))];
+        // The apply was seen before the commit's announcement was recorded.
+        let applied = [(Lsn(12), at(4))];
+        let lags = entry_lags(Lsn(10), &commits, &applied);
+        assert_eq!(lags, vec![0.0, 0.0]);
+    }
+}

@@ -1,0 +1,668 @@
+//! `xmirror-bench`: where the time goes, as ratios measured in one run.
+//!
+//! Every xmirror figure is set beside a baseline measured in the same run on the same
+//! machine: the transport ceiling (a raw quinn stream with the nodes' TLS and transport
+//! settings), the store ceiling (bare sled batch inserts), and Redis's own replication.
+//! Nodes run in this process through the same `SourceNode`/`MirrorNode` the binary runs,
+//! on loopback, with real sled stores on disk; the WAN measures go through the UDP
+//! impairment proxy of the fault suite. docs/PERFORMANCE.md explains each measure.
+//!
+//! - [`cluster`]: certificates and nodes.
+//! - [`dataset`]: keys and values, store population, the store ceiling.
+//! - [`transport`]: the transport ceiling.
+//! - [`load`]: paced writes and per-entry lag.
+//! - [`redis`]: the Redis primary and replica.
+//! - [`report`]: results.json and the table.
+
+mod cluster;
+mod dataset;
+mod load;
+mod redis;
+mod report;
+mod transport;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{ensure, Context};
+use clap::{Parser, ValueEnum};
+use futures_util::{StreamExt, TryStreamExt};
+use xmirror_e2e::proxy::{Impairment, Proxy};
+use xmirror_mirror::MirrorNode;
+use xmirror_net::TransportLimits;
+use xmirror_proto::message::DecisionKind;
+use xmirror_proto::{Entry, Lsn};
+use xmirror_source::SourceNode;
+
+use crate::cluster::{wait_consistent, Cluster};
+use crate::dataset::Dataset;
+use crate::load::{entry_lags, paced_puts, Percentiles, Timeline};
+use crate::report::Report;
+
+const MIB: f64 = (1u64 << 20) as f64;
+/// Longest any one wait for a mirror may take before the run fails.
+const WAIT_LIMIT: Duration = Duration::from_secs(600);
+
+#[derive(Parser)]
+#[command(about = "xmirror benchmarks against the transport, the store and Redis")]
+struct Args {
+    /// Reduced sizes and durations: the whole suite in under 3 minutes.
+    #[arg(long)]
+    quick: bool,
+    /// Directory for results.json and results.md.
+    #[arg(long, default_value = "bench")]
+    out: PathBuf,
+    /// Run only these measures (comma-separated). Default: all.
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<Measure>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Measure {
+    Transport,
+    Store,
+    Snapshot,
+    Lag,
+    Catchup,
+    Fanout,
+    Redis,
+    Wan,
+}
+
+/// Sizes and durations of one run.
+struct Plan {
+    transport_bytes: u64,
+    small: Dataset,
+    large: Dataset,
+    lag_duration: Duration,
+    lag_rates: [u64; 2],
+    catchup_entries: u64,
+    fanout_writes: u64,
+    wan: Dataset,
+    wan_bandwidth: u64,
+    wan_rtt: Duration,
+    wan_lag_rate: u64,
+    wan_lag_duration: Duration,
+}
+
+impl Plan {
+    fn new(quick: bool) -> Plan {
+        let scale = |full: u64, reduced: u64| if quick { reduced } else { full };
+        Plan {
+            transport_bytes: scale(1 << 30, 256 << 20),
+            small: Dataset {
+                keys: scale(1_000_000, 200_000),
+                value_bytes: 100,
+                prefix: "small-",
+            },
+            large: Dataset {
+                keys: scale(100_000, 20_000),
+                value_bytes: 4096,
+                prefix: "large-",
+            },
+            lag_duration: Duration::from_secs(scale(30, 5)),
+            lag_rates: [5_000, 20_000],
+            catchup_entries: scale(1_000_000, 200_000),
+            fanout_writes: scale(200_000, 50_000),
+            wan: Dataset {
+                keys: scale(50_000, 12_000),
+                value_bytes: 4096,
+                prefix: "wan-",
+            },
+            // 100 Mbit/s at 100 ms: a cross-region path.
+            wan_bandwidth: 12_500_000,
+            wan_rtt: Duration::from_millis(100),
+            wan_lag_rate: 5_000,
+            wan_lag_duration: Duration::from_secs(scale(30, 5)),
+        }
+    }
+}
+
+fn per_second(count: f64, elapsed: Duration) -> f64 {
+    count / elapsed.as_secs_f64().max(1e-9)
+}
+
+fn rate_label(rate: u64) -> String {
+    format!("{}k", rate / 1_000)
+}
+
+struct Bench {
+    plan: Plan,
+    cluster: Cluster,
+    report: Report,
+}
+
+impl Bench {
+    fn default_limits() -> TransportLimits {
+        TransportLimits::default()
+    }
+
+    async fn start_source(
+        &self,
+        data_dir: PathBuf,
+        limits: TransportLimits,
+    ) -> anyhow::Result<SourceNode> {
+        let mut config = self.cluster.source_config(data_dir);
+        config.transport = limits;
+        self.cluster.start_source(config).await
+    }
+
+    /// Measure 1: One raw quinn stream, `transport_bytes` long.
+    async fn transport(&mut self) -> anyhow::Result<()> {
+        let bytes = self.plan.transport_bytes;
+        let elapsed =
+            transport::raw_stream(&self.cluster, bytes, Self::default_limits(), None).await?;
+        let mib_s = per_second(bytes as f64 / MIB, elapsed);
+        self.report.figure("transport_mib_s", mib_s);
+        self.report.row(
+            &format!("transport ceiling: one quinn stream, {} MiB", bytes >> 20),
+            format!("{mib_s:.0} MiB/s"),
+            String::new(),
+            String::new(),
+        );
+        Ok(())
+    }
+
+    /// Measure 2: Bare sled batch inserts of both datasets, and the mirror's chunk path on sled.
+    async fn store(&mut self) -> anyhow::Result<()> {
+        for (dataset, label) in [(self.plan.small, "1m"), (self.plan.large, "large")] {
+            let dir = self.cluster.data_dir("sled");
+            let elapsed =
+                tokio::task::spawn_blocking(move || dataset::raw_sled_inserts(&dir, &dataset))
+                    .await??;
+            let keys_s = per_second(dataset.keys as f64, elapsed);
+            let mib_s = per_second(dataset.total_bytes() as f64 / MIB, elapsed);
+            let dir = self.cluster.data_dir("chunks");
+            let path_elapsed =
+                tokio::task::spawn_blocking(move || dataset::store_snapshot_path(&dir, &dataset))
+                    .await??;
+            let path_keys_s = per_second(dataset.keys as f64, path_elapsed);
+            if label == "1m" {
+                self.report.figure("store_keys_s", keys_s);
+            }
+            self.report.figure(&format!("store_{label}_keys_s"), keys_s);
+            self.report.figure(&format!("store_{label}_mib_s"), mib_s);
+            self.report
+                .figure(&format!("store_chunk_path_{label}_keys_s"), path_keys_s);
+            self.report.row(
+                &format!("store ceiling: sled batch inserts, {}", dataset.describe()),
+                format!("{keys_s:.0} keys/s, {mib_s:.1} MiB/s"),
+                String::new(),
+                String::new(),
+            );
+            self.report.row(
+                &format!(
+                    "store: the mirror's chunk apply + flush, {}",
+                    dataset.describe()
+                ),
+                format!("{path_keys_s:.0} keys/s"),
+                format!("{keys_s:.0} keys/s (bare sled)"),
+                format!("{:.2}", path_keys_s / keys_s),
+            );
+        }
+        Ok(())
+    }
+
+    /// Measure 3: A new mirror until consistent, for each dataset.
+    async fn snapshot(&mut self) -> anyhow::Result<()> {
+        for (dataset, label) in [(self.plan.small, "1m"), (self.plan.large, "large")] {
+            let source_dir = self.cluster.data_dir("source");
+            let populate_dir = source_dir.clone();
+            let last = tokio::task::spawn_blocking(move || {
+                dataset::populate(&populate_dir, &dataset, false)
+            })
+            .await??;
+            let source = self
+                .start_source(source_dir, Self::default_limits())
+                .await?;
+            let mirror = self
+                .cluster
+                .start_mirror(
+                    0,
+                    source.local_addr,
+                    self.cluster.data_dir("mirror"),
+                    Self::default_limits(),
+                )
+                .await?;
+            let elapsed = wait_consistent(&mirror, last, WAIT_LIMIT).await?;
+            mirror.shutdown().await;
+            source.shutdown().await;
+
+            let seconds = elapsed.as_secs_f64();
+            let mib_s = per_second(dataset.total_bytes() as f64 / MIB, elapsed);
+            let keys_s = per_second(dataset.keys as f64, elapsed);
+            self.report.figure(&format!("snapshot_{label}_s"), seconds);
+            self.report
+                .figure(&format!("snapshot_{label}_mib_s"), mib_s);
+            self.report
+                .figure(&format!("snapshot_{label}_keys_s"), keys_s);
+            let ceiling = match (
+                self.report.get("transport_mib_s"),
+                self.report.get(&format!("store_{label}_mib_s")),
+            ) {
+                (Some(transport), Some(store)) => Some(transport.min(store)),
+                _ => None,
+            };
+            let ratio = ceiling.map(|ceiling| mib_s / ceiling);
+            if let Some(ratio) = ratio {
+                let key = if label == "1m" {
+                    "snapshot_ratio_to_ceiling".to_owned()
+                } else {
+                    format!("snapshot_{label}_ratio_to_ceiling")
+                };
+                self.report.figure(&key, ratio);
+            }
+            self.report.row(
+                &format!("snapshot, new mirror to consistent, {}", dataset.describe()),
+                format!("{seconds:.2} s, {mib_s:.1} MiB/s, {keys_s:.0} keys/s"),
+                ceiling.map_or("(ceilings not measured)".into(), |ceiling| {
+                    format!("min(transport, store) {ceiling:.1} MiB/s")
+                }),
+                ratio.map_or(String::new(), |ratio| format!("{ratio:.2} (target >= 0.8)")),
+            );
+        }
+        Ok(())
+    }
+
+    /// Commit-to-applied lag of one mirror (dialling `dial`, or the source) at `rate`.
+    async fn xmirror_lag(
+        &self,
+        source: &SourceNode,
+        mirror: &MirrorNode,
+        rate: u64,
+        duration: Duration,
+        prefix: &'static str,
+    ) -> anyhow::Result<Percentiles> {
+        let client = self.cluster.client(source.local_addr).await?;
+        let start = source.shared().store.position().lsn;
+        let commits = Timeline::record(source.shared().commits.clone(), |committed| {
+            committed.last_lsn
+        });
+        let applied = Timeline::record(mirror.shared().watch_applied(), |lsn| *lsn);
+        let dataset = Dataset {
+            keys: u64::MAX,
+            value_bytes: 100,
+            prefix,
+        };
+        paced_puts(&client, dataset, rate, duration).await?;
+        let last = source.shared().store.position().lsn;
+        // The applied watch, not the store: the timeline must have seen the last LSN.
+        let mut announced = mirror.shared().watch_applied();
+        tokio::time::timeout(WAIT_LIMIT, announced.wait_for(|lsn| *lsn >= last))
+            .await
+            .context("the mirror did not catch up")??;
+        let lags = entry_lags(start, &commits.finish().await, &applied.finish().await);
+        ensure!(
+            lags.len() as u64 == last.0 - start.0,
+            "lag measured for {} of {} entries",
+            lags.len(),
+            last.0 - start.0
+        );
+        Ok(Percentiles::of(lags))
+    }
+
+    /// A source and a mirror streaming from it (through an impairment proxy if given).
+    async fn streaming_pair(
+        &self,
+        limits: TransportLimits,
+        proxy: Option<&Impairment>,
+    ) -> anyhow::Result<(SourceNode, MirrorNode, Option<Proxy>)> {
+        let source = self
+            .start_source(self.cluster.data_dir("source"), limits)
+            .await?;
+        let proxy = match proxy {
+            Some(impairment) => {
+                let proxy = Proxy::start(source.local_addr).await;
+                proxy.set_both(impairment.clone());
+                Some(proxy)
+            }
+            None => None,
+        };
+        let dial: SocketAddr = proxy.as_ref().map_or(source.local_addr, |proxy| proxy.addr);
+        let mirror = self
+            .cluster
+            .start_mirror(0, dial, self.cluster.data_dir("mirror"), limits)
+            .await?;
+        wait_consistent(&mirror, Lsn::ZERO, WAIT_LIMIT).await?;
+        Ok((source, mirror, proxy))
+    }
+
+    /// Measure 4: Streaming lag at each rate.
+    async fn lag(&mut self) -> anyhow::Result<()> {
+        let (source, mirror, _) = self.streaming_pair(Self::default_limits(), None).await?;
+        for rate in self.plan.lag_rates {
+            let lag = self
+                .xmirror_lag(&source, &mirror, rate, self.plan.lag_duration, "lag-")
+                .await?;
+            let label = rate_label(rate);
+            self.report.figure(&format!("lag_p50_ms_{label}"), lag.p50);
+            self.report.figure(&format!("lag_p99_ms_{label}"), lag.p99);
+            self.report.figure(&format!("lag_max_ms_{label}"), lag.max);
+            self.report.row(
+                &format!(
+                    "streaming lag at {rate} writes/s for {} s (commit to applied)",
+                    self.plan.lag_duration.as_secs()
+                ),
+                format!(
+                    "p50 {:.2} ms, p99 {:.2} ms, max {:.1} ms",
+                    lag.p50, lag.p99, lag.max
+                ),
+                String::new(),
+                "p99 <= 5 ms at 20k".into(),
+            );
+        }
+        mirror.shutdown().await;
+        source.shutdown().await;
+        Ok(())
+    }
+
+    /// Measure 5: A mirror `catchup_entries` behind, until caught up.
+    async fn catchup(&mut self) -> anyhow::Result<()> {
+        let (source, mirror, _) = self.streaming_pair(Self::default_limits(), None).await?;
+        // A mirror at LSN 0 would get a snapshot; one write makes it a streaming mirror.
+        let client = self.cluster.client(source.local_addr).await?;
+        client.put(b"seed", b"seed").await?;
+        wait_consistent(&mirror, Lsn(1), WAIT_LIMIT).await?;
+        let mirror_dir = mirror.shared().config.data_dir.clone();
+        mirror.shutdown().await;
+
+        let entries = self.plan.catchup_entries;
+        let writer = source.shared().writer.clone();
+        let dataset = Dataset {
+            keys: entries,
+            value_bytes: 100,
+            prefix: "behind-",
+        };
+        futures_util::stream::iter(0..entries)
+            .map(|index| {
+                writer.write(Entry::Put {
+                    key: dataset.key(index),
+                    value: dataset.value(index),
+                })
+            })
+            .buffer_unordered(4_096)
+            .try_for_each(|_| std::future::ready(Ok(())))
+            .await?;
+        let last = source.shared().store.position().lsn;
+
+        let mirror = self
+            .cluster
+            .start_mirror(0, source.local_addr, mirror_dir, Self::default_limits())
+            .await?;
+        let elapsed = wait_consistent(&mirror, last, WAIT_LIMIT).await?;
+        let decision = mirror.shared().status()?.last_decision;
+        ensure!(
+            decision == Some(DecisionKind::Stream),
+            "the catch-up should stream, the source decided {decision:?}"
+        );
+        mirror.shutdown().await;
+        source.shutdown().await;
+        let entries_s = per_second(entries as f64, elapsed);
+        self.report.figure("catchup_entries_s", entries_s);
+        self.report.row(
+            &format!("catch-up: a mirror {entries} entries behind"),
+            format!("{entries_s:.0} entries/s ({:.2} s)", elapsed.as_secs_f64()),
+            self.report
+                .get("store_keys_s")
+                .map_or(String::new(), |store| {
+                    format!("{store:.0} keys/s (bare sled)")
+                }),
+            self.report
+                .get("store_keys_s")
+                .map_or(String::new(), |store| format!("{:.2}", entries_s / store)),
+        );
+        Ok(())
+    }
+
+    /// Measure 6: The source's write throughput with 0, 1 and 8 mirrors streaming.
+    async fn fanout(&mut self) -> anyhow::Result<()> {
+        let mut baseline = None;
+        for mirrors in [0usize, 1, 8] {
+            let source = self
+                .start_source(self.cluster.data_dir("source"), Self::default_limits())
+                .await?;
+            let mut nodes = Vec::new();
+            for index in 0..mirrors {
+                let mirror = self
+                    .cluster
+                    .start_mirror(
+                        index,
+                        source.local_addr,
+                        self.cluster.data_dir("mirror"),
+                        Self::default_limits(),
+                    )
+                    .await?;
+                wait_consistent(&mirror, Lsn::ZERO, WAIT_LIMIT).await?;
+                nodes.push(mirror);
+            }
+            let client = self.cluster.client(source.local_addr).await?;
+            let load = client
+                .write_keys(self.plan.fanout_writes, 100, "fan-")
+                .await?;
+            let writes_s = per_second(load.written as f64, load.elapsed);
+            for mirror in nodes {
+                wait_consistent(&mirror, load.last_lsn, WAIT_LIMIT).await?;
+                mirror.shutdown().await;
+            }
+            source.shutdown().await;
+            let baseline = *baseline.get_or_insert(writes_s);
+            self.report
+                .figure(&format!("fanout{mirrors}_writes_s"), writes_s);
+            if mirrors > 0 {
+                self.report
+                    .figure(&format!("fanout{mirrors}_write_ratio"), writes_s / baseline);
+            }
+            self.report.row(
+                &format!("source writes with {mirrors} mirrors streaming"),
+                format!("{writes_s:.0} writes/s"),
+                format!("{baseline:.0} writes/s (no mirror)"),
+                if mirrors == 0 {
+                    String::new()
+                } else {
+                    format!("{:.2} (target >= 0.9 at 8)", writes_s / baseline)
+                },
+            );
+        }
+        Ok(())
+    }
+
+    /// Measure 7: Redis: full sync of the small dataset, replication lag at the same rates.
+    async fn redis(&mut self) -> anyhow::Result<()> {
+        let scratch = self.cluster.data_dir("redis");
+        let elapsed = redis::full_sync(&scratch.join("sync"), &self.plan.small).await?;
+        let seconds = elapsed.as_secs_f64();
+        self.report.figure("redis_full_sync_1m_s", seconds);
+        let ours = self.report.get("snapshot_1m_s");
+        if let Some(ours) = ours {
+            self.report.figure("snapshot_vs_redis", ours / seconds);
+        }
+        self.report.row(
+            &format!("Redis full sync, {}", self.plan.small.describe()),
+            ours.map_or("(snapshot not measured)".into(), |ours| {
+                format!("{ours:.2} s (xmirror snapshot)")
+            }),
+            format!("{seconds:.2} s (Redis)"),
+            ours.map_or(String::new(), |ours| {
+                format!("{:.2} (target <= 1)", ours / seconds)
+            }),
+        );
+        for rate in self.plan.lag_rates {
+            let dataset = Dataset {
+                keys: u64::MAX,
+                value_bytes: 100,
+                prefix: "lag-",
+            };
+            let dir = scratch.join(format!("lag-{rate}"));
+            let lag = redis::lag(&dir, dataset, rate, self.plan.lag_duration).await?;
+            let label = rate_label(rate);
+            self.report
+                .figure(&format!("redis_lag_p50_ms_{label}"), lag.p50);
+            self.report
+                .figure(&format!("redis_lag_p99_ms_{label}"), lag.p99);
+            self.report
+                .figure(&format!("redis_lag_max_ms_{label}"), lag.max);
+            let ours = self.report.get(&format!("lag_p99_ms_{label}"));
+            if let Some(ours) = ours {
+                self.report.figure(
+                    &format!("lag_vs_redis_p99_{label}"),
+                    ours / lag.p99.max(1e-3),
+                );
+            }
+            self.report.row(
+                &format!("Redis replication lag at {rate} writes/s (p99)"),
+                ours.map_or("(lag not measured)".into(), |ours| {
+                    format!("{ours:.2} ms (xmirror)")
+                }),
+                format!(
+                    "{:.2} ms (Redis; p50 {:.2}, max {:.1})",
+                    lag.p99, lag.p50, lag.max
+                ),
+                ours.map_or(String::new(), |ours| {
+                    format!("{:.2} (target <= 1)", ours / lag.p99.max(1e-3))
+                }),
+            );
+        }
+        Ok(())
+    }
+
+    /// Measure 8: Through the impairment proxy at `wan_rtt` and `wan_bandwidth`: default and
+    /// tuned transport windows.
+    async fn wan(&mut self) -> anyhow::Result<()> {
+        let impairment = Impairment {
+            delay: self.plan.wan_rtt / 2,
+            bandwidth: Some(self.plan.wan_bandwidth),
+            ..Impairment::default()
+        };
+        let link_mib_s = self.plan.wan_bandwidth as f64 / MIB;
+        self.report.figure("wan_bandwidth_mib_s", link_mib_s);
+        self.report
+            .fact("wan_rtt_ms", self.plan.wan_rtt.as_millis() as u64);
+        let tuned = TransportLimits::for_link(self.plan.wan_bandwidth, self.plan.wan_rtt);
+        for (label, limits) in [("default", Self::default_limits()), ("tuned", tuned)] {
+            let source_dir = self.cluster.data_dir("source");
+            let populate_dir = source_dir.clone();
+            let dataset = self.plan.wan;
+            let last = tokio::task::spawn_blocking(move || {
+                dataset::populate(&populate_dir, &dataset, false)
+            })
+            .await??;
+            let source = self.start_source(source_dir, limits).await?;
+            let proxy = Proxy::start(source.local_addr).await;
+            proxy.set_both(impairment.clone());
+            let started = Instant::now();
+            let mirror = self
+                .cluster
+                .start_mirror(0, proxy.addr, self.cluster.data_dir("mirror"), limits)
+                .await?;
+            wait_consistent(&mirror, last, WAIT_LIMIT).await?;
+            let snapshot_mib_s = per_second(dataset.total_bytes() as f64 / MIB, started.elapsed());
+            let lag = self
+                .xmirror_lag(
+                    &source,
+                    &mirror,
+                    self.plan.wan_lag_rate,
+                    self.plan.wan_lag_duration,
+                    "wan-lag-",
+                )
+                .await?;
+            mirror.shutdown().await;
+            source.shutdown().await;
+            drop(proxy);
+
+            let (snapshot_key, lag_key) = if label == "tuned" {
+                ("wan_snapshot_mib_s".to_owned(), "wan_lag_p99_ms".to_owned())
+            } else {
+                (
+                    format!("wan_{label}_snapshot_mib_s"),
+                    format!("wan_{label}_lag_p99_ms"),
+                )
+            };
+            self.report.figure(&snapshot_key, snapshot_mib_s);
+            self.report.figure(&lag_key, lag.p99);
+            let rtt_ms = self.plan.wan_rtt.as_millis() as f64;
+            self.report.row(
+                &format!(
+                    "{} ms RTT, {:.1} MiB/s link, {label} windows: snapshot of {}",
+                    rtt_ms,
+                    link_mib_s,
+                    dataset.describe()
+                ),
+                format!("{snapshot_mib_s:.2} MiB/s"),
+                format!("{link_mib_s:.1} MiB/s (link)"),
+                format!("{:.2} (target >= 0.5)", snapshot_mib_s / link_mib_s),
+            );
+            self.report.row(
+                &format!(
+                    "{} ms RTT, {label} windows: lag at {} writes/s",
+                    rtt_ms, self.plan.wan_lag_rate
+                ),
+                format!(
+                    "p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+                    lag.p50, lag.p99, lag.max
+                ),
+                format!("{:.0} ms (RTT/2 + 20 ms)", rtt_ms / 2.0 + 20.0),
+                format!("{:.2} (target <= 1)", lag.p99 / (rtt_ms / 2.0 + 20.0)),
+            );
+        }
+        Ok(())
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let plan = Plan::new(args.quick);
+    let mut bench = Bench {
+        plan,
+        cluster: Cluster::new()?,
+        report: Report::default(),
+    };
+    bench.report.fact("quick", args.quick);
+    bench
+        .report
+        .fact("small_dataset", bench.plan.small.describe());
+    bench
+        .report
+        .fact("large_dataset", bench.plan.large.describe());
+    let wanted = |measure: Measure| args.only.is_empty() || args.only.contains(&measure);
+    let started = Instant::now();
+    let steps: [(Measure, &str); 8] = [
+        (Measure::Transport, "transport ceiling"),
+        (Measure::Store, "store ceiling"),
+        (Measure::Snapshot, "snapshot"),
+        (Measure::Lag, "streaming lag"),
+        (Measure::Catchup, "catch-up"),
+        (Measure::Fanout, "fan-out"),
+        (Measure::Redis, "Redis"),
+        (Measure::Wan, "WAN"),
+    ];
+    for (measure, title) in steps {
+        if !wanted(measure) {
+            continue;
+        }
+        println!("[{:>5.1} s] {title}", started.elapsed().as_secs_f64());
+        let outcome = match measure {
+            Measure::Transport => bench.transport().await,
+            Measure::Store => bench.store().await,
+            Measure::Snapshot => bench.snapshot().await,
+            Measure::Lag => bench.lag().await,
+            Measure::Catchup => bench.catchup().await,
+            Measure::Fanout => bench.fanout().await,
+            Measure::Redis => bench.redis().await,
+            Measure::Wan => bench.wan().await,
+        };
+        outcome.with_context(|| format!("the {title} measure failed"))?;
+    }
+    bench
+        .report
+        .figure("run_seconds", started.elapsed().as_secs_f64());
+    bench.report.write(&args.out)?;
+    println!("\n{}", bench.report.table());
+    println!(
+        "wrote {} and results.md in {:.0} s",
+        args.out.join("results.json").display(),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}

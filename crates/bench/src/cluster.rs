@@ -13,6 +13,7 @@ use xmirror_mirror::{MirrorConfig, MirrorNode};
 use xmirror_net::{Client, TransportLimits};
 use xmirror_proto::{Lsn, Name, Role};
 use xmirror_source::{SourceConfig, SourceNode};
+use xmirror_store::EngineKind;
 use xmirror_tls::pki::issue_cluster;
 use xmirror_tls::{ExpectedServer, NodeTls};
 
@@ -30,11 +31,14 @@ pub struct Cluster {
     pub source_tls: NodeTls,
     pub client_tls: NodeTls,
     mirror_tls: Vec<Arc<NodeTls>>,
+    /// The nodes' storage engine.
+    pub engine: EngineKind,
     next_dir: std::sync::atomic::AtomicUsize,
 }
 
 impl Cluster {
-    pub fn new() -> anyhow::Result<Cluster> {
+    /// A cluster whose nodes store data on `engine`.
+    pub fn new(engine: EngineKind) -> anyhow::Result<Cluster> {
         let dir = tempfile::tempdir().context("make a scratch directory")?;
         let certs = dir.path().join("certs");
         let mut nodes = vec![(Role::Source, name("src")), (Role::Client, name("app"))];
@@ -48,6 +52,7 @@ impl Cluster {
             client_tls: NodeTls::load(&certs, "app")?,
             mirror_tls,
             dir,
+            engine,
             next_dir: Default::default(),
         })
     }
@@ -67,7 +72,9 @@ impl Cluster {
 
     pub fn source_config(&self, data_dir: PathBuf) -> SourceConfig {
         let localhost: SocketAddr = "127.0.0.1:0".parse().expect("valid address");
-        SourceConfig::new(data_dir, name(CLUSTER), localhost)
+        let mut config = SourceConfig::new(data_dir, name(CLUSTER), localhost);
+        config.engine = self.engine;
+        config
     }
 
     pub async fn start_source(&self, config: SourceConfig) -> anyhow::Result<SourceNode> {
@@ -84,6 +91,7 @@ impl Cluster {
     ) -> anyhow::Result<MirrorNode> {
         let mut config = MirrorConfig::new(data_dir, source, name(CLUSTER), None);
         config.transport = transport;
+        config.engine = self.engine;
         Ok(MirrorNode::start(config, self.mirror_tls(index)).await?)
     }
 

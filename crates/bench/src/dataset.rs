@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use xmirror_proto::{Entry, Lsn, UnixMillis};
-use xmirror_store::{Batch, SledStore, Store};
+use xmirror_store::{open_store, Batch, EngineKind};
 
 /// Payload bytes per insert batch: the size of one snapshot chunk.
 pub const BATCH_BYTES: usize = 1 << 20;
@@ -79,8 +79,13 @@ pub fn random_bytes(seed: u64, len: usize) -> Vec<u8> {
 /// Writes `dataset` into a new xmirror store at `dir` as puts after its current position,
 /// in batches, flushed once at the end. With `keep_wal` the entries stay in the WAL (a
 /// source a mirror can stream from); without, only the data (a mirror must snapshot).
-pub fn populate(dir: &Path, dataset: &Dataset, keep_wal: bool) -> anyhow::Result<Lsn> {
-    let store = SledStore::open(dir).context("open the store to populate")?;
+pub fn populate(
+    dir: &Path,
+    engine: EngineKind,
+    dataset: &Dataset,
+    keep_wal: bool,
+) -> anyhow::Result<Lsn> {
+    let store = open_store(dir, engine).context("open the store to populate")?;
     for pairs in dataset.batches() {
         let entries: Vec<Entry> = pairs
             .into_iter()
@@ -98,32 +103,61 @@ pub fn populate(dir: &Path, dataset: &Dataset, keep_wal: bool) -> anyhow::Result
     Ok(store.position().lsn)
 }
 
-/// The store ceiling: the dataset inserted into a bare sled tree in batches of one
-/// snapshot chunk, flushed once at the end. What no xmirror path on sled can beat.
-pub fn raw_sled_inserts(dir: &Path, dataset: &Dataset) -> anyhow::Result<Duration> {
-    let db = sled::Config::new()
-        .path(dir)
-        .open()
-        .context("open a bare sled database")?;
+/// The store ceiling: the dataset inserted into the bare engine in batches of one
+/// snapshot chunk, each batch one atomic write, flushed once at the end. What no xmirror
+/// path on that engine can beat.
+pub fn raw_inserts(dir: &Path, engine: EngineKind, dataset: &Dataset) -> anyhow::Result<Duration> {
     let batches: Vec<_> = dataset.batches().collect();
-    let started = Instant::now();
-    for pairs in batches {
-        let mut batch = sled::Batch::default();
-        for (key, value) in pairs {
-            batch.insert(key, value);
+    match engine {
+        EngineKind::Sled => {
+            let db = sled::Config::new()
+                .path(dir)
+                .open()
+                .context("open a bare sled database")?;
+            let started = Instant::now();
+            for pairs in batches {
+                let mut batch = sled::Batch::default();
+                for (key, value) in pairs {
+                    batch.insert(key, value);
+                }
+                db.apply_batch(batch)?;
+            }
+            db.flush()?;
+            Ok(started.elapsed())
         }
-        db.apply_batch(batch)?;
+        EngineKind::Redb => {
+            const TABLE: redb::TableDefinition<&[u8], &[u8]> = redb::TableDefinition::new("bare");
+            std::fs::create_dir_all(dir)?;
+            let db = redb::Database::create(dir.join("bare.redb"))?;
+            let started = Instant::now();
+            for pairs in batches {
+                let mut transaction = db.begin_write()?;
+                transaction.set_durability(redb::Durability::None)?;
+                {
+                    let mut table = transaction.open_table(TABLE)?;
+                    for (key, value) in &pairs {
+                        table.insert(key.as_slice(), value.as_slice())?;
+                    }
+                }
+                transaction.commit()?;
+            }
+            // One durable commit makes every earlier one durable.
+            db.begin_write()?.commit()?;
+            Ok(started.elapsed())
+        }
     }
-    db.flush()?;
-    Ok(started.elapsed())
 }
 
 /// The mirror's snapshot apply path without the network: `begin_snapshot`, then each
 /// chunk applied and flushed as the mirror does, then the scan finished.
-pub fn store_snapshot_path(dir: &Path, dataset: &Dataset) -> anyhow::Result<Duration> {
+pub fn store_snapshot_path(
+    dir: &Path,
+    engine: EngineKind,
+    dataset: &Dataset,
+) -> anyhow::Result<Duration> {
     use xmirror_proto::SnapshotId;
     use xmirror_store::Position;
-    let store = SledStore::open(dir).context("open the store")?;
+    let store = open_store(dir, engine).context("open the store")?;
     let batches: Vec<_> = dataset.batches().collect();
     let snapshot_id = SnapshotId(1);
     let started = Instant::now();
@@ -173,9 +207,9 @@ mod tests {
             value_bytes: 64,
             prefix: "p-",
         };
-        let last = populate(dir.path(), &dataset, true).unwrap();
+        let last = populate(dir.path(), EngineKind::DEFAULT, &dataset, true).unwrap();
         assert_eq!(last, Lsn(3_000));
-        let store = SledStore::open(dir.path()).unwrap();
+        let store = open_store(dir.path(), EngineKind::DEFAULT).unwrap();
         assert_eq!(store.key_count().unwrap(), 3_000);
         assert_eq!(
             store.get(&dataset.key(1_234)).unwrap(),

@@ -2,7 +2,7 @@
 //!
 //! Every xmirror figure is set beside a baseline measured in the same run on the same
 //! machine: the transport ceiling (a raw quinn stream with the nodes' TLS and transport
-//! settings), the store ceiling (bare sled batch inserts), and Redis's own replication.
+//! settings), the store ceiling (bare engine batch inserts), and Redis's own replication.
 //! Nodes run in this process through the same `SourceNode`/`MirrorNode` the binary runs,
 //! on loopback, with real sled stores on disk; the WAN measures go through the UDP
 //! impairment proxy of the fault suite. docs/PERFORMANCE.md explains each measure.
@@ -34,6 +34,7 @@ use xmirror_net::TransportLimits;
 use xmirror_proto::message::DecisionKind;
 use xmirror_proto::{Entry, Lsn};
 use xmirror_source::SourceNode;
+use xmirror_store::EngineKind;
 
 use crate::cluster::{wait_consistent, Cluster};
 use crate::dataset::Dataset;
@@ -56,6 +57,9 @@ struct Args {
     /// Run only these measures (comma-separated). Default: all.
     #[arg(long, value_delimiter = ',')]
     only: Vec<Measure>,
+    /// The nodes' storage engine, redb or sled. Default: the nodes' default.
+    #[arg(long)]
+    engine: Option<EngineKind>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -164,41 +168,64 @@ impl Bench {
         Ok(())
     }
 
-    /// Measure 2: Bare sled batch inserts of both datasets, and the mirror's chunk path on sled.
+    /// Measure 2: bare engine batch inserts of both datasets (the nodes' engine and the
+    /// other one), and the mirror's chunk path on the nodes' engine.
     async fn store(&mut self) -> anyhow::Result<()> {
+        let engine = self.cluster.engine;
         for (dataset, label) in [(self.plan.small, "1m"), (self.plan.large, "large")] {
-            let dir = self.cluster.data_dir("sled");
-            let elapsed =
-                tokio::task::spawn_blocking(move || dataset::raw_sled_inserts(&dir, &dataset))
-                    .await??;
-            let keys_s = per_second(dataset.keys as f64, elapsed);
-            let mib_s = per_second(dataset.total_bytes() as f64 / MIB, elapsed);
-            let dir = self.cluster.data_dir("chunks");
-            let path_elapsed =
-                tokio::task::spawn_blocking(move || dataset::store_snapshot_path(&dir, &dataset))
-                    .await??;
-            let path_keys_s = per_second(dataset.keys as f64, path_elapsed);
-            if label == "1m" {
-                self.report.figure("store_keys_s", keys_s);
+            for bare in [EngineKind::Redb, EngineKind::Sled] {
+                let dir = self.cluster.data_dir("bare");
+                let elapsed =
+                    tokio::task::spawn_blocking(move || dataset::raw_inserts(&dir, bare, &dataset))
+                        .await??;
+                let keys_s = per_second(dataset.keys as f64, elapsed);
+                let mib_s = per_second(dataset.total_bytes() as f64 / MIB, elapsed);
+                let suffix = if bare == engine {
+                    String::new()
+                } else {
+                    format!("_{bare}")
+                };
+                if label == "1m" {
+                    self.report.figure(&format!("store_keys_s{suffix}"), keys_s);
+                }
+                self.report
+                    .figure(&format!("store_{label}_keys_s{suffix}"), keys_s);
+                self.report
+                    .figure(&format!("store_{label}_mib_s{suffix}"), mib_s);
+                self.report.row(
+                    &format!(
+                        "store ceiling: bare {bare} batch inserts, {}",
+                        dataset.describe()
+                    ),
+                    format!("{keys_s:.0} keys/s, {mib_s:.1} MiB/s"),
+                    String::new(),
+                    if bare == engine {
+                        "(the nodes' engine)".into()
+                    } else {
+                        String::new()
+                    },
+                );
             }
-            self.report.figure(&format!("store_{label}_keys_s"), keys_s);
-            self.report.figure(&format!("store_{label}_mib_s"), mib_s);
+            let dir = self.cluster.data_dir("chunks");
+            let path_elapsed = tokio::task::spawn_blocking(move || {
+                dataset::store_snapshot_path(&dir, engine, &dataset)
+            })
+            .await??;
+            let path_keys_s = per_second(dataset.keys as f64, path_elapsed);
+            let ceiling = self
+                .report
+                .get(&format!("store_{label}_keys_s"))
+                .unwrap_or(f64::NAN);
             self.report
                 .figure(&format!("store_chunk_path_{label}_keys_s"), path_keys_s);
             self.report.row(
-                &format!("store ceiling: sled batch inserts, {}", dataset.describe()),
-                format!("{keys_s:.0} keys/s, {mib_s:.1} MiB/s"),
-                String::new(),
-                String::new(),
-            );
-            self.report.row(
                 &format!(
-                    "store: the mirror's chunk apply + flush, {}",
+                    "store: the mirror's chunk apply + flush on {engine}, {}",
                     dataset.describe()
                 ),
                 format!("{path_keys_s:.0} keys/s"),
-                format!("{keys_s:.0} keys/s (bare sled)"),
-                format!("{:.2}", path_keys_s / keys_s),
+                format!("{ceiling:.0} keys/s (bare {engine})"),
+                format!("{:.2}", path_keys_s / ceiling),
             );
         }
         Ok(())
@@ -209,8 +236,9 @@ impl Bench {
         for (dataset, label) in [(self.plan.small, "1m"), (self.plan.large, "large")] {
             let source_dir = self.cluster.data_dir("source");
             let populate_dir = source_dir.clone();
+            let engine = self.cluster.engine;
             let last = tokio::task::spawn_blocking(move || {
-                dataset::populate(&populate_dir, &dataset, false)
+                dataset::populate(&populate_dir, engine, &dataset, false)
             })
             .await??;
             let source = self
@@ -406,7 +434,7 @@ impl Bench {
             self.report
                 .get("store_keys_s")
                 .map_or(String::new(), |store| {
-                    format!("{store:.0} keys/s (bare sled)")
+                    format!("{store:.0} keys/s (bare {})", self.cluster.engine)
                 }),
             self.report
                 .get("store_keys_s")
@@ -543,8 +571,9 @@ impl Bench {
             let source_dir = self.cluster.data_dir("source");
             let populate_dir = source_dir.clone();
             let dataset = self.plan.wan;
+            let engine = self.cluster.engine;
             let last = tokio::task::spawn_blocking(move || {
-                dataset::populate(&populate_dir, &dataset, false)
+                dataset::populate(&populate_dir, engine, &dataset, false)
             })
             .await??;
             let source = self.start_source(source_dir, limits).await?;
@@ -613,12 +642,14 @@ impl Bench {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let plan = Plan::new(args.quick);
+    let engine = args.engine.unwrap_or(EngineKind::DEFAULT);
     let mut bench = Bench {
         plan,
-        cluster: Cluster::new()?,
+        cluster: Cluster::new(engine)?,
         report: Report::default(),
     };
     bench.report.fact("quick", args.quick);
+    bench.report.fact("engine", engine.name());
     bench
         .report
         .fact("small_dataset", bench.plan.small.describe());

@@ -9,7 +9,9 @@ use anyhow::Context;
 use clap::Args;
 use xmirror_mirror::{MirrorConfig, MirrorNode};
 
+use xmirror_net::TransportLimits;
 use xmirror_source::{SourceConfig, SourceNode};
+use xmirror_store::EngineKind;
 use xmirror_tls::NodeTls;
 
 use xmirror_proto::SUPPORTED_VERSIONS;
@@ -44,6 +46,8 @@ pub struct MirrorArgs {
 /// What a source needs besides its [`SourceConfig`].
 struct SourcePlan {
     config: SourceConfig,
+    /// Link bandwidth (Mbit/s) and RTT (ms) the windows were sized for, if given.
+    link: Option<(u64, u64)>,
     metrics: Option<String>,
     certs: PathBuf,
     name: String,
@@ -61,6 +65,29 @@ fn millis(duration: Duration) -> u64 {
     u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
 }
 
+/// The engine named by `--engine`, if any.
+fn engine(name: Option<&str>) -> anyhow::Result<Option<EngineKind>> {
+    Ok(name.map(str::parse).transpose()?)
+}
+
+/// The link settings, as one value: both or neither.
+fn link(mbit_s: Option<u64>, rtt_ms: Option<u64>) -> anyhow::Result<Option<(u64, u64)>> {
+    match (mbit_s, rtt_ms) {
+        (Some(mbit_s), Some(rtt_ms)) => Ok(Some((mbit_s, rtt_ms))),
+        (None, None) => Ok(None),
+        _ => anyhow::bail!("--link-mbit-s and --link-rtt-ms go together: give both or neither"),
+    }
+}
+
+/// Transport windows for the link, keeping the other limits.
+fn size_for_link(limits: &mut TransportLimits, link: Option<(u64, u64)>) {
+    if let Some((mbit_s, rtt_ms)) = link {
+        let sized = TransportLimits::for_link(mbit_s * 125_000, Duration::from_millis(rtt_ms));
+        limits.stream_receive_window = sized.stream_receive_window;
+        limits.send_window = sized.send_window;
+    }
+}
+
 async fn plan_source(args: &SourceArgs) -> anyhow::Result<SourcePlan> {
     let settings = args.settings.clone().or(read_file(args.config.as_deref())?);
     let listen = required(settings.listen, "listen")?;
@@ -70,6 +97,9 @@ async fn plan_source(args: &SourceArgs) -> anyhow::Result<SourcePlan> {
         resolve(&listen).await?,
     );
     set(&mut config.database, settings.database);
+    set(&mut config.engine, engine(settings.engine.as_deref())?);
+    let link = link(settings.link_mbit_s, settings.link_rtt_ms)?;
+    size_for_link(&mut config.transport, link);
     set(&mut config.max_wal_entries, settings.max_wal_entries);
     set(&mut config.max_connections, settings.max_connections);
     set(&mut config.max_handshakes, settings.max_handshakes);
@@ -92,6 +122,7 @@ async fn plan_source(args: &SourceArgs) -> anyhow::Result<SourcePlan> {
     );
     Ok(SourcePlan {
         config,
+        link,
         metrics: settings.metrics,
         certs: required(settings.certs, "certs")?,
         name: required(settings.name, "name")?,
@@ -110,6 +141,9 @@ impl SourcePlan {
             certs: Some(self.certs.clone()),
             name: Some(self.name.clone()),
             database: Some(config.database.clone()),
+            engine: Some(config.engine.to_string()),
+            link_mbit_s: self.link.map(|(mbit_s, _)| mbit_s),
+            link_rtt_ms: self.link.map(|(_, rtt_ms)| rtt_ms),
             max_wal_entries: Some(config.max_wal_entries),
             handshake_timeout_ms: Some(millis(config.handshake_timeout)),
             idle_timeout_ms: Some(millis(config.transport.idle_timeout)),
@@ -129,6 +163,8 @@ impl SourcePlan {
 /// What a mirror needs besides its [`MirrorConfig`].
 struct MirrorPlan {
     config: MirrorConfig,
+    /// Link bandwidth (Mbit/s) and RTT (ms) the windows were sized for, if given.
+    link: Option<(u64, u64)>,
     metrics: Option<String>,
     certs: PathBuf,
     name: String,
@@ -150,6 +186,9 @@ async fn plan_mirror(args: &MirrorArgs) -> anyhow::Result<MirrorPlan> {
         listen_addr,
     );
     set(&mut config.database, settings.database);
+    set(&mut config.engine, engine(settings.engine.as_deref())?);
+    let link = link(settings.link_mbit_s, settings.link_rtt_ms)?;
+    size_for_link(&mut config.transport, link);
     set(&mut config.versions, settings.protocol_versions);
     set(
         &mut config.source_silence_timeout,
@@ -167,6 +206,7 @@ async fn plan_mirror(args: &MirrorArgs) -> anyhow::Result<MirrorPlan> {
     );
     Ok(MirrorPlan {
         config,
+        link,
         metrics: settings.metrics,
         certs: required(settings.certs, "certs")?,
         name: required(settings.name, "name")?,
@@ -187,6 +227,9 @@ impl MirrorPlan {
             name: Some(self.name.clone()),
             listen: self.listen.clone(),
             database: Some(config.database.clone()),
+            engine: Some(config.engine.to_string()),
+            link_mbit_s: self.link.map(|(mbit_s, _)| mbit_s),
+            link_rtt_ms: self.link.map(|(_, rtt_ms)| rtt_ms),
             source_silence_timeout_ms: Some(millis(config.source_silence_timeout)),
             connect_timeout_ms: Some(millis(config.connect_timeout)),
             backoff_max_ms: Some(millis(config.backoff_max)),

@@ -74,6 +74,16 @@ settings! {
         max_key_bytes: usize,
         /// Largest value a client may write, in bytes [default: 4194304].
         max_value_bytes: usize,
+        /// Storage engine of a new store, redb or sled; an existing store keeps its own
+        /// [default: redb].
+        engine: String,
+        /// Bandwidth of the path between source and mirror in Mbit/s, with --link-rtt-ms:
+        /// sizes the transport windows to twice bandwidth x delay [default: quinn's windows,
+        /// enough for 100 Mbit/s at 100 ms].
+        link_mbit_s: u64,
+        /// Round-trip time of the path between source and mirror in milliseconds, with
+        /// --link-mbit-s.
+        link_rtt_ms: u64,
         /// Serve Prometheus metrics over HTTP on this address, for example 127.0.0.1:9100.
         metrics: String,
     }
@@ -102,6 +112,16 @@ settings! {
         connect_timeout_ms: u64,
         /// Longest reconnect delay in milliseconds [default: 10000].
         backoff_max_ms: u64,
+        /// Storage engine of a new store, redb or sled; an existing store keeps its own
+        /// [default: redb].
+        engine: String,
+        /// Bandwidth of the path between source and mirror in Mbit/s, with --link-rtt-ms:
+        /// sizes the transport windows to twice bandwidth x delay [default: quinn's windows,
+        /// enough for 100 Mbit/s at 100 ms].
+        link_mbit_s: u64,
+        /// Round-trip time of the path between source and mirror in milliseconds, with
+        /// --link-mbit-s.
+        link_rtt_ms: u64,
         /// Serve Prometheus metrics over HTTP on this address, for example 127.0.0.1:9101.
         metrics: String,
         /// Protocol versions to offer, MIN..MAX (for testing version negotiation).

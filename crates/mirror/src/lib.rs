@@ -28,7 +28,7 @@ use xmirror_proto::status::{MirrorState, MirrorStatus};
 use xmirror_proto::{
     ErrorCode, FrameLimits, Lsn, Name, UnixMillis, VersionRange, SUPPORTED_VERSIONS,
 };
-use xmirror_store::{SledStore, Store, StoreError, SyncState};
+use xmirror_store::{open_store, EngineKind, Store, StoreError, SyncState};
 use xmirror_tls::{peer_identity, ExpectedServer, NodeTls, ALPN_MIRROR};
 
 use crate::backoff::Backoff;
@@ -40,6 +40,8 @@ use crate::session::SessionError;
 pub struct MirrorConfig {
     /// The store's directory.
     pub data_dir: PathBuf,
+    /// The storage engine of a new store (an existing one keeps its own). Default redb.
+    pub engine: EngineKind,
     /// The source's UDP address.
     pub source: SocketAddr,
     /// The cluster the source must belong to (checked in its certificate and its ack).
@@ -87,6 +89,7 @@ impl MirrorConfig {
     ) -> MirrorConfig {
         MirrorConfig {
             data_dir,
+            engine: EngineKind::DEFAULT,
             source,
             source_cluster,
             database: Name::new("main").expect("valid name"),
@@ -189,12 +192,10 @@ impl MirrorShared {
     /// Opens the store: everything but the network, so that the session handler can also
     /// run over in-memory pipes.
     pub async fn open(config: MirrorConfig, name: Name) -> Result<Arc<MirrorShared>, MirrorError> {
-        let data_dir = config.data_dir.clone();
-        let store: Arc<dyn Store> = Arc::new(
-            tokio::task::spawn_blocking(move || SledStore::open(data_dir))
-                .await
-                .expect("open task")?,
-        );
+        let (data_dir, engine) = (config.data_dir.clone(), config.engine);
+        let store = tokio::task::spawn_blocking(move || open_store(&data_dir, engine))
+            .await
+            .expect("open task")?;
         let (applied_lsn, _) = tokio::sync::watch::channel(store.position().lsn);
         Ok(Arc::new(MirrorShared {
             name,

@@ -13,10 +13,11 @@
 use std::sync::Arc;
 
 use tokio::io::{AsyncRead, AsyncWrite};
-use xmirror_net::{Activity, FramedReader, FramedWriter, ReadError};
+use tokio::sync::mpsc;
+use xmirror_net::{Activity, ActivityReader, FramedReader, FramedWriter, ReadError};
 use xmirror_proto::message::{Hello, HelloAck, MirrorAck, ResumeToken, SnapshotChunkAck};
 use xmirror_proto::status::MirrorState;
-use xmirror_proto::{Decision, ErrorCode, FrameError, Lsn, Message, Role};
+use xmirror_proto::{Decision, Entry, ErrorCode, FrameError, Lsn, Message, Role};
 use xmirror_store::{Batch, Position, Store, StoreError, SyncState};
 
 use crate::MirrorShared;
@@ -150,8 +151,37 @@ where
     shared.heard_from_source(accepted.source_last_lsn, None);
     start_decision(shared, &accepted.decision, resumed_from.as_ref()).await?;
 
-    let mut chunks_applied = 0u64;
-    let silence = shared.config.source_silence_timeout;
+    // Frames are read (and decoded) while earlier ones are being applied; whatever has
+    // queued up by the time the applier is free is applied as one store batch with one
+    // flush, so a mirror that falls behind catches up in larger steps instead of paying
+    // a flush per frame.
+    let (received, queue) = mpsc::channel(RECEIVE_QUEUE_FRAMES);
+    let receiving = receive(
+        reader,
+        activity,
+        shared.config.source_silence_timeout,
+        received,
+    );
+    let applying = apply(writer, shared, queue);
+    let (receive_outcome, apply_outcome) = tokio::join!(receiving, applying);
+    // The applier stops the receiver by going away, so its error is the cause.
+    apply_outcome.and(receive_outcome)
+}
+
+/// Frames read ahead of the applier. Each is at most one snapshot chunk or WAL batch
+/// (about 1 MiB by default), so this bounds the mirror's read-ahead memory.
+const RECEIVE_QUEUE_FRAMES: usize = 32;
+/// Most payload bytes applied as one store batch.
+const MAX_GROUP_BYTES: usize = 16 << 20;
+
+/// Reads frames and queues them for the applier until the source ends the session, the
+/// source falls silent, or the applier stops.
+async fn receive<R: AsyncRead + Unpin>(
+    mut reader: FramedReader<ActivityReader<R>>,
+    activity: Activity,
+    silence: std::time::Duration,
+    queue: mpsc::Sender<Message>,
+) -> Result<(), SessionError> {
     loop {
         // The source heartbeats every second when idle: no byte for longer means the path
         // or the source is gone (a restarted source cannot even reset the old connection),
@@ -160,6 +190,7 @@ where
         let next = loop {
             tokio::select! {
                 next = reader.next() => break next,
+                () = queue.closed() => return Ok(()),
                 () = tokio::time::sleep(silence / 4) => {
                     if activity.idle() > silence {
                         return Err(SessionError::Read(ReadError::Timeout(silence)));
@@ -170,24 +201,60 @@ where
         let Some(message) = next? else {
             return Ok(());
         };
+        if queue.send(message).await.is_err() {
+            return Ok(());
+        }
+    }
+}
+
+/// Applies queued frames in order, grouping runs of WAL batches (and of snapshot chunks)
+/// into one store write and one flush, and acknowledges each group once it is durable.
+async fn apply<W: AsyncWrite + Unpin>(
+    mut writer: FramedWriter<W>,
+    shared: &Arc<MirrorShared>,
+    mut queue: mpsc::Receiver<Message>,
+) -> Result<(), SessionError> {
+    let mut chunks_applied = 0u64;
+    let mut pending: Option<Message> = None;
+    loop {
+        let message = match pending.take() {
+            Some(message) => message,
+            None => match queue.recv().await {
+                Some(message) => message,
+                None => return Ok(()),
+            },
+        };
         match message {
-            Message::SnapshotChunk(chunk) => {
-                let snapshot_id = chunk.snapshot_id;
-                let keys = chunk.pairs.len();
-                let bytes: usize = chunk
-                    .pairs
-                    .iter()
-                    .map(|(key, value)| key.len() + value.len())
-                    .sum();
+            Message::SnapshotChunk(first) => {
+                let snapshot_id = first.snapshot_id;
+                let mut chunks = vec![first];
+                let mut bytes = pairs_len(&chunks[0].pairs);
+                while bytes < MAX_GROUP_BYTES {
+                    match queue.try_recv() {
+                        Ok(Message::SnapshotChunk(chunk)) if chunk.snapshot_id == snapshot_id => {
+                            bytes += pairs_len(&chunk.pairs);
+                            chunks.push(chunk);
+                        }
+                        Ok(other) => {
+                            pending = Some(other);
+                            break;
+                        }
+                        Err(_) => break,
+                    }
+                }
+                let count = chunks.len() as u64;
+                let keys: usize = chunks.iter().map(|chunk| chunk.pairs.len()).sum();
                 let store = shared.store.clone();
                 blocking(move || {
-                    store.apply_snapshot_chunk(chunk.snapshot_id, &chunk.pairs)?;
-                    // Durable before it is acknowledged: the source sends the next chunk
-                    // only then, so a kill costs at most the chunk in flight.
+                    for chunk in &chunks {
+                        store.apply_snapshot_chunk(snapshot_id, &chunk.pairs)?;
+                    }
+                    // Durable before it is acknowledged: the source keeps at most a window
+                    // of chunks unacknowledged, so a kill costs at most that window.
                     store.flush()
                 })
                 .await?;
-                chunks_applied += 1;
+                chunks_applied += count;
                 crate::telemetry::snapshot_chunk(keys, bytes);
                 shared.snapshot_received(keys, bytes);
                 writer
@@ -218,18 +285,38 @@ where
                 shared.snapshot_finished();
                 writer.send(ack(position.lsn, position.lsn)).await?;
             }
-            Message::WalBatch(batch) => {
-                let last_lsn = batch.last_lsn();
-                let commit_time = batch.commit_time;
+            Message::WalBatch(first) => {
+                let first_lsn = first.first_lsn;
+                let mut last = (first.last_lsn(), first.commit_time, first.chain_hash);
+                let mut bytes: usize = first.entries.iter().map(Entry::payload_len).sum();
+                let mut entries = first.entries;
+                while bytes < MAX_GROUP_BYTES {
+                    match queue.try_recv() {
+                        // Only a batch that continues the group joins it; anything else is
+                        // applied on its own, where the store refuses a gap.
+                        Ok(Message::WalBatch(batch)) if batch.first_lsn == last.0.next() => {
+                            last = (batch.last_lsn(), batch.commit_time, batch.chain_hash);
+                            bytes += batch.entries.iter().map(Entry::payload_len).sum::<usize>();
+                            entries.extend(batch.entries);
+                        }
+                        Ok(other) => {
+                            pending = Some(other);
+                            break;
+                        }
+                        Err(_) => break,
+                    }
+                }
+                let (last_lsn, commit_time, chain_hash) = last;
                 let store = shared.store.clone();
                 let was_consistent = shared.is_consistent();
                 let position = blocking(move || -> Result<Position, StoreError> {
+                    // The chain hash at the group's end covers every entry in it.
                     let applied = store.apply(Batch {
-                        first_lsn: batch.first_lsn,
-                        entries: &batch.entries,
-                        commit_time: batch.commit_time,
+                        first_lsn,
+                        entries: &entries,
+                        commit_time,
                         keep_wal: false,
-                        expected_chain_hash: Some(batch.chain_hash),
+                        expected_chain_hash: Some(chain_hash),
                     })?;
                     store.flush()?;
                     Ok(applied.position)
@@ -255,6 +342,13 @@ where
             }
         }
     }
+}
+
+fn pairs_len(pairs: &[(Vec<u8>, Vec<u8>)]) -> usize {
+    pairs
+        .iter()
+        .map(|(key, value)| key.len() + value.len())
+        .sum()
 }
 
 fn ack(received: Lsn, durable: Lsn) -> MirrorAck {

@@ -376,9 +376,9 @@ async fn send_loop<W: AsyncWrite + Unpin>(
 
 /// Sends the key scan after `after_key`, then `SnapshotDone`; returns the first LSN to stream.
 ///
-/// Chunk n+1 leaves only once the mirror acknowledged chunk n, so a mirror killed
-/// mid-snapshot makes the source send at most one chunk again; the next chunk is scanned
-/// while the previous one is being applied, so the wait costs about one round trip.
+/// At most `snapshot_window_chunks` chunks are unacknowledged at a time: a mirror killed
+/// mid-snapshot makes the source send at most that many chunks again, while a window
+/// larger than one keeps a long link busy instead of idle for a round trip per chunk.
 async fn send_snapshot<W: AsyncWrite + Unpin>(
     writer: &mut FramedWriter<W>,
     shared: &Arc<SourceShared>,
@@ -388,6 +388,7 @@ async fn send_snapshot<W: AsyncWrite + Unpin>(
     mut chunks_acked: watch::Receiver<u64>,
 ) -> Result<Lsn, SessionEnd> {
     let chunk_bytes = shared.config.snapshot_chunk_bytes;
+    let window = shared.config.snapshot_window_chunks.max(1);
     let mut chunks_sent = 0u64;
     // The data's size, measured beside the transfer and sent once known, so the mirror
     // can show progress and an ETA without delaying the first chunk.
@@ -414,7 +415,7 @@ async fn send_snapshot<W: AsyncWrite + Unpin>(
         if let Some((last_key, _)) = chunk.pairs.last() {
             after_key = Some(last_key.clone());
             if chunks_acked
-                .wait_for(|acked| *acked >= chunks_sent)
+                .wait_for(|acked| *acked + window > chunks_sent)
                 .await
                 .is_err()
             {

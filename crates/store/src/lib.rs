@@ -9,12 +9,90 @@
 //! Durability: nothing written is durable until [`Store::flush`] returns. Callers batch
 //! (group commit) and flush once per batch before acknowledging anything.
 
+pub mod kv;
 mod record;
-mod sled_store;
+mod redb_engine;
+mod sled_engine;
 pub mod testing;
 
+pub use kv::{KvStore, SNAPSHOTS_STARTED};
 pub use record::{SlotRecord, SnapshotProgress, SnapshotRef, SyncState, WalRecord};
-pub use sled_store::{SledStore, SNAPSHOTS_STARTED};
+pub use redb_engine::RedbEngine;
+pub use sled_engine::SledEngine;
+
+/// The store on sled.
+pub type SledStore = KvStore<SledEngine>;
+/// The store on redb.
+pub type RedbStore = KvStore<RedbEngine>;
+
+/// The engines a store can run on. Both pass the same conformance and crash suite;
+/// docs/PERFORMANCE.md compares them and says why redb is the default.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EngineKind {
+    /// redb: a copy-on-write B-tree in one file (the default).
+    Redb,
+    /// sled: a log-structured B-tree.
+    Sled,
+}
+
+impl EngineKind {
+    /// The engine of new stores.
+    pub const DEFAULT: EngineKind = EngineKind::Redb;
+
+    /// The engine's name, as `--engine` takes it.
+    pub fn name(self) -> &'static str {
+        match self {
+            EngineKind::Redb => "redb",
+            EngineKind::Sled => "sled",
+        }
+    }
+
+    /// The engine whose files are in `dir`, if any are.
+    pub fn detect(dir: &std::path::Path) -> Option<EngineKind> {
+        if dir.join(redb_engine::FILE_NAME).exists() {
+            Some(EngineKind::Redb)
+        } else if dir.join("conf").exists() && dir.join("db").exists() {
+            Some(EngineKind::Sled)
+        } else {
+            None
+        }
+    }
+}
+
+impl std::fmt::Display for EngineKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// An engine name that is not one of [`EngineKind`]'s.
+#[derive(Debug, thiserror::Error)]
+#[error("unknown storage engine {0:?} (known: redb, sled)")]
+pub struct UnknownEngine(String);
+
+impl std::str::FromStr for EngineKind {
+    type Err = UnknownEngine;
+
+    fn from_str(name: &str) -> Result<Self, Self::Err> {
+        match name {
+            "redb" => Ok(EngineKind::Redb),
+            "sled" => Ok(EngineKind::Sled),
+            other => Err(UnknownEngine(other.to_owned())),
+        }
+    }
+}
+
+/// Opens the store in `dir`: on the engine whose files are already there (a data directory
+/// keeps the engine it was made with), otherwise on `engine`.
+pub fn open_store(
+    dir: &std::path::Path,
+    engine: EngineKind,
+) -> Result<std::sync::Arc<dyn Store>, StoreError> {
+    Ok(match EngineKind::detect(dir).unwrap_or(engine) {
+        EngineKind::Redb => std::sync::Arc::new(RedbStore::open(dir)?),
+        EngineKind::Sled => std::sync::Arc::new(SledStore::open(dir)?),
+    })
+}
 
 use xmirror_proto::{ChainHash, Entry, Lsn, Name, SnapshotId, StateDigest, UnixMillis};
 

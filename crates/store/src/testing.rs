@@ -6,15 +6,16 @@ use std::path::Path;
 
 use xmirror_proto::{Entry, Lsn};
 
-use crate::{SledStore, Store, StoreError};
+use crate::{RedbStore, SledStore, Store, StoreError};
 
 /// Every engine the conformance suite runs against, by name.
-pub const ENGINES: &[&str] = &["sled"];
+pub const ENGINES: &[&str] = &["sled", "redb"];
 
 /// Opens the engine called `engine` at `path`.
 pub fn open_engine(engine: &str, path: &Path) -> Result<Box<dyn Store>, StoreError> {
     match engine {
         "sled" => Ok(Box::new(SledStore::open(path)?)),
+        "redb" => Ok(Box::new(RedbStore::open(path)?)),
         other => panic!("no engine called {other:?}; known: {ENGINES:?}"),
     }
 }

@@ -660,4 +660,4 @@ macro_rules! conformance {
     };
 }
 
-conformance!(sled);
+conformance!(sled, redb);

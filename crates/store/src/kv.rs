@@ -1,8 +1,10 @@
-//! The sled engine behind [`Store`].
+//! The store's logic over any ordered key-value engine: [`KvStore`] implements [`Store`]
+//! on an [`Engine`] that only needs atomic multi-key writes, point reads, ordered range
+//! reads and a flush. The engines (`sled_engine`, `redb_engine`) stay thin, so the
+//! conformance suite tests one piece of logic on each.
 //!
-//! Everything lives in sled's default tree under one-byte prefixes, so that one
-//! `apply_batch` (atomic and, after `flush`, durable as a whole) covers data, WAL and
-//! metadata together:
+//! Everything lives in one keyspace under one-byte prefixes, so that one atomic write
+//! (durable as a whole after `flush`) covers data, WAL and metadata together:
 //!
 //! | prefix | key | value |
 //! | --- | --- | --- |
@@ -11,6 +13,7 @@
 //! | `m` | metadata name | position, WAL base, sync state, counters |
 //! | `s` | mirror name | [`SlotRecord`] |
 
+use std::borrow::Cow;
 use std::ops::Bound;
 use std::path::Path;
 use std::sync::{Mutex, MutexGuard, PoisonError};
@@ -20,8 +23,7 @@ use xmirror_proto::{ChainHash, Entry, Lsn, Name, SnapshotId, StateDigest};
 
 use crate::record::{RecordReader, RecordWriter, SnapshotProgress, SyncState};
 use crate::{
-    Applied, Batch, EngineError, Position, ScanChunk, SlotRecord, Store, StoreError, WalBounds,
-    WalRecord,
+    Applied, Batch, Position, ScanChunk, SlotRecord, Store, StoreError, WalBounds, WalRecord,
 };
 
 const DATA: u8 = b'd';
@@ -39,9 +41,61 @@ pub const SNAPSHOTS_STARTED: &str = "snapshots_started";
 /// while keeping the number of batches small.
 const REMOVE_CHUNK: usize = 10_000;
 
-/// A [`Store`] on sled.
-pub struct SledStore {
-    db: sled::Db,
+/// What [`KvStore`] needs from an engine. Keys and values are bytes; order is byte order.
+pub trait Engine: Send + Sync + Sized + 'static {
+    /// Opens (creating if needed) the engine's files in directory `path`; fails with
+    /// [`StoreError::Locked`] if another process has them open.
+    fn open(path: &Path) -> Result<Self, StoreError>;
+
+    /// A key's value.
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError>;
+
+    /// Applies every write in `writes` atomically: all or none, even across a crash. Not
+    /// durable until [`flush`](Engine::flush).
+    fn write(&self, writes: Writes<'_>) -> Result<(), StoreError>;
+
+    /// Makes every write so far durable.
+    fn flush(&self) -> Result<(), StoreError>;
+
+    /// Calls `visit` with each pair in `range`, in key order, until it returns `false`.
+    /// The pairs come from one consistent view of the data.
+    fn for_each(&self, range: &KeyRange, visit: &mut Visitor<'_>) -> Result<(), StoreError>;
+}
+
+/// Called with each key and value of a range; returns whether to go on.
+pub type Visitor<'v> = dyn FnMut(&[u8], &[u8]) -> Result<bool, StoreError> + 'v;
+
+/// One write: a key and its new value, or `None` to remove it.
+pub type Write<'a> = (Vec<u8>, Option<Cow<'a, [u8]>>);
+
+/// A range of engine keys.
+pub type KeyRange = (Bound<Vec<u8>>, Bound<Vec<u8>>);
+
+/// Writes to apply atomically: each key set to a value or removed. Values may be borrowed
+/// from the caller's entries, so a batch costs no copy an engine does not make itself.
+#[derive(Default)]
+pub struct Writes<'a> {
+    ops: Vec<Write<'a>>,
+}
+
+impl<'a> Writes<'a> {
+    fn put(&mut self, key: impl Into<Vec<u8>>, value: impl Into<Cow<'a, [u8]>>) {
+        self.ops.push((key.into(), Some(value.into())));
+    }
+
+    fn delete(&mut self, key: impl Into<Vec<u8>>) {
+        self.ops.push((key.into(), None));
+    }
+
+    /// The writes in order.
+    pub fn into_ops(self) -> impl Iterator<Item = Write<'a>> {
+        self.ops.into_iter()
+    }
+}
+
+/// A [`Store`] on an [`Engine`].
+pub struct KvStore<E> {
+    engine: E,
     /// The write lock and the cached metadata it guards. Writers hold it for the whole
     /// read-modify-write of a batch; `digest` holds it so no write lands mid-scan; and the
     /// snapshot's `end_lsn` is read through it, so it is never below an LSN the scan saw.
@@ -53,23 +107,6 @@ struct CachedMeta {
     /// The position just below the oldest retained WAL entry.
     wal_base: Position,
     sync: SyncState,
-}
-
-impl From<sled::Error> for EngineError {
-    fn from(error: sled::Error) -> Self {
-        const ENOSPC: i32 = 28;
-        // sled rebuilds I/O errors when it re-reports a stored failure, keeping only the
-        // kind: check both.
-        let disk_full = matches!(&error, sled::Error::Io(io)
-            if io.raw_os_error() == Some(ENOSPC) || io.kind() == std::io::ErrorKind::StorageFull);
-        EngineError::new(error, disk_full)
-    }
-}
-
-impl From<sled::Error> for StoreError {
-    fn from(error: sled::Error) -> Self {
-        StoreError::Engine(error.into())
-    }
 }
 
 fn data_key(key: &[u8]) -> Vec<u8> {
@@ -120,46 +157,32 @@ fn decode_position(record: &'static str, value: &[u8]) -> Result<Position, Store
 }
 
 /// Every key with `prefix`, in order.
-fn prefix_range(prefix: u8) -> (Bound<Vec<u8>>, Bound<Vec<u8>>) {
+fn prefix_range(prefix: u8) -> KeyRange {
     (
         Bound::Included(vec![prefix]),
         Bound::Excluded(vec![prefix + 1]),
     )
 }
 
-impl SledStore {
+impl<E: Engine> KvStore<E> {
     /// Opens (creating if needed) the store in directory `path`. Fails if another process
     /// has it open: one applier per store.
-    pub fn open(path: impl AsRef<Path>) -> Result<SledStore, StoreError> {
-        let path = path.as_ref();
-        let db = sled::Config::new()
-            .path(path)
-            .open()
-            .map_err(|error| match error {
-                // sled reports a held directory lock as an I/O error of kind Other whose
-                // text is all that tells it apart.
-                sled::Error::Io(io) if io.to_string().contains("could not acquire lock") => {
-                    StoreError::Locked(path.to_owned())
-                }
-                other => StoreError::Open {
-                    path: path.to_owned(),
-                    source: other.into(),
-                },
-            })?;
+    pub fn open(path: impl AsRef<Path>) -> Result<KvStore<E>, StoreError> {
+        let engine = E::open(path.as_ref())?;
         let read_position = |name, default| -> Result<Position, StoreError> {
-            match db.get(meta_key(name))? {
+            match engine.get(&meta_key(name))? {
                 Some(value) => decode_position("position", &value),
                 None => Ok(default),
             }
         };
         let position = read_position(META_POSITION, Position::GENESIS)?;
         let wal_base = read_position(META_WAL_BASE, Position::GENESIS)?;
-        let sync = match db.get(meta_key(META_SYNC))? {
+        let sync = match engine.get(&meta_key(META_SYNC))? {
             Some(value) => SyncState::decode(&value)?,
             None => SyncState::Fresh,
         };
-        Ok(SledStore {
-            db,
+        Ok(KvStore {
+            engine,
             state: Mutex::new(CachedMeta {
                 position,
                 wal_base,
@@ -168,12 +191,17 @@ impl SledStore {
         })
     }
 
+    fn insert(&self, key: Vec<u8>, value: Vec<u8>) -> Result<(), StoreError> {
+        let mut writes = Writes::default();
+        writes.put(key, value);
+        self.engine.write(writes)
+    }
+
     fn write_counter(&self, name: &str, value: u64) -> Result<(), StoreError> {
-        self.db.insert(
+        self.insert(
             meta_key(&format!("counter/{name}")),
             RecordWriter::default().u64(value).finish(),
-        )?;
-        Ok(())
+        )
     }
 
     fn lock(&self) -> MutexGuard<'_, CachedMeta> {
@@ -186,25 +214,24 @@ impl SledStore {
     /// batch (for example the metadata that says how far the removal got).
     fn remove_range(
         &self,
-        range: (Bound<Vec<u8>>, Bound<Vec<u8>>),
-        mut finish: impl FnMut(&[u8], &mut sled::Batch) -> Result<(), StoreError>,
+        range: KeyRange,
+        mut finish: impl FnMut(&[u8], &mut Writes<'_>) -> Result<(), StoreError>,
     ) -> Result<(), StoreError> {
         loop {
-            let keys = self
-                .db
-                .range(range.clone())
-                .keys()
-                .take(REMOVE_CHUNK)
-                .collect::<Result<Vec<_>, _>>()?;
-            let Some(last) = keys.last() else {
+            let mut keys = Vec::new();
+            self.engine.for_each(&range, &mut |key, _| {
+                keys.push(key.to_vec());
+                Ok(keys.len() < REMOVE_CHUNK)
+            })?;
+            let Some(last) = keys.last().cloned() else {
                 return Ok(());
             };
-            let mut batch = sled::Batch::default();
-            for key in &keys {
-                batch.remove(key.as_ref());
+            let mut writes = Writes::default();
+            for key in keys {
+                writes.delete(key);
             }
-            finish(last, &mut batch)?;
-            self.db.apply_batch(batch)?;
+            finish(&last, &mut writes)?;
+            self.engine.write(writes)?;
         }
     }
 }
@@ -228,7 +255,7 @@ fn receiving(sync: &SyncState, snapshot_id: SnapshotId) -> Result<SnapshotProgre
     }
 }
 
-impl Store for SledStore {
+impl<E: Engine> Store for KvStore<E> {
     fn position(&self) -> Position {
         self.lock().position
     }
@@ -258,19 +285,19 @@ impl Store for SledStore {
             });
         }
 
-        let mut writes = sled::Batch::default();
+        let mut writes = Writes::default();
         let mut chain_hash = state.position.chain_hash;
         let mut lsn = applied;
         for entry in new_entries {
             lsn = lsn.next();
             chain_hash = chain_hash.next(lsn, entry);
             match entry {
-                Entry::Put { key, value } => writes.insert(data_key(key), value.as_slice()),
-                Entry::Delete { key } => writes.remove(data_key(key)),
+                Entry::Put { key, value } => writes.put(data_key(key), value.as_slice()),
+                Entry::Delete { key } => writes.delete(data_key(key)),
             }
             if batch.keep_wal {
-                writes.insert(
-                    &wal_key(lsn),
+                writes.put(
+                    wal_key(lsn),
                     WalRecord::encode_value(entry, &chain_hash, batch.commit_time),
                 );
             }
@@ -285,22 +312,22 @@ impl Store for SledStore {
             }
         }
         let position = Position { lsn, chain_hash };
-        writes.insert(meta_key(META_POSITION), encode_position(&position));
+        writes.put(meta_key(META_POSITION), encode_position(&position));
         let wal_base = if batch.keep_wal {
             state.wal_base
         } else {
             // Without a WAL the store can only prove its latest position.
-            writes.insert(meta_key(META_WAL_BASE), encode_position(&position));
+            writes.put(meta_key(META_WAL_BASE), encode_position(&position));
             position
         };
         let sync = match state.sync {
             SyncState::Replaying { end_lsn } if lsn >= end_lsn => {
-                writes.insert(meta_key(META_SYNC), SyncState::Consistent.encode());
+                writes.put(meta_key(META_SYNC), SyncState::Consistent.encode());
                 SyncState::Consistent
             }
             ref other => other.clone(),
         };
-        self.db.apply_batch(writes)?;
+        self.engine.write(writes)?;
         state.position = position;
         state.wal_base = wal_base;
         state.sync = sync;
@@ -311,40 +338,41 @@ impl Store for SledStore {
     }
 
     fn flush(&self) -> Result<(), StoreError> {
-        self.db.flush()?;
-        Ok(())
+        self.engine.flush()
     }
 
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        Ok(self.db.get(data_key(key))?.map(|value| value.to_vec()))
+        self.engine.get(&data_key(key))
     }
 
     fn digest(&self) -> Result<(Lsn, StateDigest), StoreError> {
         let state = self.lock();
         let mut digester = StateDigester::new();
-        for pair in self.db.range(prefix_range(DATA)) {
-            let (key, value) = pair?;
-            digester.update(&key[1..], &value);
-        }
+        self.engine
+            .for_each(&prefix_range(DATA), &mut |key, value| {
+                digester.update(&key[1..], value);
+                Ok(true)
+            })?;
         Ok((state.position.lsn, digester.finish()))
     }
 
     fn key_count(&self) -> Result<u64, StoreError> {
         let mut count = 0;
-        for key in self.db.range(prefix_range(DATA)).keys() {
-            key?;
+        self.engine.for_each(&prefix_range(DATA), &mut |_, _| {
             count += 1;
-        }
+            Ok(true)
+        })?;
         Ok(count)
     }
 
     fn data_size(&self) -> Result<(u64, u64), StoreError> {
         let (mut keys, mut bytes) = (0u64, 0u64);
-        for pair in self.db.range(prefix_range(DATA)) {
-            let (key, value) = pair?;
-            keys += 1;
-            bytes += (key.len() - 1 + value.len()) as u64;
-        }
+        self.engine
+            .for_each(&prefix_range(DATA), &mut |key, value| {
+                keys += 1;
+                bytes += (key.len() - 1 + value.len()) as u64;
+                Ok(true)
+            })?;
         Ok((keys, bytes))
     }
 
@@ -368,12 +396,11 @@ impl Store for SledStore {
             Bound::Included(wal_key(from).to_vec()),
             Bound::Excluded(vec![WAL + 1]),
         );
-        for pair in self.db.range(range) {
+        self.engine.for_each(&range, &mut |key, value| {
             if records.len() >= max_entries || (bytes >= max_bytes && !records.is_empty()) {
-                break;
+                return Ok(false);
             }
-            let (key, value) = pair?;
-            let record = WalRecord::decode(wal_lsn(&key)?, &value)?;
+            let record = WalRecord::decode(wal_lsn(key)?, value)?;
             let expected = from.advance(records.len() as u64);
             if record.lsn != expected {
                 return Err(StoreError::WalTruncated {
@@ -383,7 +410,8 @@ impl Store for SledStore {
             }
             bytes += record.entry.payload_len();
             records.push(record);
-        }
+            Ok(true)
+        })?;
         if records.is_empty() && from <= self.position().lsn {
             return Err(StoreError::WalTruncated {
                 requested: from,
@@ -407,7 +435,7 @@ impl Store for SledStore {
         if lsn < wal_base.lsn || lsn > position.lsn {
             return Ok(None);
         }
-        match self.db.get(wal_key(lsn))? {
+        match self.engine.get(&wal_key(lsn))? {
             Some(value) => Ok(Some(WalRecord::decode(lsn, &value)?.chain_hash)),
             // Truncated between reading the bounds and the record.
             None => Ok(None),
@@ -424,15 +452,18 @@ impl Store for SledStore {
         let mut new_base = None;
         self.remove_range(range, |last_key, batch| {
             let lsn = wal_lsn(last_key)?;
-            let value = self.db.get(last_key)?.ok_or_else(|| StoreError::Corrupt {
-                record: "WAL",
-                detail: format!("entry {lsn} vanished during truncation"),
-            })?;
+            let value = self
+                .engine
+                .get(last_key)?
+                .ok_or_else(|| StoreError::Corrupt {
+                    record: "WAL",
+                    detail: format!("entry {lsn} vanished during truncation"),
+                })?;
             let base = Position {
                 lsn,
                 chain_hash: WalRecord::decode(lsn, &value)?.chain_hash,
             };
-            batch.insert(meta_key(META_WAL_BASE), encode_position(&base));
+            batch.put(meta_key(META_WAL_BASE), encode_position(&base));
             new_base = Some(base);
             Ok(())
         })?;
@@ -452,15 +483,18 @@ impl Store for SledStore {
         };
         let mut chunk = ScanChunk::default();
         let mut bytes = 0;
-        for pair in self.db.range((start, Bound::Excluded(vec![DATA + 1]))) {
-            if bytes >= max_bytes && !chunk.pairs.is_empty() {
-                chunk.more = true;
-                break;
-            }
-            let (key, value) = pair?;
-            bytes += key.len() - 1 + value.len();
-            chunk.pairs.push((key[1..].to_vec(), value.to_vec()));
-        }
+        self.engine.for_each(
+            &(start, Bound::Excluded(vec![DATA + 1])),
+            &mut |key, value| {
+                if bytes >= max_bytes && !chunk.pairs.is_empty() {
+                    chunk.more = true;
+                    return Ok(false);
+                }
+                bytes += key.len() - 1 + value.len();
+                chunk.pairs.push((key[1..].to_vec(), value.to_vec()));
+                Ok(true)
+            },
+        )?;
         Ok(chunk)
     }
 
@@ -475,22 +509,22 @@ impl Store for SledStore {
         // First mark the store as mid-snapshot, so that a crash while clearing is followed
         // by another clear, never by streaming onto half-deleted data. A new snapshot is
         // counted in the same batch, so the count is exact across crashes.
-        let mut mark = sled::Batch::default();
+        let mut mark = Writes::default();
         let already_begun = matches!(&state.sync, SyncState::Scanning(current) if current.snapshot_id == snapshot_id);
         if !already_begun {
             let started = self.counter(SNAPSHOTS_STARTED)?.saturating_add(1);
-            mark.insert(
+            mark.put(
                 meta_key(&format!("counter/{SNAPSHOTS_STARTED}")),
                 RecordWriter::default().u64(started).finish(),
             );
         }
-        mark.insert(
+        mark.put(
             meta_key(META_SYNC),
             SyncState::Scanning(progress.clone()).encode(),
         );
-        mark.insert(meta_key(META_POSITION), encode_position(&base));
-        mark.insert(meta_key(META_WAL_BASE), encode_position(&base));
-        self.db.apply_batch(mark)?;
+        mark.put(meta_key(META_POSITION), encode_position(&base));
+        mark.put(meta_key(META_WAL_BASE), encode_position(&base));
+        self.engine.write(mark)?;
         state.sync = SyncState::Scanning(progress.clone());
         state.position = base;
         state.wal_base = base;
@@ -499,7 +533,7 @@ impl Store for SledStore {
         self.remove_range(prefix_range(WAL), |_, _| Ok(()))?;
         progress.cleared = true;
         let cleared = SyncState::Scanning(progress);
-        self.db.insert(meta_key(META_SYNC), cleared.encode())?;
+        self.insert(meta_key(META_SYNC), cleared.encode())?;
         state.sync = cleared;
         Ok(())
     }
@@ -515,18 +549,18 @@ impl Store for SledStore {
             return Ok(());
         };
         let mut previous = progress.after_key.as_deref();
-        let mut writes = sled::Batch::default();
+        let mut writes = Writes::default();
         for (key, value) in pairs {
             if previous.is_some_and(|previous| key.as_slice() <= previous) {
                 return Err(StoreError::SnapshotOutOfOrder);
             }
-            writes.insert(data_key(key), value.as_slice());
+            writes.put(data_key(key), value.as_slice());
             previous = Some(key);
         }
         progress.after_key = Some(last_key.clone());
         let scanning = SyncState::Scanning(progress);
-        writes.insert(meta_key(META_SYNC), scanning.encode());
-        self.db.apply_batch(writes)?;
+        writes.put(meta_key(META_SYNC), scanning.encode());
+        self.engine.write(writes)?;
         state.sync = scanning;
         Ok(())
     }
@@ -543,7 +577,7 @@ impl Store for SledStore {
         } else {
             SyncState::Replaying { end_lsn }
         };
-        self.db.insert(meta_key(META_SYNC), next.encode())?;
+        self.insert(meta_key(META_SYNC), next.encode())?;
         state.sync = next;
         Ok(())
     }
@@ -553,25 +587,27 @@ impl Store for SledStore {
     }
 
     fn slots(&self) -> Result<Vec<SlotRecord>, StoreError> {
-        self.db
-            .range(prefix_range(SLOTS))
-            .values()
-            .map(|value| SlotRecord::decode(&value?))
-            .collect()
+        let mut slots = Vec::new();
+        self.engine
+            .for_each(&prefix_range(SLOTS), &mut |_, value| {
+                slots.push(SlotRecord::decode(value)?);
+                Ok(true)
+            })?;
+        Ok(slots)
     }
 
     fn put_slot(&self, slot: &SlotRecord) -> Result<(), StoreError> {
-        self.db.insert(slot_key(&slot.name), slot.encode())?;
-        Ok(())
+        self.insert(slot_key(&slot.name), slot.encode())
     }
 
     fn remove_slot(&self, name: &Name) -> Result<(), StoreError> {
-        self.db.remove(slot_key(name))?;
-        Ok(())
+        let mut writes = Writes::default();
+        writes.delete(slot_key(name));
+        self.engine.write(writes)
     }
 
     fn counter(&self, name: &str) -> Result<u64, StoreError> {
-        match self.db.get(meta_key(&format!("counter/{name}")))? {
+        match self.engine.get(&meta_key(&format!("counter/{name}")))? {
             Some(value) => {
                 let mut reader = RecordReader::new("counter", &value);
                 let count = reader.u64()?;
@@ -592,29 +628,5 @@ impl Store for SledStore {
     fn set_counter(&self, name: &str, value: u64) -> Result<(), StoreError> {
         let _writer = self.lock();
         self.write_counter(name, value)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_full_disk_is_recognised() {
-        let full = sled::Error::Io(std::io::Error::from_raw_os_error(28));
-        assert!(EngineError::from(full).is_disk_full());
-        let rebuilt = sled::Error::Io(std::io::Error::new(
-            std::io::ErrorKind::StorageFull,
-            "Os { code: 28 }",
-        ));
-        assert!(EngineError::from(rebuilt).is_disk_full());
-        let other = sled::Error::Io(std::io::Error::from_raw_os_error(5));
-        assert!(!EngineError::from(other).is_disk_full());
-        let StoreError::Engine(engine) =
-            StoreError::from(sled::Error::Io(std::io::Error::from_raw_os_error(28)))
-        else {
-            panic!("an engine error")
-        };
-        assert!(engine.is_disk_full());
     }
 }

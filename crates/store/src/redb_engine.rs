@@ -1,0 +1,133 @@
+//! The redb engine: one table in `xmirror.redb` inside the data directory; one write
+//! transaction per write, committed without fsync, and an empty fsynced commit per flush.
+//!
+//! redb persists a non-durable commit with the next durable one, and after a crash opens
+//! at the last durable commit: exactly [`Store`](crate::Store)'s contract of "nothing is
+//! durable until flush, and what was flushed survives".
+
+use std::ops::Bound;
+use std::path::Path;
+
+use redb::{Database, Durability, ReadableDatabase, TableDefinition};
+
+use crate::kv::{Engine, KeyRange, Visitor, Writes};
+use crate::{EngineError, StoreError};
+
+/// The file inside the data directory.
+pub const FILE_NAME: &str = "xmirror.redb";
+
+const TABLE: TableDefinition<&[u8], &[u8]> = TableDefinition::new("xmirror");
+
+/// redb under [`KvStore`](crate::kv::KvStore).
+pub struct RedbEngine {
+    db: Database,
+}
+
+fn engine_error(error: impl Into<redb::Error>) -> StoreError {
+    const ENOSPC: i32 = 28;
+    let error: redb::Error = error.into();
+    let disk_full = matches!(&error, redb::Error::Io(io)
+        if io.raw_os_error() == Some(ENOSPC) || io.kind() == std::io::ErrorKind::StorageFull);
+    StoreError::Engine(EngineError::new(error, disk_full))
+}
+
+fn bound(bound: &Bound<Vec<u8>>) -> Bound<&[u8]> {
+    match bound {
+        Bound::Included(key) => Bound::Included(key.as_slice()),
+        Bound::Excluded(key) => Bound::Excluded(key.as_slice()),
+        Bound::Unbounded => Bound::Unbounded,
+    }
+}
+
+impl RedbEngine {
+    fn commit(&self, durability: Durability, writes: Writes<'_>) -> Result<(), StoreError> {
+        let mut transaction = self.db.begin_write().map_err(engine_error)?;
+        transaction
+            .set_durability(durability)
+            .map_err(|error| engine_error(redb::Error::from(error)))?;
+        {
+            let mut table = transaction.open_table(TABLE).map_err(engine_error)?;
+            for (key, value) in writes.into_ops() {
+                match value {
+                    Some(value) => table.insert(key.as_slice(), value.as_ref()),
+                    None => table.remove(key.as_slice()),
+                }
+                .map_err(engine_error)?;
+            }
+        }
+        transaction.commit().map_err(engine_error)
+    }
+}
+
+impl Engine for RedbEngine {
+    fn open(path: &Path) -> Result<Self, StoreError> {
+        let open_error = |source| StoreError::Open {
+            path: path.to_owned(),
+            source,
+        };
+        std::fs::create_dir_all(path)
+            .map_err(|error| open_error(EngineError::new(error, false)))?;
+        let db = Database::create(path.join(FILE_NAME)).map_err(|error| match error {
+            redb::DatabaseError::DatabaseAlreadyOpen => StoreError::Locked(path.to_owned()),
+            other => match engine_error(other) {
+                StoreError::Engine(engine) => open_error(engine),
+                other => other,
+            },
+        })?;
+        let engine = RedbEngine { db };
+        // Create the table durably, so that reads never find it missing.
+        engine.commit(Durability::Immediate, Writes::default())?;
+        Ok(engine)
+    }
+
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        let transaction = self.db.begin_read().map_err(engine_error)?;
+        let table = transaction.open_table(TABLE).map_err(engine_error)?;
+        let value = table.get(key).map_err(engine_error)?;
+        Ok(value.map(|value| value.value().to_vec()))
+    }
+
+    fn write(&self, writes: Writes<'_>) -> Result<(), StoreError> {
+        self.commit(Durability::None, writes)
+    }
+
+    fn flush(&self) -> Result<(), StoreError> {
+        self.commit(Durability::Immediate, Writes::default())
+    }
+
+    fn for_each(&self, range: &KeyRange, visit: &mut Visitor<'_>) -> Result<(), StoreError> {
+        let transaction = self.db.begin_read().map_err(engine_error)?;
+        let table = transaction.open_table(TABLE).map_err(engine_error)?;
+        let pairs = table
+            .range::<&[u8]>((bound(&range.0), bound(&range.1)))
+            .map_err(engine_error)?;
+        for pair in pairs {
+            let (key, value) = pair.map_err(engine_error)?;
+            if !visit(key.value(), value.value())? {
+                break;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_disk_is_recognised() {
+        let full = engine_error(redb::StorageError::Io(std::io::Error::from_raw_os_error(
+            28,
+        )));
+        let StoreError::Engine(engine) = full else {
+            panic!("an engine error")
+        };
+        assert!(engine.is_disk_full());
+        let other = engine_error(redb::StorageError::Io(std::io::Error::from_raw_os_error(5)));
+        let StoreError::Engine(engine) = other else {
+            panic!("an engine error")
+        };
+        assert!(!engine.is_disk_full());
+    }
+}

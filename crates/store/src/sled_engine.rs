@@ -1,0 +1,103 @@
+//! The sled engine: everything in sled's default tree; one `apply_batch` per write.
+
+use std::path::Path;
+
+use crate::kv::{Engine, KeyRange, Visitor, Writes};
+use crate::{EngineError, StoreError};
+
+/// sled under [`KvStore`](crate::kv::KvStore).
+pub struct SledEngine {
+    db: sled::Db,
+}
+
+impl From<sled::Error> for EngineError {
+    fn from(error: sled::Error) -> Self {
+        const ENOSPC: i32 = 28;
+        // sled rebuilds I/O errors when it re-reports a stored failure, keeping only the
+        // kind: check both.
+        let disk_full = matches!(&error, sled::Error::Io(io)
+            if io.raw_os_error() == Some(ENOSPC) || io.kind() == std::io::ErrorKind::StorageFull);
+        EngineError::new(error, disk_full)
+    }
+}
+
+impl From<sled::Error> for StoreError {
+    fn from(error: sled::Error) -> Self {
+        StoreError::Engine(error.into())
+    }
+}
+
+impl Engine for SledEngine {
+    fn open(path: &Path) -> Result<Self, StoreError> {
+        let db = sled::Config::new()
+            .path(path)
+            .open()
+            .map_err(|error| match error {
+                // sled reports a held directory lock as an I/O error of kind Other whose
+                // text is all that tells it apart.
+                sled::Error::Io(io) if io.to_string().contains("could not acquire lock") => {
+                    StoreError::Locked(path.to_owned())
+                }
+                other => StoreError::Open {
+                    path: path.to_owned(),
+                    source: other.into(),
+                },
+            })?;
+        Ok(SledEngine { db })
+    }
+
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.db.get(key)?.map(|value| value.to_vec()))
+    }
+
+    fn write(&self, writes: Writes<'_>) -> Result<(), StoreError> {
+        let mut batch = sled::Batch::default();
+        for (key, value) in writes.into_ops() {
+            match value {
+                Some(value) => batch.insert(key, value.as_ref()),
+                None => batch.remove(key),
+            }
+        }
+        self.db.apply_batch(batch)?;
+        Ok(())
+    }
+
+    fn flush(&self) -> Result<(), StoreError> {
+        self.db.flush()?;
+        Ok(())
+    }
+
+    fn for_each(&self, range: &KeyRange, visit: &mut Visitor<'_>) -> Result<(), StoreError> {
+        for pair in self.db.range(range.clone()) {
+            let (key, value) = pair?;
+            if !visit(&key, &value)? {
+                break;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_disk_is_recognised() {
+        let full = sled::Error::Io(std::io::Error::from_raw_os_error(28));
+        assert!(EngineError::from(full).is_disk_full());
+        let rebuilt = sled::Error::Io(std::io::Error::new(
+            std::io::ErrorKind::StorageFull,
+            "Os { code: 28 }",
+        ));
+        assert!(EngineError::from(rebuilt).is_disk_full());
+        let other = sled::Error::Io(std::io::Error::from_raw_os_error(5));
+        assert!(!EngineError::from(other).is_disk_full());
+        let StoreError::Engine(engine) =
+            StoreError::from(sled::Error::Io(std::io::Error::from_raw_os_error(28)))
+        else {
+            panic!("an engine error")
+        };
+        assert!(engine.is_disk_full());
+    }
+}

@@ -12,6 +12,7 @@
 //! - [`transport`]: the transport ceiling.
 //! - [`load`]: paced writes and per-entry lag.
 //! - [`redis`]: the Redis primary and replica.
+//! - [`sink`]: a mirror that stores nothing, for the source's own fan-out cost.
 //! - [`report`]: results.json and the table.
 
 mod cluster;
@@ -19,6 +20,7 @@ mod dataset;
 mod load;
 mod redis;
 mod report;
+mod sink;
 mod transport;
 
 use std::net::SocketAddr;
@@ -490,6 +492,46 @@ impl Bench {
                 } else {
                     format!("{:.2} (target >= 0.9 at 8)", writes_s / baseline)
                 },
+            );
+        }
+        // The same with sink mirrors: what serving mirrors costs the source itself, without
+        // the mirrors' own storage work competing for this machine's two cores.
+        for sinks in [1usize, 8] {
+            let source = self
+                .start_source(self.cluster.data_dir("source"), Self::default_limits())
+                .await?;
+            let client = self.cluster.client(source.local_addr).await?;
+            client.put(b"seed", b"seed").await?;
+            let position = source.shared().store.position();
+            let mut attached = Vec::new();
+            for index in 0..sinks {
+                attached
+                    .push(sink::attach(&self.cluster, index, source.local_addr, position).await?);
+            }
+            let load = client
+                .write_keys(self.plan.fanout_writes, 100, "fan-")
+                .await?;
+            let writes_s = per_second(load.written as f64, load.elapsed);
+            for sink in &mut attached {
+                tokio::time::timeout(
+                    WAIT_LIMIT,
+                    sink.acked.wait_for(|acked| *acked >= load.last_lsn),
+                )
+                .await
+                .context("a sink mirror did not catch up")??;
+            }
+            drop(attached);
+            source.shutdown().await;
+            let baseline = baseline.unwrap_or(writes_s);
+            self.report.figure(
+                &format!("fanout{sinks}_sink_write_ratio"),
+                writes_s / baseline,
+            );
+            self.report.row(
+                &format!("source writes with {sinks} sink mirrors (ack, store nothing)"),
+                format!("{writes_s:.0} writes/s"),
+                format!("{baseline:.0} writes/s (no mirror)"),
+                format!("{:.2} (the source's own cost)", writes_s / baseline),
             );
         }
         Ok(())

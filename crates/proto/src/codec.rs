@@ -311,3 +311,73 @@ impl DecodeBody for BincodeDecoder<'_> {
         Ok(value)
     }
 }
+
+/// Serde for snapshot pairs: each key and value as one byte string rather than a sequence
+/// of single bytes. bincode writes both the same way (a length, then the bytes), so the
+/// wire format is unchanged; encoding and decoding are many times faster.
+pub(crate) mod byte_pairs {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use serde_bytes::{ByteBuf, Bytes};
+
+    pub fn serialize<S: Serializer>(
+        pairs: &[(Vec<u8>, Vec<u8>)],
+        serializer: S,
+    ) -> Result<S::Ok, S::Error> {
+        serializer.collect_seq(
+            pairs
+                .iter()
+                .map(|(key, value)| (Bytes::new(key), Bytes::new(value))),
+        )
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        deserializer: D,
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, D::Error> {
+        let pairs = Vec::<(ByteBuf, ByteBuf)>::deserialize(deserializer)?;
+        Ok(pairs
+            .into_iter()
+            .map(|(key, value)| (key.into_vec(), value.into_vec()))
+            .collect())
+    }
+}
+
+#[cfg(test)]
+mod wire_format {
+    use crate::message::{Entry, SnapshotChunk, WalBatch};
+    use crate::types::{Lsn, UnixMillis};
+    use crate::{ChainHash, Message, SnapshotId};
+
+    /// Byte strings are encoded as a length and the bytes: these frames were produced
+    /// before keys and values were serialized as byte strings (as sequences of u8), and
+    /// must not change.
+    #[test]
+    fn byte_fields_keep_their_wire_format() {
+        let batch: Message = WalBatch {
+            first_lsn: Lsn(7),
+            entries: vec![
+                Entry::Put {
+                    key: b"ab".to_vec(),
+                    value: b"xyz".to_vec(),
+                },
+                Entry::Delete { key: b"k".to_vec() },
+            ],
+            chain_hash: ChainHash([3; 32]),
+            commit_time: UnixMillis(5),
+        }
+        .into();
+        let mut expected = vec![0, 1, 5, 7, 2, 0, 2, 97, 98, 3, 120, 121, 122, 1, 1, 107];
+        expected.extend([3; 32]);
+        expected.push(5);
+        assert_eq!(super::encode_frame(1, &batch).unwrap().to_vec(), expected);
+        assert_eq!(super::decode_frame(&expected).unwrap(), batch);
+
+        let chunk: Message = SnapshotChunk {
+            snapshot_id: SnapshotId(2),
+            pairs: vec![(b"a".to_vec(), b"bc".to_vec())],
+        }
+        .into();
+        let expected = vec![0, 1, 3, 2, 1, 1, 97, 2, 98, 99];
+        assert_eq!(super::encode_frame(1, &chunk).unwrap().to_vec(), expected);
+        assert_eq!(super::decode_frame(&expected).unwrap(), chunk);
+    }
+}

@@ -17,13 +17,16 @@ pub enum Entry {
     /// Sets `key` to `value`.
     Put {
         /// The key written.
+        #[serde(with = "serde_bytes")]
         key: Vec<u8>,
         /// Its new value.
+        #[serde(with = "serde_bytes")]
         value: Vec<u8>,
     },
     /// Removes `key`; deleting an absent key is allowed and changes nothing but the LSN.
     Delete {
         /// The key removed.
+        #[serde(with = "serde_bytes")]
         key: Vec<u8>,
     },
 }
@@ -72,6 +75,7 @@ pub struct ResumeToken {
     /// The snapshot that was interrupted.
     pub snapshot_id: SnapshotId,
     /// The last key the mirror applied; `None` when no chunk was applied yet.
+    #[serde(with = "serde_bytes")]
     pub after_key: Option<Vec<u8>>,
 }
 
@@ -131,6 +135,7 @@ pub enum Decision {
         /// The snapshot being resumed.
         snapshot_id: SnapshotId,
         /// The scan continues after this key (from the start when `None`).
+        #[serde(with = "serde_bytes")]
         after_key: Option<Vec<u8>>,
         /// The snapshot's base LSN, unchanged from when it started.
         base_lsn: Lsn,
@@ -209,6 +214,7 @@ pub struct SnapshotChunk {
     /// The snapshot the chunk belongs to.
     pub snapshot_id: SnapshotId,
     /// Pairs in ascending key order, all after the previous chunk's last key.
+    #[serde(with = "crate::codec::byte_pairs")]
     pub pairs: Vec<(Vec<u8>, Vec<u8>)>,
 }
 
@@ -288,8 +294,10 @@ pub struct Heartbeat {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PutRequest {
     /// The key.
+    #[serde(with = "serde_bytes")]
     pub key: Vec<u8>,
     /// The value.
+    #[serde(with = "serde_bytes")]
     pub value: Vec<u8>,
 }
 
@@ -297,6 +305,7 @@ pub struct PutRequest {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeleteRequest {
     /// The key.
+    #[serde(with = "serde_bytes")]
     pub key: Vec<u8>,
 }
 
@@ -304,6 +313,7 @@ pub struct DeleteRequest {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GetRequest {
     /// The key.
+    #[serde(with = "serde_bytes")]
     pub key: Vec<u8>,
 }
 
@@ -326,6 +336,7 @@ pub struct WriteReply {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GetReply {
     /// The value, or `None` when the key is absent.
+    #[serde(with = "serde_bytes")]
     pub value: Option<Vec<u8>>,
     /// The node's applied LSN when it read.
     pub lsn: Lsn,

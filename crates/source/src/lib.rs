@@ -226,8 +226,12 @@ impl SourceNode {
             b"source shutting down",
         );
         self.tasks.shutdown().await;
-        let store = self.shared.store.clone();
-        let _ = tokio::task::spawn_blocking(move || store.flush()).await;
+        let shared = self.shared.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            shared.slots.persist_acknowledged()?;
+            shared.store.flush()
+        })
+        .await;
         self.endpoint.wait_idle().await;
     }
 }
@@ -351,6 +355,7 @@ async fn retention_loop(shared: Arc<SourceShared>) {
                 .admission
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner);
+            shared.slots.persist_acknowledged()?;
             shared
                 .slots
                 .enforce_retention(shared.config.max_wal_entries)

@@ -307,12 +307,7 @@ async fn acknowledge_loop<R: AsyncRead + Unpin>(
                         ),
                     ));
                 }
-                let store_slots = shared.clone();
-                let name = mirror.clone();
-                let still_owner =
-                    blocking(move || store_slots.slots.acknowledge(&name, session, ack.durable))
-                        .await?;
-                if !still_owner {
+                if !shared.slots.acknowledge(&mirror, session, ack.durable) {
                     return Ok(());
                 }
                 acks.lsn.send_replace(ack.durable);

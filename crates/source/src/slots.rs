@@ -64,6 +64,9 @@ struct Session {
 struct Slot {
     record: SlotRecord,
     session: Option<Session>,
+    /// The record changed since it was last written: acks only update memory, and
+    /// [`Slots::persist_acknowledged`] writes them in one go.
+    dirty: bool,
 }
 
 /// Every slot, persisted in the store, with its live session if any.
@@ -97,6 +100,7 @@ impl Slots {
                     Slot {
                         record,
                         session: None,
+                        dirty: false,
                     },
                 )
             })
@@ -150,6 +154,7 @@ impl Slots {
                 snapshot: None,
             },
             session: None,
+            dirty: false,
         });
         if let Some(previous) = slot.session.take() {
             tracing::info!(mirror = %name, "a new session replaces the previous one");
@@ -219,10 +224,15 @@ impl Slots {
         });
     }
 
-    /// The mirror acknowledged `durable`: advance the slot. Returns false when the session
-    /// no longer owns the slot.
-    pub fn acknowledge(&self, name: &Name, id: u64, durable: Lsn) -> Result<bool, StoreError> {
-        let record = self.with_session(name, id, |slot| {
+    /// The mirror acknowledged `durable`: advance the slot, in memory. Returns false when
+    /// the session no longer owns the slot.
+    ///
+    /// Not written at once: an ack is the hot path (one per batch per mirror), and a
+    /// persisted acked LSN only ever needs to be low, never high. After a crash the slot is
+    /// as of its last write, so retention keeps more WAL than needed, never less; the
+    /// mirror resumes from its own applied LSN either way.
+    pub fn acknowledge(&self, name: &Name, id: u64, durable: Lsn) -> bool {
+        self.with_session(name, id, |slot| {
             slot.record.acked_lsn = slot.record.acked_lsn.max(durable);
             slot.record.last_seen = now_millis();
             if slot
@@ -233,15 +243,20 @@ impl Slots {
                 // The mirror has the whole scan: nothing is left to resume.
                 slot.record.snapshot = None;
             }
-            slot.record.clone()
-        });
-        match record {
-            Some(record) => {
-                self.store.put_slot(&record)?;
-                Ok(true)
-            }
-            None => Ok(false),
+            slot.dirty = true;
+        })
+        .is_some()
+    }
+
+    /// Writes every slot changed by acks since the last call (the retention loop calls it
+    /// every `retention_interval`, and shutdown once more). Durable with the next flush.
+    pub fn persist_acknowledged(&self) -> Result<(), StoreError> {
+        let mut inner = self.lock();
+        for slot in inner.slots.values_mut().filter(|slot| slot.dirty) {
+            self.store.put_slot(&slot.record)?;
+            slot.dirty = false;
         }
+        Ok(())
     }
 
     /// The session ended.

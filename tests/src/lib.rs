@@ -200,6 +200,21 @@ impl World {
         source: SocketAddr,
         extra: &[&str],
     ) -> Node {
+        let node = self.spawn_mirror_with(listen, mirror, data, source, extra);
+        node.wait_serving(self).await;
+        node
+    }
+
+    /// Starts `xmirror mirror` like [`Self::start_mirror_with`] without waiting for it to
+    /// serve (for a mirror expected to stop at once).
+    pub fn spawn_mirror_with(
+        &self,
+        listen: SocketAddr,
+        mirror: &str,
+        data: &str,
+        source: SocketAddr,
+        extra: &[&str],
+    ) -> Node {
         let data_dir = self.path(data);
         let mut args = mirror_args(
             &data_dir,
@@ -210,9 +225,7 @@ impl World {
             Some(listen),
         );
         args.extend(extra.iter().map(|arg| arg.to_string()));
-        let node = Node::spawn(&format!("mirror-{data}"), self.dir.path(), &args, listen);
-        node.wait_serving(self).await;
-        node
+        Node::spawn(&format!("mirror-{data}"), self.dir.path(), &args, listen)
     }
 
     /// A client connection to `addr` as `app`.

@@ -421,7 +421,8 @@ async fn mirror_disk_full_during_snapshot() {
     app.write_keys(20_000, 2_000, "big-").await.unwrap();
     let listen = free_port();
     let monitor = LsnMonitor::start(&world.certs, listen);
-    let mut mirror = world.start_mirror_on(listen, "m1", "m1", source.addr).await;
+    // It may fill its disk before it ever serves.
+    let mut mirror = world.spawn_mirror_with(listen, "m1", "m1", source.addr, &[]);
     // The engine refuses writes after an I/O failure: the mirror stops with a clear
     // error for its supervisor to restart it.
     let exit = mirror

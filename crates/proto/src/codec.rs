@@ -319,6 +319,9 @@ pub(crate) mod byte_pairs {
     use serde::{Deserialize, Deserializer, Serializer};
     use serde_bytes::{ByteBuf, Bytes};
 
+    /// Key-value pairs.
+    type Pairs = Vec<(Vec<u8>, Vec<u8>)>;
+
     pub fn serialize<S: Serializer>(
         pairs: &[(Vec<u8>, Vec<u8>)],
         serializer: S,
@@ -330,9 +333,7 @@ pub(crate) mod byte_pairs {
         )
     }
 
-    pub fn deserialize<'de, D: Deserializer<'de>>(
-        deserializer: D,
-    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, D::Error> {
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Pairs, D::Error> {
         let pairs = Vec::<(ByteBuf, ByteBuf)>::deserialize(deserializer)?;
         Ok(pairs
             .into_iter()

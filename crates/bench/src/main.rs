@@ -246,6 +246,7 @@ impl Bench {
             let source = self
                 .start_source(source_dir, Self::default_limits())
                 .await?;
+            let cpu_before = load::cpu_seconds();
             let mirror = self
                 .cluster
                 .start_mirror(
@@ -256,6 +257,7 @@ impl Bench {
                 )
                 .await?;
             let elapsed = wait_consistent(&mirror, last, WAIT_LIMIT).await?;
+            let busy = load::cores_busy(cpu_before, elapsed);
             mirror.shutdown().await;
             source.shutdown().await;
 
@@ -285,7 +287,10 @@ impl Bench {
             }
             self.report.row(
                 &format!("snapshot, new mirror to consistent, {}", dataset.describe()),
-                format!("{seconds:.2} s, {mib_s:.1} MiB/s, {keys_s:.0} keys/s"),
+                format!(
+                    "{seconds:.2} s, {mib_s:.1} MiB/s, {keys_s:.0} keys/s, {} cores busy",
+                    busy.map_or("?".into(), |busy| format!("{busy:.1}"))
+                ),
                 ceiling.map_or("(ceilings not measured)".into(), |ceiling| {
                     format!("min(transport, store) {ceiling:.1} MiB/s")
                 }),

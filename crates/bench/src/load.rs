@@ -168,6 +168,25 @@ impl Percentiles {
     }
 }
 
+/// CPU seconds this process has used (user + system), from `/proc/self/stat`; `None`
+/// where that is not readable. Divided by wall time it says how many cores were busy,
+/// which tells a measure bound by this machine's two cores from one bound by waiting.
+pub fn cpu_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // The command name (field 2) may contain spaces; fields after it are plain.
+    let after_name = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the whole line: 11 and 12 after the name.
+    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    // The kernel's USER_HZ is 100 on every Linux this runs on.
+    Some(ticks / 100.0)
+}
+
+/// Cores busy on average between two readings of [`cpu_seconds`] `elapsed` apart.
+pub fn cores_busy(cpu_before: Option<f64>, elapsed: Duration) -> Option<f64> {
+    Some((cpu_seconds()? - cpu_before?) / elapsed.as_secs_f64().max(1e-9))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -218,23 +237,4 @@ mod tests {
         let lags = entry_lags(Lsn(10), &commits, &applied);
         assert_eq!(lags, vec![0.0, 0.0]);
     }
-}
-
-/// CPU seconds this process has used (user + system), from `/proc/self/stat`; `None`
-/// where that is not readable. Divided by wall time it says how many cores were busy,
-/// which tells a measure bound by this machine's two cores from one bound by waiting.
-pub fn cpu_seconds() -> Option<f64> {
-    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
-    // The command name (field 2) may contain spaces; fields after it are plain.
-    let after_name = &stat[stat.rfind(')')? + 2..];
-    let fields: Vec<&str> = after_name.split_whitespace().collect();
-    // utime and stime are fields 14 and 15 of the whole line: 11 and 12 after the name.
-    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
-    // The kernel's USER_HZ is 100 on every Linux this runs on.
-    Some(ticks / 100.0)
-}
-
-/// Cores busy on average between two readings of [`cpu_seconds`] `elapsed` apart.
-pub fn cores_busy(cpu_before: Option<f64>, elapsed: Duration) -> Option<f64> {
-    Some((cpu_seconds()? - cpu_before?) / elapsed.as_secs_f64().max(1e-9))
 }

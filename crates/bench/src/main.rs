@@ -327,12 +327,17 @@ impl Bench {
         tokio::time::timeout(WAIT_LIMIT, announced.wait_for(|lsn| *lsn >= last))
             .await
             .context("the mirror did not catch up")??;
-        let lags = entry_lags(start, &commits.finish().await, &applied.finish().await);
+        let (commits, applied) = (commits.finish().await, applied.finish().await);
+        let lags = entry_lags(start, &commits, &applied);
         ensure!(
             lags.len() as u64 == last.0 - start.0,
-            "lag measured for {} of {} entries",
+            "lag measured for {} of {} entries (from {start} to {last}; commits seen {:?}..{:?}, applies seen {:?}..{:?})",
             lags.len(),
-            last.0 - start.0
+            last.0 - start.0,
+            commits.first().map(|(lsn, _)| lsn),
+            commits.last().map(|(lsn, _)| lsn),
+            applied.first().map(|(lsn, _)| lsn),
+            applied.last().map(|(lsn, _)| lsn),
         );
         Ok(Percentiles::of(lags))
     }

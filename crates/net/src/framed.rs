@@ -108,6 +108,12 @@ impl<W: AsyncWrite + Unpin> FramedWriter<W> {
         self.inner.send(message.into()).await
     }
 
+    /// Writes a message shared with other writers (encoded from the reference) and
+    /// flushes it.
+    pub async fn send_shared(&mut self, message: &Message) -> Result<(), FrameError> {
+        self.inner.send(message).await
+    }
+
     /// Buffers `message` without flushing (follow with [`flush`](Self::flush)).
     pub async fn feed(&mut self, message: impl Into<Message>) -> Result<(), FrameError> {
         self.inner.feed(message.into()).await

@@ -31,7 +31,7 @@ use xmirror_tls::{peer_identity, NodeTls, ALPN_CLIENT, ALPN_MIRROR};
 
 use crate::service::SourceService;
 use crate::slots::Slots;
-use crate::writer::{Committed, Writer};
+use crate::writer::{BatchLimits, Committed, Writer};
 
 /// Everything a source needs to start. Each field documents its default.
 #[derive(Clone, Debug)]
@@ -160,7 +160,11 @@ impl SourceShared {
         let store = tokio::task::spawn_blocking(move || open_store(&data_dir, engine))
             .await
             .expect("open task")?;
-        let (writer, commits) = Writer::spawn(store.clone());
+        let limits = BatchLimits {
+            max_entries: config.batch_max_entries,
+            max_bytes: config.batch_max_bytes,
+        };
+        let (writer, commits) = Writer::spawn(store.clone(), limits);
         let slots = Slots::load(store.clone())?;
         Ok(Arc::new(SourceShared {
             name,

@@ -28,6 +28,7 @@ use xmirror_proto::{
 };
 use xmirror_store::StoreError;
 
+use crate::writer::RecentBatch;
 use crate::SourceShared;
 
 /// How a session ended badly: the code to close with and why.
@@ -447,6 +448,44 @@ async fn send_snapshot<W: AsyncWrite + Unpin>(
     Ok(base_lsn.next())
 }
 
+/// The batch that starts at `next`, ending no later than `durable` (the writer's last
+/// announced LSN): a live session sends the group as the writer committed it, shared by
+/// every mirror; one that is behind (or missed the group) reads the WAL.
+async fn next_batch(
+    shared: &Arc<SourceShared>,
+    next: Lsn,
+    durable: Lsn,
+) -> Result<Arc<RecentBatch>, SessionEnd> {
+    if let Some(recent) = shared
+        .writer
+        .recent_batch(next)
+        .filter(|recent| recent.last_lsn <= durable)
+    {
+        return Ok(recent);
+    }
+    let config = &shared.config;
+    let store = shared.store.clone();
+    // Only durable entries leave: the store may already hold the next group, which a crash
+    // before its flush would lose, and a mirror must never be ahead of the source's
+    // durable history.
+    let durable_entries = usize::try_from(durable.0 + 1 - next.0).unwrap_or(usize::MAX);
+    let max_entries = config.batch_max_entries.min(durable_entries);
+    let max_bytes = config.batch_max_bytes;
+    let records = blocking(move || store.read_wal(next, max_entries, max_bytes)).await?;
+    let Some(last) = records.last() else {
+        return Err(SessionEnd::from(StoreError::WalTruncated {
+            requested: next,
+            first: shared.store.wal_bounds().first,
+        }));
+    };
+    Ok(Arc::new(RecentBatch::new(WalBatch {
+        first_lsn: next,
+        chain_hash: last.chain_hash,
+        commit_time: last.commit_time,
+        entries: records.into_iter().map(|record| record.entry).collect(),
+    })))
+}
+
 /// Streams WAL batches from `next`: from the WAL while behind, then live as commits land.
 async fn stream_wal<W: AsyncWrite + Unpin>(
     writer: &mut FramedWriter<W>,
@@ -469,34 +508,13 @@ async fn stream_wal<W: AsyncWrite + Unpin>(
         }
         let committed = *commits.borrow_and_update();
         if next <= committed.last_lsn && unacked_bytes < config.max_unacked_bytes {
-            let store = shared.store.clone();
-            // Only durable entries leave: the store may already hold the next group, which
-            // a crash before its flush would lose, and a mirror must never be ahead of the
-            // source's durable history.
-            let durable_entries =
-                usize::try_from(committed.last_lsn.0 + 1 - next.0).unwrap_or(usize::MAX);
-            let max_entries = config.batch_max_entries.min(durable_entries);
-            let max_bytes = config.batch_max_bytes;
-            let records = blocking(move || store.read_wal(next, max_entries, max_bytes)).await?;
-            let Some(last) = records.last() else {
-                return Err(SessionEnd::from(StoreError::WalTruncated {
-                    requested: next,
-                    first: shared.store.wal_bounds().first,
-                }));
-            };
-            let batch = WalBatch {
-                first_lsn: next,
-                chain_hash: last.chain_hash,
-                commit_time: last.commit_time,
-                entries: records.into_iter().map(|record| record.entry).collect(),
-            };
-            let bytes: usize = batch.entries.iter().map(|entry| entry.payload_len()).sum();
-            next = batch.last_lsn().next();
-            unacked.push_back((batch.last_lsn(), bytes));
-            unacked_bytes += bytes;
+            let batch = next_batch(shared, next, committed.last_lsn).await?;
+            next = batch.last_lsn.next();
+            unacked.push_back((batch.last_lsn, batch.payload_bytes));
+            unacked_bytes += batch.payload_bytes;
             // Recorded before sending, so that no ack can overtake it.
-            sent_up_to.store(batch.last_lsn().0, Ordering::Release);
-            writer.send(batch).await?;
+            sent_up_to.store(batch.last_lsn.0, Ordering::Release);
+            writer.send_shared(&batch.message).await?;
             idle_since = tokio::time::Instant::now();
             continue;
         }

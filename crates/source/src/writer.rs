@@ -5,18 +5,26 @@
 //! then answers each write with its LSN and announces the new last LSN on a watch channel.
 //! While one group is being flushed the next one queues up, so group size adapts to load.
 //! Mirror sessions wait on the watch channel; nothing they do can block the writer.
+//!
+//! The writer also keeps the last few groups in memory, already shaped as the `WalBatch`
+//! a mirror is sent ([`Writer::recent_batch`]): a session streaming live sends the group
+//! as committed, shared by every mirror, without reading the WAL back from the store.
 
-use std::sync::Arc;
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use tokio::sync::{mpsc, oneshot, watch};
-use xmirror_proto::{Entry, Lsn, UnixMillis};
-use xmirror_store::{Batch, Store, StoreError};
+use xmirror_proto::message::WalBatch;
+use xmirror_proto::{Entry, Lsn, Message, UnixMillis};
+use xmirror_store::{Batch, Store};
 
 /// The most entries one group commit takes, bounding a batch's memory and latency.
 const MAX_GROUP_ENTRIES: usize = 4096;
 /// Writes that may wait for the writer before clients are slowed down.
 const QUEUE_DEPTH: usize = 16_384;
+/// Payload bytes of recent groups kept in memory for live sessions.
+const RECENT_BYTES: usize = 8 << 20;
 
 /// The newest durable write, announced after every group commit.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -48,10 +56,51 @@ struct WriteRequest {
     reply: oneshot::Sender<Result<Lsn, WriteError>>,
 }
 
+/// A committed group as the `WalBatch` that carries it to mirrors.
+pub struct RecentBatch {
+    /// `Message::WalBatch`, encoded once per mirror straight from here.
+    pub message: Message,
+    /// The batch's first LSN.
+    pub first_lsn: Lsn,
+    /// The batch's last LSN.
+    pub last_lsn: Lsn,
+    /// Key and value bytes in the batch.
+    pub payload_bytes: usize,
+}
+
+impl RecentBatch {
+    /// Wraps `batch`, noting its bounds and size.
+    pub fn new(batch: WalBatch) -> RecentBatch {
+        RecentBatch {
+            first_lsn: batch.first_lsn,
+            last_lsn: batch.last_lsn(),
+            payload_bytes: batch.entries.iter().map(Entry::payload_len).sum(),
+            message: batch.into(),
+        }
+    }
+}
+
+/// The largest group kept as one batch: what a session may send as one `WalBatch`.
+#[derive(Clone, Copy, Debug)]
+pub struct BatchLimits {
+    /// Most entries.
+    pub max_entries: usize,
+    /// Most payload bytes.
+    pub max_bytes: usize,
+}
+
+/// Recent committed groups, oldest first, within [`RECENT_BYTES`].
+#[derive(Default)]
+struct Recent {
+    batches: VecDeque<Arc<RecentBatch>>,
+    bytes: usize,
+}
+
 /// Submits writes to the writer task.
 #[derive(Clone)]
 pub struct Writer {
     queue: mpsc::Sender<WriteRequest>,
+    recent: Arc<Mutex<Recent>>,
 }
 
 /// Now, on the wall clock.
@@ -63,8 +112,12 @@ pub fn now_millis() -> UnixMillis {
 }
 
 impl Writer {
-    /// Starts the writer over `store`; commits are announced on the returned channel.
-    pub fn spawn(store: Arc<dyn Store>) -> (Writer, watch::Receiver<Committed>) {
+    /// Starts the writer over `store`; commits are announced on the returned channel, and
+    /// groups within `limits` are kept for [`Self::recent_batch`].
+    pub fn spawn(
+        store: Arc<dyn Store>,
+        limits: BatchLimits,
+    ) -> (Writer, watch::Receiver<Committed>) {
         let (queue, requests) = mpsc::channel(QUEUE_DEPTH);
         let initial = Committed {
             last_lsn: store.position().lsn,
@@ -73,8 +126,20 @@ impl Writer {
             bytes_since_start: 0,
         };
         let (commits, committed) = watch::channel(initial);
-        tokio::spawn(run(store, requests, commits));
-        (Writer { queue }, committed)
+        let recent = Arc::new(Mutex::new(Recent::default()));
+        tokio::spawn(run(store, requests, commits, recent.clone(), limits));
+        (Writer { queue, recent }, committed)
+    }
+
+    /// The committed (durable) group that starts at `first_lsn`, if it is still in memory
+    /// and was small enough to be one batch.
+    pub fn recent_batch(&self, first_lsn: Lsn) -> Option<Arc<RecentBatch>> {
+        let recent = self.recent.lock().unwrap_or_else(PoisonError::into_inner);
+        let index = recent
+            .batches
+            .binary_search_by_key(&first_lsn, |batch| batch.first_lsn)
+            .ok()?;
+        Some(recent.batches[index].clone())
     }
 
     /// Writes `entry` and waits until it is durable; returns its LSN.
@@ -93,10 +158,25 @@ fn replies_len(first: Lsn, last: Lsn) -> u64 {
     last.0 + 1 - first.0
 }
 
+/// Keeps `batch` for live sessions, dropping the oldest groups beyond [`RECENT_BYTES`].
+fn remember(recent: &Mutex<Recent>, batch: RecentBatch) {
+    let mut recent = recent.lock().unwrap_or_else(PoisonError::into_inner);
+    recent.bytes += batch.payload_bytes;
+    recent.batches.push_back(Arc::new(batch));
+    while recent.bytes > RECENT_BYTES {
+        let Some(oldest) = recent.batches.pop_front() else {
+            break;
+        };
+        recent.bytes -= oldest.payload_bytes;
+    }
+}
+
 async fn run(
     store: Arc<dyn Store>,
     mut requests: mpsc::Receiver<WriteRequest>,
     commits: watch::Sender<Committed>,
+    recent: Arc<Mutex<Recent>>,
+    limits: BatchLimits,
 ) {
     let mut group = Vec::with_capacity(MAX_GROUP_ENTRIES);
     let (mut entries_since_start, mut bytes_since_start) = (0u64, 0u64);
@@ -108,27 +188,44 @@ async fn run(
         let commit_time = now_millis();
         let group_bytes: u64 = entries.iter().map(|entry| entry.payload_len() as u64).sum();
         let store_for_batch = store.clone();
-        let outcome = tokio::task::spawn_blocking(move || -> Result<Lsn, StoreError> {
+        let outcome = tokio::task::spawn_blocking(move || {
             let first_lsn = store_for_batch.position().lsn.next();
-            let applied = store_for_batch.apply(Batch {
-                first_lsn,
-                entries: &entries,
-                commit_time,
-                keep_wal: true,
-                expected_chain_hash: None,
-            })?;
-            store_for_batch.flush()?;
-            Ok(applied.position.lsn)
+            let durable = store_for_batch
+                .apply(Batch {
+                    first_lsn,
+                    entries: &entries,
+                    commit_time,
+                    keep_wal: true,
+                    expected_chain_hash: None,
+                })
+                .and_then(|applied| {
+                    store_for_batch.flush()?;
+                    Ok(applied.position)
+                });
+            (durable, entries)
         })
         .await;
         match outcome {
-            Ok(Ok(last_lsn)) => {
+            Ok((Ok(position), entries)) => {
+                let last_lsn = position.lsn;
                 let first_lsn = Lsn(last_lsn.0 + 1 - replies.len() as u64);
                 for (offset, reply) in replies.into_iter().enumerate() {
                     let _ = reply.send(Ok(first_lsn.advance(offset as u64)));
                 }
                 entries_since_start += replies_len(first_lsn, last_lsn);
                 bytes_since_start += group_bytes;
+                // Kept before it is announced, so a woken session finds it.
+                if entries.len() <= limits.max_entries
+                    && usize::try_from(group_bytes).unwrap_or(usize::MAX) <= limits.max_bytes
+                {
+                    let batch = WalBatch {
+                        first_lsn,
+                        chain_hash: position.chain_hash,
+                        commit_time,
+                        entries,
+                    };
+                    remember(&recent, RecentBatch::new(batch));
+                }
                 commits.send_replace(Committed {
                     last_lsn,
                     commit_time,
@@ -136,7 +233,7 @@ async fn run(
                     bytes_since_start,
                 });
             }
-            Ok(Err(error)) => {
+            Ok((Err(error), _)) => {
                 tracing::error!(error = %error, writes = replies.len(), "group commit failed; writes refused");
                 let error = WriteError::Store(error.to_string());
                 for reply in replies {
@@ -150,5 +247,71 @@ async fn run(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use xmirror_store::RedbStore;
+
+    fn put(index: u64) -> Entry {
+        Entry::Put {
+            key: format!("key-{index}").into_bytes(),
+            value: vec![7; 10],
+        }
+    }
+
+    #[tokio::test]
+    async fn committed_groups_are_kept_as_the_batches_mirrors_are_sent() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(RedbStore::open(dir.path()).unwrap());
+        let limits = BatchLimits {
+            max_entries: 1_024,
+            max_bytes: 1 << 20,
+        };
+        let (writer, commits) = Writer::spawn(store.clone(), limits);
+        let lsn = writer.write(put(1)).await.unwrap();
+        assert_eq!(commits.borrow().last_lsn, lsn);
+
+        let recent = writer.recent_batch(lsn).expect("the group is kept");
+        assert_eq!((recent.first_lsn, recent.last_lsn), (lsn, lsn));
+        let Message::WalBatch(batch) = &recent.message else {
+            panic!("a WAL batch")
+        };
+        assert_eq!(batch.entries, vec![put(1)]);
+        // What the store would have given a session that read the WAL instead.
+        let records = store.read_wal(lsn, 10, 1 << 20).unwrap();
+        assert_eq!(batch.chain_hash, records[0].chain_hash);
+        assert_eq!(batch.commit_time, records[0].commit_time);
+        assert_eq!(recent.payload_bytes, put(1).payload_len());
+        // Only a group's first LSN finds it.
+        assert!(writer.recent_batch(lsn.next()).is_none());
+    }
+
+    #[tokio::test]
+    async fn memory_for_recent_groups_is_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(RedbStore::open(dir.path()).unwrap());
+        let limits = BatchLimits {
+            max_entries: 1_024,
+            max_bytes: 8 << 20,
+        };
+        let (writer, _commits) = Writer::spawn(store, limits);
+        let big = |index: u64| Entry::Put {
+            key: format!("big-{index}").into_bytes(),
+            value: vec![1; 3 << 20],
+        };
+        let first = writer.write(big(0)).await.unwrap();
+        for index in 1..4 {
+            writer.write(big(index)).await.unwrap();
+        }
+        let recent = writer.recent.lock().unwrap();
+        assert!(recent.bytes <= RECENT_BYTES, "{} bytes kept", recent.bytes);
+        drop(recent);
+        assert!(
+            writer.recent_batch(first).is_none(),
+            "the oldest group was dropped"
+        );
     }
 }

@@ -37,9 +37,14 @@ pub struct Cluster {
 }
 
 impl Cluster {
-    /// A cluster whose nodes store data on `engine`.
-    pub fn new(engine: EngineKind) -> anyhow::Result<Cluster> {
-        let dir = tempfile::tempdir().context("make a scratch directory")?;
+    /// A cluster whose nodes store data on `engine`, in a temporary directory under
+    /// `scratch` (the system's temporary directory when `None`).
+    pub fn new(engine: EngineKind, scratch: Option<&std::path::Path>) -> anyhow::Result<Cluster> {
+        let dir = match scratch {
+            Some(parent) => tempfile::tempdir_in(parent),
+            None => tempfile::tempdir(),
+        }
+        .context("make a scratch directory")?;
         let certs = dir.path().join("certs");
         let mut nodes = vec![(Role::Source, name("src")), (Role::Client, name("app"))];
         nodes.extend((0..MIRRORS).map(|index| (Role::Observer, name(&format!("m{index}")))));

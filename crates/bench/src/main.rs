@@ -62,6 +62,10 @@ struct Args {
     /// The nodes' storage engine, redb or sled. Default: the nodes' default.
     #[arg(long)]
     engine: Option<EngineKind>,
+    /// Where the stores live (a temporary directory is made inside). Default: the system's
+    /// temporary directory. A tmpfs such as /dev/shm shows what the disk's flushes cost.
+    #[arg(long)]
+    scratch: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -697,11 +701,14 @@ async fn main() -> anyhow::Result<()> {
     let engine = args.engine.unwrap_or(EngineKind::DEFAULT);
     let mut bench = Bench {
         plan,
-        cluster: Cluster::new(engine)?,
+        cluster: Cluster::new(engine, args.scratch.as_deref())?,
         report: Report::default(),
     };
     bench.report.fact("quick", args.quick);
     bench.report.fact("engine", engine.name());
+    if let Some(scratch) = &args.scratch {
+        bench.report.fact("scratch", scratch.display().to_string());
+    }
     bench
         .report
         .fact("small_dataset", bench.plan.small.describe());

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use xmirror_proto::{Entry, Lsn, UnixMillis};
+use xmirror_store::testing::mix;
 use xmirror_store::{open_store, Batch, EngineKind};
 
 /// Payload bytes per insert batch: the size of one snapshot chunk.
@@ -61,16 +62,14 @@ impl Dataset {
     }
 }
 
-/// `len` pseudo-random bytes, the same for the same `seed` (splitmix64).
+/// `len` pseudo-random bytes, the same for the same `seed`: SplitMix64 outputs, with the
+/// store's test workload's mixer.
 pub fn random_bytes(seed: u64, len: usize) -> Vec<u8> {
-    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0xD1B5_4A32_D192_ED03;
     let mut bytes = Vec::with_capacity(len + 8);
+    let mut counter = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15);
     while bytes.len() < len {
-        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        bytes.extend_from_slice(&(z ^ (z >> 31)).to_le_bytes());
+        counter = counter.wrapping_add(1);
+        bytes.extend_from_slice(&mix(counter).to_le_bytes());
     }
     bytes.truncate(len);
     bytes

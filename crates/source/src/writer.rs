@@ -262,15 +262,28 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn committed_groups_are_kept_as_the_batches_mirrors_are_sent() {
+    /// A writer over a new store; the directory lives as long as the store is used.
+    fn writer(
+        max_bytes: usize,
+    ) -> (
+        tempfile::TempDir,
+        Arc<dyn Store>,
+        Writer,
+        watch::Receiver<Committed>,
+    ) {
         let dir = tempfile::tempdir().unwrap();
         let store: Arc<dyn Store> = Arc::new(RedbStore::open(dir.path()).unwrap());
         let limits = BatchLimits {
             max_entries: 1_024,
-            max_bytes: 1 << 20,
+            max_bytes,
         };
         let (writer, commits) = Writer::spawn(store.clone(), limits);
+        (dir, store, writer, commits)
+    }
+
+    #[tokio::test]
+    async fn committed_groups_are_kept_as_the_batches_mirrors_are_sent() {
+        let (_dir, store, writer, commits) = writer(1 << 20);
         let lsn = writer.write(put(1)).await.unwrap();
         assert_eq!(commits.borrow().last_lsn, lsn);
 
@@ -291,13 +304,7 @@ mod tests {
 
     #[tokio::test]
     async fn memory_for_recent_groups_is_bounded() {
-        let dir = tempfile::tempdir().unwrap();
-        let store: Arc<dyn Store> = Arc::new(RedbStore::open(dir.path()).unwrap());
-        let limits = BatchLimits {
-            max_entries: 1_024,
-            max_bytes: 8 << 20,
-        };
-        let (writer, _commits) = Writer::spawn(store, limits);
+        let (_dir, _store, writer, _commits) = writer(8 << 20);
         let big = |index: u64| Entry::Put {
             key: format!("big-{index}").into_bytes(),
             value: vec![1; 3 << 20],

@@ -762,3 +762,67 @@ async fn main() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every measure except Redis's (which needs the Debian package) on sizes small enough
+    /// for a debug build, so that the suite cannot rot between the hand-run benchmarks.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn every_measure_but_redis_runs_on_a_tiny_plan() {
+        let dataset = |keys, value_bytes, prefix| Dataset {
+            keys,
+            value_bytes,
+            prefix,
+        };
+        let plan = Plan {
+            transport_bytes: 4 << 20,
+            small: dataset(3_000, 100, "small-"),
+            large: dataset(300, 4096, "large-"),
+            lag_duration: Duration::from_millis(500),
+            lag_rates: [1_000, 2_000],
+            catchup_entries: 2_000,
+            fanout_writes: 1_000,
+            wan: dataset(300, 4096, "wan-"),
+            wan_bandwidth: 12_500_000,
+            wan_rtt: Duration::from_millis(20),
+            wan_lag_rate: 1_000,
+            wan_lag_duration: Duration::from_millis(500),
+        };
+        let mut bench = Bench {
+            plan,
+            cluster: Cluster::new(EngineKind::DEFAULT, None).unwrap(),
+            report: Report::default(),
+        };
+        bench.transport().await.unwrap();
+        bench.store().await.unwrap();
+        bench.snapshot().await.unwrap();
+        bench.lag().await.unwrap();
+        bench.catchup().await.unwrap();
+        bench.fanout().await.unwrap();
+        bench.wan().await.unwrap();
+        for key in [
+            "transport_mib_s",
+            "store_keys_s",
+            "store_keys_s_sled",
+            "snapshot_1m_s",
+            "snapshot_ratio_to_ceiling",
+            "lag_p99_ms_1k",
+            "lag_p99_ms_2k",
+            "catchup_entries_s",
+            "fanout8_write_ratio",
+            "fanout8_sink_write_ratio",
+            "wan_snapshot_mib_s",
+            "wan_lag_p99_ms",
+        ] {
+            let value = bench
+                .report
+                .get(key)
+                .unwrap_or_else(|| panic!("{key} missing"));
+            assert!(value.is_finite() && value > 0.0, "{key} = {value}");
+        }
+        // Through a 10 ms + 10 ms proxy no entry can arrive in less than one way's delay.
+        assert!(bench.report.get("wan_lag_p99_ms").unwrap() >= 10.0);
+    }
+}

@@ -722,6 +722,10 @@ async fn main() -> anyhow::Result<()> {
         .report
         .fact("large_dataset", bench.plan.large.describe());
     let wanted = |measure: Measure| args.only.is_empty() || args.only.contains(&measure);
+    if wanted(Measure::Redis) {
+        // Checked first, so a missing Redis does not cost a whole run.
+        redis::check_installed()?;
+    }
     let started = Instant::now();
     let steps: [(Measure, &str); 8] = [
         (Measure::Transport, "transport ceiling"),

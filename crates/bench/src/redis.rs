@@ -19,6 +19,20 @@ use crate::load::Percentiles;
 /// Commands per pipelined round when loading data.
 const PIPELINE: u64 = 1_000;
 
+/// Fails with how to install Redis when `redis-server` cannot be run.
+pub fn check_installed() -> anyhow::Result<()> {
+    let version = std::process::Command::new("redis-server")
+        .arg("--version")
+        .output();
+    match version {
+        Ok(output) if output.status.success() => Ok(()),
+        _ => bail!(
+            "redis-server is not installed: `apt-get install redis-server` (or `just bench`, \
+             which installs it), or leave Redis out with --only"
+        ),
+    }
+}
+
 /// A `redis-server` process, killed when dropped.
 pub struct RedisServer {
     pub addr: SocketAddr,

@@ -168,9 +168,10 @@ where
     apply_outcome.and(receive_outcome)
 }
 
-/// Frames read ahead of the applier. Each is at most one snapshot chunk or WAL batch
-/// (about 1 MiB by default), so this bounds the mirror's read-ahead memory.
-const RECEIVE_QUEUE_FRAMES: usize = 32;
+/// Frames read ahead of the applier: twice the source's default snapshot window. A source
+/// sends frames of about 1 MiB (a chunk or a batch), so this is about 16 MiB of read-ahead;
+/// a source that sent frames of the data limit could make it 16 of those (SECURITY.md).
+const RECEIVE_QUEUE_FRAMES: usize = 16;
 /// Most payload bytes applied as one store batch.
 const MAX_GROUP_BYTES: usize = 16 << 20;
 

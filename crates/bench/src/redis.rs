@@ -302,8 +302,15 @@ pub async fn lag(
             let Some(Value::Bulk(Some(key))) = parts.get(2) else {
                 bail!("notification without a key");
             };
-            let index: usize = std::str::from_utf8(&key[prefix_len..])?.parse()?;
-            applied_at[index] = Some(Instant::now());
+            let index: usize = key
+                .get(prefix_len..)
+                .and_then(|digits| std::str::from_utf8(digits).ok())
+                .and_then(|digits| digits.parse().ok())
+                .with_context(|| format!("notification for a key not written here: {key:?}"))?;
+            *applied_at
+                .get_mut(index)
+                .with_context(|| format!("notification for key number {index} of {total}"))? =
+                Some(Instant::now());
         }
         anyhow::Ok(applied_at)
     });

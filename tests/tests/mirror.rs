@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use xmirror_e2e::proxy::{Direction, Impairment, Proxy};
 use xmirror_e2e::{
     assert_converged, free_port, free_tcp_port, mirror_args, mirror_status, scrape, source_status,
     wait_until, Node, World, CLUSTER,
@@ -75,7 +76,17 @@ async fn a_mirror_killed_mid_snapshot_resumes_it() {
     app.write_keys(KEYS, VALUE_SIZE, "key-").await.unwrap();
     let data_size = KEYS * ("key-".len() as u64 + 10 + VALUE_SIZE as u64);
 
-    let mut mirror = world.start_mirror("m1", "m1", source.addr).await;
+    // The first attempt crawls through a 4 MB/s link, so that the kill lands mid-snapshot
+    // however fast or loaded this machine is; the restarted mirror dials directly.
+    let slow_link = Proxy::start(source.addr).await;
+    slow_link.set(
+        Direction::ToMirror,
+        Impairment {
+            bandwidth: Some(4_000_000),
+            ..Impairment::default()
+        },
+    );
+    let mut mirror = world.start_mirror("m1", "m1", slow_link.addr).await;
     let sent_at_kill = wait_until(
         "a quarter of the snapshot",
         Duration::from_secs(120),

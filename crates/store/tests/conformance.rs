@@ -24,9 +24,25 @@ use xmirror_store::{
 #[derive(Clone, Copy)]
 pub struct Engine(&'static str);
 
+/// How long a reopen waits for the engine to let go of a store dropped a moment ago.
+const RELEASE_DEADLINE: Duration = Duration::from_secs(60);
+
 impl Engine {
+    /// Opens the store at `path`. sled lets go of its file lock only when its background
+    /// threads drop their last handle, which a loaded machine may delay well after the
+    /// store was dropped; a reopen therefore waits for the lock (with a generous deadline)
+    /// instead of assuming it is free by now.
     fn open(self, path: &Path) -> Box<dyn Store> {
-        open_engine(self.0, path).expect("open the store")
+        let deadline = Instant::now() + RELEASE_DEADLINE;
+        loop {
+            match open_engine(self.0, path) {
+                Ok(store) => return store,
+                Err(StoreError::Locked(_)) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(error) => panic!("open the store: {error:?}"),
+            }
+        }
     }
 }
 

@@ -318,7 +318,9 @@ impl Bench {
         let commits = Timeline::record(source.shared().commits.clone(), |committed| {
             committed.last_lsn
         });
-        let applied = Timeline::record(mirror.shared().watch_applied(), |lsn| *lsn);
+        let applied = Timeline::record(mirror.shared().watch_progress(), |progress| {
+            progress.applied_lsn
+        });
         let dataset = Dataset {
             keys: u64::MAX,
             value_bytes: 100,
@@ -327,10 +329,13 @@ impl Bench {
         paced_puts(&client, dataset, rate, duration).await?;
         let last = source.shared().store.position().lsn;
         // The applied watch, not the store: the timeline must have seen the last LSN.
-        let mut announced = mirror.shared().watch_applied();
-        tokio::time::timeout(WAIT_LIMIT, announced.wait_for(|lsn| *lsn >= last))
-            .await
-            .context("the mirror did not catch up")??;
+        let mut announced = mirror.shared().watch_progress();
+        tokio::time::timeout(
+            WAIT_LIMIT,
+            announced.wait_for(|progress| progress.applied_lsn >= last),
+        )
+        .await
+        .context("the mirror did not catch up")??;
         let caught_up_at = Instant::now();
         let (commits, mut applied) = (commits.finish().await, applied.finish().await);
         // Now and then (a few runs in ten) the recorder stops before it saw the last

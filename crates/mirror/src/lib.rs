@@ -15,19 +15,19 @@ pub mod telemetry;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use tokio::sync::watch;
 use xmirror_net::serve::serve_client_connection;
 use xmirror_net::{
-    client_endpoint, close_with, refusal_of, server_endpoint, Admission, Admitted, EndpointError,
-    ReadError, TransportLimits,
+    client_endpoint, close_with, error_chain, refusal_of, server_endpoint, Admission, Admitted,
+    EndpointError, TransportLimits,
 };
 use xmirror_proto::message::DecisionKind;
+use xmirror_proto::session::mirror::{MirrorProgress, MirrorSessionConfig};
 use xmirror_proto::status::{MirrorState, MirrorStatus};
-use xmirror_proto::{
-    ErrorCode, FrameLimits, Lsn, Name, UnixMillis, VersionRange, SUPPORTED_VERSIONS,
-};
+use xmirror_proto::{ErrorCode, FrameLimits, Name, UnixMillis, VersionRange, SUPPORTED_VERSIONS};
 use xmirror_store::{open_store, EngineKind, Store, StoreError, SyncState};
 use xmirror_tls::{peer_identity, ExpectedServer, NodeTls, ALPN_MIRROR};
 
@@ -118,9 +118,118 @@ pub enum MirrorError {
     /// An endpoint could not be made.
     #[error(transparent)]
     Endpoint(#[from] EndpointError),
-    /// The source refused the mirror in a way retrying cannot fix.
-    #[error("{0}")]
-    Refused(String),
+    /// Reaching the source failed in a way retrying cannot fix.
+    #[error("giving up: this will not succeed by retrying")]
+    GaveUp(#[source] AttemptError),
+}
+
+/// Why one attempt to replicate from the source failed.
+#[derive(Debug, thiserror::Error)]
+pub enum AttemptError {
+    /// The source's address cannot be dialled at all.
+    #[error("cannot dial {addr}")]
+    Dial {
+        /// The source's address.
+        addr: SocketAddr,
+        /// Why.
+        #[source]
+        source: quinn::ConnectError,
+    },
+    /// No answer within the connect timeout.
+    #[error("no answer from {addr} within {timeout:?}")]
+    ConnectTimeout {
+        /// The source's address.
+        addr: SocketAddr,
+        /// How long the attempt waited.
+        timeout: Duration,
+    },
+    /// The TLS handshake failed: a certificate was refused on one side or the other.
+    #[error("TLS handshake with the source at {addr} failed")]
+    Tls {
+        /// The source's address.
+        addr: SocketAddr,
+        /// The TLS alert.
+        #[source]
+        source: quinn::ConnectionError,
+    },
+    /// The connection failed or was closed: the source closing it with a code, a lost path.
+    #[error("the connection to {addr} failed")]
+    Connection {
+        /// The source's address.
+        addr: SocketAddr,
+        /// Why.
+        #[source]
+        source: quinn::ConnectionError,
+    },
+    /// The session failed.
+    #[error(transparent)]
+    Session(#[from] SessionError),
+    /// The store failed: both engines refuse every later write after an I/O failure until
+    /// reopened, so the mirror stops (crash-only) and its supervisor restarts it.
+    #[error("the mirror's store failed{}; nothing applied is lost, and the restarted mirror resumes where it stopped", disk_full_hint(.0))]
+    StoreFailed(#[source] StoreError),
+}
+
+fn disk_full_hint(error: &StoreError) -> &'static str {
+    match error {
+        StoreError::Engine(engine) if engine.is_disk_full() => {
+            " (disk full: free space in the mirror's data directory)"
+        }
+        _ => "",
+    }
+}
+
+impl AttemptError {
+    /// A failed connection to `addr`, told apart: a TLS alert (0x100..0x1ff) means a
+    /// certificate was refused on one side or the other.
+    fn connection(addr: SocketAddr, source: quinn::ConnectionError) -> AttemptError {
+        let tls_alert = |code: u64| (0x100..0x200).contains(&code);
+        let is_tls = match &source {
+            quinn::ConnectionError::TransportError(transport) => {
+                tls_alert(u64::from(transport.code))
+            }
+            quinn::ConnectionError::ConnectionClosed(close) => {
+                tls_alert(u64::from(close.error_code))
+            }
+            _ => false,
+        };
+        if is_tls {
+            AttemptError::Tls { addr, source }
+        } else {
+            AttemptError::Connection { addr, source }
+        }
+    }
+}
+
+impl AttemptError {
+    /// Whether the same attempt can never succeed as configured.
+    pub fn is_permanent(&self) -> bool {
+        match self {
+            AttemptError::Dial { .. } | AttemptError::Tls { .. } | AttemptError::StoreFailed(_) => {
+                true
+            }
+            AttemptError::ConnectTimeout { .. } => false,
+            AttemptError::Connection { source, .. } => {
+                refusal_of(source).is_some_and(|refusal| refusal.code.is_permanent())
+            }
+            AttemptError::Session(error) => error.is_permanent(),
+        }
+    }
+
+    /// The metric label for why the attempt failed.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            AttemptError::Dial { .. } => "dial",
+            AttemptError::ConnectTimeout { .. } => "connect_timeout",
+            AttemptError::Tls { .. } => "tls",
+            AttemptError::Connection { source, .. } => match refusal_of(source) {
+                Some(refusal) => refusal.code.name(),
+                None => "connection_lost",
+            },
+            AttemptError::Session(error) => error.metric_label(),
+            AttemptError::StoreFailed(_) => "store",
+        }
+    }
 }
 
 /// A snapshot transfer in progress, as this process has seen it.
@@ -136,18 +245,13 @@ pub struct SnapshotTransfer {
     pub total: Option<(u64, u64)>,
 }
 
-/// What the mirror knows about its progress, beyond the store.
-#[derive(Clone, Copy, Debug)]
-struct Progress {
-    state: MirrorState,
-    /// The snapshot being received, if one is.
-    snapshot: Option<SnapshotTransfer>,
-    /// The last LSN read off the wire.
-    received_lsn: Lsn,
-    source_lsn: Lsn,
-    source_commit_time: Option<UnixMillis>,
-    applied_commit_time: Option<UnixMillis>,
-}
+/// Frames read ahead of the applier: twice the source's default snapshot window. A source
+/// sends frames of about 1 MiB (a chunk or a batch), so this is about 16 MiB of read-ahead;
+/// a source that sent frames of the data limit could make it 16 of those (SECURITY.md).
+const RECEIVE_QUEUE_FRAMES: usize = 16;
+/// Most payload bytes applied as one store write: a mirror that falls behind catches up in
+/// large steps instead of paying a flush per frame.
+const MAX_GROUP_BYTES: usize = 16 << 20;
 
 /// State shared by the mirror's tasks.
 pub struct MirrorShared {
@@ -157,9 +261,12 @@ pub struct MirrorShared {
     pub store: Arc<dyn Store>,
     /// This node's name (from its certificate).
     pub name: Name,
-    progress: Mutex<Progress>,
-    /// The last applied (and durable) LSN, announced after every apply.
-    applied_lsn: tokio::sync::watch::Sender<Lsn>,
+    /// The one record of where replication stands: the session publishes its machine's
+    /// progress here, and status, metrics, the progress bar and waiters read it.
+    progress: watch::Sender<MirrorProgress>,
+    /// When this process started receiving the current snapshot: the machine has no
+    /// clock, and the progress bar's rate needs one.
+    snapshot_started: Mutex<Option<std::time::Instant>>,
 }
 
 fn now_millis() -> UnixMillis {
@@ -169,9 +276,12 @@ fn now_millis() -> UnixMillis {
     UnixMillis(u64::try_from(since_epoch.as_millis()).unwrap_or(u64::MAX))
 }
 
-const LAST_DECISION: &str = "last_decision";
+/// The counter that keeps the last decision, as [`decision_number`] encodes it.
+pub(crate) const LAST_DECISION: &str = "last_decision";
+/// The counter of resumed snapshots.
+pub(crate) const SNAPSHOTS_RESUMED: &str = "snapshots_resumed";
 
-fn decision_number(kind: DecisionKind) -> u64 {
+pub(crate) fn decision_number(kind: DecisionKind) -> u64 {
     match kind {
         DecisionKind::Stream => 1,
         DecisionKind::Snapshot => 2,
@@ -196,132 +306,88 @@ impl MirrorShared {
         let store = tokio::task::spawn_blocking(move || open_store(&data_dir, engine))
             .await
             .expect("open task")?;
-        let (applied_lsn, _) = tokio::sync::watch::channel(store.position().lsn);
+        let consistent = store.sync_state() == SyncState::Consistent;
+        let (progress, _) = watch::channel(MirrorProgress::new(store.position().lsn, consistent));
         Ok(Arc::new(MirrorShared {
             name,
             config,
             store,
-            applied_lsn,
-            progress: Mutex::new(Progress {
-                state: MirrorState::Connecting,
-                snapshot: None,
-                received_lsn: Lsn::ZERO,
-                source_lsn: Lsn::ZERO,
-                source_commit_time: None,
-                applied_commit_time: None,
-            }),
+            progress,
+            snapshot_started: Mutex::new(None),
         }))
     }
 
-    fn progress(&self) -> MutexGuard<'_, Progress> {
-        self.progress.lock().unwrap_or_else(PoisonError::into_inner)
+    /// What each session needs of the configuration.
+    pub fn session_config(&self) -> MirrorSessionConfig {
+        MirrorSessionConfig {
+            versions: self.config.versions,
+            source_cluster: self.config.source_cluster.clone(),
+            database: self.config.database.clone(),
+            mirror_name: self.name.clone(),
+            handshake_timeout: self.config.handshake_timeout,
+            max_queued_frames: RECEIVE_QUEUE_FRAMES,
+            max_group_bytes: MAX_GROUP_BYTES,
+        }
+    }
+
+    /// Where replication stands now.
+    pub fn progress(&self) -> MirrorProgress {
+        self.progress.borrow().clone()
+    }
+
+    /// Announces every change of progress (each new applied LSN among them), for callers
+    /// that wait on the mirror without polling (the benchmarks time lag with it).
+    pub fn watch_progress(&self) -> watch::Receiver<MirrorProgress> {
+        self.progress.subscribe()
+    }
+
+    /// Publishes a session's progress, telling waiters only of changes.
+    pub(crate) fn publish(&self, progress: &MirrorProgress) {
+        let mut became_consistent = false;
+        self.progress.send_if_modified(|current| {
+            if current == progress {
+                return false;
+            }
+            if progress.snapshot.is_some() && current.snapshot.is_none() {
+                *self
+                    .snapshot_started
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner) = Some(std::time::Instant::now());
+            }
+            became_consistent = progress.consistent && !current.consistent;
+            *current = progress.clone();
+            true
+        });
+        if became_consistent {
+            tracing::info!(applied_lsn = %progress.applied_lsn, "consistent: serving reads");
+        }
     }
 
     /// Whether the store serves reads.
     pub fn is_consistent(&self) -> bool {
-        self.store.sync_state() == SyncState::Consistent
-    }
-
-    fn set_state(&self, state: MirrorState) {
-        let mut progress = self.progress();
-        progress.state = state;
-        if state == MirrorState::CatchingUp && self.store.position().lsn >= progress.source_lsn {
-            progress.state = MirrorState::Streaming;
-        }
-    }
-
-    fn heard_from_source(&self, source_lsn: Lsn, commit_time: Option<UnixMillis>) {
-        let applied = self.store.position().lsn;
-        let mut progress = self.progress();
-        progress.source_lsn = progress.source_lsn.max(source_lsn);
-        if commit_time.is_some() {
-            progress.source_commit_time = commit_time;
-        }
-        if matches!(
-            progress.state,
-            MirrorState::CatchingUp | MirrorState::Streaming
-        ) {
-            progress.state = if applied >= progress.source_lsn {
-                MirrorState::Streaming
-            } else {
-                MirrorState::CatchingUp
-            };
-        }
+        self.progress.borrow().consistent
     }
 
     /// The snapshot being received, if one is.
     pub fn snapshot_progress(&self) -> Option<SnapshotTransfer> {
-        self.progress().snapshot
-    }
-
-    fn snapshot_started(&self) {
-        self.progress().snapshot = Some(SnapshotTransfer {
-            started: std::time::Instant::now(),
-            keys: 0,
-            bytes: 0,
-            total: None,
-        });
-    }
-
-    fn snapshot_received(&self, keys: usize, bytes: usize) {
-        if let Some(snapshot) = &mut self.progress().snapshot {
-            snapshot.keys += keys as u64;
-            snapshot.bytes += bytes as u64;
-        }
-    }
-
-    fn snapshot_total(&self, keys: u64, bytes: u64) {
-        if let Some(snapshot) = &mut self.progress().snapshot {
-            snapshot.total = Some((keys, bytes));
-        }
-    }
-
-    fn snapshot_finished(&self) {
-        self.progress().snapshot = None;
-    }
-
-    /// The last LSN read off the wire.
-    pub fn received_lsn(&self) -> Lsn {
-        self.progress().received_lsn
-    }
-
-    fn applied(&self, lsn: Lsn, commit_time: UnixMillis) {
-        let mut progress = self.progress();
-        progress.received_lsn = progress.received_lsn.max(lsn);
-        progress.applied_commit_time = Some(commit_time);
-        progress.source_lsn = progress.source_lsn.max(lsn);
-        drop(progress);
-        self.applied_lsn.send_replace(lsn);
-    }
-
-    /// Announces each new applied (and durable) LSN, for callers that wait on the mirror
-    /// without polling (the benchmarks time replication lag with it).
-    pub fn watch_applied(&self) -> tokio::sync::watch::Receiver<Lsn> {
-        self.applied_lsn.subscribe()
-    }
-
-    /// Persists the decision (and bumps `counter`), so status counts over the life of the
-    /// data directory.
-    async fn record_decision(
-        &self,
-        kind: DecisionKind,
-        counter: Option<&'static str>,
-    ) -> Result<(), StoreError> {
-        let store = self.store.clone();
-        tokio::task::spawn_blocking(move || {
-            if let Some(counter) = counter {
-                store.add_to_counter(counter, 1)?;
-            }
-            store.set_counter(LAST_DECISION, decision_number(kind))
+        let counts = self.progress.borrow().snapshot?;
+        let started = (*self
+            .snapshot_started
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner))?;
+        Some(SnapshotTransfer {
+            started,
+            keys: counts.keys,
+            bytes: counts.bytes,
+            total: counts.total,
         })
-        .await
-        .expect("decision task")
     }
 
-    /// The status `xmirror status` shows.
+    /// The status `xmirror status` shows. Reads the store's counters: call it off the
+    /// async threads.
     pub fn status(&self) -> Result<MirrorStatus, StoreError> {
-        let applied_lsn = self.store.position().lsn;
-        let progress = *self.progress();
+        let progress = self.progress();
+        let applied_lsn = progress.applied_lsn;
         let lag_ms = if applied_lsn >= progress.source_lsn {
             0
         } else {
@@ -338,9 +404,9 @@ impl MirrorShared {
             applied_lsn,
             source_lsn: progress.source_lsn,
             lag_ms,
-            consistent: self.is_consistent(),
+            consistent: progress.consistent,
             snapshots_started: self.store.counter(xmirror_store::SNAPSHOTS_STARTED)?,
-            snapshots_resumed: self.store.counter("snapshots_resumed")?,
+            snapshots_resumed: self.store.counter(SNAPSHOTS_RESUMED)?,
             last_decision: decision_from_number(self.store.counter(LAST_DECISION)?),
         })
     }
@@ -460,60 +526,32 @@ async fn serve_clients(endpoint: quinn::Endpoint, shared: Arc<MirrorShared>) {
     }
 }
 
-/// Whether a failed connection attempt can never succeed as configured.
-fn permanent_connection_error(error: &quinn::ConnectionError) -> Option<String> {
-    if let Some(refusal) = refusal_of(error) {
-        return refusal
-            .code
-            .is_permanent()
-            .then(|| format!("the source refused this mirror: {refusal}"));
-    }
-    match error {
-        // TLS alerts (0x100..0x1ff): a certificate was refused on one side or the other.
-        quinn::ConnectionError::TransportError(transport)
-            if (0x100..0x200).contains(&u64::from(transport.code)) =>
-        {
-            Some(format!("TLS handshake with the source failed: {transport}"))
-        }
-        quinn::ConnectionError::ConnectionClosed(close)
-            if (0x100..0x200).contains(&u64::from(close.error_code)) =>
-        {
-            Some(format!(
-                "the source refused this mirror's certificate: {close}"
-            ))
-        }
-        _ => None,
-    }
-}
-
 async fn replicate(shared: Arc<MirrorShared>, tls: Arc<NodeTls>) -> Result<(), MirrorError> {
     let expected = ExpectedServer::source_of(shared.config.source_cluster.clone());
     let server_name = expected.server_name();
     let endpoint = client_endpoint(&tls, ALPN_MIRROR, expected, &shared.config.transport)?;
     let mut backoff = Backoff::new(shared.config.backoff_min, shared.config.backoff_max);
     loop {
-        {
-            let mut progress = shared.progress();
-            progress.state = MirrorState::Connecting;
-            progress.snapshot = None;
-        }
-        let applied_before = shared.store.position().lsn;
-        let outcome = connect_once(&shared, &endpoint, &server_name).await;
-        match outcome {
+        let applied_before = shared.progress().applied_lsn;
+        match connect_once(&shared, &endpoint, &server_name).await {
             Ok(()) => {
                 tracing::info!("source ended the session; reconnecting");
                 telemetry::reconnect("session_ended");
             }
-            Err(Attempt::Permanent(reason)) => {
-                tracing::error!(reason = %reason, "giving up: this will not succeed by retrying");
-                return Err(MirrorError::Refused(reason));
+            Err(error) if error.is_permanent() => {
+                tracing::error!(reason = %error_chain(&error), "giving up: this will not succeed by retrying");
+                return Err(MirrorError::GaveUp(error));
             }
-            Err(Attempt::Transient(label, reason)) => {
-                tracing::warn!(reason = %reason, "session failed; reconnecting");
-                telemetry::reconnect(label);
+            Err(error) => {
+                tracing::warn!(reason = %error_chain(&error), "session failed; reconnecting");
+                telemetry::reconnect(error.metric_label());
             }
         }
-        if shared.store.position().lsn > applied_before {
+        let mut progress = shared.progress();
+        progress.state = MirrorState::Connecting;
+        progress.snapshot = None;
+        shared.publish(&progress);
+        if progress.applied_lsn > applied_before {
             backoff.reset();
         }
         let delay = backoff.next_delay();
@@ -522,113 +560,42 @@ async fn replicate(shared: Arc<MirrorShared>, tls: Arc<NodeTls>) -> Result<(), M
     }
 }
 
-enum Attempt {
-    Permanent(String),
-    /// Worth retrying: the metric label for why, and the sentence for the log.
-    Transient(&'static str, String),
-}
-
 async fn connect_once(
     shared: &Arc<MirrorShared>,
     endpoint: &quinn::Endpoint,
     server_name: &str,
-) -> Result<(), Attempt> {
+) -> Result<(), AttemptError> {
+    let addr = shared.config.source;
     let connecting = endpoint
-        .connect(shared.config.source, server_name)
-        .map_err(|error| {
-            Attempt::Permanent(format!("cannot dial {}: {error}", shared.config.source))
-        })?;
+        .connect(addr, server_name)
+        .map_err(|source| AttemptError::Dial { addr, source })?;
     let timeout = shared.config.connect_timeout;
     let connection = tokio::time::timeout(timeout, connecting)
         .await
-        .map_err(|_| {
-            Attempt::Transient(
-                "connect_timeout",
-                format!("no answer from {} within {timeout:?}", shared.config.source),
-            )
-        })?
-        .map_err(|error| match permanent_connection_error(&error) {
-            Some(reason) => Attempt::Permanent(reason),
-            None => Attempt::Transient(
-                "connect_failed",
-                format!("cannot connect to {}: {error}", shared.config.source),
-            ),
-        })?;
-    tracing::info!(source = %shared.config.source, "connected");
+        .map_err(|_| AttemptError::ConnectTimeout { addr, timeout })?
+        .map_err(|source| AttemptError::connection(addr, source))?;
+    tracing::info!(source = %addr, "connected");
     let (mut send, recv) = connection
         .open_bi()
         .await
-        .map_err(|error| classify_closed(&error))?;
-    let outcome = session::run_session(recv, &mut send, shared).await;
-    match outcome {
+        .map_err(|source| AttemptError::connection(addr, source))?;
+    match session::run_session(recv, &mut send, shared).await {
         Ok(()) => Ok(()),
         Err(error) => {
             // A stream error caused by the source closing the connection with a code is
             // reported as that code.
             if let Some(reason) = connection.close_reason() {
                 if refusal_of(&reason).is_some() {
-                    return Err(classify_closed(&reason));
+                    return Err(AttemptError::connection(addr, reason));
                 }
             }
-            let code = match &error {
-                SessionError::Rejected { code, .. } => *code,
-                SessionError::WrongCluster { .. } => ErrorCode::ClusterIdMismatch,
-                SessionError::Protocol(_) => ErrorCode::ProtocolViolation,
-                SessionError::Read(read) => read.code(),
-                SessionError::Store(_) => ErrorCode::Internal,
-            };
-            close_with(&connection, code, &error.to_string());
-            let mut reason = error_chain(&error);
-            if let SessionError::Store(StoreError::Engine(engine)) = &error {
-                // The engine refuses every write after an I/O failure until it is reopened,
-                // so the process stops (crash-only) and its supervisor restarts it;
-                // everything applied so far is durable and is where it resumes.
-                if engine.is_disk_full() {
-                    reason.push_str(
-                        " (disk full: free space in the mirror's data directory; nothing \
-                         applied is lost, and the restarted mirror resumes where it stopped)",
-                    );
+            close_with(&connection, error.code(), &error_chain(&error));
+            match error {
+                SessionError::Store(store @ StoreError::Engine(_)) => {
+                    Err(AttemptError::StoreFailed(store))
                 }
-                return Err(Attempt::Permanent(reason));
-            }
-            if error.is_permanent() {
-                Err(Attempt::Permanent(reason))
-            } else {
-                let label = match &error {
-                    SessionError::Rejected { code, .. } => code.name(),
-                    SessionError::Read(ReadError::Timeout(_)) => "source_silent",
-                    SessionError::Read(_) => "connection_lost",
-                    SessionError::Protocol(_) => "protocol_violation",
-                    SessionError::WrongCluster { .. } => "cluster_id_mismatch",
-                    SessionError::Store(_) => "store",
-                };
-                Err(Attempt::Transient(label, reason))
+                other => Err(AttemptError::Session(other)),
             }
         }
-    }
-}
-
-/// `error` and its causes, joined with ": ", for one log line.
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut cause = error.source();
-    while let Some(inner) = cause {
-        text.push_str(": ");
-        text.push_str(&inner.to_string());
-        cause = inner.source();
-    }
-    text
-}
-
-fn classify_closed(error: &quinn::ConnectionError) -> Attempt {
-    match permanent_connection_error(error) {
-        Some(reason) => Attempt::Permanent(reason),
-        None => match refusal_of(error) {
-            Some(refusal) => Attempt::Transient(
-                refusal.code.name(),
-                format!("the source closed the session: {refusal}"),
-            ),
-            None => Attempt::Transient("connection_lost", format!("connection lost: {error}")),
-        },
     }
 }

@@ -51,7 +51,7 @@ pub async fn publish_loop(shared: Arc<MirrorShared>) {
         metrics::gauge!("xmirror_mirror_applied_lsn").set(status.applied_lsn.0 as f64);
         // Every apply is flushed before it counts, so durable equals applied.
         metrics::gauge!("xmirror_mirror_durable_lsn").set(status.applied_lsn.0 as f64);
-        metrics::gauge!("xmirror_mirror_received_lsn").set(shared.received_lsn().0 as f64);
+        metrics::gauge!("xmirror_mirror_received_lsn").set(shared.progress().received_lsn.0 as f64);
         metrics::gauge!("xmirror_mirror_source_lsn").set(status.source_lsn.0 as f64);
         metrics::gauge!("xmirror_mirror_lag_ms").set(status.lag_ms as f64);
         metrics::gauge!("xmirror_mirror_lag_entries")

@@ -10,9 +10,11 @@ use tokio::task::JoinHandle;
 use xmirror_mirror::session::{run_session as run_mirror, SessionError};
 use xmirror_mirror::{MirrorConfig, MirrorShared};
 use xmirror_net::{FramedReader, FramedWriter};
+use xmirror_proto::message::Rejected;
 use xmirror_proto::message::{HelloAck, MirrorAck};
+use xmirror_proto::session::mirror::MirrorEnd;
 use xmirror_proto::{DecisionKind, Entry, ErrorCode, Lsn, Message, Name, PeerIdentity, Role};
-use xmirror_source::session::{run_session as run_source, SessionEnd};
+use xmirror_source::session::{run_session as run_source, SessionError as SourceError};
 use xmirror_source::{SourceConfig, SourceShared};
 
 fn name(value: &str) -> Name {
@@ -42,7 +44,7 @@ async fn mirror(dir: &TempDir) -> Arc<MirrorShared> {
 }
 
 struct Sessions {
-    source: JoinHandle<Result<(), SessionEnd>>,
+    source: JoinHandle<Result<(), SourceError>>,
     mirror: JoinHandle<Result<(), SessionError>>,
 }
 
@@ -118,13 +120,13 @@ async fn a_client_certificate_is_refused_on_both_ends() {
     let mirror = mirror(&dir).await;
     let sessions = connect(&source, &mirror, Role::Client);
     let source_end = sessions.source.await.unwrap().unwrap_err();
-    assert_eq!(source_end.code, ErrorCode::ObserverOnly);
+    assert_eq!(source_end.code(), ErrorCode::ObserverOnly);
     match sessions.mirror.await.unwrap() {
         Err(
-            error @ SessionError::Rejected {
+            error @ SessionError::Ended(MirrorEnd::Rejected(Rejected {
                 code: ErrorCode::ObserverOnly,
                 ..
-            },
+            })),
         ) => {
             assert!(error.is_permanent())
         }
@@ -167,7 +169,7 @@ async fn an_ack_before_the_hello_is_a_protocol_violation() {
         other => panic!("expected a rejection, got {other:?}"),
     }
     assert_eq!(
-        session.await.unwrap().unwrap_err().code,
+        session.await.unwrap().unwrap_err().code(),
         ErrorCode::ProtocolViolation
     );
 }
@@ -188,5 +190,5 @@ async fn a_hello_that_never_comes_times_out() {
     )
     .await
     .unwrap_err();
-    assert_eq!(end.code, ErrorCode::HandshakeTimeout);
+    assert_eq!(end.code(), ErrorCode::HandshakeTimeout);
 }

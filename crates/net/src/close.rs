@@ -40,3 +40,15 @@ pub fn refusal_of(error: &ConnectionError) -> Option<Refusal> {
         _ => None,
     }
 }
+
+/// `error` and its causes, joined with ": ": one line for a log or a close reason.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(inner) = cause {
+        text.push_str(": ");
+        text.push_str(&inner.to_string());
+        cause = inner.source();
+    }
+    text
+}

@@ -3,6 +3,7 @@
 //! The protocol handlers take these generic halves, so the same handler runs over a QUIC
 //! stream in production and over an in-memory duplex pipe in tests.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -13,6 +14,7 @@ use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_util::codec::{FramedRead, FramedWrite};
 use xmirror_proto::message::MessageType;
+use xmirror_proto::session::Outgoing;
 use xmirror_proto::{ErrorCode, FrameCodec, FrameError, Message};
 
 /// Why the next message could not be read.
@@ -195,6 +197,83 @@ impl<R: AsyncRead + Unpin> AsyncRead for ActivityReader<R> {
             self.activity.touch();
         }
         result
+    }
+}
+
+/// A frame being written, with the writer it gives back.
+type Sending<'a, W> =
+    Pin<Box<dyn Future<Output = (FramedWriter<W>, Result<(), FrameError>)> + Send + 'a>>;
+
+/// The writing half of a session driver's loop: free, or busy writing one frame while the
+/// loop goes on reading and running store work. A driver asks its session machine for the
+/// next frame only when the sender is free, which is how the stream's flow control
+/// reaches the machine.
+pub struct FrameSender<'a, W> {
+    state: SenderState<'a, W>,
+    /// The limit the next frame is written under (handshake, then data).
+    max_frame_len: usize,
+}
+
+enum SenderState<'a, W> {
+    Free(FramedWriter<W>),
+    Busy(Sending<'a, W>),
+    /// Only while a frame is being handed over.
+    Moving,
+}
+
+impl<'a, W: AsyncWrite + Unpin + Send + 'a> FrameSender<'a, W> {
+    /// A free sender writing frames of at most `max_frame_len` bytes to `writer`.
+    pub fn new(writer: W, max_frame_len: usize) -> Self {
+        FrameSender {
+            state: SenderState::Free(FramedWriter::new(writer, max_frame_len)),
+            max_frame_len,
+        }
+    }
+
+    /// Whether it can take a frame.
+    pub fn is_free(&self) -> bool {
+        matches!(self.state, SenderState::Free(_))
+    }
+
+    /// Changes the frame limit from the next frame on (handshake → data).
+    pub fn set_max_frame_len(&mut self, max_frame_len: usize) {
+        self.max_frame_len = max_frame_len;
+    }
+
+    /// Starts writing `frame`.
+    ///
+    /// # Panics
+    /// If the sender is busy: a driver checks [`is_free`](Self::is_free) first.
+    pub fn start(&mut self, frame: Outgoing) {
+        let SenderState::Free(mut writer) = std::mem::replace(&mut self.state, SenderState::Moving)
+        else {
+            panic!("a frame was started while another was being written");
+        };
+        writer.set_max_frame_len(self.max_frame_len);
+        self.state = SenderState::Busy(Box::pin(async move {
+            let result = writer.send_shared(frame.message()).await;
+            (writer, result)
+        }));
+    }
+
+    /// Waits until the frame being written is written; never finishes while free. Safe to
+    /// cancel: the write goes on at the next call.
+    pub async fn sent(&mut self) -> Result<(), FrameError> {
+        let SenderState::Busy(sending) = &mut self.state else {
+            return std::future::pending().await;
+        };
+        let (writer, result) = sending.as_mut().await;
+        self.state = SenderState::Free(writer);
+        result
+    }
+}
+
+/// Sleeps until `deadline`, or forever when there is none: a timer a driver may not have
+/// armed, in a `select!`.
+pub async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
     }
 }
 

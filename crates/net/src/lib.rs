@@ -20,6 +20,8 @@ pub mod serve;
 
 pub use admission::{Admission, Admitted};
 pub use client::{Client, ClientError, ClientStream, LoadReport};
-pub use close::{close_with, refusal_of, Refusal};
+pub use close::{close_with, error_chain, refusal_of, Refusal};
 pub use endpoint::{client_endpoint, server_endpoint, EndpointError, TransportLimits};
-pub use framed::{Activity, ActivityReader, FramedReader, FramedWriter, ReadError};
+pub use framed::{
+    sleep_until, Activity, ActivityReader, FrameSender, FramedReader, FramedWriter, ReadError,
+};

@@ -12,6 +12,7 @@ pub mod decide;
 mod error_code;
 pub mod hash;
 pub mod message;
+pub mod session;
 pub mod status;
 mod types;
 

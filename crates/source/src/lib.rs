@@ -23,8 +23,9 @@ use std::time::Duration;
 use tokio::sync::{watch, OwnedSemaphorePermit};
 use xmirror_net::serve::serve_client_connection;
 use xmirror_net::{
-    close_with, server_endpoint, Admission, Admitted, EndpointError, TransportLimits,
+    close_with, error_chain, server_endpoint, Admission, Admitted, EndpointError, TransportLimits,
 };
+use xmirror_proto::session::source::SourceSessionConfig;
 use xmirror_proto::{ErrorCode, FrameLimits, Name, VersionRange, SUPPORTED_VERSIONS};
 use xmirror_store::{open_store, EngineKind, Store, StoreError};
 use xmirror_tls::{peer_identity, NodeTls, ALPN_CLIENT, ALPN_MIRROR};
@@ -116,6 +117,21 @@ impl SourceConfig {
             max_in_flight_per_stream: 4_096,
             max_connections: 1_024,
             max_handshakes: 64,
+        }
+    }
+}
+
+impl SourceConfig {
+    /// What each mirror session needs of the configuration.
+    pub fn session_config(&self) -> SourceSessionConfig {
+        SourceSessionConfig {
+            cluster_id: self.cluster_id.clone(),
+            versions: self.versions,
+            handshake_timeout: self.handshake_timeout,
+            snapshot_chunk_bytes: self.snapshot_chunk_bytes,
+            snapshot_window_chunks: self.snapshot_window_chunks,
+            max_unacked_bytes: self.max_unacked_bytes,
+            heartbeat_interval: self.heartbeat_interval,
         }
     }
 }
@@ -328,11 +344,12 @@ async fn serve_mirror(
     let _ = send.finish();
     match outcome {
         Ok(()) => connection.close(0u32.into(), b"session over"),
-        Err(end) => {
-            tracing::info!(peer = %peer, code = %end.code, detail = %end.detail, "mirror session ended");
+        Err(error) => {
+            let detail = error_chain(&error);
+            tracing::info!(peer = %peer, code = %error.code(), detail = %detail, "mirror session ended");
             // Let the rejected ack reach the mirror before the close discards it.
             let _ = tokio::time::timeout(Duration::from_secs(1), send.stopped()).await;
-            close_with(&connection, end.code, &end.detail);
+            close_with(&connection, error.code(), &detail);
         }
     }
 }

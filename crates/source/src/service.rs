@@ -7,12 +7,12 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+use xmirror_net::error_chain;
 use xmirror_net::serve::{digest_reply, error_reply, get_reply, ClientService, Reply};
 use xmirror_proto::message::{ErrorReply, StatusReply, WriteReply};
 use xmirror_proto::status::{NodeStatus, SourceStatus};
 use xmirror_proto::{Entry, ErrorCode, Message, PeerIdentity, Role};
 
-use crate::writer::WriteError;
 use crate::SourceShared;
 
 /// Serves client requests on a source.
@@ -64,11 +64,8 @@ impl SourceService {
             match writer.write(entry).await {
                 Ok(lsn) => Message::WriteReply(WriteReply { lsn }),
                 Err(error) => Message::ErrorReply(ErrorReply {
-                    code: match error {
-                        WriteError::Stopped => ErrorCode::ShuttingDown,
-                        WriteError::Store(_) => ErrorCode::Internal,
-                    },
-                    detail: error.to_string(),
+                    code: error.code(),
+                    detail: error_chain(&error),
                 }),
             }
         })

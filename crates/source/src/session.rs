@@ -1,230 +1,436 @@
-//! One mirror's session on the source: hello, decision, snapshot, then streaming.
+//! The driver of one mirror's session on the source: it moves frames between the stream
+//! and [`SourceSession`], runs the store work the machine asks for off the async threads,
+//! keeps its timers, and tells it of commits and of a replacing session. Every protocol
+//! rule (what may come when, windows, heartbeats, ack checks) is the machine's, in
+//! `xmirror_proto::session::source`.
 //!
-//! The handler is generic over `AsyncRead`/`AsyncWrite`, so the same code runs over a QUIC
-//! control stream and over an in-memory pipe in tests. It returns how the session ended;
-//! the caller turns a refusal into the connection's close code.
-//!
-//! Snapshot state machine (source side):
-//! `Scanning(after_key)` --chunk sent--> `Scanning(last key)` --scan done--> send
-//! `SnapshotDone{end_lsn}` --> `Streaming(base_lsn + 1)`.
-//! Streaming state machine: `CatchingUp` (reading the WAL while `next <= last_lsn`) and
-//! `Live` (waiting on the commit watch, heartbeating when idle) alternate; a bound on
-//! un-acknowledged bytes pauses sending until the mirror acknowledges.
+//! Generic over `AsyncRead`/`AsyncWrite`, so the same code runs over a QUIC control stream
+//! and over an in-memory pipe in tests.
 
-use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+use futures_util::stream::{FuturesUnordered, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::{watch, OwnedSemaphorePermit};
-use xmirror_net::{FramedReader, FramedWriter, ReadError};
-use xmirror_proto::message::{
-    Accepted, Heartbeat, Hello, HelloAck, Rejected, SnapshotChunk, SnapshotDone, SnapshotSize,
-    WalBatch,
+use tokio::sync::OwnedSemaphorePermit;
+use tokio::time::Instant;
+use xmirror_net::{sleep_until, FrameSender, FramedReader};
+use xmirror_proto::message::{Hello, WalBatch};
+use xmirror_proto::session::source::{
+    Committed, SourceAction, SourceEnd, SourceEvent, SourceSession, SourceTimer,
 };
+use xmirror_proto::session::{Outgoing, SharedBatch};
 use xmirror_proto::{
-    decide, negotiate_version, Decision, ErrorCode, Lsn, Message, PeerIdentity, Reject, SnapshotId,
+    decide, Decision, ErrorCode, FrameError, Lsn, Message, PeerIdentity, Reject, SnapshotId,
     SnapshotPlan, SourceView,
 };
 use xmirror_store::StoreError;
 
-use crate::writer::RecentBatch;
+use crate::slots::SessionTicket;
 use crate::SourceShared;
 
-/// How a session ended badly: the code to close with and why.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{code}: {detail}")]
-pub struct SessionEnd {
-    /// The close code.
-    pub code: ErrorCode,
-    /// Why, for the log and the peer.
-    pub detail: String,
+/// Why a session ended, when not by the mirror finishing it.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    /// The protocol ended it: a refused hello, a broken rule, a replacing session, ...
+    #[error(transparent)]
+    Ended(#[from] SourceEnd),
+    /// Reading from or writing to the mirror's stream failed.
+    #[error("the mirror's stream failed")]
+    Stream(#[source] FrameError),
+    /// The store failed.
+    #[error("the source's store failed")]
+    Store(#[from] StoreError),
+    /// Store work panicked: a bug, reported as one.
+    #[error("store work panicked")]
+    StorePanicked(#[source] tokio::task::JoinError),
 }
 
-impl SessionEnd {
-    fn new(code: ErrorCode, detail: impl Into<String>) -> SessionEnd {
-        SessionEnd {
-            code,
-            detail: detail.into(),
+impl SessionError {
+    /// The code the connection is closed with.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            SessionError::Ended(end) => end.code(),
+            SessionError::Stream(error) => error.code(),
+            SessionError::Store(_) | SessionError::StorePanicked(_) => ErrorCode::Internal,
+        }
+    }
+
+    /// The metric label for why the session ended.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            SessionError::Ended(end) => end.code().name(),
+            SessionError::Stream(_) => "stream_failed",
+            SessionError::Store(_) => "store_failed",
+            SessionError::StorePanicked(_) => "store_panicked",
         }
     }
 }
 
-impl From<ReadError> for SessionEnd {
-    fn from(error: ReadError) -> Self {
-        SessionEnd::new(error.code(), error.to_string())
-    }
-}
+/// Store work running on a blocking thread, finishing with the event that reports it.
+type Work = Pin<Box<dyn Future<Output = Result<Option<SourceEvent>, SessionError>> + Send>>;
 
-impl From<StoreError> for SessionEnd {
-    fn from(error: StoreError) -> Self {
-        match error {
-            StoreError::WalTruncated { .. } => SessionEnd::new(
-                ErrorCode::SlotInvalidated,
-                format!("{error}; reconnect for a snapshot"),
-            ),
-            other => SessionEnd::new(ErrorCode::Internal, other.to_string()),
-        }
-    }
-}
-
-impl From<xmirror_proto::FrameError> for SessionEnd {
-    fn from(error: xmirror_proto::FrameError) -> Self {
-        SessionEnd::new(error.code(), error.to_string())
-    }
-}
-
-impl From<Reject> for SessionEnd {
-    fn from(reject: Reject) -> Self {
-        SessionEnd::new(reject.code, reject.detail)
-    }
-}
-
-async fn blocking<T: Send + 'static>(
+/// Runs `work` off the async threads.
+fn blocking<T: Send + 'static>(
     work: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
-) -> Result<T, SessionEnd> {
-    tokio::task::spawn_blocking(work)
-        .await
-        .map_err(|panic| SessionEnd::new(ErrorCode::Internal, panic.to_string()))?
-        .map_err(SessionEnd::from)
+) -> impl Future<Output = Result<T, SessionError>> {
+    let task = tokio::task::spawn_blocking(work);
+    async move {
+        task.await
+            .map_err(SessionError::StorePanicked)?
+            .map_err(SessionError::from)
+    }
 }
 
-/// Runs a mirror session to its end.
+/// The session's timers, as deadlines on the runtime's clock.
+#[derive(Default)]
+struct Timers {
+    handshake: Option<Instant>,
+    heartbeat: Option<Instant>,
+}
+
+impl Timers {
+    fn arm(&mut self, timer: SourceTimer, after: std::time::Duration) {
+        let deadline = Some(Instant::now() + after);
+        match timer {
+            SourceTimer::Handshake => self.handshake = deadline,
+            SourceTimer::Heartbeat => self.heartbeat = deadline,
+        }
+    }
+}
+
+/// Runs a mirror session to its end: `Ok` when the mirror finished it.
 ///
 /// `handshake` is the permit that counts this connection among the unfinished handshakes;
-/// it is released as soon as the hello is validated.
+/// it is released as soon as the hello is decided.
 pub async fn run_session<R, W>(
     reader: R,
     writer: W,
     peer: PeerIdentity,
     shared: Arc<SourceShared>,
     handshake: Option<OwnedSemaphorePermit>,
-) -> Result<(), SessionEnd>
+) -> Result<(), SessionError>
 where
-    R: AsyncRead + Unpin + Send + 'static,
+    R: AsyncRead + Unpin + Send,
     W: AsyncWrite + Unpin + Send,
 {
-    let limits = shared.config.frame_limits;
-    let mut reader = FramedReader::new(reader, limits.handshake);
-    let mut writer = FramedWriter::new(writer, limits.handshake);
-
-    let hello = match reader.next_within(shared.config.handshake_timeout).await {
-        Ok(Message::Hello(hello)) => hello,
-        Ok(other) => {
-            let end = SessionEnd::new(
-                ErrorCode::ProtocolViolation,
-                format!("expected a hello, got {:?}", other.message_type()),
-            );
-            return Err(refuse(&mut writer, end).await);
-        }
-        Err(error) => return Err(refuse(&mut writer, error.into()).await),
+    let mut driver = Driver {
+        limits: shared.config.frame_limits,
+        machine: SourceSession::new(shared.config.session_config(), committed(&shared)),
+        reader: FramedReader::new(reader, shared.config.frame_limits.handshake),
+        sender: FrameSender::new(writer, shared.config.frame_limits.handshake),
+        work: FuturesUnordered::new(),
+        timers: Timers::default(),
+        commits: shared.commits.clone(),
+        ticket: None,
+        handshake,
+        peer,
+        shared,
+        owed_frame: false,
     };
-
-    let (decision, ticket) = match admit(&hello, &peer, &shared) {
-        Ok(admitted) => admitted,
-        Err(end) => return Err(refuse(&mut writer, end).await),
-    };
-    drop(handshake);
-    crate::telemetry::handshake(None);
-    match &decision {
-        Decision::Snapshot { .. } => {
-            crate::telemetry::snapshot_sent(hello.mirror_name.as_str(), "fresh")
-        }
-        Decision::ResumeSnapshot { .. } => {
-            crate::telemetry::snapshot_sent(hello.mirror_name.as_str(), "resumed")
-        }
-        Decision::Stream { .. } => {}
+    let outcome = driver.run().await;
+    if let Some((mirror, ticket)) = &driver.ticket {
+        driver.shared.slots.end_session(mirror, ticket.id);
     }
-    let mirror = hello.mirror_name.clone();
-    tracing::info!(
-        mirror = %mirror,
-        peer = %peer,
-        applied_lsn = %hello.applied_lsn,
-        decision = %decision.summary(),
-        "hello accepted"
-    );
-    let version =
-        negotiate_version(shared.config.versions, hello.versions).expect("decide checked overlap");
-    let ack = HelloAck::Accepted(Accepted {
-        source_cluster: shared.config.cluster_id.clone(),
-        version,
-        source_last_lsn: shared.store.position().lsn,
-        decision: decision.clone(),
-    });
-    let outcome = async {
-        writer.send(ack).await?;
-        reader.set_max_frame_len(limits.data);
-        writer.set_max_frame_len(limits.data);
-
-        let (acked_tx, acked_rx) = watch::channel(Lsn::ZERO);
-        let (chunks_tx, chunks_rx) = watch::channel(0u64);
-        let acks = Acks {
-            lsn: acked_tx,
-            chunks: chunks_tx,
-        };
-        // The highest LSN sent so far: a mirror may not acknowledge beyond it.
-        let sent_up_to = Arc::new(AtomicU64::new(match &decision {
-            Decision::Stream { from_lsn } => from_lsn.0 - 1,
-            Decision::Snapshot { base_lsn, .. } | Decision::ResumeSnapshot { base_lsn, .. } => {
-                base_lsn.0
-            }
-        }));
-        let ack_reader = acknowledge_loop(
-            reader,
-            shared.clone(),
-            mirror.clone(),
-            ticket.id,
-            acks,
-            sent_up_to.clone(),
-        );
-        let sender = send_loop(
-            &mut writer,
-            &shared,
-            &mirror,
-            ticket.id,
-            decision,
-            Progress {
-                acked: acked_rx,
-                chunks_acked: chunks_rx,
-                sent_up_to,
-            },
-        );
-        tokio::select! {
-            result = ack_reader => result,
-            result = sender => result,
-            () = ticket.replaced.cancelled() => Err(SessionEnd::new(
-                ErrorCode::Replaced,
-                format!("another session for mirror {mirror} replaced this one"),
-            )),
-        }
+    if let Err(SessionError::Ended(SourceEnd::Refused(refusal))) = &outcome {
+        crate::telemetry::handshake(Some(refusal.code()));
+        tracing::warn!(peer = %driver.peer, code = %refusal.code(), detail = %refusal, "mirror refused");
     }
-    .await;
-    shared.slots.end_session(&mirror, ticket.id);
     outcome
 }
 
-/// Sends a rejected ack (best effort) and returns the end to close with.
-async fn refuse<W: AsyncWrite + Unpin>(
-    writer: &mut FramedWriter<W>,
-    end: SessionEnd,
-) -> SessionEnd {
-    tracing::warn!(code = %end.code, detail = %end.detail, "mirror refused");
-    crate::telemetry::handshake(Some(end.code));
-    let _ = writer
-        .send(HelloAck::Rejected(Rejected {
-            code: end.code,
-            detail: end.detail.clone(),
-        }))
-        .await;
-    end
+fn committed(shared: &SourceShared) -> Committed {
+    let committed = *shared.commits.borrow();
+    Committed {
+        last_lsn: committed.last_lsn,
+        commit_time: committed.commit_time,
+    }
 }
 
-/// Builds the source's view, decides, and registers the session.
+struct Driver<'a, R, W> {
+    machine: SourceSession,
+    limits: xmirror_proto::FrameLimits,
+    reader: FramedReader<R>,
+    sender: FrameSender<'a, W>,
+    /// Store work in flight (at most one read and one measurement, by the machine's rules).
+    work: FuturesUnordered<Work>,
+    timers: Timers,
+    commits: tokio::sync::watch::Receiver<crate::writer::Committed>,
+    /// The slot this session holds once admitted, with the mirror's name.
+    ticket: Option<(xmirror_proto::Name, SessionTicket)>,
+    /// Counts this connection among unfinished handshakes until the hello is decided.
+    handshake: Option<OwnedSemaphorePermit>,
+    peer: PeerIdentity,
+    shared: Arc<SourceShared>,
+    /// The frame being written was taken after the machine ended (a rejected ack): the
+    /// session waits for it before it ends.
+    owed_frame: bool,
+}
+
+impl<'a, R, W> Driver<'a, R, W>
+where
+    R: AsyncRead + Unpin + Send,
+    W: AsyncWrite + Unpin + Send + 'a,
+{
+    async fn run(&mut self) -> Result<(), SessionError> {
+        loop {
+            self.perform().await?;
+            let sending = !self.sender.is_free();
+            if !sending || (self.machine.has_ended() && !self.owed_frame) {
+                if let Some(end) = self.machine.take_end() {
+                    return end.map_err(SessionError::from);
+                }
+            }
+            let wants_frames = self.machine.wants_frames();
+            let replaced = self
+                .ticket
+                .as_ref()
+                .map(|(_, ticket)| ticket.replaced.clone());
+            tokio::select! {
+                result = self.sender.sent(), if sending => {
+                    self.owed_frame = false;
+                    if let Err(error) = result {
+                        return Err(self.fail(SessionError::Stream(error)));
+                    }
+                }
+                done = self.work.next(), if !self.work.is_empty() => {
+                    if let Some(event) = done.expect("not empty")? {
+                        self.machine.handle(event);
+                    }
+                }
+                frame = self.reader.next(), if wants_frames => {
+                    let event = match frame {
+                        Ok(Some(message)) => SourceEvent::Received(message),
+                        Ok(None) => SourceEvent::MirrorFinished,
+                        Err(FrameError::Io(error)) => {
+                            return Err(self.fail(SessionError::Stream(FrameError::Io(error))));
+                        }
+                        Err(malformed) => SourceEvent::Malformed(malformed),
+                    };
+                    self.machine.handle(event);
+                }
+                changed = self.commits.changed() => {
+                    self.machine.handle(match changed {
+                        Ok(()) => SourceEvent::Committed(committed(&self.shared)),
+                        Err(_) => SourceEvent::WriterStopped,
+                    });
+                }
+                () = sleep_until(self.timers.handshake) => {
+                    self.timers.handshake = None;
+                    self.machine.handle(SourceEvent::Timer(SourceTimer::Handshake));
+                }
+                () = sleep_until(self.timers.heartbeat) => {
+                    self.timers.heartbeat = None;
+                    self.machine.handle(SourceEvent::Timer(SourceTimer::Heartbeat));
+                }
+                () = async { match &replaced {
+                    Some(token) => token.cancelled().await,
+                    None => std::future::pending().await,
+                } } => {
+                    self.machine.handle(SourceEvent::Replaced);
+                }
+            }
+        }
+    }
+
+    /// The session's own end if it already has one (a refusal whose ack could not be
+    /// written is still a refusal), else `error`.
+    fn fail(&mut self, error: SessionError) -> SessionError {
+        match self.machine.take_end() {
+            Some(Err(end)) => SessionError::Ended(end),
+            _ => error,
+        }
+    }
+
+    /// Does what the machine asks until it asks for nothing more right now.
+    async fn perform(&mut self) -> Result<(), SessionError> {
+        loop {
+            if let Some(action) = self.machine.poll_action() {
+                self.act(action).await?;
+                continue;
+            }
+            if self.sender.is_free() {
+                if let Some(frame) = self.machine.poll_transmit() {
+                    self.owed_frame = self.machine.has_ended();
+                    self.transmit(frame);
+                    continue;
+                }
+            }
+            return Ok(());
+        }
+    }
+
+    fn transmit(&mut self, frame: Outgoing) {
+        if let Outgoing::Message(Message::SnapshotChunk(chunk)) = &frame {
+            let bytes = xmirror_proto::session::mirror::pairs_len(&chunk.pairs);
+            self.shared
+                .snapshot_bytes_sent
+                .fetch_add(bytes as u64, Ordering::Relaxed);
+        }
+        self.sender.start(frame);
+    }
+
+    async fn act(&mut self, action: SourceAction) -> Result<(), SessionError> {
+        let shared = self.shared.clone();
+        match action {
+            SourceAction::Admit(hello) => {
+                let peer = self.peer.clone();
+                let admission = blocking(move || admit(hello, &peer, &shared)).await?;
+                self.admitted(admission);
+            }
+            SourceAction::UseDataFrameLimit => {
+                self.reader.set_max_frame_len(self.limits.data);
+                self.sender.set_max_frame_len(self.limits.data);
+            }
+            SourceAction::MeasureSnapshot => {
+                let store = shared.store.clone();
+                self.work.push(Box::pin(async move {
+                    // The size is for progress only: a failure to measure costs nothing else.
+                    Ok(match blocking(move || store.data_size()).await {
+                        Ok((keys, bytes)) => Some(SourceEvent::Measured { keys, bytes }),
+                        Err(error) => {
+                            tracing::debug!(error = %error, "could not measure the snapshot");
+                            None
+                        }
+                    })
+                }));
+            }
+            SourceAction::Scan {
+                after_key,
+                max_bytes,
+            } => {
+                let store = shared.store.clone();
+                let scan = blocking(move || store.scan(after_key.as_deref(), max_bytes));
+                self.work.push(Box::pin(async move {
+                    let chunk = scan.await?;
+                    Ok(Some(SourceEvent::Scanned {
+                        pairs: chunk.pairs,
+                        more: chunk.more,
+                    }))
+                }));
+            }
+            SourceAction::ReadEndLsn => {
+                // Through the store's write lock: never below an LSN whose data the scan saw.
+                let store = shared.store.clone();
+                let position = blocking(move || Ok(store.position()));
+                self.work.push(Box::pin(async move {
+                    Ok(Some(SourceEvent::EndLsnRead(position.await?.lsn)))
+                }));
+            }
+            SourceAction::ReadBatch { from, up_to } => {
+                if let Some(recent) = shared
+                    .writer
+                    .recent_batch(from)
+                    .filter(|recent| recent.last_lsn <= up_to)
+                {
+                    self.machine.handle(SourceEvent::BatchRead(recent));
+                } else {
+                    self.work.push(Box::pin(read_batch(shared, from, up_to)));
+                }
+            }
+            SourceAction::AdvanceSlot(durable) => {
+                if let Some((mirror, ticket)) = &self.ticket {
+                    if !shared.slots.acknowledge(mirror, ticket.id, durable) {
+                        self.machine.handle(SourceEvent::Replaced);
+                    }
+                }
+            }
+            SourceAction::SnapshotSent => {
+                if let Some((mirror, ticket)) = &self.ticket {
+                    shared.slots.snapshot_sent(mirror, ticket.id);
+                }
+            }
+            SourceAction::ArmTimer(timer, after) => self.timers.arm(timer, after),
+        }
+        Ok(())
+    }
+
+    fn admitted(&mut self, admission: Admission) {
+        self.handshake = None;
+        let Admission {
+            hello,
+            decision,
+            ticket,
+            source_last_lsn,
+        } = admission;
+        // A refusal is counted and logged with every other one when the session ends.
+        if let Ok(decision) = &decision {
+            crate::telemetry::handshake(None);
+            match decision {
+                Decision::Snapshot { .. } => {
+                    crate::telemetry::snapshot_sent(hello.mirror_name.as_str(), "fresh")
+                }
+                Decision::ResumeSnapshot { .. } => {
+                    crate::telemetry::snapshot_sent(hello.mirror_name.as_str(), "resumed")
+                }
+                Decision::Stream { .. } => {}
+            }
+            tracing::info!(
+                mirror = %hello.mirror_name,
+                peer = %self.peer,
+                applied_lsn = %hello.applied_lsn,
+                decision = %decision.summary(),
+                "hello accepted"
+            );
+        }
+        self.ticket = ticket.map(|ticket| (hello.mirror_name.clone(), ticket));
+        self.machine.handle(SourceEvent::Admitted {
+            decision,
+            source_last_lsn,
+        });
+    }
+}
+
+/// The batch that starts at `from`, ending no later than `up_to`, read from the WAL (a
+/// session that is behind, or that missed the writer's recent groups).
+async fn read_batch(
+    shared: Arc<SourceShared>,
+    from: Lsn,
+    up_to: Lsn,
+) -> Result<Option<SourceEvent>, SessionError> {
+    let config = &shared.config;
+    // Only durable entries leave: the store may already hold the next group, which a crash
+    // before its flush would lose, and a mirror must never be ahead of the source's
+    // durable history.
+    let durable_entries = usize::try_from(up_to.0 + 1 - from.0).unwrap_or(usize::MAX);
+    let max_entries = config.batch_max_entries.min(durable_entries);
+    let max_bytes = config.batch_max_bytes;
+    let store = shared.store.clone();
+    let records = blocking(move || store.read_wal(from, max_entries, max_bytes)).await?;
+    let Some(last) = records.last() else {
+        return Ok(Some(SourceEvent::WalTruncated {
+            first_retained: shared.store.wal_bounds().first,
+        }));
+    };
+    Ok(Some(SourceEvent::BatchRead(Arc::new(SharedBatch::new(
+        WalBatch {
+            first_lsn: from,
+            chain_hash: last.chain_hash,
+            commit_time: last.commit_time,
+            entries: records.into_iter().map(|record| record.entry).collect(),
+        },
+    )))))
+}
+
+/// What admitting a hello came to.
+struct Admission {
+    hello: Box<Hello>,
+    decision: Result<Decision, Reject>,
+    /// The slot, pinned for the session, when the hello was accepted.
+    ticket: Option<SessionTicket>,
+    source_last_lsn: Lsn,
+}
+
+/// Builds the source's view, decides, and on acceptance registers the session (pinning
+/// the WAL it needs). Runs on a blocking thread: it reads the store and writes the slot,
+/// under the lock retention holds while it truncates.
 fn admit(
-    hello: &Hello,
+    hello: Box<Hello>,
     peer: &PeerIdentity,
     shared: &SourceShared,
-) -> Result<(Decision, crate::slots::SessionTicket), SessionEnd> {
+) -> Result<Admission, StoreError> {
     let _admission = shared
         .admission
         .lock()
@@ -258,285 +464,15 @@ fn admit(
         resumable,
         fresh_snapshot,
     };
-    let decision = decide(hello, peer, &view)?;
-    let ticket = shared.slots.begin_session(&hello.mirror_name, &decision)?;
-    Ok((decision, ticket))
-}
-
-/// Where the mirror's acknowledgements are announced to the sender.
-struct Acks {
-    /// The last LSN acknowledged durable.
-    lsn: watch::Sender<Lsn>,
-    /// Snapshot chunks of this session applied.
-    chunks: watch::Sender<u64>,
-}
-
-/// What the sender learns from the mirror, and tells the ack reader.
-struct Progress {
-    /// The last LSN acknowledged durable.
-    acked: watch::Receiver<Lsn>,
-    /// Snapshot chunks of this session applied.
-    chunks_acked: watch::Receiver<u64>,
-    /// The highest LSN sent.
-    sent_up_to: Arc<AtomicU64>,
-}
-
-/// Reads the mirror's acks and advances its slot; anything else ends the session.
-async fn acknowledge_loop<R: AsyncRead + Unpin>(
-    mut reader: FramedReader<R>,
-    shared: Arc<SourceShared>,
-    mirror: xmirror_proto::Name,
-    session: u64,
-    acks: Acks,
-    sent_up_to: Arc<AtomicU64>,
-) -> Result<(), SessionEnd> {
-    loop {
-        match reader.next().await? {
-            Some(Message::SnapshotChunkAck(ack)) => {
-                acks.chunks.send_replace(ack.chunks_applied);
-            }
-            Some(Message::MirrorAck(ack)) => {
-                // An ack of what was never sent would advance the slot past entries the
-                // mirror does not have, and let retention drop them.
-                let sent = Lsn(sent_up_to.load(Ordering::Acquire));
-                let claimed = ack.durable.max(ack.received).max(ack.applied);
-                if claimed > sent {
-                    return Err(SessionEnd::new(
-                        ErrorCode::ProtocolViolation,
-                        format!(
-                            "mirror acknowledged LSN {claimed}, but only up to {sent} was sent"
-                        ),
-                    ));
-                }
-                if !shared.slots.acknowledge(&mirror, session, ack.durable) {
-                    return Ok(());
-                }
-                acks.lsn.send_replace(ack.durable);
-            }
-            Some(other) => {
-                return Err(SessionEnd::new(
-                    ErrorCode::ProtocolViolation,
-                    format!(
-                        "a mirror may only send acks here, got {:?}",
-                        other.message_type()
-                    ),
-                ))
-            }
-            // The mirror finished its side: the session is over.
-            None => return Ok(()),
-        }
-    }
-}
-
-/// Sends the snapshot (if decided) and then the WAL, forever.
-async fn send_loop<W: AsyncWrite + Unpin>(
-    writer: &mut FramedWriter<W>,
-    shared: &Arc<SourceShared>,
-    mirror: &xmirror_proto::Name,
-    session: u64,
-    decision: Decision,
-    progress: Progress,
-) -> Result<(), SessionEnd> {
-    let Progress {
-        acked,
-        chunks_acked,
-        sent_up_to,
-    } = progress;
-    let next = match decision {
-        Decision::Stream { from_lsn } => from_lsn,
-        Decision::Snapshot {
-            snapshot_id,
-            base_lsn,
-            ..
-        } => send_snapshot(writer, shared, snapshot_id, base_lsn, None, chunks_acked).await?,
-        Decision::ResumeSnapshot {
-            snapshot_id,
-            after_key,
-            base_lsn,
-            ..
-        } => {
-            send_snapshot(
-                writer,
-                shared,
-                snapshot_id,
-                base_lsn,
-                after_key,
-                chunks_acked,
-            )
-            .await?
-        }
+    let decision = decide(&hello, peer, &view);
+    let ticket = match &decision {
+        Ok(decision) => Some(shared.slots.begin_session(&hello.mirror_name, decision)?),
+        Err(_) => None,
     };
-    shared.slots.snapshot_sent(mirror, session);
-    stream_wal(writer, shared, next, acked, &sent_up_to).await
-}
-
-/// Sends the key scan after `after_key`, then `SnapshotDone`; returns the first LSN to stream.
-///
-/// At most `snapshot_window_chunks` chunks are unacknowledged at a time: a mirror killed
-/// mid-snapshot makes the source send at most that many chunks again, while a window
-/// larger than one keeps a long link busy instead of idle for a round trip per chunk.
-async fn send_snapshot<W: AsyncWrite + Unpin>(
-    writer: &mut FramedWriter<W>,
-    shared: &Arc<SourceShared>,
-    snapshot_id: SnapshotId,
-    base_lsn: Lsn,
-    mut after_key: Option<Vec<u8>>,
-    mut chunks_acked: watch::Receiver<u64>,
-) -> Result<Lsn, SessionEnd> {
-    let chunk_bytes = shared.config.snapshot_chunk_bytes;
-    let window = shared.config.snapshot_window_chunks.max(1);
-    let mut chunks_sent = 0u64;
-    // The data's size, measured beside the transfer and sent once known, so the mirror
-    // can show progress and an ETA without delaying the first chunk.
-    let store = shared.store.clone();
-    let mut measuring = Some(tokio::task::spawn_blocking(move || store.data_size()));
-    loop {
-        if measuring.as_ref().is_some_and(|task| task.is_finished()) {
-            if let Some(Ok(Ok((keys, bytes)))) = match measuring.take() {
-                Some(task) => Some(task.await),
-                None => None,
-            } {
-                writer
-                    .send(SnapshotSize {
-                        snapshot_id,
-                        keys,
-                        bytes,
-                    })
-                    .await?;
-            }
-        }
-        let store = shared.store.clone();
-        let after = after_key.clone();
-        let chunk = blocking(move || store.scan(after.as_deref(), chunk_bytes)).await?;
-        if let Some((last_key, _)) = chunk.pairs.last() {
-            after_key = Some(last_key.clone());
-            if chunks_acked
-                .wait_for(|acked| *acked + window > chunks_sent)
-                .await
-                .is_err()
-            {
-                // The ack reader ended; the session is ending with it.
-                return Err(SessionEnd::new(
-                    ErrorCode::ProtocolViolation,
-                    "mirror stopped acknowledging",
-                ));
-            }
-            shared
-                .snapshot_bytes_sent
-                .fetch_add(chunk.payload_len() as u64, Ordering::Relaxed);
-            writer
-                .send(SnapshotChunk {
-                    snapshot_id,
-                    pairs: chunk.pairs,
-                })
-                .await?;
-            chunks_sent += 1;
-        }
-        if !chunk.more {
-            break;
-        }
-    }
-    // Read through the store's write lock: never below an LSN whose data the scan saw.
-    let end_lsn = shared.store.position().lsn;
-    writer
-        .send(SnapshotDone {
-            snapshot_id,
-            end_lsn,
-        })
-        .await?;
-    tracing::info!(snapshot_id = %snapshot_id, base_lsn = %base_lsn, end_lsn = %end_lsn, "snapshot scan sent");
-    Ok(base_lsn.next())
-}
-
-/// The batch that starts at `next`, ending no later than `durable` (the writer's last
-/// announced LSN): a live session sends the group as the writer committed it, shared by
-/// every mirror; one that is behind (or missed the group) reads the WAL.
-async fn next_batch(
-    shared: &Arc<SourceShared>,
-    next: Lsn,
-    durable: Lsn,
-) -> Result<Arc<RecentBatch>, SessionEnd> {
-    if let Some(recent) = shared
-        .writer
-        .recent_batch(next)
-        .filter(|recent| recent.last_lsn <= durable)
-    {
-        return Ok(recent);
-    }
-    let config = &shared.config;
-    let store = shared.store.clone();
-    // Only durable entries leave: the store may already hold the next group, which a crash
-    // before its flush would lose, and a mirror must never be ahead of the source's
-    // durable history.
-    let durable_entries = usize::try_from(durable.0 + 1 - next.0).unwrap_or(usize::MAX);
-    let max_entries = config.batch_max_entries.min(durable_entries);
-    let max_bytes = config.batch_max_bytes;
-    let records = blocking(move || store.read_wal(next, max_entries, max_bytes)).await?;
-    let Some(last) = records.last() else {
-        return Err(SessionEnd::from(StoreError::WalTruncated {
-            requested: next,
-            first: shared.store.wal_bounds().first,
-        }));
-    };
-    Ok(Arc::new(RecentBatch::new(WalBatch {
-        first_lsn: next,
-        chain_hash: last.chain_hash,
-        commit_time: last.commit_time,
-        entries: records.into_iter().map(|record| record.entry).collect(),
-    })))
-}
-
-/// Streams WAL batches from `next`: from the WAL while behind, then live as commits land.
-async fn stream_wal<W: AsyncWrite + Unpin>(
-    writer: &mut FramedWriter<W>,
-    shared: &Arc<SourceShared>,
-    mut next: Lsn,
-    mut acked: watch::Receiver<Lsn>,
-    sent_up_to: &AtomicU64,
-) -> Result<(), SessionEnd> {
-    let config = &shared.config;
-    let mut commits = shared.commits.clone();
-    // Batches sent and not yet acknowledged: (last LSN, payload bytes).
-    let mut unacked: VecDeque<(Lsn, usize)> = VecDeque::new();
-    let mut unacked_bytes = 0usize;
-    let mut idle_since = tokio::time::Instant::now();
-    loop {
-        let acked_lsn = *acked.borrow_and_update();
-        while unacked.front().is_some_and(|(last, _)| *last <= acked_lsn) {
-            let (_, bytes) = unacked.pop_front().expect("checked non-empty");
-            unacked_bytes -= bytes;
-        }
-        let committed = *commits.borrow_and_update();
-        if next <= committed.last_lsn && unacked_bytes < config.max_unacked_bytes {
-            let batch = next_batch(shared, next, committed.last_lsn).await?;
-            next = batch.last_lsn.next();
-            unacked.push_back((batch.last_lsn, batch.payload_bytes));
-            unacked_bytes += batch.payload_bytes;
-            // Recorded before sending, so that no ack can overtake it.
-            sent_up_to.store(batch.last_lsn.0, Ordering::Release);
-            writer.send_shared(&batch.message).await?;
-            idle_since = tokio::time::Instant::now();
-            continue;
-        }
-        tokio::select! {
-            changed = commits.changed() => {
-                if changed.is_err() {
-                    return Err(SessionEnd::new(ErrorCode::ShuttingDown, "the source is stopping"));
-                }
-            }
-            changed = acked.changed() => {
-                if changed.is_err() {
-                    return Ok(());
-                }
-            }
-            () = tokio::time::sleep_until(idle_since + config.heartbeat_interval) => {
-                let committed = *commits.borrow();
-                writer.send(Heartbeat {
-                    last_lsn: committed.last_lsn,
-                    commit_time: committed.commit_time,
-                }).await?;
-                idle_since = tokio::time::Instant::now();
-            }
-        }
-    }
+    Ok(Admission {
+        hello,
+        decision,
+        ticket,
+        source_last_lsn: position.lsn,
+    })
 }

@@ -16,8 +16,12 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use tokio::sync::{mpsc, oneshot, watch};
 use xmirror_proto::message::WalBatch;
-use xmirror_proto::{Entry, Lsn, Message, UnixMillis};
-use xmirror_store::{Batch, Store};
+use xmirror_proto::session::SharedBatch;
+use xmirror_proto::ErrorCode;
+#[cfg(test)]
+use xmirror_proto::Message;
+use xmirror_proto::{Entry, Lsn, UnixMillis};
+use xmirror_store::{Batch, Store, StoreError};
 
 /// The most entries one group commit takes, bounding a batch's memory and latency.
 const MAX_GROUP_ENTRIES: usize = 4096;
@@ -43,41 +47,31 @@ pub struct Committed {
 /// Why a write was not made durable.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum WriteError {
-    /// The store failed; nothing of the group was acknowledged.
-    #[error("the store failed: {0}")]
-    Store(String),
+    /// The store failed; nothing of the group was acknowledged. Shared by every write of
+    /// the group.
+    #[error("the store failed")]
+    Store(#[source] Arc<StoreError>),
+    /// The group's store work panicked; nothing of the group was acknowledged.
+    #[error("the group commit's store work panicked: {0}")]
+    Panicked(Arc<str>),
     /// The writer has stopped (the node is shutting down).
     #[error("the source is shutting down")]
     Stopped,
 }
 
+impl WriteError {
+    /// The code the client is refused with.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            WriteError::Store(_) | WriteError::Panicked(_) => ErrorCode::Internal,
+            WriteError::Stopped => ErrorCode::ShuttingDown,
+        }
+    }
+}
+
 struct WriteRequest {
     entry: Entry,
     reply: oneshot::Sender<Result<Lsn, WriteError>>,
-}
-
-/// A committed group as the `WalBatch` that carries it to mirrors.
-pub struct RecentBatch {
-    /// `Message::WalBatch`, encoded once per mirror straight from here.
-    pub message: Message,
-    /// The batch's first LSN.
-    pub first_lsn: Lsn,
-    /// The batch's last LSN.
-    pub last_lsn: Lsn,
-    /// Key and value bytes in the batch.
-    pub payload_bytes: usize,
-}
-
-impl RecentBatch {
-    /// Wraps `batch`, noting its bounds and size.
-    pub fn new(batch: WalBatch) -> RecentBatch {
-        RecentBatch {
-            first_lsn: batch.first_lsn,
-            last_lsn: batch.last_lsn(),
-            payload_bytes: batch.entries.iter().map(Entry::payload_len).sum(),
-            message: batch.into(),
-        }
-    }
 }
 
 /// The largest group kept as one batch: what a session may send as one `WalBatch`.
@@ -92,7 +86,7 @@ pub struct BatchLimits {
 /// Recent committed groups, oldest first, within [`RECENT_BYTES`].
 #[derive(Default)]
 struct Recent {
-    batches: VecDeque<Arc<RecentBatch>>,
+    batches: VecDeque<Arc<SharedBatch>>,
     bytes: usize,
 }
 
@@ -133,7 +127,7 @@ impl Writer {
 
     /// The committed (durable) group that starts at `first_lsn`, if it is still in memory
     /// and was small enough to be one batch.
-    pub fn recent_batch(&self, first_lsn: Lsn) -> Option<Arc<RecentBatch>> {
+    pub fn recent_batch(&self, first_lsn: Lsn) -> Option<Arc<SharedBatch>> {
         let recent = self.recent.lock().unwrap_or_else(PoisonError::into_inner);
         let index = recent
             .batches
@@ -159,7 +153,7 @@ fn replies_len(first: Lsn, last: Lsn) -> u64 {
 }
 
 /// Keeps `batch` for live sessions, dropping the oldest groups beyond [`RECENT_BYTES`].
-fn remember(recent: &Mutex<Recent>, batch: RecentBatch) {
+fn remember(recent: &Mutex<Recent>, batch: SharedBatch) {
     let mut recent = recent.lock().unwrap_or_else(PoisonError::into_inner);
     recent.bytes += batch.payload_bytes;
     recent.batches.push_back(Arc::new(batch));
@@ -224,7 +218,7 @@ async fn run(
                         commit_time,
                         entries,
                     };
-                    remember(&recent, RecentBatch::new(batch));
+                    remember(&recent, SharedBatch::new(batch));
                 }
                 commits.send_replace(Committed {
                     last_lsn,
@@ -235,15 +229,16 @@ async fn run(
             }
             Ok((Err(error), _)) => {
                 tracing::error!(error = %error, writes = replies.len(), "group commit failed; writes refused");
-                let error = WriteError::Store(error.to_string());
+                let error = WriteError::Store(Arc::new(error));
                 for reply in replies {
                     let _ = reply.send(Err(error.clone()));
                 }
             }
             Err(panic) => {
                 tracing::error!(error = %panic, "group commit task failed");
+                let error = WriteError::Panicked(panic.to_string().into());
                 for reply in replies {
-                    let _ = reply.send(Err(WriteError::Store("internal failure".into())));
+                    let _ = reply.send(Err(error.clone()));
                 }
             }
         }

@@ -1,0 +1,1449 @@
+//! The mirror's side of a session with its source: hello, decision, snapshot, streaming.
+//!
+//! ```text
+//! connecting ─ack: stream───────────────▶ (prepare) ─▶ catching_up ⇄ streaming
+//!            ─ack: snapshot or resume───▶ (prepare) ─▶ snapshot ─SnapshotDone applied─▶ catching_up
+//!            ─ack: rejected, wrong cluster, another frame, the deadline─▶ ended
+//! catching_up while the applied LSN is below the source's last known LSN, streaming once it
+//! reaches it; any broken rule ends the session (the driver reconnects or exits).
+//! ```
+//!
+//! The rules it owns, each a table test below: the hello says where the store stands (a
+//! snapshot interrupted before its clear finished resumes from no key); the ack must come
+//! within its deadline, from the expected cluster, and agree with the hello; frames are
+//! queued up to a bound (the driver stops reading beyond it); queued snapshot chunks of one
+//! snapshot, or WAL batches with contiguous LSNs, are applied as one group of bounded bytes;
+//! WAL is refused before the snapshot's scan is complete and chunks outside one; nothing is
+//! acknowledged before its store work is durable, and never beyond what was received.
+//! Store work and the source's silence (a byte-level liveness check) are the driver's.
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use crate::hash::ChainHash;
+use crate::message::{
+    Decision, DecisionKind, Hello, HelloAck, MessageType, MirrorAck, Rejected, ResumeToken,
+    SnapshotChunk, SnapshotChunkAck, WalBatch,
+};
+use crate::session::Outgoing;
+use crate::status::MirrorState;
+use crate::types::{Lsn, Name, Role, SnapshotId, UnixMillis, VersionRange};
+use crate::{Entry, ErrorCode, Message};
+
+/// What a session needs to know of the mirror's configuration.
+#[derive(Clone, Debug)]
+pub struct MirrorSessionConfig {
+    /// The versions the mirror speaks.
+    pub versions: VersionRange,
+    /// The cluster the source must belong to.
+    pub source_cluster: Name,
+    /// The database mirrored.
+    pub database: Name,
+    /// The mirror's name (its certificate's).
+    pub mirror_name: Name,
+    /// How long the source has to answer the hello.
+    pub handshake_timeout: Duration,
+    /// Frames received and not yet applied, at most: the driver stops reading beyond it.
+    pub max_queued_frames: usize,
+    /// Payload bytes applied as one store write (one frame may exceed it).
+    pub max_group_bytes: usize,
+}
+
+/// A snapshot the store was receiving when the session started.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InterruptedSnapshot {
+    /// The snapshot.
+    pub snapshot_id: SnapshotId,
+    /// The last key applied.
+    pub after_key: Option<Vec<u8>>,
+    /// Whether the clear that started it had finished.
+    pub cleared: bool,
+}
+
+/// Where the mirror's store stands when a session starts.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Standing {
+    /// The last applied (and durable) LSN.
+    pub applied_lsn: Lsn,
+    /// The chain hash at `applied_lsn`.
+    pub chain_hash: ChainHash,
+    /// The snapshot being received, if one was interrupted.
+    pub interrupted: Option<InterruptedSnapshot>,
+    /// Whether the store serves reads.
+    pub consistent: bool,
+}
+
+/// What the mirror shows of its replication: the one record status, metrics and waiters
+/// read. It outlives sessions: a new session starts from the previous one's.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MirrorProgress {
+    /// What the mirror is doing.
+    pub state: MirrorState,
+    /// The last LSN applied durably.
+    pub applied_lsn: Lsn,
+    /// The last LSN read off the wire (it may still be waiting to be applied).
+    pub received_lsn: Lsn,
+    /// The source's last LSN as last heard.
+    pub source_lsn: Lsn,
+    /// When the source committed `source_lsn`, when a heartbeat said so.
+    pub source_commit_time: Option<UnixMillis>,
+    /// When the source committed the last applied entry.
+    pub applied_commit_time: Option<UnixMillis>,
+    /// Whether the store serves reads.
+    pub consistent: bool,
+    /// The snapshot being received in this session, if one is.
+    pub snapshot: Option<SnapshotCounts>,
+}
+
+impl MirrorProgress {
+    /// A mirror that has not talked to its source yet.
+    pub fn new(applied_lsn: Lsn, consistent: bool) -> MirrorProgress {
+        MirrorProgress {
+            state: MirrorState::Connecting,
+            applied_lsn,
+            received_lsn: applied_lsn,
+            source_lsn: Lsn::ZERO,
+            source_commit_time: None,
+            applied_commit_time: None,
+            consistent,
+            snapshot: None,
+        }
+    }
+}
+
+/// A snapshot transfer's size so far, for progress.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct SnapshotCounts {
+    /// Keys applied in this session.
+    pub keys: u64,
+    /// Key and value bytes applied in this session.
+    pub bytes: u64,
+    /// The whole data's keys and bytes, once the source has measured them.
+    pub total: Option<(u64, u64)>,
+}
+
+/// The session's timer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MirrorTimer {
+    /// The ack's deadline.
+    Handshake,
+}
+
+/// What happened, for the session to react to.
+#[derive(Debug)]
+pub enum MirrorEvent {
+    /// A frame from the source.
+    Received(Message),
+    /// The source finished its side of the stream.
+    SourceFinished,
+    /// [`MirrorAction::Prepare`] is durable.
+    Prepared,
+    /// [`MirrorAction::ApplyChunks`] is durable.
+    ChunksApplied,
+    /// [`MirrorAction::FinishScan`] is durable; the store stands at `applied_lsn`.
+    ScanFinished {
+        /// The store's applied LSN (the snapshot's base).
+        applied_lsn: Lsn,
+        /// Whether the store serves reads (the scan ended at its base).
+        consistent: bool,
+    },
+    /// [`MirrorAction::ApplyBatches`] is durable.
+    BatchesApplied {
+        /// The store's applied LSN after the group.
+        applied_lsn: Lsn,
+        /// Whether the store serves reads.
+        consistent: bool,
+    },
+    /// The timer armed with [`MirrorAction::ArmTimer`] fired.
+    Timer(MirrorTimer),
+}
+
+/// Store work to start the decision: record it and, for a snapshot, clear the store.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Preparation {
+    /// The decision, kept in the store for status.
+    pub decision: DecisionKind,
+    /// A resumed snapshot counts in `snapshots_resumed`.
+    pub count_resume: bool,
+    /// Clear the store and mark it as receiving this snapshot (a fresh snapshot, or a
+    /// resume with no key applied yet).
+    pub begin_snapshot: Option<SnapshotStart>,
+}
+
+/// A snapshot's identity and base, as the store marks it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SnapshotStart {
+    /// The snapshot.
+    pub snapshot_id: SnapshotId,
+    /// Its base LSN.
+    pub base_lsn: Lsn,
+    /// The source's chain hash there, where the mirror's chain continues.
+    pub base_chain_hash: ChainHash,
+}
+
+/// Contiguous WAL entries to apply as one store write.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WalGroup {
+    /// The LSN of `entries[0]`.
+    pub first_lsn: Lsn,
+    /// The entries of every batch in the group, in order.
+    pub entries: Vec<Entry>,
+    /// When the source committed the last entry.
+    pub commit_time: UnixMillis,
+    /// The source's chain hash after the last entry: the store refuses the group if its own
+    /// differs.
+    pub chain_hash: ChainHash,
+}
+
+impl WalGroup {
+    /// The group's last LSN.
+    pub fn last_lsn(&self) -> Lsn {
+        Lsn((self.first_lsn.0 + self.entries.len() as u64).saturating_sub(1))
+    }
+}
+
+/// What the driver must do for the session.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MirrorAction {
+    /// The hello was accepted: frames may now be as large as the data phase allows.
+    UseDataFrameLimit,
+    /// Fire [`MirrorEvent::Timer`] after the duration.
+    ArmTimer(MirrorTimer, Duration),
+    /// Record the decision (and clear for a snapshot), durably; report
+    /// [`MirrorEvent::Prepared`].
+    Prepare(Preparation),
+    /// Apply the chunks, each with its resume position, and flush; report
+    /// [`MirrorEvent::ChunksApplied`].
+    ApplyChunks {
+        /// The snapshot they belong to.
+        snapshot_id: SnapshotId,
+        /// The chunks, in order.
+        chunks: Vec<SnapshotChunk>,
+    },
+    /// Record the scan's end LSN as the consistency target, and flush; report
+    /// [`MirrorEvent::ScanFinished`].
+    FinishScan {
+        /// The snapshot.
+        snapshot_id: SnapshotId,
+        /// The source's last LSN when its scan ended.
+        end_lsn: Lsn,
+    },
+    /// Apply the group with its position and chain hash, and flush; report
+    /// [`MirrorEvent::BatchesApplied`].
+    ApplyBatches(WalGroup),
+}
+
+/// A rule of the protocol the source broke.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum SourceViolation {
+    /// The first frame was not the ack.
+    #[error("expected a hello ack, got {0:?}")]
+    ExpectedHelloAck(MessageType),
+    /// A frame a source never sends on this stream.
+    #[error("a source may not send {0:?} here")]
+    NotForMirror(MessageType),
+    /// A stream decision that does not continue the mirror's applied LSN.
+    #[error("source streams from {from}, the mirror needs {needed}")]
+    StreamFromWrongLsn {
+        /// Where the source would start.
+        from: Lsn,
+        /// The mirror's applied LSN + 1.
+        needed: Lsn,
+    },
+    /// A resume the mirror did not ask for.
+    #[error(
+        "source resumes snapshot {snapshot_id} after a key of {after_key_len} bytes; the mirror \
+         asked to resume {asked:?}"
+    )]
+    ResumeMismatch {
+        /// The snapshot the source resumes.
+        snapshot_id: SnapshotId,
+        /// The length of the key it resumes after (keys never appear in logs).
+        after_key_len: usize,
+        /// The snapshot the mirror asked to resume, if any.
+        asked: Option<SnapshotId>,
+    },
+    /// A snapshot frame for a snapshot this session is not receiving.
+    #[error("{message_type:?} of snapshot {snapshot_id} outside that snapshot's transfer")]
+    OutsideSnapshot {
+        /// The frame.
+        message_type: MessageType,
+        /// The snapshot it names.
+        snapshot_id: SnapshotId,
+    },
+    /// WAL before the snapshot's scan was complete.
+    #[error("WAL from LSN {0} before the snapshot's scan was complete")]
+    WalDuringSnapshot(Lsn),
+}
+
+/// How a session ended, when not by the source finishing it.
+#[derive(Debug, thiserror::Error)]
+pub enum MirrorEnd {
+    /// The source refused the hello.
+    #[error("the source refused the hello: {}: {}", .0.code, .0.detail)]
+    Rejected(Rejected),
+    /// The source is not of the expected cluster.
+    #[error("CLUSTER_ID_MISMATCH: expected a source of cluster {expected}, it says {actual}")]
+    WrongCluster {
+        /// What `--source-cluster` says.
+        expected: Name,
+        /// What the source's ack says.
+        actual: Name,
+    },
+    /// The source broke the protocol.
+    #[error("PROTOCOL_VIOLATION: {0}")]
+    Violation(SourceViolation),
+    /// No ack within the deadline.
+    #[error("no hello ack within {0:?}")]
+    HandshakeTimeout(Duration),
+}
+
+impl MirrorEnd {
+    /// The code the connection is closed with.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            MirrorEnd::Rejected(rejected) => rejected.code,
+            MirrorEnd::WrongCluster { .. } => ErrorCode::ClusterIdMismatch,
+            MirrorEnd::Violation(_) => ErrorCode::ProtocolViolation,
+            MirrorEnd::HandshakeTimeout(_) => ErrorCode::HandshakeTimeout,
+        }
+    }
+
+    /// Whether reconnecting can never help, so the mirror should exit.
+    pub fn is_permanent(&self) -> bool {
+        match self {
+            MirrorEnd::Rejected(rejected) => rejected.code.is_permanent(),
+            MirrorEnd::WrongCluster { .. } => true,
+            MirrorEnd::Violation(_) | MirrorEnd::HandshakeTimeout(_) => false,
+        }
+    }
+}
+
+/// Where the session stands.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Phase {
+    /// The hello is sent; waiting for the ack.
+    AwaitingAck,
+    /// The decision's store work is running.
+    Preparing(Decision),
+    /// Receiving a snapshot's chunks.
+    Snapshot {
+        snapshot_id: SnapshotId,
+        /// Chunks of this session applied, which the acknowledgements count.
+        chunks_applied: u64,
+    },
+    /// Applying the WAL (`catching_up` or `streaming`).
+    Replicating,
+    Ended,
+}
+
+/// Store work with the driver, and what its completion means.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum InFlight {
+    Preparation,
+    Chunks {
+        count: u64,
+        keys: u64,
+        bytes: u64,
+    },
+    Scan,
+    Batches {
+        last_lsn: Lsn,
+        commit_time: UnixMillis,
+    },
+}
+
+/// The mirror's session with its source, without I/O.
+#[derive(Debug)]
+pub struct MirrorSession {
+    config: MirrorSessionConfig,
+    phase: Phase,
+    /// The progress this session publishes.
+    progress: MirrorProgress,
+    /// The resume token the hello carried, which a resume decision must match.
+    resume: Option<ResumeToken>,
+    /// Frames received and not yet applied, in order.
+    queue: VecDeque<Message>,
+    /// The store work with the driver (one at a time: the next group waits for it).
+    in_flight: Option<InFlight>,
+    /// Frames waiting for the driver's stream.
+    transmit: VecDeque<Outgoing>,
+    /// Work for the driver, in order.
+    actions: VecDeque<MirrorAction>,
+    /// How the session ended, once it has.
+    end: Option<Result<(), MirrorEnd>>,
+}
+
+impl MirrorSession {
+    /// A session for a store that stands at `standing`, continuing `previous` progress
+    /// (the last session's, or a new one's): the hello is the first frame to transmit.
+    pub fn new(
+        config: MirrorSessionConfig,
+        standing: Standing,
+        previous: &MirrorProgress,
+    ) -> MirrorSession {
+        let resume = standing.interrupted.map(|snapshot| ResumeToken {
+            snapshot_id: snapshot.snapshot_id,
+            // Keys applied before the clear finished belong to the data being cleared.
+            after_key: snapshot.after_key.filter(|_| snapshot.cleared),
+        });
+        let hello = Hello {
+            versions: config.versions,
+            source_cluster: config.source_cluster.clone(),
+            database: config.database.clone(),
+            mirror_name: config.mirror_name.clone(),
+            role: Role::Observer,
+            applied_lsn: standing.applied_lsn,
+            chain_hash: standing.chain_hash,
+            resume: resume.clone(),
+        };
+        let progress = MirrorProgress {
+            state: MirrorState::Connecting,
+            applied_lsn: standing.applied_lsn,
+            received_lsn: standing.applied_lsn,
+            consistent: standing.consistent,
+            snapshot: None,
+            ..previous.clone()
+        };
+        let handshake_timeout = config.handshake_timeout;
+        MirrorSession {
+            config,
+            phase: Phase::AwaitingAck,
+            progress,
+            resume,
+            queue: VecDeque::new(),
+            in_flight: None,
+            transmit: VecDeque::from([Outgoing::Message(hello.into())]),
+            actions: VecDeque::from([MirrorAction::ArmTimer(
+                MirrorTimer::Handshake,
+                handshake_timeout,
+            )]),
+            end: None,
+        }
+    }
+
+    /// What status shows of this session.
+    pub fn progress(&self) -> &MirrorProgress {
+        &self.progress
+    }
+
+    /// Whether the driver should read another frame: the queue has room.
+    pub fn wants_frames(&self) -> bool {
+        self.end.is_none() && self.queue.len() < self.config.max_queued_frames.max(1)
+    }
+
+    /// Feeds one event.
+    pub fn handle(&mut self, event: MirrorEvent) {
+        if self.end.is_some() {
+            return;
+        }
+        match event {
+            MirrorEvent::Received(message) => self.on_message(message),
+            MirrorEvent::SourceFinished => self.finish(Ok(())),
+            MirrorEvent::Timer(MirrorTimer::Handshake) => {
+                if self.phase == Phase::AwaitingAck {
+                    self.finish(Err(MirrorEnd::HandshakeTimeout(
+                        self.config.handshake_timeout,
+                    )));
+                }
+            }
+            MirrorEvent::Prepared => self.on_prepared(),
+            MirrorEvent::ChunksApplied => {
+                if let (
+                    Some(InFlight::Chunks { count, keys, bytes }),
+                    Phase::Snapshot {
+                        snapshot_id,
+                        chunks_applied,
+                    },
+                ) = (self.in_flight.take(), &mut self.phase)
+                {
+                    *chunks_applied += count;
+                    if let Some(counts) = &mut self.progress.snapshot {
+                        counts.keys += keys;
+                        counts.bytes += bytes;
+                    }
+                    let ack = SnapshotChunkAck {
+                        snapshot_id: *snapshot_id,
+                        chunks_applied: *chunks_applied,
+                    };
+                    self.transmit.push_back(Outgoing::Message(ack.into()));
+                }
+            }
+            MirrorEvent::ScanFinished {
+                applied_lsn,
+                consistent,
+            } => {
+                if self.in_flight.take() == Some(InFlight::Scan) {
+                    self.progress.snapshot = None;
+                    self.phase = Phase::Replicating;
+                    self.applied(applied_lsn, consistent);
+                    self.acknowledge();
+                }
+            }
+            MirrorEvent::BatchesApplied {
+                applied_lsn,
+                consistent,
+            } => {
+                if let Some(InFlight::Batches {
+                    last_lsn,
+                    commit_time,
+                }) = self.in_flight.take()
+                {
+                    self.progress.applied_commit_time = Some(commit_time);
+                    self.progress.source_lsn = self.progress.source_lsn.max(last_lsn);
+                    self.applied(applied_lsn, consistent);
+                    self.acknowledge();
+                }
+            }
+        }
+        self.pump();
+    }
+
+    /// The next frame to write, when the driver's stream can take one.
+    pub fn poll_transmit(&mut self) -> Option<Outgoing> {
+        self.transmit.pop_front()
+    }
+
+    /// The next piece of work for the driver.
+    pub fn poll_action(&mut self) -> Option<MirrorAction> {
+        self.actions.pop_front()
+    }
+
+    /// How the session ended, once it has: `Ok` when the source finished it.
+    pub fn take_end(&mut self) -> Option<Result<(), MirrorEnd>> {
+        self.end.take()
+    }
+
+    fn finish(&mut self, end: Result<(), MirrorEnd>) {
+        if self.phase != Phase::Ended {
+            self.phase = Phase::Ended;
+            self.transmit.clear();
+            self.actions.clear();
+            self.queue.clear();
+            self.progress.snapshot = None;
+            self.end = Some(end);
+        }
+    }
+
+    fn violation(&mut self, violation: SourceViolation) {
+        self.finish(Err(MirrorEnd::Violation(violation)));
+    }
+
+    fn on_message(&mut self, message: Message) {
+        if self.phase != Phase::AwaitingAck {
+            if let Message::WalBatch(batch) = &message {
+                self.progress.received_lsn = self.progress.received_lsn.max(batch.last_lsn());
+            }
+            self.queue.push_back(message);
+            return;
+        }
+        match message {
+            Message::HelloAck(HelloAck::Accepted(accepted)) => {
+                if accepted.source_cluster != self.config.source_cluster {
+                    return self.finish(Err(MirrorEnd::WrongCluster {
+                        expected: self.config.source_cluster.clone(),
+                        actual: accepted.source_cluster,
+                    }));
+                }
+                self.progress.source_lsn = accepted.source_last_lsn;
+                self.on_decision(accepted.decision);
+            }
+            Message::HelloAck(HelloAck::Rejected(rejected)) => {
+                self.finish(Err(MirrorEnd::Rejected(rejected)))
+            }
+            other => self.violation(SourceViolation::ExpectedHelloAck(other.message_type())),
+        }
+    }
+
+    fn on_decision(&mut self, decision: Decision) {
+        let preparation = match &decision {
+            Decision::Stream { from_lsn } => {
+                let needed = self.progress.applied_lsn.next();
+                if *from_lsn != needed {
+                    return self.violation(SourceViolation::StreamFromWrongLsn {
+                        from: *from_lsn,
+                        needed,
+                    });
+                }
+                Preparation {
+                    decision: DecisionKind::Stream,
+                    count_resume: false,
+                    begin_snapshot: None,
+                }
+            }
+            Decision::Snapshot {
+                snapshot_id,
+                base_lsn,
+                base_chain_hash,
+                ..
+            } => {
+                self.progress.snapshot = Some(SnapshotCounts::default());
+                Preparation {
+                    decision: DecisionKind::Snapshot,
+                    count_resume: false,
+                    begin_snapshot: Some(SnapshotStart {
+                        snapshot_id: *snapshot_id,
+                        base_lsn: *base_lsn,
+                        base_chain_hash: *base_chain_hash,
+                    }),
+                }
+            }
+            Decision::ResumeSnapshot {
+                snapshot_id,
+                after_key,
+                base_lsn,
+                base_chain_hash,
+            } => {
+                let asked = self.resume.as_ref();
+                if asked.map(|token| (token.snapshot_id, &token.after_key))
+                    != Some((*snapshot_id, after_key))
+                {
+                    return self.violation(SourceViolation::ResumeMismatch {
+                        snapshot_id: *snapshot_id,
+                        after_key_len: after_key.as_ref().map_or(0, Vec::len),
+                        asked: asked.map(|token| token.snapshot_id),
+                    });
+                }
+                self.progress.snapshot = Some(SnapshotCounts::default());
+                Preparation {
+                    decision: DecisionKind::ResumeSnapshot,
+                    count_resume: true,
+                    // Nothing applied yet (or a clear was interrupted): clear again.
+                    begin_snapshot: after_key.is_none().then_some(SnapshotStart {
+                        snapshot_id: *snapshot_id,
+                        base_lsn: *base_lsn,
+                        base_chain_hash: *base_chain_hash,
+                    }),
+                }
+            }
+        };
+        if let Decision::Snapshot { base_lsn, .. } | Decision::ResumeSnapshot { base_lsn, .. } =
+            &decision
+        {
+            // After the clear the store stands at the base: nothing beyond it was received.
+            self.progress.received_lsn = *base_lsn;
+        }
+        self.progress.state = match decision {
+            Decision::Stream { .. } => MirrorState::Connecting,
+            _ => MirrorState::Snapshot,
+        };
+        self.phase = Phase::Preparing(decision);
+        self.in_flight = Some(InFlight::Preparation);
+        self.actions.push_back(MirrorAction::UseDataFrameLimit);
+        self.actions.push_back(MirrorAction::Prepare(preparation));
+    }
+
+    fn on_prepared(&mut self) {
+        if self.in_flight.take() != Some(InFlight::Preparation) {
+            return;
+        }
+        let Phase::Preparing(decision) = &self.phase else {
+            return;
+        };
+        self.phase = match decision {
+            Decision::Stream { .. } => Phase::Replicating,
+            Decision::Snapshot { snapshot_id, .. }
+            | Decision::ResumeSnapshot { snapshot_id, .. } => Phase::Snapshot {
+                snapshot_id: *snapshot_id,
+                chunks_applied: 0,
+            },
+        };
+        if self.phase == Phase::Replicating {
+            self.progress.state = self.replicating_state();
+        }
+    }
+
+    /// `streaming` once the applied LSN reaches the source's last known one, `catching_up`
+    /// before: the one place that rule is written.
+    fn replicating_state(&self) -> MirrorState {
+        if self.progress.applied_lsn >= self.progress.source_lsn {
+            MirrorState::Streaming
+        } else {
+            MirrorState::CatchingUp
+        }
+    }
+
+    fn applied(&mut self, applied_lsn: Lsn, consistent: bool) {
+        self.progress.applied_lsn = applied_lsn;
+        self.progress.consistent = consistent;
+        self.progress.state = self.replicating_state();
+    }
+
+    /// Acknowledges what is durable, never beyond what was received.
+    fn acknowledge(&mut self) {
+        let received = self.progress.received_lsn;
+        let durable = self.progress.applied_lsn.min(received);
+        let ack = MirrorAck {
+            received,
+            durable,
+            // Everything applied is flushed first, so applied and durable coincide.
+            applied: durable,
+        };
+        self.transmit.push_back(Outgoing::Message(ack.into()));
+    }
+
+    /// Starts the next store work from the queue, handling the frames that need none.
+    fn pump(&mut self) {
+        while self.in_flight.is_none() && self.end.is_none() {
+            let Some(message) = self.queue.pop_front() else {
+                return;
+            };
+            match message {
+                Message::SnapshotChunk(chunk) => self.apply_chunks(chunk),
+                Message::SnapshotSize(size) => match (&self.phase, &mut self.progress.snapshot) {
+                    (Phase::Snapshot { snapshot_id, .. }, Some(counts))
+                        if *snapshot_id == size.snapshot_id =>
+                    {
+                        counts.total = Some((size.keys, size.bytes));
+                    }
+                    _ => self.violation(SourceViolation::OutsideSnapshot {
+                        message_type: MessageType::SnapshotSize,
+                        snapshot_id: size.snapshot_id,
+                    }),
+                },
+                Message::SnapshotDone(done) => match self.phase {
+                    Phase::Snapshot { snapshot_id, .. } if snapshot_id == done.snapshot_id => {
+                        self.in_flight = Some(InFlight::Scan);
+                        self.actions.push_back(MirrorAction::FinishScan {
+                            snapshot_id: done.snapshot_id,
+                            end_lsn: done.end_lsn,
+                        });
+                        self.progress.source_lsn = self.progress.source_lsn.max(done.end_lsn);
+                    }
+                    _ => self.violation(SourceViolation::OutsideSnapshot {
+                        message_type: MessageType::SnapshotDone,
+                        snapshot_id: done.snapshot_id,
+                    }),
+                },
+                Message::WalBatch(batch) => self.apply_batches(batch),
+                Message::Heartbeat(heartbeat) => {
+                    self.progress.source_lsn = self.progress.source_lsn.max(heartbeat.last_lsn);
+                    self.progress.source_commit_time = Some(heartbeat.commit_time);
+                    if self.phase == Phase::Replicating {
+                        self.progress.state = self.replicating_state();
+                    }
+                    self.acknowledge();
+                }
+                other => self.violation(SourceViolation::NotForMirror(other.message_type())),
+            }
+        }
+    }
+
+    fn apply_chunks(&mut self, first: SnapshotChunk) {
+        let snapshot_id = first.snapshot_id;
+        if !matches!(self.phase, Phase::Snapshot { snapshot_id: receiving, .. } if receiving == snapshot_id)
+        {
+            return self.violation(SourceViolation::OutsideSnapshot {
+                message_type: MessageType::SnapshotChunk,
+                snapshot_id,
+            });
+        }
+        let mut bytes = pairs_len(&first.pairs);
+        let mut chunks = vec![first];
+        chunks.extend(self.take_run(
+            &mut bytes,
+            |message| matches!(message, Message::SnapshotChunk(next) if next.snapshot_id == snapshot_id),
+            |message| match message {
+                Message::SnapshotChunk(chunk) => Some(chunk),
+                _ => None,
+            },
+            |chunk| pairs_len(&chunk.pairs),
+        ));
+        let keys = chunks.iter().map(|chunk| chunk.pairs.len() as u64).sum();
+        self.in_flight = Some(InFlight::Chunks {
+            count: chunks.len() as u64,
+            keys,
+            bytes: bytes as u64,
+        });
+        self.actions.push_back(MirrorAction::ApplyChunks {
+            snapshot_id,
+            chunks,
+        });
+    }
+
+    fn apply_batches(&mut self, first: WalBatch) {
+        if self.phase != Phase::Replicating {
+            return self.violation(SourceViolation::WalDuringSnapshot(first.first_lsn));
+        }
+        let mut bytes = entries_len(&first.entries);
+        let mut next_lsn = first.last_lsn().next();
+        let mut group = WalGroup {
+            first_lsn: first.first_lsn,
+            entries: first.entries,
+            commit_time: first.commit_time,
+            chain_hash: first.chain_hash,
+        };
+        // Only a batch that continues the group joins it; anything else is applied on its
+        // own, where the store refuses a gap.
+        let following = self.take_run(
+            &mut bytes,
+            |message| match message {
+                Message::WalBatch(next) if next.first_lsn == next_lsn => {
+                    next_lsn = next.last_lsn().next();
+                    true
+                }
+                _ => false,
+            },
+            |message| match message {
+                Message::WalBatch(batch) => Some(batch),
+                _ => None,
+            },
+            |batch| entries_len(&batch.entries),
+        );
+        for batch in following {
+            group.entries.extend(batch.entries);
+            group.commit_time = batch.commit_time;
+            group.chain_hash = batch.chain_hash;
+        }
+        self.in_flight = Some(InFlight::Batches {
+            last_lsn: group.last_lsn(),
+            commit_time: group.commit_time,
+        });
+        self.actions.push_back(MirrorAction::ApplyBatches(group));
+    }
+
+    /// Pops the queued frames that `joins` accepts as continuing a group (as `T`, by
+    /// `take`), while the group's payload (`bytes`, counted with `len`) stays under
+    /// `max_group_bytes`: the one grouping rule for snapshot chunks and WAL batches alike.
+    fn take_run<T>(
+        &mut self,
+        bytes: &mut usize,
+        mut joins: impl FnMut(&Message) -> bool,
+        take: impl Fn(Message) -> Option<T>,
+        len: impl Fn(&T) -> usize,
+    ) -> Vec<T> {
+        let mut run = Vec::new();
+        while *bytes < self.config.max_group_bytes && self.queue.front().is_some_and(&mut joins) {
+            let Some(item) = self.queue.pop_front().and_then(&take) else {
+                break;
+            };
+            *bytes += len(&item);
+            run.push(item);
+        }
+        run
+    }
+}
+
+/// Key and value bytes of snapshot pairs.
+pub fn pairs_len(pairs: &[(Vec<u8>, Vec<u8>)]) -> usize {
+    pairs
+        .iter()
+        .map(|(key, value)| key.len() + value.len())
+        .sum()
+}
+
+fn entries_len(entries: &[Entry]) -> usize {
+    entries.iter().map(Entry::payload_len).sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::message::{Accepted, Heartbeat, SnapshotDone, SnapshotReason, SnapshotSize};
+
+    fn name(value: &str) -> Name {
+        Name::new(value).unwrap()
+    }
+
+    fn config() -> MirrorSessionConfig {
+        MirrorSessionConfig {
+            versions: VersionRange { min: 1, max: 1 },
+            source_cluster: name("east"),
+            database: name("main"),
+            mirror_name: name("m1"),
+            handshake_timeout: Duration::from_secs(10),
+            max_queued_frames: 4,
+            max_group_bytes: 100,
+        }
+    }
+
+    fn standing(applied: u64) -> Standing {
+        Standing {
+            applied_lsn: Lsn(applied),
+            chain_hash: ChainHash::GENESIS,
+            interrupted: None,
+            consistent: applied > 0,
+        }
+    }
+
+    fn new_session(standing: Standing) -> MirrorSession {
+        MirrorSession::new(config(), standing, &MirrorProgress::new(Lsn::ZERO, false))
+    }
+
+    #[derive(Debug, Default)]
+    struct Drained {
+        actions: Vec<MirrorAction>,
+        frames: Vec<Message>,
+    }
+
+    fn drain(session: &mut MirrorSession) -> Drained {
+        let mut drained = Drained::default();
+        while let Some(action) = session.poll_action() {
+            drained.actions.push(action);
+        }
+        while let Some(frame) = session.poll_transmit() {
+            drained.frames.push(frame.message().clone());
+        }
+        drained
+    }
+
+    fn accepted(decision: Decision, source_last_lsn: u64) -> Message {
+        HelloAck::Accepted(Accepted {
+            source_cluster: name("east"),
+            version: 1,
+            source_last_lsn: Lsn(source_last_lsn),
+            decision,
+        })
+        .into()
+    }
+
+    fn snapshot(snapshot_id: u64, base_lsn: u64) -> Decision {
+        Decision::Snapshot {
+            snapshot_id: SnapshotId(snapshot_id),
+            base_lsn: Lsn(base_lsn),
+            base_chain_hash: ChainHash::GENESIS,
+            reason: SnapshotReason::NewMirror,
+        }
+    }
+
+    fn chunk(snapshot_id: u64, key: &str, value_len: usize) -> Message {
+        SnapshotChunk {
+            snapshot_id: SnapshotId(snapshot_id),
+            pairs: vec![(key.as_bytes().to_vec(), vec![b'v'; value_len])],
+        }
+        .into()
+    }
+
+    fn batch(first: u64, entries: usize, value_len: usize) -> Message {
+        WalBatch {
+            first_lsn: Lsn(first),
+            entries: (0..entries)
+                .map(|_| Entry::Put {
+                    key: b"k".to_vec(),
+                    value: vec![b'v'; value_len],
+                })
+                .collect(),
+            chain_hash: ChainHash::GENESIS,
+            commit_time: UnixMillis(first * 10),
+        }
+        .into()
+    }
+
+    fn received(session: &mut MirrorSession, message: Message) {
+        session.handle(MirrorEvent::Received(message));
+    }
+
+    /// A session past its ack and preparation.
+    fn prepared(standing: Standing, decision: Decision, source_last_lsn: u64) -> MirrorSession {
+        let mut session = new_session(standing);
+        drain(&mut session);
+        received(&mut session, accepted(decision, source_last_lsn));
+        drain(&mut session);
+        session.handle(MirrorEvent::Prepared);
+        session
+    }
+
+    fn acks(drained: &Drained) -> Vec<MirrorAck> {
+        drained
+            .frames
+            .iter()
+            .filter_map(|frame| match frame {
+                Message::MirrorAck(ack) => Some(*ack),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn end(session: &mut MirrorSession) -> Option<ErrorCode> {
+        match session.take_end() {
+            Some(Err(end)) => Some(end.code()),
+            Some(Ok(())) | None => None,
+        }
+    }
+
+    #[test]
+    fn the_hello_says_where_the_store_stands() {
+        // (interrupted snapshot, the resume token the hello carries)
+        let cases = [
+            (None, None),
+            (
+                Some(InterruptedSnapshot {
+                    snapshot_id: SnapshotId(3),
+                    after_key: Some(b"k".to_vec()),
+                    cleared: true,
+                }),
+                Some(ResumeToken {
+                    snapshot_id: SnapshotId(3),
+                    after_key: Some(b"k".to_vec()),
+                }),
+            ),
+            // Keys applied before the clear finished belong to the data being cleared.
+            (
+                Some(InterruptedSnapshot {
+                    snapshot_id: SnapshotId(3),
+                    after_key: Some(b"k".to_vec()),
+                    cleared: false,
+                }),
+                Some(ResumeToken {
+                    snapshot_id: SnapshotId(3),
+                    after_key: None,
+                }),
+            ),
+        ];
+        for (interrupted, resume) in cases {
+            let mut session = new_session(Standing {
+                interrupted,
+                ..standing(7)
+            });
+            let first = drain(&mut session);
+            assert_eq!(
+                first.actions,
+                vec![MirrorAction::ArmTimer(
+                    MirrorTimer::Handshake,
+                    Duration::from_secs(10)
+                )]
+            );
+            match &first.frames[..] {
+                [Message::Hello(hello)] => {
+                    assert_eq!(hello.applied_lsn, Lsn(7));
+                    assert_eq!(hello.role, Role::Observer);
+                    assert_eq!(hello.mirror_name, name("m1"));
+                    assert_eq!(hello.resume, resume);
+                }
+                other => panic!("expected a hello, got {other:?}"),
+            }
+            assert_eq!(session.progress().state, MirrorState::Connecting);
+        }
+    }
+
+    #[test]
+    fn a_bad_answer_to_the_hello_ends_the_session_with_its_code() {
+        // (the answer, the end code, whether reconnecting can never help)
+        let cases: Vec<(Option<Message>, ErrorCode, bool)> = vec![
+            (
+                Some(
+                    HelloAck::Rejected(Rejected {
+                        code: ErrorCode::BadVersion,
+                        detail: "versions".into(),
+                    })
+                    .into(),
+                ),
+                ErrorCode::BadVersion,
+                true,
+            ),
+            (
+                Some(
+                    HelloAck::Rejected(Rejected {
+                        code: ErrorCode::Busy,
+                        detail: "busy".into(),
+                    })
+                    .into(),
+                ),
+                ErrorCode::Busy,
+                false,
+            ),
+            (
+                Some(
+                    HelloAck::Accepted(Accepted {
+                        source_cluster: name("mars"),
+                        version: 1,
+                        source_last_lsn: Lsn(1),
+                        decision: Decision::Stream { from_lsn: Lsn(8) },
+                    })
+                    .into(),
+                ),
+                ErrorCode::ClusterIdMismatch,
+                true,
+            ),
+            (Some(batch(8, 1, 1)), ErrorCode::ProtocolViolation, false),
+            (
+                Some(accepted(Decision::Stream { from_lsn: Lsn(9) }, 9)),
+                ErrorCode::ProtocolViolation,
+                false,
+            ),
+            (
+                Some(accepted(
+                    Decision::ResumeSnapshot {
+                        snapshot_id: SnapshotId(3),
+                        after_key: None,
+                        base_lsn: Lsn(1),
+                        base_chain_hash: ChainHash::GENESIS,
+                    },
+                    9,
+                )),
+                ErrorCode::ProtocolViolation,
+                false,
+            ),
+            // No answer: the deadline fires.
+            (None, ErrorCode::HandshakeTimeout, false),
+        ];
+        for (answer, code, permanent) in cases {
+            let mut session = new_session(standing(7));
+            drain(&mut session);
+            let label = format!("{answer:?}");
+            match answer {
+                Some(message) => received(&mut session, message),
+                None => session.handle(MirrorEvent::Timer(MirrorTimer::Handshake)),
+            }
+            let after = drain(&mut session);
+            assert!(after.frames.is_empty(), "{label}");
+            assert!(!session.wants_frames(), "{label}");
+            match session.take_end() {
+                Some(Err(end)) => {
+                    assert_eq!(end.code(), code, "{label}");
+                    assert_eq!(end.is_permanent(), permanent, "{label}");
+                }
+                other => panic!("{label}: expected an end, got {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn the_ack_deadline_means_nothing_once_the_ack_came() {
+        let mut session = prepared(standing(7), Decision::Stream { from_lsn: Lsn(8) }, 7);
+        session.handle(MirrorEvent::Timer(MirrorTimer::Handshake));
+        assert!(session.take_end().is_none());
+    }
+
+    #[test]
+    fn a_stream_decision_is_prepared_then_streams_or_catches_up() {
+        // (source's last LSN, the state once prepared)
+        for (source_last, state) in [(7, MirrorState::Streaming), (9, MirrorState::CatchingUp)] {
+            let mut session = new_session(standing(7));
+            drain(&mut session);
+            received(
+                &mut session,
+                accepted(Decision::Stream { from_lsn: Lsn(8) }, source_last),
+            );
+            let preparing = drain(&mut session);
+            assert_eq!(
+                preparing.actions,
+                vec![
+                    MirrorAction::UseDataFrameLimit,
+                    MirrorAction::Prepare(Preparation {
+                        decision: DecisionKind::Stream,
+                        count_resume: false,
+                        begin_snapshot: None,
+                    })
+                ]
+            );
+            session.handle(MirrorEvent::Prepared);
+            assert_eq!(session.progress().state, state);
+            assert_eq!(session.progress().source_lsn, Lsn(source_last));
+        }
+    }
+
+    #[test]
+    fn a_resume_continues_the_mirrors_own_snapshot() {
+        // (the key the mirror applied last, whether the store is cleared again)
+        for (after_key, clears) in [(Some(b"k".to_vec()), false), (None, true)] {
+            let mut session = new_session(Standing {
+                interrupted: Some(InterruptedSnapshot {
+                    snapshot_id: SnapshotId(3),
+                    after_key: after_key.clone(),
+                    cleared: true,
+                }),
+                ..standing(0)
+            });
+            drain(&mut session);
+            let decision = Decision::ResumeSnapshot {
+                snapshot_id: SnapshotId(3),
+                after_key,
+                base_lsn: Lsn(5),
+                base_chain_hash: ChainHash::GENESIS,
+            };
+            received(&mut session, accepted(decision, 9));
+            let preparing = drain(&mut session);
+            match &preparing.actions[..] {
+                [MirrorAction::UseDataFrameLimit, MirrorAction::Prepare(preparation)] => {
+                    assert!(preparation.count_resume);
+                    assert_eq!(preparation.begin_snapshot.is_some(), clears);
+                }
+                other => panic!("expected a preparation, got {other:?}"),
+            }
+            assert_eq!(session.progress().state, MirrorState::Snapshot);
+        }
+    }
+
+    #[test]
+    fn frames_wait_for_the_preparation_and_queue_only_to_a_bound() {
+        let mut session = new_session(standing(0));
+        drain(&mut session);
+        received(&mut session, accepted(snapshot(3, 5), 9));
+        drain(&mut session);
+        for key in ["a", "b", "c"] {
+            assert!(session.wants_frames());
+            received(&mut session, chunk(3, key, 10));
+        }
+        assert!(session.wants_frames());
+        received(&mut session, chunk(3, "d", 10));
+        assert!(!session.wants_frames(), "four frames queued: the bound");
+        // Nothing is applied before the clear is durable.
+        assert!(drain(&mut session).actions.is_empty());
+        session.handle(MirrorEvent::Prepared);
+        match &drain(&mut session).actions[..] {
+            [MirrorAction::ApplyChunks { chunks, .. }] => assert_eq!(chunks.len(), 4),
+            other => panic!("expected one group of chunks, got {other:?}"),
+        }
+        assert!(session.wants_frames());
+    }
+
+    #[test]
+    fn queued_chunks_of_one_snapshot_are_applied_as_groups_of_bounded_bytes() {
+        let mut session = prepared(standing(0), snapshot(3, 5), 9);
+        // Nothing in flight: the first chunk is applied at once, alone.
+        received(&mut session, chunk(3, "a", 40));
+        match &drain(&mut session).actions[..] {
+            [MirrorAction::ApplyChunks { chunks, .. }] => assert_eq!(chunks.len(), 1),
+            other => panic!("expected one chunk, got {other:?}"),
+        }
+        // 41 bytes each queue behind it; the group closes once it holds 100 or more.
+        for key in ["b", "c", "d", "e"] {
+            received(&mut session, chunk(3, key, 40));
+        }
+        assert!(
+            drain(&mut session).actions.is_empty(),
+            "the group in flight must be durable before the next starts"
+        );
+        session.handle(MirrorEvent::ChunksApplied);
+        let acked = drain(&mut session);
+        assert_eq!(
+            acked.frames,
+            vec![Message::SnapshotChunkAck(SnapshotChunkAck {
+                snapshot_id: SnapshotId(3),
+                chunks_applied: 1,
+            })]
+        );
+        match &acked.actions[..] {
+            [MirrorAction::ApplyChunks { chunks, .. }] => assert_eq!(chunks.len(), 3),
+            other => panic!("expected a group of three, got {other:?}"),
+        }
+        session.handle(MirrorEvent::ChunksApplied);
+        let next = drain(&mut session);
+        assert_eq!(
+            next.frames,
+            vec![Message::SnapshotChunkAck(SnapshotChunkAck {
+                snapshot_id: SnapshotId(3),
+                chunks_applied: 4,
+            })]
+        );
+        match &next.actions[..] {
+            [MirrorAction::ApplyChunks { chunks, .. }] => assert_eq!(chunks.len(), 1),
+            other => panic!("expected the last chunk, got {other:?}"),
+        }
+        assert_eq!(session.progress().snapshot.unwrap().keys, 4);
+    }
+
+    #[test]
+    fn frames_outside_the_snapshot_break_the_protocol() {
+        let cases: Vec<Message> = vec![
+            chunk(4, "a", 1),
+            batch(6, 1, 1),
+            SnapshotDone {
+                snapshot_id: SnapshotId(4),
+                end_lsn: Lsn(9),
+            }
+            .into(),
+            SnapshotSize {
+                snapshot_id: SnapshotId(4),
+                keys: 1,
+                bytes: 1,
+            }
+            .into(),
+            hello_for_test(),
+        ];
+        for message in cases {
+            let mut session = prepared(standing(0), snapshot(3, 5), 9);
+            let label = format!("{message:?}");
+            received(&mut session, message);
+            assert!(drain(&mut session).actions.is_empty(), "{label}");
+            assert_eq!(
+                end(&mut session),
+                Some(ErrorCode::ProtocolViolation),
+                "{label}"
+            );
+        }
+        // And a chunk once streaming.
+        let mut streaming = prepared(standing(7), Decision::Stream { from_lsn: Lsn(8) }, 7);
+        received(&mut streaming, chunk(3, "a", 1));
+        assert_eq!(end(&mut streaming), Some(ErrorCode::ProtocolViolation));
+    }
+
+    fn hello_for_test() -> Message {
+        let mut session = new_session(standing(0));
+        drain(&mut session).frames.remove(0)
+    }
+
+    #[test]
+    fn a_finished_scan_replays_from_its_base_and_acknowledges_the_base() {
+        let mut session = prepared(standing(0), snapshot(3, 5), 5);
+        received(
+            &mut session,
+            SnapshotSize {
+                snapshot_id: SnapshotId(3),
+                keys: 10,
+                bytes: 100,
+            }
+            .into(),
+        );
+        assert_eq!(session.progress().snapshot.unwrap().total, Some((10, 100)));
+        received(
+            &mut session,
+            SnapshotDone {
+                snapshot_id: SnapshotId(3),
+                end_lsn: Lsn(9),
+            }
+            .into(),
+        );
+        assert_eq!(
+            drain(&mut session).actions,
+            vec![MirrorAction::FinishScan {
+                snapshot_id: SnapshotId(3),
+                end_lsn: Lsn(9)
+            }]
+        );
+        session.handle(MirrorEvent::ScanFinished {
+            applied_lsn: Lsn(5),
+            consistent: false,
+        });
+        let done = drain(&mut session);
+        assert_eq!(
+            acks(&done),
+            vec![MirrorAck {
+                received: Lsn(5),
+                durable: Lsn(5),
+                applied: Lsn(5)
+            }]
+        );
+        let progress = session.progress();
+        assert_eq!(
+            progress.state,
+            MirrorState::CatchingUp,
+            "the source is at 9"
+        );
+        assert_eq!(progress.snapshot, None);
+        assert!(!progress.consistent);
+    }
+
+    #[test]
+    fn contiguous_batches_are_applied_as_one_group() {
+        let mut session = prepared(standing(7), Decision::Stream { from_lsn: Lsn(8) }, 20);
+        // 8..=9 goes at once; 10..=11 and 12 queue behind it; 14 does not continue 12.
+        received(&mut session, batch(8, 2, 9));
+        received(&mut session, batch(10, 2, 9));
+        received(&mut session, batch(12, 1, 9));
+        received(&mut session, batch(14, 1, 9));
+        let first = drain(&mut session);
+        assert!(
+            matches!(&first.actions[..], [MirrorAction::ApplyBatches(group)] if group.first_lsn == Lsn(8) && group.last_lsn() == Lsn(9))
+        );
+        assert_eq!(session.progress().received_lsn, Lsn(14));
+        session.handle(MirrorEvent::BatchesApplied {
+            applied_lsn: Lsn(9),
+            consistent: true,
+        });
+        let second = drain(&mut session);
+        match &second.actions[..] {
+            [MirrorAction::ApplyBatches(group)] => {
+                assert_eq!((group.first_lsn, group.last_lsn()), (Lsn(10), Lsn(12)));
+                // The group ends on the last batch's chain hash and commit time.
+                assert_eq!(group.commit_time, UnixMillis(120));
+            }
+            other => panic!("expected the next group, got {other:?}"),
+        }
+        assert_eq!(
+            acks(&second),
+            vec![MirrorAck {
+                received: Lsn(14),
+                durable: Lsn(9),
+                applied: Lsn(9)
+            }]
+        );
+        session.handle(MirrorEvent::BatchesApplied {
+            applied_lsn: Lsn(12),
+            consistent: true,
+        });
+        match &drain(&mut session).actions[..] {
+            [MirrorAction::ApplyBatches(group)] => assert_eq!(group.first_lsn, Lsn(14)),
+            other => panic!("a batch that leaves a gap is applied alone: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_group_is_bounded_in_bytes() {
+        let mut session = prepared(standing(0), Decision::Stream { from_lsn: Lsn(1) }, 20);
+        received(&mut session, batch(1, 1, 59));
+        drain(&mut session);
+        // Each batch carries 60 bytes: two make a group over the 100-byte bound.
+        received(&mut session, batch(2, 1, 59));
+        received(&mut session, batch(3, 1, 59));
+        received(&mut session, batch(4, 1, 59));
+        session.handle(MirrorEvent::BatchesApplied {
+            applied_lsn: Lsn(1),
+            consistent: true,
+        });
+        match &drain(&mut session).actions[..] {
+            [MirrorAction::ApplyBatches(group)] => {
+                assert_eq!((group.first_lsn, group.last_lsn()), (Lsn(2), Lsn(3)))
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_mirror_never_acknowledges_beyond_what_it_received() {
+        let mut session = prepared(standing(7), Decision::Stream { from_lsn: Lsn(8) }, 9);
+        received(&mut session, batch(8, 2, 1));
+        drain(&mut session);
+        // A store that claims more than was sent (it cannot) is not believed.
+        session.handle(MirrorEvent::BatchesApplied {
+            applied_lsn: Lsn(12),
+            consistent: true,
+        });
+        assert_eq!(
+            acks(&drain(&mut session)),
+            vec![MirrorAck {
+                received: Lsn(9),
+                durable: Lsn(9),
+                applied: Lsn(9)
+            }]
+        );
+    }
+
+    #[test]
+    fn heartbeats_wait_their_turn_and_tell_the_state() {
+        let mut session = prepared(standing(7), Decision::Stream { from_lsn: Lsn(8) }, 7);
+        assert_eq!(session.progress().state, MirrorState::Streaming);
+        received(&mut session, batch(8, 1, 1));
+        received(
+            &mut session,
+            Heartbeat {
+                last_lsn: Lsn(12),
+                commit_time: UnixMillis(99),
+            }
+            .into(),
+        );
+        // The heartbeat waits behind the batch being applied: no ack yet.
+        assert!(acks(&drain(&mut session)).is_empty());
+        session.handle(MirrorEvent::BatchesApplied {
+            applied_lsn: Lsn(8),
+            consistent: true,
+        });
+        let after = drain(&mut session);
+        // One ack for the batch, one for the heartbeat, both of what is durable.
+        assert_eq!(acks(&after).len(), 2);
+        assert!(acks(&after).iter().all(|ack| ack.durable == Lsn(8)));
+        let progress = session.progress();
+        assert_eq!(progress.source_lsn, Lsn(12));
+        assert_eq!(progress.source_commit_time, Some(UnixMillis(99)));
+        assert_eq!(progress.applied_commit_time, Some(UnixMillis(80)));
+        assert_eq!(progress.state, MirrorState::CatchingUp);
+    }
+
+    #[test]
+    fn the_source_finishing_ends_the_session_cleanly() {
+        let mut session = prepared(standing(7), Decision::Stream { from_lsn: Lsn(8) }, 7);
+        session.handle(MirrorEvent::SourceFinished);
+        assert!(matches!(session.take_end(), Some(Ok(()))));
+    }
+}

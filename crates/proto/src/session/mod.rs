@@ -1,0 +1,72 @@
+//! The replication sessions as state machines with no I/O: the source's session with one
+//! mirror ([`source::SourceSession`]) and the mirror's session with its source
+//! ([`mirror::MirrorSession`]).
+//!
+//! Each machine is driven like quinn-proto's `Connection` or raft-rs's `RawNode`: the
+//! caller feeds it events (a decoded message, a commit, the result of store work, a timer
+//! firing, the peer finishing) and asks it what to do next: a frame to transmit
+//! (`poll_transmit`, called only when the stream can take one, which is the machine's
+//! backpressure), store work or a timer to arm (`poll_action`), and finally how the session
+//! ended (`end`). Nothing here reads a socket, a disk or a clock, so every rule of a session
+//! is a plain function call in a table test; `xmirror-source` and `xmirror-mirror` own the
+//! async drivers that move the bytes and run the store work off the async threads.
+//!
+//! They live in `proto` rather than a crate of their own because they are the protocol:
+//! which message may come when, and what each obliges the other side to do. They need
+//! nothing but the messages and `decide`, exactly as quinn-proto's state machine needs
+//! nothing but QUIC's frames.
+
+pub mod mirror;
+pub mod source;
+
+use std::sync::Arc;
+
+use crate::message::{Message, WalBatch};
+use crate::types::Lsn;
+use crate::Entry;
+
+/// A WAL batch ready to transmit, shareable between the sessions of every mirror: the
+/// source's writer keeps its recent groups in this form, so that a mirror streaming live
+/// is sent the group as committed without the WAL being read back per mirror.
+#[derive(Debug, PartialEq, Eq)]
+pub struct SharedBatch {
+    /// `Message::WalBatch`, encoded straight from here for each mirror.
+    pub message: Message,
+    /// The batch's first LSN.
+    pub first_lsn: Lsn,
+    /// The batch's last LSN.
+    pub last_lsn: Lsn,
+    /// Key and value bytes in the batch: what un-acknowledged WAL is bounded by.
+    pub payload_bytes: usize,
+}
+
+impl SharedBatch {
+    /// Wraps `batch`, noting its bounds and size.
+    pub fn new(batch: WalBatch) -> SharedBatch {
+        SharedBatch {
+            first_lsn: batch.first_lsn,
+            last_lsn: batch.last_lsn(),
+            payload_bytes: batch.entries.iter().map(Entry::payload_len).sum(),
+            message: batch.into(),
+        }
+    }
+}
+
+/// A frame a session hands its driver to write.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outgoing {
+    /// A message of this session alone.
+    Message(Message),
+    /// A WAL batch that other sessions may be sending too.
+    Batch(Arc<SharedBatch>),
+}
+
+impl Outgoing {
+    /// The message to encode.
+    pub fn message(&self) -> &Message {
+        match self {
+            Outgoing::Message(message) => message,
+            Outgoing::Batch(batch) => &batch.message,
+        }
+    }
+}

@@ -1,0 +1,1367 @@
+//! The source's side of one mirror's session: hello, decision, snapshot, streaming.
+//!
+//! ```text
+//! AwaitingHello ─hello─▶ Admitting ─accepted: snapshot or resume─▶ Scanning ─scan done, end LSN read─▶ Streaming
+//!       │                    │      ─accepted: stream ──────────────────────────────────────────────────▶ Streaming
+//!       └─anything else, a bad frame, the deadline─┴─refused─▶ Ended (after the rejected ack is sent)
+//! Streaming: CatchingUp while next ≤ the last committed LSN, Live otherwise.
+//! Any state ─violation, slot invalidated, replaced, the writer stopping, the mirror finishing─▶ Ended
+//! ```
+//!
+//! The rules it owns, each a table test below: the hello comes first and within its
+//! deadline; at most `snapshot_window_chunks` snapshot chunks are un-acknowledged; at most
+//! `max_unacked_bytes` of WAL is un-acknowledged; only durable (announced) entries are
+//! read; a heartbeat goes out after `heartbeat_interval` without a frame; a mirror may not
+//! acknowledge an LSN or a chunk it was not sent; nothing but acks may follow the hello.
+//! The admission itself (gathering the view, `decide`, pinning the slot) is store work the
+//! driver runs and reports back, as is every read.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::codec::FrameError;
+use crate::decide::{negotiate_version, Reject};
+use crate::error_code::ErrorCode;
+use crate::message::{
+    Accepted, Decision, Heartbeat, Hello, HelloAck, MessageType, MirrorAck, Rejected,
+    SnapshotChunk, SnapshotChunkAck, SnapshotDone, SnapshotSize,
+};
+use crate::session::{Outgoing, SharedBatch};
+use crate::types::{Lsn, Name, SnapshotId, UnixMillis, VersionRange};
+use crate::Message;
+
+/// What a session needs to know of the source's configuration.
+#[derive(Clone, Debug)]
+pub struct SourceSessionConfig {
+    /// The source's cluster, named in the accepted ack.
+    pub cluster_id: Name,
+    /// The versions the source speaks, to negotiate with the hello's.
+    pub versions: VersionRange,
+    /// How long the mirror has to send its hello.
+    pub handshake_timeout: Duration,
+    /// Payload bytes per snapshot chunk (one pair may exceed it).
+    pub snapshot_chunk_bytes: usize,
+    /// Snapshot chunks sent and not yet acknowledged durable, at most.
+    pub snapshot_window_chunks: u64,
+    /// WAL payload bytes sent and not yet acknowledged before sending pauses.
+    pub max_unacked_bytes: usize,
+    /// How long the session may send nothing before it sends a heartbeat.
+    pub heartbeat_interval: Duration,
+}
+
+/// The writer's newest durable write, as sessions are told of it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Committed {
+    /// The last durable LSN: nothing beyond it may be sent.
+    pub last_lsn: Lsn,
+    /// When it was committed, for the mirror's lag in milliseconds.
+    pub commit_time: UnixMillis,
+}
+
+/// The session's timers; the driver keeps one deadline per timer, and arming one again
+/// replaces its deadline.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SourceTimer {
+    /// The hello's deadline.
+    Handshake,
+    /// Nothing was sent for `heartbeat_interval`.
+    Heartbeat,
+}
+
+/// What happened, for the session to react to.
+#[derive(Debug)]
+pub enum SourceEvent {
+    /// A frame from the mirror.
+    Received(Message),
+    /// A frame from the mirror that could not be decoded (not a transport failure, which
+    /// ends the session in the driver).
+    Malformed(FrameError),
+    /// The mirror finished its side of the stream.
+    MirrorFinished,
+    /// The result of [`SourceAction::Admit`]: the decision (or the refusal) and the
+    /// source's last durable LSN when it decided. On acceptance the slot is pinned.
+    Admitted {
+        /// `decide`'s answer.
+        decision: Result<Decision, Reject>,
+        /// The source's last durable LSN, told to the mirror in the ack.
+        source_last_lsn: Lsn,
+    },
+    /// The result of [`SourceAction::Scan`].
+    Scanned {
+        /// Key-ordered pairs after the requested key.
+        pairs: Vec<(Vec<u8>, Vec<u8>)>,
+        /// Whether keys remain after the last pair.
+        more: bool,
+    },
+    /// The result of [`SourceAction::MeasureSnapshot`].
+    Measured {
+        /// Keys in the source's data.
+        keys: u64,
+        /// Key and value bytes in the source's data.
+        bytes: u64,
+    },
+    /// The result of [`SourceAction::ReadEndLsn`]: the source's last durable LSN after the
+    /// scan.
+    EndLsnRead(Lsn),
+    /// The result of [`SourceAction::ReadBatch`].
+    BatchRead(Arc<SharedBatch>),
+    /// [`SourceAction::ReadBatch`] found the WAL truncated past `from`: retention passed
+    /// this mirror's slot.
+    WalTruncated {
+        /// The oldest LSN still in the WAL.
+        first_retained: Lsn,
+    },
+    /// The writer made more entries durable.
+    Committed(Committed),
+    /// A timer armed with [`SourceAction::ArmTimer`] fired.
+    Timer(SourceTimer),
+    /// Another session for the same mirror took over the slot.
+    Replaced,
+    /// The writer stopped: the source is shutting down.
+    WriterStopped,
+}
+
+/// What the driver must do for the session.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SourceAction {
+    /// Validate the hello against the source's view, `decide`, and on acceptance pin the
+    /// mirror's slot; report [`SourceEvent::Admitted`].
+    Admit(Box<Hello>),
+    /// The hello was accepted: frames may now be as large as the data phase allows.
+    UseDataFrameLimit,
+    /// Measure the data's keys and bytes (for the mirror's progress); report
+    /// [`SourceEvent::Measured`].
+    MeasureSnapshot,
+    /// Scan the data after `after_key`, about `max_bytes` of it; report
+    /// [`SourceEvent::Scanned`].
+    Scan {
+        /// Where the scan continues (from the start when `None`).
+        after_key: Option<Vec<u8>>,
+        /// Payload bytes to aim for.
+        max_bytes: usize,
+    },
+    /// Read the last durable LSN now that the scan is complete; report
+    /// [`SourceEvent::EndLsnRead`].
+    ReadEndLsn,
+    /// Fetch the WAL batch starting at `from` and ending no later than `up_to` (durable);
+    /// report [`SourceEvent::BatchRead`] or [`SourceEvent::WalTruncated`].
+    ReadBatch {
+        /// The first LSN wanted.
+        from: Lsn,
+        /// The last durable LSN: the batch may not go beyond it.
+        up_to: Lsn,
+    },
+    /// The mirror acknowledged `durable`: advance its slot (report
+    /// [`SourceEvent::Replaced`] if the slot is no longer this session's).
+    AdvanceSlot(Lsn),
+    /// The whole scan and `SnapshotDone` are on their way: the slot's claim on the
+    /// snapshot ends with the next acknowledgement.
+    SnapshotSent,
+    /// Fire [`SourceEvent::Timer`] after the duration.
+    ArmTimer(SourceTimer, Duration),
+}
+
+/// Where the session stands. The names are ARCHITECTURE.md's.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SourceState {
+    /// Waiting for the mirror's hello.
+    AwaitingHello,
+    /// The driver is validating the hello and deciding.
+    Admitting,
+    /// Sending a snapshot's key scan.
+    Scanning(Scan),
+    /// Sending the WAL from `next` on.
+    Streaming {
+        /// The next LSN to send.
+        next: Lsn,
+    },
+    /// The session is over ([`SourceSession::take_end`] says why).
+    Ended,
+}
+
+/// A snapshot scan in progress.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Scan {
+    /// The snapshot's base LSN: streaming continues after it.
+    pub base_lsn: Lsn,
+    /// The last key sent (the scan continues after it).
+    pub after_key: Option<Vec<u8>>,
+    /// The scan reached the end of the data.
+    pub done: bool,
+}
+
+/// Whether a streaming session is behind the writer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StreamPhase {
+    /// Entries up to the last committed LSN remain to be sent.
+    CatchingUp,
+    /// Everything committed was sent; waiting for commits, acks or the heartbeat timer.
+    Live,
+}
+
+/// Why a hello was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum HelloRefusal {
+    /// `decide` refused it (the code travels beside this text).
+    #[error("{}", .0.detail)]
+    Decided(Reject),
+    /// The first frame was not a hello.
+    #[error("expected a hello, got {0:?}")]
+    NotAHello(MessageType),
+    /// The first frame could not be decoded.
+    #[error("the hello could not be read: {0}")]
+    Malformed(FrameError),
+    /// No hello within the deadline.
+    #[error("no hello within {0:?}")]
+    Timeout(Duration),
+}
+
+impl HelloRefusal {
+    /// The code the mirror is refused with.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            HelloRefusal::Decided(reject) => reject.code,
+            HelloRefusal::NotAHello(_) => ErrorCode::ProtocolViolation,
+            HelloRefusal::Malformed(error) => error.code(),
+            HelloRefusal::Timeout(_) => ErrorCode::HandshakeTimeout,
+        }
+    }
+}
+
+/// A rule of the protocol the mirror broke after its hello was accepted.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum MirrorViolation {
+    /// Only acknowledgements may follow the hello.
+    #[error("a mirror may only send acks here, got {0:?}")]
+    NotAnAck(MessageType),
+    /// A frame arrived while the hello was still being decided.
+    #[error("{0:?} arrived before the hello was answered")]
+    BeforeTheAck(MessageType),
+    /// An acknowledgement of entries never sent would advance the slot past entries the
+    /// mirror does not have, and let retention drop them.
+    #[error("mirror acknowledged LSN {claimed}, but only up to {sent} was sent")]
+    AckBeyondSent {
+        /// The highest LSN the ack names.
+        claimed: Lsn,
+        /// The highest LSN sent.
+        sent: Lsn,
+    },
+    /// Chunks acknowledged that were never sent.
+    #[error("mirror acknowledged {acked} chunks of snapshot {snapshot_id}, {sent} were sent")]
+    ChunkAckBeyondSent {
+        /// The snapshot.
+        snapshot_id: SnapshotId,
+        /// Chunks the ack claims.
+        acked: u64,
+        /// Chunks sent.
+        sent: u64,
+    },
+    /// A chunk acknowledgement for a snapshot this session is not sending.
+    #[error("mirror acknowledged chunks of snapshot {0}, which this session is not sending")]
+    ChunkAckOfAnotherSnapshot(SnapshotId),
+}
+
+/// How a session ended, when not by the mirror finishing it.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceEnd {
+    /// The hello was refused (the rejected ack was sent first).
+    #[error("hello refused: {0}")]
+    Refused(HelloRefusal),
+    /// The mirror broke the protocol.
+    #[error("the mirror broke the protocol: {0}")]
+    Violation(MirrorViolation),
+    /// A frame from the mirror could not be decoded.
+    #[error("a frame from the mirror could not be decoded: {0}")]
+    Malformed(FrameError),
+    /// Retention passed the mirror's slot while it streamed.
+    #[error(
+        "retention passed this mirror's slot: it needs LSN {requested}, the WAL starts at \
+         {first_retained}; reconnect for a snapshot"
+    )]
+    SlotInvalidated {
+        /// The LSN the session needed next.
+        requested: Lsn,
+        /// The oldest LSN still retained.
+        first_retained: Lsn,
+    },
+    /// A newer session of the same mirror took over.
+    #[error("another session for this mirror replaced this one")]
+    Replaced,
+    /// The source is stopping.
+    #[error("the source is shutting down")]
+    ShuttingDown,
+}
+
+impl SourceEnd {
+    /// The code the connection is closed with.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            SourceEnd::Refused(refusal) => refusal.code(),
+            SourceEnd::Violation(_) => ErrorCode::ProtocolViolation,
+            SourceEnd::Malformed(error) => error.code(),
+            SourceEnd::SlotInvalidated { .. } => ErrorCode::SlotInvalidated,
+            SourceEnd::Replaced => ErrorCode::Replaced,
+            SourceEnd::ShuttingDown => ErrorCode::ShuttingDown,
+        }
+    }
+}
+
+/// The snapshot this session sends, kept after the scan so that late chunk
+/// acknowledgements are still checked.
+#[derive(Clone, Copy, Debug)]
+struct Transfer {
+    snapshot_id: SnapshotId,
+    /// Chunks handed to the driver to send.
+    chunks_sent: u64,
+    /// Chunks the mirror acknowledged durable.
+    chunks_acked: u64,
+}
+
+/// One mirror's session on the source, without I/O.
+#[derive(Debug)]
+pub struct SourceSession {
+    config: SourceSessionConfig,
+    state: SourceState,
+    /// The newest durable write the writer announced: the bound on what may be read.
+    committed: Committed,
+    /// The highest LSN handed to the driver to send (or where the decision starts): a
+    /// mirror may not acknowledge beyond it.
+    sent_up_to: Lsn,
+    /// WAL batches sent and not yet acknowledged: (last LSN, payload bytes).
+    unacked: VecDeque<(Lsn, usize)>,
+    /// The sum of `unacked`'s payload bytes, bounded by `max_unacked_bytes`.
+    unacked_bytes: usize,
+    /// The snapshot of this session, if it sends one.
+    transfer: Option<Transfer>,
+    /// The versions the hello offered, to name the negotiated one in the ack.
+    hello_versions: Option<VersionRange>,
+    /// Frames waiting for the driver's stream to take them.
+    transmit: VecDeque<Outgoing>,
+    /// Work asked for by events, in order.
+    actions: VecDeque<SourceAction>,
+    /// A scan, end-LSN read or batch read is with the driver: one at a time, so that
+    /// memory holds at most one read ahead of the stream.
+    reading: bool,
+    /// How the session ended, once it has.
+    end: Option<Result<(), SourceEnd>>,
+}
+
+impl SourceSession {
+    /// A session that waits for the hello; `committed` is the writer's newest commit.
+    pub fn new(config: SourceSessionConfig, committed: Committed) -> SourceSession {
+        let handshake_timeout = config.handshake_timeout;
+        SourceSession {
+            config,
+            state: SourceState::AwaitingHello,
+            committed,
+            sent_up_to: Lsn::ZERO,
+            unacked: VecDeque::new(),
+            unacked_bytes: 0,
+            transfer: None,
+            hello_versions: None,
+            transmit: VecDeque::new(),
+            actions: VecDeque::from([SourceAction::ArmTimer(
+                SourceTimer::Handshake,
+                handshake_timeout,
+            )]),
+            reading: false,
+            end: None,
+        }
+    }
+
+    /// Where the session stands.
+    pub fn state(&self) -> &SourceState {
+        &self.state
+    }
+
+    /// Whether a streaming session is behind the writer (`None` when not streaming).
+    pub fn stream_phase(&self) -> Option<StreamPhase> {
+        match self.state {
+            SourceState::Streaming { next } if next <= self.committed.last_lsn => {
+                Some(StreamPhase::CatchingUp)
+            }
+            SourceState::Streaming { .. } => Some(StreamPhase::Live),
+            _ => None,
+        }
+    }
+
+    /// The highest LSN sent so far.
+    pub fn sent_up_to(&self) -> Lsn {
+        self.sent_up_to
+    }
+
+    /// WAL payload bytes sent and not yet acknowledged.
+    pub fn unacked_bytes(&self) -> usize {
+        self.unacked_bytes
+    }
+
+    /// Whether the driver should still read frames from the mirror.
+    pub fn wants_frames(&self) -> bool {
+        self.end.is_none()
+    }
+
+    /// Feeds one event.
+    pub fn handle(&mut self, event: SourceEvent) {
+        if self.end.is_some() {
+            return;
+        }
+        match event {
+            SourceEvent::Received(message) => self.on_message(message),
+            SourceEvent::Malformed(error) => match self.state {
+                SourceState::AwaitingHello => self.refuse(HelloRefusal::Malformed(error)),
+                _ => self.finish(Err(SourceEnd::Malformed(error))),
+            },
+            SourceEvent::MirrorFinished => self.finish(Ok(())),
+            SourceEvent::Admitted {
+                decision,
+                source_last_lsn,
+            } => self.on_admitted(decision, source_last_lsn),
+            SourceEvent::Scanned { pairs, more } => self.on_scanned(pairs, more),
+            SourceEvent::Measured { keys, bytes } => {
+                if let (Some(transfer), SourceState::Scanning(_)) = (self.transfer, &self.state) {
+                    self.transmit.push_back(Outgoing::Message(
+                        SnapshotSize {
+                            snapshot_id: transfer.snapshot_id,
+                            keys,
+                            bytes,
+                        }
+                        .into(),
+                    ));
+                }
+            }
+            SourceEvent::EndLsnRead(end_lsn) => self.on_end_lsn(end_lsn),
+            SourceEvent::BatchRead(batch) => self.on_batch(batch),
+            SourceEvent::WalTruncated { first_retained } => {
+                self.reading = false;
+                let requested = match self.state {
+                    SourceState::Streaming { next } => next,
+                    _ => self.sent_up_to.next(),
+                };
+                self.finish(Err(SourceEnd::SlotInvalidated {
+                    requested,
+                    first_retained,
+                }));
+            }
+            SourceEvent::Committed(committed) => {
+                if committed.last_lsn >= self.committed.last_lsn {
+                    self.committed = committed;
+                }
+            }
+            SourceEvent::Timer(SourceTimer::Handshake) => {
+                if self.state == SourceState::AwaitingHello {
+                    self.refuse(HelloRefusal::Timeout(self.config.handshake_timeout));
+                }
+            }
+            SourceEvent::Timer(SourceTimer::Heartbeat) => {
+                if matches!(
+                    self.state,
+                    SourceState::Scanning(_) | SourceState::Streaming { .. }
+                ) && self.transmit.is_empty()
+                {
+                    self.transmit.push_back(Outgoing::Message(
+                        Heartbeat {
+                            last_lsn: self.committed.last_lsn,
+                            commit_time: self.committed.commit_time,
+                        }
+                        .into(),
+                    ));
+                }
+            }
+            SourceEvent::Replaced => self.finish(Err(SourceEnd::Replaced)),
+            SourceEvent::WriterStopped => self.finish(Err(SourceEnd::ShuttingDown)),
+        }
+    }
+
+    /// The next frame to write, when the driver's stream can take one. Every frame
+    /// re-arms the heartbeat timer: a heartbeat goes out only after a quiet interval.
+    pub fn poll_transmit(&mut self) -> Option<Outgoing> {
+        let frame = self.transmit.pop_front()?;
+        if matches!(
+            self.state,
+            SourceState::Scanning(_) | SourceState::Streaming { .. }
+        ) {
+            self.actions.push_back(SourceAction::ArmTimer(
+                SourceTimer::Heartbeat,
+                self.config.heartbeat_interval,
+            ));
+        }
+        Some(frame)
+    }
+
+    /// The next piece of work for the driver: what events asked for first, then the next
+    /// read if the stream has room for it.
+    pub fn poll_action(&mut self) -> Option<SourceAction> {
+        if let Some(action) = self.actions.pop_front() {
+            return Some(action);
+        }
+        if self.end.is_some() || self.reading || !self.transmit.is_empty() {
+            return None;
+        }
+        let read = match (&self.state, self.transfer) {
+            (SourceState::Scanning(scan), Some(transfer)) => {
+                if scan.done {
+                    return None;
+                }
+                if transfer.chunks_sent
+                    >= transfer.chunks_acked + self.config.snapshot_window_chunks.max(1)
+                {
+                    return None;
+                }
+                SourceAction::Scan {
+                    after_key: scan.after_key.clone(),
+                    max_bytes: self.config.snapshot_chunk_bytes,
+                }
+            }
+            (SourceState::Streaming { next }, _) => {
+                if *next > self.committed.last_lsn
+                    || self.unacked_bytes >= self.config.max_unacked_bytes
+                {
+                    return None;
+                }
+                SourceAction::ReadBatch {
+                    from: *next,
+                    up_to: self.committed.last_lsn,
+                }
+            }
+            _ => return None,
+        };
+        self.reading = true;
+        Some(read)
+    }
+
+    /// How the session ended, once it has and every frame queued before the end (a
+    /// rejected ack) was handed to the driver: `Ok` when the mirror finished it.
+    pub fn take_end(&mut self) -> Option<Result<(), SourceEnd>> {
+        if self.transmit.is_empty() {
+            self.end.take()
+        } else {
+            None
+        }
+    }
+
+    /// Whether the session has ended (frames queued before the end may remain).
+    pub fn has_ended(&self) -> bool {
+        self.state == SourceState::Ended
+    }
+
+    fn finish(&mut self, end: Result<(), SourceEnd>) {
+        if self.end.is_none() && self.state != SourceState::Ended {
+            // Only a refusal's ack is still owed to the mirror; anything else queued is moot.
+            if !matches!(end, Err(SourceEnd::Refused(_))) {
+                self.transmit.clear();
+            }
+            self.actions.clear();
+            self.state = SourceState::Ended;
+            self.end = Some(end);
+        }
+    }
+
+    fn refuse(&mut self, refusal: HelloRefusal) {
+        self.transmit.clear();
+        self.transmit.push_back(Outgoing::Message(
+            HelloAck::Rejected(Rejected {
+                code: refusal.code(),
+                detail: refusal.to_string(),
+            })
+            .into(),
+        ));
+        self.finish(Err(SourceEnd::Refused(refusal)));
+    }
+
+    fn violation(&mut self, violation: MirrorViolation) {
+        self.finish(Err(SourceEnd::Violation(violation)));
+    }
+
+    fn on_message(&mut self, message: Message) {
+        match (&self.state, message) {
+            (SourceState::AwaitingHello, Message::Hello(hello)) => {
+                self.state = SourceState::Admitting;
+                self.hello_versions = Some(hello.versions);
+                self.actions.push_back(SourceAction::Admit(Box::new(hello)));
+            }
+            (SourceState::AwaitingHello, other) => {
+                self.refuse(HelloRefusal::NotAHello(other.message_type()))
+            }
+            (SourceState::Admitting, other) => {
+                self.violation(MirrorViolation::BeforeTheAck(other.message_type()))
+            }
+            (_, Message::MirrorAck(ack)) => self.on_ack(ack),
+            (_, Message::SnapshotChunkAck(ack)) => self.on_chunk_ack(ack),
+            (_, other) => self.violation(MirrorViolation::NotAnAck(other.message_type())),
+        }
+    }
+
+    fn on_admitted(&mut self, decision: Result<Decision, Reject>, source_last_lsn: Lsn) {
+        if self.state != SourceState::Admitting {
+            return;
+        }
+        let decision = match decision {
+            Ok(decision) => decision,
+            Err(reject) => return self.refuse(HelloRefusal::Decided(reject)),
+        };
+        let version = self
+            .hello_versions
+            .and_then(|theirs| negotiate_version(self.config.versions, theirs))
+            .expect("decide accepts only overlapping version ranges");
+        let accepted = Accepted {
+            source_cluster: self.config.cluster_id.clone(),
+            version,
+            source_last_lsn,
+            decision: decision.clone(),
+        };
+        self.transmit
+            .push_back(Outgoing::Message(HelloAck::Accepted(accepted).into()));
+        self.actions.push_back(SourceAction::UseDataFrameLimit);
+        match decision {
+            Decision::Stream { from_lsn } => {
+                self.sent_up_to = Lsn(from_lsn.0.saturating_sub(1));
+                self.state = SourceState::Streaming { next: from_lsn };
+            }
+            Decision::Snapshot {
+                snapshot_id,
+                base_lsn,
+                ..
+            } => self.start_scan(snapshot_id, base_lsn, None),
+            Decision::ResumeSnapshot {
+                snapshot_id,
+                base_lsn,
+                after_key,
+                ..
+            } => self.start_scan(snapshot_id, base_lsn, after_key),
+        }
+    }
+
+    fn start_scan(&mut self, snapshot_id: SnapshotId, base_lsn: Lsn, after_key: Option<Vec<u8>>) {
+        self.sent_up_to = base_lsn;
+        self.transfer = Some(Transfer {
+            snapshot_id,
+            chunks_sent: 0,
+            chunks_acked: 0,
+        });
+        self.state = SourceState::Scanning(Scan {
+            base_lsn,
+            after_key,
+            done: false,
+        });
+        self.actions.push_back(SourceAction::MeasureSnapshot);
+    }
+
+    fn on_scanned(&mut self, pairs: Vec<(Vec<u8>, Vec<u8>)>, more: bool) {
+        self.reading = false;
+        let (SourceState::Scanning(scan), Some(transfer)) = (&mut self.state, &mut self.transfer)
+        else {
+            return;
+        };
+        if let Some((last_key, _)) = pairs.last() {
+            scan.after_key = Some(last_key.clone());
+            transfer.chunks_sent += 1;
+            self.transmit.push_back(Outgoing::Message(
+                SnapshotChunk {
+                    snapshot_id: transfer.snapshot_id,
+                    pairs,
+                }
+                .into(),
+            ));
+        }
+        if !more {
+            scan.done = true;
+            self.reading = true;
+            self.actions.push_back(SourceAction::ReadEndLsn);
+        }
+    }
+
+    fn on_end_lsn(&mut self, end_lsn: Lsn) {
+        self.reading = false;
+        let (SourceState::Scanning(scan), Some(transfer)) = (&self.state, self.transfer) else {
+            return;
+        };
+        let next = scan.base_lsn.next();
+        self.transmit.push_back(Outgoing::Message(
+            SnapshotDone {
+                snapshot_id: transfer.snapshot_id,
+                end_lsn,
+            }
+            .into(),
+        ));
+        self.actions.push_back(SourceAction::SnapshotSent);
+        self.state = SourceState::Streaming { next };
+    }
+
+    fn on_batch(&mut self, batch: Arc<SharedBatch>) {
+        self.reading = false;
+        let SourceState::Streaming { next } = &mut self.state else {
+            return;
+        };
+        *next = batch.last_lsn.next();
+        // Recorded before the frame leaves, so that no acknowledgement can overtake it.
+        self.sent_up_to = self.sent_up_to.max(batch.last_lsn);
+        self.unacked
+            .push_back((batch.last_lsn, batch.payload_bytes));
+        self.unacked_bytes += batch.payload_bytes;
+        self.transmit.push_back(Outgoing::Batch(batch));
+    }
+
+    fn on_ack(&mut self, ack: MirrorAck) {
+        let claimed = ack.durable.max(ack.received).max(ack.applied);
+        if claimed > self.sent_up_to {
+            return self.violation(MirrorViolation::AckBeyondSent {
+                claimed,
+                sent: self.sent_up_to,
+            });
+        }
+        while self
+            .unacked
+            .front()
+            .is_some_and(|(last, _)| *last <= ack.durable)
+        {
+            let (_, bytes) = self.unacked.pop_front().expect("checked non-empty");
+            self.unacked_bytes -= bytes;
+        }
+        self.actions
+            .push_back(SourceAction::AdvanceSlot(ack.durable));
+    }
+
+    fn on_chunk_ack(&mut self, ack: SnapshotChunkAck) {
+        let Some(transfer) = &mut self.transfer else {
+            return self.violation(MirrorViolation::ChunkAckOfAnotherSnapshot(ack.snapshot_id));
+        };
+        if transfer.snapshot_id != ack.snapshot_id {
+            return self.violation(MirrorViolation::ChunkAckOfAnotherSnapshot(ack.snapshot_id));
+        }
+        if ack.chunks_applied > transfer.chunks_sent {
+            let violation = MirrorViolation::ChunkAckBeyondSent {
+                snapshot_id: ack.snapshot_id,
+                acked: ack.chunks_applied,
+                sent: transfer.chunks_sent,
+            };
+            return self.violation(violation);
+        }
+        transfer.chunks_acked = transfer.chunks_acked.max(ack.chunks_applied);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::decide::Reject;
+    use crate::hash::ChainHash;
+    use crate::message::{Heartbeat, SnapshotReason, WalBatch};
+    use crate::types::Role;
+    use crate::Entry;
+
+    const COMMITTED: Lsn = Lsn(10);
+
+    fn name(value: &str) -> Name {
+        Name::new(value).unwrap()
+    }
+
+    fn config() -> SourceSessionConfig {
+        SourceSessionConfig {
+            cluster_id: name("east"),
+            versions: VersionRange { min: 1, max: 3 },
+            handshake_timeout: Duration::from_secs(10),
+            snapshot_chunk_bytes: 100,
+            snapshot_window_chunks: 2,
+            max_unacked_bytes: 100,
+            heartbeat_interval: Duration::from_secs(1),
+        }
+    }
+
+    fn hello() -> Hello {
+        Hello {
+            versions: VersionRange { min: 1, max: 2 },
+            source_cluster: name("east"),
+            database: name("main"),
+            mirror_name: name("m1"),
+            role: Role::Observer,
+            applied_lsn: Lsn(4),
+            chain_hash: ChainHash::GENESIS,
+            resume: None,
+        }
+    }
+
+    fn committed(last_lsn: Lsn) -> Committed {
+        Committed {
+            last_lsn,
+            commit_time: UnixMillis(1_000 + last_lsn.0),
+        }
+    }
+
+    /// Everything the session asks for now: actions and frames, in the order asked.
+    #[derive(Debug, Default)]
+    struct Drained {
+        actions: Vec<SourceAction>,
+        frames: Vec<Message>,
+    }
+
+    fn drain(session: &mut SourceSession) -> Drained {
+        let mut drained = Drained::default();
+        loop {
+            if let Some(action) = session.poll_action() {
+                drained.actions.push(action);
+            } else if let Some(frame) = session.poll_transmit() {
+                drained.frames.push(frame.message().clone());
+            } else {
+                return drained;
+            }
+        }
+    }
+
+    fn reads(drained: &Drained) -> Vec<&SourceAction> {
+        drained
+            .actions
+            .iter()
+            .filter(|action| {
+                matches!(
+                    action,
+                    SourceAction::Scan { .. }
+                        | SourceAction::ReadBatch { .. }
+                        | SourceAction::ReadEndLsn
+                )
+            })
+            .collect()
+    }
+
+    fn snapshot(base_lsn: Lsn) -> Decision {
+        Decision::Snapshot {
+            snapshot_id: SnapshotId(7),
+            base_lsn,
+            base_chain_hash: ChainHash::GENESIS,
+            reason: SnapshotReason::NewMirror,
+        }
+    }
+
+    /// A session whose hello was accepted with `decision`, and what that produced.
+    fn accepted(decision: Decision) -> (SourceSession, Drained) {
+        let mut session = SourceSession::new(config(), committed(COMMITTED));
+        session.handle(SourceEvent::Received(hello().into()));
+        drain(&mut session);
+        session.handle(SourceEvent::Admitted {
+            decision: Ok(decision),
+            source_last_lsn: COMMITTED,
+        });
+        let drained = drain(&mut session);
+        (session, drained)
+    }
+
+    fn batch(first: u64, entries: usize, payload_bytes_each: usize) -> Arc<SharedBatch> {
+        let entries = (0..entries)
+            .map(|index| Entry::Put {
+                key: vec![b'k'; 1],
+                value: vec![index as u8; payload_bytes_each - 1],
+            })
+            .collect();
+        Arc::new(SharedBatch::new(WalBatch {
+            first_lsn: Lsn(first),
+            entries,
+            chain_hash: ChainHash::GENESIS,
+            commit_time: UnixMillis(5),
+        }))
+    }
+
+    fn ack(durable: u64) -> Message {
+        MirrorAck {
+            received: Lsn(durable),
+            durable: Lsn(durable),
+            applied: Lsn(durable),
+        }
+        .into()
+    }
+
+    fn end_code(session: &mut SourceSession) -> Option<ErrorCode> {
+        drain(session);
+        match session.take_end() {
+            Some(Err(end)) => Some(end.code()),
+            Some(Ok(())) | None => None,
+        }
+    }
+
+    #[test]
+    fn the_handshake_deadline_is_armed_at_once_and_refuses_a_silent_mirror() {
+        let mut session = SourceSession::new(config(), committed(COMMITTED));
+        let first = drain(&mut session);
+        assert_eq!(
+            first.actions,
+            vec![SourceAction::ArmTimer(
+                SourceTimer::Handshake,
+                Duration::from_secs(10)
+            )]
+        );
+        session.handle(SourceEvent::Timer(SourceTimer::Handshake));
+        // The rejected ack goes out before the session reports its end.
+        assert!(session.take_end().is_none());
+        let refused = drain(&mut session);
+        assert!(matches!(
+            &refused.frames[..],
+            [Message::HelloAck(HelloAck::Rejected(Rejected {
+                code: ErrorCode::HandshakeTimeout,
+                ..
+            }))]
+        ));
+        assert!(matches!(
+            session.take_end(),
+            Some(Err(SourceEnd::Refused(HelloRefusal::Timeout(_))))
+        ));
+    }
+
+    #[test]
+    fn the_deadline_means_nothing_once_the_hello_came() {
+        let mut session = SourceSession::new(config(), committed(COMMITTED));
+        session.handle(SourceEvent::Received(hello().into()));
+        let admitting = drain(&mut session);
+        assert!(
+            matches!(&admitting.actions[1], SourceAction::Admit(hello) if hello.mirror_name == name("m1"))
+        );
+        session.handle(SourceEvent::Timer(SourceTimer::Handshake));
+        assert_eq!(session.state(), &SourceState::Admitting);
+        assert!(drain(&mut session).frames.is_empty());
+    }
+
+    #[test]
+    fn anything_but_a_hello_first_is_refused_with_its_code() {
+        // (first frame, the code the rejected ack and the close carry)
+        let cases: Vec<(SourceEvent, ErrorCode)> = vec![
+            (SourceEvent::Received(ack(5)), ErrorCode::ProtocolViolation),
+            (
+                SourceEvent::Received(
+                    Heartbeat {
+                        last_lsn: Lsn(1),
+                        commit_time: UnixMillis(1),
+                    }
+                    .into(),
+                ),
+                ErrorCode::ProtocolViolation,
+            ),
+            (
+                SourceEvent::Malformed(FrameError::TooLarge {
+                    len: 1 << 20,
+                    max: 1 << 16,
+                }),
+                ErrorCode::FrameTooLarge,
+            ),
+            (
+                SourceEvent::Malformed(FrameError::UnknownType(99)),
+                ErrorCode::MalformedFrame,
+            ),
+        ];
+        for (event, code) in cases {
+            let mut session = SourceSession::new(config(), committed(COMMITTED));
+            session.handle(event);
+            let refused = drain(&mut session);
+            match &refused.frames[..] {
+                [Message::HelloAck(HelloAck::Rejected(rejected))] => {
+                    assert_eq!(rejected.code, code)
+                }
+                other => panic!("expected one rejected ack, got {other:?}"),
+            }
+            assert_eq!(end_code(&mut session), Some(code));
+        }
+    }
+
+    #[test]
+    fn a_refused_hello_gets_the_decision_code_and_no_data_phase() {
+        let mut session = SourceSession::new(config(), committed(COMMITTED));
+        session.handle(SourceEvent::Received(hello().into()));
+        drain(&mut session);
+        session.handle(SourceEvent::Admitted {
+            decision: Err(Reject::new(ErrorCode::ClusterIdMismatch, "wrong cluster")),
+            source_last_lsn: COMMITTED,
+        });
+        let refused = drain(&mut session);
+        assert!(!refused.actions.contains(&SourceAction::UseDataFrameLimit));
+        assert!(matches!(
+            &refused.frames[..],
+            [Message::HelloAck(HelloAck::Rejected(Rejected {
+                code: ErrorCode::ClusterIdMismatch,
+                ..
+            }))]
+        ));
+        assert_eq!(end_code(&mut session), Some(ErrorCode::ClusterIdMismatch));
+    }
+
+    #[test]
+    fn an_accepted_stream_names_the_version_and_starts_after_the_mirror() {
+        let (session, drained) = accepted(Decision::Stream { from_lsn: Lsn(5) });
+        match &drained.frames[..] {
+            [Message::HelloAck(HelloAck::Accepted(accepted))] => {
+                // The highest version both speak: the source 1..=3, the mirror 1..=2.
+                assert_eq!(accepted.version, 2);
+                assert_eq!(accepted.source_last_lsn, COMMITTED);
+                assert_eq!(accepted.source_cluster, name("east"));
+            }
+            other => panic!("expected an accepted ack, got {other:?}"),
+        }
+        assert!(drained.actions.contains(&SourceAction::UseDataFrameLimit));
+        // Entries 5..=10 are durable: the first read asks for exactly those.
+        assert_eq!(
+            reads(&drained),
+            vec![&SourceAction::ReadBatch {
+                from: Lsn(5),
+                up_to: COMMITTED
+            }]
+        );
+        assert_eq!(session.sent_up_to(), Lsn(4));
+        assert_eq!(session.stream_phase(), Some(StreamPhase::CatchingUp));
+    }
+
+    #[test]
+    fn only_durable_entries_are_read() {
+        let (mut session, drained) = accepted(Decision::Stream { from_lsn: Lsn(11) });
+        assert!(
+            reads(&drained).is_empty(),
+            "nothing beyond LSN 10 is durable"
+        );
+        assert_eq!(session.stream_phase(), Some(StreamPhase::Live));
+        session.handle(SourceEvent::Committed(committed(Lsn(12))));
+        assert_eq!(
+            reads(&drain(&mut session)),
+            vec![&SourceAction::ReadBatch {
+                from: Lsn(11),
+                up_to: Lsn(12)
+            }]
+        );
+        // An older announcement arriving late never lowers the bound.
+        session.handle(SourceEvent::Committed(committed(Lsn(11))));
+        session.handle(SourceEvent::BatchRead(batch(11, 2, 10)));
+        session.handle(SourceEvent::Committed(committed(Lsn(13))));
+        assert_eq!(
+            reads(&drain(&mut session)),
+            vec![&SourceAction::ReadBatch {
+                from: Lsn(13),
+                up_to: Lsn(13)
+            }]
+        );
+    }
+
+    #[test]
+    fn unacknowledged_wal_is_bounded_in_bytes() {
+        let (mut session, _) = accepted(Decision::Stream { from_lsn: Lsn(1) });
+        // 60 bytes sent: under the 100-byte bound, so the next read is asked for.
+        session.handle(SourceEvent::BatchRead(batch(1, 3, 20)));
+        let first = drain(&mut session);
+        assert!(matches!(&first.frames[..], [Message::WalBatch(_)]));
+        assert_eq!(
+            reads(&first),
+            vec![&SourceAction::ReadBatch {
+                from: Lsn(4),
+                up_to: COMMITTED
+            }]
+        );
+        // 120 bytes: over the bound, nothing more until an ack.
+        session.handle(SourceEvent::BatchRead(batch(4, 3, 20)));
+        let second = drain(&mut session);
+        assert!(reads(&second).is_empty());
+        assert_eq!(session.unacked_bytes(), 120);
+        session.handle(SourceEvent::Received(ack(3)));
+        let after_ack = drain(&mut session);
+        assert!(after_ack
+            .actions
+            .contains(&SourceAction::AdvanceSlot(Lsn(3))));
+        assert_eq!(session.unacked_bytes(), 60);
+        assert_eq!(
+            reads(&after_ack),
+            vec![&SourceAction::ReadBatch {
+                from: Lsn(7),
+                up_to: COMMITTED
+            }]
+        );
+    }
+
+    #[test]
+    fn one_read_at_a_time_and_none_while_a_frame_waits() {
+        let (mut session, drained) = accepted(Decision::Stream { from_lsn: Lsn(1) });
+        assert_eq!(reads(&drained).len(), 1);
+        // The read is still out: asking again gives nothing.
+        assert!(session.poll_action().is_none());
+        session.handle(SourceEvent::BatchRead(batch(1, 1, 10)));
+        // The batch waits for the stream: no read before it is taken.
+        assert!(session.poll_action().is_none());
+        assert!(session.poll_transmit().is_some());
+        assert!(matches!(
+            session.poll_action(),
+            Some(SourceAction::ArmTimer(SourceTimer::Heartbeat, _))
+        ));
+        assert!(matches!(
+            session.poll_action(),
+            Some(SourceAction::ReadBatch { from: Lsn(2), .. })
+        ));
+    }
+
+    #[test]
+    fn at_most_a_window_of_snapshot_chunks_is_unacknowledged() {
+        let (mut session, drained) = accepted(snapshot(Lsn(8)));
+        assert!(drained.actions.contains(&SourceAction::MeasureSnapshot));
+        assert_eq!(
+            reads(&drained),
+            vec![&SourceAction::Scan {
+                after_key: None,
+                max_bytes: 100
+            }]
+        );
+        assert_eq!(session.sent_up_to(), Lsn(8));
+        let pairs = |key: &[u8]| vec![(key.to_vec(), b"value".to_vec())];
+        session.handle(SourceEvent::Scanned {
+            pairs: pairs(b"a"),
+            more: true,
+        });
+        let one = drain(&mut session);
+        assert!(matches!(&one.frames[..], [Message::SnapshotChunk(_)]));
+        assert_eq!(
+            reads(&one),
+            vec![&SourceAction::Scan {
+                after_key: Some(b"a".to_vec()),
+                max_bytes: 100
+            }]
+        );
+        session.handle(SourceEvent::Scanned {
+            pairs: pairs(b"b"),
+            more: true,
+        });
+        // Two chunks out, none acknowledged: the window of two is full.
+        assert!(reads(&drain(&mut session)).is_empty());
+        session.handle(SourceEvent::Received(
+            SnapshotChunkAck {
+                snapshot_id: SnapshotId(7),
+                chunks_applied: 1,
+            }
+            .into(),
+        ));
+        assert_eq!(
+            reads(&drain(&mut session)),
+            vec![&SourceAction::Scan {
+                after_key: Some(b"b".to_vec()),
+                max_bytes: 100
+            }]
+        );
+    }
+
+    #[test]
+    fn a_finished_scan_sends_its_end_lsn_then_streams_after_the_base() {
+        let (mut session, _) = accepted(snapshot(Lsn(8)));
+        session.handle(SourceEvent::Measured { keys: 3, bytes: 30 });
+        session.handle(SourceEvent::Scanned {
+            pairs: vec![(b"a".to_vec(), b"1".to_vec())],
+            more: false,
+        });
+        let scanned = drain(&mut session);
+        assert!(matches!(
+            &scanned.frames[..],
+            [
+                Message::SnapshotSize(SnapshotSize { keys: 3, .. }),
+                Message::SnapshotChunk(_)
+            ]
+        ));
+        assert_eq!(reads(&scanned), vec![&SourceAction::ReadEndLsn]);
+        session.handle(SourceEvent::EndLsnRead(Lsn(9)));
+        let done = drain(&mut session);
+        assert!(matches!(
+            &done.frames[..],
+            [Message::SnapshotDone(SnapshotDone {
+                end_lsn: Lsn(9),
+                ..
+            })]
+        ));
+        assert!(done.actions.contains(&SourceAction::SnapshotSent));
+        assert_eq!(session.state(), &SourceState::Streaming { next: Lsn(9) });
+        assert_eq!(
+            reads(&done),
+            vec![&SourceAction::ReadBatch {
+                from: Lsn(9),
+                up_to: COMMITTED
+            }]
+        );
+        // Late chunk acks of this session's snapshot are still welcome.
+        session.handle(SourceEvent::Received(
+            SnapshotChunkAck {
+                snapshot_id: SnapshotId(7),
+                chunks_applied: 1,
+            }
+            .into(),
+        ));
+        assert!(session.take_end().is_none());
+    }
+
+    #[test]
+    fn a_resumed_snapshot_continues_after_the_mirrors_key() {
+        let (_, drained) = accepted(Decision::ResumeSnapshot {
+            snapshot_id: SnapshotId(7),
+            after_key: Some(b"m".to_vec()),
+            base_lsn: Lsn(3),
+            base_chain_hash: ChainHash::GENESIS,
+        });
+        assert_eq!(
+            reads(&drained),
+            vec![&SourceAction::Scan {
+                after_key: Some(b"m".to_vec()),
+                max_bytes: 100
+            }]
+        );
+    }
+
+    #[test]
+    fn heartbeats_fill_quiet_intervals_with_the_last_commit() {
+        let (mut session, drained) = accepted(Decision::Stream { from_lsn: Lsn(11) });
+        // Every frame re-arms the heartbeat: the accepted ack did.
+        assert!(drained.actions.contains(&SourceAction::ArmTimer(
+            SourceTimer::Heartbeat,
+            Duration::from_secs(1)
+        )));
+        session.handle(SourceEvent::Timer(SourceTimer::Heartbeat));
+        let beat = drain(&mut session);
+        assert_eq!(
+            beat.frames,
+            vec![Message::Heartbeat(Heartbeat {
+                last_lsn: COMMITTED,
+                commit_time: committed(COMMITTED).commit_time,
+            })]
+        );
+        assert!(beat.actions.contains(&SourceAction::ArmTimer(
+            SourceTimer::Heartbeat,
+            Duration::from_secs(1)
+        )));
+        // No heartbeat before the hello is accepted.
+        let mut waiting = SourceSession::new(config(), committed(COMMITTED));
+        waiting.handle(SourceEvent::Timer(SourceTimer::Heartbeat));
+        assert!(drain(&mut waiting).frames.is_empty());
+    }
+
+    #[test]
+    fn a_mirror_may_not_acknowledge_what_it_was_not_sent() {
+        // (decision, what the mirror then sends, the end code; None: the session goes on)
+        let cases: Vec<(Decision, Message, Option<ErrorCode>)> = vec![
+            (Decision::Stream { from_lsn: Lsn(5) }, ack(4), None),
+            (
+                Decision::Stream { from_lsn: Lsn(5) },
+                ack(5),
+                Some(ErrorCode::ProtocolViolation),
+            ),
+            (snapshot(Lsn(8)), ack(8), None),
+            (snapshot(Lsn(8)), ack(9), Some(ErrorCode::ProtocolViolation)),
+            (
+                snapshot(Lsn(8)),
+                SnapshotChunkAck {
+                    snapshot_id: SnapshotId(7),
+                    chunks_applied: 1,
+                }
+                .into(),
+                Some(ErrorCode::ProtocolViolation),
+            ),
+            (
+                snapshot(Lsn(8)),
+                SnapshotChunkAck {
+                    snapshot_id: SnapshotId(6),
+                    chunks_applied: 0,
+                }
+                .into(),
+                Some(ErrorCode::ProtocolViolation),
+            ),
+            (
+                Decision::Stream { from_lsn: Lsn(5) },
+                SnapshotChunkAck {
+                    snapshot_id: SnapshotId(7),
+                    chunks_applied: 0,
+                }
+                .into(),
+                Some(ErrorCode::ProtocolViolation),
+            ),
+            (
+                Decision::Stream { from_lsn: Lsn(5) },
+                hello().into(),
+                Some(ErrorCode::ProtocolViolation),
+            ),
+        ];
+        for (decision, message, code) in cases {
+            let (mut session, _) = accepted(decision.clone());
+            session.handle(SourceEvent::Received(message.clone()));
+            assert_eq!(
+                end_code(&mut session),
+                code,
+                "{decision:?} then {message:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_stream_ack_beyond_a_sent_batch_names_both_lsns() {
+        let (mut session, _) = accepted(Decision::Stream { from_lsn: Lsn(1) });
+        session.handle(SourceEvent::BatchRead(batch(1, 3, 10)));
+        drain(&mut session);
+        session.handle(SourceEvent::Received(ack(3)));
+        assert!(drain(&mut session)
+            .actions
+            .contains(&SourceAction::AdvanceSlot(Lsn(3))));
+        session.handle(SourceEvent::Received(ack(4)));
+        drain(&mut session);
+        match session.take_end() {
+            Some(Err(SourceEnd::Violation(MirrorViolation::AckBeyondSent { claimed, sent }))) => {
+                assert_eq!((claimed, sent), (Lsn(4), Lsn(3)))
+            }
+            other => panic!("expected a violation, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_frame_while_the_hello_is_decided_is_a_violation() {
+        let mut session = SourceSession::new(config(), committed(COMMITTED));
+        session.handle(SourceEvent::Received(hello().into()));
+        drain(&mut session);
+        session.handle(SourceEvent::Received(ack(1)));
+        assert_eq!(end_code(&mut session), Some(ErrorCode::ProtocolViolation));
+    }
+
+    #[test]
+    fn every_other_end_has_its_code_and_sends_nothing_more() {
+        // (event after a streaming session started, the end code; None: ended cleanly)
+        let cases: Vec<(SourceEvent, Option<ErrorCode>)> = vec![
+            (SourceEvent::MirrorFinished, None),
+            (SourceEvent::Replaced, Some(ErrorCode::Replaced)),
+            (SourceEvent::WriterStopped, Some(ErrorCode::ShuttingDown)),
+            (
+                SourceEvent::WalTruncated {
+                    first_retained: Lsn(8),
+                },
+                Some(ErrorCode::SlotInvalidated),
+            ),
+            (
+                SourceEvent::Malformed(FrameError::UnknownType(42)),
+                Some(ErrorCode::MalformedFrame),
+            ),
+        ];
+        for (event, code) in cases {
+            let (mut session, _) = accepted(Decision::Stream { from_lsn: Lsn(5) });
+            session.handle(SourceEvent::BatchRead(batch(5, 1, 10)));
+            let label = format!("{event:?}");
+            session.handle(event);
+            let after = drain(&mut session);
+            assert!(
+                after.frames.is_empty(),
+                "{label}: nothing is sent after the end"
+            );
+            assert!(
+                reads(&after).is_empty(),
+                "{label}: nothing is read after the end"
+            );
+            match session.take_end() {
+                Some(Ok(())) => assert_eq!(code, None, "{label}"),
+                Some(Err(end)) => assert_eq!(Some(end.code()), code, "{label}"),
+                None => panic!("{label}: the session did not end"),
+            }
+        }
+    }
+
+    #[test]
+    fn a_truncated_wal_names_what_the_session_needed() {
+        let (mut session, _) = accepted(Decision::Stream { from_lsn: Lsn(5) });
+        session.handle(SourceEvent::WalTruncated {
+            first_retained: Lsn(8),
+        });
+        match session.take_end() {
+            Some(Err(SourceEnd::SlotInvalidated {
+                requested,
+                first_retained,
+            })) => assert_eq!((requested, first_retained), (Lsn(5), Lsn(8))),
+            other => panic!("expected SLOT_INVALIDATED, got {other:?}"),
+        }
+    }
+}

@@ -1,5 +1,5 @@
 //! End-to-end: real `xmirror` processes over real QUIC on loopback, real sled stores.
-//! Each test is one scenario of the source-and-mirror contract (SPEC.md).
+//! Each test is one scenario of the source-and-mirror contract (docs/OPERATIONS.md).
 
 use std::time::Duration;
 

@@ -5,10 +5,8 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context};
 use clap::Args;
-use xmirror_net::{Client, ClientError};
-use xmirror_proto::message::{GetRequest, PutRequest};
+use xmirror_net::Client;
 use xmirror_proto::status::NodeStatus;
-use xmirror_proto::Message;
 use xmirror_tls::{ExpectedServer, NodeTls};
 
 /// How to reach a node and who to be.
@@ -106,40 +104,25 @@ pub async fn connect_to(tls: &NodeTls, addr: SocketAddr) -> anyhow::Result<Clien
         .with_context(|| format!("cannot connect to {addr}"))
 }
 
-fn unexpected(reply: &Message) -> anyhow::Error {
-    anyhow::Error::new(ClientError::Unexpected(reply.message_type()))
-}
-
 pub async fn put(args: PutArgs) -> anyhow::Result<()> {
     let client = connect(&args.node).await?;
-    let reply = client
-        .request(PutRequest {
-            key: args.key.into_bytes(),
-            value: args.value.into_bytes(),
-        })
+    let lsn = client
+        .put(args.key.as_bytes(), args.value.as_bytes())
         .await
         .context("put failed")?;
-    match reply {
-        Message::WriteReply(written) => println!("ok lsn={}", written.lsn),
-        other => return Err(unexpected(&other)),
-    }
+    println!("ok lsn={lsn}");
     Ok(())
 }
 
 pub async fn get(args: GetArgs) -> anyhow::Result<()> {
     let client = connect(&args.node).await?;
-    let reply = client
-        .request(GetRequest {
-            key: args.key.into_bytes(),
-        })
+    let (value, _lsn) = client
+        .get(args.key.as_bytes())
         .await
         .context("get failed")?;
-    match reply {
-        Message::GetReply(reply) => match reply.value {
-            Some(value) => println!("{}", String::from_utf8_lossy(&value)),
-            None => println!("(not found)"),
-        },
-        other => return Err(unexpected(&other)),
+    match value {
+        Some(value) => println!("{}", String::from_utf8_lossy(&value)),
+        None => println!("(not found)"),
     }
     Ok(())
 }

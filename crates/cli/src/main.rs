@@ -1,4 +1,4 @@
-//! The `xmirror` command line (SPEC.md, "Command line"): parses arguments, runs one
+//! The `xmirror` command line (every command is in docs/OPERATIONS.md): parses arguments, runs one
 //! command, and turns any failure into a one-line error and a non-zero exit.
 
 mod certs;

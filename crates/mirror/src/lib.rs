@@ -21,15 +21,15 @@ use std::time::Duration;
 use tokio::sync::watch;
 use xmirror_net::serve::serve_client_connection;
 use xmirror_net::{
-    client_endpoint, close_with, error_chain, refusal_of, server_endpoint, Admission, Admitted,
-    EndpointError, TransportLimits,
+    accept_loop, client_endpoint, close_with, error_chain, refusal_of, server_endpoint,
+    AcceptLimits, EndpointError, TransportLimits,
 };
 use xmirror_proto::message::DecisionKind;
 use xmirror_proto::session::mirror::{MirrorProgress, MirrorSessionConfig};
 use xmirror_proto::status::{MirrorState, MirrorStatus};
 use xmirror_proto::{ErrorCode, FrameLimits, Name, UnixMillis, VersionRange, SUPPORTED_VERSIONS};
 use xmirror_store::{open_store, EngineKind, Store, StoreError, SyncState};
-use xmirror_tls::{peer_identity, ExpectedServer, NodeTls, ALPN_MIRROR};
+use xmirror_tls::{ExpectedServer, NodeTls, ALPN_MIRROR};
 
 use crate::backoff::Backoff;
 use crate::service::MirrorService;
@@ -431,7 +431,22 @@ impl MirrorNode {
         let listener = match shared.config.listen {
             Some(addr) => {
                 let endpoint = server_endpoint(&tls, addr, &shared.config.transport)?;
-                let task = tokio::spawn(serve_clients(endpoint.clone(), shared.clone()));
+                let limits = AcceptLimits {
+                    max_connections: shared.config.max_connections,
+                    max_handshakes: shared.config.max_handshakes,
+                    handshake_timeout: shared.config.handshake_timeout,
+                };
+                let service = Arc::new(MirrorService::new(shared.clone()));
+                let max_in_flight = shared.config.max_in_flight_per_stream;
+                let task = tokio::spawn(accept_loop(
+                    endpoint.clone(),
+                    limits,
+                    move |connection, peer, handshake| {
+                        // A client's handshake is over once TLS is.
+                        drop(handshake);
+                        serve_client_connection(connection, peer, service.clone(), max_in_flight)
+                    },
+                ));
                 Some((endpoint, task))
             }
             None => None,
@@ -497,35 +512,6 @@ impl MirrorNode {
     }
 }
 
-async fn serve_clients(endpoint: quinn::Endpoint, shared: Arc<MirrorShared>) {
-    let service = Arc::new(MirrorService::new(shared.clone()));
-    let admission = Admission::new(shared.config.max_connections, shared.config.max_handshakes);
-    while let Some(incoming) = endpoint.accept().await {
-        let Some(admitted) = admission.admit() else {
-            tracing::warn!(remote = %incoming.remote_address(), code = %ErrorCode::Busy, "client refused: limit reached");
-            incoming.refuse();
-            continue;
-        };
-        let service = service.clone();
-        let max_in_flight = shared.config.max_in_flight_per_stream;
-        let deadline = shared.config.handshake_timeout;
-        tokio::spawn(async move {
-            let Admitted {
-                connection: _connection_permit,
-                handshake,
-            } = admitted;
-            let Ok(Ok(connection)) = tokio::time::timeout(deadline, incoming).await else {
-                return;
-            };
-            drop(handshake);
-            match peer_identity(&connection) {
-                Ok(peer) => serve_client_connection(connection, peer, service, max_in_flight).await,
-                Err(error) => close_with(&connection, ErrorCode::NotAuthorized, &error.to_string()),
-            }
-        });
-    }
-}
-
 async fn replicate(shared: Arc<MirrorShared>, tls: Arc<NodeTls>) -> Result<(), MirrorError> {
     let expected = ExpectedServer::source_of(shared.config.source_cluster.clone());
     let server_name = expected.server_name();
@@ -582,12 +568,11 @@ async fn connect_once(
     match session::run_session(recv, &mut send, shared).await {
         Ok(()) => Ok(()),
         Err(error) => {
-            // A stream error caused by the source closing the connection with a code is
-            // reported as that code.
+            // A session that failed because the connection closed (the source's code, a TLS
+            // alert about this mirror's certificate, a lost path) is reported as that close:
+            // it says what happened, and whether retrying can help.
             if let Some(reason) = connection.close_reason() {
-                if refusal_of(&reason).is_some() {
-                    return Err(AttemptError::connection(addr, reason));
-                }
+                return Err(AttemptError::connection(addr, reason));
             }
             close_with(&connection, error.code(), &error_chain(&error));
             match error {

@@ -2,12 +2,11 @@
 
 use std::sync::Arc;
 
-use xmirror_net::serve::{
-    digest_reply, error_reply, get_reply, internal_error, ClientService, Reply,
-};
-use xmirror_proto::message::StatusReply;
+use xmirror_net::serve::{blocking_reply, error_reply, ClientService, Reply};
+use xmirror_proto::message::{DigestReply, GetReply, StatusReply};
 use xmirror_proto::status::NodeStatus;
 use xmirror_proto::{ErrorCode, Message, PeerIdentity};
+use xmirror_store::StoreError;
 
 use crate::MirrorShared;
 
@@ -48,24 +47,29 @@ impl ClientService for MirrorService {
                 if !self.shared.is_consistent() {
                     return self.not_consistent();
                 }
-                get_reply(self.shared.store.clone(), get.key)
+                let store = self.shared.store.clone();
+                blocking_reply(move || {
+                    let lsn = store.position().lsn;
+                    let value = store.get(&get.key)?;
+                    Ok::<_, StoreError>(GetReply { value, lsn }.into())
+                })
             }
             Message::StatusRequest(_) => {
-                let status = self.shared.status();
-                Box::pin(async move {
-                    match status {
-                        Ok(status) => Message::StatusReply(StatusReply {
-                            status: NodeStatus::Mirror(status),
-                        }),
-                        Err(error) => internal_error(error),
-                    }
+                let shared = self.shared.clone();
+                blocking_reply(move || {
+                    let status = NodeStatus::Mirror(shared.status()?);
+                    Ok::<_, StoreError>(StatusReply { status }.into())
                 })
             }
             Message::DigestRequest(_) => {
                 if !self.shared.is_consistent() {
                     return self.not_consistent();
                 }
-                digest_reply(self.shared.store.clone())
+                let store = self.shared.store.clone();
+                blocking_reply(move || {
+                    let (lsn, digest) = store.digest()?;
+                    Ok::<_, StoreError>(DigestReply { lsn, digest }.into())
+                })
             }
             other => error_reply(
                 ErrorCode::ProtocolViolation,

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use quinn::{RecvStream, SendStream};
 use xmirror_proto::message::{
-    DeleteRequest, DigestRequest, ErrorReply, MessageType, PutRequest, StatusRequest,
+    DeleteRequest, DigestRequest, ErrorReply, GetRequest, MessageType, PutRequest, StatusRequest,
 };
 use xmirror_proto::status::NodeStatus;
 use xmirror_proto::{FrameError, FrameLimits, Lsn, Message, StateDigest};
@@ -117,6 +117,14 @@ impl Client {
         };
         match self.request(request).await? {
             Message::WriteReply(written) => Ok(written.lsn),
+            other => Err(ClientError::Unexpected(other.message_type())),
+        }
+    }
+
+    /// The value of `key` (`None` when absent) and the node's applied LSN when it read.
+    pub async fn get(&self, key: &[u8]) -> Result<(Option<Vec<u8>>, Lsn), ClientError> {
+        match self.request(GetRequest { key: key.to_vec() }).await? {
+            Message::GetReply(reply) => Ok((reply.value, reply.lsn)),
             other => Err(ClientError::Unexpected(other.message_type())),
         }
     }

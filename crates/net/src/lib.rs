@@ -18,7 +18,7 @@ pub mod endpoint;
 pub mod framed;
 pub mod serve;
 
-pub use admission::{Admission, Admitted};
+pub use admission::{accept_loop, AcceptLimits, Admission, Admitted};
 pub use client::{Client, ClientError, ClientStream, LoadReport};
 pub use close::{close_with, error_chain, refusal_of, Refusal};
 pub use endpoint::{client_endpoint, server_endpoint, EndpointError, TransportLimits};

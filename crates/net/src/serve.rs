@@ -11,9 +11,8 @@ use std::sync::Arc;
 
 use futures_util::stream::{FuturesOrdered, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite};
-use xmirror_proto::message::{DigestReply, ErrorReply, GetReply, MessageType};
+use xmirror_proto::message::{ErrorReply, MessageType};
 use xmirror_proto::{ErrorCode, FrameError, FrameLimits, Message, PeerIdentity};
-use xmirror_store::Store;
 
 use crate::close::close_with;
 use crate::framed::{FramedReader, FramedWriter, ReadError};
@@ -37,28 +36,16 @@ pub fn error_reply(code: ErrorCode, detail: impl Into<String>) -> Reply {
     Box::pin(async move { reply })
 }
 
-/// Reads `key` from `store` off the async threads.
-pub fn get_reply(store: Arc<dyn Store>, key: Vec<u8>) -> Reply {
+/// A reply computed by `work` off the async threads (it reads a store, which may block);
+/// a failure, or a panic, is answered `INTERNAL`.
+pub fn blocking_reply<E>(work: impl FnOnce() -> Result<Message, E> + Send + 'static) -> Reply
+where
+    E: std::error::Error + Send + 'static,
+{
     Box::pin(async move {
-        let read = tokio::task::spawn_blocking(move || {
-            let lsn = store.position().lsn;
-            store.get(&key).map(|value| (value, lsn))
-        })
-        .await;
-        match read {
-            Ok(Ok((value, lsn))) => Message::GetReply(GetReply { value, lsn }),
-            Ok(Err(error)) => internal_error(error),
-            Err(panic) => internal_error(panic),
-        }
-    })
-}
-
-/// Digests `store` off the async threads.
-pub fn digest_reply(store: Arc<dyn Store>) -> Reply {
-    Box::pin(async move {
-        match tokio::task::spawn_blocking(move || store.digest()).await {
-            Ok(Ok((lsn, digest))) => Message::DigestReply(DigestReply { lsn, digest }),
-            Ok(Err(error)) => internal_error(error),
+        match tokio::task::spawn_blocking(work).await {
+            Ok(Ok(reply)) => reply,
+            Ok(Err(error)) => internal_error(crate::error_chain(&error)),
             Err(panic) => internal_error(panic),
         }
     })

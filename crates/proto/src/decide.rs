@@ -1,6 +1,6 @@
 //! The handshake decision: validate a hello, then choose stream, snapshot or resume.
 //!
-//! This is SPEC.md's "The hello and the decision" as one pure function. The source gathers
+//! This is the decision table of docs/PROTOCOL.md as one pure function. The source gathers
 //! the facts it needs into a [`SourceView`] (reading its store and slots), calls [`decide`],
 //! and acts on the answer; nothing here reads a clock or a disk, so every branch is tested
 //! below in memory.
@@ -82,7 +82,7 @@ pub fn negotiate_version(ours: VersionRange, theirs: VersionRange) -> Option<u16
 
 /// Validates `hello` from the peer certified as `peer`, then decides how the mirror catches up.
 ///
-/// Validation runs in SPEC.md's order (frame limits and the deadline are checked before
+/// Validation runs in the contract.s order (docs/PROTOCOL.md) (frame limits and the deadline are checked before
 /// this by the I/O layer): versions, cluster id, role, database. The first failure wins.
 pub fn decide(hello: &Hello, peer: &PeerIdentity, view: &SourceView) -> Result<Decision, Reject> {
     if negotiate_version(view.versions, hello.versions).is_none() {
@@ -328,7 +328,7 @@ mod tests {
 
     #[test]
     fn validation_follows_the_spec_order() {
-        // Everything wrong at once: the earliest rule in SPEC.md's order answers.
+        // Everything wrong at once: the earliest rule in the contract.s order answers.
         let mut all_wrong = hello(200);
         all_wrong.versions = VersionRange { min: 9, max: 9 };
         all_wrong.source_cluster = name("north");

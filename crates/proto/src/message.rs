@@ -219,8 +219,8 @@ pub struct SnapshotChunk {
 }
 
 /// The mirror applied (durably) the first `chunks_applied` chunks of this session's
-/// snapshot transfer. The source sends chunk n+1 only once chunk n is acknowledged, so a
-/// mirror killed mid-snapshot costs at most one chunk sent again.
+/// snapshot transfer. The source keeps at most `snapshot_window_chunks` chunks
+/// unacknowledged, so a mirror killed mid-snapshot costs at most that window sent again.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SnapshotChunkAck {
     /// The snapshot being received.

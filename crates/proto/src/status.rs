@@ -1,6 +1,6 @@
 //! What `xmirror status` reports, as the nodes send it over the client API.
 //!
-//! The field names are the JSON contract of `status --json` (see ../shared/SPEC.md), so
+//! The field names are the JSON contract of `status --json` (docs/OPERATIONS.md), so
 //! renaming one is a breaking change for operators' scripts.
 
 use serde::{Deserialize, Serialize};
@@ -25,7 +25,7 @@ pub struct SourceStatus {
     pub name: Name,
     /// The node's cluster.
     pub cluster_id: Name,
-    /// The last committed (durable) LSN.
+    /// The last LSN the writer announced durable.
     pub last_lsn: Lsn,
     /// The oldest LSN still in the WAL; `last_lsn + 1` when the WAL is empty.
     pub wal_first_lsn: Lsn,

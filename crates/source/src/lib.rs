@@ -23,12 +23,13 @@ use std::time::Duration;
 use tokio::sync::{watch, OwnedSemaphorePermit};
 use xmirror_net::serve::serve_client_connection;
 use xmirror_net::{
-    close_with, error_chain, server_endpoint, Admission, Admitted, EndpointError, TransportLimits,
+    accept_loop, close_with, error_chain, server_endpoint, AcceptLimits, EndpointError,
+    TransportLimits,
 };
 use xmirror_proto::session::source::SourceSessionConfig;
 use xmirror_proto::{ErrorCode, FrameLimits, Name, VersionRange, SUPPORTED_VERSIONS};
 use xmirror_store::{open_store, EngineKind, Store, StoreError};
-use xmirror_tls::{peer_identity, NodeTls, ALPN_CLIENT, ALPN_MIRROR};
+use xmirror_tls::{NodeTls, ALPN_CLIENT, ALPN_MIRROR};
 
 use crate::service::SourceService;
 use crate::slots::Slots;
@@ -216,7 +217,19 @@ impl SourceNode {
             })?;
         let shared = SourceShared::open(config, tls.identity().name.clone()).await?;
         let mut tasks = tokio::task::JoinSet::new();
-        tasks.spawn(accept_loop(endpoint.clone(), shared.clone()));
+        let limits = AcceptLimits {
+            max_connections: shared.config.max_connections,
+            max_handshakes: shared.config.max_handshakes,
+            handshake_timeout: shared.config.handshake_timeout,
+        };
+        let serving = shared.clone();
+        tasks.spawn(accept_loop(
+            endpoint.clone(),
+            limits,
+            move |connection, peer, handshake| {
+                handle_connection(connection, peer, serving.clone(), handshake)
+            },
+        ));
         tasks.spawn(retention_loop(shared.clone()));
         tasks.spawn(telemetry::publish_loop(shared.clone()));
         let position = shared.store.position();
@@ -256,53 +269,14 @@ impl SourceNode {
     }
 }
 
-async fn accept_loop(endpoint: quinn::Endpoint, shared: Arc<SourceShared>) {
-    let admission = Admission::new(shared.config.max_connections, shared.config.max_handshakes);
-    while let Some(incoming) = endpoint.accept().await {
-        let Some(admitted) = admission.admit() else {
-            tracing::warn!(
-                remote = %incoming.remote_address(),
-                code = %ErrorCode::Busy,
-                "connection refused: connection or handshake limit reached"
-            );
-            incoming.refuse();
-            continue;
-        };
-        let shared = shared.clone();
-        tokio::spawn(async move {
-            let Admitted {
-                connection: _connection_permit,
-                handshake: handshake_permit,
-            } = admitted;
-            let deadline = shared.config.handshake_timeout;
-            let connection = match tokio::time::timeout(deadline, incoming).await {
-                Ok(Ok(connection)) => connection,
-                Ok(Err(error)) => {
-                    tracing::warn!(error = %error, "TLS handshake failed");
-                    return;
-                }
-                Err(_) => {
-                    tracing::warn!(code = %ErrorCode::HandshakeTimeout, "TLS handshake timed out");
-                    return;
-                }
-            };
-            handle_connection(connection, shared, handshake_permit).await;
-        });
-    }
-}
-
+/// Serves one authenticated connection by its protocol: clients at once, mirrors after
+/// their hello (which holds the handshake permit until it is decided).
 async fn handle_connection(
     connection: quinn::Connection,
+    peer: xmirror_proto::PeerIdentity,
     shared: Arc<SourceShared>,
     handshake: OwnedSemaphorePermit,
 ) {
-    let peer = match peer_identity(&connection) {
-        Ok(peer) => peer,
-        Err(error) => {
-            close_with(&connection, ErrorCode::NotAuthorized, &error.to_string());
-            return;
-        }
-    };
     let alpn = connection
         .handshake_data()
         .and_then(|data| data.downcast::<quinn::crypto::rustls::HandshakeData>().ok())

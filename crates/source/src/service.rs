@@ -8,10 +8,11 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use xmirror_net::error_chain;
-use xmirror_net::serve::{digest_reply, error_reply, get_reply, ClientService, Reply};
-use xmirror_proto::message::{ErrorReply, StatusReply, WriteReply};
+use xmirror_net::serve::{blocking_reply, error_reply, ClientService, Reply};
+use xmirror_proto::message::{DigestReply, ErrorReply, GetReply, StatusReply, WriteReply};
 use xmirror_proto::status::{NodeStatus, SourceStatus};
 use xmirror_proto::{Entry, ErrorCode, Message, PeerIdentity, Role};
+use xmirror_store::StoreError;
 
 use crate::SourceShared;
 
@@ -78,11 +79,13 @@ impl SourceService {
         SourceStatus {
             name: shared.name.clone(),
             cluster_id: shared.config.cluster_id.clone(),
-            last_lsn: wal.last,
+            // The writer's announcement, not the store's position: the store may already
+            // hold a group whose flush has not returned.
+            last_lsn: committed.last_lsn,
             wal_first_lsn: wal.first,
             commit_time: committed.commit_time,
             snapshot_bytes_sent: shared.snapshot_bytes_sent.load(Ordering::Relaxed),
-            mirrors: shared.slots.status(wal.last),
+            mirrors: shared.slots.status(committed.last_lsn),
         }
     }
 }
@@ -98,7 +101,14 @@ impl ClientService for SourceService {
                 },
             ),
             Message::DeleteRequest(delete) => self.write(peer, Entry::Delete { key: delete.key }),
-            Message::GetRequest(get) => get_reply(self.shared.store.clone(), get.key),
+            Message::GetRequest(get) => {
+                let store = self.shared.store.clone();
+                blocking_reply(move || {
+                    let lsn = store.position().lsn;
+                    let value = store.get(&get.key)?;
+                    Ok::<_, StoreError>(GetReply { value, lsn }.into())
+                })
+            }
             Message::StatusRequest(_) => {
                 let status = SourceService::status(&self.shared);
                 Box::pin(async move {
@@ -107,7 +117,13 @@ impl ClientService for SourceService {
                     })
                 })
             }
-            Message::DigestRequest(_) => digest_reply(self.shared.store.clone()),
+            Message::DigestRequest(_) => {
+                let store = self.shared.store.clone();
+                blocking_reply(move || {
+                    let (lsn, digest) = store.digest()?;
+                    Ok::<_, StoreError>(DigestReply { lsn, digest }.into())
+                })
+            }
             other => error_reply(
                 ErrorCode::ProtocolViolation,
                 format!("{:?} is not a client request", other.message_type()),

@@ -1,6 +1,6 @@
 //! Slots: one per mirror name, persisted, deciding how much WAL the source keeps.
 //!
-//! SPEC.md, "Slots and retention": the WAL is truncated only below the oldest valid slot's
+//! The retention rule (docs/ARCHITECTURE.md): the WAL is truncated only below the oldest valid slot's
 //! acknowledged LSN, and never keeps more than `max_wal_entries`; a slot that retention
 //! passes is invalidated and its mirror gets a snapshot next time. [`plan_retention`] is
 //! that rule as a pure function; [`Slots`] holds the slots and their live sessions.
@@ -53,7 +53,10 @@ pub fn plan_retention<'a>(
 
 /// A live session of a slot's mirror.
 struct Session {
+    /// Tells this session from a later one of the same mirror: a late ack of a replaced
+    /// session must not move the slot.
     id: u64,
+    /// What status shows for the slot while this session runs.
     state: SlotState,
     /// Cancelled when another session with the same name replaces this one.
     replaced: CancellationToken,
@@ -62,7 +65,10 @@ struct Session {
 }
 
 struct Slot {
+    /// What is persisted: the acked LSN retention keeps the WAL for, the snapshot a
+    /// mirror may resume, whether retention has passed it.
     record: SlotRecord,
+    /// The session serving this mirror now, if any: one at a time.
     session: Option<Session>,
     /// The record changed since it was last written: acks only update memory, and
     /// [`Slots::persist_acknowledged`] writes them in one go.
@@ -71,12 +77,17 @@ struct Slot {
 
 /// Every slot, persisted in the store, with its live session if any.
 pub struct Slots {
+    /// Where slots are persisted (with the data, so a restored source restores its slots).
     store: Arc<dyn Store>,
+    /// Every slot and live session; one lock, because retention must see every slot's acked
+    /// LSN at one moment to truncate safely.
     inner: Mutex<SlotsInner>,
 }
 
 struct SlotsInner {
+    /// The slots by mirror name.
     slots: BTreeMap<Name, Slot>,
+    /// The id the next session gets; never reused in this process.
     next_session_id: u64,
 }
 

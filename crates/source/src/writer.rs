@@ -86,14 +86,21 @@ pub struct BatchLimits {
 /// Recent committed groups, oldest first, within [`RECENT_BYTES`].
 #[derive(Default)]
 struct Recent {
+    /// Committed groups in LSN order, each shaped as the batch a live session sends.
     batches: VecDeque<Arc<SharedBatch>>,
+    /// Their payload bytes, bounded by [`RECENT_BYTES`] so that memory does not grow with
+    /// the write rate.
     bytes: usize,
 }
 
 /// Submits writes to the writer task.
 #[derive(Clone)]
 pub struct Writer {
+    /// Writes waiting for the writer task; bounded, so that clients slow down instead of
+    /// queueing without limit when the disk is the bottleneck.
     queue: mpsc::Sender<WriteRequest>,
+    /// The last groups committed, shared with the writer task, so that live sessions send
+    /// them without reading the WAL back.
     recent: Arc<Mutex<Recent>>,
 }
 

@@ -95,6 +95,8 @@ impl<'a> Writes<'a> {
 
 /// A [`Store`] on an [`Engine`].
 pub struct KvStore<E> {
+    /// The engine's one keyspace, where data, WAL, metadata and slots live under one-byte
+    /// prefixes so that a single engine write covers all of them atomically.
     engine: E,
     /// The write lock and the cached metadata it guards. Writers hold it for the whole
     /// read-modify-write of a batch; `digest` holds it so no write lands mid-scan; and the
@@ -103,9 +105,14 @@ pub struct KvStore<E> {
 }
 
 struct CachedMeta {
+    /// The last applied LSN and chain hash: read on every write (the next LSN, the chain
+    /// to extend) and every hello, so kept in memory and written with each batch.
     position: Position,
-    /// The position just below the oldest retained WAL entry.
+    /// The position just below the oldest retained WAL entry: the chain hash a hello
+    /// at that LSN is checked against after truncation removed its record.
     wal_base: Position,
+    /// Whether the store is receiving a snapshot, replaying to its end, or consistent:
+    /// it decides what `apply` accepts and whether reads are served.
     sync: SyncState,
 }
 

@@ -2,9 +2,10 @@
 //! must change atomically with them.
 //!
 //! [`Store`] is exactly what the source and the mirror need and nothing an engine happens to
-//! offer; [`SledStore`] implements it on sled. No sled type crosses this crate's boundary,
-//! so another engine can be added beside it and run through the same conformance suite
-//! (`tests/conformance.rs`) without touching a caller.
+//! offer; [`KvStore`] implements it once over any [`kv::Engine`], and two engines exist:
+//! redb ([`RedbStore`], the default) and sled ([`SledStore`]). No engine type crosses this
+//! crate's boundary, so another engine can be added beside them and run through the same
+//! conformance suite (`tests/conformance.rs`) without touching a caller.
 //!
 //! Durability: nothing written is durable until [`Store::flush`] returns. Callers batch
 //! (group commit) and flush once per batch before acknowledging anything.

@@ -3,19 +3,20 @@
 use std::collections::HashMap;
 
 use rustls::pki_types::CertificateDer;
+use x509_parser::error::X509Error;
 use x509_parser::extensions::GeneralName;
 use x509_parser::prelude::{FromDer, X509Certificate};
 use xmirror_proto::{Name, PeerIdentity, Role};
 
 /// Why a certificate does not carry a usable identity.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum IdentityError {
     /// The connection has no verified peer certificate (not yet handshaken, or none sent).
     #[error("the peer presented no certificate")]
     NoCertificate,
     /// The certificate is not valid DER X.509.
-    #[error("the peer certificate does not parse: {0}")]
-    Unparseable(String),
+    #[error("the peer certificate does not parse")]
+    Unparseable(#[source] X509Error),
     /// The certificate has no `spiffe://` URI SAN.
     #[error("the certificate has no SPIFFE ID (a URI SAN spiffe://<cluster>/<role>/<name>)")]
     NoSpiffeId,
@@ -62,13 +63,21 @@ pub fn parse_spiffe_id(uri: &str) -> Result<PeerIdentity, IdentityError> {
     })
 }
 
+/// A DER parse failure as the error it is (an incomplete input is an invalid one here:
+/// the whole certificate is always given).
+fn unparseable(error: x509_parser::nom::Err<X509Error>) -> IdentityError {
+    IdentityError::Unparseable(match error {
+        x509_parser::nom::Err::Error(error) | x509_parser::nom::Err::Failure(error) => error,
+        x509_parser::nom::Err::Incomplete(_) => X509Error::InvalidCertificate,
+    })
+}
+
 /// The identity in a DER certificate.
 pub fn identity_from_certificate(der: &[u8]) -> Result<PeerIdentity, IdentityError> {
-    let (_, certificate) = X509Certificate::from_der(der)
-        .map_err(|error| IdentityError::Unparseable(error.to_string()))?;
+    let (_, certificate) = X509Certificate::from_der(der).map_err(unparseable)?;
     let san = certificate
         .subject_alternative_name()
-        .map_err(|error| IdentityError::Unparseable(error.to_string()))?;
+        .map_err(IdentityError::Unparseable)?;
     let spiffe_ids: Vec<&str> = san
         .iter()
         .flat_map(|extension| extension.value.general_names.iter())
@@ -117,8 +126,7 @@ impl TrustDomains {
     /// issuer certifies another cluster.
     pub fn identity_of(&self, der: &[u8]) -> Result<PeerIdentity, IdentityError> {
         let identity = identity_from_certificate(der)?;
-        let (_, certificate) = X509Certificate::from_der(der)
-            .map_err(|error| IdentityError::Unparseable(error.to_string()))?;
+        let (_, certificate) = X509Certificate::from_der(der).map_err(unparseable)?;
         if let Some(certified) = self.0.get(certificate.issuer().as_raw()) {
             if certified != identity.cluster_id.as_str() {
                 return Err(IdentityError::ForeignCluster {

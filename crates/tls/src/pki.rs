@@ -1,6 +1,6 @@
 //! The cluster PKI: a CA per cluster and node certificates with SPIFFE IDs (rcgen).
 //!
-//! File layout in a certs directory (SPEC.md's contract): `ca.crt` and `ca.key` from
+//! File layout in a certs directory (the contract in docs/OPERATIONS.md): `ca.crt` and `ca.key` from
 //! `certs init`, `NAME.crt` and `NAME.key` from `certs issue`. Keys are written 0600.
 
 use std::fs::{self, OpenOptions};

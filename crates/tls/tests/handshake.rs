@@ -8,11 +8,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rcgen::{CertificateParams, Issuer, KeyPair, PKCS_ECDSA_P256_SHA256};
+use rustls::AlertDescription;
 use tempfile::TempDir;
 use time::OffsetDateTime;
 use xmirror_proto::{Name, PeerIdentity, Role};
 use xmirror_tls::pki::{load_ca_for, CertificateAuthority, IssueOptions, PkiError, Validity};
-use xmirror_tls::{peer_identity, ExpectedServer, NodeTls, ALPN_CLIENT, ALPN_MIRROR};
+use xmirror_tls::{
+    peer_identity, ExpectedServer, IdentityError, NodeTls, ALPN_CLIENT, ALPN_MIRROR,
+};
 
 fn name(value: &str) -> Name {
     Name::new(value).unwrap()
@@ -52,6 +55,44 @@ fn issue(dir: &Path, who: &PeerIdentity) {
     issue_with(dir, who, Validity::days_from_now(1).unwrap());
 }
 
+/// Why a handshake was refused: the TLS alert the refusing side sent, or (on the server)
+/// a certificate that verified but carries no usable identity.
+#[derive(Debug)]
+enum Refused {
+    Tls(quinn::ConnectionError),
+    Identity(IdentityError),
+}
+
+impl Refused {
+    fn alert(&self) -> Option<AlertDescription> {
+        match self {
+            Refused::Tls(error) => alert_of(error),
+            Refused::Identity(_) => None,
+        }
+    }
+}
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Refused::Tls(error) => write!(f, "{error}"),
+            Refused::Identity(error) => write!(f, "{error}"),
+        }
+    }
+}
+
+/// The TLS alert behind a failed QUIC handshake (QUIC carries alert n as the crypto error
+/// 0x100 + n), as rustls types it.
+fn alert_of(error: &quinn::ConnectionError) -> Option<AlertDescription> {
+    let code = match error {
+        quinn::ConnectionError::TransportError(transport) => u64::from(transport.code),
+        quinn::ConnectionError::ConnectionClosed(close) => u64::from(close.error_code),
+        _ => return None,
+    };
+    let alert = code.checked_sub(0x100).filter(|alert| *alert < 0x100)?;
+    Some(AlertDescription::from(alert as u8))
+}
+
 /// A server on 127.0.0.1 that reports the outcome of the first handshake.
 struct Server {
     endpoint: quinn::Endpoint,
@@ -67,27 +108,30 @@ impl Server {
     }
 
     /// The first incoming handshake's outcome: the peer's identity and ALPN, or the error.
-    async fn accept(&self) -> Result<(PeerIdentity, Vec<u8>, quinn::Connection), String> {
+    async fn accept(&self) -> Result<(PeerIdentity, Vec<u8>, quinn::Connection), Refused> {
         let incoming = self.endpoint.accept().await.expect("endpoint open");
-        let connection = incoming.await.map_err(|error| error.to_string())?;
+        let connection = incoming.await.map_err(Refused::Tls)?;
         let alpn = connection
             .handshake_data()
             .and_then(|data| data.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
             .and_then(|data| data.protocol)
             .unwrap_or_default();
-        let who = peer_identity(&connection).map_err(|error| error.to_string())?;
+        let who = peer_identity(&connection).map_err(Refused::Identity)?;
         Ok((who, alpn, connection))
     }
 }
 
 /// Dials `addr` with `config`; Ok once both sides would consider the handshake done.
-async fn dial(config: quinn::ClientConfig, addr: SocketAddr) -> Result<quinn::Connection, String> {
+async fn dial(
+    config: quinn::ClientConfig,
+    addr: SocketAddr,
+) -> Result<quinn::Connection, quinn::ConnectionError> {
     let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
     endpoint.set_default_client_config(config);
     let connecting = endpoint
         .connect(addr, "src.source.east.xmirror")
-        .map_err(|error| error.to_string())?;
-    connecting.await.map_err(|error| error.to_string())
+        .expect("a loopback address can be dialled");
+    connecting.await
 }
 
 async fn within<T>(future: impl std::future::Future<Output = T>) -> T {
@@ -135,7 +179,10 @@ async fn every_role_is_accepted_and_read_back() {
 async fn handshake(
     server_certs: &Path,
     client: quinn::ClientConfig,
-) -> (Result<PeerIdentity, String>, Result<(), String>) {
+) -> (
+    Result<PeerIdentity, Refused>,
+    Result<(), quinn::ConnectionError>,
+) {
     let server_tls = NodeTls::load(server_certs, "src").unwrap();
     let server = Server::start(&server_tls);
     let (accepted, dialled) =
@@ -148,7 +195,7 @@ async fn handshake(
         })
         .await
         {
-            Ok(reason) => Err(reason.to_string()),
+            Ok(reason) => Err(reason),
             Err(_still_open) => Ok(()),
         },
         Err(error) => Err(error),
@@ -236,7 +283,10 @@ async fn a_certificate_from_another_ca_is_refused() {
     let (server, client) = handshake(certs.path(), client_config(rogue.path(), "m1")).await;
     let error = server.unwrap_err();
     assert!(
-        error.contains("UnknownIssuer") || error.contains("BadSignature"),
+        matches!(
+            error.alert(),
+            Some(AlertDescription::UnknownCA | AlertDescription::DecryptError)
+        ),
         "{error}"
     );
     assert!(client.is_err());
@@ -257,7 +307,11 @@ async fn an_expired_certificate_is_refused() {
     );
     let (server, client) = handshake(certs.path(), client_config(certs.path(), "old")).await;
     let error = server.unwrap_err();
-    assert!(error.contains("certificate expired"), "{error}");
+    assert_eq!(
+        error.alert(),
+        Some(AlertDescription::CertificateExpired),
+        "{error}"
+    );
     assert!(client.is_err());
 }
 
@@ -276,7 +330,12 @@ async fn a_not_yet_valid_certificate_is_refused() {
     );
     let (server, _) = handshake(certs.path(), client_config(certs.path(), "early")).await;
     let error = server.unwrap_err();
-    assert!(error.contains("certificate not valid yet"), "{error}");
+    // TLS has one alert for both ends of the validity period.
+    assert_eq!(
+        error.alert(),
+        Some(AlertDescription::CertificateExpired),
+        "{error}"
+    );
 }
 
 #[tokio::test]
@@ -285,7 +344,11 @@ async fn no_client_certificate_is_refused() {
     let config = stock_client(certs.path(), None);
     let (server, client) = handshake(certs.path(), config).await;
     let error = server.unwrap_err();
-    assert!(error.contains("peer sent no certificates"), "{error}");
+    assert_eq!(
+        error.alert(),
+        Some(AlertDescription::CertificateRequired),
+        "{error}"
+    );
     assert!(client.is_err());
 }
 
@@ -313,7 +376,13 @@ async fn a_certificate_without_a_spiffe_id_is_refused() {
         .unwrap();
     let (accepted, _) = within(async { tokio::join!(server.accept(), connecting) }).await;
     let error = accepted.unwrap_err();
-    assert!(error.contains("SPIFFE"), "{error}");
+    // Refused by our own verifier, whose reason travels as text inside the alert.
+    assert_eq!(
+        error.alert(),
+        Some(AlertDescription::CertificateUnknown),
+        "{error}"
+    );
+    assert!(error.to_string().contains("SPIFFE"), "{error}");
 }
 
 #[tokio::test]
@@ -333,8 +402,15 @@ async fn a_ca_cannot_vouch_for_another_cluster() {
     std::fs::copy(certs.path().join("ca.crt"), west.path().join("ca-east.crt")).unwrap();
     let (server, client) = handshake(certs.path(), client_config(west.path(), "impostor")).await;
     let error = server.unwrap_err();
+    assert_eq!(
+        error.alert(),
+        Some(AlertDescription::CertificateUnknown),
+        "{error}"
+    );
     assert!(
-        error.contains("names cluster east, but its CA certifies cluster west"),
+        error
+            .to_string()
+            .contains("names cluster east, but its CA certifies cluster west"),
         "{error}"
     );
     assert!(client.is_err());
@@ -348,8 +424,15 @@ async fn the_client_refuses_a_server_of_the_wrong_cluster_or_role() {
     issue(certs.path(), &identity("east", Role::Observer, "src"));
     let (_, client) = handshake(certs.path(), client_config(certs.path(), "m1")).await;
     let error = client.unwrap_err();
+    assert_eq!(
+        alert_of(&error),
+        Some(AlertDescription::CertificateUnknown),
+        "{error}"
+    );
     assert!(
-        error.contains("expected a source of cluster east"),
+        error
+            .to_string()
+            .contains("expected a source of cluster east"),
         "{error}"
     );
 
@@ -361,7 +444,7 @@ async fn the_client_refuses_a_server_of_the_wrong_cluster_or_role() {
         .client_config(ALPN_MIRROR, ExpectedServer::source_of(name("west")))
         .unwrap();
     let (_, client) = handshake(certs.path(), config).await;
-    let error = client.unwrap_err();
+    let error = client.unwrap_err().to_string();
     assert!(error.contains("CLUSTER_ID_MISMATCH"), "{error}");
     assert!(error.contains("spiffe://east/source/src"), "{error}");
 }

@@ -87,7 +87,9 @@ fn blocking<T: Send + 'static>(
 /// The session's timers, as deadlines on the runtime's clock.
 #[derive(Default)]
 struct Timers {
+    /// When the hello is overdue.
     handshake: Option<Instant>,
+    /// When a quiet stream gets a heartbeat.
     heartbeat: Option<Instant>,
 }
 
@@ -149,20 +151,29 @@ fn committed(shared: &SourceShared) -> Committed {
     }
 }
 
+/// One session's I/O around its machine.
 struct Driver<'a, R, W> {
+    /// Every rule of the session.
     machine: SourceSession,
+    /// The handshake limit until the hello is accepted, the data limit after.
     limits: xmirror_proto::FrameLimits,
+    /// The mirror's frames, read while the machine wants them.
     reader: FramedReader<R>,
+    /// Writes one frame at a time; the machine is asked for the next only when it is free.
     sender: FrameSender<'a, W>,
     /// Store work in flight (at most one read and one measurement, by the machine's rules).
     work: FuturesUnordered<Work>,
+    /// The deadlines the machine armed.
     timers: Timers,
+    /// The writer's durable LSN: streaming never reads beyond it.
     commits: tokio::sync::watch::Receiver<crate::writer::Committed>,
     /// The slot this session holds once admitted, with the mirror's name.
     ticket: Option<(xmirror_proto::Name, SessionTicket)>,
     /// Counts this connection among unfinished handshakes until the hello is decided.
     handshake: Option<OwnedSemaphorePermit>,
+    /// Who the certificate says the mirror is: what `decide` checks the hello against.
     peer: PeerIdentity,
+    /// The store, the writer and the slots the store work runs against.
     shared: Arc<SourceShared>,
     /// The frame being written was taken after the machine ended (a rejected ack): the
     /// session waits for it before it ends.

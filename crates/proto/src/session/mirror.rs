@@ -642,11 +642,24 @@ impl MirrorSession {
         };
         self.phase = match decision {
             Decision::Stream { .. } => Phase::Replicating,
-            Decision::Snapshot { snapshot_id, .. }
-            | Decision::ResumeSnapshot { snapshot_id, .. } => Phase::Snapshot {
-                snapshot_id: *snapshot_id,
-                chunks_applied: 0,
-            },
+            Decision::Snapshot {
+                snapshot_id,
+                base_lsn,
+                ..
+            }
+            | Decision::ResumeSnapshot {
+                snapshot_id,
+                base_lsn,
+                ..
+            } => {
+                // The store now holds (part of) the snapshot at its base, not what it held.
+                self.progress.applied_lsn = *base_lsn;
+                self.progress.consistent = false;
+                Phase::Snapshot {
+                    snapshot_id: *snapshot_id,
+                    chunks_applied: 0,
+                }
+            }
         };
         if self.phase == Phase::Replicating {
             self.progress.state = self.replicating_state();
@@ -1163,6 +1176,27 @@ mod tests {
             }
             assert_eq!(session.progress().state, MirrorState::Snapshot);
         }
+    }
+
+    #[test]
+    fn a_snapshot_replaces_what_the_store_held_once_prepared() {
+        // A consistent mirror at LSN 30 told to take a snapshot based at 20.
+        let mut session = prepared(standing(30), snapshot(3, 20), 25);
+        let progress = session.progress();
+        assert_eq!(progress.applied_lsn, Lsn(20));
+        assert!(!progress.consistent, "no reads from a store being cleared");
+        // A heartbeat mid-snapshot is answered with the base, never the old LSN.
+        received(
+            &mut session,
+            Heartbeat {
+                last_lsn: Lsn(25),
+                commit_time: UnixMillis(1),
+            }
+            .into(),
+        );
+        assert!(acks(&drain(&mut session))
+            .iter()
+            .all(|ack| ack.durable == Lsn(20) && ack.received == Lsn(20)));
     }
 
     #[test]

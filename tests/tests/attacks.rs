@@ -61,9 +61,12 @@ fn hello(mirror: &str, role: Role) -> Message {
         database: Name::new("main").unwrap(),
         mirror_name: Name::new(mirror).unwrap(),
         role,
+        database_id: None,
+        epoch: xmirror_proto::Epoch::FIRST,
         applied_lsn: Lsn::ZERO,
         chain_hash: ChainHash::GENESIS,
         resume: None,
+        on_divergence: xmirror_proto::DivergencePolicy::Halt,
     })
 }
 

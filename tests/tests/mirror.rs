@@ -8,10 +8,11 @@ use xmirror_e2e::{
     assert_converged, free_port, free_tcp_port, mirror_args, mirror_status, scrape, source_status,
     wait_until, Node, World, CLUSTER,
 };
-use xmirror_net::ClientError;
+use xmirror_net::{Client, ClientError};
 use xmirror_proto::message::DecisionKind;
+use xmirror_proto::status::MirrorStatus;
 use xmirror_proto::status::{MirrorState, SlotState};
-use xmirror_proto::ErrorCode;
+use xmirror_proto::{Divergence, ErrorCode};
 
 const VALUE_SIZE: usize = 100;
 
@@ -159,48 +160,155 @@ async fn a_mirror_behind_the_retained_wal_gets_a_snapshot() {
     assert_eq!(status.snapshots_started, 2);
 }
 
-/// 5. The source's data replaced by a different history under the same cluster id: the
-/// chain hashes differ, so the mirror gets a snapshot, never entries on a foreign history.
+/// Waits until the mirror says it is halted, and returns its status.
+async fn wait_halted(reader: &Client) -> MirrorStatus {
+    wait_until("the mirror to halt", Duration::from_secs(60), || async {
+        let status = mirror_status(reader).await;
+        (status.state == MirrorState::Halted).then_some(status)
+    })
+    .await
+}
+
+/// Copies a stopped node's data directory.
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
+
+/// 5. The source restarted on an empty data directory (a new database, same address and
+/// cluster): the mirror, which may hold the only copy, keeps its data and serves it,
+/// halted with DATABASE_MISMATCH; only `--on-divergence resnapshot` replaces it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_diverged_history_gets_a_snapshot() {
+async fn a_source_on_another_database_halts_the_mirror_which_keeps_its_data() {
     let world = World::new();
     let addr = free_port();
     let mut source = world.start_source_on(addr, "history-a", &[]).await;
     let app = world.client(source.addr).await;
     app.write_keys(1_000, VALUE_SIZE, "a-").await.unwrap();
-    let mut mirror = world.start_mirror("m1", "m1", source.addr).await;
+    let listen = free_port();
+    let mut mirror = world.start_mirror_on(listen, "m1", "m1", source.addr).await;
     let reader = world.client(mirror.addr).await;
-    assert_converged(&app, &reader).await;
+    let before = assert_converged(&app, &reader).await;
+    let kept_digest = reader.digest().await.unwrap();
     drop((app, reader));
     assert!(mirror.stop().success());
     assert!(source.stop().success());
 
-    // Same address and cluster, another history that is longer than the mirror's.
+    // Same address and cluster, an empty data directory, a longer history.
     let source = world.start_source_on(addr, "history-b", &[]).await;
     let app = world.client(source.addr).await;
     app.write_keys(1_500, VALUE_SIZE, "b-").await.unwrap();
-    let mirror = world.start_mirror("m1", "m1", source.addr).await;
+    let mut mirror = world.start_mirror_on(listen, "m1", "m1", source.addr).await;
+    let reader = world.client(mirror.addr).await;
+    let halted = wait_halted(&reader).await;
+    assert_eq!(halted.halt_reason, Some(Divergence::DatabaseMismatch));
+    assert_eq!(halted.applied_lsn, before.applied_lsn, "nothing applied");
+    assert_eq!(
+        halted.database_id, before.database_id,
+        "its own database kept"
+    );
+    assert!(halted.consistent, "still serving reads");
+    assert_eq!(reader.digest().await.unwrap(), kept_digest, "its data kept");
+    let (old_value, _) = reader.get(b"a-0000000001").await.unwrap();
+    assert!(
+        old_value.is_some(),
+        "the data of the old database is served"
+    );
+    let json = world.cli(&[
+        "status",
+        "--node",
+        &listen.to_string(),
+        "--certs",
+        &world.certs.display().to_string(),
+        "--name",
+        "app",
+        "--json",
+    ]);
+    let json: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+    assert_eq!(json["state"], "halted");
+    assert_eq!(json["halt_reason"], "DATABASE_MISMATCH");
+    drop(reader);
+    assert!(mirror.stop().success());
+
+    // The operator says so: the copy is replaced by the new database.
+    let mirror = world
+        .start_mirror_with(
+            listen,
+            "m1",
+            "m1",
+            source.addr,
+            &["--on-divergence", "resnapshot"],
+        )
+        .await;
     let reader = world.client(mirror.addr).await;
     let status = assert_converged(&app, &reader).await;
     assert_eq!(status.last_decision, Some(DecisionKind::Snapshot));
-    assert_eq!(status.snapshots_started, 2);
+    assert_eq!(status.halt_reason, None);
+    let (old_value, _) = reader.get(b"a-0000000001").await.unwrap();
+    assert!(old_value.is_none(), "data of the old database survived");
+}
+
+/// 5. A source restored from an older backup: the mirror, ahead of it and perhaps the only
+/// holder of the newer writes, halts with SOURCE_BEHIND and keeps them; once the newer data
+/// is put back, it carries on by itself by streaming.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_restored_from_an_older_backup_halts_the_mirror_until_it_is_put_right() {
+    let world = World::new();
+    let addr = free_port();
+    let mut source = world.start_source_on(addr, "source", &[]).await;
+    let app = world.client(source.addr).await;
+    app.write_keys(1_000, VALUE_SIZE, "old-").await.unwrap();
+    drop(app);
+    assert!(source.stop().success());
+    copy_dir(&world.path("source"), &world.path("backup-1000"));
+
+    let mut source = world.start_source_on(addr, "source", &[]).await;
+    let app = world.client(source.addr).await;
+    app.write_keys(1_000, VALUE_SIZE, "new-").await.unwrap();
+    let listen = free_port();
+    let mirror = world.start_mirror_on(listen, "m1", "m1", source.addr).await;
+    let reader = world.client(mirror.addr).await;
+    let caught_up = assert_converged(&app, &reader).await;
+    assert_eq!(caught_up.applied_lsn.0, 2_000);
+    let newer_digest = reader.digest().await.unwrap();
+    drop(app);
+    assert!(source.stop().success());
+    copy_dir(&world.path("source"), &world.path("backup-2000"));
+
+    // Restored from the older copy.
+    std::fs::remove_dir_all(world.path("source")).unwrap();
+    copy_dir(&world.path("backup-1000"), &world.path("source"));
+    let mut source = world.start_source_on(addr, "source", &[]).await;
+    let halted = wait_halted(&reader).await;
+    assert_eq!(halted.halt_reason, Some(Divergence::SourceBehind));
+    assert_eq!(halted.applied_lsn.0, 2_000, "the newer writes are kept");
+    assert_eq!(reader.digest().await.unwrap(), newer_digest);
+    let (newer, _) = reader.get(b"new-0000000001").await.unwrap();
     assert!(
-        source.log_text().contains("DivergedHistory"),
-        "the source should log the diverged history:\n{}",
-        source.log_text()
+        newer.is_some(),
+        "the only copy of the newer writes is served"
     );
-    let got = reader.status().await.unwrap();
-    drop(got);
-    let old_key = reader
-        .request(xmirror_proto::message::GetRequest {
-            key: b"a-0000000001".to_vec(),
-        })
-        .await
-        .unwrap();
-    assert!(
-        matches!(old_key, xmirror_proto::Message::GetReply(ref reply) if reply.value.is_none()),
-        "data of the old history survived: {old_key:?}"
-    );
+    assert!(source.stop().success());
+
+    // Put right: the newer copy is restored; the mirror carries on by itself.
+    std::fs::remove_dir_all(world.path("source")).unwrap();
+    copy_dir(&world.path("backup-2000"), &world.path("source"));
+    let source = world.start_source_on(addr, "source", &[]).await;
+    let app = world.client(source.addr).await;
+    app.write_keys(10, VALUE_SIZE, "after-").await.unwrap();
+    let status = assert_converged(&app, &reader).await;
+    assert_eq!(status.state, MirrorState::Streaming);
+    assert_eq!(status.halt_reason, None);
+    assert_eq!(status.last_decision, Some(DecisionKind::Stream));
+    assert_eq!(status.snapshots_started, 1, "never replaced by a snapshot");
 }
 
 fn assert_refused(output: &std::process::Output, code: &str) {

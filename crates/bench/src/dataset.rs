@@ -154,19 +154,23 @@ pub fn store_snapshot_path(
     engine: EngineKind,
     dataset: &Dataset,
 ) -> anyhow::Result<Duration> {
-    use xmirror_proto::SnapshotId;
-    use xmirror_store::Position;
+    use xmirror_proto::{DatabaseId, Epoch, SnapshotId};
+    use xmirror_store::{DatabaseIdentity, Position};
     let store = open_store(dir, engine).context("open the store")?;
     let batches: Vec<_> = dataset.batches().collect();
     let snapshot_id = SnapshotId(1);
     let started = Instant::now();
-    store.begin_snapshot(snapshot_id, Position::GENESIS)?;
+    let database = DatabaseIdentity {
+        id: DatabaseId([1; 16]),
+        epoch: Epoch::FIRST,
+    };
+    store.begin_snapshot(snapshot_id, Position::GENESIS, database)?;
     store.flush()?;
     for pairs in batches {
         store.apply_snapshot_chunk(snapshot_id, &pairs)?;
         store.flush()?;
     }
-    store.finish_snapshot_scan(snapshot_id, Lsn::ZERO)?;
+    store.finish_snapshot_scan(snapshot_id, Position::GENESIS)?;
     store.flush()?;
     Ok(started.elapsed())
 }

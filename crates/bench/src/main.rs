@@ -530,8 +530,16 @@ impl Bench {
             let position = source.shared().store.position();
             let mut attached = Vec::new();
             for index in 0..sinks {
-                attached
-                    .push(sink::attach(&self.cluster, index, source.local_addr, position).await?);
+                attached.push(
+                    sink::attach(
+                        &self.cluster,
+                        index,
+                        source.local_addr,
+                        source.shared().database.id,
+                        position,
+                    )
+                    .await?,
+                );
             }
             let load = client
                 .write_keys(self.plan.fanout_writes, 100, "fan-")

@@ -11,7 +11,10 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use xmirror_net::{client_endpoint, FramedReader, FramedWriter, TransportLimits};
 use xmirror_proto::message::{Hello, HelloAck, MirrorAck};
-use xmirror_proto::{Decision, FrameLimits, Lsn, Message, Name, Role, SUPPORTED_VERSIONS};
+use xmirror_proto::{
+    DatabaseId, Decision, DivergencePolicy, Epoch, FrameLimits, Lsn, Message, Name, Role,
+    SUPPORTED_VERSIONS,
+};
 use xmirror_store::Position;
 use xmirror_tls::{ExpectedServer, ALPN_MIRROR};
 
@@ -30,12 +33,14 @@ impl Drop for Sink {
     }
 }
 
-/// Dials `source` as observer `index`, claiming to stand at `position` (which the source
-/// must hold in its WAL, so that it decides to stream), and acknowledges every batch.
+/// Dials `source` as observer `index`, claiming to hold its database at `position` (which
+/// the source must hold in its WAL, so that it decides to stream), and acknowledges every
+/// batch.
 pub async fn attach(
     cluster: &Cluster,
     index: usize,
     source: SocketAddr,
+    database_id: DatabaseId,
     position: Position,
 ) -> anyhow::Result<Sink> {
     let tls = cluster.mirror_tls(index);
@@ -55,9 +60,12 @@ pub async fn attach(
             database: Name::new("main").expect("valid name"),
             mirror_name: tls.identity().name.clone(),
             role: Role::Observer,
+            database_id: Some(database_id),
+            epoch: Epoch::FIRST,
             applied_lsn: position.lsn,
             chain_hash: position.chain_hash,
             resume: None,
+            on_divergence: DivergencePolicy::Halt,
         })
         .await?;
     match reader.expect_next().await? {

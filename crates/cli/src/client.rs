@@ -216,8 +216,29 @@ pub fn render_status(status: &NodeStatus, rate: Option<f64>) -> String {
                 mirror.name, mirror.source_cluster
             );
             let _ = writeln!(out, "state         {}", json_name(&mirror.state));
+            if let Some(reason) = mirror.halt_reason {
+                let _ = writeln!(
+                    out,
+                    "halted        {reason}: the source cannot vouch for this data; kept and served, nothing applied"
+                );
+            }
+            let _ = writeln!(
+                out,
+                "database      {} (epoch {})",
+                mirror
+                    .database_id
+                    .map_or_else(|| "none yet".into(), |id| id.to_hex()),
+                mirror.epoch
+            );
             let _ = writeln!(out, "applied_lsn   {}{rate}", mirror.applied_lsn);
             let _ = writeln!(out, "source_lsn    {}", mirror.source_lsn);
+            let _ = writeln!(
+                out,
+                "last contact  {}",
+                mirror
+                    .source_contact_ms
+                    .map_or_else(|| "never".into(), |ms| format!("{ms} ms ago"))
+            );
             let _ = writeln!(
                 out,
                 "lag           {} entries, {} ms",
@@ -310,10 +331,14 @@ mod tests {
         let mirror = NodeStatus::Mirror(MirrorStatus {
             name: name("m1"),
             source_cluster: name("east"),
-            state: MirrorState::CatchingUp,
+            state: MirrorState::Halted,
+            halt_reason: Some(xmirror_proto::Divergence::SourceBehind),
+            database_id: Some(xmirror_proto::DatabaseId([0xab; 16])),
+            epoch: xmirror_proto::Epoch::FIRST,
             applied_lsn: Lsn(900),
             source_lsn: Lsn(1_000),
             lag_ms: 250,
+            source_contact_ms: Some(1_200),
             consistent: true,
             snapshots_started: 1,
             snapshots_resumed: 2,
@@ -321,7 +346,10 @@ mod tests {
         });
         let table = render_status(&mirror, Some(1500.0));
         for expected in [
-            "state         catching_up",
+            "state         halted",
+            "halted        SOURCE_BEHIND",
+            "database      abababababababababababababababab (epoch 1)",
+            "last contact  1200 ms ago",
             "applied_lsn   900 (1500 entries/s)",
             "lag           100 entries, 250 ms",
             "1 started, 2 resumed; last decision resume_snapshot",
@@ -331,6 +359,8 @@ mod tests {
         let source = NodeStatus::Source(SourceStatus {
             name: name("src"),
             cluster_id: name("east"),
+            database_id: xmirror_proto::DatabaseId([1; 16]),
+            epoch: xmirror_proto::Epoch::FIRST,
             last_lsn: Lsn(1_000),
             wal_first_lsn: Lsn(10),
             commit_time: UnixMillis(0),

@@ -204,6 +204,7 @@ async fn plan_mirror(args: &MirrorArgs) -> anyhow::Result<MirrorPlan> {
         &mut config.backoff_max,
         settings.backoff_max_ms.map(Duration::from_millis),
     );
+    set(&mut config.on_divergence, settings.on_divergence);
     Ok(MirrorPlan {
         config,
         link,
@@ -233,6 +234,7 @@ impl MirrorPlan {
             source_silence_timeout_ms: Some(millis(config.source_silence_timeout)),
             connect_timeout_ms: Some(millis(config.connect_timeout)),
             backoff_max_ms: Some(millis(config.backoff_max)),
+            on_divergence: Some(config.on_divergence),
             // A test-only setting: shown only when it differs from what this build speaks.
             protocol_versions: (config.versions != SUPPORTED_VERSIONS).then_some(config.versions),
             metrics: self.metrics.clone(),
@@ -281,11 +283,16 @@ pub async fn run_source(args: SourceArgs) -> anyhow::Result<()> {
     }
     let tls = load_tls(&plan.certs, &plan.name)?;
     serve_metrics(plan.metrics.as_deref()).await?;
-    let node = SourceNode::start(plan.config, &tls)
+    let mut node = SourceNode::start(plan.config, &tls)
         .await
         .context("cannot start the source")?;
     println!("source {} serving on {}", tls.identity(), node.local_addr);
-    stopped().await;
+    tokio::select! {
+        () = stopped() => {}
+        // Crash-only: a failed store write leaves its outcome unknown; the restart that
+        // follows recovers, and nothing unflushed was ever visible.
+        failure = node.wait() => return Err(failure).context("the source stopped"),
+    }
     tracing::info!("stopping");
     node.shutdown().await;
     Ok(())

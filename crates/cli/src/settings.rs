@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use serde::de::DeserializeOwned;
-use xmirror_proto::{Name, VersionRange};
+use xmirror_proto::{DivergencePolicy, Name, VersionRange};
 
 /// Declares a settings struct whose every field is an optional `--flag` and an optional
 /// TOML key of the same name, with `or` to layer flags over a file.
@@ -112,6 +112,10 @@ settings! {
         connect_timeout_ms: u64,
         /// Longest reconnect delay in milliseconds [default: 10000].
         backoff_max_ms: u64,
+        /// When this mirror holds data the source cannot vouch for (another database, an
+        /// LSN beyond the source's, another history): halt (keep and serve it, apply
+        /// nothing, retry every 5 s) or resnapshot (replace it) [default: halt].
+        on_divergence: DivergencePolicy,
         /// Storage engine of a new store, redb or sled; an existing store keeps its own
         /// [default: redb].
         engine: String,

@@ -16,7 +16,7 @@ pub mod telemetry;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 use xmirror_net::serve::serve_client_connection;
@@ -27,13 +27,17 @@ use xmirror_net::{
 use xmirror_proto::message::DecisionKind;
 use xmirror_proto::session::mirror::{MirrorProgress, MirrorSessionConfig};
 use xmirror_proto::status::{MirrorState, MirrorStatus};
-use xmirror_proto::{ErrorCode, FrameLimits, Name, UnixMillis, VersionRange, SUPPORTED_VERSIONS};
+use xmirror_proto::{
+    DivergencePolicy, Epoch, ErrorCode, FrameLimits, Name, UnixMillis, VersionRange,
+    SUPPORTED_VERSIONS,
+};
 use xmirror_store::{open_store, EngineKind, Store, StoreError, SyncState};
 use xmirror_tls::{ExpectedServer, NodeTls, ALPN_MIRROR};
 
 use crate::backoff::Backoff;
 use crate::service::MirrorService;
 use crate::session::SessionError;
+use xmirror_proto::session::mirror::MirrorEnd;
 
 /// Everything a mirror needs to start. Each field documents its default.
 #[derive(Clone, Debug)]
@@ -77,6 +81,14 @@ pub struct MirrorConfig {
     pub max_connections: usize,
     /// Client connections at once still in their TLS handshake. Default 32.
     pub max_handshakes: usize,
+    /// What to do when the mirror holds data the source cannot vouch for (another
+    /// database, an LSN beyond the source's, another history). Default `Halt`: keep the
+    /// data and serve it, apply nothing, say why, retry every `halt_retry_interval`; the
+    /// mirror may hold the only copy of those writes. `Resnapshot` replaces it.
+    pub on_divergence: DivergencePolicy,
+    /// How often a halted mirror asks the source again. Default 5 s: it carries on by
+    /// itself soon after the source is put right.
+    pub halt_retry_interval: Duration,
 }
 
 impl MirrorConfig {
@@ -105,6 +117,8 @@ impl MirrorConfig {
             max_in_flight_per_stream: 1_024,
             max_connections: 256,
             max_handshakes: 32,
+            on_divergence: DivergencePolicy::Halt,
+            halt_retry_interval: Duration::from_secs(5),
         }
     }
 }
@@ -267,7 +281,18 @@ pub struct MirrorShared {
     /// When this process started receiving the current snapshot: the machine has no
     /// clock, and the progress bar's rate needs one.
     snapshot_started: Mutex<Option<std::time::Instant>>,
+    /// When the last byte from the source arrived (`None` before the first): status shows
+    /// it, and lag grows with the silence.
+    last_contact: Mutex<Option<Instant>>,
+    /// Since when the mirror has known it is behind the source: lag when commit times are
+    /// not known yet (right after a snapshot).
+    behind_since: Mutex<Option<Instant>>,
+    /// When the mirror started: the silence before the first contact counts from here.
+    started: Instant,
 }
+
+/// The source's heartbeat interval (its default): silence beyond it counts as lag.
+const EXPECTED_HEARTBEAT: Duration = Duration::from_secs(1);
 
 fn now_millis() -> UnixMillis {
     let since_epoch = std::time::SystemTime::now()
@@ -286,6 +311,7 @@ pub(crate) fn decision_number(kind: DecisionKind) -> u64 {
         DecisionKind::Stream => 1,
         DecisionKind::Snapshot => 2,
         DecisionKind::ResumeSnapshot => 3,
+        DecisionKind::Diverged => 4,
     }
 }
 
@@ -294,6 +320,7 @@ fn decision_from_number(number: u64) -> Option<DecisionKind> {
         1 => Some(DecisionKind::Stream),
         2 => Some(DecisionKind::Snapshot),
         3 => Some(DecisionKind::ResumeSnapshot),
+        4 => Some(DecisionKind::Diverged),
         _ => None,
     }
 }
@@ -314,7 +341,18 @@ impl MirrorShared {
             store,
             progress,
             snapshot_started: Mutex::new(None),
+            last_contact: Mutex::new(None),
+            behind_since: Mutex::new(None),
+            started: Instant::now(),
         }))
+    }
+
+    /// Notes a frame from the source.
+    pub(crate) fn heard_from_source(&self) {
+        *self
+            .last_contact
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(Instant::now());
     }
 
     /// What each session needs of the configuration.
@@ -324,6 +362,7 @@ impl MirrorShared {
             source_cluster: self.config.source_cluster.clone(),
             database: self.config.database.clone(),
             mirror_name: self.name.clone(),
+            on_divergence: self.config.on_divergence,
             handshake_timeout: self.config.handshake_timeout,
             max_queued_frames: RECEIVE_QUEUE_FRAMES,
             max_group_bytes: MAX_GROUP_BYTES,
@@ -355,6 +394,15 @@ impl MirrorShared {
                     .unwrap_or_else(PoisonError::into_inner) = Some(std::time::Instant::now());
             }
             became_consistent = progress.consistent && !current.consistent;
+            let mut behind_since = self
+                .behind_since
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            if progress.applied_lsn >= progress.source_lsn {
+                *behind_since = None;
+            } else if behind_since.is_none() {
+                *behind_since = Some(Instant::now());
+            }
             *current = progress.clone();
             true
         });
@@ -388,28 +436,63 @@ impl MirrorShared {
     pub fn status(&self) -> Result<MirrorStatus, StoreError> {
         let progress = self.progress();
         let applied_lsn = progress.applied_lsn;
-        let lag_ms = if applied_lsn >= progress.source_lsn {
-            0
-        } else {
-            let since = progress
-                .applied_commit_time
-                .or(progress.source_commit_time)
-                .map_or(0, |time| time.0);
-            now_millis().0.saturating_sub(since)
-        };
+        let last_contact = *self
+            .last_contact
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let behind_since = *self
+            .behind_since
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let silence = last_contact.unwrap_or(self.started).elapsed();
+        let lag_ms = lag_ms(
+            &progress,
+            behind_since.map(|since| since.elapsed()),
+            silence,
+        );
+        let database = self.store.database();
         Ok(MirrorStatus {
             name: self.name.clone(),
             source_cluster: self.config.source_cluster.clone(),
             state: progress.state,
+            halt_reason: progress.halt_reason,
+            database_id: database.map(|database| database.id),
+            epoch: database.map_or(Epoch::default(), |database| database.epoch),
             applied_lsn,
             source_lsn: progress.source_lsn,
             lag_ms,
+            source_contact_ms: last_contact.map(|at| millis(at.elapsed())),
             consistent: progress.consistent,
             snapshots_started: self.store.counter(xmirror_store::SNAPSHOTS_STARTED)?,
             snapshots_resumed: self.store.counter(SNAPSHOTS_RESUMED)?,
             last_decision: decision_from_number(self.store.counter(LAST_DECISION)?),
         })
     }
+}
+
+fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// How stale the mirror's data may be: while behind, the time since the source committed
+/// the last entry the mirror applied (or, before any commit time is known, since it knew it
+/// was behind); and at least the source's silence beyond its heartbeat interval. Never a
+/// wall-clock reading, never 0 while the source is silent.
+fn lag_ms(progress: &MirrorProgress, behind_for: Option<Duration>, silence: Duration) -> u64 {
+    let behind = if progress.applied_lsn >= progress.source_lsn {
+        0
+    } else {
+        match progress.applied_commit_time.or(progress.source_commit_time) {
+            Some(committed) => now_millis().0.saturating_sub(committed.0),
+            None => behind_for.map_or(0, millis),
+        }
+    };
+    let silent = if silence > EXPECTED_HEARTBEAT {
+        millis(silence)
+    } else {
+        0
+    };
+    behind.max(silent)
 }
 
 /// A running mirror.
@@ -519,10 +602,28 @@ async fn replicate(shared: Arc<MirrorShared>, tls: Arc<NodeTls>) -> Result<(), M
     let mut backoff = Backoff::new(shared.config.backoff_min, shared.config.backoff_max);
     loop {
         let applied_before = shared.progress().applied_lsn;
+        let halted_before = shared.progress().halt_reason;
         match connect_once(&shared, &endpoint, &server_name).await {
             Ok(()) => {
                 tracing::info!("source ended the session; reconnecting");
                 telemetry::reconnect("session_ended");
+            }
+            Err(AttemptError::Session(SessionError::Ended(MirrorEnd::Halted(reason)))) => {
+                // Said once, loudly; the retries that find the same are quiet.
+                if halted_before != Some(reason) {
+                    tracing::error!(
+                        reason = %reason,
+                        applied_lsn = %shared.progress().applied_lsn,
+                        source_lsn = %shared.progress().source_lsn,
+                        retry_every = ?shared.config.halt_retry_interval,
+                        "halted: the source cannot vouch for the data this mirror holds; keeping it and serving reads, applying nothing (--on-divergence resnapshot would replace it)"
+                    );
+                } else {
+                    tracing::debug!(reason = %reason, "still halted");
+                }
+                telemetry::reconnect(reason.code().name());
+                tokio::time::sleep(shared.config.halt_retry_interval).await;
+                continue;
             }
             Err(error) if error.is_permanent() => {
                 tracing::error!(reason = %error_chain(&error), "giving up: this will not succeed by retrying");
@@ -534,7 +635,9 @@ async fn replicate(shared: Arc<MirrorShared>, tls: Arc<NodeTls>) -> Result<(), M
             }
         }
         let mut progress = shared.progress();
-        progress.state = MirrorState::Connecting;
+        if progress.halt_reason.is_none() {
+            progress.state = MirrorState::Connecting;
+        }
         progress.snapshot = None;
         shared.publish(&progress);
         if progress.applied_lsn > applied_before {

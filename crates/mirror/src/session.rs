@@ -20,8 +20,8 @@ use xmirror_proto::session::mirror::{
     InterruptedSnapshot, MirrorAction, MirrorEnd, MirrorEvent, MirrorSession, MirrorTimer,
     Preparation, Standing, WalGroup,
 };
-use xmirror_proto::{ErrorCode, FrameError, Message};
-use xmirror_store::{Batch, Position, Store, StoreError, SyncState};
+use xmirror_proto::{Epoch, ErrorCode, FrameError, Message};
+use xmirror_store::{Batch, DatabaseIdentity, Position, Store, StoreError, SyncState};
 
 use crate::MirrorShared;
 
@@ -101,13 +101,18 @@ type Work = Pin<Box<dyn Future<Output = Result<MirrorEvent, SessionError>> + Sen
 pub fn standing(store: &dyn Store) -> Standing {
     let position = store.position();
     let sync = store.sync_state();
+    let database = store.database();
     Standing {
+        database_id: database.map(|database| database.id),
+        epoch: database.map_or(Epoch::default(), |database| database.epoch),
         applied_lsn: position.lsn,
         chain_hash: position.chain_hash,
         consistent: sync == SyncState::Consistent,
         interrupted: match sync {
             SyncState::Scanning(progress) => Some(InterruptedSnapshot {
                 snapshot_id: progress.snapshot_id,
+                base_lsn: progress.base.lsn,
+                base_chain_hash: progress.base.chain_hash,
                 after_key: progress.after_key,
                 cleared: progress.cleared,
             }),
@@ -184,6 +189,7 @@ where
             }
             frame = reader.next(), if wants_frames => match frame {
                 Ok(Some(message)) => {
+                    shared.heard_from_source();
                     if let Message::HelloAck(ack) = &message {
                         crate::telemetry::handshake(match ack {
                             HelloAck::Accepted(_) => None,
@@ -256,9 +262,14 @@ fn start_work(shared: &MirrorShared, action: MirrorAction) -> Work {
         MirrorAction::FinishScan {
             snapshot_id,
             end_lsn,
+            end_chain_hash,
         } => Box::pin(async move {
+            let end = Position {
+                lsn: end_lsn,
+                chain_hash: end_chain_hash,
+            };
             let (position, consistent) = blocking(move || {
-                store.finish_snapshot_scan(snapshot_id, end_lsn)?;
+                store.finish_snapshot_scan(snapshot_id, end)?;
                 store.flush()?;
                 Ok((
                     store.position(),
@@ -317,6 +328,10 @@ fn prepare(store: &dyn Store, preparation: &Preparation) -> Result<(), StoreErro
             Position {
                 lsn: start.base_lsn,
                 chain_hash: start.base_chain_hash,
+            },
+            DatabaseIdentity {
+                id: start.database_id,
+                epoch: start.epoch,
             },
         )?;
     }

@@ -5,18 +5,25 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use xmirror_proto::status::MirrorState;
-use xmirror_proto::ErrorCode;
+use xmirror_proto::{Divergence, ErrorCode};
 
 use crate::MirrorShared;
 
 /// How often gauges are refreshed from the mirror's state.
 const PUBLISH_INTERVAL: Duration = Duration::from_secs(1);
 
-const STATES: [(MirrorState, &str); 4] = [
+const STATES: [(MirrorState, &str); 5] = [
     (MirrorState::Connecting, "connecting"),
     (MirrorState::Snapshot, "snapshot"),
     (MirrorState::CatchingUp, "catching_up"),
     (MirrorState::Streaming, "streaming"),
+    (MirrorState::Halted, "halted"),
+];
+
+const DIVERGENCES: [Divergence; 3] = [
+    Divergence::DatabaseMismatch,
+    Divergence::SourceBehind,
+    Divergence::DivergedHistory,
 ];
 
 /// Counts the outcome of a hello (and the refusal code).
@@ -45,7 +52,9 @@ pub async fn publish_loop(shared: Arc<MirrorShared>) {
     let mut interval = tokio::time::interval(PUBLISH_INTERVAL);
     loop {
         interval.tick().await;
-        let Ok(status) = shared.status() else {
+        // Status reads the store's counters: off the async threads.
+        let reading = shared.clone();
+        let Ok(Ok(status)) = tokio::task::spawn_blocking(move || reading.status()).await else {
             continue;
         };
         metrics::gauge!("xmirror_mirror_applied_lsn").set(status.applied_lsn.0 as f64);
@@ -61,6 +70,14 @@ pub async fn publish_loop(shared: Arc<MirrorShared>) {
             .absolute(status.snapshots_started);
         metrics::counter!("xmirror_mirror_snapshots_resumed_total")
             .absolute(status.snapshots_resumed);
+        for reason in DIVERGENCES {
+            let value = if status.halt_reason == Some(reason) {
+                1.0
+            } else {
+                0.0
+            };
+            metrics::gauge!("xmirror_mirror_halted", "reason" => reason.code().name()).set(value);
+        }
         for (state, label) in STATES {
             let value = if status.state == state { 1.0 } else { 0.0 };
             metrics::gauge!("xmirror_mirror_state", "state" => label).set(value);

@@ -34,7 +34,7 @@ const UNUSED_ADDR: &str = "127.0.0.1:9";
 async fn source(dir: &TempDir) -> Arc<SourceShared> {
     let addr: SocketAddr = UNUSED_ADDR.parse().unwrap();
     let config = SourceConfig::new(dir.path().join("source"), name("east"), addr);
-    SourceShared::open(config, name("src")).await.unwrap()
+    SourceShared::open(config, name("src")).await.unwrap().0
 }
 
 async fn mirror(dir: &TempDir) -> Arc<MirrorShared> {

@@ -8,7 +8,10 @@
 use crate::error_code::ErrorCode;
 use crate::hash::ChainHash;
 use crate::message::{Decision, Hello, Rejected, SnapshotReason};
-use crate::types::{Lsn, Name, PeerIdentity, Role, SnapshotId, VersionRange};
+use crate::types::{
+    DatabaseId, Divergence, DivergencePolicy, Lsn, Name, PeerIdentity, Role, SnapshotId,
+    VersionRange,
+};
 
 /// What the source knows when a hello arrives.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -19,7 +22,9 @@ pub struct SourceView<'a> {
     pub versions: VersionRange,
     /// The databases the source serves.
     pub databases: &'a [Name],
-    /// The source's last committed LSN.
+    /// The source's database.
+    pub database_id: DatabaseId,
+    /// The source's last durable LSN.
     pub last_lsn: Lsn,
     /// The oldest LSN still in the WAL (`last_lsn + 1` when the WAL is empty).
     pub wal_first_lsn: Lsn,
@@ -29,6 +34,9 @@ pub struct SourceView<'a> {
     /// The snapshot named by the hello's resume token, when the source can still resume it
     /// (it is the mirror's own and the WAL from its base LSN is retained).
     pub resumable: Option<SnapshotPlan>,
+    /// The source's chain hash at the resume token's base LSN, when it still knows it: a
+    /// resume is granted only on the same history.
+    pub chain_hash_at_resume_base: Option<ChainHash>,
     /// The snapshot the source would start now if it must start one.
     pub fresh_snapshot: SnapshotPlan,
 }
@@ -132,6 +140,10 @@ pub fn decide(hello: &Hello, peer: &PeerIdentity, view: &SourceView) -> Result<D
 }
 
 /// The decision proper, once the hello is valid.
+///
+/// A mirror that holds data the source cannot vouch for (another database, an LSN beyond
+/// the source's, another chain hash at its LSN) may hold the only copy of those writes: it
+/// is told `Diverged`, unless its policy asks for a fresh snapshot instead.
 fn choose(hello: &Hello, view: &SourceView) -> Decision {
     let fresh = |reason| Decision::Snapshot {
         snapshot_id: view.fresh_snapshot.snapshot_id,
@@ -139,27 +151,51 @@ fn choose(hello: &Hello, view: &SourceView) -> Decision {
         base_chain_hash: view.fresh_snapshot.base_chain_hash,
         reason,
     };
+    let diverged = |reason: Divergence| match hello.on_divergence {
+        DivergencePolicy::Halt => Decision::Diverged { reason },
+        DivergencePolicy::Resnapshot => fresh(match reason {
+            Divergence::DatabaseMismatch => SnapshotReason::DatabaseMismatch,
+            Divergence::SourceBehind => SnapshotReason::AheadOfSource,
+            Divergence::DivergedHistory => SnapshotReason::DivergedHistory,
+        }),
+    };
 
-    // A mirror with a resume token holds a partial key range: its applied LSN means nothing
-    // until that snapshot completes, so it can never be streamed to.
+    // A mirror with a resume token holds a partial key range and no usable copy: its
+    // applied LSN means nothing until that snapshot completes, so it can never be streamed
+    // to, and replacing its partial data loses nothing. It resumes only the snapshot it
+    // names, of this database, on this history.
     if let Some(token) = &hello.resume {
+        let same_history = view.chain_hash_at_resume_base == Some(token.base_chain_hash);
         return match view.resumable {
-            Some(plan) if plan.snapshot_id == token.snapshot_id => Decision::ResumeSnapshot {
-                snapshot_id: plan.snapshot_id,
-                after_key: token.after_key.clone(),
-                base_lsn: plan.base_lsn,
-                base_chain_hash: plan.base_chain_hash,
-            },
+            Some(plan)
+                if token.database_id == view.database_id
+                    && plan.snapshot_id == token.snapshot_id
+                    && plan.base_lsn == token.base_lsn
+                    && plan.base_chain_hash == token.base_chain_hash
+                    && same_history =>
+            {
+                Decision::ResumeSnapshot {
+                    snapshot_id: plan.snapshot_id,
+                    after_key: token.after_key.clone(),
+                    base_lsn: plan.base_lsn,
+                    base_chain_hash: plan.base_chain_hash,
+                }
+            }
             _ => fresh(SnapshotReason::ResumeExpired),
         };
     }
 
-    let applied = hello.applied_lsn;
-    if applied == Lsn::ZERO {
-        return fresh(SnapshotReason::NewMirror);
+    match hello.database_id {
+        // It holds nothing yet.
+        None => return fresh(SnapshotReason::NewMirror),
+        Some(database_id) if database_id != view.database_id => {
+            return diverged(Divergence::DatabaseMismatch)
+        }
+        Some(_) => {}
     }
+    let applied = hello.applied_lsn;
     if applied > view.last_lsn {
-        return fresh(SnapshotReason::AheadOfSource);
+        return diverged(Divergence::SourceBehind);
     }
     if applied.next() < view.wal_first_lsn {
         return fresh(SnapshotReason::BehindRetainedWal);
@@ -168,7 +204,7 @@ fn choose(hello: &Hello, view: &SourceView) -> Decision {
         Some(source_hash) if source_hash == hello.chain_hash => Decision::Stream {
             from_lsn: applied.next(),
         },
-        Some(_) => fresh(SnapshotReason::DivergedHistory),
+        Some(_) => diverged(Divergence::DivergedHistory),
         // Within the retained range the source always knows the hash; not knowing it means
         // the WAL no longer reaches back far enough to prove the history.
         None => fresh(SnapshotReason::BehindRetainedWal),
@@ -180,6 +216,7 @@ mod tests {
     use super::*;
     use crate::message::ResumeToken;
     use crate::types::SUPPORTED_VERSIONS;
+    use crate::types::{DatabaseId, Divergence, DivergencePolicy};
 
     fn name(value: &str) -> Name {
         Name::new(value).unwrap()
@@ -194,6 +231,8 @@ mod tests {
     }
 
     const MIRROR_HASH: ChainHash = ChainHash([9; 32]);
+    const DATABASE: DatabaseId = DatabaseId([4; 16]);
+    const BASE_HASH: ChainHash = ChainHash([3; 32]);
     const FRESH: SnapshotPlan = SnapshotPlan {
         snapshot_id: SnapshotId(77),
         base_lsn: Lsn(500),
@@ -207,9 +246,12 @@ mod tests {
             database: name("main"),
             mirror_name: name("m1"),
             role: Role::Observer,
+            database_id: Some(DATABASE),
+            epoch: crate::Epoch::FIRST,
             applied_lsn: Lsn(applied),
             chain_hash: MIRROR_HASH,
             resume: None,
+            on_divergence: DivergencePolicy::Halt,
         }
     }
 
@@ -227,10 +269,12 @@ mod tests {
             cluster_id: &cluster,
             versions: SUPPORTED_VERSIONS,
             databases: &databases,
+            database_id: DATABASE,
             last_lsn: Lsn(500),
             wal_first_lsn: Lsn(101),
             chain_hash_at_mirror_lsn: source_hash,
             resumable,
+            chain_hash_at_resume_base: Some(BASE_HASH),
             fresh_snapshot: FRESH,
         };
         decide(hello, peer, &view)
@@ -371,9 +415,12 @@ mod tests {
     }
 
     #[test]
-    fn snapshots_a_new_mirror() {
+    fn snapshots_a_mirror_that_holds_no_database() {
+        let mut empty = hello(0);
+        empty.database_id = None;
+        empty.chain_hash = ChainHash::GENESIS;
         assert_eq!(
-            decide_with(&hello(0), &observer(), Some(ChainHash::GENESIS), None),
+            decide_with(&empty, &observer(), Some(ChainHash::GENESIS), None),
             Ok(fresh(SnapshotReason::NewMirror))
         );
     }
@@ -395,65 +442,175 @@ mod tests {
     }
 
     #[test]
-    fn snapshots_a_mirror_ahead_of_the_source() {
-        assert_eq!(
-            decide_with(&hello(501), &observer(), Some(MIRROR_HASH), None),
-            Ok(fresh(SnapshotReason::AheadOfSource))
-        );
+    fn a_mirror_holding_what_the_source_cannot_vouch_for_is_told_by_its_policy() {
+        let other_database = Hello {
+            database_id: Some(DatabaseId([8; 16])),
+            ..hello(300)
+        };
+        // (hello, the source's hash at its LSN, why it diverged, the snapshot reason when
+        // its policy is to resnapshot)
+        let cases = [
+            (
+                other_database,
+                Some(MIRROR_HASH),
+                Divergence::DatabaseMismatch,
+                SnapshotReason::DatabaseMismatch,
+            ),
+            // Restored from an older backup: the mirror is ahead of the source.
+            (
+                hello(501),
+                Some(MIRROR_HASH),
+                Divergence::SourceBehind,
+                SnapshotReason::AheadOfSource,
+            ),
+            (
+                hello(300),
+                Some(ChainHash([1; 32])),
+                Divergence::DivergedHistory,
+                SnapshotReason::DivergedHistory,
+            ),
+        ];
+        for (hello, source_hash, reason, snapshot_reason) in cases {
+            assert_eq!(
+                decide_with(&hello, &observer(), source_hash, None),
+                Ok(Decision::Diverged { reason }),
+                "{reason}: halt keeps the data"
+            );
+            let resnapshot = Hello {
+                on_divergence: DivergencePolicy::Resnapshot,
+                ..hello
+            };
+            assert_eq!(
+                decide_with(&resnapshot, &observer(), source_hash, None),
+                Ok(fresh(snapshot_reason)),
+                "{reason}: resnapshot replaces it"
+            );
+        }
     }
 
-    #[test]
-    fn snapshots_a_mirror_on_a_diverged_history() {
-        assert_eq!(
-            decide_with(&hello(300), &observer(), Some(ChainHash([1; 32])), None),
-            Ok(fresh(SnapshotReason::DivergedHistory))
-        );
+    fn resuming(token: ResumeToken) -> Hello {
+        Hello {
+            resume: Some(token),
+            ..hello(0)
+        }
     }
+
+    fn token(after_key: Option<Vec<u8>>) -> ResumeToken {
+        ResumeToken {
+            database_id: DATABASE,
+            snapshot_id: SnapshotId(12),
+            base_lsn: Lsn(150),
+            base_chain_hash: BASE_HASH,
+            after_key,
+        }
+    }
+
+    const INTERRUPTED: SnapshotPlan = SnapshotPlan {
+        snapshot_id: SnapshotId(12),
+        base_lsn: Lsn(150),
+        base_chain_hash: BASE_HASH,
+    };
 
     #[test]
     fn resumes_a_snapshot_that_is_still_resumable() {
-        let interrupted = SnapshotPlan {
-            snapshot_id: SnapshotId(12),
-            base_lsn: Lsn(150),
-            base_chain_hash: ChainHash([3; 32]),
-        };
         for after_key in [None, Some(b"key-0042".to_vec())] {
-            let mut resuming = hello(0);
-            resuming.resume = Some(ResumeToken {
-                snapshot_id: SnapshotId(12),
-                after_key: after_key.clone(),
-            });
             assert_eq!(
-                decide_with(&resuming, &observer(), None, Some(interrupted)),
+                decide_with(
+                    &resuming(token(after_key.clone())),
+                    &observer(),
+                    None,
+                    Some(INTERRUPTED)
+                ),
                 Ok(Decision::ResumeSnapshot {
                     snapshot_id: SnapshotId(12),
                     after_key,
                     base_lsn: Lsn(150),
-                    base_chain_hash: ChainHash([3; 32]),
+                    base_chain_hash: BASE_HASH,
                 })
             );
         }
     }
 
     #[test]
-    fn starts_a_fresh_snapshot_when_the_resume_token_is_stale() {
-        let mut resuming = hello(300);
-        resuming.resume = Some(ResumeToken {
-            snapshot_id: SnapshotId(12),
-            after_key: Some(b"k".to_vec()),
-        });
-        let other = SnapshotPlan {
-            snapshot_id: SnapshotId(13),
-            base_lsn: Lsn(150),
-            base_chain_hash: ChainHash([3; 32]),
-        };
-        for resumable in [None, Some(other)] {
-            // Even with a streamable LSN and matching hash: partial data is never streamed to.
+    fn resumes_only_the_same_databases_snapshot_on_the_same_history() {
+        let cases: Vec<(&str, ResumeToken, Option<SnapshotPlan>)> = vec![
+            ("the slot holds no snapshot", token(None), None),
+            (
+                "another snapshot of this source",
+                ResumeToken {
+                    snapshot_id: SnapshotId(13),
+                    ..token(None)
+                },
+                Some(INTERRUPTED),
+            ),
+            // Another source of the same cluster that happens to use the same snapshot id.
+            (
+                "another database",
+                ResumeToken {
+                    database_id: DatabaseId([8; 16]),
+                    ..token(Some(b"k".to_vec()))
+                },
+                Some(INTERRUPTED),
+            ),
+            (
+                "another base",
+                ResumeToken {
+                    base_lsn: Lsn(149),
+                    ..token(Some(b"k".to_vec()))
+                },
+                Some(INTERRUPTED),
+            ),
+            (
+                "another chain hash at the base",
+                ResumeToken {
+                    base_chain_hash: ChainHash([6; 32]),
+                    ..token(Some(b"k".to_vec()))
+                },
+                Some(INTERRUPTED),
+            ),
+        ];
+        for (label, token, resumable) in cases {
             assert_eq!(
-                decide_with(&resuming, &observer(), Some(MIRROR_HASH), resumable),
-                Ok(fresh(SnapshotReason::ResumeExpired))
+                decide_with(&resuming(token), &observer(), Some(MIRROR_HASH), resumable),
+                Ok(fresh(SnapshotReason::ResumeExpired)),
+                "{label}"
             );
         }
+    }
+
+    #[test]
+    fn a_restored_source_whose_history_changed_at_the_base_never_resumes() {
+        // The slot and the token agree, but the source now holds other writes at the base:
+        // it was restored from a copy older than the snapshot and written to again.
+        let cluster = name("east");
+        let databases = [name("main")];
+        let view = SourceView {
+            cluster_id: &cluster,
+            versions: SUPPORTED_VERSIONS,
+            databases: &databases,
+            database_id: DATABASE,
+            last_lsn: Lsn(500),
+            wal_first_lsn: Lsn(101),
+            chain_hash_at_mirror_lsn: None,
+            resumable: Some(INTERRUPTED),
+            chain_hash_at_resume_base: Some(ChainHash([7; 32])),
+            fresh_snapshot: FRESH,
+        };
+        assert_eq!(
+            decide(&resuming(token(Some(b"k".to_vec()))), &observer(), &view),
+            Ok(fresh(SnapshotReason::ResumeExpired))
+        );
+    }
+
+    #[test]
+    fn starts_a_fresh_snapshot_when_the_resume_token_is_stale() {
+        let mut partial = resuming(token(Some(b"k".to_vec())));
+        partial.applied_lsn = Lsn(300);
+        // Even with a streamable LSN and matching hash: partial data is never streamed to.
+        assert_eq!(
+            decide_with(&partial, &observer(), Some(MIRROR_HASH), None),
+            Ok(fresh(SnapshotReason::ResumeExpired))
+        );
     }
 
     mod properties {
@@ -462,14 +619,17 @@ mod tests {
 
         proptest! {
             /// Whatever the facts, a mirror is only streamed to when its history provably
-            /// matches and the WAL holds every entry it is missing.
+            /// matches and the WAL holds every entry it is missing; and a mirror whose
+            /// policy is to halt is never told to replace a copy the source cannot vouch
+            /// for.
             #[test]
-            fn never_streams_onto_an_unproven_history(
+            fn never_streams_onto_an_unproven_history_nor_replaces_a_diverged_copy(
                 applied in 0u64..700,
                 last in 0u64..600,
                 first_offset in 0u64..600,
                 same_hash in any::<bool>(),
                 known in any::<bool>(),
+                same_database in any::<bool>(),
             ) {
                 let wal_first = (first_offset + 1).min(last + 1);
                 let cluster = name("east");
@@ -479,22 +639,42 @@ mod tests {
                     cluster_id: &cluster,
                     versions: SUPPORTED_VERSIONS,
                     databases: &databases,
+                    database_id: DATABASE,
                     last_lsn: Lsn(last),
                     wal_first_lsn: Lsn(wal_first),
                     chain_hash_at_mirror_lsn: source_hash,
                     resumable: None,
+                    chain_hash_at_resume_base: None,
                     fresh_snapshot: FRESH,
                 };
-                let decision = decide(&hello(applied), &observer(), &view).unwrap();
-                if let Decision::Stream { from_lsn } = decision {
-                    prop_assert_eq!(from_lsn, Lsn(applied + 1));
-                    prop_assert!(applied >= 1 && applied <= last);
-                    prop_assert!(applied + 1 >= wal_first);
-                    prop_assert_eq!(source_hash, Some(MIRROR_HASH));
-                } else {
-                    prop_assert!(
-                        applied == 0 || applied > last || applied + 1 < wal_first || source_hash != Some(MIRROR_HASH)
-                    );
+                let mut hello = hello(applied);
+                if !same_database {
+                    hello.database_id = Some(DatabaseId([8; 16]));
+                }
+                let decision = decide(&hello, &observer(), &view).unwrap();
+                match decision {
+                    Decision::Stream { from_lsn } => {
+                        prop_assert!(same_database);
+                        prop_assert_eq!(from_lsn, Lsn(applied + 1));
+                        prop_assert!(applied <= last);
+                        prop_assert!(applied + 1 >= wal_first);
+                        prop_assert_eq!(source_hash, Some(MIRROR_HASH));
+                    }
+                    Decision::Snapshot { reason, .. } => {
+                        // The only snapshot a halting mirror that holds a copy is sent:
+                        // it is behind, on the same database, and not ahead of the source.
+                        prop_assert_eq!(reason, SnapshotReason::BehindRetainedWal);
+                        prop_assert!(same_database && applied <= last);
+                    }
+                    Decision::Diverged { reason } => {
+                        let explained = match reason {
+                            Divergence::DatabaseMismatch => !same_database,
+                            Divergence::SourceBehind => applied > last,
+                            Divergence::DivergedHistory => known && !same_hash,
+                        };
+                        prop_assert!(explained);
+                    }
+                    Decision::ResumeSnapshot { .. } => prop_assert!(false, "no token was sent"),
                 }
             }
         }

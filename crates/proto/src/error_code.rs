@@ -49,11 +49,20 @@ pub enum ErrorCode {
     Busy = 17,
     /// Retention passed this mirror's slot while it streamed; it reconnects for a snapshot.
     SlotInvalidated = 18,
+    /// A store write or flush failed: the write's outcome is unknown (it may or may not
+    /// survive), and the node stops so that recovery decides.
+    StoreFailed = 19,
+    /// The mirror holds another database than the source's.
+    DatabaseMismatch = 20,
+    /// The mirror has applied beyond the source's last LSN.
+    SourceBehind = 21,
+    /// The mirror's history differs from the source's at its applied LSN.
+    DivergedHistory = 22,
 }
 
 impl ErrorCode {
     /// Every code, in number order.
-    pub const ALL: [ErrorCode; 18] = [
+    pub const ALL: [ErrorCode; 22] = [
         ErrorCode::BadVersion,
         ErrorCode::ClusterIdMismatch,
         ErrorCode::ObserverOnly,
@@ -72,6 +81,10 @@ impl ErrorCode {
         ErrorCode::ShuttingDown,
         ErrorCode::Busy,
         ErrorCode::SlotInvalidated,
+        ErrorCode::StoreFailed,
+        ErrorCode::DatabaseMismatch,
+        ErrorCode::SourceBehind,
+        ErrorCode::DivergedHistory,
     ];
 
     /// The stable number on the wire and in QUIC close frames.
@@ -107,6 +120,10 @@ impl ErrorCode {
             ErrorCode::ShuttingDown => "SHUTTING_DOWN",
             ErrorCode::Busy => "BUSY",
             ErrorCode::SlotInvalidated => "SLOT_INVALIDATED",
+            ErrorCode::StoreFailed => "STORE_FAILED",
+            ErrorCode::DatabaseMismatch => "DATABASE_MISMATCH",
+            ErrorCode::SourceBehind => "SOURCE_BEHIND",
+            ErrorCode::DivergedHistory => "DIVERGED_HISTORY",
         }
     }
 
@@ -175,6 +192,10 @@ mod tests {
             ("SHUTTING_DOWN", 16),
             ("BUSY", 17),
             ("SLOT_INVALIDATED", 18),
+            ("STORE_FAILED", 19),
+            ("DATABASE_MISMATCH", 20),
+            ("SOURCE_BEHIND", 21),
+            ("DIVERGED_HISTORY", 22),
         ];
         let actual: Vec<_> = ErrorCode::ALL
             .iter()
@@ -185,7 +206,7 @@ mod tests {
             assert_eq!(ErrorCode::from_number(code.number()), Some(code));
         }
         assert_eq!(ErrorCode::from_number(0), None);
-        assert_eq!(ErrorCode::from_number(19), None);
+        assert_eq!(ErrorCode::from_number(23), None);
     }
 
     #[test]

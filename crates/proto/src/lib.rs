@@ -22,6 +22,6 @@ pub use error_code::ErrorCode;
 pub use hash::{ChainHash, StateDigest};
 pub use message::{Decision, DecisionKind, Entry, Message, SnapshotReason};
 pub use types::{
-    Lsn, Name, NameError, PeerIdentity, Role, RoleParseError, SnapshotId, UnixMillis, VersionRange,
-    PROTOCOL_VERSION, SUPPORTED_VERSIONS,
+    DatabaseId, Divergence, DivergencePolicy, Epoch, Lsn, Name, NameError, PeerIdentity, Role,
+    RoleParseError, SnapshotId, UnixMillis, VersionRange, PROTOCOL_VERSION, SUPPORTED_VERSIONS,
 };

@@ -9,7 +9,10 @@ use serde::{Deserialize, Serialize};
 use crate::error_code::ErrorCode;
 use crate::hash::{ChainHash, StateDigest};
 use crate::status::NodeStatus;
-use crate::types::{Lsn, Name, Role, SnapshotId, UnixMillis, VersionRange};
+use crate::types::{
+    DatabaseId, Divergence, DivergencePolicy, Epoch, Lsn, Name, Role, SnapshotId, UnixMillis,
+    VersionRange,
+};
 
 /// One write in the log. A WAL entry at LSN n is applied after every entry below n.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -61,19 +64,34 @@ pub struct Hello {
     pub mirror_name: Name,
     /// The role the mirror declares; it must agree with its certificate.
     pub role: Role,
+    /// The database the mirror holds (`None` when it holds none yet).
+    pub database_id: Option<DatabaseId>,
+    /// The epoch of the history the mirror holds.
+    pub epoch: Epoch,
     /// The last LSN the mirror applied durably (`Lsn::ZERO` for an empty mirror).
     pub applied_lsn: Lsn,
     /// The mirror's chain hash at `applied_lsn`, proving which history it holds.
     pub chain_hash: ChainHash,
     /// Present when the mirror was interrupted in the middle of a snapshot.
     pub resume: Option<ResumeToken>,
+    /// What the mirror does if it holds data the source cannot vouch for: with `Halt` the
+    /// source answers `Decision::Diverged`, with `Resnapshot` a fresh snapshot.
+    pub on_divergence: DivergencePolicy,
 }
 
-/// Where an interrupted snapshot stopped, as the mirror persisted it.
+/// Where an interrupted snapshot stopped, as the mirror persisted it: which database and
+/// snapshot, on which history (its base and the chain hash there), and the last key.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ResumeToken {
+    /// The database the snapshot is of.
+    pub database_id: DatabaseId,
     /// The snapshot that was interrupted.
     pub snapshot_id: SnapshotId,
+    /// The snapshot's base LSN.
+    pub base_lsn: Lsn,
+    /// The source's chain hash at `base_lsn` when the snapshot started: a resume is
+    /// granted only on the same history.
+    pub base_chain_hash: ChainHash,
     /// The last key the mirror applied; `None` when no chunk was applied yet.
     #[serde(with = "serde_bytes")]
     pub after_key: Option<Vec<u8>>,
@@ -95,9 +113,14 @@ pub struct Accepted {
     pub source_cluster: Name,
     /// The negotiated protocol version.
     pub version: u16,
-    /// The source's last LSN when it decided, so the mirror knows how far behind it is.
+    /// The source's database, which the mirror checks against the one it holds.
+    pub database_id: DatabaseId,
+    /// The source's epoch.
+    pub epoch: Epoch,
+    /// The source's last durable LSN when it decided, so the mirror knows how far behind
+    /// it is (and whether the source is behind it).
     pub source_last_lsn: Lsn,
-    /// Snapshot or stream.
+    /// Snapshot, stream, or diverged.
     pub decision: Decision,
 }
 
@@ -142,6 +165,12 @@ pub enum Decision {
         /// The chain hash at `base_lsn`, unchanged from when it started.
         base_chain_hash: ChainHash,
     },
+    /// The mirror holds data this source cannot vouch for, and its policy is to halt:
+    /// nothing will be sent; the mirror keeps its data and says why.
+    Diverged {
+        /// How the mirror's history differs from the source's.
+        reason: Divergence,
+    },
 }
 
 impl Decision {
@@ -167,6 +196,7 @@ impl Decision {
                 "resume_snapshot snapshot_id={snapshot_id} base_lsn={base_lsn} after_key_len={}",
                 after_key.as_ref().map_or(0, Vec::len)
             ),
+            Decision::Diverged { reason } => format!("diverged reason={reason}"),
         }
     }
 
@@ -176,6 +206,7 @@ impl Decision {
             Decision::Stream { .. } => DecisionKind::Stream,
             Decision::Snapshot { .. } => DecisionKind::Snapshot,
             Decision::ResumeSnapshot { .. } => DecisionKind::ResumeSnapshot,
+            Decision::Diverged { .. } => DecisionKind::Diverged,
         }
     }
 }
@@ -190,6 +221,8 @@ pub enum DecisionKind {
     Snapshot,
     /// See [`Decision::ResumeSnapshot`].
     ResumeSnapshot,
+    /// See [`Decision::Diverged`].
+    Diverged,
 }
 
 /// Why the source chose a fresh snapshot over streaming.
@@ -200,10 +233,15 @@ pub enum SnapshotReason {
     NewMirror,
     /// The entries after the mirror's applied LSN are no longer in the source's WAL.
     BehindRetainedWal,
-    /// The mirror claims an LSN the source has not reached (the source's data was replaced).
+    /// The mirror claims an LSN the source has not reached (the source's data was replaced);
+    /// sent only to a mirror whose policy is `resnapshot`.
     AheadOfSource,
-    /// The mirror's chain hash differs from the source's at the same LSN.
+    /// The mirror's chain hash differs from the source's at the same LSN; sent only to a
+    /// mirror whose policy is `resnapshot`.
     DivergedHistory,
+    /// The mirror holds another database; sent only to a mirror whose policy is
+    /// `resnapshot`.
+    DatabaseMismatch,
     /// The mirror was interrupted mid-snapshot, and that snapshot can no longer be resumed.
     ResumeExpired,
 }
@@ -246,8 +284,11 @@ pub struct SnapshotSize {
 pub struct SnapshotDone {
     /// The snapshot that finished.
     pub snapshot_id: SnapshotId,
-    /// The source's last LSN when the scan ended.
+    /// The source's last durable LSN when the scan ended.
     pub end_lsn: Lsn,
+    /// The source's chain hash at `end_lsn`: the mirror is consistent only once it has
+    /// applied `end_lsn` and its own chain hash there is this one.
+    pub end_chain_hash: ChainHash,
 }
 
 /// Consecutive WAL entries.

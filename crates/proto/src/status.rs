@@ -6,7 +6,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::message::DecisionKind;
-use crate::types::{Lsn, Name, UnixMillis};
+use crate::types::{DatabaseId, Divergence, Epoch, Lsn, Name, UnixMillis};
 
 /// The status of whichever kind of node answered.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -25,6 +25,10 @@ pub struct SourceStatus {
     pub name: Name,
     /// The node's cluster.
     pub cluster_id: Name,
+    /// The database this source owns, chosen at random when its store was created.
+    pub database_id: DatabaseId,
+    /// The database's epoch.
+    pub epoch: Epoch,
     /// The last LSN the writer announced durable.
     pub last_lsn: Lsn,
     /// The oldest LSN still in the WAL; `last_lsn + 1` when the WAL is empty.
@@ -75,13 +79,25 @@ pub struct MirrorStatus {
     pub source_cluster: Name,
     /// What the mirror is doing.
     pub state: MirrorState,
+    /// Why it is halted (`DATABASE_MISMATCH`, `SOURCE_BEHIND`, `DIVERGED_HISTORY`), while
+    /// it is.
+    pub halt_reason: Option<Divergence>,
+    /// The database the mirror holds, if any.
+    pub database_id: Option<DatabaseId>,
+    /// The epoch of the history it holds.
+    pub epoch: Epoch,
     /// The last LSN applied (and visible to reads).
     pub applied_lsn: Lsn,
-    /// The source's last LSN, as last heard.
+    /// The source's last LSN, as last heard (a new session's ack sets it, so it follows a
+    /// source that went back).
     pub source_lsn: Lsn,
-    /// Milliseconds between the source committing its last LSN and the mirror applying it;
-    /// zero when caught up.
+    /// How stale the mirror's data may be, in milliseconds: while it is behind, the time
+    /// since the source committed the oldest entry it has not applied (as far as commit
+    /// times tell); and while the source is silent beyond its heartbeat interval, at least
+    /// the silence. Zero only when caught up with a source heard from within a heartbeat.
     pub lag_ms: u64,
+    /// Milliseconds since the last byte from the source; `None` before the first.
+    pub source_contact_ms: Option<u64>,
     /// Whether the mirror serves reads (it has applied its snapshot's end LSN).
     pub consistent: bool,
     /// Fresh snapshots started over the life of the data directory.
@@ -104,4 +120,7 @@ pub enum MirrorState {
     CatchingUp,
     /// Caught up and applying live batches.
     Streaming,
+    /// Holding data the source cannot vouch for: keeping it, serving reads of it, applying
+    /// nothing, retrying the source every few seconds (`halt_reason` says why).
+    Halted,
 }

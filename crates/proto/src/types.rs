@@ -54,7 +54,147 @@ impl fmt::Display for Lsn {
     }
 }
 
+/// A database's identity: chosen at random when the source's store is created and never
+/// changed (as PostgreSQL's system identifier). Two nodes hold the same history up to LSN n
+/// exactly when they have the same database id and the same chain hash at n.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct DatabaseId(pub [u8; 16]);
+
+impl DatabaseId {
+    /// The id as 32 lowercase hex digits, as status shows it.
+    pub fn to_hex(self) -> String {
+        self.0.iter().map(|byte| format!("{byte:02x}")).collect()
+    }
+
+    /// Parses 32 hex digits.
+    pub fn from_hex(text: &str) -> Option<DatabaseId> {
+        if text.len() != 32 || !text.is_ascii() {
+            return None;
+        }
+        let mut bytes = [0u8; 16];
+        for (index, byte) in bytes.iter_mut().enumerate() {
+            *byte = u8::from_str_radix(&text[index * 2..index * 2 + 2], 16).ok()?;
+        }
+        Some(DatabaseId(bytes))
+    }
+}
+
+impl fmt::Display for DatabaseId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.to_hex())
+    }
+}
+
+impl fmt::Debug for DatabaseId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "DatabaseId({})", self.to_hex())
+    }
+}
+
+/// Hex in human-readable formats (status JSON), 16 bytes on the wire.
+impl Serialize for DatabaseId {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        if serializer.is_human_readable() {
+            serializer.serialize_str(&self.to_hex())
+        } else {
+            self.0.serialize(serializer)
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for DatabaseId {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        if deserializer.is_human_readable() {
+            let text = String::deserialize(deserializer)?;
+            DatabaseId::from_hex(&text)
+                .ok_or_else(|| serde::de::Error::custom("a database id is 32 hex digits"))
+        } else {
+            <[u8; 16]>::deserialize(deserializer).map(DatabaseId)
+        }
+    }
+}
+
+/// A database's epoch: 1 when it is created, one more at each promotion (as PostgreSQL's
+/// timeline). Not an LSN, so it has a type of its own.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
+#[serde(transparent)]
+pub struct Epoch(pub u64);
+
+impl Epoch {
+    /// The epoch a database is created in.
+    pub const FIRST: Epoch = Epoch(1);
+}
+
+impl fmt::Display for Epoch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// What a mirror does when it holds data the source cannot vouch for (`--on-divergence`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DivergencePolicy {
+    /// Keep the data, keep serving reads of it, say why, and retry (the default: the mirror
+    /// may hold the only copy of those writes).
+    #[default]
+    Halt,
+    /// Replace the data with a fresh snapshot of the source.
+    Resnapshot,
+}
+
+/// A `--on-divergence` value that is neither `halt` nor `resnapshot`.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{0:?} is not a divergence policy (halt or resnapshot)")]
+pub struct UnknownPolicy(pub String);
+
+impl FromStr for DivergencePolicy {
+    type Err = UnknownPolicy;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        match text {
+            "halt" => Ok(DivergencePolicy::Halt),
+            "resnapshot" => Ok(DivergencePolicy::Resnapshot),
+            other => Err(UnknownPolicy(other.to_owned())),
+        }
+    }
+}
+
+/// Why a mirror holds data the source cannot vouch for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum Divergence {
+    /// The mirror holds another database (the source was recreated, or is another one).
+    DatabaseMismatch,
+    /// The mirror has applied beyond the source's last LSN: the source lost writes, or was
+    /// restored from a backup.
+    SourceBehind,
+    /// The source's chain hash at the mirror's applied LSN differs from the mirror's.
+    DivergedHistory,
+}
+
+impl Divergence {
+    /// Its error code.
+    pub fn code(self) -> crate::ErrorCode {
+        match self {
+            Divergence::DatabaseMismatch => crate::ErrorCode::DatabaseMismatch,
+            Divergence::SourceBehind => crate::ErrorCode::SourceBehind,
+            Divergence::DivergedHistory => crate::ErrorCode::DivergedHistory,
+        }
+    }
+}
+
+impl fmt::Display for Divergence {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.code().name())
+    }
+}
+
 /// Names a snapshot transfer on the source, so that an interrupted one can be resumed.
+/// Chosen at random, so that no restart or restore of the source ever hands out an id
+/// again that a mirror may still hold.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(transparent)]
 pub struct SnapshotId(pub u64);

@@ -51,6 +51,7 @@ fn decision() -> impl Strategy<Value = Decision> {
         SnapshotReason::AheadOfSource,
         SnapshotReason::DivergedHistory,
         SnapshotReason::ResumeExpired,
+        SnapshotReason::DatabaseMismatch,
     ]);
     prop_oneof![
         lsn().prop_map(|from_lsn| Decision::Stream { from_lsn }),
@@ -70,7 +71,17 @@ fn decision() -> impl Strategy<Value = Decision> {
                 base_chain_hash,
             }
         ),
+        proptest::sample::select(vec![
+            Divergence::DatabaseMismatch,
+            Divergence::SourceBehind,
+            Divergence::DivergedHistory,
+        ])
+        .prop_map(|reason| Decision::Diverged { reason }),
     ]
+}
+
+fn database_id() -> impl Strategy<Value = DatabaseId> {
+    any::<[u8; 16]>().prop_map(DatabaseId)
 }
 
 fn node_status() -> impl Strategy<Value = NodeStatus> {
@@ -95,6 +106,8 @@ fn node_status() -> impl Strategy<Value = NodeStatus> {
                 NodeStatus::Source(SourceStatus {
                     name,
                     cluster_id,
+                    database_id: DatabaseId([3; 16]),
+                    epoch: Epoch::FIRST,
                     last_lsn,
                     wal_first_lsn,
                     commit_time: UnixMillis(5),
@@ -108,9 +121,13 @@ fn node_status() -> impl Strategy<Value = NodeStatus> {
                     name,
                     source_cluster,
                     state: MirrorState::CatchingUp,
+                    halt_reason: None,
+                    database_id: Some(DatabaseId([2; 16])),
+                    epoch: Epoch::FIRST,
                     applied_lsn,
                     source_lsn,
                     lag_ms: counter,
+                    source_contact_ms: Some(counter / 5),
                     consistent,
                     snapshots_started: counter / 2,
                     snapshots_resumed: counter / 3,
@@ -122,11 +139,27 @@ fn node_status() -> impl Strategy<Value = NodeStatus> {
 }
 
 fn message() -> impl Strategy<Value = Message> {
-    let resume =
-        (any::<u64>(), proptest::option::of(bytes(16))).prop_map(|(id, after_key)| ResumeToken {
-            snapshot_id: SnapshotId(id),
-            after_key,
-        });
+    let resume = (
+        database_id(),
+        any::<u64>(),
+        lsn(),
+        hash(),
+        proptest::option::of(bytes(16)),
+    )
+        .prop_map(
+            |(database_id, id, base_lsn, base_chain_hash, after_key)| ResumeToken {
+                database_id,
+                snapshot_id: SnapshotId(id),
+                base_lsn,
+                base_chain_hash,
+                after_key,
+            },
+        );
+    let held = (
+        proptest::option::of(database_id()),
+        any::<u64>(),
+        any::<bool>(),
+    );
     let hello = (
         versions(),
         name(),
@@ -136,6 +169,7 @@ fn message() -> impl Strategy<Value = Message> {
         lsn(),
         hash(),
         proptest::option::of(resume),
+        held,
     )
         .prop_map(
             |(
@@ -147,6 +181,7 @@ fn message() -> impl Strategy<Value = Message> {
                 applied_lsn,
                 chain_hash,
                 resume,
+                (database_id, epoch, resnapshot),
             )| {
                 Message::Hello(Hello {
                     versions,
@@ -154,21 +189,40 @@ fn message() -> impl Strategy<Value = Message> {
                     database,
                     mirror_name,
                     role,
+                    database_id,
+                    epoch: Epoch(epoch),
                     applied_lsn,
                     chain_hash,
                     resume,
+                    on_divergence: if resnapshot {
+                        DivergencePolicy::Resnapshot
+                    } else {
+                        DivergencePolicy::Halt
+                    },
                 })
             },
         );
     let ack = prop_oneof![
-        (name(), any::<u16>(), lsn(), decision()).prop_map(
-            |(source_cluster, version, source_last_lsn, decision)| HelloAck::Accepted(Accepted {
-                source_cluster,
-                version,
-                source_last_lsn,
-                decision,
-            })
-        ),
+        (
+            name(),
+            any::<u16>(),
+            database_id(),
+            any::<u64>(),
+            lsn(),
+            decision()
+        )
+            .prop_map(
+                |(source_cluster, version, database_id, epoch, source_last_lsn, decision)| {
+                    HelloAck::Accepted(Accepted {
+                        source_cluster,
+                        version,
+                        database_id,
+                        epoch: Epoch(epoch),
+                        source_last_lsn,
+                        decision,
+                    })
+                }
+            ),
         (code(), ".{0,40}")
             .prop_map(|(code, detail)| HelloAck::Rejected(Rejected { code, detail })),
     ]
@@ -184,10 +238,13 @@ fn message() -> impl Strategy<Value = Message> {
                 snapshot_id: SnapshotId(id),
                 pairs
             })),
-        (any::<u64>(), lsn()).prop_map(|(id, end_lsn)| Message::SnapshotDone(SnapshotDone {
-            snapshot_id: SnapshotId(id),
-            end_lsn
-        })),
+        (any::<u64>(), lsn(), hash()).prop_map(|(id, end_lsn, end_chain_hash)| {
+            Message::SnapshotDone(SnapshotDone {
+                snapshot_id: SnapshotId(id),
+                end_lsn,
+                end_chain_hash,
+            })
+        }),
         (
             lsn(),
             proptest::collection::vec(entry(), 0..5),
@@ -312,10 +369,12 @@ proptest! {
             cluster_id: &cluster,
             versions: SUPPORTED_VERSIONS,
             databases: &databases,
+            database_id: DatabaseId([1; 16]),
             last_lsn: Lsn(1_000),
             wal_first_lsn: Lsn(500),
             chain_hash_at_mirror_lsn: applied_known.then_some(hello.chain_hash),
             resumable: None,
+            chain_hash_at_resume_base: None,
             fresh_snapshot: SnapshotPlan { snapshot_id: SnapshotId(1), base_lsn: Lsn(1_000), base_chain_hash: ChainHash::GENESIS },
         };
         match decide(&hello, &peer, &view) {
@@ -447,9 +506,12 @@ fn a_name_that_fails_validation_fails_decoding() {
         database: Name::new("main").unwrap(),
         mirror_name: Name::new("abcd").unwrap(),
         role: Role::Observer,
+        database_id: None,
+        epoch: Epoch::FIRST,
         applied_lsn: Lsn(0),
         chain_hash: ChainHash::GENESIS,
         resume: None,
+        on_divergence: DivergencePolicy::Halt,
     });
     let wire = encode(&hello, 1024).unwrap();
     // Rewrite the mirror name "abcd" into "../x" in place: same length, invalid name.

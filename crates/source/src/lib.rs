@@ -20,20 +20,21 @@ use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use tokio::sync::{watch, OwnedSemaphorePermit};
+use tokio::sync::{oneshot, watch, OwnedSemaphorePermit};
 use xmirror_net::serve::serve_client_connection;
 use xmirror_net::{
     accept_loop, close_with, error_chain, server_endpoint, AcceptLimits, EndpointError,
     TransportLimits,
 };
 use xmirror_proto::session::source::SourceSessionConfig;
+use xmirror_proto::{DatabaseId, Epoch};
 use xmirror_proto::{ErrorCode, FrameLimits, Name, VersionRange, SUPPORTED_VERSIONS};
-use xmirror_store::{open_store, EngineKind, Store, StoreError};
+use xmirror_store::{open_store, DatabaseIdentity, EngineKind, Store, StoreError};
 use xmirror_tls::{NodeTls, ALPN_CLIENT, ALPN_MIRROR};
 
 use crate::service::SourceService;
 use crate::slots::Slots;
-use crate::writer::{BatchLimits, Committed, Writer};
+use crate::writer::{BatchLimits, Committed, WriteError, Writer};
 
 /// Everything a source needs to start. Each field documents its default.
 #[derive(Clone, Debug)]
@@ -137,7 +138,7 @@ impl SourceConfig {
     }
 }
 
-/// Why the source could not start.
+/// Why the source could not start, or stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
     /// The store could not be opened.
@@ -146,6 +147,11 @@ pub enum SourceError {
     /// The endpoint could not be made.
     #[error(transparent)]
     Endpoint(#[from] EndpointError),
+    /// A group commit failed: the source stops (crash-only, as PostgreSQL after a failed
+    /// fsync); its writes were answered `STORE_FAILED`, and recovery at the next start
+    /// decides whether they survived.
+    #[error("the store failed; the source stops, and a restart recovers")]
+    StoreFailed(#[source] WriteError),
 }
 
 /// State shared by every task of a source.
@@ -160,6 +166,8 @@ pub struct SourceShared {
     pub commits: watch::Receiver<Committed>,
     /// The mirrors' slots.
     pub slots: Slots,
+    /// The database this source owns: created with the store, kept for life.
+    pub database: DatabaseIdentity,
     /// Snapshot payload bytes sent since start, over all mirrors.
     pub snapshot_bytes_sent: AtomicU64,
     /// Held while admitting a mirror and while enforcing retention, so retention never
@@ -170,29 +178,43 @@ pub struct SourceShared {
 }
 
 impl SourceShared {
-    /// Opens the store and starts the writer: everything but the network, so that the
-    /// protocol handlers can also run over in-memory pipes.
-    pub async fn open(config: SourceConfig, name: Name) -> Result<Arc<SourceShared>, SourceError> {
+    /// Opens the store (giving a new one its random database id) and starts the writer:
+    /// everything but the network, so that the protocol handlers can also run over
+    /// in-memory pipes. The receiver reports a failed group commit: the node must stop.
+    pub async fn open(
+        config: SourceConfig,
+        name: Name,
+    ) -> Result<(Arc<SourceShared>, oneshot::Receiver<WriteError>), SourceError> {
         let (data_dir, engine) = (config.data_dir.clone(), config.engine);
-        let store = tokio::task::spawn_blocking(move || open_store(&data_dir, engine))
-            .await
-            .expect("open task")?;
+        let (store, database) = tokio::task::spawn_blocking(move || {
+            let store = open_store(&data_dir, engine)?;
+            let database = store.create_database(DatabaseIdentity {
+                id: DatabaseId(rand::random()),
+                epoch: Epoch::FIRST,
+            })?;
+            Ok::<_, StoreError>((store, database))
+        })
+        .await
+        .expect("open task")?;
         let limits = BatchLimits {
             max_entries: config.batch_max_entries,
             max_bytes: config.batch_max_bytes,
         };
-        let (writer, commits) = Writer::spawn(store.clone(), limits);
+        let (failed, failure) = oneshot::channel();
+        let (writer, commits) = Writer::spawn(store.clone(), limits, failed);
         let slots = Slots::load(store.clone())?;
-        Ok(Arc::new(SourceShared {
+        let shared = Arc::new(SourceShared {
             name,
             config,
             store,
             writer,
             commits,
             slots,
+            database,
             snapshot_bytes_sent: AtomicU64::new(0),
             admission: Mutex::new(()),
-        }))
+        });
+        Ok((shared, failure))
     }
 }
 
@@ -203,6 +225,8 @@ pub struct SourceNode {
     endpoint: quinn::Endpoint,
     shared: Arc<SourceShared>,
     tasks: tokio::task::JoinSet<()>,
+    /// Fires when a group commit fails: the node must stop.
+    failure: oneshot::Receiver<WriteError>,
 }
 
 impl SourceNode {
@@ -215,7 +239,7 @@ impl SourceNode {
                 addr: config.listen,
                 source,
             })?;
-        let shared = SourceShared::open(config, tls.identity().name.clone()).await?;
+        let (shared, failure) = SourceShared::open(config, tls.identity().name.clone()).await?;
         let mut tasks = tokio::task::JoinSet::new();
         let limits = AcceptLimits {
             max_connections: shared.config.max_connections,
@@ -237,6 +261,7 @@ impl SourceNode {
             addr = %local_addr,
             cluster = %shared.config.cluster_id,
             last_lsn = %position.lsn,
+            database_id = %shared.database.id,
             "source serving"
         );
         Ok(SourceNode {
@@ -244,7 +269,17 @@ impl SourceNode {
             endpoint,
             shared,
             tasks,
+            failure,
         })
+    }
+
+    /// Waits until the source must stop on its own: a failed group commit.
+    pub async fn wait(&mut self) -> SourceError {
+        match (&mut self.failure).await {
+            Ok(error) => SourceError::StoreFailed(error),
+            // The writer stopped without a failure only when the node is shutting down.
+            Err(_) => std::future::pending().await,
+        }
     }
 
     /// The shared state (for status in tests and the demo).

@@ -79,6 +79,8 @@ impl SourceService {
         SourceStatus {
             name: shared.name.clone(),
             cluster_id: shared.config.cluster_id.clone(),
+            database_id: shared.database.id,
+            epoch: shared.database.epoch,
             // The writer's announcement, not the store's position: the store may already
             // hold a group whose flush has not returned.
             last_lsn: committed.last_lsn,

@@ -19,7 +19,7 @@ use tokio::time::Instant;
 use xmirror_net::{sleep_until, FrameSender, FramedReader};
 use xmirror_proto::message::{Hello, WalBatch};
 use xmirror_proto::session::source::{
-    Committed, SourceAction, SourceEnd, SourceEvent, SourceSession, SourceTimer,
+    Committed, SourceAction, SourceEnd, SourceEvent, SourceSession, SourceStanding, SourceTimer,
 };
 use xmirror_proto::session::{Outgoing, SharedBatch};
 use xmirror_proto::{
@@ -327,7 +327,11 @@ where
                 let store = shared.store.clone();
                 let position = blocking(move || Ok(store.position()));
                 self.work.push(Box::pin(async move {
-                    Ok(Some(SourceEvent::EndLsnRead(position.await?.lsn)))
+                    let end = position.await?;
+                    Ok(Some(SourceEvent::EndLsnRead {
+                        end_lsn: end.lsn,
+                        end_chain_hash: end.chain_hash,
+                    }))
                 }));
             }
             SourceAction::ReadBatch { from, up_to } => {
@@ -364,7 +368,7 @@ where
             hello,
             decision,
             ticket,
-            source_last_lsn,
+            source,
         } = admission;
         // A refusal is counted and logged with every other one when the session ends.
         if let Ok(decision) = &decision {
@@ -376,7 +380,7 @@ where
                 Decision::ResumeSnapshot { .. } => {
                     crate::telemetry::snapshot_sent(hello.mirror_name.as_str(), "resumed")
                 }
-                Decision::Stream { .. } => {}
+                Decision::Stream { .. } | Decision::Diverged { .. } => {}
             }
             tracing::info!(
                 mirror = %hello.mirror_name,
@@ -387,10 +391,8 @@ where
             );
         }
         self.ticket = ticket.map(|ticket| (hello.mirror_name.clone(), ticket));
-        self.machine.handle(SourceEvent::Admitted {
-            decision,
-            source_last_lsn,
-        });
+        self.machine
+            .handle(SourceEvent::Admitted { decision, source });
     }
 }
 
@@ -429,9 +431,11 @@ async fn read_batch(
 struct Admission {
     hello: Box<Hello>,
     decision: Result<Decision, Reject>,
-    /// The slot, pinned for the session, when the hello was accepted.
+    /// The slot, pinned for the session, when the hello was accepted (a diverged mirror
+    /// gets none: its slot is not moved).
     ticket: Option<SessionTicket>,
-    source_last_lsn: Lsn,
+    /// Where the source stood when it decided.
+    source: SourceStanding,
 }
 
 /// Builds the source's view, decides, and on acceptance registers the session (pinning
@@ -459,31 +463,43 @@ fn admit(
                 base_chain_hash: snapshot.base.chain_hash,
             })
     });
+    // Random, so that no restart or restore ever hands out an id a mirror may still hold.
     let fresh_snapshot = SnapshotPlan {
-        snapshot_id: SnapshotId(store.add_to_counter("next_snapshot_id", 1)?),
+        snapshot_id: SnapshotId(rand::random()),
         base_lsn: position.lsn,
         base_chain_hash: position.chain_hash,
+    };
+    let chain_hash_at_resume_base = match &hello.resume {
+        Some(token) => store.chain_hash_at(token.base_lsn)?,
+        None => None,
     };
     let databases = [shared.config.database.clone()];
     let view = SourceView {
         cluster_id: &shared.config.cluster_id,
         versions: shared.config.versions,
         databases: &databases,
+        database_id: shared.database.id,
         last_lsn: position.lsn,
         wal_first_lsn: wal.first,
         chain_hash_at_mirror_lsn: store.chain_hash_at(hello.applied_lsn)?,
         resumable,
+        chain_hash_at_resume_base,
         fresh_snapshot,
     };
     let decision = decide(&hello, peer, &view);
     let ticket = match &decision {
+        Ok(Decision::Diverged { .. }) | Err(_) => None,
         Ok(decision) => Some(shared.slots.begin_session(&hello.mirror_name, decision)?),
-        Err(_) => None,
     };
     Ok(Admission {
         hello,
         decision,
         ticket,
-        source_last_lsn: position.lsn,
+        // Every entry the store shows is durable: only the writer's commits add data.
+        source: SourceStanding {
+            database_id: shared.database.id,
+            epoch: shared.database.epoch,
+            last_lsn: position.lsn,
+        },
     })
 }

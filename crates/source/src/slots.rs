@@ -195,6 +195,9 @@ impl Slots {
                     },
                 }),
             ),
+            Decision::Diverged { .. } => {
+                unreachable!("a diverged mirror is sent nothing and pins no slot")
+            }
         };
         slot.record.acked_lsn = acked;
         slot.record.snapshot = snapshot;

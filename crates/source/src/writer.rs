@@ -60,10 +60,11 @@ pub enum WriteError {
 }
 
 impl WriteError {
-    /// The code the client is refused with.
+    /// The code the client is refused with: `STORE_FAILED` when the write's outcome is
+    /// unknown (it may or may not survive the restart that follows).
     pub fn code(&self) -> ErrorCode {
         match self {
-            WriteError::Store(_) | WriteError::Panicked(_) => ErrorCode::Internal,
+            WriteError::Store(_) | WriteError::Panicked(_) => ErrorCode::StoreFailed,
             WriteError::Stopped => ErrorCode::ShuttingDown,
         }
     }
@@ -114,10 +115,13 @@ pub fn now_millis() -> UnixMillis {
 
 impl Writer {
     /// Starts the writer over `store`; commits are announced on the returned channel, and
-    /// groups within `limits` are kept for [`Self::recent_batch`].
+    /// groups within `limits` are kept for [`Self::recent_batch`]. When a group commit
+    /// fails, its writes are answered `STORE_FAILED`, the writer stops (later writes get
+    /// `SHUTTING_DOWN`) and the failure is sent on `failed`: the node stops, crash-only.
     pub fn spawn(
         store: Arc<dyn Store>,
         limits: BatchLimits,
+        failed: oneshot::Sender<WriteError>,
     ) -> (Writer, watch::Receiver<Committed>) {
         let (queue, requests) = mpsc::channel(QUEUE_DEPTH);
         let initial = Committed {
@@ -128,7 +132,14 @@ impl Writer {
         };
         let (commits, committed) = watch::channel(initial);
         let recent = Arc::new(Mutex::new(Recent::default()));
-        tokio::spawn(run(store, requests, commits, recent.clone(), limits));
+        tokio::spawn(run(
+            store,
+            requests,
+            commits,
+            recent.clone(),
+            limits,
+            failed,
+        ));
         (Writer { queue, recent }, committed)
     }
 
@@ -178,6 +189,7 @@ async fn run(
     commits: watch::Sender<Committed>,
     recent: Arc<Mutex<Recent>>,
     limits: BatchLimits,
+    failed: oneshot::Sender<WriteError>,
 ) {
     let mut group = Vec::with_capacity(MAX_GROUP_ENTRIES);
     let (mut entries_since_start, mut bytes_since_start) = (0u64, 0u64);
@@ -191,18 +203,16 @@ async fn run(
         let store_for_batch = store.clone();
         let outcome = tokio::task::spawn_blocking(move || {
             let first_lsn = store_for_batch.position().lsn.next();
+            // Durable before anything can see it: no read, scan or session finds it first.
             let durable = store_for_batch
-                .apply(Batch {
+                .commit(Batch {
                     first_lsn,
                     entries: &entries,
                     commit_time,
                     keep_wal: true,
                     expected_chain_hash: None,
                 })
-                .and_then(|applied| {
-                    store_for_batch.flush()?;
-                    Ok(applied.position)
-                });
+                .map(|applied| applied.position);
             (durable, entries)
         })
         .await;
@@ -235,21 +245,31 @@ async fn run(
                 });
             }
             Ok((Err(error), _)) => {
-                tracing::error!(error = %error, writes = replies.len(), "group commit failed; writes refused");
                 let error = WriteError::Store(Arc::new(error));
-                for reply in replies {
-                    let _ = reply.send(Err(error.clone()));
-                }
+                fail(replies, error, failed);
+                return;
             }
             Err(panic) => {
-                tracing::error!(error = %panic, "group commit task failed");
                 let error = WriteError::Panicked(panic.to_string().into());
-                for reply in replies {
-                    let _ = reply.send(Err(error.clone()));
-                }
+                fail(replies, error, failed);
+                return;
             }
         }
     }
+}
+
+/// A group commit failed: its writes may or may not survive, so each is answered with the
+/// failure (`STORE_FAILED`), and the node is told to stop.
+fn fail(
+    replies: Vec<oneshot::Sender<Result<Lsn, WriteError>>>,
+    error: WriteError,
+    failed: oneshot::Sender<WriteError>,
+) {
+    tracing::error!(error = %xmirror_net::error_chain(&error), writes = replies.len(), "group commit failed: outcome unknown; stopping");
+    for reply in replies {
+        let _ = reply.send(Err(error.clone()));
+    }
+    let _ = failed.send(error);
 }
 
 #[cfg(test)]
@@ -279,7 +299,9 @@ mod tests {
             max_entries: 1_024,
             max_bytes,
         };
-        let (writer, commits) = Writer::spawn(store.clone(), limits);
+        // Nothing fails in these tests: the failure report goes nowhere.
+        let (failed, _) = oneshot::channel();
+        let (writer, commits) = Writer::spawn(store.clone(), limits, failed);
         (dir, store, writer, commits)
     }
 

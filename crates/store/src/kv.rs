@@ -16,12 +16,13 @@
 use std::borrow::Cow;
 use std::ops::Bound;
 use std::path::Path;
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard};
 
 use xmirror_proto::hash::StateDigester;
 use xmirror_proto::{ChainHash, Entry, Lsn, Name, SnapshotId, StateDigest};
 
-use crate::record::{RecordReader, RecordWriter, SnapshotProgress, SyncState};
+use crate::record::{DatabaseIdentity, RecordReader, RecordWriter, SnapshotProgress, SyncState};
 use crate::{
     Applied, Batch, Position, ScanChunk, SlotRecord, Store, StoreError, WalBounds, WalRecord,
 };
@@ -34,6 +35,7 @@ const SLOTS: u8 = b's';
 const META_POSITION: &str = "position";
 const META_WAL_BASE: &str = "wal_base";
 const META_SYNC: &str = "sync";
+const META_DATABASE: &str = "database";
 /// The counter [`Store::begin_snapshot`] keeps of distinct snapshots begun.
 pub const SNAPSHOTS_STARTED: &str = "snapshots_started";
 
@@ -56,6 +58,15 @@ pub trait Engine: Send + Sync + Sized + 'static {
 
     /// Makes every write so far durable.
     fn flush(&self) -> Result<(), StoreError>;
+
+    /// Whether a reader can see a [`write`](Engine::write) before it is flushed: then
+    /// [`KvStore::commit`] keeps readers out while it writes and flushes.
+    const READS_SEE_UNFLUSHED_WRITES: bool;
+
+    /// Applies `writes` atomically and makes them durable; with
+    /// [`READS_SEE_UNFLUSHED_WRITES`](Engine::READS_SEE_UNFLUSHED_WRITES) false, no reader
+    /// sees them before they are durable.
+    fn write_durably(&self, writes: Writes<'_>) -> Result<(), StoreError>;
 
     /// Calls `visit` with each pair in `range`, in key order, until it returns `false`.
     /// The pairs come from one consistent view of the data.
@@ -95,6 +106,13 @@ impl<'a> Writes<'a> {
 
 /// A [`Store`] on an [`Engine`].
 pub struct KvStore<E> {
+    /// Readers hold it shared; [`Store::commit`] holds it exclusively while it writes and
+    /// flushes on an engine whose readers would otherwise see unflushed writes, so that
+    /// nothing is visible before it is durable.
+    visibility: RwLock<()>,
+    /// Set by a failed write or flush: whether that write survives is unknown, so the
+    /// store refuses everything until it is reopened.
+    failed: AtomicBool,
     /// The engine's one keyspace, where data, WAL, metadata and slots live under one-byte
     /// prefixes so that a single engine write covers all of them atomically.
     engine: E,
@@ -114,6 +132,22 @@ struct CachedMeta {
     /// Whether the store is receiving a snapshot, replaying to its end, or consistent:
     /// it decides what `apply` accepts and whether reads are served.
     sync: SyncState,
+    /// The database held, read by every hello and status.
+    database: Option<DatabaseIdentity>,
+}
+
+/// What a batch comes to, prepared under the write lock.
+enum Prepared<'b> {
+    /// Every entry was applied before.
+    Nothing,
+    /// The engine writes, and the cached metadata once they are done.
+    Writes {
+        writes: Writes<'b>,
+        position: Position,
+        wal_base: Position,
+        sync: SyncState,
+        newly_applied: usize,
+    },
 }
 
 fn data_key(key: &[u8]) -> Vec<u8> {
@@ -188,13 +222,138 @@ impl<E: Engine> KvStore<E> {
             Some(value) => SyncState::decode(&value)?,
             None => SyncState::Fresh,
         };
+        let database = match engine.get(&meta_key(META_DATABASE))? {
+            Some(value) => Some(DatabaseIdentity::decode(&value)?),
+            None => None,
+        };
         Ok(KvStore {
             engine,
+            visibility: RwLock::new(()),
+            failed: AtomicBool::new(false),
             state: Mutex::new(CachedMeta {
                 position,
                 wal_base,
                 sync,
+                database,
             }),
+        })
+    }
+
+    /// Refuses everything once a write or flush failed.
+    fn check_failed(&self) -> Result<(), StoreError> {
+        if self.failed.load(Ordering::Acquire) {
+            Err(StoreError::Failed)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Passes `result` through, remembering a failure for good.
+    fn note_failure<T>(&self, result: Result<T, StoreError>) -> Result<T, StoreError> {
+        if result.is_err() {
+            self.failed.store(true, Ordering::Release);
+        }
+        result
+    }
+
+    /// Shared access for a reader: never while a commit's writes are unflushed.
+    fn reading(&self) -> Result<RwLockReadGuard<'_, ()>, StoreError> {
+        self.check_failed()?;
+        Ok(self
+            .visibility
+            .read()
+            .unwrap_or_else(PoisonError::into_inner))
+    }
+
+    /// Prepares `batch` under the write lock: the engine writes and the new cached
+    /// metadata, or the reason to refuse it. Shared by `apply` and `commit`.
+    fn prepare<'b>(
+        &self,
+        state: &CachedMeta,
+        batch: &Batch<'b>,
+    ) -> Result<Prepared<'b>, StoreError> {
+        if let SyncState::Scanning(progress) = &state.sync {
+            return Err(StoreError::SnapshotInProgress(progress.snapshot_id));
+        }
+        let applied = state.position.lsn;
+        if batch.first_lsn > applied.next() {
+            return Err(StoreError::Gap {
+                applied,
+                first: batch.first_lsn,
+            });
+        }
+        // Entries first_lsn..=applied were applied before: skip them.
+        let already_applied = (applied.0 + 1).saturating_sub(batch.first_lsn.0);
+        let skip = usize::try_from(already_applied)
+            .unwrap_or(usize::MAX)
+            .min(batch.entries.len());
+        let new_entries = &batch.entries[skip..];
+        if new_entries.is_empty() {
+            return Ok(Prepared::Nothing);
+        }
+
+        let replaying_to = match state.sync {
+            SyncState::Replaying { end } => Some(end),
+            _ => None,
+        };
+        let mut writes = Writes::default();
+        let mut chain_hash = state.position.chain_hash;
+        let mut lsn = applied;
+        for entry in new_entries {
+            lsn = lsn.next();
+            chain_hash = chain_hash.next(lsn, entry);
+            // Consistency is declared on the history, not on the LSN alone.
+            if let Some(end) = replaying_to.filter(|end| end.lsn == lsn) {
+                if end.chain_hash != chain_hash {
+                    return Err(StoreError::ChainMismatch {
+                        lsn,
+                        expected: end.chain_hash,
+                        actual: chain_hash,
+                    });
+                }
+            }
+            match entry {
+                Entry::Put { key, value } => writes.put(data_key(key), value.as_slice()),
+                Entry::Delete { key } => writes.delete(data_key(key)),
+            }
+            if batch.keep_wal {
+                writes.put(
+                    wal_key(lsn),
+                    WalRecord::encode_value(entry, &chain_hash, batch.commit_time),
+                );
+            }
+        }
+        if let Some(expected) = batch.expected_chain_hash {
+            if expected != chain_hash {
+                return Err(StoreError::ChainMismatch {
+                    lsn,
+                    expected,
+                    actual: chain_hash,
+                });
+            }
+        }
+        let position = Position { lsn, chain_hash };
+        writes.put(meta_key(META_POSITION), encode_position(&position));
+        let wal_base = if batch.keep_wal {
+            state.wal_base
+        } else {
+            // Without a WAL the store can only prove its latest position.
+            writes.put(meta_key(META_WAL_BASE), encode_position(&position));
+            position
+        };
+        let sync = match replaying_to {
+            Some(end) if lsn >= end.lsn => {
+                writes.put(meta_key(META_SYNC), SyncState::Consistent.encode());
+                SyncState::Consistent
+            }
+            _ => state.sync.clone(),
+        };
+        Ok(Prepared::Writes {
+            writes,
+            position,
+            wal_base,
+            sync,
+            newly_applied: new_entries.len(),
         })
     }
 
@@ -268,91 +427,78 @@ impl<E: Engine> Store for KvStore<E> {
     }
 
     fn apply(&self, batch: Batch<'_>) -> Result<Applied, StoreError> {
+        self.check_failed()?;
         let mut state = self.lock();
-        if let SyncState::Scanning(progress) = &state.sync {
-            return Err(StoreError::SnapshotInProgress(progress.snapshot_id));
-        }
-        let applied = state.position.lsn;
-        if batch.first_lsn > applied.next() {
-            return Err(StoreError::Gap {
-                applied,
-                first: batch.first_lsn,
-            });
-        }
-        // Entries first_lsn..=applied were applied before: skip them.
-        let already_applied = (applied.0 + 1).saturating_sub(batch.first_lsn.0);
-        let skip = usize::try_from(already_applied)
-            .unwrap_or(usize::MAX)
-            .min(batch.entries.len());
-        let new_entries = &batch.entries[skip..];
-        if new_entries.is_empty() {
-            return Ok(Applied {
+        match self.prepare(&state, &batch)? {
+            Prepared::Nothing => Ok(Applied {
                 position: state.position,
                 newly_applied: 0,
-            });
+            }),
+            Prepared::Writes {
+                writes,
+                position,
+                wal_base,
+                sync,
+                newly_applied,
+            } => {
+                self.note_failure(self.engine.write(writes))?;
+                state.position = position;
+                state.wal_base = wal_base;
+                state.sync = sync;
+                Ok(Applied {
+                    position,
+                    newly_applied,
+                })
+            }
         }
+    }
 
-        let mut writes = Writes::default();
-        let mut chain_hash = state.position.chain_hash;
-        let mut lsn = applied;
-        for entry in new_entries {
-            lsn = lsn.next();
-            chain_hash = chain_hash.next(lsn, entry);
-            match entry {
-                Entry::Put { key, value } => writes.put(data_key(key), value.as_slice()),
-                Entry::Delete { key } => writes.delete(data_key(key)),
-            }
-            if batch.keep_wal {
-                writes.put(
-                    wal_key(lsn),
-                    WalRecord::encode_value(entry, &chain_hash, batch.commit_time),
-                );
-            }
-        }
-        if let Some(expected) = batch.expected_chain_hash {
-            if expected != chain_hash {
-                return Err(StoreError::ChainMismatch {
-                    lsn,
-                    expected,
-                    actual: chain_hash,
+    fn commit(&self, batch: Batch<'_>) -> Result<Applied, StoreError> {
+        self.check_failed()?;
+        let mut state = self.lock();
+        match self.prepare(&state, &batch)? {
+            Prepared::Nothing => Ok(Applied {
+                position: state.position,
+                newly_applied: 0,
+            }),
+            Prepared::Writes {
+                writes,
+                position,
+                wal_base,
+                sync,
+                newly_applied,
+            } => {
+                let _exclusive = E::READS_SEE_UNFLUSHED_WRITES.then(|| {
+                    self.visibility
+                        .write()
+                        .unwrap_or_else(PoisonError::into_inner)
                 });
+                self.note_failure(self.engine.write_durably(writes))?;
+                // The cached position moves only now, so `position` never names an LSN
+                // that is not durable.
+                state.position = position;
+                state.wal_base = wal_base;
+                state.sync = sync;
+                Ok(Applied {
+                    position,
+                    newly_applied,
+                })
             }
         }
-        let position = Position { lsn, chain_hash };
-        writes.put(meta_key(META_POSITION), encode_position(&position));
-        let wal_base = if batch.keep_wal {
-            state.wal_base
-        } else {
-            // Without a WAL the store can only prove its latest position.
-            writes.put(meta_key(META_WAL_BASE), encode_position(&position));
-            position
-        };
-        let sync = match state.sync {
-            SyncState::Replaying { end_lsn } if lsn >= end_lsn => {
-                writes.put(meta_key(META_SYNC), SyncState::Consistent.encode());
-                SyncState::Consistent
-            }
-            ref other => other.clone(),
-        };
-        self.engine.write(writes)?;
-        state.position = position;
-        state.wal_base = wal_base;
-        state.sync = sync;
-        Ok(Applied {
-            position,
-            newly_applied: new_entries.len(),
-        })
     }
 
     fn flush(&self) -> Result<(), StoreError> {
-        self.engine.flush()
+        self.check_failed()?;
+        self.note_failure(self.engine.flush())
     }
 
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        let _reading = self.reading()?;
         self.engine.get(&data_key(key))
     }
 
     fn digest(&self) -> Result<(Lsn, StateDigest), StoreError> {
+        let _reading = self.reading()?;
         let state = self.lock();
         let mut digester = StateDigester::new();
         self.engine
@@ -364,6 +510,7 @@ impl<E: Engine> Store for KvStore<E> {
     }
 
     fn key_count(&self) -> Result<u64, StoreError> {
+        let _reading = self.reading()?;
         let mut count = 0;
         self.engine.for_each(&prefix_range(DATA), &mut |_, _| {
             count += 1;
@@ -373,6 +520,7 @@ impl<E: Engine> Store for KvStore<E> {
     }
 
     fn data_size(&self) -> Result<(u64, u64), StoreError> {
+        let _reading = self.reading()?;
         let (mut keys, mut bytes) = (0u64, 0u64);
         self.engine
             .for_each(&prefix_range(DATA), &mut |key, value| {
@@ -484,6 +632,7 @@ impl<E: Engine> Store for KvStore<E> {
     }
 
     fn scan(&self, after: Option<&[u8]>, max_bytes: usize) -> Result<ScanChunk, StoreError> {
+        let _reading = self.reading()?;
         let start = match after {
             Some(key) => Bound::Excluded(data_key(key)),
             None => Bound::Included(vec![DATA]),
@@ -505,7 +654,13 @@ impl<E: Engine> Store for KvStore<E> {
         Ok(chunk)
     }
 
-    fn begin_snapshot(&self, snapshot_id: SnapshotId, base: Position) -> Result<(), StoreError> {
+    fn begin_snapshot(
+        &self,
+        snapshot_id: SnapshotId,
+        base: Position,
+        database: DatabaseIdentity,
+    ) -> Result<(), StoreError> {
+        self.check_failed()?;
         let mut state = self.lock();
         let mut progress = SnapshotProgress {
             snapshot_id,
@@ -531,10 +686,13 @@ impl<E: Engine> Store for KvStore<E> {
         );
         mark.put(meta_key(META_POSITION), encode_position(&base));
         mark.put(meta_key(META_WAL_BASE), encode_position(&base));
+        // From here on the store holds (part of) this database, whatever it held before.
+        mark.put(meta_key(META_DATABASE), database.encode());
         self.engine.write(mark)?;
         state.sync = SyncState::Scanning(progress.clone());
         state.position = base;
         state.wal_base = base;
+        state.database = Some(database);
 
         self.remove_range(prefix_range(DATA), |_, _| Ok(()))?;
         self.remove_range(prefix_range(WAL), |_, _| Ok(()))?;
@@ -575,14 +733,23 @@ impl<E: Engine> Store for KvStore<E> {
     fn finish_snapshot_scan(
         &self,
         snapshot_id: SnapshotId,
-        end_lsn: Lsn,
+        end: Position,
     ) -> Result<(), StoreError> {
+        self.check_failed()?;
         let mut state = self.lock();
         receiving(&state.sync, snapshot_id)?;
-        let next = if state.position.lsn >= end_lsn {
+        let next = if state.position.lsn >= end.lsn {
+            // The scan ended at its base: the histories must meet right here.
+            if state.position != end {
+                return Err(StoreError::ChainMismatch {
+                    lsn: end.lsn,
+                    expected: end.chain_hash,
+                    actual: state.position.chain_hash,
+                });
+            }
             SyncState::Consistent
         } else {
-            SyncState::Replaying { end_lsn }
+            SyncState::Replaying { end }
         };
         self.insert(meta_key(META_SYNC), next.encode())?;
         state.sync = next;
@@ -591,6 +758,23 @@ impl<E: Engine> Store for KvStore<E> {
 
     fn sync_state(&self) -> SyncState {
         self.lock().sync.clone()
+    }
+
+    fn database(&self) -> Option<DatabaseIdentity> {
+        self.lock().database
+    }
+
+    fn create_database(&self, database: DatabaseIdentity) -> Result<DatabaseIdentity, StoreError> {
+        self.check_failed()?;
+        let mut state = self.lock();
+        if let Some(held) = state.database {
+            return Ok(held);
+        }
+        let mut writes = Writes::default();
+        writes.put(meta_key(META_DATABASE), database.encode());
+        self.note_failure(self.engine.write_durably(writes))?;
+        state.database = Some(database);
+        Ok(database)
     }
 
     fn slots(&self) -> Result<Vec<SlotRecord>, StoreError> {

@@ -17,7 +17,9 @@ mod sled_engine;
 pub mod testing;
 
 pub use kv::{KvStore, SNAPSHOTS_STARTED};
-pub use record::{SlotRecord, SnapshotProgress, SnapshotRef, SyncState, WalRecord};
+pub use record::{
+    DatabaseIdentity, SlotRecord, SnapshotProgress, SnapshotRef, SyncState, WalRecord,
+};
 pub use redb_engine::RedbEngine;
 pub use sled_engine::SledEngine;
 
@@ -230,6 +232,10 @@ pub enum StoreError {
     /// Snapshot pairs must arrive in ascending key order, after the resume position.
     #[error("snapshot pairs out of key order")]
     SnapshotOutOfOrder,
+    /// An earlier write or flush failed: whether it survives is unknown, so the store
+    /// refuses everything until it is reopened (the node restarts and recovery decides).
+    #[error("the store refuses everything after a failed write or flush; restart to recover")]
+    Failed,
     /// The WAL no longer holds the requested LSN.
     #[error("WAL entry {requested} was truncated; the WAL starts at {first}")]
     WalTruncated {
@@ -286,10 +292,20 @@ pub trait Store: Send + Sync + 'static {
     ///
     /// Entries at or below the applied LSN are skipped (re-applying is a no-op); a batch
     /// that starts beyond `applied + 1` is a [`StoreError::Gap`]. Not durable until
-    /// [`flush`](Store::flush).
+    /// [`flush`](Store::flush). Once the store is replaying a snapshot's WAL, the batch
+    /// that reaches the snapshot's end LSN is refused ([`StoreError::ChainMismatch`]) unless
+    /// the chain hash there is the source's.
     fn apply(&self, batch: Batch<'_>) -> Result<Applied, StoreError>;
 
-    /// Makes every write so far durable.
+    /// Applies `batch` like [`apply`](Store::apply) and makes it durable before any reader
+    /// (a get, a scan, a digest, `position`) can see it: what a source's writer uses, so
+    /// that nothing is visible before it is durable. A failure leaves the store refusing
+    /// everything ([`StoreError::Failed`]): whether the batch survives is unknown, and
+    /// only a restart (recovery) can tell.
+    fn commit(&self, batch: Batch<'_>) -> Result<Applied, StoreError>;
+
+    /// Makes every write so far durable. A failure leaves the store refusing everything
+    /// ([`StoreError::Failed`]).
     fn flush(&self) -> Result<(), StoreError>;
 
     /// A key's value.
@@ -336,7 +352,12 @@ pub trait Store: Send + Sync + 'static {
     /// restart resumes it instead of trusting partial data. Calling it again for the same
     /// snapshot (after a crash before any chunk) clears again. Each distinct snapshot adds
     /// one to the counter [`SNAPSHOTS_STARTED`], atomically with recording it.
-    fn begin_snapshot(&self, snapshot_id: SnapshotId, base: Position) -> Result<(), StoreError>;
+    fn begin_snapshot(
+        &self,
+        snapshot_id: SnapshotId,
+        base: Position,
+        database: DatabaseIdentity,
+    ) -> Result<(), StoreError>;
 
     /// Applies a chunk of a snapshot together with the new resume position (its last key).
     fn apply_snapshot_chunk(
@@ -345,14 +366,26 @@ pub trait Store: Send + Sync + 'static {
         pairs: &[(Vec<u8>, Vec<u8>)],
     ) -> Result<(), StoreError>;
 
-    /// Ends the scan: the store now waits for the WAL up to `end_lsn` before it is consistent.
-    fn finish_snapshot_scan(&self, snapshot_id: SnapshotId, end_lsn: Lsn)
-        -> Result<(), StoreError>;
+    /// Ends the scan: the store now waits for the WAL up to `end.lsn` before it is
+    /// consistent, and turns consistent only if its chain hash there is `end.chain_hash`.
+    fn finish_snapshot_scan(
+        &self,
+        snapshot_id: SnapshotId,
+        end: Position,
+    ) -> Result<(), StoreError>;
 
     /// Where the store stands with respect to snapshots.
     fn sync_state(&self) -> SyncState;
 
     // ---- Metadata ----
+
+    /// The database the store holds (or is receiving a snapshot of), if any.
+    fn database(&self) -> Option<DatabaseIdentity>;
+
+    /// Records `database` as the store's, durably, unless it already holds one; returns the
+    /// one it holds. A source calls it at start with a new random id: a store keeps the id
+    /// it was created with for life.
+    fn create_database(&self, database: DatabaseIdentity) -> Result<DatabaseIdentity, StoreError>;
 
     /// Every persisted slot (source side).
     fn slots(&self) -> Result<Vec<SlotRecord>, StoreError>;

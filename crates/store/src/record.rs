@@ -5,7 +5,7 @@
 //! never changes what is on disk. Every decoder is total: bad bytes give
 //! [`StoreError::Corrupt`], never a panic.
 
-use xmirror_proto::{ChainHash, Entry, Lsn, Name, SnapshotId, UnixMillis};
+use xmirror_proto::{ChainHash, DatabaseId, Entry, Epoch, Lsn, Name, SnapshotId, UnixMillis};
 
 use crate::{Position, StoreError};
 
@@ -29,10 +29,11 @@ pub enum SyncState {
     Fresh,
     /// Receiving a snapshot's key scan; the data is partial.
     Scanning(SnapshotProgress),
-    /// The scan is complete; the data is consistent once the WAL up to `end_lsn` is applied.
+    /// The scan is complete; the data is consistent once the WAL up to the end LSN is
+    /// applied and the store's chain hash there is the source's.
     Replaying {
-        /// The source's last LSN when the scan ended.
-        end_lsn: Lsn,
+        /// The source's last durable LSN when the scan ended, and its chain hash there.
+        end: Position,
     },
     /// The data equals the source's at the applied LSN.
     Consistent,
@@ -246,6 +247,39 @@ impl WalRecord {
     }
 }
 
+/// The database a store holds: its id and the epoch of its history.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DatabaseIdentity {
+    /// The database's id.
+    pub id: DatabaseId,
+    /// The epoch of the history held.
+    pub epoch: Epoch,
+}
+
+impl DatabaseIdentity {
+    pub(crate) fn encode(&self) -> Vec<u8> {
+        RecordWriter::default()
+            .bytes(&self.id.0)
+            .u64(self.epoch.0)
+            .finish()
+    }
+
+    pub(crate) fn decode(value: &[u8]) -> Result<DatabaseIdentity, StoreError> {
+        let mut reader = RecordReader::new("database", value);
+        let id = reader.bytes()?;
+        let id: [u8; 16] = id.as_slice().try_into().map_err(|_| StoreError::Corrupt {
+            record: "database",
+            detail: format!("an id of {} bytes", id.len()),
+        })?;
+        let epoch = Epoch(reader.u64()?);
+        reader.finish()?;
+        Ok(DatabaseIdentity {
+            id: DatabaseId(id),
+            epoch,
+        })
+    }
+}
+
 impl SyncState {
     pub(crate) fn encode(&self) -> Vec<u8> {
         let mut writer = RecordWriter::default();
@@ -257,7 +291,7 @@ impl SyncState {
                 .position(&progress.base)
                 .optional_bytes(progress.after_key.as_deref())
                 .u8(u8::from(progress.cleared)),
-            SyncState::Replaying { end_lsn } => writer.u8(2).u64(end_lsn.0),
+            SyncState::Replaying { end } => writer.u8(2).position(end),
             SyncState::Consistent => writer.u8(3),
         };
         writer.finish()
@@ -274,7 +308,7 @@ impl SyncState {
                 cleared: reader.u8()? != 0,
             }),
             2 => SyncState::Replaying {
-                end_lsn: Lsn(reader.u64()?),
+                end: reader.position()?,
             },
             3 => SyncState::Consistent,
             tag => {
@@ -350,7 +384,12 @@ mod tests {
         let states = [
             SyncState::Fresh,
             SyncState::Consistent,
-            SyncState::Replaying { end_lsn: Lsn(12) },
+            SyncState::Replaying {
+                end: Position {
+                    lsn: Lsn(12),
+                    chain_hash: ChainHash([6; 32]),
+                },
+            },
             SyncState::Scanning(SnapshotProgress {
                 snapshot_id: SnapshotId(3),
                 base: Position {

@@ -95,6 +95,14 @@ impl Engine for RedbEngine {
         self.commit(Durability::Immediate, Writes::default())
     }
 
+    /// A read transaction sees only committed writes, and a write is committed here only
+    /// once it is durable.
+    const READS_SEE_UNFLUSHED_WRITES: bool = false;
+
+    fn write_durably(&self, writes: Writes<'_>) -> Result<(), StoreError> {
+        self.commit(Durability::Immediate, writes)
+    }
+
     fn for_each(&self, range: &KeyRange, visit: &mut Visitor<'_>) -> Result<(), StoreError> {
         let transaction = self.db.begin_read().map_err(engine_error)?;
         let table = transaction.open_table(TABLE).map_err(engine_error)?;

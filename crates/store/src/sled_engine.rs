@@ -67,6 +67,14 @@ impl Engine for SledEngine {
         Ok(())
     }
 
+    /// sled shows an applied batch to readers at once, before its flush.
+    const READS_SEE_UNFLUSHED_WRITES: bool = true;
+
+    fn write_durably(&self, writes: Writes<'_>) -> Result<(), StoreError> {
+        self.write(writes)?;
+        self.flush()
+    }
+
     fn for_each(&self, range: &KeyRange, visit: &mut Visitor<'_>) -> Result<(), StoreError> {
         for pair in self.db.range(range.clone()) {
             let (key, value) = pair?;

@@ -13,11 +13,13 @@ use std::time::{Duration, Instant};
 use rand::Rng;
 use tempfile::TempDir;
 use xmirror_proto::hash::StateDigester;
-use xmirror_proto::{ChainHash, Entry, Lsn, Name, SnapshotId, StateDigest, UnixMillis};
+use xmirror_proto::{
+    ChainHash, DatabaseId, Entry, Epoch, Lsn, Name, SnapshotId, StateDigest, UnixMillis,
+};
 use xmirror_store::testing::{open_engine, workload_entry};
 use xmirror_store::{
-    Batch, Position, SlotRecord, SnapshotRef, Store, StoreError, SyncState, WalBounds,
-    SNAPSHOTS_STARTED,
+    Batch, DatabaseIdentity, Position, SlotRecord, SnapshotRef, Store, StoreError, SyncState,
+    WalBounds, SNAPSHOTS_STARTED,
 };
 
 /// An engine under test, by its name in `testing::ENGINES`.
@@ -75,6 +77,12 @@ fn mirror_batch(first: Lsn, entries: &[Entry]) -> Batch<'_> {
         ..source_batch(first.0, entries)
     }
 }
+
+/// The database a mirror's snapshot in these tests is of.
+const DATABASE: DatabaseIdentity = DatabaseIdentity {
+    id: DatabaseId([4; 16]),
+    epoch: Epoch::FIRST,
+};
 
 /// The digest a store must report for `state`.
 fn digest_of(state: &BTreeMap<Vec<u8>, Vec<u8>>) -> StateDigest {
@@ -373,10 +381,12 @@ pub fn a_snapshot_is_received_resumably_then_replayed(engine: Engine) {
         lsn: Lsn(10),
         chain_hash: ChainHash([3; 32]),
     };
-    store.begin_snapshot(SnapshotId(1), base).unwrap();
+    assert_eq!(store.database(), None);
+    store.begin_snapshot(SnapshotId(1), base, DATABASE).unwrap();
+    assert_eq!(store.database(), Some(DATABASE));
     // Beginning the same snapshot again (a crash before its first chunk) clears again but
     // counts once.
-    store.begin_snapshot(SnapshotId(1), base).unwrap();
+    store.begin_snapshot(SnapshotId(1), base, DATABASE).unwrap();
     assert_eq!(store.counter(SNAPSHOTS_STARTED).unwrap(), 1);
     assert_eq!(store.key_count().unwrap(), 0);
     assert_eq!(store.position(), base);
@@ -419,23 +429,22 @@ pub fn a_snapshot_is_received_resumably_then_replayed(engine: Engine) {
     store
         .apply_snapshot_chunk(SnapshotId(1), &[pair("c", "3")])
         .unwrap();
-    store.finish_snapshot_scan(SnapshotId(1), Lsn(12)).unwrap();
-    assert_eq!(
-        store.sync_state(),
-        SyncState::Replaying { end_lsn: Lsn(12) }
-    );
-
-    // The WAL from base + 1 continues the source's chain.
+    // The WAL from base + 1 continues the source's chain, and the store turns consistent
+    // only where that chain reaches the source's hash at the end.
     let replay = [put("a", "11"), delete("c")];
+    let end = Position {
+        lsn: Lsn(12),
+        chain_hash: ChainHash([3; 32]).extend(Lsn(11), &replay),
+    };
+    store.finish_snapshot_scan(SnapshotId(1), end).unwrap();
+    assert_eq!(store.sync_state(), SyncState::Replaying { end });
+    assert_eq!(store.database(), Some(DATABASE), "kept across a reopen");
     let applied = store.apply(mirror_batch(Lsn(11), &replay[..1])).unwrap();
     assert_eq!(
         applied.position.chain_hash,
         ChainHash([3; 32]).next(Lsn(11), &replay[0])
     );
-    assert_eq!(
-        store.sync_state(),
-        SyncState::Replaying { end_lsn: Lsn(12) }
-    );
+    assert_eq!(store.sync_state(), SyncState::Replaying { end });
     store.apply(mirror_batch(Lsn(12), &replay[1..])).unwrap();
     assert_eq!(store.sync_state(), SyncState::Consistent);
     assert_eq!(store.get(b"stale").unwrap(), None);
@@ -448,14 +457,85 @@ pub fn a_snapshot_ending_at_its_base_is_consistent_at_once(engine: Engine) {
     let dir = TempDir::new().unwrap();
     let store = engine.open(dir.path());
     store
-        .begin_snapshot(SnapshotId(9), Position::GENESIS)
+        .begin_snapshot(SnapshotId(9), Position::GENESIS, DATABASE)
         .unwrap();
-    store.finish_snapshot_scan(SnapshotId(9), Lsn(0)).unwrap();
+    store
+        .finish_snapshot_scan(SnapshotId(9), Position::GENESIS)
+        .unwrap();
     assert_eq!(store.sync_state(), SyncState::Consistent);
     assert!(matches!(
-        store.finish_snapshot_scan(SnapshotId(10), Lsn(0)),
+        store.finish_snapshot_scan(SnapshotId(10), Position::GENESIS),
         Err(StoreError::NotThisSnapshot { expected: None, .. })
     ));
+}
+
+/// A snapshot whose WAL does not lead to the source's chain hash at its end LSN (another
+/// history at the same LSNs) never makes the store consistent.
+pub fn consistency_needs_the_sources_chain_hash_at_the_end(engine: Engine) {
+    let dir = TempDir::new().unwrap();
+    let store = engine.open(dir.path());
+    let base = Position {
+        lsn: Lsn(4),
+        chain_hash: ChainHash([3; 32]),
+    };
+    let theirs = [put("a", "1"), put("b", "2")];
+    let end = Position {
+        lsn: Lsn(6),
+        chain_hash: base.chain_hash.extend(Lsn(5), &theirs),
+    };
+    store.begin_snapshot(SnapshotId(2), base, DATABASE).unwrap();
+    store.finish_snapshot_scan(SnapshotId(2), end).unwrap();
+    // Same LSNs, other writes: refused whole, the store stays not consistent.
+    let ours = [put("a", "1"), put("b", "other")];
+    assert!(matches!(
+        store.apply(mirror_batch(Lsn(5), &ours)),
+        Err(StoreError::ChainMismatch { lsn: Lsn(6), .. })
+    ));
+    assert_eq!(store.position(), base);
+    assert_eq!(store.sync_state(), SyncState::Replaying { end });
+    store.apply(mirror_batch(Lsn(5), &theirs)).unwrap();
+    assert_eq!(store.sync_state(), SyncState::Consistent);
+
+    // A scan that ended at its base must meet the source's hash right there.
+    let dir = TempDir::new().unwrap();
+    let store = engine.open(dir.path());
+    store.begin_snapshot(SnapshotId(3), base, DATABASE).unwrap();
+    let elsewhere = Position {
+        chain_hash: ChainHash([8; 32]),
+        ..base
+    };
+    assert!(matches!(
+        store.finish_snapshot_scan(SnapshotId(3), elsewhere),
+        Err(StoreError::ChainMismatch { .. })
+    ));
+}
+
+/// A source's store is created with its database id and keeps it for life; a commit is
+/// durable and visible together.
+pub fn a_database_id_is_created_once_and_kept(engine: Engine) {
+    let dir = TempDir::new().unwrap();
+    {
+        let store = engine.open(dir.path());
+        assert_eq!(store.database(), None);
+        assert_eq!(store.create_database(DATABASE).unwrap(), DATABASE);
+        let other = DatabaseIdentity {
+            id: DatabaseId([9; 16]),
+            epoch: Epoch::FIRST,
+        };
+        assert_eq!(
+            store.create_database(other).unwrap(),
+            DATABASE,
+            "a store keeps the id it was created with"
+        );
+        let applied = store.commit(source_batch(1, &[put("k", "v")])).unwrap();
+        assert_eq!(store.position(), applied.position);
+        assert_eq!(store.get(b"k").unwrap(), Some(b"v".to_vec()));
+        // Dropped without a flush: a commit is durable by itself.
+    }
+    let store = engine.open(dir.path());
+    assert_eq!(store.database(), Some(DATABASE));
+    assert_eq!(store.position().lsn, Lsn(1));
+    assert_eq!(store.get(b"k").unwrap(), Some(b"v".to_vec()));
 }
 
 /// The spec's fuzzy snapshot: scan while writes go on, then replay base+1..=end, and the
@@ -479,7 +559,9 @@ pub fn a_fuzzy_snapshot_plus_replay_equals_the_source(engine: Engine) {
     write(&*source, 3_000);
 
     let base = source.position();
-    mirror.begin_snapshot(SnapshotId(5), base).unwrap();
+    mirror
+        .begin_snapshot(SnapshotId(5), base, DATABASE)
+        .unwrap();
     let mut after: Option<Vec<u8>> = None;
     loop {
         let chunk = source.scan(after.as_deref(), 4_096).unwrap();
@@ -493,10 +575,10 @@ pub fn a_fuzzy_snapshot_plus_replay_equals_the_source(engine: Engine) {
             break;
         }
     }
-    let end = source.position().lsn;
+    let end = source.position();
     mirror.finish_snapshot_scan(SnapshotId(5), end).unwrap();
     let mut from = base.lsn.next();
-    while from <= end {
+    while from <= end.lsn {
         let records = source.read_wal(from, 100, 1 << 20).unwrap();
         let entries: Vec<Entry> = records.iter().map(|r| r.entry.clone()).collect();
         let batch = Batch {
@@ -667,6 +749,8 @@ macro_rules! conformance {
             scans_are_key_ordered_bounded_and_resumable,
             a_snapshot_is_received_resumably_then_replayed,
             a_snapshot_ending_at_its_base_is_consistent_at_once,
+            consistency_needs_the_sources_chain_hash_at_the_end,
+            a_database_id_is_created_once_and_kept,
             a_fuzzy_snapshot_plus_replay_equals_the_source,
             the_digest_depends_on_the_state_not_the_history,
             slots_and_counters_are_kept,

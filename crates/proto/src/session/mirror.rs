@@ -22,12 +22,15 @@ use std::time::Duration;
 
 use crate::hash::ChainHash;
 use crate::message::{
-    Decision, DecisionKind, Hello, HelloAck, MessageType, MirrorAck, Rejected, ResumeToken,
-    SnapshotChunk, SnapshotChunkAck, WalBatch,
+    Accepted, Decision, DecisionKind, Hello, HelloAck, MessageType, MirrorAck, Rejected,
+    ResumeToken, SnapshotChunk, SnapshotChunkAck, SnapshotReason, WalBatch,
 };
 use crate::session::Outgoing;
 use crate::status::MirrorState;
-use crate::types::{Lsn, Name, Role, SnapshotId, UnixMillis, VersionRange};
+use crate::types::{
+    DatabaseId, Divergence, DivergencePolicy, Epoch, Lsn, Name, Role, SnapshotId, UnixMillis,
+    VersionRange,
+};
 use crate::{Entry, ErrorCode, Message};
 
 /// What a session needs to know of the mirror's configuration.
@@ -41,6 +44,8 @@ pub struct MirrorSessionConfig {
     pub database: Name,
     /// The mirror's name (its certificate's).
     pub mirror_name: Name,
+    /// What to do when the mirror holds data the source cannot vouch for.
+    pub on_divergence: DivergencePolicy,
     /// How long the source has to answer the hello.
     pub handshake_timeout: Duration,
     /// Frames received and not yet applied, at most: the driver stops reading beyond it.
@@ -54,6 +59,10 @@ pub struct MirrorSessionConfig {
 pub struct InterruptedSnapshot {
     /// The snapshot.
     pub snapshot_id: SnapshotId,
+    /// Its base LSN.
+    pub base_lsn: Lsn,
+    /// The source's chain hash at the base.
+    pub base_chain_hash: ChainHash,
     /// The last key applied.
     pub after_key: Option<Vec<u8>>,
     /// Whether the clear that started it had finished.
@@ -63,6 +72,10 @@ pub struct InterruptedSnapshot {
 /// Where the mirror's store stands when a session starts.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Standing {
+    /// The database the store holds (or is receiving), if any.
+    pub database_id: Option<DatabaseId>,
+    /// The epoch of the history it holds.
+    pub epoch: Epoch,
     /// The last applied (and durable) LSN.
     pub applied_lsn: Lsn,
     /// The chain hash at `applied_lsn`.
@@ -93,6 +106,8 @@ pub struct MirrorProgress {
     pub consistent: bool,
     /// The snapshot being received in this session, if one is.
     pub snapshot: Option<SnapshotCounts>,
+    /// Why the mirror is halted (its data kept, nothing applied), while it is.
+    pub halt_reason: Option<Divergence>,
 }
 
 impl MirrorProgress {
@@ -107,6 +122,7 @@ impl MirrorProgress {
             applied_commit_time: None,
             consistent,
             snapshot: None,
+            halt_reason: None,
         }
     }
 }
@@ -130,6 +146,9 @@ pub enum MirrorTimer {
 }
 
 /// What happened, for the session to react to.
+// Frames are moved once from the reader into the machine: boxing the largest (a hello)
+// would cost an allocation per frame for nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum MirrorEvent {
     /// A frame from the source.
@@ -179,6 +198,10 @@ pub struct SnapshotStart {
     pub base_lsn: Lsn,
     /// The source's chain hash there, where the mirror's chain continues.
     pub base_chain_hash: ChainHash,
+    /// The database it is of, recorded with the mark.
+    pub database_id: DatabaseId,
+    /// The epoch of its history.
+    pub epoch: Epoch,
 }
 
 /// Contiguous WAL entries to apply as one store write.
@@ -227,6 +250,8 @@ pub enum MirrorAction {
         snapshot_id: SnapshotId,
         /// The source's last LSN when its scan ended.
         end_lsn: Lsn,
+        /// The source's chain hash there: the store turns consistent only on it.
+        end_chain_hash: ChainHash,
     },
     /// Apply the group with its position and chain hash, and flush; report
     /// [`MirrorEvent::BatchesApplied`].
@@ -296,6 +321,10 @@ pub enum MirrorEnd {
     /// No ack within the deadline.
     #[error("no hello ack within {0:?}")]
     HandshakeTimeout(Duration),
+    /// The mirror holds data the source cannot vouch for and its policy is to halt: the
+    /// data is kept and served, nothing is applied.
+    #[error("{0}: the mirror holds data the source cannot vouch for; it keeps its data, serves reads, and retries")]
+    Halted(Divergence),
 }
 
 impl MirrorEnd {
@@ -306,6 +335,7 @@ impl MirrorEnd {
             MirrorEnd::WrongCluster { .. } => ErrorCode::ClusterIdMismatch,
             MirrorEnd::Violation(_) => ErrorCode::ProtocolViolation,
             MirrorEnd::HandshakeTimeout(_) => ErrorCode::HandshakeTimeout,
+            MirrorEnd::Halted(reason) => reason.code(),
         }
     }
 
@@ -314,7 +344,9 @@ impl MirrorEnd {
         match self {
             MirrorEnd::Rejected(rejected) => rejected.code.is_permanent(),
             MirrorEnd::WrongCluster { .. } => true,
-            MirrorEnd::Violation(_) | MirrorEnd::HandshakeTimeout(_) => false,
+            MirrorEnd::Violation(_) | MirrorEnd::HandshakeTimeout(_) | MirrorEnd::Halted(_) => {
+                false
+            }
         }
     }
 }
@@ -362,6 +394,11 @@ pub struct MirrorSession {
     progress: MirrorProgress,
     /// The resume token the hello carried, which a resume decision must match.
     resume: Option<ResumeToken>,
+    /// The database and LSN the store held at the start, which an ack must be able to
+    /// vouch for (a partial snapshot holds no usable copy: `None`).
+    held_copy: Option<(DatabaseId, Lsn)>,
+    /// The source's database and epoch, from its ack: what a snapshot marks the store with.
+    source_database: Option<(DatabaseId, Epoch)>,
     /// Frames received and not yet applied, in order.
     queue: VecDeque<Message>,
     /// The store work with the driver (one at a time: the next group waits for it).
@@ -382,23 +419,41 @@ impl MirrorSession {
         standing: Standing,
         previous: &MirrorProgress,
     ) -> MirrorSession {
-        let resume = standing.interrupted.map(|snapshot| ResumeToken {
-            snapshot_id: snapshot.snapshot_id,
-            // Keys applied before the clear finished belong to the data being cleared.
-            after_key: snapshot.after_key.filter(|_| snapshot.cleared),
-        });
+        let resume = match (standing.interrupted.clone(), standing.database_id) {
+            (Some(snapshot), Some(database_id)) => Some(ResumeToken {
+                database_id,
+                snapshot_id: snapshot.snapshot_id,
+                base_lsn: snapshot.base_lsn,
+                base_chain_hash: snapshot.base_chain_hash,
+                // Keys applied before the clear finished belong to the data being cleared.
+                after_key: snapshot.after_key.filter(|_| snapshot.cleared),
+            }),
+            _ => None,
+        };
+        let held_copy = match (standing.database_id, &standing.interrupted) {
+            (Some(database_id), None) => Some((database_id, standing.applied_lsn)),
+            _ => None,
+        };
         let hello = Hello {
             versions: config.versions,
             source_cluster: config.source_cluster.clone(),
             database: config.database.clone(),
             mirror_name: config.mirror_name.clone(),
             role: Role::Observer,
+            database_id: standing.database_id,
+            epoch: standing.epoch,
             applied_lsn: standing.applied_lsn,
             chain_hash: standing.chain_hash,
             resume: resume.clone(),
+            on_divergence: config.on_divergence,
         };
         let progress = MirrorProgress {
-            state: MirrorState::Connecting,
+            // A halted mirror stays halted, with its reason, until a source vouches for it.
+            state: if previous.halt_reason.is_some() {
+                MirrorState::Halted
+            } else {
+                MirrorState::Connecting
+            },
             applied_lsn: standing.applied_lsn,
             received_lsn: standing.applied_lsn,
             consistent: standing.consistent,
@@ -411,6 +466,8 @@ impl MirrorSession {
             phase: Phase::AwaitingAck,
             progress,
             resume,
+            held_copy,
+            source_database: None,
             queue: VecDeque::new(),
             in_flight: None,
             transmit: VecDeque::from([Outgoing::Message(hello.into())]),
@@ -546,6 +603,11 @@ impl MirrorSession {
                     }));
                 }
                 self.progress.source_lsn = accepted.source_last_lsn;
+                self.source_database = Some((accepted.database_id, accepted.epoch));
+                if let Some(reason) = self.divergence(&accepted) {
+                    return self.halt(reason);
+                }
+                self.progress.halt_reason = None;
                 self.on_decision(accepted.decision);
             }
             Message::HelloAck(HelloAck::Rejected(rejected)) => {
@@ -553,6 +615,44 @@ impl MirrorSession {
             }
             other => self.violation(SourceViolation::ExpectedHelloAck(other.message_type())),
         }
+    }
+
+    /// Why the source cannot vouch for the copy this mirror holds, if it cannot. The source
+    /// says so itself (`Decision::Diverged`); the mirror checks on its own too, so that no
+    /// source, confused or restored from an old backup, makes a halting mirror give up its
+    /// data: with a copy held, only a snapshot of the same database, from a source not
+    /// behind it, for being behind the retained WAL, may replace it.
+    fn divergence(&self, accepted: &Accepted) -> Option<Divergence> {
+        if let Decision::Diverged { reason } = accepted.decision {
+            return Some(reason);
+        }
+        if self.config.on_divergence == DivergencePolicy::Resnapshot {
+            return None;
+        }
+        let (database_id, applied_lsn) = self.held_copy?;
+        if accepted.database_id != database_id {
+            return Some(Divergence::DatabaseMismatch);
+        }
+        if accepted.source_last_lsn < applied_lsn {
+            return Some(Divergence::SourceBehind);
+        }
+        match accepted.decision {
+            Decision::Snapshot { reason, .. } => match reason {
+                SnapshotReason::BehindRetainedWal => None,
+                SnapshotReason::AheadOfSource => Some(Divergence::SourceBehind),
+                SnapshotReason::DatabaseMismatch => Some(Divergence::DatabaseMismatch),
+                SnapshotReason::NewMirror
+                | SnapshotReason::DivergedHistory
+                | SnapshotReason::ResumeExpired => Some(Divergence::DivergedHistory),
+            },
+            _ => None,
+        }
+    }
+
+    fn halt(&mut self, reason: Divergence) {
+        self.progress.state = MirrorState::Halted;
+        self.progress.halt_reason = Some(reason);
+        self.finish(Err(MirrorEnd::Halted(reason)));
     }
 
     fn on_decision(&mut self, decision: Decision) {
@@ -581,11 +681,11 @@ impl MirrorSession {
                 Preparation {
                     decision: DecisionKind::Snapshot,
                     count_resume: false,
-                    begin_snapshot: Some(SnapshotStart {
-                        snapshot_id: *snapshot_id,
-                        base_lsn: *base_lsn,
-                        base_chain_hash: *base_chain_hash,
-                    }),
+                    begin_snapshot: Some(self.snapshot_start(
+                        *snapshot_id,
+                        *base_lsn,
+                        *base_chain_hash,
+                    )),
                 }
             }
             Decision::ResumeSnapshot {
@@ -595,8 +695,17 @@ impl MirrorSession {
                 base_chain_hash,
             } => {
                 let asked = self.resume.as_ref();
-                if asked.map(|token| (token.snapshot_id, &token.after_key))
-                    != Some((*snapshot_id, after_key))
+                let same_database = asked.map(|token| token.database_id)
+                    == self.source_database.map(|(database_id, _)| database_id);
+                if !same_database
+                    || asked.map(|token| {
+                        (
+                            token.snapshot_id,
+                            &token.after_key,
+                            token.base_lsn,
+                            token.base_chain_hash,
+                        )
+                    }) != Some((*snapshot_id, after_key, *base_lsn, *base_chain_hash))
                 {
                     return self.violation(SourceViolation::ResumeMismatch {
                         snapshot_id: *snapshot_id,
@@ -609,13 +718,12 @@ impl MirrorSession {
                     decision: DecisionKind::ResumeSnapshot,
                     count_resume: true,
                     // Nothing applied yet (or a clear was interrupted): clear again.
-                    begin_snapshot: after_key.is_none().then_some(SnapshotStart {
-                        snapshot_id: *snapshot_id,
-                        base_lsn: *base_lsn,
-                        base_chain_hash: *base_chain_hash,
-                    }),
+                    begin_snapshot: after_key
+                        .is_none()
+                        .then(|| self.snapshot_start(*snapshot_id, *base_lsn, *base_chain_hash)),
                 }
             }
+            Decision::Diverged { .. } => unreachable!("a divergence halts before this"),
         };
         if let Decision::Snapshot { base_lsn, .. } | Decision::ResumeSnapshot { base_lsn, .. } =
             &decision
@@ -633,6 +741,24 @@ impl MirrorSession {
         self.actions.push_back(MirrorAction::Prepare(preparation));
     }
 
+    fn snapshot_start(
+        &self,
+        snapshot_id: SnapshotId,
+        base_lsn: Lsn,
+        base_chain_hash: ChainHash,
+    ) -> SnapshotStart {
+        let (database_id, epoch) = self
+            .source_database
+            .expect("a decision comes with the source's database");
+        SnapshotStart {
+            snapshot_id,
+            base_lsn,
+            base_chain_hash,
+            database_id,
+            epoch,
+        }
+    }
+
     fn on_prepared(&mut self) {
         if self.in_flight.take() != Some(InFlight::Preparation) {
             return;
@@ -641,7 +767,7 @@ impl MirrorSession {
             return;
         };
         self.phase = match decision {
-            Decision::Stream { .. } => Phase::Replicating,
+            Decision::Stream { .. } | Decision::Diverged { .. } => Phase::Replicating,
             Decision::Snapshot {
                 snapshot_id,
                 base_lsn,
@@ -720,6 +846,7 @@ impl MirrorSession {
                         self.actions.push_back(MirrorAction::FinishScan {
                             snapshot_id: done.snapshot_id,
                             end_lsn: done.end_lsn,
+                            end_chain_hash: done.end_chain_hash,
                         });
                         self.progress.source_lsn = self.progress.source_lsn.max(done.end_lsn);
                     }
@@ -864,14 +991,20 @@ mod tests {
             source_cluster: name("east"),
             database: name("main"),
             mirror_name: name("m1"),
+            on_divergence: DivergencePolicy::Halt,
             handshake_timeout: Duration::from_secs(10),
             max_queued_frames: 4,
             max_group_bytes: 100,
         }
     }
 
+    const DATABASE: DatabaseId = DatabaseId([4; 16]);
+
+    /// A store that holds `DATABASE` at `applied` (nothing at 0).
     fn standing(applied: u64) -> Standing {
         Standing {
+            database_id: (applied > 0).then_some(DATABASE),
+            epoch: Epoch::FIRST,
             applied_lsn: Lsn(applied),
             chain_hash: ChainHash::GENESIS,
             interrupted: None,
@@ -904,6 +1037,8 @@ mod tests {
         HelloAck::Accepted(Accepted {
             source_cluster: name("east"),
             version: 1,
+            database_id: DATABASE,
+            epoch: Epoch::FIRST,
             source_last_lsn: Lsn(source_last_lsn),
             decision,
         })
@@ -974,33 +1109,39 @@ mod tests {
         }
     }
 
+    fn interrupted(after_key: Option<Vec<u8>>, cleared: bool) -> InterruptedSnapshot {
+        InterruptedSnapshot {
+            snapshot_id: SnapshotId(3),
+            base_lsn: Lsn(5),
+            base_chain_hash: ChainHash([5; 32]),
+            after_key,
+            cleared,
+        }
+    }
+
+    fn resume_token(after_key: Option<Vec<u8>>) -> ResumeToken {
+        ResumeToken {
+            database_id: DATABASE,
+            snapshot_id: SnapshotId(3),
+            base_lsn: Lsn(5),
+            base_chain_hash: ChainHash([5; 32]),
+            after_key,
+        }
+    }
+
     #[test]
     fn the_hello_says_where_the_store_stands() {
         // (interrupted snapshot, the resume token the hello carries)
         let cases = [
             (None, None),
             (
-                Some(InterruptedSnapshot {
-                    snapshot_id: SnapshotId(3),
-                    after_key: Some(b"k".to_vec()),
-                    cleared: true,
-                }),
-                Some(ResumeToken {
-                    snapshot_id: SnapshotId(3),
-                    after_key: Some(b"k".to_vec()),
-                }),
+                Some(interrupted(Some(b"k".to_vec()), true)),
+                Some(resume_token(Some(b"k".to_vec()))),
             ),
             // Keys applied before the clear finished belong to the data being cleared.
             (
-                Some(InterruptedSnapshot {
-                    snapshot_id: SnapshotId(3),
-                    after_key: Some(b"k".to_vec()),
-                    cleared: false,
-                }),
-                Some(ResumeToken {
-                    snapshot_id: SnapshotId(3),
-                    after_key: None,
-                }),
+                Some(interrupted(Some(b"k".to_vec()), false)),
+                Some(resume_token(None)),
             ),
         ];
         for (interrupted, resume) in cases {
@@ -1008,6 +1149,7 @@ mod tests {
                 interrupted,
                 ..standing(7)
             });
+            let database_id = Some(DATABASE);
             let first = drain(&mut session);
             assert_eq!(
                 first.actions,
@@ -1022,6 +1164,8 @@ mod tests {
                     assert_eq!(hello.role, Role::Observer);
                     assert_eq!(hello.mirror_name, name("m1"));
                     assert_eq!(hello.resume, resume);
+                    assert_eq!(hello.database_id, database_id);
+                    assert_eq!(hello.on_divergence, DivergencePolicy::Halt);
                 }
                 other => panic!("expected a hello, got {other:?}"),
             }
@@ -1060,6 +1204,8 @@ mod tests {
                     HelloAck::Accepted(Accepted {
                         source_cluster: name("mars"),
                         version: 1,
+                        database_id: DATABASE,
+                        epoch: Epoch::FIRST,
                         source_last_lsn: Lsn(1),
                         decision: Decision::Stream { from_lsn: Lsn(8) },
                     })
@@ -1151,11 +1297,8 @@ mod tests {
         // (the key the mirror applied last, whether the store is cleared again)
         for (after_key, clears) in [(Some(b"k".to_vec()), false), (None, true)] {
             let mut session = new_session(Standing {
-                interrupted: Some(InterruptedSnapshot {
-                    snapshot_id: SnapshotId(3),
-                    after_key: after_key.clone(),
-                    cleared: true,
-                }),
+                database_id: Some(DATABASE),
+                interrupted: Some(interrupted(after_key.clone(), true)),
                 ..standing(0)
             });
             drain(&mut session);
@@ -1163,7 +1306,7 @@ mod tests {
                 snapshot_id: SnapshotId(3),
                 after_key,
                 base_lsn: Lsn(5),
-                base_chain_hash: ChainHash::GENESIS,
+                base_chain_hash: ChainHash([5; 32]),
             };
             received(&mut session, accepted(decision, 9));
             let preparing = drain(&mut session);
@@ -1180,23 +1323,29 @@ mod tests {
 
     #[test]
     fn a_snapshot_replaces_what_the_store_held_once_prepared() {
-        // A consistent mirror at LSN 30 told to take a snapshot based at 20.
-        let mut session = prepared(standing(30), snapshot(3, 20), 25);
+        // A consistent mirror at LSN 30, behind the retained WAL of a source at 45.
+        let behind = Decision::Snapshot {
+            snapshot_id: SnapshotId(3),
+            base_lsn: Lsn(40),
+            base_chain_hash: ChainHash::GENESIS,
+            reason: SnapshotReason::BehindRetainedWal,
+        };
+        let mut session = prepared(standing(30), behind, 45);
         let progress = session.progress();
-        assert_eq!(progress.applied_lsn, Lsn(20));
+        assert_eq!(progress.applied_lsn, Lsn(40));
         assert!(!progress.consistent, "no reads from a store being cleared");
         // A heartbeat mid-snapshot is answered with the base, never the old LSN.
         received(
             &mut session,
             Heartbeat {
-                last_lsn: Lsn(25),
+                last_lsn: Lsn(45),
                 commit_time: UnixMillis(1),
             }
             .into(),
         );
         assert!(acks(&drain(&mut session))
             .iter()
-            .all(|ack| ack.durable == Lsn(20) && ack.received == Lsn(20)));
+            .all(|ack| ack.durable == Lsn(40) && ack.received == Lsn(40)));
     }
 
     #[test]
@@ -1276,6 +1425,7 @@ mod tests {
             SnapshotDone {
                 snapshot_id: SnapshotId(4),
                 end_lsn: Lsn(9),
+                end_chain_hash: ChainHash::GENESIS,
             }
             .into(),
             SnapshotSize {
@@ -1326,6 +1476,7 @@ mod tests {
             SnapshotDone {
                 snapshot_id: SnapshotId(3),
                 end_lsn: Lsn(9),
+                end_chain_hash: ChainHash([9; 32]),
             }
             .into(),
         );
@@ -1333,7 +1484,8 @@ mod tests {
             drain(&mut session).actions,
             vec![MirrorAction::FinishScan {
                 snapshot_id: SnapshotId(3),
-                end_lsn: Lsn(9)
+                end_lsn: Lsn(9),
+                end_chain_hash: ChainHash([9; 32]),
             }]
         );
         session.handle(MirrorEvent::ScanFinished {
@@ -1472,6 +1624,164 @@ mod tests {
         assert_eq!(progress.source_commit_time, Some(UnixMillis(99)));
         assert_eq!(progress.applied_commit_time, Some(UnixMillis(80)));
         assert_eq!(progress.state, MirrorState::CatchingUp);
+    }
+
+    #[test]
+    fn a_halting_mirror_never_gives_up_a_copy_the_source_cannot_vouch_for() {
+        let ack = |database_id: DatabaseId, source_last_lsn: u64, decision: Decision| -> Message {
+            HelloAck::Accepted(Accepted {
+                source_cluster: name("east"),
+                version: 1,
+                database_id,
+                epoch: Epoch::FIRST,
+                source_last_lsn: Lsn(source_last_lsn),
+                decision,
+            })
+            .into()
+        };
+        let snapshot_for = |reason| Decision::Snapshot {
+            snapshot_id: SnapshotId(9),
+            base_lsn: Lsn(20),
+            base_chain_hash: ChainHash::GENESIS,
+            reason,
+        };
+        let other = DatabaseId([8; 16]);
+        // (what the source answers a mirror holding DATABASE at 30, why the mirror halts;
+        // None: it goes on)
+        let cases: Vec<(Message, Option<Divergence>)> = vec![
+            (
+                ack(
+                    DATABASE,
+                    40,
+                    Decision::Diverged {
+                        reason: Divergence::DivergedHistory,
+                    },
+                ),
+                Some(Divergence::DivergedHistory),
+            ),
+            // A source restarted on an empty directory: another database, whatever it says.
+            (
+                ack(other, 0, snapshot_for(SnapshotReason::NewMirror)),
+                Some(Divergence::DatabaseMismatch),
+            ),
+            (
+                ack(other, 50, Decision::Stream { from_lsn: Lsn(31) }),
+                Some(Divergence::DatabaseMismatch),
+            ),
+            // A source restored from an older backup: behind the mirror.
+            (
+                ack(DATABASE, 20, snapshot_for(SnapshotReason::AheadOfSource)),
+                Some(Divergence::SourceBehind),
+            ),
+            (
+                ack(
+                    DATABASE,
+                    25,
+                    snapshot_for(SnapshotReason::BehindRetainedWal),
+                ),
+                Some(Divergence::SourceBehind),
+            ),
+            (
+                ack(DATABASE, 40, snapshot_for(SnapshotReason::DivergedHistory)),
+                Some(Divergence::DivergedHistory),
+            ),
+            (
+                ack(
+                    DATABASE,
+                    40,
+                    snapshot_for(SnapshotReason::BehindRetainedWal),
+                ),
+                None,
+            ),
+            (
+                ack(DATABASE, 40, Decision::Stream { from_lsn: Lsn(31) }),
+                None,
+            ),
+        ];
+        for (answer, halts) in cases {
+            let mut session = new_session(standing(30));
+            drain(&mut session);
+            let label = format!("{answer:?}");
+            received(&mut session, answer);
+            let after = drain(&mut session);
+            match halts {
+                Some(reason) => {
+                    assert!(after.actions.is_empty(), "{label}: nothing is prepared");
+                    assert_eq!(session.progress().state, MirrorState::Halted, "{label}");
+                    assert_eq!(session.progress().halt_reason, Some(reason), "{label}");
+                    match session.take_end() {
+                        Some(Err(end @ MirrorEnd::Halted(_))) => {
+                            assert_eq!(end.code(), reason.code());
+                            assert!(!end.is_permanent(), "{label}: it retries");
+                        }
+                        other => panic!("{label}: expected a halt, got {other:?}"),
+                    }
+                }
+                None => {
+                    assert!(session.take_end().is_none(), "{label}");
+                    assert!(after
+                        .actions
+                        .iter()
+                        .any(|action| matches!(action, MirrorAction::Prepare(_))));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn with_resnapshot_a_source_may_replace_the_copy() {
+        let mut config = config();
+        config.on_divergence = DivergencePolicy::Resnapshot;
+        let mut session =
+            MirrorSession::new(config, standing(30), &MirrorProgress::new(Lsn(30), true));
+        drain(&mut session);
+        received(
+            &mut session,
+            HelloAck::Accepted(Accepted {
+                source_cluster: name("east"),
+                version: 1,
+                database_id: DatabaseId([8; 16]),
+                epoch: Epoch::FIRST,
+                source_last_lsn: Lsn(5),
+                decision: Decision::Snapshot {
+                    snapshot_id: SnapshotId(9),
+                    base_lsn: Lsn(5),
+                    base_chain_hash: ChainHash::GENESIS,
+                    reason: SnapshotReason::DatabaseMismatch,
+                },
+            })
+            .into(),
+        );
+        match &drain(&mut session).actions[..] {
+            [MirrorAction::UseDataFrameLimit, MirrorAction::Prepare(preparation)] => {
+                let start = preparation.begin_snapshot.unwrap();
+                assert_eq!(
+                    start.database_id,
+                    DatabaseId([8; 16]),
+                    "marked with the new database"
+                );
+            }
+            other => panic!("expected a snapshot, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_halted_mirror_stays_halted_until_a_source_vouches_for_it() {
+        let mut halted = MirrorProgress::new(Lsn(30), true);
+        halted.state = MirrorState::Halted;
+        halted.halt_reason = Some(Divergence::SourceBehind);
+        let mut session = MirrorSession::new(config(), standing(30), &halted);
+        assert_eq!(session.progress().state, MirrorState::Halted);
+        assert!(session.progress().consistent, "reads go on");
+        drain(&mut session);
+        received(
+            &mut session,
+            accepted(Decision::Stream { from_lsn: Lsn(31) }, 30),
+        );
+        drain(&mut session);
+        session.handle(MirrorEvent::Prepared);
+        assert_eq!(session.progress().halt_reason, None);
+        assert_eq!(session.progress().state, MirrorState::Streaming);
     }
 
     #[test]

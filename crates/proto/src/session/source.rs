@@ -23,12 +23,13 @@ use std::time::Duration;
 use crate::codec::FrameError;
 use crate::decide::{negotiate_version, Reject};
 use crate::error_code::ErrorCode;
+use crate::hash::ChainHash;
 use crate::message::{
     Accepted, Decision, Heartbeat, Hello, HelloAck, MessageType, MirrorAck, Rejected,
     SnapshotChunk, SnapshotChunkAck, SnapshotDone, SnapshotSize,
 };
 use crate::session::{Outgoing, SharedBatch};
-use crate::types::{Lsn, Name, SnapshotId, UnixMillis, VersionRange};
+use crate::types::{DatabaseId, Epoch, Lsn, Name, SnapshotId, UnixMillis, VersionRange};
 use crate::Message;
 
 /// What a session needs to know of the source's configuration.
@@ -48,6 +49,17 @@ pub struct SourceSessionConfig {
     pub max_unacked_bytes: usize,
     /// How long the session may send nothing before it sends a heartbeat.
     pub heartbeat_interval: Duration,
+}
+
+/// Where the source stands when it answers a hello.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SourceStanding {
+    /// The source's database.
+    pub database_id: DatabaseId,
+    /// The source's epoch.
+    pub epoch: Epoch,
+    /// The last durable LSN.
+    pub last_lsn: Lsn,
 }
 
 /// The writer's newest durable write, as sessions are told of it.
@@ -79,13 +91,13 @@ pub enum SourceEvent {
     Malformed(FrameError),
     /// The mirror finished its side of the stream.
     MirrorFinished,
-    /// The result of [`SourceAction::Admit`]: the decision (or the refusal) and the
-    /// source's last durable LSN when it decided. On acceptance the slot is pinned.
+    /// The result of [`SourceAction::Admit`]: the decision (or the refusal) and where the
+    /// source stood when it decided. On acceptance the slot is pinned.
     Admitted {
         /// `decide`'s answer.
         decision: Result<Decision, Reject>,
-        /// The source's last durable LSN, told to the mirror in the ack.
-        source_last_lsn: Lsn,
+        /// The source's database, epoch and last durable LSN, told to the mirror in the ack.
+        source: SourceStanding,
     },
     /// The result of [`SourceAction::Scan`].
     Scanned {
@@ -102,8 +114,13 @@ pub enum SourceEvent {
         bytes: u64,
     },
     /// The result of [`SourceAction::ReadEndLsn`]: the source's last durable LSN after the
-    /// scan.
-    EndLsnRead(Lsn),
+    /// scan, and the chain hash there.
+    EndLsnRead {
+        /// The last durable LSN.
+        end_lsn: Lsn,
+        /// The chain hash at `end_lsn`.
+        end_chain_hash: ChainHash,
+    },
     /// The result of [`SourceAction::ReadBatch`].
     BatchRead(Arc<SharedBatch>),
     /// [`SourceAction::ReadBatch`] found the WAL truncated past `from`: retention passed
@@ -176,6 +193,9 @@ pub enum SourceState {
         /// The next LSN to send.
         next: Lsn,
     },
+    /// The mirror was told it diverged: nothing is sent; the session waits for the mirror
+    /// to end it.
+    Diverged,
     /// The session is over ([`SourceSession::take_end`] says why).
     Ended,
 }
@@ -413,10 +433,7 @@ impl SourceSession {
                 _ => self.finish(Err(SourceEnd::Malformed(error))),
             },
             SourceEvent::MirrorFinished => self.finish(Ok(())),
-            SourceEvent::Admitted {
-                decision,
-                source_last_lsn,
-            } => self.on_admitted(decision, source_last_lsn),
+            SourceEvent::Admitted { decision, source } => self.on_admitted(decision, source),
             SourceEvent::Scanned { pairs, more } => self.on_scanned(pairs, more),
             SourceEvent::Measured { keys, bytes } => {
                 if let (Some(transfer), SourceState::Scanning(_)) = (self.transfer, &self.state) {
@@ -430,7 +447,10 @@ impl SourceSession {
                     ));
                 }
             }
-            SourceEvent::EndLsnRead(end_lsn) => self.on_end_lsn(end_lsn),
+            SourceEvent::EndLsnRead {
+                end_lsn,
+                end_chain_hash,
+            } => self.on_end_lsn(end_lsn, end_chain_hash),
             SourceEvent::BatchRead(batch) => self.on_batch(batch),
             SourceEvent::WalTruncated { first_retained } => {
                 self.reading = false;
@@ -592,7 +612,7 @@ impl SourceSession {
         }
     }
 
-    fn on_admitted(&mut self, decision: Result<Decision, Reject>, source_last_lsn: Lsn) {
+    fn on_admitted(&mut self, decision: Result<Decision, Reject>, source: SourceStanding) {
         if self.state != SourceState::Admitting {
             return;
         }
@@ -607,12 +627,21 @@ impl SourceSession {
         let accepted = Accepted {
             source_cluster: self.config.cluster_id.clone(),
             version,
-            source_last_lsn,
+            database_id: source.database_id,
+            epoch: source.epoch,
+            source_last_lsn: source.last_lsn,
             decision: decision.clone(),
         };
         self.transmit
             .push_back(Outgoing::Message(HelloAck::Accepted(accepted).into()));
-        self.actions.push_back(SourceAction::UseDataFrameLimit);
+        match decision {
+            // Nothing follows: the mirror keeps its data and ends the session.
+            Decision::Diverged { .. } => {
+                self.state = SourceState::Diverged;
+                return;
+            }
+            _ => self.actions.push_back(SourceAction::UseDataFrameLimit),
+        }
         match decision {
             Decision::Stream { from_lsn } => {
                 self.sent_up_to = Lsn(from_lsn.0.saturating_sub(1));
@@ -629,6 +658,7 @@ impl SourceSession {
                 after_key,
                 ..
             } => self.start_scan(snapshot_id, base_lsn, after_key),
+            Decision::Diverged { .. } => {}
         }
     }
 
@@ -671,7 +701,7 @@ impl SourceSession {
         }
     }
 
-    fn on_end_lsn(&mut self, end_lsn: Lsn) {
+    fn on_end_lsn(&mut self, end_lsn: Lsn, end_chain_hash: ChainHash) {
         self.reading = false;
         let (SourceState::Scanning(scan), Some(transfer)) = (&self.state, self.transfer) else {
             return;
@@ -681,6 +711,7 @@ impl SourceSession {
             SnapshotDone {
                 snapshot_id: transfer.snapshot_id,
                 end_lsn,
+                end_chain_hash,
             }
             .into(),
         ));
@@ -775,9 +806,22 @@ mod tests {
             database: name("main"),
             mirror_name: name("m1"),
             role: Role::Observer,
+            database_id: Some(DATABASE),
+            epoch: Epoch::FIRST,
             applied_lsn: Lsn(4),
             chain_hash: ChainHash::GENESIS,
             resume: None,
+            on_divergence: crate::DivergencePolicy::Halt,
+        }
+    }
+
+    const DATABASE: DatabaseId = DatabaseId([4; 16]);
+
+    fn source() -> SourceStanding {
+        SourceStanding {
+            database_id: DATABASE,
+            epoch: Epoch::FIRST,
+            last_lsn: COMMITTED,
         }
     }
 
@@ -839,7 +883,7 @@ mod tests {
         drain(&mut session);
         session.handle(SourceEvent::Admitted {
             decision: Ok(decision),
-            source_last_lsn: COMMITTED,
+            source: source(),
         });
         let drained = drain(&mut session);
         (session, drained)
@@ -966,7 +1010,7 @@ mod tests {
         drain(&mut session);
         session.handle(SourceEvent::Admitted {
             decision: Err(Reject::new(ErrorCode::ClusterIdMismatch, "wrong cluster")),
-            source_last_lsn: COMMITTED,
+            source: source(),
         });
         let refused = drain(&mut session);
         assert!(!refused.actions.contains(&SourceAction::UseDataFrameLimit));
@@ -989,6 +1033,10 @@ mod tests {
                 assert_eq!(accepted.version, 2);
                 assert_eq!(accepted.source_last_lsn, COMMITTED);
                 assert_eq!(accepted.source_cluster, name("east"));
+                assert_eq!(
+                    (accepted.database_id, accepted.epoch),
+                    (DATABASE, Epoch::FIRST)
+                );
             }
             other => panic!("expected an accepted ack, got {other:?}"),
         }
@@ -1153,14 +1201,18 @@ mod tests {
             ]
         ));
         assert_eq!(reads(&scanned), vec![&SourceAction::ReadEndLsn]);
-        session.handle(SourceEvent::EndLsnRead(Lsn(9)));
+        session.handle(SourceEvent::EndLsnRead {
+            end_lsn: Lsn(9),
+            end_chain_hash: ChainHash([9; 32]),
+        });
         let done = drain(&mut session);
         assert!(matches!(
             &done.frames[..],
             [Message::SnapshotDone(SnapshotDone {
                 end_lsn: Lsn(9),
+                end_chain_hash,
                 ..
-            })]
+            })] if *end_chain_hash == ChainHash([9; 32])
         ));
         assert!(done.actions.contains(&SourceAction::SnapshotSent));
         assert_eq!(session.state(), &SourceState::Streaming { next: Lsn(9) });
@@ -1348,6 +1400,28 @@ mod tests {
                 None => panic!("{label}: the session did not end"),
             }
         }
+    }
+
+    #[test]
+    fn a_diverged_mirror_is_told_so_and_sent_nothing_more() {
+        let (mut session, drained) = accepted(Decision::Diverged {
+            reason: crate::Divergence::SourceBehind,
+        });
+        assert!(matches!(
+            &drained.frames[..],
+            [Message::HelloAck(HelloAck::Accepted(Accepted {
+                decision: Decision::Diverged { .. },
+                ..
+            }))]
+        ));
+        assert!(reads(&drained).is_empty());
+        assert!(!drained.actions.contains(&SourceAction::UseDataFrameLimit));
+        session.handle(SourceEvent::Committed(committed(Lsn(20))));
+        session.handle(SourceEvent::Timer(SourceTimer::Heartbeat));
+        let after = drain(&mut session);
+        assert!(after.frames.is_empty() && reads(&after).is_empty());
+        session.handle(SourceEvent::MirrorFinished);
+        assert!(matches!(session.take_end(), Some(Ok(()))));
     }
 
     #[test]

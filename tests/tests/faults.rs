@@ -576,3 +576,122 @@ async fn two_mirrors_on_one_data_directory() {
     }
     .print(started);
 }
+
+/// `strace` attached to `pid`, making the next `fdatasync`/`fsync` of any of its threads fail
+/// with EIO; the reason why not where strace is missing or ptrace is refused.
+fn inject_failed_sync(pid: u32) -> Result<std::process::Child, String> {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    let mut tracer = Command::new("strace")
+        .args([
+            "-f",
+            "-e",
+            "trace=fdatasync,fsync",
+            "-e",
+            "inject=fdatasync,fsync:error=EIO:when=1",
+            "-p",
+            &pid.to_string(),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|error| {
+            format!("strace cannot run here ({error}); install it (Debian: strace)")
+        })?;
+    // Attached once it says so for the process; a refusal says why.
+    let stderr = tracer.stderr.take().expect("piped");
+    let (said, heard) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = said.send(line);
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+        match heard.recv_timeout(left) {
+            Ok(line) if line.contains("attached") => return Ok(tracer),
+            Ok(line) if line.contains("Operation not permitted") => {
+                let _ = tracer.kill();
+                return Err(format!("ptrace is refused here: {line}"));
+            }
+            Ok(_) => {}
+            Err(_) => break,
+        }
+    }
+    let _ = tracer.kill();
+    Err("strace did not attach within 30 s".into())
+}
+
+/// A failed fsync on the source (EIO injected by strace into the running process): the
+/// write's outcome is unknown, so its client gets STORE_FAILED, never a plain refusal, and
+/// the source stops with a one-line error (crash-only). The restarted source recovers
+/// whatever the disk holds, and a mirror converges on exactly that.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_fsync_stops_the_source_and_reports_the_outcome_unknown() {
+    let started = Instant::now();
+    let world = World::new();
+    let addr = free_port();
+    let mut source = world.start_source_on(addr, "source", &[]).await;
+    let app = world.client(source.addr).await;
+    app.write_keys(100, 100, "before-").await.unwrap();
+    let mut tracer = match inject_failed_sync(source.pid()) {
+        Ok(tracer) => tracer,
+        Err(reason) => {
+            println!("SKIPPED a_failed_fsync_stops_the_source: {reason}");
+            return;
+        }
+    };
+    match app.put(b"doomed", b"unknown").await {
+        Err(xmirror_net::ClientError::Refused(refusal)) => {
+            assert_eq!(
+                refusal.code,
+                xmirror_proto::ErrorCode::StoreFailed,
+                "{refusal}"
+            )
+        }
+        other => panic!("expected STORE_FAILED, got {other:?}"),
+    }
+    let exit = source
+        .wait_exit(Duration::from_secs(60))
+        .expect("the source stops after a failed fsync");
+    let _ = tracer.kill();
+    let _ = tracer.wait();
+    assert!(!exit.success());
+    let log = source.log_text();
+    let reported = log
+        .lines()
+        .find(|line| line.contains("xmirror: error:"))
+        .unwrap_or_default()
+        .to_owned();
+    assert!(reported.contains("the store failed"), "{log}");
+    drop(app);
+
+    // Recovery decides; whatever it kept, the source and a new mirror agree on it.
+    let source = world.start_source_on(addr, "source", &[]).await;
+    let app = world.client(source.addr).await;
+    let (before, _) = app.get(b"before-0000000099").await.unwrap();
+    assert!(before.is_some(), "every acknowledged write survived");
+    app.put(b"after", b"v").await.unwrap();
+    let mirror = world.start_mirror("m1", "m1", source.addr).await;
+    let reader = world.client(mirror.addr).await;
+    assert_converged(&app, &reader).await;
+    let (doomed, _) = app.get(b"doomed").await.unwrap();
+    Figures {
+        scenario: "failed_fsync",
+        faults: 1,
+        writes_acked: 101,
+        entries_verified: 1,
+        snapshots_expected: 1,
+        snapshots_seen: mirror_status(&reader).await.snapshots_started,
+        longest_recovery: Duration::ZERO,
+    }
+    .print(started);
+    println!(
+        "the write whose fsync failed {} the restart",
+        if doomed.is_some() {
+            "survived"
+        } else {
+            "did not survive"
+        }
+    );
+}

@@ -40,6 +40,24 @@ impl Default for FrameLimits {
     }
 }
 
+impl FrameLimits {
+    /// The most key and value bytes one snapshot chunk or WAL batch may carry in a data
+    /// frame: the frame limit less [`PAIR_FRAME_OVERHEAD`]. A source whose largest pair, or
+    /// whose chunk and batch budgets, exceed it could build a frame no mirror accepts; it
+    /// refuses to start.
+    pub fn largest_payload(&self) -> usize {
+        self.data.saturating_sub(PAIR_FRAME_OVERHEAD)
+    }
+}
+
+/// Bytes a data frame adds around its pairs or entries, at most: the length prefix, the
+/// header, the message's own fields (ids, LSNs, a chain hash, a commit time) and the
+/// length prefixes of a collection and of each key and value, every integer at its widest.
+/// Per-pair prefixes are counted for one pair; more pairs in the same budget are smaller
+/// each, and the budget check is made on payload, so the constant covers the worst case of
+/// one pair alone (pinned by a test).
+pub const PAIR_FRAME_OVERHEAD: usize = 128;
+
 /// The largest body bincode will ever decode, whatever the frame limit: a collection length
 /// claimed beyond it fails before anything is allocated.
 const BODY_LIMIT: usize = 64 * 1024 * 1024;
@@ -380,5 +398,42 @@ mod wire_format {
         let expected = vec![0, 1, 3, 2, 1, 1, 97, 2, 98, 99];
         assert_eq!(super::encode_frame(1, &chunk).unwrap().to_vec(), expected);
         assert_eq!(super::decode_frame(&expected).unwrap(), chunk);
+    }
+}
+
+#[cfg(test)]
+mod overhead {
+    use super::*;
+    use crate::message::{Entry, SnapshotChunk, WalBatch};
+    use crate::types::{Lsn, UnixMillis};
+    use crate::{ChainHash, SnapshotId};
+
+    #[test]
+    fn one_pair_at_its_widest_fits_in_the_overhead() {
+        let key = vec![1u8; 4_096];
+        let value = vec![2u8; 1 << 20];
+        let payload = key.len() + value.len();
+        let chunk: Message = SnapshotChunk {
+            snapshot_id: SnapshotId(u64::MAX),
+            pairs: vec![(key.clone(), value.clone())],
+        }
+        .into();
+        let batch: Message = WalBatch {
+            first_lsn: Lsn(u64::MAX),
+            entries: vec![Entry::Put { key, value }],
+            chain_hash: ChainHash([0xff; 32]),
+            commit_time: UnixMillis(u64::MAX),
+        }
+        .into();
+        for message in [chunk, batch] {
+            // The body, its version and type header, and the 4-byte length prefix.
+            let frame_len = encode_frame(1, &message).unwrap().len() + 4;
+            assert!(
+                frame_len <= payload + PAIR_FRAME_OVERHEAD,
+                "{:?}: {} bytes of frame for {payload} of payload",
+                message.message_type(),
+                frame_len
+            );
+        }
     }
 }

@@ -124,6 +124,29 @@ impl SourceConfig {
 }
 
 impl SourceConfig {
+    /// Refuses a configuration that could build a frame no mirror accepts (a mirror would
+    /// otherwise loop forever on the chunk that carries the largest value).
+    pub fn check(&self) -> Result<(), SourceError> {
+        let room = self.frame_limits.largest_payload();
+        let budgets = [
+            (
+                "the largest key and value",
+                self.max_key_len + self.max_value_len,
+            ),
+            ("the snapshot chunk budget", self.snapshot_chunk_bytes),
+            ("the WAL batch budget", self.batch_max_bytes),
+        ];
+        match budgets.into_iter().find(|(_, payload)| *payload > room) {
+            Some((what, payload)) => Err(SourceError::FrameTooSmall {
+                what,
+                payload,
+                max_frame_bytes: self.frame_limits.data,
+                room,
+            }),
+            None => Ok(()),
+        }
+    }
+
     /// What each mirror session needs of the configuration.
     pub fn session_config(&self) -> SourceSessionConfig {
         SourceSessionConfig {
@@ -147,6 +170,23 @@ pub enum SourceError {
     /// The endpoint could not be made.
     #[error(transparent)]
     Endpoint(#[from] EndpointError),
+    /// The configuration allows a frame no mirror would accept: the largest pair a client
+    /// may write, or a chunk or batch budget, does not fit the data frame limit.
+    #[error(
+        "a frame could never carry {payload} bytes of payload ({what}): the data frame limit \
+         of {max_frame_bytes} bytes leaves room for {room}; lower it or raise \
+         --max-frame-bytes"
+    )]
+    FrameTooSmall {
+        /// What would not fit.
+        what: &'static str,
+        /// Its payload bytes.
+        payload: usize,
+        /// The data frame limit.
+        max_frame_bytes: usize,
+        /// The payload a frame can carry.
+        room: usize,
+    },
     /// A group commit failed: the source stops (crash-only, as PostgreSQL after a failed
     /// fsync); its writes were answered `STORE_FAILED`, and recovery at the next start
     /// decides whether they survived.
@@ -232,6 +272,7 @@ pub struct SourceNode {
 impl SourceNode {
     /// Opens the store and starts serving.
     pub async fn start(config: SourceConfig, tls: &NodeTls) -> Result<SourceNode, SourceError> {
+        config.check()?;
         let endpoint = server_endpoint(tls, config.listen, &config.transport)?;
         let local_addr = endpoint
             .local_addr()
@@ -396,5 +437,46 @@ async fn retention_loop(shared: Arc<SourceShared>) {
             Ok(Err(error)) => tracing::error!(error = %error, "WAL retention failed"),
             Err(panic) => tracing::error!(error = %panic, "WAL retention task failed"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> SourceConfig {
+        SourceConfig::new(
+            PathBuf::from("/unused"),
+            Name::new("east").unwrap(),
+            "127.0.0.1:0".parse().unwrap(),
+        )
+    }
+
+    #[test]
+    fn a_value_limit_no_frame_can_carry_is_refused_at_start() {
+        assert!(config().check().is_ok(), "the defaults fit");
+        // 16,000,000 bytes of value fit a 16 MiB frame alone...
+        let mut fits = config();
+        fits.max_value_len = 16_000_000;
+        assert!(fits.check().is_ok());
+        // ...but not with the largest key beside it in a 16,000,000-byte frame.
+        let mut too_big = fits.clone();
+        too_big.frame_limits.data = 16_000_000;
+        match too_big.check() {
+            Err(SourceError::FrameTooSmall { what, payload, .. }) => {
+                assert_eq!(what, "the largest key and value");
+                assert_eq!(payload, 16_000_000 + 4_096);
+            }
+            other => panic!("expected FrameTooSmall, got {other:?}"),
+        }
+        let mut chunks = config();
+        chunks.snapshot_chunk_bytes = 32 << 20;
+        assert!(matches!(
+            chunks.check(),
+            Err(SourceError::FrameTooSmall {
+                what: "the snapshot chunk budget",
+                ..
+            })
+        ));
     }
 }

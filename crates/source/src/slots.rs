@@ -249,13 +249,19 @@ impl Slots {
         self.with_session(name, id, |slot| {
             slot.record.acked_lsn = slot.record.acked_lsn.max(durable);
             slot.record.last_seen = now_millis();
-            if slot
-                .session
-                .as_ref()
-                .is_some_and(|session| session.snapshot_sent)
-            {
+            let streaming = slot.session.as_ref().is_some_and(|session| {
+                session.snapshot_sent || session.state == SlotState::Streaming
+            });
+            if streaming {
                 // The mirror has the whole scan: nothing is left to resume.
                 slot.record.snapshot = None;
+                // It streams from the WAL again, so the slot once more says what WAL it
+                // needs: a slot invalidated while it took a long snapshot is valid again,
+                // and the next short outage costs no snapshot.
+                if slot.record.invalidated {
+                    tracing::info!(mirror = %name, acked_lsn = %slot.record.acked_lsn, "slot valid again: the mirror streams");
+                    slot.record.invalidated = false;
+                }
             }
             slot.dirty = true;
         })
@@ -341,6 +347,45 @@ mod tests {
 
     fn name(value: &str) -> Name {
         Name::new(value).unwrap()
+    }
+
+    fn slots() -> (tempfile::TempDir, Slots) {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(xmirror_store::RedbStore::open(dir.path()).unwrap());
+        (dir, Slots::load(store).unwrap())
+    }
+
+    fn invalidated(slots: &Slots, mirror: &Name) -> bool {
+        slots.lock().slots[mirror].record.invalidated
+    }
+
+    #[test]
+    fn a_slot_invalidated_during_a_snapshot_is_valid_again_once_its_mirror_streams() {
+        let (_dir, slots) = slots();
+        let mirror = name("m1");
+        let snapshot = Decision::Snapshot {
+            snapshot_id: xmirror_proto::SnapshotId(1),
+            base_lsn: Lsn(10),
+            base_chain_hash: xmirror_proto::ChainHash::GENESIS,
+            reason: xmirror_proto::SnapshotReason::NewMirror,
+        };
+        let ticket = slots.begin_session(&mirror, &snapshot).unwrap();
+        // Retention passes the slow snapshot's base.
+        slots
+            .lock()
+            .slots
+            .get_mut(&mirror)
+            .unwrap()
+            .record
+            .invalidated = true;
+        // Acks of the snapshot's own chunks do not make it valid...
+        assert!(slots.acknowledge(&mirror, ticket.id, Lsn(10)));
+        assert!(invalidated(&slots, &mirror));
+        // ...streaming after the scan does.
+        slots.snapshot_sent(&mirror, ticket.id);
+        assert!(slots.acknowledge(&mirror, ticket.id, Lsn(25)));
+        assert!(!invalidated(&slots, &mirror));
+        assert_eq!(slots.lock().slots[&mirror].record.acked_lsn, Lsn(25));
     }
 
     #[test]

@@ -552,10 +552,15 @@ impl<E: Engine> Store for KvStore<E> {
             Bound::Excluded(vec![WAL + 1]),
         );
         self.engine.for_each(&range, &mut |key, value| {
-            if records.len() >= max_entries || (bytes >= max_bytes && !records.is_empty()) {
+            if records.len() >= max_entries {
                 return Ok(false);
             }
             let record = WalRecord::decode(wal_lsn(key)?, value)?;
+            // Cut before an entry that would take the batch past the budget (one larger
+            // entry goes alone), so a batch always fits a frame that fits the largest entry.
+            if bytes + record.entry.payload_len() > max_bytes && !records.is_empty() {
+                return Ok(false);
+            }
             let expected = from.advance(records.len() as u64);
             if record.lsn != expected {
                 return Err(StoreError::WalTruncated {
@@ -642,11 +647,15 @@ impl<E: Engine> Store for KvStore<E> {
         self.engine.for_each(
             &(start, Bound::Excluded(vec![DATA + 1])),
             &mut |key, value| {
-                if bytes >= max_bytes && !chunk.pairs.is_empty() {
+                // Cut before a pair that would take the chunk past the budget: a chunk is
+                // at most the budget, or one larger pair alone, so it always fits a frame
+                // that fits the largest pair.
+                let pair_bytes = key.len() - 1 + value.len();
+                if bytes + pair_bytes > max_bytes && !chunk.pairs.is_empty() {
                     chunk.more = true;
                     return Ok(false);
                 }
-                bytes += key.len() - 1 + value.len();
+                bytes += pair_bytes;
                 chunk.pairs.push((key[1..].to_vec(), value.to_vec()));
                 Ok(true)
             },

@@ -326,8 +326,8 @@ pub trait Store: Send + Sync + 'static {
     /// The WAL's oldest and newest LSN.
     fn wal_bounds(&self) -> WalBounds;
 
-    /// Up to `max_entries` WAL records from `from`, stopping early once `max_bytes` of
-    /// payload are read (at least one record is returned when one exists).
+    /// Up to `max_entries` WAL records from `from`, at most `max_bytes` of payload (one
+    /// larger record is returned alone when it is the first).
     fn read_wal(
         &self,
         from: Lsn,
@@ -344,8 +344,9 @@ pub trait Store: Send + Sync + 'static {
 
     // ---- Snapshots ----
 
-    /// Up to `max_bytes` of key-ordered pairs after `after` (from the first key when `None`).
-    /// At least one pair is returned when any remains, however large.
+    /// Key-ordered pairs after `after` (from the first key when `None`), at most `max_bytes`
+    /// of them: the chunk is cut before a pair that would exceed it, and one larger pair is
+    /// returned alone, so that a chunk never exceeds the larger of the two.
     fn scan(&self, after: Option<&[u8]>, max_bytes: usize) -> Result<ScanChunk, StoreError>;
 
     /// Starts receiving a fresh snapshot: clears the data and records the snapshot, so that a

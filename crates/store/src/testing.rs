@@ -20,6 +20,26 @@ pub fn open_engine(engine: &str, path: &Path) -> Result<Box<dyn Store>, StoreErr
     }
 }
 
+/// Opens the engine called `engine` at `path`, waiting up to `deadline` for the lock: a
+/// store dropped (or a process killed) a moment ago may still hold it, and sled lets go of
+/// its lock only when its background threads drop their last handle, which a loaded
+/// machine may delay. Tests wait for the lock instead of assuming it is free by now.
+pub fn open_engine_waiting(
+    engine: &str,
+    path: &Path,
+    deadline: std::time::Duration,
+) -> Result<Box<dyn Store>, StoreError> {
+    let give_up = std::time::Instant::now() + deadline;
+    loop {
+        match open_engine(engine, path) {
+            Err(StoreError::Locked(_)) if std::time::Instant::now() < give_up => {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            other => return other,
+        }
+    }
+}
+
 /// A cheap, well-mixed hash of an integer (SplitMix64's finaliser).
 pub fn mix(value: u64) -> u64 {
     let mut z = value.wrapping_add(0x9E37_79B9_7F4A_7C15);

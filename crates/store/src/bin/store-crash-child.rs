@@ -1,13 +1,14 @@
-//! Crash-test child for the store conformance suite: applies the deterministic workload to
-//! a store, flushing each batch and printing `durable <lsn>` once it is durable, until it
+//! Crash-test child for the store conformance suite: commits the deterministic workload to
+//! a store, batch by batch, printing `durable <lsn>` once each is durable, until it
 //! is killed (or reaches the LSN limit given). Usage: `store-crash-child ENGINE DIR MAX_LSN`.
 
 use std::io::Write;
 use std::path::Path;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use xmirror_proto::UnixMillis;
-use xmirror_store::testing::{open_engine, workload_batch_len, workload_entry};
+use xmirror_store::testing::{open_engine_waiting, workload_batch_len, workload_entry};
 use xmirror_store::Batch;
 
 fn main() -> ExitCode {
@@ -20,7 +21,8 @@ fn main() -> ExitCode {
         eprintln!("MAX_LSN must be a number, got {max_lsn:?}");
         return ExitCode::from(2);
     };
-    let store = match open_engine(engine, Path::new(dir)) {
+    // The parent's check of the last run may still hold the lock a moment.
+    let store = match open_engine_waiting(engine, Path::new(dir), Duration::from_secs(60)) {
         Ok(store) => store,
         Err(error) => {
             eprintln!("cannot open store: {error}");
@@ -41,10 +43,8 @@ fn main() -> ExitCode {
             keep_wal: true,
             expected_chain_hash: None,
         };
-        let result = store.apply(batch).and_then(|outcome| {
-            store.flush()?;
-            Ok(outcome)
-        });
+        // As the source's writer does: durable before anything can see it.
+        let result = store.commit(batch);
         match result {
             Ok(outcome) => applied = outcome.position.lsn,
             Err(error) => {

@@ -282,6 +282,22 @@ async fn a_source_restored_from_an_older_backup_halts_the_mirror_until_it_is_put
     drop(app);
     assert!(source.stop().success());
     copy_dir(&world.path("source"), &world.path("backup-2000"));
+    // With the source gone, the mirror says how long it has been silent, and its lag grows
+    // with the silence instead of staying 0.
+    let silent = wait_until(
+        "lag to grow with the silence",
+        Duration::from_secs(60),
+        || async {
+            let status = mirror_status(&reader).await;
+            (status.lag_ms >= 2_000 && status.source_contact_ms >= Some(2_000)).then_some(status)
+        },
+    )
+    .await;
+    assert!(
+        silent.lag_ms < 1_000_000,
+        "never a wall-clock value: {}",
+        silent.lag_ms
+    );
 
     // Restored from the older copy.
     std::fs::remove_dir_all(world.path("source")).unwrap();
@@ -676,4 +692,26 @@ async fn expect_samples(
         },
     )
     .await
+}
+
+/// A value close to the frame limit (the source allows 16,000,000-byte values): every
+/// snapshot chunk is cut before it, so a new mirror receives it alone and converges instead
+/// of looping on a chunk over the frame limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_value_near_the_frame_limit_reaches_a_new_mirror() {
+    let world = World::new();
+    let source = world
+        .start_source("source", &["--max-value-bytes", "16000000"])
+        .await;
+    let app = world.client(source.addr).await;
+    // Small keys before and after it, so that a chunk would otherwise hold both.
+    app.write_keys(2_000, VALUE_SIZE, "a-").await.unwrap();
+    app.put(b"b-huge", &vec![7u8; 15_900_000]).await.unwrap();
+    app.write_keys(2_000, VALUE_SIZE, "c-").await.unwrap();
+    let mirror = world.start_mirror("m1", "m1", source.addr).await;
+    let reader = world.client(mirror.addr).await;
+    let status = assert_converged(&app, &reader).await;
+    assert_eq!(status.snapshots_started, 1, "one snapshot, no loop");
+    let (huge, _) = reader.get(b"b-huge").await.unwrap();
+    assert_eq!(huge.map(|value| value.len()), Some(15_900_000));
 }

@@ -687,3 +687,34 @@ async fn connect_once(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use xmirror_proto::Lsn;
+
+    fn progress(applied: u64, source: u64) -> MirrorProgress {
+        MirrorProgress {
+            source_lsn: Lsn(source),
+            ..MirrorProgress::new(Lsn(applied), true)
+        }
+    }
+
+    #[test]
+    fn lag_is_never_a_wall_clock_reading_and_grows_with_silence() {
+        let heard = Duration::from_millis(300);
+        // Caught up with a source heard from within its heartbeat: no lag.
+        assert_eq!(lag_ms(&progress(10, 10), None, heard), 0);
+        // Behind with no commit time known yet (right after a snapshot): since it knew.
+        let lag = lag_ms(&progress(10, 20), Some(Duration::from_millis(700)), heard);
+        assert_eq!(lag, 700, "not the time since 1970");
+        // Caught up as far as it knows, but the source has been silent for 20 s.
+        let silent = lag_ms(&progress(10, 10), None, Duration::from_secs(20));
+        assert_eq!(silent, 20_000);
+        // Behind with a known commit time: from that commit, on the wall clock.
+        let mut behind = progress(10, 20);
+        behind.applied_commit_time = Some(UnixMillis(now_millis().0 - 1_500));
+        let lag = lag_ms(&behind, Some(Duration::from_millis(10)), heard);
+        assert!((1_500..60_000).contains(&lag), "{lag}");
+    }
+}

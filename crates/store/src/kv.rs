@@ -830,3 +830,129 @@ impl<E: Engine> Store for KvStore<E> {
         self.write_counter(name, value)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::sync::{mpsc, Arc};
+
+    use xmirror_proto::UnixMillis;
+
+    use super::*;
+
+    /// An in-memory engine whose readers see writes before they are flushed (as sled's
+    /// do), and whose durable write stops between the write and the flush until the test
+    /// lets it go on.
+    struct PausingEngine {
+        data: Mutex<BTreeMap<Vec<u8>, Vec<u8>>>,
+        durable: AtomicBool,
+        /// Told when a durable write has written and waits to flush.
+        written: Mutex<Option<mpsc::Sender<()>>>,
+        /// Lets the waiting durable write flush.
+        flush: Mutex<Option<mpsc::Receiver<()>>>,
+    }
+
+    impl Engine for PausingEngine {
+        fn open(_path: &Path) -> Result<Self, StoreError> {
+            Ok(PausingEngine {
+                data: Mutex::new(BTreeMap::new()),
+                durable: AtomicBool::new(false),
+                written: Mutex::new(None),
+                flush: Mutex::new(None),
+            })
+        }
+
+        fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+            Ok(self.data.lock().unwrap().get(key).cloned())
+        }
+
+        fn write(&self, writes: Writes<'_>) -> Result<(), StoreError> {
+            let mut data = self.data.lock().unwrap();
+            for (key, value) in writes.into_ops() {
+                match value {
+                    Some(value) => data.insert(key, value.into_owned()),
+                    None => data.remove(&key),
+                };
+            }
+            Ok(())
+        }
+
+        fn flush(&self) -> Result<(), StoreError> {
+            Ok(())
+        }
+
+        const READS_SEE_UNFLUSHED_WRITES: bool = true;
+
+        fn write_durably(&self, writes: Writes<'_>) -> Result<(), StoreError> {
+            self.write(writes)?;
+            if let Some(written) = self.written.lock().unwrap().take() {
+                written.send(()).unwrap();
+                let flush = self.flush.lock().unwrap().take().unwrap();
+                flush.recv().unwrap();
+            }
+            self.durable.store(true, Ordering::SeqCst);
+            Ok(())
+        }
+
+        fn for_each(&self, range: &KeyRange, visit: &mut Visitor<'_>) -> Result<(), StoreError> {
+            let data = self.data.lock().unwrap().clone();
+            for (key, value) in data.range(range.clone()) {
+                if !visit(key, value)? {
+                    break;
+                }
+            }
+            Ok(())
+        }
+    }
+
+    /// The source's rule: a committed write is not readable (by get, scan or digest) until
+    /// it is durable, even on an engine whose readers would see it before its flush.
+    #[test]
+    fn a_commit_is_invisible_until_it_is_durable() {
+        let store = Arc::new(KvStore::<PausingEngine>::open("unused").unwrap());
+        let (written_tx, written) = mpsc::channel();
+        let (flush, flush_rx) = mpsc::channel();
+        *store.engine.written.lock().unwrap() = Some(written_tx);
+        *store.engine.flush.lock().unwrap() = Some(flush_rx);
+
+        let committing = store.clone();
+        let commit = std::thread::spawn(move || {
+            let entries = [Entry::Put {
+                key: b"k".to_vec(),
+                value: b"v".to_vec(),
+            }];
+            committing
+                .commit(Batch {
+                    first_lsn: Lsn(1),
+                    entries: &entries,
+                    commit_time: UnixMillis(1),
+                    keep_wal: true,
+                    expected_chain_hash: None,
+                })
+                .unwrap();
+        });
+        // The write is in the engine, not yet durable: readers wait for the flush.
+        written.recv().unwrap();
+        let (seen_tx, seen) = mpsc::channel();
+        let reading = store.clone();
+        let reader = std::thread::spawn(move || {
+            let value = reading.get(b"k").unwrap();
+            let durable = reading.engine.durable.load(Ordering::SeqCst);
+            let scanned = reading.scan(None, 1 << 20).unwrap().pairs.len();
+            seen_tx.send((value, durable, scanned)).unwrap();
+        });
+        assert!(
+            seen.recv_timeout(std::time::Duration::from_millis(200))
+                .is_err(),
+            "a reader returned while the write was not durable"
+        );
+        flush.send(()).unwrap();
+        let (value, durable, scanned) = seen.recv().unwrap();
+        assert!(durable, "the reader saw the write only once durable");
+        assert_eq!(value, Some(b"v".to_vec()));
+        assert_eq!(scanned, 1);
+        commit.join().unwrap();
+        reader.join().unwrap();
+        assert_eq!(store.position().lsn, Lsn(1));
+    }
+}

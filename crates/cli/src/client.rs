@@ -366,6 +366,7 @@ mod tests {
             commit_time: UnixMillis(0),
             snapshot_bytes_sent: 0,
             mirrors: vec![SlotStatus {
+                id: "spiffe://west/observer/m1".into(),
                 name: name("m1"),
                 acked_lsn: Lsn(900),
                 state: SlotState::Invalidated,

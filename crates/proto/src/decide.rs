@@ -130,6 +130,16 @@ pub fn decide(hello: &Hello, peer: &PeerIdentity, view: &SourceView) -> Result<D
             ),
         ));
     }
+    if hello.mirror_name != peer.name {
+        return Err(Reject::new(
+            ErrorCode::NotAuthorized,
+            format!(
+                "hello names mirror {:?}, certificate {peer} names {:?}: a mirror uses only its own slot",
+                hello.mirror_name.as_str(),
+                peer.name.as_str()
+            ),
+        ));
+    }
     if !view.databases.contains(&hello.database) {
         return Err(Reject::new(
             ErrorCode::UnknownDatabase,
@@ -361,6 +371,16 @@ mod tests {
             bad.role = role;
             assert_eq!(reject_code(&bad, &observer()), ErrorCode::RoleMismatch);
         }
+    }
+
+    #[test]
+    fn rejects_a_hello_naming_another_mirror_than_the_certificate() {
+        let mut impostor = hello(200);
+        impostor.mirror_name = name("wm1");
+        assert_eq!(
+            reject_code(&impostor, &observer()),
+            ErrorCode::NotAuthorized
+        );
     }
 
     #[test]

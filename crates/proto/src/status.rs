@@ -44,6 +44,8 @@ pub struct SourceStatus {
 /// One mirror's slot on a source.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SlotStatus {
+    /// Whose slot it is: the mirror's SPIFFE ID (slots are keyed by cluster and name).
+    pub id: String,
     /// The mirror's name.
     pub name: Name,
     /// The last LSN the mirror acknowledged as durable.

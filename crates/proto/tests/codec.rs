@@ -87,6 +87,7 @@ fn database_id() -> impl Strategy<Value = DatabaseId> {
 fn node_status() -> impl Strategy<Value = NodeStatus> {
     let slot = (name(), lsn(), any::<u64>(), any::<u64>()).prop_map(
         |(name, acked_lsn, lag_entries, seen)| SlotStatus {
+            id: format!("spiffe://west/observer/{name}"),
             name,
             acked_lsn,
             state: SlotState::Invalidated,

@@ -26,7 +26,7 @@ use xmirror_proto::{
     decide, Decision, ErrorCode, FrameError, Lsn, Message, PeerIdentity, Reject, SnapshotId,
     SnapshotPlan, SourceView,
 };
-use xmirror_store::StoreError;
+use xmirror_store::{MirrorIdentity, StoreError};
 
 use crate::slots::SessionTicket;
 use crate::SourceShared;
@@ -167,8 +167,8 @@ struct Driver<'a, R, W> {
     timers: Timers,
     /// The writer's durable LSN: streaming never reads beyond it.
     commits: tokio::sync::watch::Receiver<crate::writer::Committed>,
-    /// The slot this session holds once admitted, with the mirror's name.
-    ticket: Option<(xmirror_proto::Name, SessionTicket)>,
+    /// The slot this session holds once admitted, with whose it is.
+    ticket: Option<(MirrorIdentity, SessionTicket)>,
     /// Counts this connection among unfinished handshakes until the hello is decided.
     handshake: Option<OwnedSemaphorePermit>,
     /// Who the certificate says the mirror is: what `decide` checks the hello against.
@@ -390,7 +390,7 @@ where
                 "hello accepted"
             );
         }
-        self.ticket = ticket.map(|ticket| (hello.mirror_name.clone(), ticket));
+        self.ticket = ticket.map(|ticket| (mirror_identity(&self.peer), ticket));
         self.machine
             .handle(SourceEvent::Admitted { decision, source });
     }
@@ -427,6 +427,15 @@ async fn read_batch(
     )))))
 }
 
+/// Whose slot a session uses: the verified certificate's cluster and name, never what the
+/// hello says (`decide` refuses a hello whose name is not the certificate's).
+fn mirror_identity(peer: &PeerIdentity) -> MirrorIdentity {
+    MirrorIdentity {
+        cluster: peer.cluster_id.clone(),
+        name: peer.name.clone(),
+    }
+}
+
 /// What admitting a hello came to.
 struct Admission {
     hello: Box<Hello>,
@@ -456,7 +465,7 @@ fn admit(
     let resumable = hello.resume.as_ref().and_then(|token| {
         shared
             .slots
-            .resumable(&hello.mirror_name, token.snapshot_id, wal.first)
+            .resumable(&mirror_identity(peer), token.snapshot_id, wal.first)
             .map(|snapshot| SnapshotPlan {
                 snapshot_id: snapshot.snapshot_id,
                 base_lsn: snapshot.base.lsn,
@@ -489,7 +498,11 @@ fn admit(
     let decision = decide(&hello, peer, &view);
     let ticket = match &decision {
         Ok(Decision::Diverged { .. }) | Err(_) => None,
-        Ok(decision) => Some(shared.slots.begin_session(&hello.mirror_name, decision)?),
+        Ok(decision) => Some(
+            shared
+                .slots
+                .begin_session(&mirror_identity(peer), decision)?,
+        ),
     };
     Ok(Admission {
         hello,

@@ -10,28 +10,28 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use tokio_util::sync::CancellationToken;
 use xmirror_proto::status::{SlotState, SlotStatus};
-use xmirror_proto::{Decision, Lsn, Name};
-use xmirror_store::{Position, SlotRecord, SnapshotRef, Store, StoreError};
+use xmirror_proto::{Decision, Lsn};
+use xmirror_store::{MirrorIdentity, Position, SlotRecord, SnapshotRef, Store, StoreError};
 
 use crate::writer::now_millis;
 
 /// What retention should do now.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct RetentionPlan {
+pub struct RetentionPlan<K> {
     /// Truncate the WAL below this LSN.
     pub first_kept: Lsn,
     /// Slots that this truncation passes.
-    pub invalidate: Vec<Name>,
+    pub invalidate: Vec<K>,
 }
 
 /// The retention rule. `slots` yields each valid (not yet invalidated) slot's name and
 /// acknowledged LSN. With no valid slot nothing needs the WAL, and it is emptied.
-pub fn plan_retention<'a>(
+pub fn plan_retention<'a, K: Clone + 'a>(
     last_lsn: Lsn,
     max_wal_entries: u64,
-    slots: impl IntoIterator<Item = (&'a Name, Lsn)>,
-) -> RetentionPlan {
-    let slots: Vec<(&Name, Lsn)> = slots.into_iter().collect();
+    slots: impl IntoIterator<Item = (&'a K, Lsn)>,
+) -> RetentionPlan<K> {
+    let slots: Vec<(&K, Lsn)> = slots.into_iter().collect();
     let cap_floor = Lsn((last_lsn.0 + 1).saturating_sub(max_wal_entries).max(1));
     let wanted = slots
         .iter()
@@ -86,7 +86,7 @@ pub struct Slots {
 
 struct SlotsInner {
     /// The slots by mirror name.
-    slots: BTreeMap<Name, Slot>,
+    slots: BTreeMap<MirrorIdentity, Slot>,
     /// The id the next session gets; never reused in this process.
     next_session_id: u64,
 }
@@ -107,7 +107,7 @@ impl Slots {
             .into_iter()
             .map(|record| {
                 (
-                    record.name.clone(),
+                    record.mirror.clone(),
                     Slot {
                         record,
                         session: None,
@@ -133,12 +133,12 @@ impl Slots {
     /// invalidated, and the WAL still holds everything after its base.
     pub fn resumable(
         &self,
-        name: &Name,
+        mirror: &MirrorIdentity,
         snapshot_id: xmirror_proto::SnapshotId,
         wal_first: Lsn,
     ) -> Option<SnapshotRef> {
         let inner = self.lock();
-        let slot = inner.slots.get(name)?;
+        let slot = inner.slots.get(mirror)?;
         let snapshot = slot.record.snapshot?;
         (!slot.record.invalidated
             && snapshot.snapshot_id == snapshot_id
@@ -150,15 +150,15 @@ impl Slots {
     /// session of the same name, and pins the WAL it will need.
     pub fn begin_session(
         &self,
-        name: &Name,
+        mirror: &MirrorIdentity,
         decision: &Decision,
     ) -> Result<SessionTicket, StoreError> {
         let mut inner = self.lock();
         let id = inner.next_session_id;
         inner.next_session_id += 1;
-        let slot = inner.slots.entry(name.clone()).or_insert_with(|| Slot {
+        let slot = inner.slots.entry(mirror.clone()).or_insert_with(|| Slot {
             record: SlotRecord {
-                name: name.clone(),
+                mirror: mirror.clone(),
                 acked_lsn: Lsn::ZERO,
                 last_seen: now_millis(),
                 invalidated: false,
@@ -168,7 +168,7 @@ impl Slots {
             dirty: false,
         });
         if let Some(previous) = slot.session.take() {
-            tracing::info!(mirror = %name, "a new session replaces the previous one");
+            tracing::info!(mirror = %mirror, "a new session replaces the previous one");
             previous.replaced.cancel();
         }
         let (state, acked, snapshot) = match decision {
@@ -214,9 +214,14 @@ impl Slots {
         Ok(SessionTicket { id, replaced })
     }
 
-    fn with_session<T>(&self, name: &Name, id: u64, f: impl FnOnce(&mut Slot) -> T) -> Option<T> {
+    fn with_session<T>(
+        &self,
+        mirror: &MirrorIdentity,
+        id: u64,
+        f: impl FnOnce(&mut Slot) -> T,
+    ) -> Option<T> {
         let mut inner = self.lock();
-        let slot = inner.slots.get_mut(name)?;
+        let slot = inner.slots.get_mut(mirror)?;
         if slot
             .session
             .as_ref()
@@ -229,8 +234,8 @@ impl Slots {
     }
 
     /// The session finished its snapshot scan and now streams.
-    pub fn snapshot_sent(&self, name: &Name, id: u64) {
-        self.with_session(name, id, |slot| {
+    pub fn snapshot_sent(&self, mirror: &MirrorIdentity, id: u64) {
+        self.with_session(mirror, id, |slot| {
             if let Some(session) = &mut slot.session {
                 session.snapshot_sent = true;
                 session.state = SlotState::Streaming;
@@ -245,8 +250,8 @@ impl Slots {
     /// persisted acked LSN only ever needs to be low, never high. After a crash the slot is
     /// as of its last write, so retention keeps more WAL than needed, never less; the
     /// mirror resumes from its own applied LSN either way.
-    pub fn acknowledge(&self, name: &Name, id: u64, durable: Lsn) -> bool {
-        self.with_session(name, id, |slot| {
+    pub fn acknowledge(&self, mirror: &MirrorIdentity, id: u64, durable: Lsn) -> bool {
+        self.with_session(mirror, id, |slot| {
             slot.record.acked_lsn = slot.record.acked_lsn.max(durable);
             slot.record.last_seen = now_millis();
             let streaming = slot.session.as_ref().is_some_and(|session| {
@@ -259,7 +264,7 @@ impl Slots {
                 // needs: a slot invalidated while it took a long snapshot is valid again,
                 // and the next short outage costs no snapshot.
                 if slot.record.invalidated {
-                    tracing::info!(mirror = %name, acked_lsn = %slot.record.acked_lsn, "slot valid again: the mirror streams");
+                    tracing::info!(mirror = %mirror, acked_lsn = %slot.record.acked_lsn, "slot valid again: the mirror streams");
                     slot.record.invalidated = false;
                 }
             }
@@ -280,8 +285,8 @@ impl Slots {
     }
 
     /// The session ended.
-    pub fn end_session(&self, name: &Name, id: u64) {
-        self.with_session(name, id, |slot| {
+    pub fn end_session(&self, mirror: &MirrorIdentity, id: u64) {
+        self.with_session(mirror, id, |slot| {
             slot.session = None;
             slot.record.last_seen = now_millis();
         });
@@ -290,7 +295,10 @@ impl Slots {
     /// Applies the retention rule: invalidates the slots it passes and truncates the WAL.
     /// Holding the slot lock meanwhile keeps a new session from pinning WAL that is about
     /// to go.
-    pub fn enforce_retention(&self, max_wal_entries: u64) -> Result<RetentionPlan, StoreError> {
+    pub fn enforce_retention(
+        &self,
+        max_wal_entries: u64,
+    ) -> Result<RetentionPlan<MirrorIdentity>, StoreError> {
         let mut inner = self.lock();
         let last_lsn = self.store.position().lsn;
         let plan = plan_retention(
@@ -302,10 +310,10 @@ impl Slots {
                 .filter(|(_, slot)| !slot.record.invalidated)
                 .map(|(name, slot)| (name, slot.record.acked_lsn)),
         );
-        for name in &plan.invalidate {
-            if let Some(slot) = inner.slots.get_mut(name) {
+        for mirror in &plan.invalidate {
+            if let Some(slot) = inner.slots.get_mut(mirror) {
                 tracing::warn!(
-                    mirror = %name,
+                    mirror = %mirror,
                     acked_lsn = %slot.record.acked_lsn,
                     wal_first_lsn = %plan.first_kept,
                     "slot invalidated: retention passed it; the mirror will get a snapshot"
@@ -327,7 +335,8 @@ impl Slots {
             .slots
             .values()
             .map(|slot| SlotStatus {
-                name: slot.record.name.clone(),
+                id: slot.record.mirror.to_string(),
+                name: slot.record.mirror.name.clone(),
                 acked_lsn: slot.record.acked_lsn,
                 state: match (&slot.session, slot.record.invalidated) {
                     (_, true) => SlotState::Invalidated,
@@ -344,6 +353,7 @@ impl Slots {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use xmirror_proto::Name;
 
     fn name(value: &str) -> Name {
         Name::new(value).unwrap()
@@ -355,14 +365,17 @@ mod tests {
         (dir, Slots::load(store).unwrap())
     }
 
-    fn invalidated(slots: &Slots, mirror: &Name) -> bool {
+    fn invalidated(slots: &Slots, mirror: &MirrorIdentity) -> bool {
         slots.lock().slots[mirror].record.invalidated
     }
 
     #[test]
     fn a_slot_invalidated_during_a_snapshot_is_valid_again_once_its_mirror_streams() {
         let (_dir, slots) = slots();
-        let mirror = name("m1");
+        let mirror = MirrorIdentity {
+            cluster: name("west"),
+            name: name("m1"),
+        };
         let snapshot = Decision::Snapshot {
             snapshot_id: xmirror_proto::SnapshotId(1),
             base_lsn: Lsn(10),
@@ -411,9 +424,9 @@ mod tests {
 
     #[test]
     fn without_slots_nothing_is_kept() {
-        let plan = plan_retention(Lsn(100), 1_000, []);
+        let plan = plan_retention::<Name>(Lsn(100), 1_000, []);
         assert_eq!(plan.first_kept, Lsn(101));
-        let empty = plan_retention(Lsn(0), 1_000, []);
+        let empty = plan_retention::<Name>(Lsn(0), 1_000, []);
         assert_eq!(empty.first_kept, Lsn(1));
     }
 

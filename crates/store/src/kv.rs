@@ -20,9 +20,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard};
 
 use xmirror_proto::hash::StateDigester;
-use xmirror_proto::{ChainHash, Entry, Lsn, Name, SnapshotId, StateDigest};
+use xmirror_proto::{ChainHash, Entry, Lsn, SnapshotId, StateDigest};
 
-use crate::record::{DatabaseIdentity, RecordReader, RecordWriter, SnapshotProgress, SyncState};
+use crate::record::{
+    DatabaseIdentity, MirrorIdentity, RecordReader, RecordWriter, SnapshotProgress, SyncState,
+};
 use crate::{
     Applied, Batch, Position, ScanChunk, SlotRecord, Store, StoreError, WalBounds, WalRecord,
 };
@@ -180,9 +182,12 @@ fn meta_key(name: &str) -> Vec<u8> {
     key
 }
 
-fn slot_key(name: &Name) -> Vec<u8> {
+fn slot_key(mirror: &MirrorIdentity) -> Vec<u8> {
+    // Names hold no '/', so cluster/name is unambiguous.
     let mut key = vec![SLOTS];
-    key.extend_from_slice(name.as_str().as_bytes());
+    key.extend_from_slice(mirror.cluster.as_str().as_bytes());
+    key.push(b'/');
+    key.extend_from_slice(mirror.name.as_str().as_bytes());
     key
 }
 
@@ -797,12 +802,12 @@ impl<E: Engine> Store for KvStore<E> {
     }
 
     fn put_slot(&self, slot: &SlotRecord) -> Result<(), StoreError> {
-        self.insert(slot_key(&slot.name), slot.encode())
+        self.insert(slot_key(&slot.mirror), slot.encode())
     }
 
-    fn remove_slot(&self, name: &Name) -> Result<(), StoreError> {
+    fn remove_slot(&self, mirror: &MirrorIdentity) -> Result<(), StoreError> {
         let mut writes = Writes::default();
-        writes.delete(slot_key(name));
+        writes.delete(slot_key(mirror));
         self.engine.write(writes)
     }
 

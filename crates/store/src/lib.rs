@@ -18,7 +18,8 @@ pub mod testing;
 
 pub use kv::{KvStore, SNAPSHOTS_STARTED};
 pub use record::{
-    DatabaseIdentity, SlotRecord, SnapshotProgress, SnapshotRef, SyncState, WalRecord,
+    DatabaseIdentity, MirrorIdentity, SlotRecord, SnapshotProgress, SnapshotRef, SyncState,
+    WalRecord,
 };
 pub use redb_engine::RedbEngine;
 pub use sled_engine::SledEngine;
@@ -97,7 +98,7 @@ pub fn open_store(
     })
 }
 
-use xmirror_proto::{ChainHash, Entry, Lsn, Name, SnapshotId, StateDigest, UnixMillis};
+use xmirror_proto::{ChainHash, Entry, Lsn, SnapshotId, StateDigest, UnixMillis};
 
 /// Where a store stands: its last applied LSN and the chain hash at it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -395,7 +396,7 @@ pub trait Store: Send + Sync + 'static {
     fn put_slot(&self, slot: &SlotRecord) -> Result<(), StoreError>;
 
     /// Removes a slot, if present.
-    fn remove_slot(&self, name: &Name) -> Result<(), StoreError>;
+    fn remove_slot(&self, mirror: &MirrorIdentity) -> Result<(), StoreError>;
 
     /// A named counter (mirror statistics such as snapshots started); zero when unset.
     fn counter(&self, name: &str) -> Result<u64, StoreError>;

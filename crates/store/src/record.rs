@@ -52,11 +52,28 @@ pub struct SnapshotProgress {
     pub cleared: bool,
 }
 
+/// Who a slot belongs to: a mirror's verified identity, its cluster and name (an observer
+/// of another cluster with the same name has a slot of its own).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct MirrorIdentity {
+    /// The mirror's cluster, from its certificate.
+    pub cluster: Name,
+    /// The mirror's name, from its certificate.
+    pub name: Name,
+}
+
+impl std::fmt::Display for MirrorIdentity {
+    /// The mirror's SPIFFE ID.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "spiffe://{}/observer/{}", self.cluster, self.name)
+    }
+}
+
 /// A mirror's slot on the source: how much WAL to keep for it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SlotRecord {
-    /// The mirror's name.
-    pub name: Name,
+    /// Whose slot it is.
+    pub mirror: MirrorIdentity,
     /// The last LSN the mirror acknowledged as durable; the WAL is kept after it.
     pub acked_lsn: Lsn,
     /// When the mirror was last heard from.
@@ -327,7 +344,8 @@ impl SlotRecord {
     pub(crate) fn encode(&self) -> Vec<u8> {
         let mut writer = RecordWriter::default();
         writer
-            .bytes(self.name.as_str().as_bytes())
+            .bytes(self.mirror.cluster.as_str().as_bytes())
+            .bytes(self.mirror.name.as_str().as_bytes())
             .u64(self.acked_lsn.0)
             .u64(self.last_seen.0)
             .u8(u8::from(self.invalidated));
@@ -343,7 +361,10 @@ impl SlotRecord {
 
     pub(crate) fn decode(value: &[u8]) -> Result<SlotRecord, StoreError> {
         let mut reader = RecordReader::new("slot", value);
-        let name = reader.name()?;
+        let mirror = MirrorIdentity {
+            cluster: reader.name()?,
+            name: reader.name()?,
+        };
         let acked_lsn = Lsn(reader.u64()?);
         let last_seen = UnixMillis(reader.u64()?);
         let invalidated = reader.u8()? != 0;
@@ -356,7 +377,7 @@ impl SlotRecord {
         };
         reader.finish()?;
         Ok(SlotRecord {
-            name,
+            mirror,
             acked_lsn,
             last_seen,
             invalidated,
@@ -405,7 +426,10 @@ mod tests {
         }
 
         let slot = SlotRecord {
-            name: Name::new("m1").unwrap(),
+            mirror: MirrorIdentity {
+                cluster: Name::new("west").unwrap(),
+                name: Name::new("m1").unwrap(),
+            },
             acked_lsn: Lsn(5),
             last_seen: UnixMillis(6),
             invalidated: true,

@@ -18,8 +18,8 @@ use xmirror_proto::{
 };
 use xmirror_store::testing::{open_engine, open_engine_waiting, workload_entry};
 use xmirror_store::{
-    Batch, DatabaseIdentity, Position, SlotRecord, SnapshotRef, Store, StoreError, SyncState,
-    WalBounds, SNAPSHOTS_STARTED,
+    Batch, DatabaseIdentity, MirrorIdentity, Position, SlotRecord, SnapshotRef, Store, StoreError,
+    SyncState, WalBounds, SNAPSHOTS_STARTED,
 };
 
 /// An engine under test, by its name in `testing::ENGINES`.
@@ -236,7 +236,10 @@ pub fn a_chain_mismatch_refuses_the_whole_batch(engine: Engine) {
 pub fn everything_survives_a_reopen(engine: Engine) {
     let dir = TempDir::new().unwrap();
     let slot = SlotRecord {
-        name: Name::new("m1").unwrap(),
+        mirror: MirrorIdentity {
+            cluster: Name::new("west").unwrap(),
+            name: Name::new("m1").unwrap(),
+        },
         acked_lsn: Lsn(2),
         last_seen: UnixMillis(77),
         invalidated: false,
@@ -602,8 +605,12 @@ pub fn the_digest_depends_on_the_state_not_the_history(engine: Engine) {
 pub fn slots_and_counters_are_kept(engine: Engine) {
     let dir = TempDir::new().unwrap();
     let store = engine.open(dir.path());
-    let slot = |name: &str, acked| SlotRecord {
+    let mirror = |cluster: &str, name: &str| MirrorIdentity {
+        cluster: Name::new(cluster).unwrap(),
         name: Name::new(name).unwrap(),
+    };
+    let slot = |name: &str, acked| SlotRecord {
+        mirror: mirror("west", name),
         acked_lsn: Lsn(acked),
         last_seen: UnixMillis(1),
         invalidated: false,
@@ -612,10 +619,19 @@ pub fn slots_and_counters_are_kept(engine: Engine) {
     store.put_slot(&slot("b", 5)).unwrap();
     store.put_slot(&slot("a", 3)).unwrap();
     store.put_slot(&slot("b", 9)).unwrap();
-    assert_eq!(store.slots().unwrap(), vec![slot("a", 3), slot("b", 9)]);
-    store.remove_slot(&Name::new("a").unwrap()).unwrap();
-    store.remove_slot(&Name::new("absent").unwrap()).unwrap();
-    assert_eq!(store.slots().unwrap(), vec![slot("b", 9)]);
+    // Same name, another cluster: a slot of its own.
+    let elsewhere = SlotRecord {
+        mirror: mirror("north", "b"),
+        ..slot("b", 1)
+    };
+    store.put_slot(&elsewhere).unwrap();
+    assert_eq!(
+        store.slots().unwrap(),
+        vec![elsewhere.clone(), slot("a", 3), slot("b", 9)]
+    );
+    store.remove_slot(&mirror("west", "a")).unwrap();
+    store.remove_slot(&mirror("west", "absent")).unwrap();
+    assert_eq!(store.slots().unwrap(), vec![elsewhere, slot("b", 9)]);
     assert_eq!(store.add_to_counter("c", 1).unwrap(), 1);
     assert_eq!(store.add_to_counter("c", 5).unwrap(), 6);
     assert_eq!(store.counter("c").unwrap(), 6);

@@ -715,3 +715,49 @@ async fn a_value_near_the_frame_limit_reaches_a_new_mirror() {
     let (huge, _) = reader.get(b"b-huge").await.unwrap();
     assert_eq!(huge.map(|value| value.len()), Some(15_900_000));
 }
+
+/// Two live mirror processes with one identity (two data directories, one certificate)
+/// settle: one streams, the other waits and says why (IN_USE); they never take turns or
+/// trade snapshots.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_processes_with_one_identity_settle() {
+    let world = World::new();
+    let source = world.start_source("source", &[]).await;
+    let app = world.client(source.addr).await;
+    app.write_keys(20_000, VALUE_SIZE, "key-").await.unwrap();
+    let first = world.start_mirror("m1", "m1-a", source.addr).await;
+    let first_reader = world.client(first.addr).await;
+    assert_converged(&app, &first_reader).await;
+    let sent_once = source_status(&app).await.snapshot_bytes_sent;
+
+    let second = world.start_mirror("m1", "m1-b", source.addr).await;
+    let second_reader = world.client(second.addr).await;
+    // The second says why it waits.
+    wait_until(
+        "the second process to be refused IN_USE",
+        Duration::from_secs(60),
+        || async { second.log_text().contains("IN_USE").then_some(()) },
+    )
+    .await;
+    // For a while, with writes going on: the first keeps streaming, the second holds
+    // nothing, and no further snapshot is sent.
+    for round in 0..6 {
+        app.write_keys(200, VALUE_SIZE, &format!("more-{round}-"))
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let second_status = mirror_status(&second_reader).await;
+        assert_eq!(second_status.applied_lsn.0, 0, "the second never took over");
+    }
+    let first_status = assert_converged(&app, &first_reader).await;
+    assert_eq!(first_status.snapshots_started, 1);
+    assert_eq!(
+        source_status(&app).await.snapshot_bytes_sent,
+        sent_once,
+        "no snapshot traded back and forth"
+    );
+    assert!(
+        !first.log_text().contains("REPLACED"),
+        "the streaming one was never replaced"
+    );
+}

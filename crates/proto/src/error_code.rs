@@ -58,11 +58,14 @@ pub enum ErrorCode {
     SourceBehind = 21,
     /// The mirror's history differs from the source's at its applied LSN.
     DivergedHistory = 22,
+    /// Another live session of the same mirror identity is streaming: one process per
+    /// identity; this one waits and tries again.
+    InUse = 23,
 }
 
 impl ErrorCode {
     /// Every code, in number order.
-    pub const ALL: [ErrorCode; 22] = [
+    pub const ALL: [ErrorCode; 23] = [
         ErrorCode::BadVersion,
         ErrorCode::ClusterIdMismatch,
         ErrorCode::ObserverOnly,
@@ -85,6 +88,7 @@ impl ErrorCode {
         ErrorCode::DatabaseMismatch,
         ErrorCode::SourceBehind,
         ErrorCode::DivergedHistory,
+        ErrorCode::InUse,
     ];
 
     /// The stable number on the wire and in QUIC close frames.
@@ -124,6 +128,7 @@ impl ErrorCode {
             ErrorCode::DatabaseMismatch => "DATABASE_MISMATCH",
             ErrorCode::SourceBehind => "SOURCE_BEHIND",
             ErrorCode::DivergedHistory => "DIVERGED_HISTORY",
+            ErrorCode::InUse => "IN_USE",
         }
     }
 
@@ -196,6 +201,7 @@ mod tests {
             ("DATABASE_MISMATCH", 20),
             ("SOURCE_BEHIND", 21),
             ("DIVERGED_HISTORY", 22),
+            ("IN_USE", 23),
         ];
         let actual: Vec<_> = ErrorCode::ALL
             .iter()
@@ -206,7 +212,7 @@ mod tests {
             assert_eq!(ErrorCode::from_number(code.number()), Some(code));
         }
         assert_eq!(ErrorCode::from_number(0), None);
-        assert_eq!(ErrorCode::from_number(23), None);
+        assert_eq!(ErrorCode::from_number(24), None);
     }
 
     #[test]

@@ -28,7 +28,7 @@ use xmirror_proto::{
 };
 use xmirror_store::{MirrorIdentity, StoreError};
 
-use crate::slots::SessionTicket;
+use crate::slots::{BeginError, SessionTicket};
 use crate::SourceShared;
 
 /// Why a session ended, when not by the mirror finishing it.
@@ -133,9 +133,6 @@ where
         owed_frame: false,
     };
     let outcome = driver.run().await;
-    if let Some((mirror, ticket)) = &driver.ticket {
-        driver.shared.slots.end_session(mirror, ticket.id);
-    }
     if let Err(SessionError::Ended(SourceEnd::Refused(refusal))) = &outcome {
         crate::telemetry::handshake(Some(refusal.code()));
         tracing::warn!(peer = %driver.peer, code = %refusal.code(), detail = %refusal, "mirror refused");
@@ -148,6 +145,16 @@ fn committed(shared: &SourceShared) -> Committed {
     Committed {
         last_lsn: committed.last_lsn,
         commit_time: committed.commit_time,
+    }
+}
+
+/// Ends the session's claim on its slot when the driver goes away, however it goes (a
+/// session whose task is aborted must not keep its identity `IN_USE`).
+impl<R, W> Drop for Driver<'_, R, W> {
+    fn drop(&mut self) {
+        if let Some((mirror, ticket)) = &self.ticket {
+            self.shared.slots.end_session(mirror, ticket.id);
+        }
     }
 }
 
@@ -213,7 +220,12 @@ where
                 }
                 frame = self.reader.next(), if wants_frames => {
                     let event = match frame {
-                        Ok(Some(message)) => SourceEvent::Received(message),
+                        Ok(Some(message)) => {
+                            if let Some((mirror, ticket)) = &self.ticket {
+                                self.shared.slots.heard(mirror, ticket.id, std::time::Instant::now());
+                            }
+                            SourceEvent::Received(message)
+                        }
                         Ok(None) => SourceEvent::MirrorFinished,
                         Err(FrameError::Io(error)) => {
                             return Err(self.fail(SessionError::Stream(FrameError::Io(error))));
@@ -495,14 +507,23 @@ fn admit(
         chain_hash_at_resume_base,
         fresh_snapshot,
     };
-    let decision = decide(&hello, peer, &view);
+    let mut decision = decide(&hello, peer, &view);
     let ticket = match &decision {
         Ok(Decision::Diverged { .. }) | Err(_) => None,
-        Ok(decision) => Some(
-            shared
+        Ok(accepted) => {
+            let now = std::time::Instant::now();
+            match shared
                 .slots
-                .begin_session(&mirror_identity(peer), decision)?,
-        ),
+                .begin_session(&mirror_identity(peer), accepted, now)
+            {
+                Ok(ticket) => Some(ticket),
+                Err(in_use @ BeginError::InUse { .. }) => {
+                    decision = Err(Reject::new(ErrorCode::InUse, in_use.to_string()));
+                    None
+                }
+                Err(BeginError::Store(error)) => return Err(error),
+            }
+        }
     };
     Ok(Admission {
         hello,

@@ -7,6 +7,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 use xmirror_proto::status::{SlotState, SlotStatus};
@@ -51,6 +52,32 @@ pub fn plan_retention<'a, K: Clone + 'a>(
     }
 }
 
+/// A session heard from within this long is live: a second session of the same identity
+/// is refused (`IN_USE`) rather than replacing it, so two processes with one identity
+/// settle (one streams, the other waits) instead of taking turns. A live mirror is heard
+/// from at least every second (it answers every heartbeat); one silent this long has lost
+/// its connection, and a new session replaces it.
+pub const SESSION_LIVE_WITHIN: Duration = Duration::from_secs(3);
+
+/// Why a session could not take a slot.
+#[derive(Debug, thiserror::Error)]
+pub enum BeginError {
+    /// Another session of the same identity is live.
+    #[error(
+        "mirror {mirror} is streaming in another session, heard from {heard_ms} ms ago: one \
+         process per identity; this one waits and tries again"
+    )]
+    InUse {
+        /// Whose slot.
+        mirror: MirrorIdentity,
+        /// How long ago the live session was heard from.
+        heard_ms: u128,
+    },
+    /// The slot could not be written.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
 /// A live session of a slot's mirror.
 struct Session {
     /// Tells this session from a later one of the same mirror: a late ack of a replaced
@@ -62,6 +89,8 @@ struct Session {
     replaced: CancellationToken,
     /// Set once the session sent `SnapshotDone`: the next ack ends the snapshot's claim.
     snapshot_sent: bool,
+    /// When a frame from the mirror last arrived: whether a second session is refused.
+    heard_at: Instant,
 }
 
 struct Slot {
@@ -152,8 +181,20 @@ impl Slots {
         &self,
         mirror: &MirrorIdentity,
         decision: &Decision,
-    ) -> Result<SessionTicket, StoreError> {
+        now: Instant,
+    ) -> Result<SessionTicket, BeginError> {
         let mut inner = self.lock();
+        if let Some(live) = inner
+            .slots
+            .get(mirror)
+            .and_then(|slot| slot.session.as_ref())
+            .filter(|session| now.saturating_duration_since(session.heard_at) < SESSION_LIVE_WITHIN)
+        {
+            return Err(BeginError::InUse {
+                mirror: mirror.clone(),
+                heard_ms: now.saturating_duration_since(live.heard_at).as_millis(),
+            });
+        }
         let id = inner.next_session_id;
         inner.next_session_id += 1;
         let slot = inner.slots.entry(mirror.clone()).or_insert_with(|| Slot {
@@ -210,6 +251,7 @@ impl Slots {
             state,
             replaced: replaced.clone(),
             snapshot_sent: false,
+            heard_at: now,
         });
         Ok(SessionTicket { id, replaced })
     }
@@ -231,6 +273,15 @@ impl Slots {
         } else {
             None
         }
+    }
+
+    /// A frame from the session's mirror arrived: it is live.
+    pub fn heard(&self, mirror: &MirrorIdentity, id: u64, now: Instant) {
+        self.with_session(mirror, id, |slot| {
+            if let Some(session) = &mut slot.session {
+                session.heard_at = now;
+            }
+        });
     }
 
     /// The session finished its snapshot scan and now streams.
@@ -382,7 +433,9 @@ mod tests {
             base_chain_hash: xmirror_proto::ChainHash::GENESIS,
             reason: xmirror_proto::SnapshotReason::NewMirror,
         };
-        let ticket = slots.begin_session(&mirror, &snapshot).unwrap();
+        let ticket = slots
+            .begin_session(&mirror, &snapshot, Instant::now())
+            .unwrap();
         // Retention passes the slow snapshot's base.
         slots
             .lock()
@@ -399,6 +452,44 @@ mod tests {
         assert!(slots.acknowledge(&mirror, ticket.id, Lsn(25)));
         assert!(!invalidated(&slots, &mirror));
         assert_eq!(slots.lock().slots[&mirror].record.acked_lsn, Lsn(25));
+    }
+
+    #[test]
+    fn a_live_session_is_not_replaced_and_a_silent_one_is() {
+        let (_dir, slots) = slots();
+        let mirror = MirrorIdentity {
+            cluster: name("west"),
+            name: name("m1"),
+        };
+        let stream = Decision::Stream { from_lsn: Lsn(1) };
+        let start = Instant::now();
+        let first = slots.begin_session(&mirror, &stream, start).unwrap();
+        // A second process of the same identity while the first is heard from: refused.
+        let soon = start + Duration::from_secs(3);
+        slots.heard(&mirror, first.id, soon);
+        let later = soon + SESSION_LIVE_WITHIN - Duration::from_millis(1);
+        match slots.begin_session(&mirror, &stream, later) {
+            Err(BeginError::InUse { heard_ms, .. }) => {
+                assert_eq!(
+                    heard_ms,
+                    (SESSION_LIVE_WITHIN - Duration::from_millis(1)).as_millis()
+                )
+            }
+            other => panic!("expected IN_USE, got {:?}", other.map(|ticket| ticket.id)),
+        }
+        assert!(!first.replaced.is_cancelled());
+        // Silent for the whole window: its connection is gone, a new session replaces it.
+        let second = slots
+            .begin_session(&mirror, &stream, soon + SESSION_LIVE_WITHIN)
+            .unwrap();
+        assert!(first.replaced.is_cancelled());
+        assert_ne!(second.id, first.id);
+        // Another cluster's mirror of the same name is another identity: never in the way.
+        let other = MirrorIdentity {
+            cluster: name("north"),
+            name: name("m1"),
+        };
+        assert!(slots.begin_session(&other, &stream, soon).is_ok());
     }
 
     #[test]

@@ -101,6 +101,10 @@ async fn plan_source(args: &SourceArgs) -> anyhow::Result<SourcePlan> {
     let link = link(settings.link_mbit_s, settings.link_rtt_ms)?;
     size_for_link(&mut config.transport, link);
     set(&mut config.max_wal_entries, settings.max_wal_entries);
+    set(&mut config.max_wal_bytes, settings.max_wal_bytes);
+    if let Some(seconds) = settings.slot_idle_timeout {
+        config.slot_idle_timeout = Some(Duration::from_secs(seconds));
+    }
     set(&mut config.max_connections, settings.max_connections);
     set(&mut config.max_handshakes, settings.max_handshakes);
     set(&mut config.transport.max_streams, settings.max_streams);
@@ -145,6 +149,8 @@ impl SourcePlan {
             link_mbit_s: self.link.map(|(mbit_s, _)| mbit_s),
             link_rtt_ms: self.link.map(|(_, rtt_ms)| rtt_ms),
             max_wal_entries: Some(config.max_wal_entries),
+            max_wal_bytes: Some(config.max_wal_bytes),
+            slot_idle_timeout: config.slot_idle_timeout.map(|timeout| timeout.as_secs()),
             handshake_timeout_ms: Some(millis(config.handshake_timeout)),
             idle_timeout_ms: Some(millis(config.transport.idle_timeout)),
             max_connections: Some(config.max_connections),

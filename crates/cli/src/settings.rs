@@ -53,6 +53,12 @@ settings! {
         /// Most WAL entries kept for slow or absent mirrors; a mirror pushed past it gets a
         /// snapshot when it returns [default: 10000000].
         max_wal_entries: u64,
+        /// Most WAL bytes kept whatever the slots want; a slot pushed past it is invalidated
+        /// [default: 4294967296].
+        max_wal_bytes: u64,
+        /// Seconds a mirror may be away before its slot is invalidated and stops holding the
+        /// WAL [default: off].
+        slot_idle_timeout: u64,
         /// Milliseconds a peer has for its TLS handshake and hello [default: 10000].
         handshake_timeout_ms: u64,
         /// Milliseconds without traffic after which a connection is dead [default: 30000].

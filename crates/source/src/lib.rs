@@ -33,7 +33,7 @@ use xmirror_store::{open_store, DatabaseIdentity, EngineKind, Store, StoreError}
 use xmirror_tls::{NodeTls, ALPN_CLIENT, ALPN_MIRROR};
 
 use crate::service::SourceService;
-use crate::slots::Slots;
+use crate::slots::{RetentionLimits, Slots};
 use crate::writer::{BatchLimits, Committed, WriteError, Writer};
 
 /// Everything a source needs to start. Each field documents its default.
@@ -61,6 +61,13 @@ pub struct SourceConfig {
     /// invalidated. Default 10,000,000 (about 1.5 GB of 100-byte writes): generous, so
     /// that a mirror can be down for a long while and still resume by streaming.
     pub max_wal_entries: u64,
+    /// Most WAL bytes kept (records as stored), whatever the slots want; a slot pushed past
+    /// it is invalidated. Default 4 GiB: absent mirrors cannot fill the source's disk.
+    pub max_wal_bytes: u64,
+    /// A slot whose mirror has been away longer is invalidated and stops holding the WAL
+    /// (its mirror gets a snapshot when it returns). Default none: slots wait for as long
+    /// as the caps allow.
+    pub slot_idle_timeout: Option<Duration>,
     /// How often retention runs. Default 500 ms.
     pub retention_interval: Duration,
     /// Most entries per WAL batch. Default 1,024.
@@ -107,6 +114,8 @@ impl SourceConfig {
             frame_limits: FrameLimits::default(),
             transport: TransportLimits::default(),
             max_wal_entries: 10_000_000,
+            max_wal_bytes: 4 << 30,
+            slot_idle_timeout: None,
             retention_interval: Duration::from_millis(500),
             batch_max_entries: 1_024,
             batch_max_bytes: 1 << 20,
@@ -144,6 +153,15 @@ impl SourceConfig {
                 room,
             }),
             None => Ok(()),
+        }
+    }
+
+    /// What bounds the WAL whatever the slots want.
+    pub fn retention_limits(&self) -> RetentionLimits {
+        RetentionLimits {
+            max_wal_entries: self.max_wal_entries,
+            max_wal_bytes: self.max_wal_bytes,
+            slot_idle_timeout: self.slot_idle_timeout,
         }
     }
 
@@ -415,7 +433,9 @@ async fn retention_loop(shared: Arc<SourceShared>) {
                 if changed.is_err() {
                     return;
                 }
-                if shared.store.wal_bounds().len() <= shared.config.max_wal_entries {
+                if shared.store.wal_bounds().len() <= shared.config.max_wal_entries
+                    && shared.store.wal_bytes() <= shared.config.max_wal_bytes
+                {
                     continue;
                 }
             }
@@ -429,7 +449,7 @@ async fn retention_loop(shared: Arc<SourceShared>) {
             shared.slots.persist_acknowledged()?;
             shared
                 .slots
-                .enforce_retention(shared.config.max_wal_entries)
+                .enforce_retention(shared.config.retention_limits(), writer::now_millis())
         })
         .await;
         match result {

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 use xmirror_proto::status::{SlotState, SlotStatus};
-use xmirror_proto::{Decision, Lsn};
+use xmirror_proto::{Decision, Lsn, UnixMillis};
 use xmirror_store::{MirrorIdentity, Position, SlotRecord, SnapshotRef, Store, StoreError};
 
 use crate::writer::now_millis;
@@ -25,15 +25,30 @@ pub struct RetentionPlan<K> {
     pub invalidate: Vec<K>,
 }
 
-/// The retention rule. `slots` yields each valid (not yet invalidated) slot's name and
-/// acknowledged LSN. With no valid slot nothing needs the WAL, and it is emptied.
+/// The lowest LSN the caps let the WAL keep: at most `max_entries` entries, and no more
+/// bytes than the byte cap allows (`bytes_floor`, which the store computes).
+pub fn cap_floor(last_lsn: Lsn, max_entries: u64, bytes_floor: Lsn) -> Lsn {
+    Lsn((last_lsn.0 + 1).saturating_sub(max_entries).max(1)).max(bytes_floor)
+}
+
+/// Whether a slot without a live session, last seen at `last_seen`, has been idle beyond
+/// `timeout` (none: slots never go idle).
+pub fn is_idle(last_seen: UnixMillis, now: UnixMillis, timeout: Option<Duration>) -> bool {
+    timeout.is_some_and(|timeout| {
+        now.0.saturating_sub(last_seen.0) > u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX)
+    })
+}
+
+/// The retention rule. `slots` yields each valid (not yet invalidated) slot's key and
+/// acknowledged LSN; the WAL is kept from the oldest one's next LSN, never below
+/// `cap_floor`, and the slots that floor passes are invalidated. With no valid slot
+/// nothing needs the WAL, and it is emptied.
 pub fn plan_retention<'a, K: Clone + 'a>(
     last_lsn: Lsn,
-    max_wal_entries: u64,
+    cap_floor: Lsn,
     slots: impl IntoIterator<Item = (&'a K, Lsn)>,
 ) -> RetentionPlan<K> {
     let slots: Vec<(&K, Lsn)> = slots.into_iter().collect();
-    let cap_floor = Lsn((last_lsn.0 + 1).saturating_sub(max_wal_entries).max(1));
     let wanted = slots
         .iter()
         .map(|(_, acked)| acked.next())
@@ -50,6 +65,18 @@ pub fn plan_retention<'a, K: Clone + 'a>(
         first_kept,
         invalidate,
     }
+}
+
+/// What bounds the WAL whatever the slots want.
+#[derive(Clone, Copy, Debug)]
+pub struct RetentionLimits {
+    /// Most entries kept (`--max-wal-entries`).
+    pub max_wal_entries: u64,
+    /// Most bytes kept (`--max-wal-bytes`).
+    pub max_wal_bytes: u64,
+    /// A slot whose mirror is away longer is invalidated (`--slot-idle-timeout`; off when
+    /// `None`).
+    pub slot_idle_timeout: Option<Duration>,
 }
 
 /// A session heard from within this long is live: a second session of the same identity
@@ -348,13 +375,35 @@ impl Slots {
     /// to go.
     pub fn enforce_retention(
         &self,
-        max_wal_entries: u64,
+        limits: RetentionLimits,
+        now: UnixMillis,
     ) -> Result<RetentionPlan<MirrorIdentity>, StoreError> {
         let mut inner = self.lock();
+        // A slot whose mirror has been away beyond the idle timeout stops holding the WAL.
+        for (mirror, slot) in inner.slots.iter_mut() {
+            if !slot.record.invalidated
+                && slot.session.is_none()
+                && is_idle(slot.record.last_seen, now, limits.slot_idle_timeout)
+            {
+                tracing::warn!(
+                    mirror = %mirror,
+                    acked_lsn = %slot.record.acked_lsn,
+                    "slot invalidated: its mirror was away beyond --slot-idle-timeout; it will get a snapshot"
+                );
+                slot.record.invalidated = true;
+                slot.record.snapshot = None;
+                self.store.put_slot(&slot.record)?;
+            }
+        }
         let last_lsn = self.store.position().lsn;
+        let floor = cap_floor(
+            last_lsn,
+            limits.max_wal_entries,
+            self.store.wal_floor_for_bytes(limits.max_wal_bytes)?,
+        );
         let plan = plan_retention(
             last_lsn,
-            max_wal_entries,
+            floor,
             inner
                 .slots
                 .iter()
@@ -493,9 +542,40 @@ mod tests {
     }
 
     #[test]
+    fn the_byte_cap_passes_slots_like_the_entry_cap() {
+        let (a, b) = (name("a"), name("b"));
+        // The entries allow 100 back, the bytes only from LSN 61 on.
+        let floor = cap_floor(Lsn(100), 1_000, Lsn(61));
+        assert_eq!(floor, Lsn(61));
+        let plan = plan_retention(Lsn(100), floor, [(&a, Lsn(40)), (&b, Lsn(90))]);
+        assert_eq!(plan.first_kept, Lsn(61));
+        assert_eq!(plan.invalidate, vec![a]);
+    }
+
+    #[test]
+    fn slots_go_idle_only_with_a_timeout_and_beyond_it() {
+        let seen = UnixMillis(1_000);
+        let minute = Some(Duration::from_secs(60));
+        assert!(
+            !is_idle(seen, UnixMillis(1_000_000_000), None),
+            "off by default"
+        );
+        assert!(!is_idle(seen, UnixMillis(61_000), minute));
+        assert!(is_idle(seen, UnixMillis(61_001), minute));
+        assert!(
+            !is_idle(seen, UnixMillis(0), minute),
+            "a clock that went back"
+        );
+    }
+
+    #[test]
     fn keeps_what_the_oldest_slot_needs() {
         let (a, b) = (name("a"), name("b"));
-        let plan = plan_retention(Lsn(100), 1_000, [(&a, Lsn(40)), (&b, Lsn(70))]);
+        let plan = plan_retention(
+            Lsn(100),
+            cap_floor(Lsn(100), 1_000, Lsn(1)),
+            [(&a, Lsn(40)), (&b, Lsn(70))],
+        );
         assert_eq!(plan.first_kept, Lsn(41));
         assert!(plan.invalidate.is_empty());
     }
@@ -503,30 +583,38 @@ mod tests {
     #[test]
     fn never_keeps_more_than_the_maximum_and_invalidates_what_it_passes() {
         let (a, b) = (name("a"), name("b"));
-        let plan = plan_retention(Lsn(100), 30, [(&a, Lsn(40)), (&b, Lsn(90))]);
+        let plan = plan_retention(
+            Lsn(100),
+            cap_floor(Lsn(100), 30, Lsn(1)),
+            [(&a, Lsn(40)), (&b, Lsn(90))],
+        );
         assert_eq!(plan.first_kept, Lsn(71));
         assert_eq!(plan.invalidate, vec![a]);
         // Exactly at the edge: acked 70 needs 71, which is kept.
         let c = name("c");
-        let plan = plan_retention(Lsn(100), 30, [(&c, Lsn(70))]);
+        let plan = plan_retention(Lsn(100), cap_floor(Lsn(100), 30, Lsn(1)), [(&c, Lsn(70))]);
         assert_eq!(plan.first_kept, Lsn(71));
         assert!(plan.invalidate.is_empty());
     }
 
     #[test]
     fn without_slots_nothing_is_kept() {
-        let plan = plan_retention::<Name>(Lsn(100), 1_000, []);
+        let plan = plan_retention::<Name>(Lsn(100), cap_floor(Lsn(100), 1_000, Lsn(1)), []);
         assert_eq!(plan.first_kept, Lsn(101));
-        let empty = plan_retention::<Name>(Lsn(0), 1_000, []);
+        let empty = plan_retention::<Name>(Lsn(0), cap_floor(Lsn(0), 1_000, Lsn(1)), []);
         assert_eq!(empty.first_kept, Lsn(1));
     }
 
     #[test]
     fn a_caught_up_slot_keeps_nothing_and_a_short_wal_needs_no_cap() {
         let a = name("a");
-        let plan = plan_retention(Lsn(100), 1_000, [(&a, Lsn(100))]);
+        let plan = plan_retention(
+            Lsn(100),
+            cap_floor(Lsn(100), 1_000, Lsn(1)),
+            [(&a, Lsn(100))],
+        );
         assert_eq!(plan.first_kept, Lsn(101));
-        let plan = plan_retention(Lsn(10), 1_000, [(&a, Lsn(0))]);
+        let plan = plan_retention(Lsn(10), cap_floor(Lsn(10), 1_000, Lsn(1)), [(&a, Lsn(0))]);
         assert_eq!(plan.first_kept, Lsn(1));
         assert!(plan.invalidate.is_empty());
     }

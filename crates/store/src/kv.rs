@@ -136,6 +136,9 @@ struct CachedMeta {
     sync: SyncState,
     /// The database held, read by every hello and status.
     database: Option<DatabaseIdentity>,
+    /// Bytes of WAL records held (as stored): what `--max-wal-bytes` bounds. Counted once at
+    /// open, then kept with every write and truncation.
+    wal_bytes: u64,
 }
 
 /// What a batch comes to, prepared under the write lock.
@@ -149,6 +152,8 @@ enum Prepared<'b> {
         wal_base: Position,
         sync: SyncState,
         newly_applied: usize,
+        /// WAL bytes the writes add.
+        wal_bytes: u64,
     },
 }
 
@@ -231,6 +236,11 @@ impl<E: Engine> KvStore<E> {
             Some(value) => Some(DatabaseIdentity::decode(&value)?),
             None => None,
         };
+        let mut wal_bytes = 0u64;
+        engine.for_each(&prefix_range(WAL), &mut |_, value| {
+            wal_bytes += value.len() as u64;
+            Ok(true)
+        })?;
         Ok(KvStore {
             engine,
             visibility: RwLock::new(()),
@@ -240,6 +250,7 @@ impl<E: Engine> KvStore<E> {
                 wal_base,
                 sync,
                 database,
+                wal_bytes,
             }),
         })
     }
@@ -304,6 +315,7 @@ impl<E: Engine> KvStore<E> {
         let mut writes = Writes::default();
         let mut chain_hash = state.position.chain_hash;
         let mut lsn = applied;
+        let mut wal_bytes = 0u64;
         for entry in new_entries {
             lsn = lsn.next();
             chain_hash = chain_hash.next(lsn, entry);
@@ -322,10 +334,9 @@ impl<E: Engine> KvStore<E> {
                 Entry::Delete { key } => writes.delete(data_key(key)),
             }
             if batch.keep_wal {
-                writes.put(
-                    wal_key(lsn),
-                    WalRecord::encode_value(entry, &chain_hash, batch.commit_time),
-                );
+                let record = WalRecord::encode_value(entry, &chain_hash, batch.commit_time);
+                wal_bytes += record.len() as u64;
+                writes.put(wal_key(lsn), record);
             }
         }
         if let Some(expected) = batch.expected_chain_hash {
@@ -359,6 +370,7 @@ impl<E: Engine> KvStore<E> {
             wal_base,
             sync,
             newly_applied: new_entries.len(),
+            wal_bytes,
         })
     }
 
@@ -445,11 +457,13 @@ impl<E: Engine> Store for KvStore<E> {
                 wal_base,
                 sync,
                 newly_applied,
+                wal_bytes,
             } => {
                 self.note_failure(self.engine.write(writes))?;
                 state.position = position;
                 state.wal_base = wal_base;
                 state.sync = sync;
+                state.wal_bytes += wal_bytes;
                 Ok(Applied {
                     position,
                     newly_applied,
@@ -472,6 +486,7 @@ impl<E: Engine> Store for KvStore<E> {
                 wal_base,
                 sync,
                 newly_applied,
+                wal_bytes,
             } => {
                 let _exclusive = E::READS_SEE_UNFLUSHED_WRITES.then(|| {
                     self.visibility
@@ -484,6 +499,7 @@ impl<E: Engine> Store for KvStore<E> {
                 state.position = position;
                 state.wal_base = wal_base;
                 state.sync = sync;
+                state.wal_bytes += wal_bytes;
                 Ok(Applied {
                     position,
                     newly_applied,
@@ -534,6 +550,31 @@ impl<E: Engine> Store for KvStore<E> {
                 Ok(true)
             })?;
         Ok((keys, bytes))
+    }
+
+    fn wal_bytes(&self) -> u64 {
+        self.lock().wal_bytes
+    }
+
+    fn wal_floor_for_bytes(&self, max_bytes: u64) -> Result<Lsn, StoreError> {
+        let (total, first) = {
+            let state = self.lock();
+            (state.wal_bytes, state.wal_base.lsn.next())
+        };
+        if total <= max_bytes {
+            return Ok(first);
+        }
+        // Walk from the oldest entry until enough would be removed.
+        let excess = total - max_bytes;
+        let mut removed = 0u64;
+        let mut floor = first;
+        self.engine
+            .for_each(&prefix_range(WAL), &mut |key, value| {
+                removed += value.len() as u64;
+                floor = wal_lsn(key)?.next();
+                Ok(removed < excess)
+            })?;
+        Ok(floor)
     }
 
     fn wal_bounds(&self) -> WalBounds {
@@ -614,6 +655,11 @@ impl<E: Engine> Store for KvStore<E> {
             Bound::Included(wal_key(Lsn::ZERO).to_vec()),
             Bound::Excluded(wal_key(first_kept).to_vec()),
         );
+        let mut removed_bytes = 0u64;
+        self.engine.for_each(&range, &mut |_, value| {
+            removed_bytes += value.len() as u64;
+            Ok(true)
+        })?;
         let mut new_base = None;
         self.remove_range(range, |last_key, batch| {
             let lsn = wal_lsn(last_key)?;
@@ -634,6 +680,7 @@ impl<E: Engine> Store for KvStore<E> {
         })?;
         if let Some(base) = new_base {
             let mut state = self.lock();
+            state.wal_bytes = state.wal_bytes.saturating_sub(removed_bytes);
             if base.lsn > state.wal_base.lsn {
                 state.wal_base = base;
             }
@@ -707,6 +754,7 @@ impl<E: Engine> Store for KvStore<E> {
         state.position = base;
         state.wal_base = base;
         state.database = Some(database);
+        state.wal_bytes = 0;
 
         self.remove_range(prefix_range(DATA), |_, _| Ok(()))?;
         self.remove_range(prefix_range(WAL), |_, _| Ok(()))?;

@@ -327,6 +327,13 @@ pub trait Store: Send + Sync + 'static {
     /// The WAL's oldest and newest LSN.
     fn wal_bounds(&self) -> WalBounds;
 
+    /// Bytes of WAL records held, as stored.
+    fn wal_bytes(&self) -> u64;
+
+    /// The lowest LSN to keep so that the WAL holds at most `max_bytes` (its first LSN when
+    /// it already does).
+    fn wal_floor_for_bytes(&self, max_bytes: u64) -> Result<Lsn, StoreError>;
+
     /// Up to `max_entries` WAL records from `from`, at most `max_bytes` of payload (one
     /// larger record is returned alone when it is the first).
     fn read_wal(

@@ -330,6 +330,43 @@ pub fn wal_reads_are_bounded_and_truncation_is_visible(engine: Engine) {
     assert_eq!(store.key_count().unwrap(), 100);
 }
 
+/// The WAL's size in bytes is known at once, kept across writes, truncation and reopening,
+/// and tells retention where to cut to stay within a byte cap.
+pub fn the_wal_size_in_bytes_is_kept_and_bounds_retention(engine: Engine) {
+    let dir = TempDir::new().unwrap();
+    let entries: Vec<Entry> = (0..100)
+        .map(|i| put(&format!("k{i:03}"), "0123456789"))
+        .collect();
+    let (per_entry, total) = {
+        let store = engine.open(dir.path());
+        assert_eq!(store.wal_bytes(), 0);
+        store.apply(source_batch(1, &entries)).unwrap();
+        let total = store.wal_bytes();
+        assert!(total > 0);
+        // Same-sized entries: the same number of bytes each.
+        let per_entry = total / 100;
+        assert_eq!(per_entry * 100, total);
+        assert_eq!(store.wal_floor_for_bytes(total).unwrap(), Lsn(1));
+        // Keeping 10 entries' worth means cutting below LSN 91.
+        assert_eq!(store.wal_floor_for_bytes(per_entry * 10).unwrap(), Lsn(91));
+        assert_eq!(
+            store.wal_floor_for_bytes(per_entry * 10 + 1).unwrap(),
+            Lsn(91)
+        );
+        store.truncate_wal(Lsn(41)).unwrap();
+        assert_eq!(store.wal_bytes(), per_entry * 60);
+        store.flush().unwrap();
+        (per_entry, total)
+    };
+    let store = engine.open(dir.path());
+    assert_eq!(
+        store.wal_bytes(),
+        total - per_entry * 40,
+        "counted again at open"
+    );
+    assert_eq!(store.wal_floor_for_bytes(0).unwrap(), Lsn(101));
+}
+
 pub fn scans_are_key_ordered_bounded_and_resumable(engine: Engine) {
     let dir = TempDir::new().unwrap();
     let store = engine.open(dir.path());
@@ -752,6 +789,7 @@ macro_rules! conformance {
             a_chain_mismatch_refuses_the_whole_batch,
             everything_survives_a_reopen,
             wal_reads_are_bounded_and_truncation_is_visible,
+            the_wal_size_in_bytes_is_kept_and_bounds_retention,
             scans_are_key_ordered_bounded_and_resumable,
             a_snapshot_is_received_resumably_then_replayed,
             a_snapshot_ending_at_its_base_is_consistent_at_once,

@@ -761,3 +761,60 @@ async fn two_processes_with_one_identity_settle() {
         "the streaming one was never replaced"
     );
 }
+
+/// Slots of absent mirrors cannot pin the WAL beyond `--max-wal-bytes`, and an operator
+/// lists and drops them (`xmirror slots`); only the source's own clients may.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn absent_mirrors_pin_no_more_than_the_byte_cap_and_slots_can_be_dropped() {
+    let world = World::new();
+    // A cap of about 2 MB of WAL.
+    let source = world
+        .start_source("source", &["--max-wal-bytes", "2000000"])
+        .await;
+    let app = world.client(source.addr).await;
+    app.write_keys(100, VALUE_SIZE, "key-").await.unwrap();
+    let mut mirror = world.start_mirror("m1", "m1", source.addr).await;
+    let reader = world.client(mirror.addr).await;
+    assert_converged(&app, &reader).await;
+    drop(reader);
+    assert!(mirror.stop().success());
+
+    // The mirror is away; 20 MB of writes.
+    app.write_keys(200, 100_000, "big-").await.unwrap();
+    let status = wait_until(
+        "the slot to be invalidated by the byte cap",
+        Duration::from_secs(60),
+        || async {
+            let status = source_status(&app).await;
+            (status.mirrors.first().map(|slot| slot.state) == Some(SlotState::Invalidated))
+                .then_some(status)
+        },
+    )
+    .await;
+    // At most about 2 MB of 100 kB values are kept.
+    let kept = status.last_lsn.0 + 1 - status.wal_first_lsn.0;
+    assert!(kept <= 21, "the WAL kept {kept} entries of 100 kB");
+
+    let node = source.addr.to_string();
+    let certs = world.certs.display().to_string();
+    let slots = |name: &str, action: &[&str]| {
+        let mut args = vec!["slots", "--node", &node, "--certs", &certs, "--name", name];
+        args.extend_from_slice(action);
+        world.cli(&args)
+    };
+    let listed = slots("app", &["list", "--json"]);
+    assert!(listed.status.success(), "{listed:?}");
+    let listed: serde_json::Value = serde_json::from_slice(&listed.stdout).unwrap();
+    assert_eq!(listed[0]["id"], format!("spiffe://{CLUSTER}/observer/m1"));
+    assert_eq!(listed[0]["invalidated"], true);
+    // An observer may not administer the source.
+    let refused = slots("m1", &["list"]);
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("NOT_AUTHORIZED"));
+    let unknown = slots("app", &["drop", "nobody"]);
+    assert!(String::from_utf8_lossy(&unknown.stderr).contains("NOT_FOUND"));
+    let dropped = slots("app", &["drop", "m1", "--json"]);
+    assert!(dropped.status.success(), "{dropped:?}");
+    assert_eq!(String::from_utf8_lossy(&dropped.stdout).trim(), "[]");
+    assert!(source_status(&app).await.mirrors.is_empty());
+}

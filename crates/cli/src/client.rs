@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Context};
 use clap::Args;
 use xmirror_net::Client;
-use xmirror_proto::status::NodeStatus;
+use xmirror_proto::status::{NodeStatus, SlotState};
 use xmirror_tls::{ExpectedServer, NodeTls};
 
 /// How to reach a node and who to be.
@@ -300,6 +300,60 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
         }
         tokio::time::sleep(std::time::Duration::from_millis(args.interval_ms)).await;
     }
+}
+
+#[derive(Args)]
+pub struct SlotsArgs {
+    #[command(flatten)]
+    node: NodeArgs,
+    /// `list` (the default), or `drop MIRROR` (its SPIFFE ID, or a name only one slot has).
+    #[arg(value_parser = ["list", "drop"], default_value = "list")]
+    action: String,
+    /// The mirror whose slot `drop` removes.
+    mirror: Option<String>,
+    /// Print JSON: one object per slot with `id`, `name`, `acked_lsn`, `last_seen`,
+    /// `invalidated`, `state`.
+    #[arg(long)]
+    json: bool,
+}
+
+pub async fn slots(args: SlotsArgs) -> anyhow::Result<()> {
+    let client = connect(&args.node).await?;
+    let slots = match (args.action.as_str(), &args.mirror) {
+        ("drop", Some(mirror)) => client.drop_slot(mirror).await.context("drop failed")?,
+        ("drop", None) => bail!("slots drop needs the mirror: its SPIFFE ID or its name"),
+        (_, Some(extra)) => bail!("slots list takes no mirror (got {extra:?})"),
+        _ => client.slots().await.context("slots failed")?,
+    };
+    if args.json {
+        let slots: Vec<_> = slots
+            .iter()
+            .map(|slot| {
+                serde_json::json!({
+                    "id": slot.id,
+                    "name": slot.name.as_str(),
+                    "acked_lsn": slot.acked_lsn.0,
+                    "last_seen": slot.last_seen.0,
+                    "invalidated": slot.state == SlotState::Invalidated,
+                    "state": json_name(&slot.state),
+                })
+            })
+            .collect();
+        println!("{}", serde_json::Value::Array(slots));
+    } else if slots.is_empty() {
+        println!("no slots");
+    } else {
+        for slot in &slots {
+            println!(
+                "{:<40} {:<12} acked_lsn={} lag_entries={}",
+                slot.id,
+                json_name(&slot.state),
+                slot.acked_lsn,
+                slot.lag_entries
+            );
+        }
+    }
+    Ok(())
 }
 
 pub async fn digest(args: DigestArgs) -> anyhow::Result<()> {

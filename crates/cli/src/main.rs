@@ -51,6 +51,8 @@ enum Command {
     Status(client::StatusArgs),
     /// Print the digest of a node's whole state and the LSN it was taken at.
     Digest(client::DigestArgs),
+    /// List a source's slots, or drop one (releasing the WAL it holds).
+    Slots(client::SlotsArgs),
     /// Run a source and a mirror on this machine, with no setup, and show them at work.
     Demo,
 }
@@ -100,6 +102,7 @@ fn main() -> ExitCode {
                     Command::Load(args) => client::load(args).await,
                     Command::Status(args) => client::status(args).await,
                     Command::Digest(args) => client::digest(args).await,
+                    Command::Slots(args) => client::slots(args).await,
                     Command::Demo => demo::run().await,
                     Command::Certs(_) => unreachable!("handled above"),
                 }

@@ -36,6 +36,13 @@ impl MirrorService {
 impl ClientService for MirrorService {
     fn handle(&self, _peer: &PeerIdentity, request: Message) -> Reply {
         match request {
+            Message::SlotsRequest(_) | Message::DropSlotRequest(_) => error_reply(
+                ErrorCode::NotAuthorized,
+                format!(
+                    "{} is a mirror: slots are the source's; ask the source",
+                    self.shared.name
+                ),
+            ),
             Message::PutRequest(_) | Message::DeleteRequest(_) => error_reply(
                 ErrorCode::ReadOnly,
                 format!(

@@ -5,9 +5,10 @@ use std::time::{Duration, Instant};
 
 use quinn::{RecvStream, SendStream};
 use xmirror_proto::message::{
-    DeleteRequest, DigestRequest, ErrorReply, GetRequest, MessageType, PutRequest, StatusRequest,
+    DeleteRequest, DigestRequest, DropSlotRequest, ErrorReply, GetRequest, MessageType, PutRequest,
+    SlotsRequest, StatusRequest,
 };
-use xmirror_proto::status::NodeStatus;
+use xmirror_proto::status::{NodeStatus, SlotStatus};
 use xmirror_proto::{FrameError, FrameLimits, Lsn, Message, StateDigest};
 use xmirror_tls::{ExpectedServer, NodeTls, ALPN_CLIENT};
 
@@ -125,6 +126,26 @@ impl Client {
     pub async fn get(&self, key: &[u8]) -> Result<(Option<Vec<u8>>, Lsn), ClientError> {
         match self.request(GetRequest { key: key.to_vec() }).await? {
             Message::GetReply(reply) => Ok((reply.value, reply.lsn)),
+            other => Err(ClientError::Unexpected(other.message_type())),
+        }
+    }
+
+    /// The source's slots.
+    pub async fn slots(&self) -> Result<Vec<SlotStatus>, ClientError> {
+        match self.request(SlotsRequest).await? {
+            Message::SlotsReply(reply) => Ok(reply.slots),
+            other => Err(ClientError::Unexpected(other.message_type())),
+        }
+    }
+
+    /// Drops the slot of `mirror` (its SPIFFE ID, or a name only one slot has); returns
+    /// the slots left.
+    pub async fn drop_slot(&self, mirror: &str) -> Result<Vec<SlotStatus>, ClientError> {
+        let request = DropSlotRequest {
+            mirror: mirror.to_owned(),
+        };
+        match self.request(request).await? {
+            Message::SlotsReply(reply) => Ok(reply.slots),
             other => Err(ClientError::Unexpected(other.message_type())),
         }
     }

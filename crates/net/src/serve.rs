@@ -67,6 +67,8 @@ fn is_request(message_type: MessageType) -> bool {
             | MessageType::GetRequest
             | MessageType::StatusRequest
             | MessageType::DigestRequest
+            | MessageType::SlotsRequest
+            | MessageType::DropSlotRequest
     )
 }
 

@@ -61,11 +61,13 @@ pub enum ErrorCode {
     /// Another live session of the same mirror identity is streaming: one process per
     /// identity; this one waits and tries again.
     InUse = 23,
+    /// The request names something the node does not have (a slot).
+    NotFound = 24,
 }
 
 impl ErrorCode {
     /// Every code, in number order.
-    pub const ALL: [ErrorCode; 23] = [
+    pub const ALL: [ErrorCode; 24] = [
         ErrorCode::BadVersion,
         ErrorCode::ClusterIdMismatch,
         ErrorCode::ObserverOnly,
@@ -89,6 +91,7 @@ impl ErrorCode {
         ErrorCode::SourceBehind,
         ErrorCode::DivergedHistory,
         ErrorCode::InUse,
+        ErrorCode::NotFound,
     ];
 
     /// The stable number on the wire and in QUIC close frames.
@@ -129,6 +132,7 @@ impl ErrorCode {
             ErrorCode::SourceBehind => "SOURCE_BEHIND",
             ErrorCode::DivergedHistory => "DIVERGED_HISTORY",
             ErrorCode::InUse => "IN_USE",
+            ErrorCode::NotFound => "NOT_FOUND",
         }
     }
 
@@ -202,6 +206,7 @@ mod tests {
             ("SOURCE_BEHIND", 21),
             ("DIVERGED_HISTORY", 22),
             ("IN_USE", 23),
+            ("NOT_FOUND", 24),
         ];
         let actual: Vec<_> = ErrorCode::ALL
             .iter()
@@ -212,7 +217,7 @@ mod tests {
             assert_eq!(ErrorCode::from_number(code.number()), Some(code));
         }
         assert_eq!(ErrorCode::from_number(0), None);
-        assert_eq!(ErrorCode::from_number(24), None);
+        assert_eq!(ErrorCode::from_number(25), None);
     }
 
     #[test]

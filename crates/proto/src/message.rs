@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error_code::ErrorCode;
 use crate::hash::{ChainHash, StateDigest};
-use crate::status::NodeStatus;
+use crate::status::{NodeStatus, SlotStatus};
 use crate::types::{
     DatabaseId, Divergence, DivergencePolicy, Epoch, Lsn, Name, Role, SnapshotId, UnixMillis,
     VersionRange,
@@ -366,6 +366,24 @@ pub struct StatusRequest;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DigestRequest;
 
+/// Admin API: list the source's slots (its own cluster's `client` certificates only).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SlotsRequest;
+
+/// Admin API: drop a slot, releasing the WAL it holds; a live session of that mirror ends.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DropSlotRequest {
+    /// The mirror: its SPIFFE ID, or its name when only one slot has it.
+    pub mirror: String,
+}
+
+/// Reply to a slots request or a drop: the slots now.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SlotsReply {
+    /// Every slot, connected or not.
+    pub slots: Vec<SlotStatus>,
+}
+
 /// Reply to a put or delete: the write is durable at `lsn`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WriteReply {
@@ -515,6 +533,10 @@ messages! {
     StatusRequest = 19,
     /// Client to node: digest.
     DigestRequest = 20,
+    /// Operator to source: list the slots.
+    SlotsRequest = 21,
+    /// Operator to source: drop a slot.
+    DropSlotRequest = 22,
     /// Node to client: a write is durable.
     WriteReply = 32,
     /// Node to client: a value.
@@ -525,4 +547,6 @@ messages! {
     DigestReply = 35,
     /// Node to client: a refusal.
     ErrorReply = 36,
+    /// Source to operator: the slots.
+    SlotsReply = 37,
 }

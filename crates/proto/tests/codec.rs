@@ -290,6 +290,14 @@ fn message() -> impl Strategy<Value = Message> {
         bytes(16).prop_map(|key| Message::GetRequest(GetRequest { key })),
         Just(Message::StatusRequest(StatusRequest)),
         Just(Message::DigestRequest(DigestRequest)),
+        Just(Message::SlotsRequest(SlotsRequest)),
+        ".{0,40}".prop_map(|mirror| Message::DropSlotRequest(DropSlotRequest { mirror })),
+        node_status().prop_map(|status| Message::SlotsReply(SlotsReply {
+            slots: match status {
+                NodeStatus::Source(source) => source.mirrors,
+                NodeStatus::Mirror(_) => vec![],
+            }
+        })),
         lsn().prop_map(|lsn| Message::WriteReply(WriteReply { lsn })),
         (proptest::option::of(bytes(32)), lsn())
             .prop_map(|(value, lsn)| Message::GetReply(GetReply { value, lsn })),
@@ -544,6 +552,6 @@ fn message_type_numbers_are_stable() {
     let numbers: Vec<u8> = MessageType::ALL.iter().map(|t| *t as u8).collect();
     assert_eq!(
         numbers,
-        [1, 2, 3, 4, 5, 6, 7, 8, 9, 16, 17, 18, 19, 20, 32, 33, 34, 35, 36]
+        [1, 2, 3, 4, 5, 6, 7, 8, 9, 16, 17, 18, 19, 20, 21, 22, 32, 33, 34, 35, 36, 37]
     );
 }

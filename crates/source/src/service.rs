@@ -9,8 +9,10 @@ use std::sync::Arc;
 
 use xmirror_net::error_chain;
 use xmirror_net::serve::{blocking_reply, error_reply, ClientService, Reply};
-use xmirror_proto::message::{DigestReply, ErrorReply, GetReply, StatusReply, WriteReply};
-use xmirror_proto::status::{NodeStatus, SourceStatus};
+use xmirror_proto::message::{
+    DigestReply, ErrorReply, GetReply, SlotsReply, StatusReply, WriteReply,
+};
+use xmirror_proto::status::{NodeStatus, SlotStatus, SourceStatus};
 use xmirror_proto::{Entry, ErrorCode, Message, PeerIdentity, Role};
 use xmirror_store::StoreError;
 
@@ -72,6 +74,26 @@ impl SourceService {
         })
     }
 
+    /// Only the source's own cluster's `client` certificates may administer it.
+    fn admin(&self, peer: &PeerIdentity) -> Result<(), Reply> {
+        if peer.role == Role::Client && peer.cluster_id == self.shared.config.cluster_id {
+            Ok(())
+        } else {
+            tracing::warn!(peer = %peer, "admin request refused");
+            Err(error_reply(
+                ErrorCode::NotAuthorized,
+                format!(
+                    "{peer} may not administer this source: only client certificates of cluster {}",
+                    self.shared.config.cluster_id
+                ),
+            ))
+        }
+    }
+
+    fn slots(&self) -> Vec<SlotStatus> {
+        SourceService::status(&self.shared).mirrors
+    }
+
     /// The source's status now.
     pub fn status(shared: &SourceShared) -> SourceStatus {
         let committed = *shared.commits.borrow();
@@ -117,6 +139,34 @@ impl ClientService for SourceService {
                     Message::StatusReply(StatusReply {
                         status: NodeStatus::Source(status),
                     })
+                })
+            }
+            Message::SlotsRequest(_) => {
+                if let Err(refusal) = self.admin(peer) {
+                    return refusal;
+                }
+                let slots = self.slots();
+                Box::pin(async move { Message::SlotsReply(SlotsReply { slots }) })
+            }
+            Message::DropSlotRequest(request) => {
+                if let Err(refusal) = self.admin(peer) {
+                    return refusal;
+                }
+                let shared = self.shared.clone();
+                blocking_reply(move || {
+                    Ok::<_, std::convert::Infallible>(
+                        match shared.slots.drop_slot(&request.mirror) {
+                            Ok(_) => SlotsReply {
+                                slots: SourceService::status(&shared).mirrors,
+                            }
+                            .into(),
+                            Err(error) => ErrorReply {
+                                code: error.code(),
+                                detail: error_chain(&error),
+                            }
+                            .into(),
+                        },
+                    )
                 })
             }
             Message::DigestRequest(_) => {

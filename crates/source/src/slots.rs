@@ -105,6 +105,37 @@ pub enum BeginError {
     Store(#[from] StoreError),
 }
 
+/// Why a slot could not be dropped.
+#[derive(Debug, thiserror::Error)]
+pub enum DropError {
+    /// No slot is named so.
+    #[error("no slot of mirror {0:?} (slots are named by SPIFFE ID, or by a name one slot has)")]
+    NoSuchSlot(String),
+    /// Several slots have that name (mirrors of several clusters): name it by SPIFFE ID.
+    #[error("several slots are named {selector:?}: {}; name one by its SPIFFE ID", .matches.join(", "))]
+    Ambiguous {
+        /// What was asked for.
+        selector: String,
+        /// The SPIFFE IDs it matches.
+        matches: Vec<String>,
+    },
+    /// The slot could not be removed from the store.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl DropError {
+    /// The code the operator is refused with.
+    pub fn code(&self) -> xmirror_proto::ErrorCode {
+        match self {
+            DropError::NoSuchSlot(_) | DropError::Ambiguous { .. } => {
+                xmirror_proto::ErrorCode::NotFound
+            }
+            DropError::Store(_) => xmirror_proto::ErrorCode::Internal,
+        }
+    }
+}
+
 /// A live session of a slot's mirror.
 struct Session {
     /// Tells this session from a later one of the same mirror: a late ack of a replaced
@@ -427,6 +458,37 @@ impl Slots {
             self.store.truncate_wal(plan.first_kept)?;
         }
         Ok(plan)
+    }
+
+    /// Drops the slot of the mirror `selector` names (its SPIFFE ID, or a name only one
+    /// slot has): its live session ends (`REPLACED`), and retention stops keeping WAL for
+    /// it (at its next run). Returns whose slot it was.
+    pub fn drop_slot(&self, selector: &str) -> Result<MirrorIdentity, DropError> {
+        let mut inner = self.lock();
+        let matches: Vec<MirrorIdentity> = inner
+            .slots
+            .keys()
+            .filter(|mirror| mirror.to_string() == selector || mirror.name.as_str() == selector)
+            .cloned()
+            .collect();
+        let mirror = match matches.as_slice() {
+            [] => return Err(DropError::NoSuchSlot(selector.to_owned())),
+            [one] => one.clone(),
+            several => {
+                return Err(DropError::Ambiguous {
+                    selector: selector.to_owned(),
+                    matches: several.iter().map(ToString::to_string).collect(),
+                })
+            }
+        };
+        self.store.remove_slot(&mirror)?;
+        if let Some(slot) = inner.slots.remove(&mirror) {
+            if let Some(session) = slot.session {
+                session.replaced.cancel();
+            }
+        }
+        tracing::warn!(mirror = %mirror, "slot dropped by an operator; its WAL is released");
+        Ok(mirror)
     }
 
     /// Each slot as `status` shows it.

@@ -767,6 +767,144 @@ pub fn kill_9_loses_nothing_reported_durable(engine: Engine) {
     assert!(last_recovered > Lsn(0));
 }
 
+/// Runs the crash child in `mode` on `dir`, waits for its first report, lets it run a
+/// random while and kills it with SIGKILL; returns what it reported.
+fn run_and_kill(engine: Engine, dir: &Path, mode: &str, rng: &mut impl Rng) -> Vec<String> {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_store-crash-child"))
+        .arg(engine.0)
+        .arg(dir)
+        .arg(u64::MAX.to_string())
+        .arg(mode)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn the crash child");
+    let stdout = BufReader::new(child.stdout.take().unwrap());
+    let (lines_tx, lines_rx) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        for line in stdout.lines() {
+            let Ok(line) = line else { break };
+            if lines_tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let first = lines_rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("the child reports progress");
+    std::thread::sleep(Duration::from_millis(rng.random_range(0..60)));
+    child.kill().expect("SIGKILL the child");
+    child.wait().unwrap();
+    reader.join().unwrap();
+    std::iter::once(first).chain(lines_rx.try_iter()).collect()
+}
+
+/// Kills a child that truncates its WAL after every commit: every reopen holds a whole,
+/// contiguous WAL whose chain hashes are the workload's, from a base the store can prove.
+pub fn kill_9_during_wal_truncation_keeps_a_whole_chain(engine: Engine) {
+    const KILLS: usize = 10;
+    let dir = TempDir::new().unwrap();
+    let reference_dir = TempDir::new().unwrap();
+    let reference = engine.open(reference_dir.path());
+    let mut rng = rand::rng();
+    for round in 0..KILLS {
+        let lines = run_and_kill(engine, dir.path(), "truncate", &mut rng);
+        let durable = lines
+            .iter()
+            .filter_map(|line| line.strip_prefix("durable ")?.parse::<u64>().ok())
+            .max()
+            .unwrap();
+        let store = engine.open(dir.path());
+        let recovered = store.position();
+        assert!(
+            recovered.lsn.0 >= durable,
+            "round {round}: lost a durable entry"
+        );
+        let have = reference.position().lsn;
+        let missing: Vec<Entry> = (have.0 + 1..=recovered.lsn.0)
+            .map(|lsn| workload_entry(Lsn(lsn)))
+            .collect();
+        reference.apply(source_batch(have.0 + 1, &missing)).unwrap();
+        assert_eq!(recovered, reference.position(), "round {round}");
+
+        let bounds = store.wal_bounds();
+        let base = Lsn(bounds.first.0 - 1);
+        assert_eq!(
+            store.chain_hash_at(base).unwrap(),
+            reference.chain_hash_at(base).unwrap(),
+            "round {round}: the WAL's base is provable"
+        );
+        let records = store
+            .read_wal(bounds.first, usize::MAX, usize::MAX)
+            .unwrap_or_default();
+        assert_eq!(
+            records.len() as u64,
+            bounds.len(),
+            "round {round}: a whole WAL"
+        );
+        for (offset, record) in records.iter().enumerate() {
+            let lsn = bounds.first.advance(offset as u64);
+            assert_eq!(record.lsn, lsn, "round {round}: contiguous");
+            assert_eq!(
+                Some(record.chain_hash),
+                reference.chain_hash_at(lsn).unwrap(),
+                "round {round}: LSN {lsn}"
+            );
+        }
+        assert_eq!(store.digest().unwrap(), reference.digest().unwrap());
+        drop(store);
+    }
+}
+
+/// Kills a child that receives snapshot after snapshot: a store killed while clearing for a
+/// snapshot is clearly not cleared, and clearing again leaves nothing of the old data; one
+/// killed after the clear holds only the new snapshot's keys, in order.
+pub fn kill_9_during_snapshot_clearing_clears_again(engine: Engine) {
+    const KILLS: usize = 10;
+    let dir = TempDir::new().unwrap();
+    let mut rng = rand::rng();
+    let mut mid_clear = 0;
+    for round in 0..KILLS {
+        run_and_kill(engine, dir.path(), "clear", &mut rng);
+        let store = engine.open(dir.path());
+        let SyncState::Scanning(progress) = store.sync_state() else {
+            panic!("round {round}: the child is always mid-snapshot");
+        };
+        let prefix = format!("s{:06}-", progress.snapshot_id.0);
+        if progress.cleared {
+            let keys: Vec<Vec<u8>> = store
+                .scan(None, usize::MAX)
+                .unwrap()
+                .pairs
+                .into_iter()
+                .map(|(key, _)| key)
+                .collect();
+            assert!(
+                keys.iter().all(|key| key.starts_with(prefix.as_bytes())),
+                "round {round}: data of an older snapshot survived its clear"
+            );
+            assert_eq!(keys.last().cloned(), progress.after_key, "round {round}");
+        } else {
+            mid_clear += 1;
+            // What a resume does after an interrupted clear: clear again.
+            store
+                .begin_snapshot(progress.snapshot_id, progress.base, DATABASE)
+                .unwrap();
+            assert_eq!(store.key_count().unwrap(), 0, "round {round}");
+            assert!(matches!(
+                store.sync_state(),
+                SyncState::Scanning(again) if again.cleared && again.after_key.is_none()
+            ));
+            store.flush().unwrap();
+        }
+        drop(store);
+    }
+    println!(
+        "{KILLS} kills of the {} clearing child, {mid_clear} mid-clear",
+        engine.0
+    );
+}
+
 macro_rules! engine_suite {
     ($engine:ident: $($case:ident),* $(,)?) => {
         mod $engine {
@@ -800,6 +938,8 @@ macro_rules! conformance {
             slots_and_counters_are_kept,
             a_second_opener_is_refused,
             kill_9_loses_nothing_reported_durable,
+            kill_9_during_wal_truncation_keeps_a_whole_chain,
+            kill_9_during_snapshot_clearing_clears_again,
         );)*
     };
 }

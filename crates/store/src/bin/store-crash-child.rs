@@ -1,21 +1,33 @@
-//! Crash-test child for the store conformance suite: commits the deterministic workload to
-//! a store, batch by batch, printing `durable <lsn>` once each is durable, until it
-//! is killed (or reaches the LSN limit given). Usage: `store-crash-child ENGINE DIR MAX_LSN`.
+//! Crash-test child for the store conformance suite, killed at random moments by the
+//! parent. Usage: `store-crash-child ENGINE DIR MAX_LSN [MODE]`.
+//!
+//! - `commit` (the default): commits the deterministic workload batch by batch, as the
+//!   source's writer does, printing `durable <lsn>` once each batch is durable, until it is
+//!   killed (or reaches `MAX_LSN`).
+//! - `truncate`: the same, truncating the WAL to its last 50 entries after every batch, so
+//!   that kills land in the middle of truncations.
+//! - `clear`: receives snapshot after snapshot, each of 25,000 pairs whose keys name the
+//!   snapshot (`s<id>-<n>`), so that each one's `begin_snapshot` clears the previous
+//!   one's data; prints `filled <id>` once a snapshot is durable.
 
 use std::io::Write;
 use std::path::Path;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use xmirror_proto::UnixMillis;
+use xmirror_proto::{DatabaseId, Epoch, Lsn, SnapshotId, UnixMillis};
 use xmirror_store::testing::{open_engine_waiting, workload_batch_len, workload_entry};
-use xmirror_store::Batch;
+use xmirror_store::{Batch, DatabaseIdentity, Position, Store, StoreError, SyncState};
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().collect();
-    let [_, engine, dir, max_lsn] = args.as_slice() else {
-        eprintln!("usage: store-crash-child ENGINE DIR MAX_LSN");
-        return ExitCode::from(2);
+    let (engine, dir, max_lsn, mode) = match args.as_slice() {
+        [_, engine, dir, max_lsn] => (engine, dir, max_lsn, "commit"),
+        [_, engine, dir, max_lsn, mode] => (engine, dir, max_lsn, mode.as_str()),
+        _ => {
+            eprintln!("usage: store-crash-child ENGINE DIR MAX_LSN [commit|truncate|clear]");
+            return ExitCode::from(2);
+        }
     };
     let Ok(max_lsn) = max_lsn.parse::<u64>() else {
         eprintln!("MAX_LSN must be a number, got {max_lsn:?}");
@@ -29,7 +41,37 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let outcome = match mode {
+        "commit" => commit(&*store, max_lsn, false),
+        "truncate" => commit(&*store, max_lsn, true),
+        "clear" => clear(&*store),
+        other => {
+            eprintln!("unknown mode {other:?}");
+            return ExitCode::from(2);
+        }
+    };
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("store-crash-child: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn report(line: std::fmt::Arguments<'_>) -> Result<(), StoreError> {
     let mut stdout = std::io::stdout().lock();
+    // The parent reading no more is the end of the run, not a store failure.
+    if writeln!(stdout, "{line}")
+        .and_then(|()| stdout.flush())
+        .is_err()
+    {
+        std::process::exit(0);
+    }
+    Ok(())
+}
+
+fn commit(store: &dyn Store, max_lsn: u64, truncate: bool) -> Result<(), StoreError> {
     let mut applied = store.position().lsn;
     while applied.0 < max_lsn {
         let first = applied.next();
@@ -44,20 +86,45 @@ fn main() -> ExitCode {
             expected_chain_hash: None,
         };
         // As the source's writer does: durable before anything can see it.
-        let result = store.commit(batch);
-        match result {
-            Ok(outcome) => applied = outcome.position.lsn,
-            Err(error) => {
-                eprintln!("apply failed: {error}");
-                return ExitCode::FAILURE;
-            }
-        }
-        if writeln!(stdout, "durable {applied}")
-            .and_then(|()| stdout.flush())
-            .is_err()
-        {
-            return ExitCode::FAILURE;
+        applied = store.commit(batch)?.position.lsn;
+        report(format_args!("durable {applied}"))?;
+        if truncate {
+            store.truncate_wal(Lsn(applied.0.saturating_sub(49).max(1)))?;
         }
     }
-    ExitCode::SUCCESS
+    Ok(())
+}
+
+/// Pairs of snapshot `id`: 25,000 keys that name it (clearing them takes several removal
+/// batches, so that kills land mid-clear).
+pub fn snapshot_pairs(id: u64) -> Vec<(Vec<u8>, Vec<u8>)> {
+    (0..25_000)
+        .map(|n| {
+            (
+                format!("s{id:06}-{n:05}").into_bytes(),
+                vec![b'v'; 64 + (n % 64)],
+            )
+        })
+        .collect()
+}
+
+fn clear(store: &dyn Store) -> Result<(), StoreError> {
+    let database = DatabaseIdentity {
+        id: DatabaseId([7; 16]),
+        epoch: Epoch::FIRST,
+    };
+    let mut id = match store.sync_state() {
+        SyncState::Scanning(progress) => progress.snapshot_id.0,
+        _ => 0,
+    } + 1;
+    loop {
+        let snapshot_id = SnapshotId(id);
+        store.begin_snapshot(snapshot_id, Position::GENESIS, database)?;
+        for pairs in snapshot_pairs(id).chunks(1_000) {
+            store.apply_snapshot_chunk(snapshot_id, pairs)?;
+        }
+        store.flush()?;
+        report(format_args!("filled {id}"))?;
+        id += 1;
+    }
 }

@@ -306,6 +306,10 @@ async fn a_source_restored_from_an_older_backup_halts_the_mirror_until_it_is_put
     let halted = wait_halted(&reader).await;
     assert_eq!(halted.halt_reason, Some(Divergence::SourceBehind));
     assert_eq!(halted.applied_lsn.0, 2_000, "the newer writes are kept");
+    assert_eq!(
+        halted.source_lsn.0, 1_000,
+        "source_lsn follows the source back"
+    );
     assert_eq!(reader.digest().await.unwrap(), newer_digest);
     let (newer, _) = reader.get(b"new-0000000001").await.unwrap();
     assert!(

@@ -822,3 +822,105 @@ async fn absent_mirrors_pin_no_more_than_the_byte_cap_and_slots_can_be_dropped()
     assert_eq!(String::from_utf8_lossy(&dropped.stdout).trim(), "[]");
     assert!(source_status(&app).await.mirrors.is_empty());
 }
+
+/// Starts a mirror through a 4 MB/s link and kills it once `fraction` of `data_size` bytes
+/// of snapshot were sent; returns the proxy (keep it alive while the source is used).
+async fn kill_mirror_mid_snapshot(
+    world: &World,
+    source: &Node,
+    app: &Client,
+    data: &str,
+    data_size: u64,
+) -> Proxy {
+    let slow_link = Proxy::start(source.addr).await;
+    slow_link.set(
+        Direction::ToMirror,
+        Impairment {
+            bandwidth: Some(4_000_000),
+            ..Impairment::default()
+        },
+    );
+    let before = source_status(app).await.snapshot_bytes_sent;
+    let mut mirror = world.start_mirror("m1", data, slow_link.addr).await;
+    wait_until(
+        "a quarter of the snapshot",
+        Duration::from_secs(120),
+        || async {
+            let sent = source_status(app).await.snapshot_bytes_sent - before;
+            (sent >= data_size / 4).then_some(())
+        },
+    )
+    .await;
+    mirror.kill9();
+    slow_link
+}
+
+/// Issue 12, case 1: a mirror killed mid-snapshot; the source stopped, restored from an
+/// earlier copy of its directory and given different writes at the same LSNs. The
+/// restarted mirror is never granted a resume of that snapshot (its id was random, and the
+/// history at its base differs): it takes a fresh one and ends equal to the source.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restored_source_never_resumes_a_snapshot_of_its_lost_history() {
+    const KEYS: u64 = 100_000;
+    let world = World::new();
+    let addr = free_port();
+    let mut source = world.start_source_on(addr, "source", &[]).await;
+    let app = world.client(source.addr).await;
+    app.write_keys(1_000, VALUE_SIZE, "early-").await.unwrap();
+    drop(app);
+    assert!(source.stop().success());
+    copy_dir(&world.path("source"), &world.path("backup"));
+    let mut source = world.start_source_on(addr, "source", &[]).await;
+    let app = world.client(source.addr).await;
+    app.write_keys(KEYS, VALUE_SIZE, "lost-").await.unwrap();
+    let data_size = KEYS * ("lost-".len() as u64 + 10 + VALUE_SIZE as u64);
+    let proxy = kill_mirror_mid_snapshot(&world, &source, &app, "m1", data_size).await;
+    drop((app, proxy));
+    assert!(source.stop().success());
+
+    // Restored from the copy, then other writes at the same LSNs.
+    std::fs::remove_dir_all(world.path("source")).unwrap();
+    copy_dir(&world.path("backup"), &world.path("source"));
+    let source = world.start_source_on(addr, "source", &[]).await;
+    let app = world.client(source.addr).await;
+    app.write_keys(KEYS, VALUE_SIZE, "other-").await.unwrap();
+    let mirror = world.start_mirror("m1", "m1", source.addr).await;
+    let reader = world.client(mirror.addr).await;
+    let status = assert_converged(&app, &reader).await;
+    assert_eq!(status.last_decision, Some(DecisionKind::Snapshot));
+    assert_eq!(
+        status.snapshots_resumed, 0,
+        "never resumed across the restore"
+    );
+    let (lost, _) = reader.get(b"lost-0000000001").await.unwrap();
+    assert!(
+        lost.is_none(),
+        "a value the source no longer holds is served"
+    );
+}
+
+/// Issue 12, case 2: a mirror interrupted mid-snapshot on source S2, then on S1 (same
+/// cluster, another database), then pointed back at S2: it resumes only the same
+/// database's snapshot, never on top of S1's keys, and ends equal to S2.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mirror_never_resumes_a_snapshot_of_another_source() {
+    const KEYS: u64 = 100_000;
+    let world = World::new();
+    let s1 = world.start_source("s1", &[]).await;
+    let s2 = world.start_source("s2", &[]).await;
+    let app1 = world.client(s1.addr).await;
+    let app2 = world.client(s2.addr).await;
+    app1.write_keys(KEYS, VALUE_SIZE, "one-").await.unwrap();
+    app2.write_keys(KEYS, VALUE_SIZE, "two-").await.unwrap();
+    let data_size = KEYS * ("one-".len() as u64 + 10 + VALUE_SIZE as u64);
+    let proxy = kill_mirror_mid_snapshot(&world, &s2, &app2, "m1", data_size).await;
+    drop(proxy);
+    let proxy = kill_mirror_mid_snapshot(&world, &s1, &app1, "m1", data_size).await;
+    drop(proxy);
+    let mirror = world.start_mirror("m1", "m1", s2.addr).await;
+    let reader = world.client(mirror.addr).await;
+    let status = assert_converged(&app2, &reader).await;
+    assert_eq!(status.last_decision, Some(DecisionKind::Snapshot));
+    let (from_s1, _) = reader.get(b"one-0000000001").await.unwrap();
+    assert!(from_s1.is_none(), "a key of the other source is served");
+}

@@ -598,7 +598,8 @@ fn inject_failed_sync(pid: u32) -> Result<std::process::Child, String> {
         .map_err(|error| {
             format!("strace cannot run here ({error}); install it (Debian: strace)")
         })?;
-    // Attached once it says so for the process; a refusal says why.
+    // Attached once it says so: strace attaches every thread of the process first ("Process
+    // N attached with M threads"), and follows the threads made later; a refusal says why.
     let stderr = tracer.stderr.take().expect("piped");
     let (said, heard) = std::sync::mpsc::channel();
     std::thread::spawn(move || {

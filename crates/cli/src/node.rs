@@ -281,6 +281,10 @@ fn load_tls(certs: &std::path::Path, name: &str) -> anyhow::Result<NodeTls> {
     NodeTls::load(certs, name).with_context(|| format!("cannot load the certificates of {name}"))
 }
 
+/// How long a source whose store failed keeps its connections open, so that the writes of
+/// the failed group are told STORE_FAILED before it stops.
+const STORE_FAILURE_GRACE: Duration = Duration::from_secs(1);
+
 pub async fn run_source(args: SourceArgs) -> anyhow::Result<()> {
     let plan = plan_source(&args).await?;
     if args.print_config {
@@ -293,11 +297,18 @@ pub async fn run_source(args: SourceArgs) -> anyhow::Result<()> {
         .await
         .context("cannot start the source")?;
     println!("source {} serving on {}", tls.identity(), node.local_addr);
-    tokio::select! {
-        () = stopped() => {}
+    let failure = tokio::select! {
+        () = stopped() => None,
+        failure = node.wait() => Some(failure),
+    };
+    if let Some(failure) = failure {
         // Crash-only: a failed store write leaves its outcome unknown; the restart that
-        // follows recovers, and nothing unflushed was ever visible.
-        failure = node.wait() => return Err(failure).context("the source stopped"),
+        // follows recovers, and nothing unflushed was ever visible. The store already
+        // refuses everything; the writes of the failed group are answered STORE_FAILED,
+        // and those answers get a moment to leave before the connections close.
+        tokio::time::sleep(STORE_FAILURE_GRACE).await;
+        node.shutdown().await;
+        return Err(failure).context("the source stopped");
     }
     tracing::info!("stopping");
     node.shutdown().await;

@@ -51,9 +51,9 @@ pub enum WriteError {
     /// the group.
     #[error("the store failed")]
     Store(#[source] Arc<StoreError>),
-    /// The group's store work panicked; nothing of the group was acknowledged.
-    #[error("the group commit's store work panicked: {0}")]
-    Panicked(Arc<str>),
+    /// The group's store work panicked (a bug); nothing of the group was acknowledged.
+    #[error("the group commit's store work panicked")]
+    Panicked(#[source] Arc<tokio::task::JoinError>),
     /// The writer has stopped (the node is shutting down).
     #[error("the source is shutting down")]
     Stopped,
@@ -250,7 +250,7 @@ async fn run(
                 return;
             }
             Err(panic) => {
-                let error = WriteError::Panicked(panic.to_string().into());
+                let error = WriteError::Panicked(Arc::new(panic));
                 fail(replies, error, failed);
                 return;
             }

@@ -924,3 +924,70 @@ async fn a_mirror_never_resumes_a_snapshot_of_another_source() {
     let (from_s1, _) = reader.get(b"one-0000000001").await.unwrap();
     assert!(from_s1.is_none(), "a key of the other source is served");
 }
+
+/// Issue 12, case 6: a slot invalidated by the retention cap during a slow snapshot, whose
+/// mirror then streams (live, from the writer's memory), is valid again: a short outage
+/// afterwards costs no snapshot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slot_invalidated_during_a_slow_snapshot_is_valid_once_its_mirror_streams() {
+    const KEYS: u64 = 100_000;
+    let world = World::new();
+    let source = world
+        .start_source("source", &["--max-wal-entries", "3000"])
+        .await;
+    let app = world.client(source.addr).await;
+    app.write_keys(KEYS, VALUE_SIZE, "key-").await.unwrap();
+    let slow_link = Proxy::start(source.addr).await;
+    slow_link.set(
+        Direction::ToMirror,
+        Impairment {
+            bandwidth: Some(4_000_000),
+            ..Impairment::default()
+        },
+    );
+    let listen = free_port();
+    let mut mirror = world
+        .start_mirror_on(listen, "m1", "m1", slow_link.addr)
+        .await;
+    let reader = world.client(mirror.addr).await;
+    // While the snapshot crawls, more writes than the WAL may keep: the slot is passed.
+    wait_until("the snapshot to start", Duration::from_secs(60), || async {
+        (source_status(&app).await.snapshot_bytes_sent > 0).then_some(())
+    })
+    .await;
+    app.write_keys(5_000, VALUE_SIZE, "during-").await.unwrap();
+    wait_until(
+        "the slot to be invalidated",
+        Duration::from_secs(60),
+        || async {
+            let status = source_status(&app).await;
+            (status.mirrors.first().map(|slot| slot.state) == Some(SlotState::Invalidated))
+                .then_some(())
+        },
+    )
+    .await;
+    let status = assert_converged(&app, &reader).await;
+    assert_eq!(status.snapshots_started, 1);
+    // Streaming again: the slot is valid again.
+    app.write_keys(100, VALUE_SIZE, "live-").await.unwrap();
+    wait_until(
+        "the slot to be valid again",
+        Duration::from_secs(60),
+        || async {
+            let status = source_status(&app).await;
+            (status.mirrors.first().map(|slot| slot.state) == Some(SlotState::Streaming))
+                .then_some(())
+        },
+    )
+    .await;
+    // A short outage (the mirror stops; writes go on); it comes back by streaming.
+    drop(reader);
+    assert!(mirror.stop().success());
+    app.write_keys(500, VALUE_SIZE, "outage-").await.unwrap();
+    let mirror = world.start_mirror_on(listen, "m1", "m1", source.addr).await;
+    let reader = world.client(mirror.addr).await;
+    let status = assert_converged(&app, &reader).await;
+    assert_eq!(status.last_decision, Some(DecisionKind::Stream));
+    assert_eq!(status.snapshots_started, 1, "the outage cost no snapshot");
+    drop(slow_link);
+}

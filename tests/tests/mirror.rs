@@ -79,14 +79,7 @@ async fn a_mirror_killed_mid_snapshot_resumes_it() {
 
     // The first attempt crawls through a 4 MB/s link, so that the kill lands mid-snapshot
     // however fast or loaded this machine is; the restarted mirror dials directly.
-    let slow_link = Proxy::start(source.addr).await;
-    slow_link.set(
-        Direction::ToMirror,
-        Impairment {
-            bandwidth: Some(4_000_000),
-            ..Impairment::default()
-        },
-    );
+    let slow_link = slow_link(source.addr).await;
     let mut mirror = world.start_mirror("m1", "m1", slow_link.addr).await;
     let sent_at_kill = wait_until(
         "a quarter of the snapshot",
@@ -823,6 +816,20 @@ async fn absent_mirrors_pin_no_more_than_the_byte_cap_and_slots_can_be_dropped()
     assert!(source_status(&app).await.mirrors.is_empty());
 }
 
+/// A proxy to `source` that carries 4 MB/s towards the mirror: a snapshot of tens of MB
+/// takes seconds, however fast or loaded this machine is.
+async fn slow_link(source: std::net::SocketAddr) -> Proxy {
+    let link = Proxy::start(source).await;
+    link.set(
+        Direction::ToMirror,
+        Impairment {
+            bandwidth: Some(4_000_000),
+            ..Impairment::default()
+        },
+    );
+    link
+}
+
 /// Starts a mirror through a 4 MB/s link and kills it once `fraction` of `data_size` bytes
 /// of snapshot were sent; returns the proxy (keep it alive while the source is used).
 async fn kill_mirror_mid_snapshot(
@@ -832,14 +839,7 @@ async fn kill_mirror_mid_snapshot(
     data: &str,
     data_size: u64,
 ) -> Proxy {
-    let slow_link = Proxy::start(source.addr).await;
-    slow_link.set(
-        Direction::ToMirror,
-        Impairment {
-            bandwidth: Some(4_000_000),
-            ..Impairment::default()
-        },
-    );
+    let slow_link = slow_link(source.addr).await;
     let before = source_status(app).await.snapshot_bytes_sent;
     let mut mirror = world.start_mirror("m1", data, slow_link.addr).await;
     wait_until(
@@ -937,14 +937,7 @@ async fn a_slot_invalidated_during_a_slow_snapshot_is_valid_once_its_mirror_stre
         .await;
     let app = world.client(source.addr).await;
     app.write_keys(KEYS, VALUE_SIZE, "key-").await.unwrap();
-    let slow_link = Proxy::start(source.addr).await;
-    slow_link.set(
-        Direction::ToMirror,
-        Impairment {
-            bandwidth: Some(4_000_000),
-            ..Impairment::default()
-        },
-    );
+    let slow_link = slow_link(source.addr).await;
     let listen = free_port();
     let mut mirror = world
         .start_mirror_on(listen, "m1", "m1", slow_link.addr)

@@ -281,8 +281,44 @@ impl<E: Engine> KvStore<E> {
             .unwrap_or_else(PoisonError::into_inner))
     }
 
+    /// Applies `batch` under the write lock with `write` (a plain or a durable engine
+    /// write), moving the cached position only once it succeeded, so `position` never names
+    /// an LSN the engine does not hold (for `commit`, a durable one).
+    fn write_batch(
+        &self,
+        batch: Batch<'_>,
+        write: impl FnOnce(Writes<'_>) -> Result<(), StoreError>,
+    ) -> Result<Applied, StoreError> {
+        self.check_failed()?;
+        let mut state = self.lock();
+        match self.prepare(&state, &batch)? {
+            Prepared::Nothing => Ok(Applied {
+                position: state.position,
+                newly_applied: 0,
+            }),
+            Prepared::Writes {
+                writes,
+                position,
+                wal_base,
+                sync,
+                newly_applied,
+                wal_bytes,
+            } => {
+                self.note_failure(write(writes))?;
+                state.position = position;
+                state.wal_base = wal_base;
+                state.sync = sync;
+                state.wal_bytes += wal_bytes;
+                Ok(Applied {
+                    position,
+                    newly_applied,
+                })
+            }
+        }
+    }
+
     /// Prepares `batch` under the write lock: the engine writes and the new cached
-    /// metadata, or the reason to refuse it. Shared by `apply` and `commit`.
+    /// metadata, or the reason to refuse it.
     fn prepare<'b>(
         &self,
         state: &CachedMeta,
@@ -444,68 +480,18 @@ impl<E: Engine> Store for KvStore<E> {
     }
 
     fn apply(&self, batch: Batch<'_>) -> Result<Applied, StoreError> {
-        self.check_failed()?;
-        let mut state = self.lock();
-        match self.prepare(&state, &batch)? {
-            Prepared::Nothing => Ok(Applied {
-                position: state.position,
-                newly_applied: 0,
-            }),
-            Prepared::Writes {
-                writes,
-                position,
-                wal_base,
-                sync,
-                newly_applied,
-                wal_bytes,
-            } => {
-                self.note_failure(self.engine.write(writes))?;
-                state.position = position;
-                state.wal_base = wal_base;
-                state.sync = sync;
-                state.wal_bytes += wal_bytes;
-                Ok(Applied {
-                    position,
-                    newly_applied,
-                })
-            }
-        }
+        self.write_batch(batch, |writes| self.engine.write(writes))
     }
 
     fn commit(&self, batch: Batch<'_>) -> Result<Applied, StoreError> {
-        self.check_failed()?;
-        let mut state = self.lock();
-        match self.prepare(&state, &batch)? {
-            Prepared::Nothing => Ok(Applied {
-                position: state.position,
-                newly_applied: 0,
-            }),
-            Prepared::Writes {
-                writes,
-                position,
-                wal_base,
-                sync,
-                newly_applied,
-                wal_bytes,
-            } => {
-                let _exclusive = E::READS_SEE_UNFLUSHED_WRITES.then(|| {
-                    self.visibility
-                        .write()
-                        .unwrap_or_else(PoisonError::into_inner)
-                });
-                self.note_failure(self.engine.write_durably(writes))?;
-                // The cached position moves only now, so `position` never names an LSN
-                // that is not durable.
-                state.position = position;
-                state.wal_base = wal_base;
-                state.sync = sync;
-                state.wal_bytes += wal_bytes;
-                Ok(Applied {
-                    position,
-                    newly_applied,
-                })
-            }
-        }
+        self.write_batch(batch, |writes| {
+            let _exclusive = E::READS_SEE_UNFLUSHED_WRITES.then(|| {
+                self.visibility
+                    .write()
+                    .unwrap_or_else(PoisonError::into_inner)
+            });
+            self.engine.write_durably(writes)
+        })
     }
 
     fn flush(&self) -> Result<(), StoreError> {

@@ -698,34 +698,8 @@ pub fn kill_9_loses_nothing_reported_durable(engine: Engine) {
     let started = Instant::now();
 
     for round in 0..KILLS {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_store-crash-child"))
-            .arg(engine.0)
-            .arg(dir.path())
-            .arg(u64::MAX.to_string())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn the crash child");
-        let stdout = BufReader::new(child.stdout.take().unwrap());
-        let (lines_tx, lines_rx) = std::sync::mpsc::channel();
-        let reader = std::thread::spawn(move || {
-            for line in stdout.lines() {
-                let Ok(line) = line else { break };
-                if lines_tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        // Wait for the child to report progress, then let it run a random while.
-        let first = lines_rx
-            .recv_timeout(Duration::from_secs(30))
-            .expect("the child reports a durable LSN");
-        std::thread::sleep(Duration::from_millis(rng.random_range(0..60)));
-        child.kill().expect("SIGKILL the child");
-        child.wait().unwrap();
-        reader.join().unwrap();
-        let reported_durable = std::iter::once(first)
-            .chain(lines_rx.try_iter())
+        let reported_durable = run_and_kill(engine, dir.path(), "commit", &mut rng)
+            .iter()
             .filter_map(|line| line.strip_prefix("durable ")?.parse::<u64>().ok())
             .map(Lsn)
             .max()

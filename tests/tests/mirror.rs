@@ -79,18 +79,8 @@ async fn a_mirror_killed_mid_snapshot_resumes_it() {
 
     // The first attempt crawls through a 4 MB/s link, so that the kill lands mid-snapshot
     // however fast or loaded this machine is; the restarted mirror dials directly.
-    let slow_link = slow_link(source.addr).await;
-    let mut mirror = world.start_mirror("m1", "m1", slow_link.addr).await;
-    let sent_at_kill = wait_until(
-        "a quarter of the snapshot",
-        Duration::from_secs(120),
-        || async {
-            let sent = source_status(&app).await.snapshot_bytes_sent;
-            (sent >= data_size / 4).then_some(sent)
-        },
-    )
-    .await;
-    mirror.kill9();
+    let (_slow_link, sent_at_kill) =
+        kill_mirror_mid_snapshot(&world, &source, &app, "m1", data_size).await;
     assert!(
         sent_at_kill < data_size,
         "the snapshot finished before the kill"
@@ -830,29 +820,30 @@ async fn slow_link(source: std::net::SocketAddr) -> Proxy {
     link
 }
 
-/// Starts a mirror through a 4 MB/s link and kills it once `fraction` of `data_size` bytes
-/// of snapshot were sent; returns the proxy (keep it alive while the source is used).
+/// Starts mirror `m1` (data in `data`) through a 4 MB/s link and kills it with SIGKILL once
+/// a quarter of `data_size` bytes of snapshot were sent; returns the proxy (keep it alive
+/// while the source is used) and the snapshot bytes this mirror had been sent.
 async fn kill_mirror_mid_snapshot(
     world: &World,
     source: &Node,
     app: &Client,
     data: &str,
     data_size: u64,
-) -> Proxy {
+) -> (Proxy, u64) {
     let slow_link = slow_link(source.addr).await;
     let before = source_status(app).await.snapshot_bytes_sent;
     let mut mirror = world.start_mirror("m1", data, slow_link.addr).await;
-    wait_until(
+    let sent = wait_until(
         "a quarter of the snapshot",
         Duration::from_secs(120),
         || async {
             let sent = source_status(app).await.snapshot_bytes_sent - before;
-            (sent >= data_size / 4).then_some(())
+            (sent >= data_size / 4).then_some(sent)
         },
     )
     .await;
     mirror.kill9();
-    slow_link
+    (slow_link, sent)
 }
 
 /// Issue 12, case 1: a mirror killed mid-snapshot; the source stopped, restored from an
@@ -874,7 +865,7 @@ async fn a_restored_source_never_resumes_a_snapshot_of_its_lost_history() {
     let app = world.client(source.addr).await;
     app.write_keys(KEYS, VALUE_SIZE, "lost-").await.unwrap();
     let data_size = KEYS * ("lost-".len() as u64 + 10 + VALUE_SIZE as u64);
-    let proxy = kill_mirror_mid_snapshot(&world, &source, &app, "m1", data_size).await;
+    let (proxy, _) = kill_mirror_mid_snapshot(&world, &source, &app, "m1", data_size).await;
     drop((app, proxy));
     assert!(source.stop().success());
 
@@ -913,9 +904,9 @@ async fn a_mirror_never_resumes_a_snapshot_of_another_source() {
     app1.write_keys(KEYS, VALUE_SIZE, "one-").await.unwrap();
     app2.write_keys(KEYS, VALUE_SIZE, "two-").await.unwrap();
     let data_size = KEYS * ("one-".len() as u64 + 10 + VALUE_SIZE as u64);
-    let proxy = kill_mirror_mid_snapshot(&world, &s2, &app2, "m1", data_size).await;
+    let (proxy, _) = kill_mirror_mid_snapshot(&world, &s2, &app2, "m1", data_size).await;
     drop(proxy);
-    let proxy = kill_mirror_mid_snapshot(&world, &s1, &app1, "m1", data_size).await;
+    let (proxy, _) = kill_mirror_mid_snapshot(&world, &s1, &app1, "m1", data_size).await;
     drop(proxy);
     let mirror = world.start_mirror("m1", "m1", s2.addr).await;
     let reader = world.client(mirror.addr).await;

@@ -109,8 +109,13 @@ pub enum BeginError {
 #[derive(Debug, thiserror::Error)]
 pub enum DropError {
     /// No slot is named so.
-    #[error("no slot of mirror {0:?} (slots are named by SPIFFE ID, or by a name one slot has)")]
-    NoSuchSlot(String),
+    #[error(
+        "no slot of mirror {selector:?} (slots are named by SPIFFE ID, or by a name one slot has)"
+    )]
+    NoSuchSlot {
+        /// What was asked for.
+        selector: String,
+    },
     /// Several slots have that name (mirrors of several clusters): name it by SPIFFE ID.
     #[error("several slots are named {selector:?}: {}; name one by its SPIFFE ID", .matches.join(", "))]
     Ambiguous {
@@ -128,7 +133,7 @@ impl DropError {
     /// The code the operator is refused with.
     pub fn code(&self) -> xmirror_proto::ErrorCode {
         match self {
-            DropError::NoSuchSlot(_) | DropError::Ambiguous { .. } => {
+            DropError::NoSuchSlot { .. } | DropError::Ambiguous { .. } => {
                 xmirror_proto::ErrorCode::NotFound
             }
             DropError::Store(_) => xmirror_proto::ErrorCode::Internal,
@@ -472,7 +477,11 @@ impl Slots {
             .cloned()
             .collect();
         let mirror = match matches.as_slice() {
-            [] => return Err(DropError::NoSuchSlot(selector.to_owned())),
+            [] => {
+                return Err(DropError::NoSuchSlot {
+                    selector: selector.to_owned(),
+                })
+            }
             [one] => one.clone(),
             several => {
                 return Err(DropError::Ambiguous {

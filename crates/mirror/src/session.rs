@@ -242,7 +242,7 @@ fn start_work(shared: &MirrorShared, action: MirrorAction) -> Work {
             chunks,
         } => {
             let (keys, bytes) = chunks.iter().fold((0, 0), |(keys, bytes), chunk| {
-                let chunk_bytes = xmirror_proto::session::mirror::pairs_len(&chunk.pairs);
+                let chunk_bytes = chunk.payload_len();
                 (keys + chunk.pairs.len(), bytes + chunk_bytes)
             });
             Box::pin(async move {

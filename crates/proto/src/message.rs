@@ -256,6 +256,16 @@ pub struct SnapshotChunk {
     pub pairs: Vec<(Vec<u8>, Vec<u8>)>,
 }
 
+impl SnapshotChunk {
+    /// Key and value bytes of its pairs: what chunks and groups are bounded by.
+    pub fn payload_len(&self) -> usize {
+        self.pairs
+            .iter()
+            .map(|(key, value)| key.len() + value.len())
+            .sum()
+    }
+}
+
 /// The mirror applied (durably) the first `chunks_applied` chunks of this session's
 /// snapshot transfer. The source keeps at most `snapshot_window_chunks` chunks
 /// unacknowledged, so a mirror killed mid-snapshot costs at most that window sent again.

@@ -287,7 +287,7 @@ where
 
     fn transmit(&mut self, frame: Outgoing) {
         if let Outgoing::Message(Message::SnapshotChunk(chunk)) = &frame {
-            let bytes = xmirror_proto::session::mirror::pairs_len(&chunk.pairs);
+            let bytes = chunk.payload_len();
             self.shared
                 .snapshot_bytes_sent
                 .fetch_add(bytes as u64, Ordering::Relaxed);

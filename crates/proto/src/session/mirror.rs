@@ -878,7 +878,7 @@ impl MirrorSession {
                 snapshot_id,
             });
         }
-        let mut bytes = pairs_len(&first.pairs);
+        let mut bytes = first.payload_len();
         let mut chunks = vec![first];
         chunks.extend(self.take_run(
             &mut bytes,
@@ -887,7 +887,7 @@ impl MirrorSession {
                 Message::SnapshotChunk(chunk) => Some(chunk),
                 _ => None,
             },
-            |chunk| pairs_len(&chunk.pairs),
+            SnapshotChunk::payload_len,
         ));
         let keys = chunks.iter().map(|chunk| chunk.pairs.len() as u64).sum();
         self.in_flight = Some(InFlight::Chunks {
@@ -962,14 +962,6 @@ impl MirrorSession {
         }
         run
     }
-}
-
-/// Key and value bytes of snapshot pairs.
-pub fn pairs_len(pairs: &[(Vec<u8>, Vec<u8>)]) -> usize {
-    pairs
-        .iter()
-        .map(|(key, value)| key.len() + value.len())
-        .sum()
 }
 
 fn entries_len(entries: &[Entry]) -> usize {

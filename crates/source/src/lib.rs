@@ -446,7 +446,6 @@ async fn retention_loop(shared: Arc<SourceShared>) {
                 .admission
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner);
-            shared.slots.persist_acknowledged()?;
             shared
                 .slots
                 .enforce_retention(shared.config.retention_limits(), writer::now_millis())

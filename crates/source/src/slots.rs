@@ -387,10 +387,13 @@ impl Slots {
         .is_some()
     }
 
-    /// Writes every slot changed by acks since the last call (the retention loop calls it
-    /// every `retention_interval`, and shutdown once more). Durable with the next flush.
+    /// Writes every slot changed by acks since the last call (retention does it before each
+    /// run, and shutdown once more). Durable with the next flush.
     pub fn persist_acknowledged(&self) -> Result<(), StoreError> {
-        let mut inner = self.lock();
+        self.persist_dirty(&mut self.lock())
+    }
+
+    fn persist_dirty(&self, inner: &mut SlotsInner) -> Result<(), StoreError> {
         for slot in inner.slots.values_mut().filter(|slot| slot.dirty) {
             self.store.put_slot(&slot.record)?;
             slot.dirty = false;
@@ -415,6 +418,11 @@ impl Slots {
         now: UnixMillis,
     ) -> Result<RetentionPlan<MirrorIdentity>, StoreError> {
         let mut inner = self.lock();
+        // The truncation below follows the acked LSNs held in memory; they are written
+        // first, under the same lock, so that no ack arriving in between can let the WAL be
+        // cut past what a restart after kill -9 would read back as the slot's acked LSN
+        // (the store keeps commit order, so a lost slot write loses the truncation too).
+        self.persist_dirty(&mut inner)?;
         // A slot whose mirror has been away beyond the idle timeout stops holding the WAL.
         for (mirror, slot) in inner.slots.iter_mut() {
             if !slot.record.invalidated
@@ -572,6 +580,54 @@ mod tests {
         assert!(slots.acknowledge(&mirror, ticket.id, Lsn(25)));
         assert!(!invalidated(&slots, &mirror));
         assert_eq!(slots.lock().slots[&mirror].record.acked_lsn, Lsn(25));
+    }
+
+    #[test]
+    fn retention_never_truncates_past_the_acked_lsn_a_restart_reads_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(xmirror_store::RedbStore::open(dir.path()).unwrap());
+        let entries: Vec<xmirror_proto::Entry> = (0..20u8)
+            .map(|index| xmirror_proto::Entry::Put {
+                key: vec![index],
+                value: vec![index],
+            })
+            .collect();
+        store
+            .commit(xmirror_store::Batch {
+                first_lsn: Lsn(1),
+                entries: &entries,
+                commit_time: UnixMillis(1),
+                keep_wal: true,
+                expected_chain_hash: None,
+            })
+            .unwrap();
+        let slots = Slots::load(store.clone()).unwrap();
+        let mirror = MirrorIdentity {
+            cluster: name("west"),
+            name: name("m1"),
+        };
+        let stream = Decision::Stream { from_lsn: Lsn(1) };
+        let ticket = slots
+            .begin_session(&mirror, &stream, Instant::now())
+            .unwrap();
+        // An ack lands after the last periodic write of the slots: only memory knows it.
+        assert!(slots.acknowledge(&mirror, ticket.id, Lsn(15)));
+        let limits = RetentionLimits {
+            max_wal_entries: 1_000,
+            max_wal_bytes: u64::MAX,
+            slot_idle_timeout: None,
+        };
+        let plan = slots.enforce_retention(limits, UnixMillis(2)).unwrap();
+        assert_eq!(plan.first_kept, Lsn(16));
+        assert_eq!(store.wal_bounds().first, Lsn(16));
+        // What a source restarted now (after kill -9) reads back still fits the WAL kept.
+        let reloaded = Slots::load(store.clone()).unwrap();
+        let acked = reloaded.lock().slots[&mirror].record.acked_lsn;
+        assert!(
+            acked.next() >= store.wal_bounds().first,
+            "the slot says {acked}, the WAL starts at {}",
+            store.wal_bounds().first
+        );
     }
 
     #[test]

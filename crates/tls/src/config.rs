@@ -11,16 +11,16 @@ use std::sync::Arc;
 
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::client::verify_server_cert_signed_by_trust_anchor;
 use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, CryptoProvider};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
-use rustls::server::{ParsedCertificate, WebPkiClientVerifier};
-use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, RootCertStore};
+use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName};
+use webpki::KeyUsage;
 use xmirror_proto::{ErrorCode, Name, PeerIdentity, Role};
 
-use crate::identity::{identity_from_certificate, IdentityError, TrustDomains};
+use crate::identity::{identity_from_certificate, IdentityError};
+use crate::trust::{TrustBundle, TrustError};
 
 /// ALPN of the mirror protocol.
 pub const ALPN_MIRROR: &[u8] = b"xmirror-mirror/1";
@@ -62,9 +62,9 @@ pub enum TlsError {
     /// rustls refused the configuration (for example a key that does not match).
     #[error("TLS configuration refused")]
     Rustls(#[from] rustls::Error),
-    /// The client verifier could not be built.
-    #[error("client certificate verifier")]
-    Verifier(#[from] rustls::server::VerifierBuilderError),
+    /// A trusted CA could not be used.
+    #[error("trust bundle")]
+    Trust(#[from] TrustError),
     /// quinn refused the rustls configuration.
     #[error("QUIC TLS configuration refused")]
     Quic(#[from] quinn::crypto::rustls::NoInitialCipherSuite),
@@ -159,35 +159,47 @@ fn describe(expected: &ExpectedServer) -> String {
 
 /// A refusal carried through rustls, which shows its cause with `Debug`: this type's
 /// `Debug` is the readable sentence, so operators see it in connection errors.
-struct Refusal(String);
+struct Refusal<E>(E);
 
-impl fmt::Debug for Refusal {
+impl<E: fmt::Display> fmt::Debug for Refusal<E> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
+        self.0.fmt(f)
     }
 }
 
-impl fmt::Display for Refusal {
+impl<E: fmt::Display> fmt::Display for Refusal<E> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
+        self.0.fmt(f)
     }
 }
 
-impl std::error::Error for Refusal {}
+impl<E: std::error::Error + 'static> std::error::Error for Refusal<E> {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.0.source()
+    }
+}
 
-fn certificate_error(error: impl std::error::Error) -> rustls::Error {
-    rustls::Error::InvalidCertificate(CertificateError::Other(rustls::OtherError(Arc::new(
-        Refusal(error.to_string()),
-    ))))
+/// A refusal of a peer's certificate, for rustls (`certificate_unknown` to the peer).
+pub(crate) fn certificate_refusal<E>(error: E) -> CertificateError
+where
+    E: std::error::Error + Send + Sync + 'static,
+{
+    CertificateError::Other(rustls::OtherError(Arc::new(Refusal(error))))
+}
+
+fn certificate_error<E>(error: E) -> rustls::Error
+where
+    E: std::error::Error + Send + Sync + 'static,
+{
+    rustls::Error::InvalidCertificate(certificate_refusal(error))
 }
 
 /// A node's TLS material: its certificate chain and key, and the CAs it trusts.
 pub struct NodeTls {
     chain: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
-    roots: Arc<RootCertStore>,
-    /// Which cluster each trusted CA certifies.
-    trust_domains: Arc<TrustDomains>,
+    /// The trusted CAs, each bound to its cluster.
+    trust: Arc<TrustBundle>,
     identity: PeerIdentity,
     provider: Arc<CryptoProvider>,
 }
@@ -196,7 +208,7 @@ impl fmt::Debug for NodeTls {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("NodeTls")
             .field("identity", &self.identity)
-            .field("trusted_cas", &self.roots.len())
+            .field("trusted_cas", &self.trust.len())
             .finish_non_exhaustive()
     }
 }
@@ -210,7 +222,8 @@ fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> TlsError + '_ {
 
 impl NodeTls {
     /// Loads `DIR/NAME.crt` and `DIR/NAME.key`, and trusts every certificate in every
-    /// `DIR/ca*.crt` (so a second CA can be added during a rotation).
+    /// `DIR/ca*.crt` (so a second CA can be added during a rotation), each for the cluster
+    /// it declares or else the one its file names (see [`crate::trust`]).
     pub fn load(certs_dir: &Path, name: &str) -> Result<NodeTls, TlsError> {
         let cert_path = certs_dir.join(format!("{name}.crt"));
         let key_path = certs_dir.join(format!("{name}.key"));
@@ -237,7 +250,8 @@ impl NodeTls {
         NodeTls::from_pem(&cert_path, &cert_pem, &key_path, &key_pem, &ca_pems)
     }
 
-    /// Builds from PEM bytes; the paths only name the sources in errors.
+    /// Builds from PEM bytes. The paths name the sources in errors, and a CA path's file
+    /// name assigns a cluster to the CAs in it that declare none (see [`crate::trust`]).
     pub fn from_pem(
         cert_path: &Path,
         cert_pem: &[u8],
@@ -265,8 +279,7 @@ impl NodeTls {
             reason: error.to_string(),
         })?;
 
-        let mut roots = RootCertStore::empty();
-        let mut trust_domains = TrustDomains::default();
+        let mut trust = TrustBundle::default();
         for (path, pem) in ca_pems {
             let mut found = 0;
             for certificate in CertificateDer::pem_slice_iter(pem) {
@@ -274,8 +287,7 @@ impl NodeTls {
                     path: path.clone(),
                     reason: error.to_string(),
                 })?;
-                trust_domains.add_ca(&certificate);
-                roots.add(certificate)?;
+                trust.add(path, &certificate, &identity.cluster_id)?;
                 found += 1;
             }
             if found == 0 {
@@ -288,8 +300,7 @@ impl NodeTls {
         Ok(NodeTls {
             chain,
             key,
-            roots: Arc::new(roots),
-            trust_domains: Arc::new(trust_domains),
+            trust: Arc::new(trust),
             identity,
             provider: Arc::new(rustls::crypto::ring::default_provider()),
         })
@@ -302,12 +313,9 @@ impl NodeTls {
 
     /// A quinn server config offering `alpn_protocols`, requiring client certificates.
     pub fn server_config(&self, alpn_protocols: &[&[u8]]) -> Result<quinn::ServerConfig, TlsError> {
-        let webpki =
-            WebPkiClientVerifier::builder_with_provider(self.roots.clone(), self.provider.clone())
-                .build()?;
         let verifier = Arc::new(SpiffeClientVerifier {
-            webpki,
-            trust_domains: self.trust_domains.clone(),
+            trust: self.trust.clone(),
+            provider: self.provider.clone(),
         });
         let mut tls = rustls::ServerConfig::builder_with_provider(self.provider.clone())
             .with_protocol_versions(&[&rustls::version::TLS13])?
@@ -326,8 +334,7 @@ impl NodeTls {
         expected: ExpectedServer,
     ) -> Result<quinn::ClientConfig, TlsError> {
         let verifier = Arc::new(SpiffeServerVerifier {
-            roots: self.roots.clone(),
-            trust_domains: self.trust_domains.clone(),
+            trust: self.trust.clone(),
             provider: self.provider.clone(),
             expected,
         });
@@ -343,17 +350,18 @@ impl NodeTls {
     }
 }
 
-/// Webpki client verification, plus: the certificate must carry a valid SPIFFE ID of a
-/// cluster its CA certifies.
+/// Client verification: the chain must end in a trusted CA that vouches for the cluster
+/// of the SPIFFE ID the certificate carries.
 #[derive(Debug)]
 struct SpiffeClientVerifier {
-    webpki: Arc<dyn ClientCertVerifier>,
-    trust_domains: Arc<TrustDomains>,
+    trust: Arc<TrustBundle>,
+    provider: Arc<CryptoProvider>,
 }
 
 impl ClientCertVerifier for SpiffeClientVerifier {
     fn root_hint_subjects(&self) -> &[DistinguishedName] {
-        self.webpki.root_hint_subjects()
+        // No hints: a node presents the one certificate it has.
+        &[]
     }
 
     fn verify_client_cert(
@@ -362,13 +370,16 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        let verified = self
-            .webpki
-            .verify_client_cert(end_entity, intermediates, now)?;
-        self.trust_domains
-            .identity_of(end_entity)
-            .map_err(certificate_error)?;
-        Ok(verified)
+        self.trust
+            .verify(
+                end_entity,
+                intermediates,
+                now,
+                KeyUsage::client_auth(),
+                &self.provider.signature_verification_algorithms,
+            )
+            .map_err(|error| error.into_rustls())?;
+        Ok(ClientCertVerified::assertion())
     }
 
     fn verify_tls12_signature(
@@ -377,7 +388,12 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.webpki.verify_tls12_signature(message, cert, dss)
+        verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
     }
 
     fn verify_tls13_signature(
@@ -386,19 +402,25 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.webpki.verify_tls13_signature(message, cert, dss)
+        verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
     }
 
     fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.webpki.supported_verify_schemes()
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
     }
 }
 
 /// Server verification by chain and SPIFFE ID instead of by DNS name.
 #[derive(Debug)]
 struct SpiffeServerVerifier {
-    roots: Arc<RootCertStore>,
-    trust_domains: Arc<TrustDomains>,
+    trust: Arc<TrustBundle>,
     provider: Arc<CryptoProvider>,
     expected: ExpectedServer,
 }
@@ -412,18 +434,16 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         _ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        let parsed = ParsedCertificate::try_from(end_entity)?;
-        verify_server_cert_signed_by_trust_anchor(
-            &parsed,
-            &self.roots,
-            intermediates,
-            now,
-            self.provider.signature_verification_algorithms.all,
-        )?;
         let identity = self
-            .trust_domains
-            .identity_of(end_entity)
-            .map_err(certificate_error)?;
+            .trust
+            .verify(
+                end_entity,
+                intermediates,
+                now,
+                KeyUsage::server_auth(),
+                &self.provider.signature_verification_algorithms,
+            )
+            .map_err(|error| error.into_rustls())?;
         self.expected.check(&identity).map_err(certificate_error)?;
         Ok(ServerCertVerified::assertion())
     }

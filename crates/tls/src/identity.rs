@@ -1,7 +1,5 @@
 //! Reading who a peer is from its certificate's SPIFFE ID.
 
-use std::collections::HashMap;
-
 use rustls::pki_types::CertificateDer;
 use x509_parser::error::X509Error;
 use x509_parser::extensions::GeneralName;
@@ -23,7 +21,7 @@ pub enum IdentityError {
     /// The certificate has more than one SPIFFE ID; which one counts would be ambiguous.
     #[error("the certificate has {0} SPIFFE IDs; exactly one is allowed")]
     SeveralSpiffeIds(usize),
-    /// The certificate names a cluster other than the one its issuing CA certifies.
+    /// The certificate names a cluster other than the one its chain's root CA certifies.
     #[error("the certificate names cluster {claimed}, but its CA certifies cluster {certified}")]
     ForeignCluster {
         /// The cluster in the certificate's SPIFFE ID.
@@ -31,6 +29,18 @@ pub enum IdentityError {
         /// The trust domain of the CA that issued it.
         certified: String,
     },
+    /// An intermediate on the path declares another trust domain than its anchor's.
+    #[error("an intermediate CA declares trust domain {declared}, but its root certifies cluster {certified}")]
+    ForeignIntermediate {
+        /// The trust domain the intermediate declares.
+        declared: String,
+        /// The cluster of the anchor the chain ends in.
+        certified: String,
+    },
+    /// The chain ends in an anchor the trust bundle does not know (a bug: webpki only
+    /// builds paths to the bundle's anchors).
+    #[error("the chain ends in an unknown trust anchor")]
+    UnknownAnchor,
     /// The SPIFFE ID is not `spiffe://<cluster>/<role>/<name>` with valid parts.
     #[error("SPIFFE ID {uri:?} is not spiffe://<cluster>/<role>/<name>: {reason}")]
     BadSpiffeId {
@@ -103,40 +113,6 @@ pub fn trust_domain_of(certificate: &X509Certificate<'_>) -> Option<String> {
             .map(str::to_owned),
         _ => None,
     })
-}
-
-/// Which cluster each trusted CA certifies, keyed by the CA's subject name, so that a CA
-/// trusted for one cluster cannot vouch for a certificate naming another. CAs that declare
-/// no trust domain are not constrained.
-#[derive(Clone, Debug, Default)]
-pub struct TrustDomains(HashMap<Vec<u8>, String>);
-
-impl TrustDomains {
-    /// Records the trust domain of the CA certificate `der`, if it declares one.
-    pub fn add_ca(&mut self, der: &[u8]) {
-        if let Ok((_, certificate)) = X509Certificate::from_der(der) {
-            if let Some(domain) = trust_domain_of(&certificate) {
-                self.0
-                    .insert(certificate.subject().as_raw().to_vec(), domain);
-            }
-        }
-    }
-
-    /// The identity of the (already chain-verified) certificate `der`, refused when its
-    /// issuer certifies another cluster.
-    pub fn identity_of(&self, der: &[u8]) -> Result<PeerIdentity, IdentityError> {
-        let identity = identity_from_certificate(der)?;
-        let (_, certificate) = X509Certificate::from_der(der).map_err(unparseable)?;
-        if let Some(certified) = self.0.get(certificate.issuer().as_raw()) {
-            if certified != identity.cluster_id.as_str() {
-                return Err(IdentityError::ForeignCluster {
-                    claimed: identity.cluster_id.to_string(),
-                    certified: certified.clone(),
-                });
-            }
-        }
-        Ok(identity)
-    }
 }
 
 /// The verified identity of the peer of an established QUIC connection.

@@ -5,6 +5,8 @@
 //! - [`config`] builds quinn server and client configs on rustls with the ring provider
 //!   only: TLS 1.3, client certificates always required, trust from every `ca*.crt` in the
 //!   certs directory, and verifiers that refuse a peer without a valid SPIFFE ID.
+//! - [`trust`] binds every trusted CA to the one cluster it vouches for and verifies
+//!   chains against it.
 //! - [`identity`] reads the verified peer's [`PeerIdentity`](xmirror_proto::PeerIdentity)
 //!   back from a connection: the role that counts is the certificate's.
 //!
@@ -14,7 +16,9 @@
 pub mod config;
 pub mod identity;
 pub mod pki;
+pub mod trust;
 
 pub use config::{ExpectedServer, NodeTls, TlsError, ALPN_CLIENT, ALPN_MIRROR};
 pub use identity::{identity_from_certificate, peer_identity, IdentityError};
 pub use pki::{CertificateAuthority, IssueOptions, NodeCertificate, PkiError, Validity};
+pub use trust::{TrustBundle, TrustError, VerifyError};

@@ -19,7 +19,11 @@ use xmirror_tls::{ExpectedServer, NodeTls};
 async fn try_connect(tls: &NodeTls, addr: SocketAddr, limit: Duration) -> Option<Client> {
     tokio::time::timeout(
         limit,
-        Client::connect(tls, addr, ExpectedServer::any_node()),
+        Client::connect(
+            tls,
+            addr,
+            ExpectedServer::node_of(tls.identity().cluster_id.clone()),
+        ),
     )
     .await
     .ok()?

@@ -236,9 +236,13 @@ impl World {
     /// A client connection to `addr` with the certificate `name`.
     pub async fn client_as(&self, name: &str, addr: SocketAddr) -> Client {
         let tls = NodeTls::load(&self.certs, name).expect("load client certificates");
-        Client::connect(&tls, addr, ExpectedServer::any_node())
-            .await
-            .expect("connect to the node")
+        Client::connect(
+            &tls,
+            addr,
+            ExpectedServer::node_of(tls.identity().cluster_id.clone()),
+        )
+        .await
+        .expect("connect to the node")
     }
 
     /// Runs the `xmirror` command line and returns its output.
@@ -318,10 +322,14 @@ impl Node {
         wait_until(&format!("{addr} to serve"), Duration::from_secs(30), || {
             let tls = &tls;
             async move {
-                Client::connect(tls, addr, ExpectedServer::any_node())
-                    .await
-                    .ok()
-                    .map(drop)
+                Client::connect(
+                    tls,
+                    addr,
+                    ExpectedServer::node_of(tls.identity().cluster_id.clone()),
+                )
+                .await
+                .ok()
+                .map(drop)
             }
         })
         .await;

@@ -239,9 +239,13 @@ async fn impaired_and_partitioned_network() {
     let monitor = LsnMonitor::start(&world.certs, m1_listen);
     let reader = wait_until("m1 to serve", Duration::from_secs(30), || async {
         let tls = xmirror_tls::NodeTls::load(&world.certs, "app").ok()?;
-        Client::connect(&tls, m1_listen, xmirror_tls::ExpectedServer::any_node())
-            .await
-            .ok()
+        Client::connect(
+            &tls,
+            m1_listen,
+            xmirror_tls::ExpectedServer::node_of(tls.identity().cluster_id.clone()),
+        )
+        .await
+        .ok()
     })
     .await;
     let snapshot_time = recovery_time(&app, &reader, Duration::from_secs(120)).await;

@@ -7,6 +7,7 @@ use anyhow::{bail, Context};
 use clap::Args;
 use xmirror_net::Client;
 use xmirror_proto::status::{NodeStatus, SlotState};
+use xmirror_proto::Name;
 use xmirror_tls::{ExpectedServer, NodeTls};
 
 /// How to reach a node and who to be.
@@ -21,6 +22,9 @@ pub struct NodeArgs {
     /// The certificate to present (DIR/NAME.crt).
     #[arg(long)]
     name: String,
+    /// The cluster the node must belong to [default: the certificate's own cluster].
+    #[arg(long)]
+    node_cluster: Option<Name>,
 }
 
 #[derive(Args)]
@@ -94,12 +98,16 @@ pub async fn connect(args: &NodeArgs) -> anyhow::Result<Client> {
     let tls = NodeTls::load(&args.certs, &args.name)
         .with_context(|| format!("cannot load the certificates of {}", args.name))?;
     let addr = resolve(&args.node).await?;
-    connect_to(&tls, addr).await
+    let cluster = args
+        .node_cluster
+        .clone()
+        .unwrap_or_else(|| tls.identity().cluster_id.clone());
+    connect_to(&tls, addr, cluster).await
 }
 
-/// Connects to the node at `addr` as `tls`.
-pub async fn connect_to(tls: &NodeTls, addr: SocketAddr) -> anyhow::Result<Client> {
-    Client::connect(tls, addr, ExpectedServer::any_node())
+/// Connects to the node at `addr`, which must belong to `cluster`, as `tls`.
+pub async fn connect_to(tls: &NodeTls, addr: SocketAddr, cluster: Name) -> anyhow::Result<Client> {
+    Client::connect(tls, addr, ExpectedServer::node_of(cluster))
         .await
         .with_context(|| format!("cannot connect to {addr}"))
 }

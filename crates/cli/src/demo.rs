@@ -90,7 +90,7 @@ async fn start_mirror(
 ) -> anyhow::Result<(MirrorNode, Client)> {
     let node = MirrorNode::start(config.clone(), tls.clone()).await?;
     let addr: SocketAddr = node.listen_addr.context("the demo mirror listens")?;
-    let client = connect_to(client_tls, addr).await?;
+    let client = connect_to(client_tls, addr, client_tls.identity().cluster_id.clone()).await?;
     Ok((node, client))
 }
 
@@ -124,7 +124,7 @@ pub async fn run() -> anyhow::Result<()> {
         &source_tls,
     )
     .await?;
-    let app = connect_to(&app_tls, source.local_addr).await?;
+    let app = connect_to(&app_tls, source.local_addr, name("east")).await?;
     let report = app.write_keys(INITIAL_KEYS, VALUE_SIZE, "key-").await?;
     println!(
         "source east/source-1 on {}: wrote {} keys ({:.0} writes/s), last lsn {}",

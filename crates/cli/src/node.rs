@@ -107,6 +107,14 @@ async fn plan_source(args: &SourceArgs) -> anyhow::Result<SourcePlan> {
     }
     set(&mut config.max_connections, settings.max_connections);
     set(&mut config.max_handshakes, settings.max_handshakes);
+    set(
+        &mut config.max_connections_per_peer,
+        settings.max_connections_per_peer,
+    );
+    set(
+        &mut config.client.connection_budget,
+        settings.max_connection_bytes,
+    );
     set(&mut config.transport.max_streams, settings.max_streams);
     set(
         &mut config.frame_limits.handshake,
@@ -155,6 +163,8 @@ impl SourcePlan {
             idle_timeout_ms: Some(millis(config.transport.idle_timeout)),
             max_connections: Some(config.max_connections),
             max_handshakes: Some(config.max_handshakes),
+            max_connections_per_peer: Some(config.max_connections_per_peer),
+            max_connection_bytes: Some(config.client.connection_budget),
             max_streams: Some(config.transport.max_streams),
             max_handshake_frame_bytes: Some(config.frame_limits.handshake),
             max_frame_bytes: Some(config.frame_limits.data),
@@ -211,6 +221,14 @@ async fn plan_mirror(args: &MirrorArgs) -> anyhow::Result<MirrorPlan> {
         settings.backoff_max_ms.map(Duration::from_millis),
     );
     set(&mut config.on_divergence, settings.on_divergence);
+    set(
+        &mut config.max_connections_per_peer,
+        settings.max_connections_per_peer,
+    );
+    set(
+        &mut config.client.connection_budget,
+        settings.max_connection_bytes,
+    );
     Ok(MirrorPlan {
         config,
         link,
@@ -240,6 +258,8 @@ impl MirrorPlan {
             source_silence_timeout_ms: Some(millis(config.source_silence_timeout)),
             connect_timeout_ms: Some(millis(config.connect_timeout)),
             backoff_max_ms: Some(millis(config.backoff_max)),
+            max_connections_per_peer: Some(config.max_connections_per_peer),
+            max_connection_bytes: Some(config.client.connection_budget),
             on_divergence: Some(config.on_divergence),
             // A test-only setting: shown only when it differs from what this build speaks.
             protocol_versions: (config.versions != SUPPORTED_VERSIONS).then_some(config.versions),

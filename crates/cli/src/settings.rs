@@ -67,6 +67,11 @@ settings! {
         max_connections: usize,
         /// Connections at once that have not finished their handshake and hello [default: 64].
         max_handshakes: usize,
+        /// Connections one identity (certificate) may hold at once [default: 16].
+        max_connections_per_peer: usize,
+        /// Bytes one client connection may hold: its requests, plus the largest reply each
+        /// read may produce [default: 67108864].
+        max_connection_bytes: usize,
         /// Streams a peer may have open at once [default: 64].
         max_streams: u32,
         /// Largest frame before the hello is validated, in bytes [default: 65536].
@@ -116,6 +121,11 @@ settings! {
         source_silence_timeout_ms: u64,
         /// Milliseconds one connection attempt may take [default: 5000].
         connect_timeout_ms: u64,
+        /// Client connections one identity (certificate) may hold at once [default: 16].
+        max_connections_per_peer: usize,
+        /// Bytes one client connection may hold: its requests, plus the largest reply each
+        /// read may produce [default: 67108864].
+        max_connection_bytes: usize,
         /// Longest reconnect delay in milliseconds [default: 10000].
         backoff_max_ms: u64,
         /// When this mirror holds data the source cannot vouch for (another database, an

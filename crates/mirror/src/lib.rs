@@ -19,20 +19,21 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
-use xmirror_net::serve::serve_client_connection;
+use xmirror_net::serve::{serve_client_connection, ClientLimits, ClientServing};
 use xmirror_net::{
     accept_loop, client_endpoint, close_with, error_chain, refusal_of, server_endpoint,
     AcceptLimits, EndpointError, TransportLimits,
 };
+use xmirror_proto::authz::{authorize, NodeKind, Operation};
 use xmirror_proto::message::DecisionKind;
 use xmirror_proto::session::mirror::{MirrorProgress, MirrorSessionConfig};
 use xmirror_proto::status::{MirrorState, MirrorStatus};
 use xmirror_proto::{
-    DivergencePolicy, Epoch, ErrorCode, FrameLimits, Name, UnixMillis, VersionRange,
+    DivergencePolicy, Epoch, ErrorCode, FrameLimits, Name, PeerIdentity, UnixMillis, VersionRange,
     SUPPORTED_VERSIONS,
 };
 use xmirror_store::{open_store, EngineKind, Store, StoreError, SyncState};
-use xmirror_tls::{ExpectedServer, NodeTls, ALPN_MIRROR};
+use xmirror_tls::{ExpectedServer, NodeTls, ALPN_CLIENT, ALPN_MIRROR};
 
 use crate::backoff::Backoff;
 use crate::service::MirrorService;
@@ -75,8 +76,10 @@ pub struct MirrorConfig {
     /// Longest reconnect delay. Default 10 s: a region-wide outage is retried often
     /// enough to recover quickly, rarely enough not to flood the source.
     pub backoff_max: Duration,
-    /// Client requests outstanding per stream. Default 1,024.
-    pub max_in_flight_per_stream: usize,
+    /// What one client connection may hold. Default: see [`ClientLimits`].
+    pub client: ClientLimits,
+    /// Client connections one identity may hold at once. Default 16.
+    pub max_connections_per_peer: usize,
     /// Client connections served at once on `listen`. Default 256.
     pub max_connections: usize,
     /// Client connections at once still in their TLS handshake. Default 32.
@@ -114,7 +117,8 @@ impl MirrorConfig {
             connect_timeout: Duration::from_secs(5),
             backoff_min: Duration::from_millis(100),
             backoff_max: Duration::from_secs(10),
-            max_in_flight_per_stream: 1_024,
+            client: ClientLimits::default(),
+            max_connections_per_peer: 16,
             max_connections: 256,
             max_handshakes: 32,
             on_divergence: DivergencePolicy::Halt,
@@ -495,6 +499,27 @@ fn lag_ms(progress: &MirrorProgress, behind_for: Option<Duration>, silence: Dura
     behind.max(silent)
 }
 
+/// Serves a connection on the client protocol; the mirror protocol is refused (a mirror
+/// serves no mirrors).
+async fn serve_client(
+    connection: quinn::Connection,
+    peer: PeerIdentity,
+    service: Arc<MirrorService>,
+    serving: Arc<ClientServing>,
+) {
+    let alpn = xmirror_net::alpn_of(&connection);
+    if alpn.as_deref() == Some(ALPN_CLIENT) {
+        serve_client_connection(connection, peer, service, serving).await;
+        return;
+    }
+    let refusal = authorize(NodeKind::Mirror, &serving.cluster, &peer, Operation::Mirror)
+        .err()
+        .map(|denied| (denied.code, denied.to_string()))
+        .unwrap_or((ErrorCode::ProtocolViolation, "unknown ALPN".to_owned()));
+    tracing::warn!(peer = %peer, addr = %connection.remote_address(), code = %refusal.0, "connection refused");
+    close_with(&connection, refusal.0, &refusal.1);
+}
+
 /// A running mirror.
 pub struct MirrorNode {
     /// Where the client API listens, if it does.
@@ -516,18 +541,24 @@ impl MirrorNode {
                 let endpoint = server_endpoint(&tls, addr, &shared.config.transport)?;
                 let limits = AcceptLimits {
                     max_connections: shared.config.max_connections,
+                    max_connections_per_peer: shared.config.max_connections_per_peer,
                     max_handshakes: shared.config.max_handshakes,
                     handshake_timeout: shared.config.handshake_timeout,
                 };
                 let service = Arc::new(MirrorService::new(shared.clone()));
-                let max_in_flight = shared.config.max_in_flight_per_stream;
+                let serving = Arc::new(ClientServing {
+                    node: NodeKind::Mirror,
+                    cluster: tls.identity().cluster_id.clone(),
+                    limits: shared.config.client,
+                    idle_timeout: shared.config.transport.idle_timeout,
+                });
                 let task = tokio::spawn(accept_loop(
                     endpoint.clone(),
                     limits,
                     move |connection, peer, handshake| {
                         // A client's handshake is over once TLS is.
                         drop(handshake);
-                        serve_client_connection(connection, peer, service.clone(), max_in_flight)
+                        serve_client(connection, peer, service.clone(), serving.clone())
                     },
                 ));
                 Some((endpoint, task))

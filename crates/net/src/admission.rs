@@ -3,11 +3,14 @@
 //! A node refuses a connection when it already serves `max_connections`, or when
 //! `max_handshakes` peers are between their first datagram and the end of their handshake
 //! (for mirrors: a validated hello). Refusing costs one datagram, so a flood of peers that
-//! never finish cannot exhaust a node while established peers carry on.
+//! never finish cannot exhaust a node while established peers carry on. Once the handshake
+//! names the peer, one identity may hold at most `max_connections_per_peer` connections,
+//! so a single certificate cannot take every place.
 
 use std::sync::Arc;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use xmirror_proto::PeerIdentity;
 
 /// Counts connections and unfinished handshakes.
 #[derive(Clone, Debug)]
@@ -77,6 +80,55 @@ pub struct AcceptLimits {
     pub max_handshakes: usize,
     /// How long a peer has to finish its TLS handshake.
     pub handshake_timeout: std::time::Duration,
+    /// Connections one identity (SPIFFE ID) may hold at once; more are closed with `BUSY`
+    /// after the handshake, when the identity is known.
+    pub max_connections_per_peer: usize,
+}
+
+/// Counts each identity's connections.
+#[derive(Clone, Debug, Default)]
+pub struct PeerConnections(Arc<std::sync::Mutex<std::collections::HashMap<PeerIdentity, usize>>>);
+
+/// One of an identity's connections; dropping it frees the place.
+#[derive(Debug)]
+pub struct PeerPlace {
+    peers: PeerConnections,
+    peer: PeerIdentity,
+}
+
+impl PeerConnections {
+    /// A place for one more connection of `peer`, or `None` when it holds `max` already.
+    pub fn admit(&self, peer: &PeerIdentity, max: usize) -> Option<PeerPlace> {
+        let mut counts = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let count = counts.entry(peer.clone()).or_default();
+        if *count >= max {
+            return None;
+        }
+        *count += 1;
+        Some(PeerPlace {
+            peers: self.clone(),
+            peer: peer.clone(),
+        })
+    }
+}
+
+impl Drop for PeerPlace {
+    fn drop(&mut self) {
+        let mut counts = self
+            .peers
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(count) = counts.get_mut(&self.peer) {
+            *count -= 1;
+            if *count == 0 {
+                counts.remove(&self.peer);
+            }
+        }
+    }
 }
 
 /// Accepts connections on `endpoint` until it closes: refuses them at the caps before any
@@ -93,6 +145,7 @@ where
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
     let admission = Admission::new(limits.max_connections, limits.max_handshakes);
+    let peers = PeerConnections::default();
     let serve = Arc::new(serve);
     while let Some(incoming) = endpoint.accept().await {
         let remote = incoming.remote_address();
@@ -106,6 +159,7 @@ where
             continue;
         };
         let serve = serve.clone();
+        let peers = peers.clone();
         tokio::spawn(async move {
             let Admitted {
                 connection: _connection_permit,
@@ -127,7 +181,27 @@ where
                 }
             };
             match xmirror_tls::peer_identity(&connection) {
-                Ok(peer) => serve(connection, peer, handshake).await,
+                Ok(peer) => {
+                    let Some(_place) = peers.admit(&peer, limits.max_connections_per_peer) else {
+                        tracing::warn!(
+                            peer = %peer,
+                            remote = %remote,
+                            code = %xmirror_proto::ErrorCode::Busy,
+                            max = limits.max_connections_per_peer,
+                            "connection refused: this identity holds the most connections allowed"
+                        );
+                        crate::close_with(
+                            &connection,
+                            xmirror_proto::ErrorCode::Busy,
+                            &format!(
+                                "{peer} already holds {} connections, the most allowed per identity",
+                                limits.max_connections_per_peer
+                            ),
+                        );
+                        return;
+                    };
+                    serve(connection, peer, handshake).await
+                }
                 Err(error) => crate::close_with(
                     &connection,
                     xmirror_proto::ErrorCode::NotAuthorized,

@@ -10,9 +10,10 @@ use xmirror_tls::{ExpectedServer, NodeTls, TlsError, ALPN_CLIENT, ALPN_MIRROR};
 /// Transport limits, the same on both ends.
 #[derive(Clone, Copy, Debug)]
 pub struct TransportLimits {
-    /// A connection with no traffic for this long is dead. Default 30 s; keep-alives every
-    /// third of it keep a healthy idle connection open, so this bounds how long a
-    /// partition goes unnoticed.
+    /// A connection with no traffic for this long is dead. Default 30 s; the dialling side
+    /// sends keep-alives every third of it, so a healthy idle connection stays open and
+    /// this bounds how long a partition goes unnoticed. A server sends none: a client
+    /// that goes quiet is its own to keep alive.
     pub idle_timeout: Duration,
     /// Concurrent bidirectional streams a peer may open. Default 64: a mirror needs one, a
     /// client one per concurrent conversation.
@@ -56,13 +57,13 @@ impl TransportLimits {
         }
     }
 
-    fn transport_config(&self) -> Result<TransportConfig, EndpointError> {
+    fn transport_config(&self, keep_alive: bool) -> Result<TransportConfig, EndpointError> {
         let mut transport = TransportConfig::default();
         let idle = IdleTimeout::try_from(self.idle_timeout)
             .map_err(|_| EndpointError::BadLimit("idle timeout"))?;
         transport
             .max_idle_timeout(Some(idle))
-            .keep_alive_interval(Some(self.idle_timeout / 3))
+            .keep_alive_interval(keep_alive.then_some(self.idle_timeout / 3))
             .max_concurrent_bidi_streams(VarInt::from_u32(self.max_streams))
             .max_concurrent_uni_streams(VarInt::from_u32(0))
             .stream_receive_window(
@@ -106,7 +107,7 @@ pub fn server_endpoint(
     limits: &TransportLimits,
 ) -> Result<quinn::Endpoint, EndpointError> {
     let mut config = tls.server_config(&[ALPN_MIRROR, ALPN_CLIENT])?;
-    config.transport_config(Arc::new(limits.transport_config()?));
+    config.transport_config(Arc::new(limits.transport_config(false)?));
     quinn::Endpoint::server(config, addr).map_err(|source| EndpointError::Bind { addr, source })
 }
 
@@ -118,7 +119,7 @@ pub fn client_endpoint(
     limits: &TransportLimits,
 ) -> Result<quinn::Endpoint, EndpointError> {
     let mut config = tls.client_config(alpn, expected)?;
-    config.transport_config(Arc::new(limits.transport_config()?));
+    config.transport_config(Arc::new(limits.transport_config(true)?));
     let addr: SocketAddr = "[::]:0".parse().expect("valid address");
     let mut endpoint = match quinn::Endpoint::client(addr) {
         Ok(endpoint) => endpoint,

@@ -69,6 +69,11 @@ impl<R: AsyncRead + Unpin> FramedReader<R> {
         self.inner.decoder_mut().set_max_frame_len(max_frame_len);
     }
 
+    /// The size of the last frame read, length prefix included.
+    pub fn last_frame_len(&self) -> usize {
+        self.inner.decoder().last_frame_len()
+    }
+
     /// The next message, or `None` when the peer finished the stream cleanly.
     pub async fn next(&mut self) -> Result<Option<Message>, FrameError> {
         self.inner.next().await.transpose()

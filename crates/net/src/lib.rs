@@ -20,7 +20,7 @@ pub mod serve;
 
 pub use admission::{accept_loop, AcceptLimits, Admission, Admitted};
 pub use client::{Client, ClientError, ClientStream, LoadReport};
-pub use close::{close_with, error_chain, refusal_of, Refusal};
+pub use close::{alpn_of, close_with, error_chain, refusal_of, Refusal};
 pub use endpoint::{client_endpoint, server_endpoint, EndpointError, TransportLimits};
 pub use framed::{
     sleep_until, Activity, ActivityReader, FrameSender, FramedReader, FramedWriter, ReadError,

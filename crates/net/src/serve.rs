@@ -2,17 +2,24 @@
 //!
 //! Requests on one stream are read as they come and handed to the service at once, so a
 //! pipelining client keeps many writes in one group commit; replies go back in request
-//! order. At most `max_in_flight` requests per stream are outstanding, which bounds the
-//! memory one client can pin.
+//! order. Each request is first held to the authorization table ([`authorize`]), then to
+//! its connection's byte budget: the bytes of the requests it holds plus the largest reply
+//! each may produce. A client that stops reading its replies stops its own requests there,
+//! and memory never grows with what it sends. A stream or connection that goes away
+//! cancels what it queued; a connection with no open stream for the idle timeout is closed.
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures_util::stream::{FuturesOrdered, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use xmirror_proto::authz::{authorize, NodeKind, Operation};
 use xmirror_proto::message::{ErrorReply, MessageType};
-use xmirror_proto::{ErrorCode, FrameError, FrameLimits, Message, PeerIdentity};
+use xmirror_proto::{ErrorCode, FrameError, FrameLimits, Message, Name, PeerIdentity};
 
 use crate::close::close_with;
 use crate::framed::{FramedReader, FramedWriter, ReadError};
@@ -59,27 +66,102 @@ pub fn internal_error(error: impl std::fmt::Display) -> Message {
     })
 }
 
-fn is_request(message_type: MessageType) -> bool {
-    matches!(
-        message_type,
-        MessageType::PutRequest
-            | MessageType::DeleteRequest
-            | MessageType::GetRequest
-            | MessageType::StatusRequest
-            | MessageType::DigestRequest
-            | MessageType::SlotsRequest
-            | MessageType::DropSlotRequest
-    )
+/// Who serves the client protocol, and what each connection may cost it.
+#[derive(Clone, Debug)]
+pub struct ClientServing {
+    /// Whether this node is a source or a mirror (the table differs).
+    pub node: NodeKind,
+    /// The node's own cluster.
+    pub cluster: Name,
+    /// The bounds of each connection.
+    pub limits: ClientLimits,
+    /// A connection with no open stream for this long is closed with `IDLE` (the node's
+    /// idle timeout; the server sends clients no keep-alives, so quiet ones go too).
+    pub idle_timeout: Duration,
 }
 
+/// What one client connection may hold.
+#[derive(Clone, Copy, Debug)]
+pub struct ClientLimits {
+    /// Requests one stream may have outstanding. Pipelined writes share group commits.
+    pub max_in_flight_per_stream: usize,
+    /// Bytes one connection may hold: its requests, plus the largest reply each read may
+    /// produce (a data frame). Default 64 MiB: at least three reads of the largest value at
+    /// once, and tens of thousands of small pipelined writes.
+    pub connection_budget: usize,
+}
+
+impl Default for ClientLimits {
+    fn default() -> Self {
+        ClientLimits {
+            max_in_flight_per_stream: 4_096,
+            connection_budget: 64 * 1024 * 1024,
+        }
+    }
+}
+
+/// What a write's reply costs: an LSN, or an error with its detail.
+const SMALL_REPLY: usize = 4 * 1024;
+
+impl ClientLimits {
+    /// What holding a request of `frame_len` bytes costs the connection: the frame, and
+    /// the largest reply it may produce. Never above the budget, so it can always be met.
+    fn cost(&self, operation: Operation, frame_len: usize) -> usize {
+        let reply = match operation {
+            Operation::Write => SMALL_REPLY,
+            Operation::Read | Operation::Admin | Operation::Mirror => FrameLimits::default().data,
+        };
+        (frame_len + reply).min(self.connection_budget)
+    }
+}
+
+/// A connection's shared bounds: its byte budget and its one expensive request at a time.
+#[derive(Clone, Debug)]
+pub struct ConnectionBudget {
+    bytes: Arc<Semaphore>,
+    /// `digest` scans the whole store: one at a time per connection.
+    digest: Arc<Semaphore>,
+}
+
+impl ConnectionBudget {
+    /// A budget of `limits.connection_budget` bytes.
+    pub fn new(limits: &ClientLimits) -> ConnectionBudget {
+        ConnectionBudget {
+            bytes: Arc::new(Semaphore::new(limits.connection_budget)),
+            digest: Arc::new(Semaphore::new(1)),
+        }
+    }
+
+    /// Bytes not held right now.
+    pub fn available(&self) -> usize {
+        self.bytes.available_permits()
+    }
+}
+
+/// A verified peer and where it connects from, for refusals and logs.
+#[derive(Clone, Debug)]
+pub struct Peer {
+    /// Who its certificate says it is.
+    pub identity: PeerIdentity,
+    /// Its address.
+    pub addr: SocketAddr,
+}
+
+/// A request waiting for its share of the connection's budget.
+type Admitting = Pin<Box<dyn Future<Output = (Message, Operation, OwnedSemaphorePermit)> + Send>>;
+
+/// A reply being computed, with the budget it holds until it is written.
+type Answering = Pin<Box<dyn Future<Output = (Message, OwnedSemaphorePermit)> + Send>>;
+
 /// Serves one client stream until the client finishes it. Returns the error that ended
-/// it early, after telling the client with an `ErrorReply`.
+/// it early, after telling the client with an `ErrorReply` (unless the peer is gone).
 pub async fn serve_client_stream<R, W, S>(
     reader: R,
     writer: W,
-    peer: &PeerIdentity,
+    peer: &Peer,
     service: &Arc<S>,
-    max_in_flight: usize,
+    serving: &ClientServing,
+    budget: &ConnectionBudget,
 ) -> Result<(), ReadError>
 where
     R: AsyncRead + Unpin,
@@ -87,33 +169,72 @@ where
     S: ClientService + ?Sized,
 {
     let limit = FrameLimits::default().data;
+    let max_in_flight = serving.limits.max_in_flight_per_stream;
     let mut reader = FramedReader::new(reader, limit);
     let mut writer = FramedWriter::new(writer, limit);
-    let mut in_flight = FuturesOrdered::new();
+    let mut in_flight: FuturesOrdered<Answering> = FuturesOrdered::new();
+    let mut admitting: Option<Admitting> = None;
     let mut reading = true;
     let outcome = loop {
         tokio::select! {
-            // Replies first: they free room for more requests.
+            // Replies first: they free budget for more requests.
             biased;
-            Some(reply) = in_flight.next(), if !in_flight.is_empty() => {
+            Some((reply, held)) = in_flight.next(), if !in_flight.is_empty() => {
                 let sent = if in_flight.is_empty() {
                     writer.send(reply).await
                 } else {
                     writer.feed(reply).await
                 };
+                drop(held);
                 if let Err(error) = sent {
                     break Err(ReadError::Frame(error));
                 }
             }
-            next = reader.next(), if reading && in_flight.len() < max_in_flight => {
+            (request, operation, held) = async { admitting.as_mut().expect("guarded").await },
+                if admitting.is_some() =>
+            {
+                admitting = None;
+                in_flight.push_back(answer(service, peer, request, operation, held, budget));
+            }
+            next = reader.next(), if reading && admitting.is_none() && in_flight.len() < max_in_flight => {
                 match next {
-                    Ok(Some(request)) if is_request(request.message_type()) => {
-                        in_flight.push_back(service.handle(peer, request));
+                    Ok(Some(request)) => {
+                        let message_type = request.message_type();
+                        let Some(operation) = Operation::of(message_type)
+                            .filter(|operation| *operation != Operation::Mirror)
+                        else {
+                            break Err(ReadError::Unexpected {
+                                got: message_type,
+                                expected: "a client request",
+                            });
+                        };
+                        if let Err(denied) = authorize(serving.node, &serving.cluster, &peer.identity, operation) {
+                            tracing::warn!(
+                                peer = %peer.identity,
+                                addr = %peer.addr,
+                                code = %denied.code,
+                                request = ?message_type,
+                                "request refused"
+                            );
+                            let refusal = Message::ErrorReply(ErrorReply {
+                                code: denied.code,
+                                detail: denied.to_string(),
+                            });
+                            in_flight.push_back(Box::pin(async move {
+                                (refusal, no_permit())
+                            }));
+                            continue;
+                        }
+                        let cost = serving.limits.cost(operation, reader.last_frame_len());
+                        let bytes = budget.bytes.clone();
+                        admitting = Some(Box::pin(async move {
+                            let held = bytes
+                                .acquire_many_owned(u32::try_from(cost).unwrap_or(u32::MAX))
+                                .await
+                                .expect("the budget is never closed");
+                            (request, operation, held)
+                        }));
                     }
-                    Ok(Some(other)) => break Err(ReadError::Unexpected {
-                        got: other.message_type(),
-                        expected: "a client request",
-                    }),
                     Ok(None) => reading = false,
                     Err(error) => break Err(ReadError::Frame(error)),
                 }
@@ -121,52 +242,136 @@ where
             else => break Ok(()),
         }
     };
-    if let Err(error) = &outcome {
-        // Answer what was already asked, then say why the stream ends.
-        while let Some(reply) = in_flight.next().await {
-            if writer.feed(reply).await.is_err() {
-                return outcome;
+    match &outcome {
+        // The peer is gone: what it queued is dropped, unanswered.
+        Err(ReadError::Frame(FrameError::Io(_))) | Ok(()) => {}
+        Err(error) => {
+            // Answer what was already asked, then say why the stream ends.
+            while let Some((reply, _held)) = in_flight.next().await {
+                if writer.feed(reply).await.is_err() {
+                    return outcome;
+                }
             }
+            let refusal = ErrorReply {
+                code: error.code(),
+                detail: error.to_string(),
+            };
+            let _ = writer.send(refusal).await;
         }
-        let refusal = ErrorReply {
-            code: error.code(),
-            detail: error.to_string(),
-        };
-        let _ = writer.send(refusal).await;
     }
     outcome
 }
 
+/// A permit of nothing, for replies that hold no budget.
+fn no_permit() -> OwnedSemaphorePermit {
+    Arc::new(Semaphore::new(1))
+        .try_acquire_owned()
+        .expect("a fresh semaphore has a permit")
+}
+
+/// Starts answering an admitted request; `digest` waits for the connection's turn.
+fn answer<S: ClientService + ?Sized>(
+    service: &Arc<S>,
+    peer: &Peer,
+    request: Message,
+    operation: Operation,
+    held: OwnedSemaphorePermit,
+    budget: &ConnectionBudget,
+) -> Answering {
+    debug_assert_ne!(operation, Operation::Mirror);
+    if request.message_type() == MessageType::DigestRequest {
+        let turn = budget.digest.clone();
+        let service = service.clone();
+        let identity = peer.identity.clone();
+        return Box::pin(async move {
+            let _turn = turn.acquire_owned().await.expect("never closed");
+            (service.handle(&identity, request).await, held)
+        });
+    }
+    let reply = service.handle(&peer.identity, request);
+    Box::pin(async move { (reply.await, held) })
+}
+
 /// Serves every stream the client opens on `connection`, each on its own task, until the
-/// connection closes. A stream that breaks the protocol closes the connection with its code.
+/// connection closes or stays without an open stream for the idle timeout. A stream that
+/// breaks the protocol closes the connection with its code; a connection that goes away
+/// cancels every stream's queued requests.
 pub async fn serve_client_connection<S: ClientService + ?Sized>(
     connection: quinn::Connection,
-    peer: PeerIdentity,
+    identity: PeerIdentity,
     service: Arc<S>,
-    max_in_flight: usize,
+    serving: Arc<ClientServing>,
 ) {
-    while let Ok((mut send, recv)) = connection.accept_bi().await {
-        let connection = connection.clone();
-        let peer = peer.clone();
-        let service = service.clone();
-        tokio::spawn(async move {
-            match serve_client_stream(recv, &mut send, &peer, &service, max_in_flight).await {
-                Ok(()) => {
-                    let _ = send.finish();
-                }
-                // The connection went away: nothing to tell the client.
-                Err(ReadError::Frame(FrameError::Io(error))) => {
-                    tracing::debug!(peer = %peer, error = %error, "client stream ended");
-                }
-                Err(error) => {
-                    tracing::warn!(peer = %peer, code = %error.code(), error = %error, "client stream refused");
-                    let _ = send.finish();
-                    // Give the error reply a moment to leave before closing.
-                    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), send.stopped())
-                        .await;
-                    close_with(&connection, error.code(), &error.to_string());
+    let peer = Peer {
+        identity,
+        addr: connection.remote_address(),
+    };
+    let budget = ConnectionBudget::new(&serving.limits);
+    let idle_timeout = serving.idle_timeout;
+    let open_streams = Arc::new(tokio::sync::watch::Sender::new(0usize));
+    let mut open_now = open_streams.subscribe();
+    let mut idle_since = tokio::time::Instant::now();
+    loop {
+        let idle = *open_now.borrow_and_update() == 0;
+        tokio::select! {
+            accepted = connection.accept_bi() => {
+                let Ok((mut send, recv)) = accepted else { break };
+                let stream_open = OpenStream::new(&open_streams);
+                let connection = connection.clone();
+                let peer = peer.clone();
+                let service = service.clone();
+                let serving = serving.clone();
+                let budget = budget.clone();
+                tokio::spawn(async move {
+                    let _stream_open = stream_open;
+                    let served = tokio::select! {
+                        served = serve_client_stream(recv, &mut send, &peer, &service, &serving, &budget) => served,
+                        // Gone: dropping the stream's future cancels what it queued.
+                        _ = connection.closed() => return,
+                    };
+                    match served {
+                        Ok(()) => {
+                            let _ = send.finish();
+                        }
+                        Err(ReadError::Frame(FrameError::Io(error))) => {
+                            tracing::debug!(peer = %peer.identity, error = %error, "client stream ended");
+                        }
+                        Err(error) => {
+                            tracing::warn!(peer = %peer.identity, addr = %peer.addr, code = %error.code(), error = %error, "client stream refused");
+                            let _ = send.finish();
+                            // Give the error reply a moment to leave before closing.
+                            let _ = tokio::time::timeout(Duration::from_secs(1), send.stopped()).await;
+                            close_with(&connection, error.code(), &error.to_string());
+                        }
+                    }
+                });
+            }
+            _ = open_now.changed() => {
+                if *open_now.borrow() == 0 {
+                    idle_since = tokio::time::Instant::now();
                 }
             }
-        });
+            _ = tokio::time::sleep_until(idle_since + idle_timeout), if idle => {
+                tracing::debug!(peer = %peer.identity, addr = %peer.addr, "idle client connection closed");
+                close_with(&connection, ErrorCode::Idle, &format!("no open stream for {idle_timeout:?}"));
+                break;
+            }
+        }
+    }
+}
+
+/// Counts a stream as open for as long as it lives (the idle clock runs only at zero).
+struct OpenStream(Arc<tokio::sync::watch::Sender<usize>>);
+
+impl OpenStream {
+    fn new(open_streams: &Arc<tokio::sync::watch::Sender<usize>>) -> OpenStream {
+        open_streams.send_modify(|open| *open += 1);
+        OpenStream(open_streams.clone())
+    }
+}
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        self.0.send_modify(|open| *open -= 1);
     }
 }

@@ -163,6 +163,8 @@ pub struct FrameCodec {
     /// Whether the length prefix of the frame being read was already consumed, so that the
     /// next bytes are body, not a prefix to check.
     in_frame: bool,
+    /// The size of the last frame decoded, prefix included: what holding it costs.
+    last_frame_len: usize,
 }
 
 impl FrameCodec {
@@ -175,7 +177,13 @@ impl FrameCodec {
                 .new_codec(),
             version: SUPPORTED_VERSIONS.min,
             in_frame: false,
+            last_frame_len: 0,
         }
+    }
+
+    /// The size of the last frame decoded, length prefix included.
+    pub fn last_frame_len(&self) -> usize {
+        self.last_frame_len
     }
 
     /// Changes the limit, as a conversation moves from handshake to data.
@@ -213,6 +221,7 @@ impl Decoder for FrameCodec {
         match self.length_delimited.decode(src)? {
             Some(frame) => {
                 self.in_frame = false;
+                self.last_frame_len = LENGTH_PREFIX_LEN + frame.len();
                 decode_frame(&frame).map(Some)
             }
             None => {

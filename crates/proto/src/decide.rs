@@ -5,12 +5,12 @@
 //! and acts on the answer; nothing here reads a clock or a disk, so every branch is tested
 //! below in memory.
 
+use crate::authz::{authorize, NodeKind, Operation};
 use crate::error_code::ErrorCode;
 use crate::hash::ChainHash;
 use crate::message::{Decision, Hello, Rejected, SnapshotReason};
 use crate::types::{
-    DatabaseId, Divergence, DivergencePolicy, Lsn, Name, PeerIdentity, Role, SnapshotId,
-    VersionRange,
+    DatabaseId, Divergence, DivergencePolicy, Lsn, Name, PeerIdentity, SnapshotId, VersionRange,
 };
 
 /// What the source knows when a hello arrives.
@@ -112,14 +112,8 @@ pub fn decide(hello: &Hello, peer: &PeerIdentity, view: &SourceView) -> Result<D
             ),
         ));
     }
-    if peer.role != Role::Observer {
-        return Err(Reject::new(
-            ErrorCode::ObserverOnly,
-            format!(
-                "certificate {peer} has role {}, only observers may mirror",
-                peer.role
-            ),
-        ));
+    if let Err(denied) = authorize(NodeKind::Source, view.cluster_id, peer, Operation::Mirror) {
+        return Err(Reject::new(denied.code, denied.to_string()));
     }
     if hello.role != peer.role {
         return Err(Reject::new(
@@ -227,6 +221,7 @@ mod tests {
     use crate::message::ResumeToken;
     use crate::types::SUPPORTED_VERSIONS;
     use crate::types::{DatabaseId, Divergence, DivergencePolicy};
+    use crate::Role;
 
     fn name(value: &str) -> Name {
         Name::new(value).unwrap()

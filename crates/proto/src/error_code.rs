@@ -63,11 +63,13 @@ pub enum ErrorCode {
     InUse = 23,
     /// The request names something the node does not have (a slot).
     NotFound = 24,
+    /// A client connection had no open stream for the idle timeout: the node closed it.
+    Idle = 25,
 }
 
 impl ErrorCode {
     /// Every code, in number order.
-    pub const ALL: [ErrorCode; 24] = [
+    pub const ALL: [ErrorCode; 25] = [
         ErrorCode::BadVersion,
         ErrorCode::ClusterIdMismatch,
         ErrorCode::ObserverOnly,
@@ -92,6 +94,7 @@ impl ErrorCode {
         ErrorCode::DivergedHistory,
         ErrorCode::InUse,
         ErrorCode::NotFound,
+        ErrorCode::Idle,
     ];
 
     /// The stable number on the wire and in QUIC close frames.
@@ -133,6 +136,7 @@ impl ErrorCode {
             ErrorCode::DivergedHistory => "DIVERGED_HISTORY",
             ErrorCode::InUse => "IN_USE",
             ErrorCode::NotFound => "NOT_FOUND",
+            ErrorCode::Idle => "IDLE",
         }
     }
 
@@ -207,6 +211,7 @@ mod tests {
             ("DIVERGED_HISTORY", 22),
             ("IN_USE", 23),
             ("NOT_FOUND", 24),
+            ("IDLE", 25),
         ];
         let actual: Vec<_> = ErrorCode::ALL
             .iter()
@@ -217,7 +222,7 @@ mod tests {
             assert_eq!(ErrorCode::from_number(code.number()), Some(code));
         }
         assert_eq!(ErrorCode::from_number(0), None);
-        assert_eq!(ErrorCode::from_number(25), None);
+        assert_eq!(ErrorCode::from_number(26), None);
     }
 
     #[test]

@@ -2,11 +2,12 @@
 //!
 //! This crate owns everything two xmirror nodes must agree on byte for byte: the messages
 //! ([`message`]), how they are framed and size-limited ([`codec`]), the stable error codes
-//! ([`ErrorCode`]), the hashes both sides compute ([`hash`]), and the handshake decision
-//! ([`decide()`]). It never touches a socket, a file or a clock: callers hand it bytes and
-//! facts and get bytes and decisions back, so every rule here is a pure function tested in
-//! memory. The async layers live in `xmirror-source` and `xmirror-mirror`.
+//! ([`ErrorCode`]), the hashes both sides compute ([`hash`]), the handshake decision
+//! ([`decide()`]) and who may do what ([`authz`]). It never touches a socket, a file or a
+//! clock: callers hand it bytes and facts and get bytes and decisions back, so every rule
+//! here is a pure function tested in memory. The async layers live in `xmirror-source` and `xmirror-mirror`.
 
+pub mod authz;
 pub mod codec;
 pub mod decide;
 mod error_code;

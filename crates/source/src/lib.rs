@@ -21,11 +21,12 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use tokio::sync::{oneshot, watch, OwnedSemaphorePermit};
-use xmirror_net::serve::serve_client_connection;
+use xmirror_net::serve::{serve_client_connection, ClientLimits, ClientServing};
 use xmirror_net::{
     accept_loop, close_with, error_chain, server_endpoint, AcceptLimits, EndpointError,
     TransportLimits,
 };
+use xmirror_proto::authz::NodeKind;
 use xmirror_proto::session::source::SourceSessionConfig;
 use xmirror_proto::{DatabaseId, Epoch};
 use xmirror_proto::{ErrorCode, FrameLimits, Name, VersionRange, SUPPORTED_VERSIONS};
@@ -89,8 +90,10 @@ pub struct SourceConfig {
     pub max_key_len: usize,
     /// Largest value accepted from clients. Default 4 MiB.
     pub max_value_len: usize,
-    /// Client requests outstanding per stream. Default 4,096.
-    pub max_in_flight_per_stream: usize,
+    /// What one client connection may hold. Default: see [`ClientLimits`].
+    pub client: ClientLimits,
+    /// Connections one identity may hold at once. Default 16.
+    pub max_connections_per_peer: usize,
     /// Connections served at once; more are refused before their TLS handshake. Default
     /// 1,024: far above any real fleet of mirrors and clients, low enough to bound memory.
     pub max_connections: usize,
@@ -125,7 +128,8 @@ impl SourceConfig {
             heartbeat_interval: Duration::from_secs(1),
             max_key_len: 4 << 10,
             max_value_len: 4 << 20,
-            max_in_flight_per_stream: 4_096,
+            client: ClientLimits::default(),
+            max_connections_per_peer: 16,
             max_connections: 1_024,
             max_handshakes: 64,
         }
@@ -302,6 +306,7 @@ impl SourceNode {
         let mut tasks = tokio::task::JoinSet::new();
         let limits = AcceptLimits {
             max_connections: shared.config.max_connections,
+            max_connections_per_peer: shared.config.max_connections_per_peer,
             max_handshakes: shared.config.max_handshakes,
             handshake_timeout: shared.config.handshake_timeout,
         };
@@ -371,16 +376,17 @@ async fn handle_connection(
     shared: Arc<SourceShared>,
     handshake: OwnedSemaphorePermit,
 ) {
-    let alpn = connection
-        .handshake_data()
-        .and_then(|data| data.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
-        .and_then(|data| data.protocol)
-        .unwrap_or_default();
+    let alpn = xmirror_net::alpn_of(&connection).unwrap_or_default();
     if alpn == ALPN_CLIENT {
         drop(handshake);
         let service = Arc::new(SourceService::new(shared.clone()));
-        let max_in_flight = shared.config.max_in_flight_per_stream;
-        serve_client_connection(connection, peer, service, max_in_flight).await;
+        let serving = Arc::new(ClientServing {
+            node: NodeKind::Source,
+            cluster: shared.config.cluster_id.clone(),
+            limits: shared.config.client,
+            idle_timeout: shared.config.transport.idle_timeout,
+        });
+        serve_client_connection(connection, peer, service, serving).await;
     } else if alpn == ALPN_MIRROR {
         serve_mirror(connection, peer, shared, handshake).await;
     } else {

@@ -1,8 +1,8 @@
 //! The source's client API: writes go through the ordered writer, reads straight to the
 //! store.
 //!
-//! Only certificates with the `client` role may write; any authenticated peer may read,
-//! ask for status or for the digest.
+//! Requests reach it already authorized (`xmirror_proto::authz`, applied by the serving
+//! loop): it checks only what a request holds.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -13,7 +13,7 @@ use xmirror_proto::message::{
     DigestReply, ErrorReply, GetReply, SlotsReply, StatusReply, WriteReply,
 };
 use xmirror_proto::status::{NodeStatus, SlotStatus, SourceStatus};
-use xmirror_proto::{Entry, ErrorCode, Message, PeerIdentity, Role};
+use xmirror_proto::{Entry, ErrorCode, Message, PeerIdentity};
 use xmirror_store::StoreError;
 
 use crate::SourceShared;
@@ -29,16 +29,7 @@ impl SourceService {
         SourceService { shared }
     }
 
-    fn write(&self, peer: &PeerIdentity, entry: Entry) -> Reply {
-        if peer.role != Role::Client {
-            return error_reply(
-                ErrorCode::ReadOnly,
-                format!(
-                    "{peer} has role {}; only client certificates may write",
-                    peer.role
-                ),
-            );
-        }
+    fn write(&self, entry: Entry) -> Reply {
         let config = &self.shared.config;
         let key_len = entry.key().len();
         if key_len == 0 || key_len > config.max_key_len {
@@ -74,22 +65,6 @@ impl SourceService {
         })
     }
 
-    /// Only the source's own cluster's `client` certificates may administer it.
-    fn admin(&self, peer: &PeerIdentity) -> Result<(), Reply> {
-        if peer.role == Role::Client && peer.cluster_id == self.shared.config.cluster_id {
-            Ok(())
-        } else {
-            tracing::warn!(peer = %peer, "admin request refused");
-            Err(error_reply(
-                ErrorCode::NotAuthorized,
-                format!(
-                    "{peer} may not administer this source: only client certificates of cluster {}",
-                    self.shared.config.cluster_id
-                ),
-            ))
-        }
-    }
-
     fn slots(&self) -> Vec<SlotStatus> {
         SourceService::status(&self.shared).mirrors
     }
@@ -115,16 +90,13 @@ impl SourceService {
 }
 
 impl ClientService for SourceService {
-    fn handle(&self, peer: &PeerIdentity, request: Message) -> Reply {
+    fn handle(&self, _peer: &PeerIdentity, request: Message) -> Reply {
         match request {
-            Message::PutRequest(put) => self.write(
-                peer,
-                Entry::Put {
-                    key: put.key,
-                    value: put.value,
-                },
-            ),
-            Message::DeleteRequest(delete) => self.write(peer, Entry::Delete { key: delete.key }),
+            Message::PutRequest(put) => self.write(Entry::Put {
+                key: put.key,
+                value: put.value,
+            }),
+            Message::DeleteRequest(delete) => self.write(Entry::Delete { key: delete.key }),
             Message::GetRequest(get) => {
                 let store = self.shared.store.clone();
                 blocking_reply(move || {
@@ -142,16 +114,10 @@ impl ClientService for SourceService {
                 })
             }
             Message::SlotsRequest(_) => {
-                if let Err(refusal) = self.admin(peer) {
-                    return refusal;
-                }
                 let slots = self.slots();
                 Box::pin(async move { Message::SlotsReply(SlotsReply { slots }) })
             }
             Message::DropSlotRequest(request) => {
-                if let Err(refusal) = self.admin(peer) {
-                    return refusal;
-                }
                 let shared = self.shared.clone();
                 blocking_reply(move || {
                     Ok::<_, std::convert::Infallible>(

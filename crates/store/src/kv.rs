@@ -73,6 +73,19 @@ pub trait Engine: Send + Sync + Sized + 'static {
     /// Calls `visit` with each pair in `range`, in key order, until it returns `false`.
     /// The pairs come from one consistent view of the data.
     fn for_each(&self, range: &KeyRange, visit: &mut Visitor<'_>) -> Result<(), StoreError>;
+
+    /// Whether [`read_view`](Engine::read_view) reads one snapshot while writes go on;
+    /// without snapshots the caller must keep writers out for the view to be consistent.
+    const SNAPSHOT_VIEWS: bool;
+
+    /// Reads `key`, then visits `range` in key order until `visit` returns `false`, from
+    /// one view of the data (a snapshot when [`SNAPSHOT_VIEWS`](Engine::SNAPSHOT_VIEWS)).
+    fn read_view(
+        &self,
+        key: &[u8],
+        range: &KeyRange,
+        visit: &mut Visitor<'_>,
+    ) -> Result<Option<Vec<u8>>, StoreError>;
 }
 
 /// Called with each key and value of a range; returns whether to go on.
@@ -92,11 +105,11 @@ pub struct Writes<'a> {
 }
 
 impl<'a> Writes<'a> {
-    fn put(&mut self, key: impl Into<Vec<u8>>, value: impl Into<Cow<'a, [u8]>>) {
+    pub(crate) fn put(&mut self, key: impl Into<Vec<u8>>, value: impl Into<Cow<'a, [u8]>>) {
         self.ops.push((key.into(), Some(value.into())));
     }
 
-    fn delete(&mut self, key: impl Into<Vec<u8>>) {
+    pub(crate) fn delete(&mut self, key: impl Into<Vec<u8>>) {
         self.ops.push((key.into(), None));
     }
 
@@ -506,14 +519,24 @@ impl<E: Engine> Store for KvStore<E> {
 
     fn digest(&self) -> Result<(Lsn, StateDigest), StoreError> {
         let _reading = self.reading()?;
-        let state = self.lock();
+        // The position is read from the same view as the data, which is consistent by
+        // itself on an engine with snapshots: writes go on while the scan runs. Without
+        // snapshots (sled) writers wait for the scan.
+        let _writers_out = (!E::SNAPSHOT_VIEWS).then(|| self.lock());
         let mut digester = StateDigester::new();
-        self.engine
-            .for_each(&prefix_range(DATA), &mut |key, value| {
+        let position = self.engine.read_view(
+            &meta_key(META_POSITION),
+            &prefix_range(DATA),
+            &mut |key, value| {
                 digester.update(&key[1..], value);
                 Ok(true)
-            })?;
-        Ok((state.position.lsn, digester.finish()))
+            },
+        )?;
+        let position = match position {
+            Some(value) => decode_position("position", &value)?,
+            None => Position::GENESIS,
+        };
+        Ok((position.lsn, digester.finish()))
     }
 
     fn key_count(&self) -> Result<u64, StoreError> {
@@ -941,6 +964,24 @@ mod tests {
                 }
             }
             Ok(())
+        }
+
+        /// A clone of the map is a snapshot.
+        const SNAPSHOT_VIEWS: bool = true;
+
+        fn read_view(
+            &self,
+            key: &[u8],
+            range: &KeyRange,
+            visit: &mut Visitor<'_>,
+        ) -> Result<Option<Vec<u8>>, StoreError> {
+            let data = self.data.lock().unwrap().clone();
+            for (key, value) in data.range(range.clone()) {
+                if !visit(key, value)? {
+                    break;
+                }
+            }
+            Ok(data.get(key).cloned())
         }
     }
 

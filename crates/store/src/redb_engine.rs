@@ -106,22 +106,102 @@ impl Engine for RedbEngine {
     fn for_each(&self, range: &KeyRange, visit: &mut Visitor<'_>) -> Result<(), StoreError> {
         let transaction = self.db.begin_read().map_err(engine_error)?;
         let table = transaction.open_table(TABLE).map_err(engine_error)?;
-        let pairs = table
-            .range::<&[u8]>((bound(&range.0), bound(&range.1)))
-            .map_err(engine_error)?;
-        for pair in pairs {
-            let (key, value) = pair.map_err(engine_error)?;
-            if !visit(key.value(), value.value())? {
-                break;
-            }
-        }
-        Ok(())
+        visit_range(&table, range, visit)
     }
+
+    /// A read transaction is a snapshot: writers commit beside it.
+    const SNAPSHOT_VIEWS: bool = true;
+
+    fn read_view(
+        &self,
+        key: &[u8],
+        range: &KeyRange,
+        visit: &mut Visitor<'_>,
+    ) -> Result<Option<Vec<u8>>, StoreError> {
+        let transaction = self.db.begin_read().map_err(engine_error)?;
+        let table = transaction.open_table(TABLE).map_err(engine_error)?;
+        let value = table
+            .get(key)
+            .map_err(engine_error)?
+            .map(|value| value.value().to_vec());
+        visit_range(&table, range, visit)?;
+        Ok(value)
+    }
+}
+
+fn visit_range(
+    table: &redb::ReadOnlyTable<&'static [u8], &'static [u8]>,
+    range: &KeyRange,
+    visit: &mut Visitor<'_>,
+) -> Result<(), StoreError> {
+    let pairs = table
+        .range::<&[u8]>((bound(&range.0), bound(&range.1)))
+        .map_err(engine_error)?;
+    for pair in pairs {
+        let (key, value) = pair.map_err(engine_error)?;
+        if !visit(key.value(), value.value())? {
+            break;
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn writes_commit_while_a_view_is_read_and_the_view_keeps_its_snapshot() {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = std::sync::Arc::new(RedbEngine::open(dir.path()).unwrap());
+        let mut writes = Writes::default();
+        writes.put(b"m".to_vec(), b"1".as_slice());
+        writes.put(b"k1".to_vec(), b"old".as_slice());
+        writes.put(b"k2".to_vec(), b"old".as_slice());
+        engine.write_durably(writes).unwrap();
+
+        let writer = engine.clone();
+        let (written_tx, written) = std::sync::mpsc::channel();
+        let mut seen = Vec::new();
+        let range = (
+            Bound::Included(b"k".to_vec()),
+            Bound::Excluded(b"l".to_vec()),
+        );
+        let marker = engine
+            .read_view(b"m", &range, &mut |key, value| {
+                if seen.is_empty() {
+                    // Mid-scan, a writer changes everything the view reads; it must finish
+                    // while the view is still open.
+                    let writer = writer.clone();
+                    let written_tx = written_tx.clone();
+                    std::thread::spawn(move || {
+                        let mut writes = Writes::default();
+                        writes.put(b"m".to_vec(), b"2".as_slice());
+                        writes.put(b"k2".to_vec(), b"new".as_slice());
+                        writer.write_durably(writes).unwrap();
+                        written_tx.send(()).unwrap();
+                    });
+                    written
+                        .recv_timeout(std::time::Duration::from_secs(60))
+                        .expect("a write committed while the view was open");
+                }
+                seen.push((key.to_vec(), value.to_vec()));
+                Ok(true)
+            })
+            .unwrap();
+        assert_eq!(marker.as_deref(), Some(b"1".as_slice()));
+        assert_eq!(
+            seen,
+            vec![
+                (b"k1".to_vec(), b"old".to_vec()),
+                (b"k2".to_vec(), b"old".to_vec())
+            ]
+        );
+        assert_eq!(
+            engine.get(b"k2").unwrap().as_deref(),
+            Some(b"new".as_slice())
+        );
+    }
 
     #[test]
     fn a_full_disk_is_recognised() {

@@ -84,6 +84,20 @@ impl Engine for SledEngine {
         }
         Ok(())
     }
+
+    /// sled's iterators do not read a snapshot.
+    const SNAPSHOT_VIEWS: bool = false;
+
+    fn read_view(
+        &self,
+        key: &[u8],
+        range: &KeyRange,
+        visit: &mut Visitor<'_>,
+    ) -> Result<Option<Vec<u8>>, StoreError> {
+        let value = self.get(key)?;
+        self.for_each(range, visit)?;
+        Ok(value)
+    }
 }
 
 #[cfg(test)]

@@ -88,10 +88,12 @@ impl ExpectedServer {
         }
     }
 
-    /// Any source or observer node the trust bundle vouches for, as the CLI expects.
-    pub fn any_node() -> ExpectedServer {
+    /// A source or mirror (observer) node of `cluster`, as a client expects: by default its
+    /// own cluster's, so that a client never writes to or reads from another cluster's
+    /// node by mistake.
+    pub fn node_of(cluster: Name) -> ExpectedServer {
         ExpectedServer {
-            cluster: None,
+            cluster: Some(cluster),
             roles: vec![Role::Source, Role::Observer],
         }
     }

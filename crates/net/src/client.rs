@@ -9,7 +9,7 @@ use xmirror_proto::message::{
     SlotsRequest, StatusRequest,
 };
 use xmirror_proto::status::{NodeStatus, SlotStatus};
-use xmirror_proto::{FrameError, FrameLimits, Lsn, Message, StateDigest};
+use xmirror_proto::{ErrorCode, FrameError, FrameLimits, Lsn, Message, StateDigest};
 use xmirror_tls::{ExpectedServer, NodeTls, ALPN_CLIENT};
 
 use crate::close::{refusal_of, Refusal};
@@ -45,11 +45,14 @@ pub enum ClientError {
     Unexpected(MessageType),
 }
 
-/// A connection to a node's client API.
+/// A connection to a node's client API. A node closes a client connection that has no
+/// open stream for its idle timeout (`IDLE`); the next conversation then dials again, so a
+/// long-lived client never sees it.
 pub struct Client {
-    connection: quinn::Connection,
-    /// Kept so the endpoint's socket lives as long as the connection.
-    _endpoint: quinn::Endpoint,
+    connection: std::sync::Mutex<quinn::Connection>,
+    endpoint: quinn::Endpoint,
+    addr: SocketAddr,
+    server_name: String,
 }
 
 impl Client {
@@ -64,34 +67,57 @@ impl Client {
     ) -> Result<Client, ClientError> {
         let server_name = expected.server_name();
         let endpoint = client_endpoint(tls, ALPN_CLIENT, expected, &TransportLimits::default())?;
-        let connecting = endpoint.connect(addr, &server_name)?;
-        let connection = tokio::time::timeout(Self::CONNECT_TIMEOUT, connecting)
-            .await
-            .map_err(|_| ClientError::ConnectTimeout(Self::CONNECT_TIMEOUT))??;
+        let connection = dial(&endpoint, addr, &server_name).await?;
         Ok(Client {
-            connection,
-            _endpoint: endpoint,
+            connection: std::sync::Mutex::new(connection),
+            endpoint,
+            addr,
+            server_name,
         })
     }
 
-    /// Opens a new conversation.
+    /// Opens a new conversation, dialling again if the node closed an idle connection.
     pub async fn stream(&self) -> Result<ClientStream, ClientError> {
-        let (send, recv) = self.connection.open_bi().await?;
+        let mut connection = self.connection();
+        let idle_closed = connection
+            .close_reason()
+            .as_ref()
+            .and_then(refusal_of)
+            .is_some_and(|refusal| refusal.code == ErrorCode::Idle);
+        if idle_closed {
+            connection = dial(&self.endpoint, self.addr, &self.server_name).await?;
+            *self
+                .connection
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = connection.clone();
+        }
+        let (send, recv) = connection.open_bi().await?;
         Ok(ClientStream {
             reader: FramedReader::new(recv, FrameLimits::default().data),
             writer: FramedWriter::new(send, FrameLimits::default().data),
-            connection: self.connection.clone(),
+            connection,
         })
     }
 
-    /// Sends one request on a new stream and returns its reply.
-    pub async fn request(&self, request: impl Into<Message>) -> Result<Message, ClientError> {
-        self.stream().await?.request(request).await
+    /// The current connection.
+    pub fn connection(&self) -> quinn::Connection {
+        self.connection
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 
-    /// The underlying connection.
-    pub fn connection(&self) -> &quinn::Connection {
-        &self.connection
+    /// Sends one request on a new stream and returns its reply. A node that closed the
+    /// connection as idle just as the stream opened never saw the request: it is sent
+    /// once more on a new connection.
+    pub async fn request(&self, request: impl Into<Message>) -> Result<Message, ClientError> {
+        let request = request.into();
+        match self.stream().await?.request(request.clone()).await {
+            Err(ClientError::Refused(refusal)) if refusal.code == ErrorCode::Idle => {
+                self.stream().await?.request(request).await
+            }
+            answered => answered,
+        }
     }
 
     /// The node's status.
@@ -261,4 +287,16 @@ impl ClientStream {
             None => error,
         }
     }
+}
+
+/// Dials `addr` within [`Client::CONNECT_TIMEOUT`].
+async fn dial(
+    endpoint: &quinn::Endpoint,
+    addr: SocketAddr,
+    server_name: &str,
+) -> Result<quinn::Connection, ClientError> {
+    let connecting = endpoint.connect(addr, server_name)?;
+    Ok(tokio::time::timeout(Client::CONNECT_TIMEOUT, connecting)
+        .await
+        .map_err(|_| ClientError::ConnectTimeout(Client::CONNECT_TIMEOUT))??)
 }

@@ -375,3 +375,226 @@ impl Drop for OpenStream {
         self.0.send_modify(|open| *open -= 1);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use xmirror_proto::message::{GetReply, GetRequest, PutRequest, WriteReply};
+    use xmirror_proto::{Lsn, Role};
+
+    use super::*;
+
+    /// Answers every get with `value_len` bytes and every write with an LSN, counting what
+    /// it was asked.
+    struct CountingService {
+        handled: AtomicUsize,
+        value_len: usize,
+    }
+
+    impl ClientService for CountingService {
+        fn handle(&self, _peer: &PeerIdentity, request: Message) -> Reply {
+            self.handled.fetch_add(1, Ordering::SeqCst);
+            let reply = match request {
+                Message::GetRequest(_) => Message::GetReply(GetReply {
+                    value: Some(vec![7; self.value_len]),
+                    lsn: Lsn(1),
+                }),
+                _ => Message::WriteReply(WriteReply { lsn: Lsn(1) }),
+            };
+            Box::pin(async move { reply })
+        }
+    }
+
+    fn peer(cluster: &str, role: Role) -> Peer {
+        Peer {
+            identity: PeerIdentity {
+                cluster_id: Name::new(cluster).unwrap(),
+                role,
+                name: Name::new("p").unwrap(),
+            },
+            addr: "127.0.0.1:1".parse().unwrap(),
+        }
+    }
+
+    fn serving(node: NodeKind, connection_budget: usize) -> ClientServing {
+        ClientServing {
+            node,
+            cluster: Name::new("east").unwrap(),
+            limits: ClientLimits {
+                max_in_flight_per_stream: 4_096,
+                connection_budget,
+            },
+            idle_timeout: Duration::from_secs(30),
+        }
+    }
+
+    fn get() -> Message {
+        Message::GetRequest(GetRequest { key: b"k".to_vec() })
+    }
+
+    fn put() -> Message {
+        Message::PutRequest(PutRequest {
+            key: b"k".to_vec(),
+            value: b"v".to_vec(),
+        })
+    }
+
+    /// Sends `requests`, finishes, and reads every reply.
+    async fn exchange(peer: Peer, serving: ClientServing, requests: Vec<Message>) -> Vec<Message> {
+        let service = Arc::new(CountingService {
+            handled: AtomicUsize::new(0),
+            value_len: 1,
+        });
+        let (client, server) = tokio::io::duplex(1 << 20);
+        let (server_read, server_write) = tokio::io::split(server);
+        let budget = ConnectionBudget::new(&serving.limits);
+        let served = tokio::spawn(async move {
+            serve_client_stream(
+                server_read,
+                server_write,
+                &peer,
+                &service,
+                &serving,
+                &budget,
+            )
+            .await
+        });
+        let (client_read, client_write) = tokio::io::split(client);
+        let mut writer = FramedWriter::new(client_write, FrameLimits::default().data);
+        let mut reader = FramedReader::new(client_read, FrameLimits::default().data);
+        let count = requests.len();
+        for request in requests {
+            writer.feed(request).await.unwrap();
+        }
+        writer.flush().await.unwrap();
+        let mut replies = Vec::new();
+        for _ in 0..count {
+            replies.push(reader.next().await.unwrap().unwrap());
+        }
+        tokio::io::AsyncWriteExt::shutdown(writer.get_mut())
+            .await
+            .unwrap();
+        served.await.unwrap().unwrap();
+        replies
+    }
+
+    fn code(reply: &Message) -> Option<ErrorCode> {
+        match reply {
+            Message::ErrorReply(error) => Some(error.code),
+            _ => None,
+        }
+    }
+
+    #[tokio::test]
+    async fn requests_are_held_to_the_authorization_table_and_the_stream_goes_on() {
+        let cases = [
+            (NodeKind::Source, "east", Role::Client, [None, None]),
+            (
+                NodeKind::Source,
+                "east",
+                Role::Observer,
+                [None, Some(ErrorCode::ReadOnly)],
+            ),
+            (
+                NodeKind::Source,
+                "west",
+                Role::Client,
+                [Some(ErrorCode::NotAuthorized); 2],
+            ),
+            (
+                NodeKind::Source,
+                "west",
+                Role::Observer,
+                [Some(ErrorCode::NotAuthorized); 2],
+            ),
+            (
+                NodeKind::Mirror,
+                "east",
+                Role::Client,
+                [None, Some(ErrorCode::ReadOnly)],
+            ),
+            (
+                NodeKind::Mirror,
+                "west",
+                Role::Client,
+                [Some(ErrorCode::NotAuthorized); 2],
+            ),
+        ];
+        for (node, cluster, role, expected) in cases {
+            let replies = exchange(
+                peer(cluster, role),
+                serving(node, 64 << 20),
+                vec![get(), put()],
+            )
+            .await;
+            let codes: Vec<_> = replies.iter().map(code).collect();
+            assert_eq!(codes, expected, "{node:?} {cluster} {role:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_reader_that_never_reads_its_replies_stops_its_own_requests() {
+        let value_len = 1 << 20;
+        let service = Arc::new(CountingService {
+            handled: AtomicUsize::new(0),
+            value_len,
+        });
+        // Room for two gets' replies at a time.
+        let budget_bytes = 2 * (FrameLimits::default().data + 64);
+        let serving = serving(NodeKind::Source, budget_bytes);
+        let budget = ConnectionBudget::new(&serving.limits);
+        // The pipe holds 64 KiB: the first reply fills it, and nobody reads.
+        let (client, server) = tokio::io::duplex(64 << 10);
+        let (server_read, server_write) = tokio::io::split(server);
+        let serving_service = service.clone();
+        let serving_budget = budget.clone();
+        let peer = peer("east", Role::Client);
+        let served = tokio::spawn(async move {
+            serve_client_stream(
+                server_read,
+                server_write,
+                &peer,
+                &serving_service,
+                &serving,
+                &serving_budget,
+            )
+            .await
+        });
+        let (client_read, client_write) = tokio::io::split(client);
+        // 200 gets of a few bytes each: they fit the pipe whatever the server does.
+        let mut writer = FramedWriter::new(client_write, FrameLimits::default().data);
+        for _ in 0..200 {
+            writer.feed(get()).await.unwrap();
+        }
+        writer.flush().await.unwrap();
+        // Wait until the server is stuck on replies nobody reads, then give it every
+        // chance to take more.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        while service.handled.load(Ordering::SeqCst) == 0 || budget.available() == budget_bytes {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no request was answered"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let handled = service.handled.load(Ordering::SeqCst);
+        assert!(
+            handled <= 3,
+            "{handled} of 200 gets were answered for a client that reads nothing"
+        );
+        // The peer goes away: the stream ends and what it queued is dropped.
+        drop(client_read);
+        drop(writer);
+        let outcome = tokio::time::timeout(Duration::from_secs(60), served)
+            .await
+            .expect("the stream ends once its peer is gone")
+            .unwrap();
+        assert!(
+            matches!(outcome, Err(ReadError::Frame(FrameError::Io(_)))),
+            "{outcome:?}"
+        );
+        assert_eq!(service.handled.load(Ordering::SeqCst), handled);
+    }
+}

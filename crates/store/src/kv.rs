@@ -220,6 +220,20 @@ fn decode_position(record: &'static str, value: &[u8]) -> Result<Position, Store
     Ok(position)
 }
 
+/// Creates the data directory, and any missing parent, readable by its owner only (0700):
+/// it holds the whole database. An existing directory keeps its mode.
+fn create_private_dir(path: &Path) -> Result<(), StoreError> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(path)
+        .map_err(|error| StoreError::Open {
+            path: path.to_owned(),
+            source: crate::EngineError::new(error, false),
+        })
+}
+
 /// Every key with `prefix`, in order.
 fn prefix_range(prefix: u8) -> KeyRange {
     (
@@ -232,6 +246,7 @@ impl<E: Engine> KvStore<E> {
     /// Opens (creating if needed) the store in directory `path`. Fails if another process
     /// has it open: one applier per store.
     pub fn open(path: impl AsRef<Path>) -> Result<KvStore<E>, StoreError> {
+        create_private_dir(path.as_ref())?;
         let engine = E::open(path.as_ref())?;
         let read_position = |name, default| -> Result<Position, StoreError> {
             match engine.get(&meta_key(name))? {

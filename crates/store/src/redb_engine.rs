@@ -65,9 +65,22 @@ impl Engine for RedbEngine {
             path: path.to_owned(),
             source,
         };
-        std::fs::create_dir_all(path)
-            .map_err(|error| open_error(EngineError::new(error, false)))?;
-        let db = Database::create(path.join(FILE_NAME)).map_err(|error| match error {
+        // A new database file is readable by its owner only: it holds every key and value.
+        let file = path.join(FILE_NAME);
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            match std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&file)
+            {
+                Ok(_) => {}
+                Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(error) => return Err(open_error(EngineError::new(error, false))),
+            }
+        }
+        let db = Database::create(&file).map_err(|error| match error {
             redb::DatabaseError::DatabaseAlreadyOpen => StoreError::Locked(path.to_owned()),
             other => match engine_error(other) {
                 StoreError::Engine(engine) => open_error(engine),
@@ -200,6 +213,40 @@ mod tests {
         assert_eq!(
             engine.get(b"k2").unwrap().as_deref(),
             Some(b"new".as_slice())
+        );
+    }
+
+    #[test]
+    fn a_new_store_is_private_to_its_owner() {
+        use std::os::unix::fs::PermissionsExt;
+        let parent = tempfile::tempdir().unwrap();
+        let dir = parent.path().join("data");
+        let mode = |path: &Path| std::fs::metadata(path).unwrap().permissions().mode() & 0o777;
+        {
+            let store = crate::RedbStore::open(&dir).unwrap();
+            assert_eq!(mode(&dir), 0o700);
+            assert_eq!(mode(&dir.join(FILE_NAME)), 0o600);
+            let entries = [xmirror_proto::Entry::Put {
+                key: b"k".to_vec(),
+                value: b"v".to_vec(),
+            }];
+            crate::Store::commit(
+                &store,
+                crate::Batch {
+                    first_lsn: xmirror_proto::Lsn(1),
+                    entries: &entries,
+                    commit_time: xmirror_proto::UnixMillis(1),
+                    keep_wal: true,
+                    expected_chain_hash: None,
+                },
+            )
+            .unwrap();
+        }
+        // The pre-created file is a database like any other: it reopens with its data.
+        let store = crate::RedbStore::open(&dir).unwrap();
+        assert_eq!(
+            crate::Store::get(&store, b"k").unwrap().as_deref(),
+            Some(b"v".as_slice())
         );
     }
 

@@ -323,3 +323,97 @@ async fn hostile_peers_are_refused_while_a_mirror_streams() {
         "source memory grew from {rss_before} KiB to {rss_after} KiB"
     );
 }
+
+/// Issue 13, case 5: 4 streams × 250 pipelined gets of a 4 MiB value that are never read.
+/// The reader stops only its own requests: the source's memory stays bounded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_that_never_reads_costs_bounded_memory() {
+    let world = World::new();
+    let source = world.start_source("source", &[]).await;
+    let app = world.client(source.addr).await;
+    app.put(b"big", &vec![7u8; 4 << 20]).await.unwrap();
+    let rss_before = resident_kib(source.pid());
+    let connection = connect(&world, "app", ALPN_CLIENT, source.addr)
+        .await
+        .expect("a client connects");
+    let get = frame(&Message::GetRequest(xmirror_proto::message::GetRequest {
+        key: b"big".to_vec(),
+    }));
+    let mut streams = Vec::new();
+    for _ in 0..4 {
+        let (mut send, recv) = connection.open_bi().await.unwrap();
+        for _ in 0..250 {
+            send.write_all(&get).await.unwrap();
+        }
+        streams.push((send, recv));
+    }
+    // Sample the source's memory while the replies pile up unread.
+    let mut peak = rss_before;
+    for _ in 0..35 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        peak = peak.max(resident_kib(source.pid()));
+    }
+    let growth_mib = peak.saturating_sub(rss_before) / 1024;
+    println!(
+        "case 5: source RSS {rss_before} KiB before, peak {peak} KiB while 1,000 gets of 4 MiB went unread: +{growth_mib} MiB (bound 64 MiB)"
+    );
+    assert!(growth_mib < 64, "the source grew {growth_mib} MiB");
+    drop(streams);
+    connection.close(0u32.into(), b"done");
+    // Everyone else is still served.
+    let (value, _) = app.get(b"big").await.unwrap();
+    assert_eq!(value.map(|value| value.len()), Some(4 << 20));
+}
+
+/// Issue 13, case 6: idle connections at the connection cap are closed after the idle
+/// timeout (the server keeps none alive), and a legitimate client gets in again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_at_the_cap_are_closed_after_the_idle_timeout() {
+    let world = World::new();
+    let idle_timeout = Duration::from_secs(5);
+    let source = world
+        .start_source(
+            "source",
+            &["--max-connections", "16", "--idle-timeout-ms", "5000"],
+        )
+        .await;
+    // The attacker's side pings every second: the transport alone would keep these open.
+    let pinging = TransportLimits {
+        idle_timeout: Duration::from_secs(3),
+        ..TransportLimits::default()
+    };
+    let started = tokio::time::Instant::now();
+    let mut idle = Vec::new();
+    for name in ["app", "ops", "m1", "m2", "m3", "v1", "src"] {
+        let tls = NodeTls::load(&world.certs, name).expect("certificates");
+        let expected = ExpectedServer::node_of(Name::new(CLUSTER).unwrap());
+        let server_name = expected.server_name();
+        let endpoint = client_endpoint(&tls, ALPN_CLIENT, expected, &pinging).unwrap();
+        for _ in 0..3 {
+            if idle.len() < 16 {
+                let connecting = endpoint.connect(source.addr, &server_name).unwrap();
+                idle.push((endpoint.clone(), connecting.await.unwrap()));
+            }
+        }
+    }
+    assert_eq!(idle.len(), 16);
+    let mut longest = Duration::ZERO;
+    for (_endpoint, connection) in &idle {
+        let reason = tokio::time::timeout(Duration::from_secs(60), connection.closed())
+            .await
+            .expect("an idle connection is closed");
+        assert_eq!(
+            refusal_of(&reason).map(|refusal| refusal.code),
+            Some(ErrorCode::Idle),
+            "{reason}"
+        );
+        longest = longest.max(started.elapsed());
+    }
+    println!(
+        "case 6: 16 idle connections at --max-connections 16 all closed IDLE within {:.1} s (idle timeout {:.0} s; bound: timeout + 5 s)",
+        longest.as_secs_f64(),
+        idle_timeout.as_secs_f64()
+    );
+    let status = world.client(source.addr).await.status().await;
+    assert!(status.is_ok(), "{status:?}");
+}

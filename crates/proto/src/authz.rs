@@ -63,7 +63,7 @@ impl Operation {
 
 /// A refusal: the code the peer gets, and why.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("{code}: {peer} may not {} this {}: {why}", operation.as_str(), match node { NodeKind::Source => "source", NodeKind::Mirror => "mirror" })]
+#[error("{peer} may not {} this {}: {why}", operation.as_str(), match node { NodeKind::Source => "source", NodeKind::Mirror => "mirror" })]
 pub struct Denied {
     /// `NOT_AUTHORIZED`, `READ_ONLY` or `OBSERVER_ONLY`.
     pub code: ErrorCode,

@@ -467,3 +467,33 @@ async fn a_digest_flood_does_not_hold_up_writes() {
     drop(flood);
     connection.close(0u32.into(), b"done");
 }
+
+/// Issue 13, case 4: an observer's hello naming another mirror is refused `NOT_AUTHORIZED`:
+/// it neither moves nor replaces that mirror's slot, and creates none of its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_observer_cannot_use_another_mirrors_slot() {
+    let world = World::new();
+    let source = world.start_source("source", &[]).await;
+    let app = world.client(source.addr).await;
+    app.write_keys(1_000, 100, "init-").await.unwrap();
+    let mirror = world.start_mirror("m1", "m1", source.addr).await;
+    let reader = world.client(mirror.addr).await;
+    assert_converged(&app, &reader).await;
+
+    let connection = connect(&world, "m2", ALPN_MIRROR, source.addr)
+        .await
+        .expect("m2 connects");
+    let code = attack(&connection, &[frame(&hello("m1", Role::Observer))], false).await;
+    assert_eq!(code, Some(ErrorCode::NotAuthorized));
+
+    app.write_keys(100, 100, "after-").await.unwrap();
+    let status = assert_converged(&app, &reader).await;
+    assert_eq!(status.snapshots_started, 1, "m1 kept streaming");
+    let slots = xmirror_e2e::source_status(&app).await.mirrors;
+    let ids: Vec<&str> = slots.iter().map(|slot| slot.id.as_str()).collect();
+    assert_eq!(ids, ["spiffe://east/observer/m1"]);
+    assert!(
+        !mirror.log_text().contains("REPLACED"),
+        "m1 was never replaced"
+    );
+}

@@ -150,8 +150,9 @@ pub struct Peer {
 /// A request waiting for its share of the connection's budget.
 type Admitting = Pin<Box<dyn Future<Output = (Message, Operation, OwnedSemaphorePermit)> + Send>>;
 
-/// A reply being computed, with the budget it holds until it is written.
-type Answering = Pin<Box<dyn Future<Output = (Message, OwnedSemaphorePermit)> + Send>>;
+/// A reply being computed, with the budget it holds until it is written (none for a
+/// refusal).
+type Answering = Pin<Box<dyn Future<Output = (Message, Option<OwnedSemaphorePermit>)> + Send>>;
 
 /// Serves one client stream until the client finishes it. Returns the error that ended
 /// it early, after telling the client with an `ErrorReply` (unless the peer is gone).
@@ -220,9 +221,7 @@ where
                                 code: denied.code,
                                 detail: denied.to_string(),
                             });
-                            in_flight.push_back(Box::pin(async move {
-                                (refusal, no_permit())
-                            }));
+                            in_flight.push_back(Box::pin(async move { (refusal, None) }));
                             continue;
                         }
                         let cost = serving.limits.cost(operation, reader.last_frame_len());
@@ -262,13 +261,6 @@ where
     outcome
 }
 
-/// A permit of nothing, for replies that hold no budget.
-fn no_permit() -> OwnedSemaphorePermit {
-    Arc::new(Semaphore::new(1))
-        .try_acquire_owned()
-        .expect("a fresh semaphore has a permit")
-}
-
 /// Starts answering an admitted request; `digest` waits for the connection's turn.
 fn answer<S: ClientService + ?Sized>(
     service: &Arc<S>,
@@ -285,11 +277,11 @@ fn answer<S: ClientService + ?Sized>(
         let identity = peer.identity.clone();
         return Box::pin(async move {
             let _turn = turn.acquire_owned().await.expect("never closed");
-            (service.handle(&identity, request).await, held)
+            (service.handle(&identity, request).await, Some(held))
         });
     }
     let reply = service.handle(&peer.identity, request);
-    Box::pin(async move { (reply.await, held) })
+    Box::pin(async move { (reply.await, Some(held)) })
 }
 
 /// Serves every stream the client opens on `connection`, each on its own task, until the

@@ -379,8 +379,10 @@ async fn every_identity_can_do_exactly_what_the_table_allows() {
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
-    // Every refusal is logged with the peer's SPIFFE ID and address.
+    // Every refusal is logged with the peer's SPIFFE ID and address, in plain text (stderr
+    // is a file here: no colour codes).
     let log = source.log_text();
+    assert!(!log.contains('\u{1b}'), "colour codes in a log file");
     assert!(
         log.lines().any(|line| line.contains("request refused")
             && line.contains("spiffe://west/client/wc")

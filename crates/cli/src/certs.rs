@@ -51,6 +51,9 @@ pub struct IssueArgs {
     /// Extra DNS names for the certificate (repeatable), for tools that check host names.
     #[arg(long = "dns-name")]
     dns_names: Vec<String>,
+    /// Replace an existing NAME.crt and NAME.key (re-issuing, for a rotation).
+    #[arg(long)]
+    force: bool,
 }
 
 pub fn run(command: CertsCommand) -> anyhow::Result<()> {
@@ -90,7 +93,7 @@ fn issue(args: IssueArgs) -> anyhow::Result<()> {
         .issue(&identity, &options)
         .with_context(|| format!("cannot issue a certificate for {identity}"))?;
     let (cert_path, key_path) = certificate
-        .write(&args.dir, &identity.name)
+        .write(&args.dir, &identity.name, args.force)
         .context("cannot write the certificate")?;
     println!(
         "issued {identity}: {} and {}, valid {} days",

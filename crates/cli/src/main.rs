@@ -57,12 +57,16 @@ enum Command {
     Demo,
 }
 
-/// Logs to stderr; `RUST_LOG` overrides `default_level`.
+/// Logs to stderr; `RUST_LOG` overrides `default_level`. Colour only on a terminal, and
+/// never with `NO_COLOR` set: files and journald get plain text.
 fn init_logging(format: LogFormat, default_level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
+    let colour = std::io::IsTerminal::is_terminal(&std::io::stderr())
+        && std::env::var_os("NO_COLOR").is_none_or(|value| value.is_empty());
     let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(colour)
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => logs.init(),

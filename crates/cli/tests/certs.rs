@@ -53,6 +53,54 @@ fn init_then_issue_writes_the_spec_layout() {
 }
 
 #[test]
+fn issuing_over_an_existing_certificate_needs_force() {
+    let dir = TempDir::new().unwrap();
+    let path = dir.path().to_str().unwrap();
+    assert!(
+        xmirror(&["certs", "init", "--dir", path, "--cluster-id", "east"])
+            .status
+            .success()
+    );
+    let issue = |extra: &[&str]| {
+        let mut args = vec![
+            "certs",
+            "issue",
+            "--dir",
+            path,
+            "--cluster-id",
+            "east",
+            "--role",
+            "client",
+            "--name",
+            "app",
+        ];
+        args.extend_from_slice(extra);
+        xmirror(&args)
+    };
+    assert!(issue(&[]).status.success());
+    let first = std::fs::read(dir.path().join("app.key")).unwrap();
+    let again = issue(&[]);
+    assert!(!again.status.success());
+    assert!(
+        stderr(&again).contains("app.crt already exists; refusing to replace it (pass --force"),
+        "{}",
+        stderr(&again)
+    );
+    assert_eq!(
+        std::fs::read(dir.path().join("app.key")).unwrap(),
+        first,
+        "the key is untouched"
+    );
+    let forced = issue(&["--force"]);
+    assert!(forced.status.success(), "{}", stderr(&forced));
+    assert_ne!(
+        std::fs::read(dir.path().join("app.key")).unwrap(),
+        first,
+        "re-issued"
+    );
+}
+
+#[test]
 fn bad_input_gets_a_one_line_error_and_a_non_zero_exit() {
     let dir = TempDir::new().unwrap();
     let path = dir.path().to_str().unwrap();

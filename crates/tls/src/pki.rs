@@ -37,6 +37,9 @@ pub enum PkiError {
     /// certificate it issued.
     #[error("{0} already exists; refusing to replace a CA (pass --force to do it anyway)")]
     CaExists(PathBuf),
+    /// `certs issue` would overwrite a node's certificate or key.
+    #[error("{0} already exists; refusing to replace it (pass --force to re-issue)")]
+    CertificateExists(PathBuf),
     /// A PEM file does not hold what it should.
     #[error("{path}: {reason}")]
     BadPem {
@@ -273,11 +276,25 @@ impl CertificateAuthority {
 }
 
 impl NodeCertificate {
-    /// Writes `NAME.crt` (0644) and `NAME.key` (0600) into `dir`, replacing older ones
-    /// (re-issuing is how node certificates are rotated).
-    pub fn write(&self, dir: &Path, name: &Name) -> Result<(PathBuf, PathBuf), PkiError> {
+    /// Writes `NAME.crt` (0644) and `NAME.key` (0600) into `dir`. Existing ones are
+    /// replaced only with `replace` (re-issuing is how node certificates are rotated, but
+    /// never by accident).
+    pub fn write(
+        &self,
+        dir: &Path,
+        name: &Name,
+        replace: bool,
+    ) -> Result<(PathBuf, PathBuf), PkiError> {
         let cert_path = dir.join(format!("{name}.crt"));
         let key_path = dir.join(format!("{name}.key"));
+        if !replace {
+            if let Some(existing) = [&cert_path, &key_path]
+                .into_iter()
+                .find(|path| path.exists())
+            {
+                return Err(PkiError::CertificateExists(existing.clone()));
+            }
+        }
         write(&key_path, &self.key_pem, 0o600)?;
         write(&cert_path, &self.cert_pem, 0o644)?;
         Ok((cert_path, key_path))
@@ -333,7 +350,7 @@ pub fn issue_cluster(
             role: *role,
             name: name.clone(),
         };
-        ca.issue(&identity, &options)?.write(dir, name)?;
+        ca.issue(&identity, &options)?.write(dir, name, false)?;
     }
     Ok(ca)
 }

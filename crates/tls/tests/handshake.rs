@@ -47,7 +47,7 @@ fn issue_with(dir: &Path, who: &PeerIdentity, validity: Validity) {
     };
     ca.issue(who, &options)
         .unwrap()
-        .write(dir, &who.name)
+        .write(dir, &who.name, true)
         .unwrap();
 }
 

@@ -297,6 +297,20 @@ async fn stopped() {
     let _ = tokio::signal::ctrl_c().await;
 }
 
+/// Runs `shutdown` (after the first SIGTERM or SIGINT) unless a second signal comes first:
+/// then the process exits at once, as an operator pressing Ctrl-C twice expects. Nothing is
+/// lost by that: every acknowledged write and applied entry is already durable.
+async fn shut_down(shutdown: impl std::future::Future<Output = ()>) {
+    tracing::info!("stopping");
+    tokio::select! {
+        () = shutdown => tracing::info!("stopped cleanly"),
+        () = stopped() => {
+            tracing::warn!("second signal: exiting now");
+            std::process::exit(130);
+        }
+    }
+}
+
 fn load_tls(certs: &std::path::Path, name: &str) -> anyhow::Result<NodeTls> {
     NodeTls::load(certs, name).with_context(|| format!("cannot load the certificates of {name}"))
 }
@@ -330,8 +344,7 @@ pub async fn run_source(args: SourceArgs) -> anyhow::Result<()> {
         node.shutdown().await;
         return Err(failure).context("the source stopped");
     }
-    tracing::info!("stopping");
-    node.shutdown().await;
+    shut_down(node.shutdown()).await;
     Ok(())
 }
 
@@ -353,13 +366,17 @@ pub async fn run_mirror(args: MirrorArgs) -> anyhow::Result<()> {
         None => println!("mirror {identity} of {source}"),
     }
     let progress = tokio::spawn(crate::progress::show(node.shared().clone()));
-    tokio::select! {
-        result = node.wait() => result.context("the mirror stopped")?,
-        () = stopped() => {
-            tracing::info!("stopping");
-            node.shutdown().await;
-        }
-    }
+    let outcome = tokio::select! {
+        result = node.wait() => Some(result),
+        () = stopped() => None,
+    };
+    // The progress display holds the shared state: it goes first, so that shutdown does not
+    // wait for it.
     progress.abort();
+    let _ = progress.await;
+    match outcome {
+        Some(result) => result.context("the mirror stopped")?,
+        None => shut_down(node.shutdown()).await,
+    }
     Ok(())
 }

@@ -232,9 +232,15 @@ pub enum NameError {
         len: usize,
     },
     /// Names use a small ASCII alphabet so they are safe in paths, URIs and logs.
-    #[error("name contains {found:?}: only ASCII letters, digits, '-', '_' and '.' are allowed, starting with a letter or digit")]
+    #[error("name contains {found:?}: only ASCII letters, digits, '-', '_' and '.' are allowed")]
     BadCharacter {
         /// The first character that is not allowed.
+        found: char,
+    },
+    /// Names start with a letter or digit (never `.`, so no name is a relative path).
+    #[error("name starts with {found:?}: a name starts with an ASCII letter or digit")]
+    BadStart {
+        /// The first character.
         found: char,
     },
 }
@@ -253,10 +259,14 @@ impl Name {
             return Err(NameError::TooLong { len: value.len() });
         }
         for (index, found) in value.chars().enumerate() {
-            let allowed =
-                found.is_ascii_alphanumeric() || (index > 0 && matches!(found, '-' | '_' | '.'));
-            if !allowed {
+            if found.is_ascii_alphanumeric() {
+                continue;
+            }
+            if !matches!(found, '-' | '_' | '.') {
                 return Err(NameError::BadCharacter { found });
+            }
+            if index == 0 {
+                return Err(NameError::BadStart { found });
             }
         }
         Ok(Name(value))
@@ -400,16 +410,17 @@ mod tests {
             Name::new("x".repeat(64)),
             Err(NameError::TooLong { len: 64 })
         );
-        for (bad, found) in [
-            ("../etc", '.'),
-            ("a/b", '/'),
-            ("-lead", '-'),
-            ("sp ace", ' '),
-            ("é", 'é'),
-            ("a\nb", '\n'),
-        ] {
+        for (bad, found) in [("a/b", '/'), ("sp ace", ' '), ("é", 'é'), ("a\nb", '\n')] {
             assert_eq!(Name::new(bad), Err(NameError::BadCharacter { found }));
         }
+        // '.', '-' and '_' are fine inside a name, not at its start; the error says which.
+        for (bad, found) in [("../etc", '.'), ("-lead", '-'), ("_x", '_')] {
+            assert_eq!(Name::new(bad), Err(NameError::BadStart { found }));
+        }
+        assert!(Name::new("../etc")
+            .unwrap_err()
+            .to_string()
+            .contains("starts with '.'"));
     }
 
     #[test]

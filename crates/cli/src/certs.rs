@@ -1,10 +1,11 @@
-//! `xmirror certs init` and `xmirror certs issue`.
+//! `xmirror certs init`, `xmirror certs issue` and `xmirror certs show`.
 
 use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Args, Subcommand};
 use xmirror_proto::{Name, PeerIdentity, Role};
+use xmirror_tls::inspect::{rfc3339, CertificateSummary};
 use xmirror_tls::pki::{load_ca_for, CertificateAuthority, IssueOptions, Validity};
 
 #[derive(Subcommand)]
@@ -13,6 +14,14 @@ pub enum CertsCommand {
     Init(InitArgs),
     /// Issue a node certificate signed by DIR's CA: writes DIR/NAME.crt and DIR/NAME.key (0600).
     Issue(IssueArgs),
+    /// Show what each certificate in a PEM file says: identity, issuer, validity, fingerprint.
+    Show(ShowArgs),
+}
+
+#[derive(Args)]
+pub struct ShowArgs {
+    /// A PEM file (a node's NAME.crt, a ca*.crt, or any certificate).
+    file: PathBuf,
 }
 
 #[derive(Args)]
@@ -60,6 +69,7 @@ pub fn run(command: CertsCommand) -> anyhow::Result<()> {
     match command {
         CertsCommand::Init(args) => init(args),
         CertsCommand::Issue(args) => issue(args),
+        CertsCommand::Show(args) => show(args),
     }
 }
 
@@ -101,5 +111,44 @@ fn issue(args: IssueArgs) -> anyhow::Result<()> {
         key_path.display(),
         args.days
     );
+    Ok(())
+}
+
+fn show(args: ShowArgs) -> anyhow::Result<()> {
+    let summaries = CertificateSummary::read_pem_file(&args.file)?;
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    let count = summaries.len();
+    for (index, summary) in summaries.iter().enumerate() {
+        println!(
+            "certificate {} of {count} in {}",
+            index + 1,
+            args.file.display()
+        );
+        let identity = match (&summary.spiffe_id, summary.is_ca, &summary.trust_domain) {
+            (Some(id), _, _) => id.clone(),
+            (None, true, Some(domain)) => format!("CA of cluster {domain} (spiffe://{domain})"),
+            (None, true, None) => {
+                "CA declaring no trust domain (trusted as ca.crt: this node's cluster; as ca-<cluster>.crt: that cluster)".to_owned()
+            }
+            (None, false, _) => "no SPIFFE ID (xmirror refuses it)".to_owned(),
+        };
+        println!("  identity:  {identity}");
+        println!("  subject:   {}", summary.subject);
+        println!("  issuer:    {}", summary.issuer);
+        let left = summary.seconds_left(now);
+        let state = if left < 0 {
+            format!("EXPIRED {} days ago", -left / 86_400)
+        } else if now < summary.not_before {
+            "NOT YET VALID".to_owned()
+        } else {
+            format!("{} days left", left / 86_400)
+        };
+        println!(
+            "  valid:     {} to {} ({state})",
+            rfc3339(summary.not_before),
+            rfc3339(summary.not_after)
+        );
+        println!("  sha256:    {}", summary.sha256);
+    }
     Ok(())
 }

@@ -158,7 +158,7 @@ fn bad_input_gets_a_one_line_error_and_a_non_zero_exit() {
                 "--name",
                 "../a",
             ],
-            "name contains '.'",
+            "name starts with '.': a name starts with an ASCII letter or digit",
         ),
         (
             &[
@@ -182,4 +182,56 @@ fn bad_input_gets_a_one_line_error_and_a_non_zero_exit() {
         let message = stderr(&output);
         assert!(message.contains(expected), "{args:?}: {message}");
     }
+}
+
+#[test]
+fn show_says_who_until_when_and_the_fingerprint_openssl_gives() {
+    let dir = TempDir::new().unwrap();
+    let path = dir.path().to_str().unwrap();
+    assert!(
+        xmirror(&["certs", "init", "--dir", path, "--cluster-id", "east"])
+            .status
+            .success()
+    );
+    let issue = xmirror(&[
+        "certs",
+        "issue",
+        "--dir",
+        path,
+        "--cluster-id",
+        "east",
+        "--role",
+        "observer",
+        "--name",
+        "m1",
+        "--days",
+        "30",
+    ]);
+    assert!(issue.status.success(), "{}", stderr(&issue));
+    let file = dir.path().join("m1.crt");
+    let shown = xmirror(&["certs", "show", file.to_str().unwrap()]);
+    assert!(shown.status.success(), "{}", stderr(&shown));
+    let text = String::from_utf8_lossy(&shown.stdout).to_string();
+    assert!(
+        text.contains("identity:  spiffe://east/observer/m1"),
+        "{text}"
+    );
+    assert!(text.contains("days left)"), "{text}");
+    let openssl = std::process::Command::new("openssl")
+        .args(["x509", "-noout", "-fingerprint", "-sha256", "-in"])
+        .arg(&file)
+        .output()
+        .expect("openssl runs (the CI installs it)");
+    let fingerprint = String::from_utf8_lossy(&openssl.stdout)
+        .trim()
+        .rsplit('=')
+        .next()
+        .unwrap()
+        .to_ascii_lowercase();
+    assert!(
+        text.contains(&format!("sha256:    {fingerprint}")),
+        "{text}\n{fingerprint}"
+    );
+    let ca = xmirror(&["certs", "show", dir.path().join("ca.crt").to_str().unwrap()]);
+    assert!(String::from_utf8_lossy(&ca.stdout).contains("CA of cluster east"));
 }

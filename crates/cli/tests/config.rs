@@ -106,7 +106,10 @@ fn bad_config_gets_a_one_line_error() {
             "unknown field `max_wal_entriez`",
         ),
         ("data_dir = 5\n".to_string(), "invalid type"),
-        ("cluster_id = \"../etc\"\n".to_string(), "name contains '.'"),
+        (
+            "cluster_id = \"../etc\"\n".to_string(),
+            "name starts with '.'",
+        ),
         (
             "data_dir = \"/d\"\n".to_string(),
             "missing --listen (or `listen` in the config file)",

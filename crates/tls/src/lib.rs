@@ -7,6 +7,7 @@
 //!   certs directory, and verifiers that refuse a peer without a valid SPIFFE ID.
 //! - [`trust`] binds every trusted CA to the one cluster it vouches for and verifies
 //!   chains against it.
+//! - [`inspect`] summarises a certificate for operators (`xmirror certs show`, expiry).
 //! - [`identity`] reads the verified peer's [`PeerIdentity`](xmirror_proto::PeerIdentity)
 //!   back from a connection: the role that counts is the certificate's.
 //!
@@ -15,6 +16,7 @@
 
 pub mod config;
 pub mod identity;
+pub mod inspect;
 pub mod pki;
 pub mod trust;
 

@@ -658,6 +658,28 @@ async fn metrics_endpoints_serve_prometheus_text() {
     .await;
     assert!(mirror_samples.contains_key("xmirror_mirror_lag_ms"));
     assert!(mirror_samples["xmirror_mirror_snapshot_bytes_total"] >= 1_000.0 * VALUE_SIZE as f64);
+    // Certificate expiry: the test certificates are valid for a day, so each node publishes
+    // under a day left for its own and its CA, and warns that they expire soon.
+    for (samples, node) in [(&source_samples, &source), (&mirror_samples, &mirror)] {
+        let expiries: Vec<f64> = samples
+            .iter()
+            .filter(|(series, _)| series.starts_with("xmirror_certificate_expiry_seconds{"))
+            .map(|(_, seconds)| *seconds)
+            .collect();
+        assert!(
+            samples.keys().any(|series| series
+                .starts_with("xmirror_certificate_expiry_seconds{certificate=\"node\"")),
+            "{samples:?}"
+        );
+        assert!(expiries.len() >= 2, "{expiries:?}");
+        assert!(
+            expiries
+                .iter()
+                .all(|seconds| *seconds > 0.0 && *seconds <= 2.0 * 86_400.0),
+            "{expiries:?}"
+        );
+        assert!(node.log_text().contains("certificate expires soon"));
+    }
 }
 
 /// Scrapes `addr` until every `wanted` sample has its value (gauges refresh every second).

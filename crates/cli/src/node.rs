@@ -315,6 +315,41 @@ fn load_tls(certs: &std::path::Path, name: &str) -> anyhow::Result<NodeTls> {
     NodeTls::load(certs, name).with_context(|| format!("cannot load the certificates of {name}"))
 }
 
+/// Certificates closer to expiry than this are warned about.
+const EXPIRY_WARNING: i64 = 30 * 86_400;
+
+/// Publishes `xmirror_certificate_expiry_seconds` for the node's own certificate and each
+/// trusted CA, every minute, and warns (at start, then daily) about any expiring within 30
+/// days or already expired.
+async fn watch_expiry(certificates: Vec<(bool, xmirror_tls::inspect::CertificateSummary)>) {
+    let mut warned_at: Option<tokio::time::Instant> = None;
+    loop {
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        let warn = warned_at.is_none_or(|at| at.elapsed() >= Duration::from_secs(86_400));
+        for (own, summary) in &certificates {
+            let kind = if *own { "node" } else { "ca" };
+            let left = summary.seconds_left(now);
+            metrics::gauge!(
+                "xmirror_certificate_expiry_seconds",
+                "certificate" => kind,
+                "subject" => summary.subject.clone()
+            )
+            .set(left as f64);
+            if warn && left < EXPIRY_WARNING {
+                tracing::warn!(
+                    certificate = kind,
+                    subject = %summary.subject,
+                    not_after = %xmirror_tls::inspect::rfc3339(summary.not_after),
+                    days_left = left / 86_400,
+                    "certificate expires soon: re-issue it (xmirror certs issue --force)"
+                );
+                warned_at = Some(tokio::time::Instant::now());
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(60)).await;
+    }
+}
+
 /// How long a source whose store failed keeps its connections open, so that the writes of
 /// the failed group are told STORE_FAILED before it stops.
 const STORE_FAILURE_GRACE: Duration = Duration::from_secs(1);
@@ -327,6 +362,7 @@ pub async fn run_source(args: SourceArgs) -> anyhow::Result<()> {
     }
     let tls = load_tls(&plan.certs, &plan.name)?;
     serve_metrics(plan.metrics.as_deref()).await?;
+    tokio::spawn(watch_expiry(tls.certificates()));
     let mut node = SourceNode::start(plan.config, &tls)
         .await
         .context("cannot start the source")?;
@@ -356,6 +392,7 @@ pub async fn run_mirror(args: MirrorArgs) -> anyhow::Result<()> {
     }
     let tls = Arc::new(load_tls(&plan.certs, &plan.name)?);
     serve_metrics(plan.metrics.as_deref()).await?;
+    tokio::spawn(watch_expiry(tls.certificates()));
     let source = plan.config.source;
     let identity = tls.identity().clone();
     let mut node = MirrorNode::start(plan.config, tls)

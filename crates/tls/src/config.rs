@@ -20,6 +20,7 @@ use webpki::KeyUsage;
 use xmirror_proto::{ErrorCode, Name, PeerIdentity, Role};
 
 use crate::identity::{identity_from_certificate, IdentityError};
+use crate::inspect::CertificateSummary;
 use crate::trust::{TrustBundle, TrustError};
 
 /// ALPN of the mirror protocol.
@@ -202,6 +203,8 @@ pub struct NodeTls {
     key: PrivateKeyDer<'static>,
     /// The trusted CAs, each bound to its cluster.
     trust: Arc<TrustBundle>,
+    /// The trusted CA certificates themselves, for their expiry.
+    ca_certificates: Vec<CertificateDer<'static>>,
     identity: PeerIdentity,
     provider: Arc<CryptoProvider>,
 }
@@ -282,6 +285,7 @@ impl NodeTls {
         })?;
 
         let mut trust = TrustBundle::default();
+        let mut ca_certificates = Vec::new();
         for (path, pem) in ca_pems {
             let mut found = 0;
             for certificate in CertificateDer::pem_slice_iter(pem) {
@@ -290,6 +294,7 @@ impl NodeTls {
                     reason: error.to_string(),
                 })?;
                 trust.add(path, &certificate, &identity.cluster_id)?;
+                ca_certificates.push(certificate);
                 found += 1;
             }
             if found == 0 {
@@ -303,9 +308,24 @@ impl NodeTls {
             chain,
             key,
             trust: Arc::new(trust),
+            ca_certificates,
             identity,
             provider: Arc::new(rustls::crypto::ring::default_provider()),
         })
+    }
+
+    /// The node's own certificate and every trusted CA, summarised (for expiry metrics and
+    /// warnings): `(true, summary)` for the node's own.
+    pub fn certificates(&self) -> Vec<(bool, CertificateSummary)> {
+        let own = self.chain.first().into_iter().map(|der| (true, der));
+        let cas = self.ca_certificates.iter().map(|der| (false, der));
+        own.chain(cas)
+            .filter_map(|(own, der)| {
+                CertificateSummary::of(der)
+                    .ok()
+                    .map(|summary| (own, summary))
+            })
+            .collect()
     }
 
     /// Who this node's certificate says it is.

@@ -497,3 +497,46 @@ async fn an_observer_cannot_use_another_mirrors_slot() {
         "m1 was never replaced"
     );
 }
+
+/// A stream held open without a request does not keep its connection from closing as idle.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_stream_without_requests_does_not_keep_a_connection() {
+    let world = World::new();
+    let source = world
+        .start_source("source", &["--idle-timeout-ms", "3000"])
+        .await;
+    let pinging = TransportLimits {
+        idle_timeout: Duration::from_secs(2),
+        ..TransportLimits::default()
+    };
+    let tls = NodeTls::load(&world.certs, "app").expect("certificates");
+    let expected = ExpectedServer::node_of(Name::new(CLUSTER).unwrap());
+    let server_name = expected.server_name();
+    let endpoint = client_endpoint(&tls, ALPN_CLIENT, expected, &pinging).unwrap();
+    let connection = endpoint
+        .connect(source.addr, &server_name)
+        .unwrap()
+        .await
+        .unwrap();
+    // A stream the server has seen (a request answered), then left open and silent.
+    let (mut send, recv) = connection.open_bi().await.unwrap();
+    send.write_all(&frame(&Message::StatusRequest(
+        xmirror_proto::message::StatusRequest,
+    )))
+    .await
+    .unwrap();
+    let mut reader = FramedReader::new(recv, 16 << 20);
+    assert!(matches!(
+        reader.next().await,
+        Ok(Some(Message::StatusReply(_)))
+    ));
+    let reason = tokio::time::timeout(Duration::from_secs(60), connection.closed())
+        .await
+        .expect("the connection is closed");
+    assert_eq!(
+        refusal_of(&reason).map(|refusal| refusal.code),
+        Some(ErrorCode::Idle),
+        "{reason}"
+    );
+    drop(send);
+}

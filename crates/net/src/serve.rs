@@ -6,7 +6,8 @@
 //! its connection's byte budget: the bytes of the requests it holds plus the largest reply
 //! each may produce. A client that stops reading its replies stops its own requests there,
 //! and memory never grows with what it sends. A stream or connection that goes away
-//! cancels what it queued; a connection with no open stream for the idle timeout is closed.
+//! cancels what it queued; a stream with nothing asked for the idle timeout is ended, and a
+//! connection with no open stream for the idle timeout is closed.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -238,6 +239,11 @@ where
                     Err(error) => break Err(ReadError::Frame(error)),
                 }
             }
+            // Nothing asked and nothing owed for the idle timeout: the stream is over, so
+            // that a stream held open without requests cannot keep its connection from
+            // being closed as idle.
+            () = tokio::time::sleep(serving.idle_timeout),
+                if reading && in_flight.is_empty() && admitting.is_none() => break Ok(()),
             else => break Ok(()),
         }
     };

@@ -972,13 +972,7 @@ mod tests {
         }
 
         fn for_each(&self, range: &KeyRange, visit: &mut Visitor<'_>) -> Result<(), StoreError> {
-            let data = self.data.lock().unwrap().clone();
-            for (key, value) in data.range(range.clone()) {
-                if !visit(key, value)? {
-                    break;
-                }
-            }
-            Ok(())
+            self.read_view(&[], range, visit).map(|_| ())
         }
 
         /// A clone of the map is a snapshot.

@@ -40,10 +40,13 @@ impl Operation {
     /// The class of a client-protocol request; `None` for a message that is not one.
     pub fn of(message_type: MessageType) -> Option<Operation> {
         match message_type {
-            MessageType::GetRequest | MessageType::StatusRequest | MessageType::DigestRequest => {
-                Some(Operation::Read)
+            MessageType::GetRequest
+            | MessageType::ScanRequest
+            | MessageType::StatusRequest
+            | MessageType::DigestRequest => Some(Operation::Read),
+            MessageType::PutRequest | MessageType::DeleteRequest | MessageType::BatchRequest => {
+                Some(Operation::Write)
             }
-            MessageType::PutRequest | MessageType::DeleteRequest => Some(Operation::Write),
             MessageType::SlotsRequest | MessageType::DropSlotRequest => Some(Operation::Admin),
             MessageType::Hello => Some(Operation::Mirror),
             _ => None,
@@ -184,17 +187,15 @@ mod tests {
 
     #[test]
     fn every_client_request_has_a_class() {
-        for message_type in [
-            MessageType::PutRequest,
-            MessageType::DeleteRequest,
-            MessageType::GetRequest,
-            MessageType::StatusRequest,
-            MessageType::DigestRequest,
-            MessageType::SlotsRequest,
-            MessageType::DropSlotRequest,
-        ] {
-            assert!(Operation::of(message_type).is_some(), "{message_type:?}");
+        for message_type in MessageType::ALL {
+            let request = format!("{message_type:?}").ends_with("Request");
+            assert_eq!(
+                Operation::of(*message_type).is_some_and(|operation| operation != Operation::Mirror),
+                request,
+                "{message_type:?}"
+            );
         }
-        assert_eq!(Operation::of(MessageType::WalBatch), None);
+        assert_eq!(Operation::of(MessageType::BatchRequest), Some(Operation::Write));
+        assert_eq!(Operation::of(MessageType::ScanRequest), Some(Operation::Read));
     }
 }

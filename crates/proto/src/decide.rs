@@ -337,7 +337,7 @@ mod tests {
         bad.versions = VersionRange { min: 7, max: 9 };
         let reject = decide_with(&bad, &observer(), Some(MIRROR_HASH), None).unwrap_err();
         assert_eq!(reject.code, ErrorCode::BadVersion);
-        assert!(reject.detail.contains("1..=1"), "{}", reject.detail);
+        assert!(reject.detail.contains("1..=2"), "{}", reject.detail);
     }
 
     #[test]

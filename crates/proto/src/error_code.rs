@@ -65,11 +65,19 @@ pub enum ErrorCode {
     NotFound = 24,
     /// A client connection had no open stream for the idle timeout: the node closed it.
     Idle = 25,
+    /// A read asked for at most some lag, and the node is further behind its source.
+    TooStale = 26,
+    /// The request's deadline passed before the node could answer it (a `get` waiting for
+    /// an LSN the node has not applied yet, a scan whose reader is too slow).
+    Timeout = 27,
+    /// The request itself is wrong: an empty key, an empty batch, a range that ends before
+    /// it starts.
+    InvalidRequest = 28,
 }
 
 impl ErrorCode {
     /// Every code, in number order.
-    pub const ALL: [ErrorCode; 25] = [
+    pub const ALL: [ErrorCode; 28] = [
         ErrorCode::BadVersion,
         ErrorCode::ClusterIdMismatch,
         ErrorCode::ObserverOnly,
@@ -95,6 +103,9 @@ impl ErrorCode {
         ErrorCode::InUse,
         ErrorCode::NotFound,
         ErrorCode::Idle,
+        ErrorCode::TooStale,
+        ErrorCode::Timeout,
+        ErrorCode::InvalidRequest,
     ];
 
     /// The stable number on the wire and in QUIC close frames.
@@ -137,6 +148,9 @@ impl ErrorCode {
             ErrorCode::InUse => "IN_USE",
             ErrorCode::NotFound => "NOT_FOUND",
             ErrorCode::Idle => "IDLE",
+            ErrorCode::TooStale => "TOO_STALE",
+            ErrorCode::Timeout => "TIMEOUT",
+            ErrorCode::InvalidRequest => "INVALID_REQUEST",
         }
     }
 
@@ -212,6 +226,9 @@ mod tests {
             ("IN_USE", 23),
             ("NOT_FOUND", 24),
             ("IDLE", 25),
+            ("TOO_STALE", 26),
+            ("TIMEOUT", 27),
+            ("INVALID_REQUEST", 28),
         ];
         let actual: Vec<_> = ErrorCode::ALL
             .iter()
@@ -222,7 +239,7 @@ mod tests {
             assert_eq!(ErrorCode::from_number(code.number()), Some(code));
         }
         assert_eq!(ErrorCode::from_number(0), None);
-        assert_eq!(ErrorCode::from_number(26), None);
+        assert_eq!(ErrorCode::from_number(29), None);
     }
 
     #[test]

@@ -16,7 +16,9 @@ use crate::types::Lsn;
 /// `h(0) = GENESIS` (32 zero bytes) and
 /// `h(n) = BLAKE3(h(n-1) || n as u64 big-endian || encode(entry n))`, where
 /// `encode(Put{key,value}) = 0x01 || len(key) as u32 BE || key || len(value) as u32 BE || value`
-/// and `encode(Delete{key}) = 0x02 || len(key) as u32 BE || key`.
+/// `encode(Delete{key}) = 0x02 || len(key) as u32 BE || key`, and
+/// `encode(Batch{writes}) = 0x03 || count as u32 BE || encode(write)...`, each write encoded
+/// as the put or delete it is.
 /// Two stores with the same chain hash at the same LSN have applied the same entries.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct ChainHash(pub [u8; 32]);
@@ -30,17 +32,22 @@ impl ChainHash {
         let mut hasher = blake3::Hasher::new();
         hasher.update(&self.0);
         hasher.update(&lsn.0.to_be_bytes());
-        match entry {
-            Entry::Put { key, value } => {
+        if let Entry::Batch { writes } = entry {
+            hasher.update(&[3]);
+            let count = u32::try_from(writes.len()).expect("batches are bounded below 4G writes");
+            hasher.update(&count.to_be_bytes());
+        }
+        entry.for_each_write(|key, value| match value {
+            Some(value) => {
                 hasher.update(&[1]);
                 update_with_len(&mut hasher, key);
                 update_with_len(&mut hasher, value);
             }
-            Entry::Delete { key } => {
+            None => {
                 hasher.update(&[2]);
                 update_with_len(&mut hasher, key);
             }
-        }
+        });
         ChainHash(*hasher.finalize().as_bytes())
     }
 
@@ -188,6 +195,28 @@ mod tests {
             ChainHash::GENESIS.next(Lsn(1), &put("k", "v")).0,
             *expected.finalize().as_bytes()
         );
+    }
+
+    #[test]
+    fn a_batch_hashes_as_its_count_and_its_writes_and_differs_from_them_as_entries() {
+        use crate::message::Write;
+        let batch = Entry::Batch {
+            writes: vec![Write::put("k", "v"), Write::delete("d")],
+        };
+        let mut expected = blake3::Hasher::new();
+        expected.update(&[0; 32]);
+        expected.update(&1u64.to_be_bytes());
+        expected.update(&[3, 0, 0, 0, 2]);
+        expected.update(&[1, 0, 0, 0, 1, b'k', 0, 0, 0, 1, b'v']);
+        expected.update(&[2, 0, 0, 0, 1, b'd']);
+        let hashed = ChainHash::GENESIS.next(Lsn(1), &batch);
+        assert_eq!(hashed.0, *expected.finalize().as_bytes());
+        // Not the same history as the put alone, nor as a batch of the put alone.
+        assert_ne!(hashed, ChainHash::GENESIS.next(Lsn(1), &put("k", "v")));
+        let shorter = Entry::Batch {
+            writes: vec![Write::put("k", "v")],
+        };
+        assert_ne!(hashed, ChainHash::GENESIS.next(Lsn(1), &shorter));
     }
 
     #[test]

@@ -14,7 +14,9 @@ use crate::types::{
     VersionRange,
 };
 
-/// One write in the log. A WAL entry at LSN n is applied after every entry below n.
+/// One entry of the log. A WAL entry at LSN n is applied after every entry below n, and
+/// each entry is applied whole: a batch is one entry, so no reader, WAL batch, group apply
+/// or snapshot replay ever sees part of it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Entry {
     /// Sets `key` to `value`.
@@ -32,21 +34,74 @@ pub enum Entry {
         #[serde(with = "serde_bytes")]
         key: Vec<u8>,
     },
+    /// Several puts and deletes applied atomically, in order, at one LSN.
+    Batch {
+        /// The writes, applied in this order (a later write to a key wins).
+        writes: Vec<Write>,
+    },
 }
 
-impl Entry {
-    /// The key the entry touches.
-    pub fn key(&self) -> &[u8] {
-        match self {
-            Entry::Put { key, .. } | Entry::Delete { key } => key,
+/// One put or delete of a batch.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Write {
+    /// The key written or removed.
+    #[serde(with = "serde_bytes")]
+    pub key: Vec<u8>,
+    /// The new value; `None` removes the key.
+    #[serde(with = "serde_bytes")]
+    pub value: Option<Vec<u8>>,
+}
+
+impl Write {
+    /// Sets `key` to `value`.
+    pub fn put(key: impl Into<Vec<u8>>, value: impl Into<Vec<u8>>) -> Write {
+        Write {
+            key: key.into(),
+            value: Some(value.into()),
         }
     }
 
-    /// Bytes of key and value, the measure batches and retention are bounded by.
+    /// Removes `key`.
+    pub fn delete(key: impl Into<Vec<u8>>) -> Write {
+        Write {
+            key: key.into(),
+            value: None,
+        }
+    }
+
+    /// Bytes of key and value.
     pub fn payload_len(&self) -> usize {
+        self.key.len() + self.value.as_ref().map_or(0, Vec::len)
+    }
+}
+
+impl Entry {
+    /// Calls `visit` with each key the entry writes and its new value (`None`: removed), in
+    /// the order they apply.
+    pub fn for_each_write<'a>(&'a self, mut visit: impl FnMut(&'a [u8], Option<&'a [u8]>)) {
         match self {
-            Entry::Put { key, value } => key.len() + value.len(),
-            Entry::Delete { key } => key.len(),
+            Entry::Put { key, value } => visit(key, Some(value)),
+            Entry::Delete { key } => visit(key, None),
+            Entry::Batch { writes } => {
+                for write in writes {
+                    visit(&write.key, write.value.as_deref());
+                }
+            }
+        }
+    }
+
+    /// Bytes of keys and values, the measure batches and retention are bounded by.
+    pub fn payload_len(&self) -> usize {
+        let mut bytes = 0;
+        self.for_each_write(|key, value| bytes += key.len() + value.map_or(0, <[u8]>::len));
+        bytes
+    }
+
+    /// Puts and deletes in the entry: one, or a batch's count.
+    pub fn write_count(&self) -> usize {
+        match self {
+            Entry::Put { .. } | Entry::Delete { .. } => 1,
+            Entry::Batch { writes } => writes.len(),
         }
     }
 }
@@ -360,12 +415,45 @@ pub struct DeleteRequest {
     pub key: Vec<u8>,
 }
 
+/// Client API: apply several puts and deletes atomically (sources only).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BatchRequest {
+    /// The writes, in the order they apply; at least one.
+    pub writes: Vec<Write>,
+}
+
 /// Client API: read a key.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GetRequest {
     /// The key.
     #[serde(with = "serde_bytes")]
     pub key: Vec<u8>,
+    /// Read only once the node has applied this LSN, waiting for it (read-your-writes
+    /// across regions); `TIMEOUT` if it has not by the deadline.
+    pub min_lsn: Option<Lsn>,
+    /// Refuse with `TOO_STALE` when the node is further than this behind its source.
+    pub max_lag_ms: Option<u64>,
+    /// How long the node may wait for `min_lsn`, in milliseconds.
+    pub timeout_ms: u32,
+}
+
+/// Client API: the pairs of a key range, in key order, in pages, all from one state.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScanRequest {
+    /// The first key of the range (inclusive; empty: from the first key).
+    #[serde(with = "serde_bytes")]
+    pub start: Vec<u8>,
+    /// The key the range ends before (exclusive; `None`: to the last key).
+    #[serde(with = "serde_bytes")]
+    pub end: Option<Vec<u8>>,
+    /// The most pairs to return (`None`: all of the range).
+    pub limit: Option<u64>,
+    /// Key and value bytes to aim for per page (the node caps it; a larger pair goes in a
+    /// page alone).
+    pub page_bytes: u32,
+    /// How long the node may take to send the whole scan, in milliseconds: a reader too
+    /// slow for it gets `TIMEOUT` (the node holds one view of its data while a scan runs).
+    pub timeout_ms: u32,
 }
 
 /// Client API: ask for the node's status.
@@ -394,7 +482,7 @@ pub struct SlotsReply {
     pub slots: Vec<SlotStatus>,
 }
 
-/// Reply to a put or delete: the write is durable at `lsn`.
+/// Reply to a put, delete or batch: the write is durable at `lsn`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WriteReply {
     /// The LSN the write was given.
@@ -409,6 +497,20 @@ pub struct GetReply {
     pub value: Option<Vec<u8>>,
     /// The node's applied LSN when it read.
     pub lsn: Lsn,
+}
+
+/// One page of a scan's reply. A scan's pages follow each other on its stream, ahead of
+/// the replies to later requests; the one with `last` ends the scan (an `ErrorReply`
+/// instead ends it early).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScanPage {
+    /// The applied LSN of the state every page of this scan is read from.
+    pub lsn: Lsn,
+    /// Pairs in ascending key order, after the previous page's.
+    #[serde(with = "crate::codec::byte_pairs")]
+    pub pairs: Vec<(Vec<u8>, Vec<u8>)>,
+    /// Whether this is the scan's last page.
+    pub last: bool,
 }
 
 /// Reply to a status request.
@@ -547,6 +649,10 @@ messages! {
     SlotsRequest = 21,
     /// Operator to source: drop a slot.
     DropSlotRequest = 22,
+    /// Client to source: an atomic batch of writes.
+    BatchRequest = 23,
+    /// Client to node: a range scan.
+    ScanRequest = 24,
     /// Node to client: a write is durable.
     WriteReply = 32,
     /// Node to client: a value.
@@ -559,4 +665,6 @@ messages! {
     ErrorReply = 36,
     /// Source to operator: the slots.
     SlotsReply = 37,
+    /// Node to client: a page of a scan.
+    ScanPage = 38,
 }

@@ -8,8 +8,9 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
-/// The protocol version this build speaks best.
-pub const PROTOCOL_VERSION: u16 = 1;
+/// The protocol version this build speaks best. Version 2 added batch entries in the WAL
+/// (version 1 sessions end with `BAD_VERSION` rather than be sent one).
+pub const PROTOCOL_VERSION: u16 = 2;
 
 /// Every protocol version this build can speak, as a mirror or as a source.
 pub const SUPPORTED_VERSIONS: VersionRange = VersionRange {

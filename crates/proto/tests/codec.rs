@@ -41,7 +41,12 @@ fn entry() -> impl Strategy<Value = Entry> {
     prop_oneof![
         (bytes(16), bytes(32)).prop_map(|(key, value)| Entry::Put { key, value }),
         bytes(16).prop_map(|key| Entry::Delete { key }),
+        proptest::collection::vec(write(), 0..4).prop_map(|writes| Entry::Batch { writes }),
     ]
+}
+
+fn write() -> impl Strategy<Value = Write> {
+    (bytes(16), proptest::option::of(bytes(32))).prop_map(|(key, value)| Write { key, value })
 }
 
 fn decision() -> impl Strategy<Value = Decision> {
@@ -287,7 +292,44 @@ fn message() -> impl Strategy<Value = Message> {
         (bytes(16), bytes(64))
             .prop_map(|(key, value)| Message::PutRequest(PutRequest { key, value })),
         bytes(16).prop_map(|key| Message::DeleteRequest(DeleteRequest { key })),
-        bytes(16).prop_map(|key| Message::GetRequest(GetRequest { key })),
+        (
+            bytes(16),
+            proptest::option::of(lsn()),
+            proptest::option::of(any::<u64>()),
+            any::<u32>()
+        )
+            .prop_map(|(key, min_lsn, max_lag_ms, timeout_ms)| Message::GetRequest(
+                GetRequest {
+                    key,
+                    min_lsn,
+                    max_lag_ms,
+                    timeout_ms
+                }
+            )),
+        proptest::collection::vec(write(), 0..4)
+            .prop_map(|writes| Message::BatchRequest(BatchRequest { writes })),
+        (
+            bytes(16),
+            proptest::option::of(bytes(16)),
+            proptest::option::of(any::<u64>()),
+            any::<u32>(),
+            any::<u32>()
+        )
+            .prop_map(|(start, end, limit, page_bytes, timeout_ms)| {
+                Message::ScanRequest(ScanRequest {
+                    start,
+                    end,
+                    limit,
+                    page_bytes,
+                    timeout_ms,
+                })
+            }),
+        (
+            lsn(),
+            proptest::collection::vec((bytes(8), bytes(8)), 0..5),
+            any::<bool>()
+        )
+            .prop_map(|(lsn, pairs, last)| Message::ScanPage(ScanPage { lsn, pairs, last })),
         Just(Message::StatusRequest(StatusRequest)),
         Just(Message::DigestRequest(DigestRequest)),
         Just(Message::SlotsRequest(SlotsRequest)),

@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard};
 
 use xmirror_proto::hash::StateDigester;
-use xmirror_proto::{ChainHash, Entry, Lsn, SnapshotId, StateDigest};
+use xmirror_proto::{ChainHash, Lsn, SnapshotId, StateDigest};
 
 use crate::record::{
     DatabaseIdentity, MirrorIdentity, RecordReader, RecordWriter, SnapshotProgress, SyncState,
@@ -243,6 +243,22 @@ fn prefix_range(prefix: u8) -> KeyRange {
 }
 
 impl<E: Engine> KvStore<E> {
+    /// Visits `range` of engine keys and returns the LSN of the state it read, from one
+    /// view: consistent by itself on an engine with snapshots, where writes go on
+    /// meanwhile; without snapshots (sled) writers wait for the visit.
+    fn view(&self, range: &KeyRange, visit: &mut Visitor<'_>) -> Result<Lsn, StoreError> {
+        let _reading = self.reading()?;
+        let _writers_out = (!E::SNAPSHOT_VIEWS).then(|| self.lock());
+        let position = self
+            .engine
+            .read_view(&meta_key(META_POSITION), range, visit)?;
+        let position = match position {
+            Some(value) => decode_position("position", &value)?,
+            None => Position::GENESIS,
+        };
+        Ok(position.lsn)
+    }
+
     /// Opens (creating if needed) the store in directory `path`. Fails if another process
     /// has it open: one applier per store.
     pub fn open(path: impl AsRef<Path>) -> Result<KvStore<E>, StoreError> {
@@ -393,10 +409,12 @@ impl<E: Engine> KvStore<E> {
                     });
                 }
             }
-            match entry {
-                Entry::Put { key, value } => writes.put(data_key(key), value.as_slice()),
-                Entry::Delete { key } => writes.delete(data_key(key)),
-            }
+            // A batch's writes go in the same store write as everything else here: a reader
+            // sees all of it or none.
+            entry.for_each_write(|key, value| match value {
+                Some(value) => writes.put(data_key(key), value),
+                None => writes.delete(data_key(key)),
+            });
             if batch.keep_wal {
                 let record = WalRecord::encode_value(entry, &chain_hash, batch.commit_time);
                 wal_bytes += record.len() as u64;
@@ -532,26 +550,29 @@ impl<E: Engine> Store for KvStore<E> {
         self.engine.get(&data_key(key))
     }
 
-    fn digest(&self) -> Result<(Lsn, StateDigest), StoreError> {
-        let _reading = self.reading()?;
-        // The position is read from the same view as the data, which is consistent by
-        // itself on an engine with snapshots: writes go on while the scan runs. Without
-        // snapshots (sled) writers wait for the scan.
-        let _writers_out = (!E::SNAPSHOT_VIEWS).then(|| self.lock());
-        let mut digester = StateDigester::new();
-        let position = self.engine.read_view(
-            &meta_key(META_POSITION),
-            &prefix_range(DATA),
-            &mut |key, value| {
-                digester.update(&key[1..], value);
-                Ok(true)
+    fn scan_range(
+        &self,
+        start: &[u8],
+        end: Option<&[u8]>,
+        visit: &mut Visitor<'_>,
+    ) -> Result<Lsn, StoreError> {
+        let range = (
+            Bound::Included(data_key(start)),
+            match end {
+                Some(end) => Bound::Excluded(data_key(end)),
+                None => Bound::Excluded(vec![DATA + 1]),
             },
-        )?;
-        let position = match position {
-            Some(value) => decode_position("position", &value)?,
-            None => Position::GENESIS,
-        };
-        Ok((position.lsn, digester.finish()))
+        );
+        self.view(&range, &mut |key, value| visit(&key[1..], value))
+    }
+
+    fn digest(&self) -> Result<(Lsn, StateDigest), StoreError> {
+        let mut digester = StateDigester::new();
+        let lsn = self.view(&prefix_range(DATA), &mut |key, value| {
+            digester.update(&key[1..], value);
+            Ok(true)
+        })?;
+        Ok((lsn, digester.finish()))
     }
 
     fn key_count(&self) -> Result<u64, StoreError> {
@@ -1006,7 +1027,7 @@ mod tests {
 
         let committing = store.clone();
         let commit = std::thread::spawn(move || {
-            let entries = [Entry::Put {
+            let entries = [xmirror_proto::Entry::Put {
                 key: b"k".to_vec(),
                 value: b"v".to_vec(),
             }];

@@ -5,6 +5,7 @@
 //! never changes what is on disk. Every decoder is total: bad bytes give
 //! [`StoreError::Corrupt`], never a panic.
 
+use xmirror_proto::message::Write;
 use xmirror_proto::{ChainHash, DatabaseId, Entry, Epoch, Lsn, Name, SnapshotId, UnixMillis};
 
 use crate::{Position, StoreError};
@@ -124,11 +125,21 @@ impl RecordWriter {
         self.u64(value.lsn.0).hash(&value.chain_hash)
     }
 
+    /// The same layout as the chain hash's (`xmirror_proto::hash`): a tag, a batch's count,
+    /// then each write as the put (1) or delete (2) it is.
     pub(crate) fn entry(&mut self, entry: &Entry) -> &mut Self {
-        match entry {
-            Entry::Put { key, value } => self.u8(1).bytes(key).bytes(value),
-            Entry::Delete { key } => self.u8(2).bytes(key),
+        if let Entry::Batch { writes } = entry {
+            let count = u32::try_from(writes.len()).expect("batches are bounded below 4G writes");
+            self.u8(3);
+            self.0.extend_from_slice(&count.to_be_bytes());
         }
+        entry.for_each_write(|key, value| {
+            match value {
+                Some(value) => self.u8(1).bytes(key).bytes(value),
+                None => self.u8(2).bytes(key),
+            };
+        });
+        self
     }
 
     pub(crate) fn optional_bytes(&mut self, value: Option<&[u8]>) -> &mut Self {
@@ -207,6 +218,27 @@ impl<'a> RecordReader<'a> {
                 value: self.bytes()?,
             }),
             2 => Ok(Entry::Delete { key: self.bytes()? }),
+            3 => {
+                let count = self.take(4)?;
+                let count = u32::from_be_bytes(count.try_into().expect("took 4 bytes"));
+                // Each write takes at least 5 bytes: a claimed count beyond what is left is
+                // corruption, found before anything is allocated for it.
+                if count as usize > self.rest.len() / 5 {
+                    return Err(self.corrupt(format!(
+                        "a batch of {count} writes in {} bytes",
+                        self.rest.len()
+                    )));
+                }
+                let mut writes = Vec::with_capacity(count as usize);
+                for _ in 0..count {
+                    writes.push(match self.u8()? {
+                        1 => Write::put(self.bytes()?, self.bytes()?),
+                        2 => Write::delete(self.bytes()?),
+                        tag => return Err(self.corrupt(format!("unknown write tag {tag}"))),
+                    });
+                }
+                Ok(Entry::Batch { writes })
+            }
             tag => Err(self.corrupt(format!("unknown entry tag {tag}"))),
         }
     }
@@ -391,6 +423,24 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_batch_claiming_more_writes_than_its_bytes_hold_is_corrupt() {
+        let mut value = WalRecord::encode_value(
+            &Entry::Batch {
+                writes: vec![Write::delete("k")],
+            },
+            &ChainHash([0; 32]),
+            UnixMillis(0),
+        );
+        // The count follows the tag; claim four billion writes.
+        let tag = value.iter().position(|byte| *byte == 3).unwrap();
+        value[tag + 1..tag + 5].copy_from_slice(&u32::MAX.to_be_bytes());
+        assert!(matches!(
+            WalRecord::decode(Lsn(1), &value),
+            Err(StoreError::Corrupt { .. })
+        ));
+    }
+
+    #[test]
     fn records_round_trip() {
         let entry = Entry::Put {
             key: b"k".to_vec(),
@@ -401,6 +451,11 @@ mod tests {
         assert_eq!(record.entry, entry);
         assert_eq!(record.chain_hash, ChainHash([4; 32]));
         assert_eq!(record.commit_time, UnixMillis(99));
+        let batch = Entry::Batch {
+            writes: vec![Write::put("a", "1"), Write::delete("b"), Write::put("c", "")],
+        };
+        let value = WalRecord::encode_value(&batch, &ChainHash([5; 32]), UnixMillis(1));
+        assert_eq!(WalRecord::decode(Lsn(8), &value).unwrap().entry, batch);
 
         let states = [
             SyncState::Fresh,

@@ -4,6 +4,7 @@
 
 use std::path::Path;
 
+use xmirror_proto::message::Write;
 use xmirror_proto::{Entry, Lsn};
 
 use crate::{RedbStore, SledStore, Store, StoreError};
@@ -55,6 +56,16 @@ pub fn workload_entry(lsn: Lsn) -> Entry {
     let key = format!("key-{:05}", hash % 2_000).into_bytes();
     if hash.is_multiple_of(7) {
         Entry::Delete { key }
+    } else if hash.is_multiple_of(11) {
+        // A batch: its writes land together or not at all, across any crash.
+        let other = format!("key-{:05}", (hash >> 16) % 2_000).into_bytes();
+        Entry::Batch {
+            writes: vec![
+                Write::put(key, format!("lsn={}:batch", lsn.0)),
+                Write::delete(other.clone()),
+                Write::put(other, format!("lsn={}:batch-last", lsn.0)),
+            ],
+        }
     } else {
         let len = 8 + (hash >> 32) as usize % 256;
         let mut value = format!("lsn={}:", lsn.0).into_bytes();

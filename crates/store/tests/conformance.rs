@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use rand::Rng;
 use tempfile::TempDir;
 use xmirror_proto::hash::StateDigester;
+use xmirror_proto::message::Write;
 use xmirror_proto::{
     ChainHash, DatabaseId, Entry, Epoch, Lsn, Name, SnapshotId, StateDigest, UnixMillis,
 };
@@ -86,16 +87,88 @@ fn digest_of(state: &BTreeMap<Vec<u8>, Vec<u8>>) -> StateDigest {
 fn model(entries: &[Entry]) -> BTreeMap<Vec<u8>, Vec<u8>> {
     let mut state = BTreeMap::new();
     for entry in entries {
-        match entry {
-            Entry::Put { key, value } => {
-                state.insert(key.clone(), value.clone());
+        entry.for_each_write(|key, value| match value {
+            Some(value) => {
+                state.insert(key.to_vec(), value.to_vec());
             }
-            Entry::Delete { key } => {
+            None => {
                 state.remove(key);
             }
-        }
+        });
     }
     state
+}
+
+/// Every pair `scan_range` visits, and the LSN it names.
+fn scan_range(store: &dyn Store, start: &str, end: Option<&str>) -> (Lsn, Vec<(String, String)>) {
+    let mut pairs = Vec::new();
+    let lsn = store
+        .scan_range(start.as_bytes(), end.map(str::as_bytes), &mut |key, value| {
+            pairs.push((
+                String::from_utf8(key.to_vec()).unwrap(),
+                String::from_utf8(value.to_vec()).unwrap(),
+            ));
+            Ok(true)
+        })
+        .unwrap();
+    (lsn, pairs)
+}
+
+pub fn a_batch_applies_whole_and_range_scans_read_one_state(engine: Engine) {
+    let dir = TempDir::new().unwrap();
+    let store = engine.open(dir.path());
+    let batch = Entry::Batch {
+        writes: vec![
+            Write::put("b", "1"),
+            Write::put("a", "1"),
+            Write::delete("b"),
+            Write::put("c", "1"),
+            Write::put("c", "2"),
+        ],
+    };
+    let entries = [put("z", "0"), batch.clone(), put("d", "4")];
+    let applied = store.commit(source_batch(1, &entries)).unwrap();
+    assert_eq!(applied.position.lsn, Lsn(3));
+    assert_eq!(
+        applied.position.chain_hash,
+        ChainHash::GENESIS.extend(Lsn(1), &entries)
+    );
+    // The batch is one WAL record, read back whole.
+    let records = store.read_wal(Lsn(2), 1, 1).unwrap();
+    assert_eq!(records.len(), 1);
+    assert_eq!(records[0].entry, batch);
+    // Later writes to a key within the batch win; the delete took effect.
+    assert_eq!(store.get(b"b").unwrap(), None);
+    assert_eq!(store.get(b"c").unwrap(), Some(b"2".to_vec()));
+
+    assert_eq!(
+        scan_range(&*store, "", None),
+        (
+            Lsn(3),
+            vec![
+                ("a".into(), "1".into()),
+                ("c".into(), "2".into()),
+                ("d".into(), "4".into()),
+                ("z".into(), "0".into()),
+            ]
+        )
+    );
+    // Start inclusive, end exclusive.
+    assert_eq!(
+        scan_range(&*store, "c", Some("z")).1,
+        vec![("c".into(), "2".into()), ("d".into(), "4".into())]
+    );
+    assert!(scan_range(&*store, "e", Some("e")).1.is_empty());
+    // A visitor that stops ends the scan there.
+    let mut seen = 0;
+    store
+        .scan_range(b"", None, &mut |_, _| {
+            seen += 1;
+            Ok(seen < 2)
+        })
+        .unwrap();
+    assert_eq!(seen, 2);
+    assert_eq!(store.digest().unwrap().1, digest_of(&model(&entries)));
 }
 
 pub fn an_empty_store_stands_at_genesis(engine: Engine) {
@@ -897,6 +970,7 @@ macro_rules! conformance {
         $(engine_suite!($engine:
             an_empty_store_stands_at_genesis,
             apply_writes_data_wal_and_chain_together,
+            a_batch_applies_whole_and_range_scans_read_one_state,
             reapplying_is_a_no_op_and_gaps_are_refused,
             a_chain_mismatch_refuses_the_whole_batch,
             everything_survives_a_reopen,

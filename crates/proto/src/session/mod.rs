@@ -25,6 +25,10 @@ use crate::message::{Message, WalBatch};
 use crate::types::Lsn;
 use crate::Entry;
 
+/// The protocol version that introduced batch entries ([`Entry::Batch`]): a session
+/// negotiated at a lower one ends (`BAD_VERSION`) rather than send one.
+pub const BATCH_ENTRIES_VERSION: u16 = 2;
+
 /// A WAL batch ready to transmit, shareable between the sessions of every mirror: the
 /// source's writer keeps its recent groups in this form, so that a mirror streaming live
 /// is sent the group as committed without the WAL being read back per mirror.
@@ -38,6 +42,8 @@ pub struct SharedBatch {
     pub last_lsn: Lsn,
     /// Key and value bytes in the batch: what un-acknowledged WAL is bounded by.
     pub payload_bytes: usize,
+    /// The lowest protocol version that can carry it: 2 when it holds a batch entry.
+    pub min_version: u16,
 }
 
 impl SharedBatch {
@@ -47,6 +53,15 @@ impl SharedBatch {
             first_lsn: batch.first_lsn,
             last_lsn: batch.last_lsn(),
             payload_bytes: batch.entries.iter().map(Entry::payload_len).sum(),
+            min_version: if batch
+                .entries
+                .iter()
+                .any(|entry| matches!(entry, Entry::Batch { .. }))
+            {
+                BATCH_ENTRIES_VERSION
+            } else {
+                1
+            },
             message: batch.into(),
         }
     }

@@ -311,6 +311,20 @@ pub enum SourceEnd {
     /// The source is stopping.
     #[error("the source is shutting down")]
     ShuttingDown,
+    /// The WAL holds an entry the negotiated protocol version cannot carry (a batch, for
+    /// a version 1 mirror): the mirror must be upgraded.
+    #[error(
+        "the WAL batch at LSN {first_lsn} needs protocol version {needed}, and this mirror \
+         speaks at most {negotiated}: upgrade the mirror"
+    )]
+    VersionTooOld {
+        /// The first LSN of the batch that could not be sent.
+        first_lsn: Lsn,
+        /// The lowest version that carries it.
+        needed: u16,
+        /// The version negotiated with the mirror.
+        negotiated: u16,
+    },
 }
 
 impl SourceEnd {
@@ -323,6 +337,7 @@ impl SourceEnd {
             SourceEnd::SlotInvalidated { .. } => ErrorCode::SlotInvalidated,
             SourceEnd::Replaced => ErrorCode::Replaced,
             SourceEnd::ShuttingDown => ErrorCode::ShuttingDown,
+            SourceEnd::VersionTooOld { .. } => ErrorCode::BadVersion,
         }
     }
 }
@@ -356,6 +371,8 @@ pub struct SourceSession {
     transfer: Option<Transfer>,
     /// The versions the hello offered, to name the negotiated one in the ack.
     hello_versions: Option<VersionRange>,
+    /// The version negotiated in the ack: what the session may send.
+    version: u16,
     /// Frames waiting for the driver's stream to take them.
     transmit: VecDeque<Outgoing>,
     /// Work asked for by events, in order.
@@ -380,6 +397,7 @@ impl SourceSession {
             unacked_bytes: 0,
             transfer: None,
             hello_versions: None,
+            version: 0,
             transmit: VecDeque::new(),
             actions: VecDeque::from([SourceAction::ArmTimer(
                 SourceTimer::Handshake,
@@ -624,6 +642,7 @@ impl SourceSession {
             .hello_versions
             .and_then(|theirs| negotiate_version(self.config.versions, theirs))
             .expect("decide accepts only overlapping version ranges");
+        self.version = version;
         let accepted = Accepted {
             source_cluster: self.config.cluster_id.clone(),
             version,
@@ -724,6 +743,13 @@ impl SourceSession {
         let SourceState::Streaming { next } = &mut self.state else {
             return;
         };
+        if batch.min_version > self.version {
+            return self.finish(Err(SourceEnd::VersionTooOld {
+                first_lsn: batch.first_lsn,
+                needed: batch.min_version,
+                negotiated: self.version,
+            }));
+        }
         *next = batch.last_lsn.next();
         // Recorded before the frame leaves, so that no acknowledgement can overtake it.
         self.sent_up_to = self.sent_up_to.max(batch.last_lsn);
@@ -1051,6 +1077,51 @@ mod tests {
         );
         assert_eq!(session.sent_up_to(), Lsn(4));
         assert_eq!(session.stream_phase(), Some(StreamPhase::CatchingUp));
+    }
+
+    #[test]
+    fn a_version_1_mirror_is_streamed_plain_entries_and_ended_before_a_batch_entry() {
+        let batch_entry = |first: u64| {
+            Arc::new(SharedBatch::new(WalBatch {
+                first_lsn: Lsn(first),
+                entries: vec![Entry::Batch {
+                    writes: vec![crate::message::Write::put("k", "v")],
+                }],
+                chain_hash: ChainHash::GENESIS,
+                commit_time: UnixMillis(5),
+            }))
+        };
+        let stream_with = |mirror_versions: VersionRange| {
+            let mut session = SourceSession::new(config(), committed(COMMITTED));
+            let mut hello = hello();
+            hello.versions = mirror_versions;
+            session.handle(SourceEvent::Received(hello.into()));
+            drain(&mut session);
+            session.handle(SourceEvent::Admitted {
+                decision: Ok(Decision::Stream { from_lsn: Lsn(5) }),
+                source: source(),
+            });
+            drain(&mut session);
+            session
+        };
+        // Version 1: plain entries go, the batch entry ends the session, unsent.
+        let mut old = stream_with(VersionRange { min: 1, max: 1 });
+        old.handle(SourceEvent::BatchRead(batch(5, 2, 10)));
+        assert_eq!(drain(&mut old).frames.len(), 1);
+        old.handle(SourceEvent::BatchRead(batch_entry(7)));
+        assert!(drain(&mut old).frames.is_empty());
+        match old.take_end() {
+            Some(Err(end @ SourceEnd::VersionTooOld { .. })) => {
+                assert_eq!(end.code(), ErrorCode::BadVersion);
+                assert!(end.to_string().contains("LSN 7"), "{end}");
+            }
+            other => panic!("expected VersionTooOld, got {other:?}"),
+        }
+        // Version 2 carries it.
+        let mut new = stream_with(VersionRange { min: 1, max: 2 });
+        new.handle(SourceEvent::BatchRead(batch_entry(5)));
+        assert_eq!(drain(&mut new).frames.len(), 1);
+        assert!(new.take_end().is_none());
     }
 
     #[test]

@@ -594,6 +594,9 @@ fn message_type_numbers_are_stable() {
     let numbers: Vec<u8> = MessageType::ALL.iter().map(|t| *t as u8).collect();
     assert_eq!(
         numbers,
-        [1, 2, 3, 4, 5, 6, 7, 8, 9, 16, 17, 18, 19, 20, 21, 22, 32, 33, 34, 35, 36, 37]
+        [
+            1, 2, 3, 4, 5, 6, 7, 8, 9, 16, 17, 18, 19, 20, 21, 22, 23, 24, 32, 33, 34, 35, 36, 37,
+            38
+        ]
     );
 }

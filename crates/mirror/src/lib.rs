@@ -415,6 +415,28 @@ impl MirrorShared {
         }
     }
 
+    /// How far behind its source the mirror is, in milliseconds (growing with the
+    /// source's silence).
+    pub fn lag_ms(&self) -> u64 {
+        self.lag_ms_of(&self.progress(), self.last_contact())
+    }
+
+    fn last_contact(&self) -> Option<Instant> {
+        *self
+            .last_contact
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn lag_ms_of(&self, progress: &MirrorProgress, last_contact: Option<Instant>) -> u64 {
+        let behind_since = *self
+            .behind_since
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let silence = last_contact.unwrap_or(self.started).elapsed();
+        lag_ms(progress, behind_since.map(|since| since.elapsed()), silence)
+    }
+
     /// Whether the store serves reads.
     pub fn is_consistent(&self) -> bool {
         self.progress.borrow().consistent
@@ -440,20 +462,8 @@ impl MirrorShared {
     pub fn status(&self) -> Result<MirrorStatus, StoreError> {
         let progress = self.progress();
         let applied_lsn = progress.applied_lsn;
-        let last_contact = *self
-            .last_contact
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        let behind_since = *self
-            .behind_since
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        let silence = last_contact.unwrap_or(self.started).elapsed();
-        let lag_ms = lag_ms(
-            &progress,
-            behind_since.map(|since| since.elapsed()),
-            silence,
-        );
+        let last_contact = self.last_contact();
+        let lag_ms = self.lag_ms_of(&progress, last_contact);
         let database = self.store.database();
         Ok(MirrorStatus {
             name: self.name.clone(),

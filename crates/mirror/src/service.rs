@@ -2,8 +2,9 @@
 
 use std::sync::Arc;
 
-use xmirror_net::serve::{blocking_reply, error_reply, ClientService, Reply};
-use xmirror_proto::message::{DigestReply, GetReply, StatusReply};
+use xmirror_net::reads::{self, Applied};
+use xmirror_net::serve::{blocking_reply, error_reply, ClientService, Pages, Reply};
+use xmirror_proto::message::{DigestReply, ScanRequest, StatusReply};
 use xmirror_proto::status::NodeStatus;
 use xmirror_proto::{ErrorCode, Message, PeerIdentity};
 use xmirror_store::StoreError;
@@ -22,13 +23,14 @@ impl MirrorService {
     }
 
     fn not_consistent(&self) -> Reply {
-        error_reply(
-            ErrorCode::NotConsistent,
-            format!(
-                "mirror {} has not yet applied its snapshot's end LSN (applied {})",
-                self.shared.name,
-                self.shared.store.position().lsn
-            ),
+        error_reply(ErrorCode::NotConsistent, self.not_consistent_detail())
+    }
+
+    fn not_consistent_detail(&self) -> String {
+        format!(
+            "mirror {} has not yet applied its snapshot's end LSN (applied {})",
+            self.shared.name,
+            self.shared.store.position().lsn
         )
     }
 }
@@ -43,7 +45,7 @@ impl ClientService for MirrorService {
                     self.shared.name
                 ),
             ),
-            Message::PutRequest(_) | Message::DeleteRequest(_) => error_reply(
+            Message::PutRequest(_) | Message::DeleteRequest(_) | Message::BatchRequest(_) => error_reply(
                 ErrorCode::ReadOnly,
                 format!(
                     "{} is a read-only mirror; write to the source",
@@ -51,15 +53,19 @@ impl ClientService for MirrorService {
                 ),
             ),
             Message::GetRequest(get) => {
-                if !self.shared.is_consistent() {
+                // A read that waits for an LSN waits for consistency too.
+                if get.min_lsn.is_none() && !self.shared.is_consistent() {
                     return self.not_consistent();
                 }
-                let store = self.shared.store.clone();
-                blocking_reply(move || {
-                    let lsn = store.position().lsn;
-                    let value = store.get(&get.key)?;
-                    Ok::<_, StoreError>(GetReply { value, lsn }.into())
-                })
+                reads::get(
+                    self.shared.store.clone(),
+                    get,
+                    self.shared.lag_ms(),
+                    Applied {
+                        progress: self.shared.watch_progress(),
+                        readable: |progress| progress.consistent.then_some(progress.applied_lsn),
+                    },
+                )
             }
             Message::StatusRequest(_) => {
                 let shared = self.shared.clone();
@@ -83,5 +89,12 @@ impl ClientService for MirrorService {
                 format!("{:?} is not a client request", other.message_type()),
             ),
         }
+    }
+
+    fn scan(&self, _peer: &PeerIdentity, request: ScanRequest) -> Pages {
+        if !self.shared.is_consistent() {
+            return Pages::refused(ErrorCode::NotConsistent, self.not_consistent_detail());
+        }
+        reads::scan(self.shared.store.clone(), request)
     }
 }

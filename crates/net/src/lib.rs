@@ -5,21 +5,20 @@
 //! - [`admission`]: caps on connections and unfinished handshakes.
 //! - [`framed`]: frames over a QUIC stream (or any `AsyncRead`/`AsyncWrite`), with
 //!   deadlines and per-phase limits.
-//! - [`client`]: dialling a node and talking the client protocol.
+//! - [`reads`]: `get` and `scan` as a source and a mirror both serve them.
 //! - [`serve`]: the client-protocol server loop, generic over a [`serve::ClientService`],
 //!   which pipelines requests and answers them in order.
 //! - [`close`]: closing a connection with an [`ErrorCode`](xmirror_proto::ErrorCode) and
 //!   reading one back.
 
 pub mod admission;
-pub mod client;
 pub mod close;
 pub mod endpoint;
 pub mod framed;
+pub mod reads;
 pub mod serve;
 
 pub use admission::{accept_loop, AcceptLimits, Admission, Admitted};
-pub use client::{Client, ClientError, ClientStream, LoadReport};
 pub use close::{alpn_of, close_with, error_chain, refusal_of, Refusal};
 pub use endpoint::{client_endpoint, server_endpoint, EndpointError, TransportLimits};
 pub use framed::{

@@ -19,7 +19,8 @@ use futures_util::stream::{FuturesOrdered, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use xmirror_proto::authz::{authorize, NodeKind, Operation};
-use xmirror_proto::message::{ErrorReply, MessageType};
+use tokio::sync::mpsc;
+use xmirror_proto::message::{ErrorReply, GetRequest, ScanRequest};
 use xmirror_proto::{ErrorCode, FrameError, FrameLimits, Message, Name, PeerIdentity};
 
 use crate::close::close_with;
@@ -30,9 +31,104 @@ pub type Reply = Pin<Box<dyn Future<Output = Message> + Send>>;
 
 /// What a node does with client requests.
 pub trait ClientService: Send + Sync + 'static {
-    /// Starts answering `request` from `peer`. The future must not borrow the service, so
-    /// that many can be outstanding.
+    /// Starts answering `request` from `peer` (any request but a scan). The future must
+    /// not borrow the service, so that many can be outstanding.
     fn handle(&self, peer: &PeerIdentity, request: Message) -> Reply;
+
+    /// Starts a scan, whose reply is several frames (see [`Pages`]).
+    fn scan(&self, peer: &PeerIdentity, request: ScanRequest) -> Pages;
+}
+
+/// A reply of several frames, in order: the pages of a scan, read off the async threads
+/// from one view of the store while the client reads them. The last frame is a page with
+/// `last` set, or an `ErrorReply`; a producer that stops without either (its deadline
+/// passed while the client was not reading, or it failed) is answered by the serving loop.
+pub struct Pages {
+    receiver: mpsc::Receiver<Message>,
+    deadline: tokio::time::Instant,
+}
+
+impl Pages {
+    /// A reply of one refusal.
+    pub fn refused(code: ErrorCode, detail: impl Into<String>) -> Pages {
+        let (sender, receiver) = mpsc::channel(1);
+        let _ = sender.try_send(Message::ErrorReply(ErrorReply {
+            code,
+            detail: detail.into(),
+        }));
+        Pages {
+            receiver,
+            deadline: tokio::time::Instant::now(),
+        }
+    }
+
+    /// Runs `produce` on a blocking thread, handing it a [`PageSink`] whose pages the
+    /// client receives as it reads them, one page ahead at most; the sink refuses pages
+    /// once `deadline` has passed. A failure of `produce` ends the reply with `INTERNAL`.
+    pub fn produce<E>(
+        deadline: tokio::time::Instant,
+        produce: impl FnOnce(&mut PageSink) -> Result<(), E> + Send + 'static,
+    ) -> Pages
+    where
+        E: std::error::Error + Send + 'static,
+    {
+        let (sender, receiver) = mpsc::channel(1);
+        let runtime = tokio::runtime::Handle::current();
+        tokio::task::spawn_blocking(move || {
+            let mut sink = PageSink {
+                sender,
+                deadline,
+                runtime,
+            };
+            if let Err(error) = produce(&mut sink) {
+                sink.send(internal_error(crate::error_chain(&error)));
+            }
+        });
+        Pages { receiver, deadline }
+    }
+
+    /// The next frame of the reply. A producer that stopped before its last frame is
+    /// answered here: `TIMEOUT` past the deadline (the client read too slowly), else
+    /// `INTERNAL`.
+    async fn next(&mut self) -> Message {
+        match self.receiver.recv().await {
+            Some(message) => message,
+            None if tokio::time::Instant::now() >= self.deadline => {
+                Message::ErrorReply(ErrorReply {
+                    code: ErrorCode::Timeout,
+                    detail: "the scan did not finish within its deadline: read its pages \
+                             faster, or give it a longer timeout"
+                        .into(),
+                })
+            }
+            None => internal_error("the scan stopped before its last page"),
+        }
+    }
+}
+
+/// Whether `message` ends a reply of several frames.
+fn ends_pages(message: &Message) -> bool {
+    match message {
+        Message::ScanPage(page) => page.last,
+        _ => true,
+    }
+}
+
+/// Where a producer of [`Pages`] puts each frame.
+pub struct PageSink {
+    sender: mpsc::Sender<Message>,
+    deadline: tokio::time::Instant,
+    runtime: tokio::runtime::Handle,
+}
+
+impl PageSink {
+    /// Hands `page` to the stream, waiting while the client has not read the previous one.
+    /// Returns whether the producer should go on: `false` once the stream is gone or the
+    /// deadline has passed (the serving loop then answers `TIMEOUT`).
+    pub fn send(&mut self, page: Message) -> bool {
+        let sending = tokio::time::timeout_at(self.deadline, self.sender.send(page));
+        matches!(self.runtime.block_on(sending), Ok(Ok(())))
+    }
 }
 
 /// An immediate error reply.
@@ -90,6 +186,9 @@ pub struct ClientLimits {
     /// produce (a data frame). Default 64 MiB: at least three reads of the largest value at
     /// once, and tens of thousands of small pipelined writes.
     pub connection_budget: usize,
+    /// Reads one connection may have waiting for an LSN the node has not applied yet
+    /// (`get` with a minimum LSN); more are refused `BUSY`. Default 1,024.
+    pub max_waiting_reads: usize,
 }
 
 impl Default for ClientLimits {
@@ -97,6 +196,7 @@ impl Default for ClientLimits {
         ClientLimits {
             max_in_flight_per_stream: 4_096,
             connection_budget: 64 * 1024 * 1024,
+            max_waiting_reads: 1_024,
         }
     }
 }
@@ -122,6 +222,9 @@ pub struct ConnectionBudget {
     bytes: Arc<Semaphore>,
     /// `digest` scans the whole store: one at a time per connection.
     digest: Arc<Semaphore>,
+    /// Places for reads that wait for an LSN, each holding a task until its deadline.
+    waiting: Arc<Semaphore>,
+    max_waiting: usize,
 }
 
 impl ConnectionBudget {
@@ -130,6 +233,8 @@ impl ConnectionBudget {
         ConnectionBudget {
             bytes: Arc::new(Semaphore::new(limits.connection_budget)),
             digest: Arc::new(Semaphore::new(1)),
+            waiting: Arc::new(Semaphore::new(limits.max_waiting_reads)),
+            max_waiting: limits.max_waiting_reads,
         }
     }
 
@@ -151,9 +256,10 @@ pub struct Peer {
 /// A request waiting for its share of the connection's budget.
 type Admitting = Pin<Box<dyn Future<Output = (Message, Operation, OwnedSemaphorePermit)> + Send>>;
 
-/// A reply being computed, with the budget it holds until it is written (none for a
-/// refusal).
-type Answering = Pin<Box<dyn Future<Output = (Message, Option<OwnedSemaphorePermit>)> + Send>>;
+/// A reply being computed: its first frame, the rest of a reply of several frames, and
+/// the budget it holds until it is written (none for a refusal).
+type Answering =
+    Pin<Box<dyn Future<Output = (Message, Option<Pages>, Option<OwnedSemaphorePermit>)> + Send>>;
 
 /// Serves one client stream until the client finishes it. Returns the error that ended
 /// it early, after telling the client with an `ErrorReply` (unless the peer is gone).
@@ -181,11 +287,13 @@ where
         tokio::select! {
             // Replies first: they free budget for more requests.
             biased;
-            Some((reply, held)) = in_flight.next(), if !in_flight.is_empty() => {
-                let sent = if in_flight.is_empty() {
-                    writer.send(reply).await
-                } else {
-                    writer.feed(reply).await
+            Some((reply, pages, held)) = in_flight.next(), if !in_flight.is_empty() => {
+                let sent = match pages {
+                    // The rest of the reply before anything else: replies stay in order,
+                    // and the client reads pages as they come.
+                    Some(pages) => send_pages(&mut writer, reply, pages).await,
+                    None if in_flight.is_empty() => writer.send(reply).await,
+                    None => writer.feed(reply).await,
                 };
                 drop(held);
                 if let Err(error) = sent {
@@ -222,7 +330,7 @@ where
                                 code: denied.code,
                                 detail: denied.to_string(),
                             });
-                            in_flight.push_back(Box::pin(async move { (refusal, None) }));
+                            in_flight.push_back(Box::pin(async move { (refusal, None, None) }));
                             continue;
                         }
                         let cost = serving.limits.cost(operation, reader.last_frame_len());
@@ -252,8 +360,12 @@ where
         Err(ReadError::Frame(FrameError::Io(_))) | Ok(()) => {}
         Err(error) => {
             // Answer what was already asked, then say why the stream ends.
-            while let Some((reply, _held)) = in_flight.next().await {
-                if writer.feed(reply).await.is_err() {
+            while let Some((reply, pages, _held)) = in_flight.next().await {
+                let written = match pages {
+                    Some(pages) => send_pages(&mut writer, reply, pages).await,
+                    None => writer.feed(reply).await,
+                };
+                if written.is_err() {
                     return outcome;
                 }
             }
@@ -267,7 +379,26 @@ where
     outcome
 }
 
-/// Starts answering an admitted request; `digest` waits for the connection's turn.
+/// Writes `first` and then every frame of `pages` until the last one.
+async fn send_pages<W: AsyncWrite + Unpin>(
+    writer: &mut FramedWriter<W>,
+    first: Message,
+    mut pages: Pages,
+) -> Result<(), FrameError> {
+    let mut frame = first;
+    loop {
+        let last = ends_pages(&frame);
+        writer.send(frame).await?;
+        if last {
+            return Ok(());
+        }
+        frame = pages.next().await;
+    }
+}
+
+/// Starts answering an admitted request: `digest` waits for the connection's turn, a `get`
+/// that waits for an LSN takes one of the connection's waiting places (`BUSY` when none is
+/// left), a scan starts its pages.
 fn answer<S: ClientService + ?Sized>(
     service: &Arc<S>,
     peer: &Peer,
@@ -277,17 +408,49 @@ fn answer<S: ClientService + ?Sized>(
     budget: &ConnectionBudget,
 ) -> Answering {
     debug_assert_ne!(operation, Operation::Mirror);
-    if request.message_type() == MessageType::DigestRequest {
-        let turn = budget.digest.clone();
-        let service = service.clone();
-        let identity = peer.identity.clone();
-        return Box::pin(async move {
-            let _turn = turn.acquire_owned().await.expect("never closed");
-            (service.handle(&identity, request).await, Some(held))
-        });
+    match request {
+        Message::DigestRequest(_) => {
+            let turn = budget.digest.clone();
+            let service = service.clone();
+            let identity = peer.identity.clone();
+            Box::pin(async move {
+                let _turn = turn.acquire_owned().await.expect("never closed");
+                (service.handle(&identity, request).await, None, Some(held))
+            })
+        }
+        Message::ScanRequest(scan) => {
+            let mut pages = service.scan(&peer.identity, scan);
+            Box::pin(async move {
+                let first = pages.next().await;
+                (first, Some(pages), Some(held))
+            })
+        }
+        Message::GetRequest(GetRequest {
+            min_lsn: Some(_), ..
+        }) => {
+            let Ok(place) = budget.waiting.clone().try_acquire_owned() else {
+                let refusal = Message::ErrorReply(ErrorReply {
+                    code: ErrorCode::Busy,
+                    detail: format!(
+                        "{} reads on this connection already wait for an LSN; retry when one \
+                         is answered",
+                        budget.max_waiting
+                    ),
+                });
+                return Box::pin(async move { (refusal, None, Some(held)) });
+            };
+            let reply = service.handle(&peer.identity, request);
+            Box::pin(async move {
+                let reply = reply.await;
+                drop(place);
+                (reply, None, Some(held))
+            })
+        }
+        request => {
+            let reply = service.handle(&peer.identity, request);
+            Box::pin(async move { (reply.await, None, Some(held)) })
+        }
     }
-    let reply = service.handle(&peer.identity, request);
-    Box::pin(async move { (reply.await, Some(held)) })
 }
 
 /// Serves every stream the client opens on `connection`, each on its own task, until the

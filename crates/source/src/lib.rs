@@ -3,11 +3,14 @@
 //! - [`writer`]: the one ordered writer that assigns LSNs, with group commit.
 //! - [`session`]: a mirror's session: hello, `proto::decide`, snapshot, streaming.
 //! - [`slots`]: per-mirror slots and WAL retention.
-//! - [`service`]: the client API (put, delete, get, status, digest).
+//! - [`service`]: the client API (put, delete, batch, get, scan, status, digest), and the
+//!   checks every write passes ([`service::check_write`]).
+//! - [`embedded`]: the same writes and reads for a program that runs the source in-process.
 //!
 //! [`SourceNode::start`] binds one QUIC endpoint for both ALPNs and runs every connection
 //! on its own task, so a stuck mirror costs the others nothing but its bounded retention.
 
+pub mod embedded;
 pub mod service;
 pub mod session;
 pub mod slots;
@@ -36,6 +39,10 @@ use xmirror_tls::{NodeTls, ALPN_CLIENT, ALPN_MIRROR};
 use crate::service::SourceService;
 use crate::slots::{RetentionLimits, Slots};
 use crate::writer::{BatchLimits, Committed, WriteError, Writer};
+
+/// Bytes a batch's frame adds per write beyond its key and value, at most: the write's
+/// length prefixes and option tag, every integer at its widest.
+const BATCH_WRITE_OVERHEAD: usize = 20;
 
 /// Everything a source needs to start. Each field documents its default.
 #[derive(Clone, Debug)]
@@ -90,6 +97,11 @@ pub struct SourceConfig {
     pub max_key_len: usize,
     /// Largest value accepted from clients. Default 4 MiB.
     pub max_value_len: usize,
+    /// Most writes in one batch. Default 100,000.
+    pub max_batch_writes: usize,
+    /// Most key and value bytes in one batch (a batch is one WAL entry, sent to a mirror in
+    /// one frame). Default 8 MiB.
+    pub max_batch_bytes: usize,
     /// What one client connection may hold. Default: see [`ClientLimits`].
     pub client: ClientLimits,
     /// Connections one identity may hold at once. Default 16.
@@ -128,6 +140,8 @@ impl SourceConfig {
             heartbeat_interval: Duration::from_secs(1),
             max_key_len: 4 << 10,
             max_value_len: 4 << 20,
+            max_batch_writes: 100_000,
+            max_batch_bytes: 8 << 20,
             client: ClientLimits::default(),
             max_connections_per_peer: 16,
             max_connections: 1_024,
@@ -145,6 +159,10 @@ impl SourceConfig {
             (
                 "the largest key and value",
                 self.max_key_len + self.max_value_len,
+            ),
+            (
+                "the largest batch",
+                self.max_batch_bytes + self.max_batch_writes * BATCH_WRITE_OVERHEAD,
             ),
             ("the snapshot chunk budget", self.snapshot_chunk_bytes),
             ("the WAL batch budget", self.batch_max_bytes),

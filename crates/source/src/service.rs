@@ -8,15 +8,117 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use xmirror_net::error_chain;
-use xmirror_net::serve::{blocking_reply, error_reply, ClientService, Reply};
+use xmirror_net::reads::{self, Applied};
+use xmirror_net::serve::{blocking_reply, error_reply, ClientService, Pages, Reply};
 use xmirror_proto::message::{
-    DigestReply, ErrorReply, GetReply, SlotsReply, StatusReply, WriteReply,
+    DigestReply, ErrorReply, ScanRequest, SlotsReply, StatusReply, WriteReply,
 };
 use xmirror_proto::status::{NodeStatus, SlotStatus, SourceStatus};
 use xmirror_proto::{Entry, ErrorCode, Message, PeerIdentity};
 use xmirror_store::StoreError;
 
-use crate::SourceShared;
+use crate::{SourceConfig, SourceShared};
+
+/// Why a write was refused before it reached the log.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum BadWrite {
+    /// Keys are at least one byte.
+    #[error("a key must not be empty")]
+    EmptyKey,
+    /// A key is longer than the source accepts.
+    #[error("keys must be at most {max} bytes, got {len}")]
+    KeyTooLong {
+        /// The key's length.
+        len: usize,
+        /// `max_key_len`.
+        max: usize,
+    },
+    /// A value is larger than the source accepts.
+    #[error("values must be at most {max} bytes, got {len}")]
+    ValueTooLarge {
+        /// The value's length.
+        len: usize,
+        /// `max_value_len`.
+        max: usize,
+    },
+    /// A batch holds no write.
+    #[error("a batch needs at least one write")]
+    EmptyBatch,
+    /// A batch holds more writes than the source accepts.
+    #[error("a batch may hold at most {max} writes, got {count}")]
+    TooManyWrites {
+        /// The batch's writes.
+        count: usize,
+        /// `max_batch_writes`.
+        max: usize,
+    },
+    /// A batch carries more bytes than the source accepts.
+    #[error("a batch may carry at most {max} bytes of keys and values, got {bytes}")]
+    BatchTooLarge {
+        /// The batch's key and value bytes.
+        bytes: usize,
+        /// `max_batch_bytes`.
+        max: usize,
+    },
+}
+
+impl BadWrite {
+    /// The code a client is refused with: `INVALID_REQUEST` for what no limit would allow,
+    /// `TOO_LARGE` for what a larger limit would.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            BadWrite::EmptyKey | BadWrite::EmptyBatch => ErrorCode::InvalidRequest,
+            BadWrite::KeyTooLong { .. }
+            | BadWrite::ValueTooLarge { .. }
+            | BadWrite::TooManyWrites { .. }
+            | BadWrite::BatchTooLarge { .. } => ErrorCode::TooLarge,
+        }
+    }
+}
+
+/// Checks `entry` against the source's limits: what every write passes, from a client or
+/// from the embedding program, before it reaches the writer.
+pub fn check_write(config: &SourceConfig, entry: &Entry) -> Result<(), BadWrite> {
+    if let Entry::Batch { writes } = entry {
+        if writes.is_empty() {
+            return Err(BadWrite::EmptyBatch);
+        }
+        if writes.len() > config.max_batch_writes {
+            return Err(BadWrite::TooManyWrites {
+                count: writes.len(),
+                max: config.max_batch_writes,
+            });
+        }
+        let bytes = entry.payload_len();
+        if bytes > config.max_batch_bytes {
+            return Err(BadWrite::BatchTooLarge {
+                bytes,
+                max: config.max_batch_bytes,
+            });
+        }
+    }
+    let mut bad = None;
+    entry.for_each_write(|key, value| {
+        let value_len = value.map_or(0, <[u8]>::len);
+        let refusal = if key.is_empty() {
+            Some(BadWrite::EmptyKey)
+        } else if key.len() > config.max_key_len {
+            Some(BadWrite::KeyTooLong {
+                len: key.len(),
+                max: config.max_key_len,
+            })
+        } else if value_len > config.max_value_len {
+            Some(BadWrite::ValueTooLarge {
+                len: value_len,
+                max: config.max_value_len,
+            })
+        } else {
+            None
+        };
+        bad = bad.take().or(refusal);
+    });
+    bad.map_or(Ok(()), Err)
+}
 
 /// Serves client requests on a source.
 pub struct SourceService {
@@ -30,28 +132,8 @@ impl SourceService {
     }
 
     fn write(&self, entry: Entry) -> Reply {
-        let config = &self.shared.config;
-        let key_len = entry.key().len();
-        if key_len == 0 || key_len > config.max_key_len {
-            return error_reply(
-                ErrorCode::TooLarge,
-                format!(
-                    "keys must be 1 to {} bytes, got {key_len}",
-                    config.max_key_len
-                ),
-            );
-        }
-        if let Entry::Put { value, .. } = &entry {
-            if value.len() > config.max_value_len {
-                return error_reply(
-                    ErrorCode::TooLarge,
-                    format!(
-                        "values must be at most {} bytes, got {}",
-                        config.max_value_len,
-                        value.len()
-                    ),
-                );
-            }
+        if let Err(bad) = check_write(&self.shared.config, &entry) {
+            return error_reply(bad.code(), bad.to_string());
         }
         let writer = self.shared.writer.clone();
         Box::pin(async move {
@@ -97,14 +179,20 @@ impl ClientService for SourceService {
                 value: put.value,
             }),
             Message::DeleteRequest(delete) => self.write(Entry::Delete { key: delete.key }),
-            Message::GetRequest(get) => {
-                let store = self.shared.store.clone();
-                blocking_reply(move || {
-                    let lsn = store.position().lsn;
-                    let value = store.get(&get.key)?;
-                    Ok::<_, StoreError>(GetReply { value, lsn }.into())
-                })
-            }
+            Message::BatchRequest(batch) => self.write(Entry::Batch {
+                writes: batch.writes,
+            }),
+            // A source is never behind itself: its lag is 0, and it has applied every LSN
+            // its writer announced.
+            Message::GetRequest(get) => reads::get(
+                self.shared.store.clone(),
+                get,
+                0,
+                Applied {
+                    progress: self.shared.commits.clone(),
+                    readable: |committed| Some(committed.last_lsn),
+                },
+            ),
             Message::StatusRequest(_) => {
                 let status = SourceService::status(&self.shared);
                 Box::pin(async move {
@@ -147,5 +235,9 @@ impl ClientService for SourceService {
                 format!("{:?} is not a client request", other.message_type()),
             ),
         }
+    }
+
+    fn scan(&self, _peer: &PeerIdentity, request: ScanRequest) -> Pages {
+        reads::scan(self.shared.store.clone(), request)
     }
 }

@@ -78,15 +78,24 @@ pub trait Engine: Send + Sync + Sized + 'static {
     /// without snapshots the caller must keep writers out for the view to be consistent.
     const SNAPSHOT_VIEWS: bool;
 
-    /// Reads `key`, then visits `range` in key order until `visit` returns `false`, from
-    /// one view of the data (a snapshot when [`SNAPSHOT_VIEWS`](Engine::SNAPSHOT_VIEWS)).
+    /// Reads `key` and hands its value to `read_key`, then visits `range` in key order
+    /// until `visit` returns `false`, from one view of the data (a snapshot when
+    /// [`SNAPSHOT_VIEWS`](Engine::SNAPSHOT_VIEWS)).
     fn read_view(
         &self,
         key: &[u8],
+        read_key: &mut KeyReader<'_>,
         range: &KeyRange,
         visit: &mut Visitor<'_>,
-    ) -> Result<Option<Vec<u8>>, StoreError>;
+    ) -> Result<(), StoreError>;
 }
+
+/// Called with the value of the key a view reads first.
+pub type KeyReader<'v> = dyn FnMut(Option<Vec<u8>>) -> Result<(), StoreError> + 'v;
+
+/// Called with the LSN of the view, each key and value of a range; returns whether to go
+/// on.
+pub type RangeVisitor<'v> = dyn FnMut(Lsn, &[u8], &[u8]) -> Result<bool, StoreError> + 'v;
 
 /// Called with each key and value of a range; returns whether to go on.
 pub type Visitor<'v> = dyn FnMut(&[u8], &[u8]) -> Result<bool, StoreError> + 'v;
@@ -246,17 +255,22 @@ impl<E: Engine> KvStore<E> {
     /// Visits `range` of engine keys and returns the LSN of the state it read, from one
     /// view: consistent by itself on an engine with snapshots, where writes go on
     /// meanwhile; without snapshots (sled) writers wait for the visit.
-    fn view(&self, range: &KeyRange, visit: &mut Visitor<'_>) -> Result<Lsn, StoreError> {
+    fn view(&self, range: &KeyRange, visit: &mut RangeVisitor<'_>) -> Result<Lsn, StoreError> {
         let _reading = self.reading()?;
         let _writers_out = (!E::SNAPSHOT_VIEWS).then(|| self.lock());
-        let position = self
-            .engine
-            .read_view(&meta_key(META_POSITION), range, visit)?;
-        let position = match position {
-            Some(value) => decode_position("position", &value)?,
-            None => Position::GENESIS,
-        };
-        Ok(position.lsn)
+        let lsn = std::cell::Cell::new(Lsn::ZERO);
+        self.engine.read_view(
+            &meta_key(META_POSITION),
+            &mut |position| {
+                if let Some(value) = position {
+                    lsn.set(decode_position("position", &value)?.lsn);
+                }
+                Ok(())
+            },
+            range,
+            &mut |key, value| visit(lsn.get(), key, value),
+        )?;
+        Ok(lsn.get())
     }
 
     /// Opens (creating if needed) the store in directory `path`. Fails if another process
@@ -554,7 +568,7 @@ impl<E: Engine> Store for KvStore<E> {
         &self,
         start: &[u8],
         end: Option<&[u8]>,
-        visit: &mut Visitor<'_>,
+        visit: &mut RangeVisitor<'_>,
     ) -> Result<Lsn, StoreError> {
         let range = (
             Bound::Included(data_key(start)),
@@ -563,12 +577,12 @@ impl<E: Engine> Store for KvStore<E> {
                 None => Bound::Excluded(vec![DATA + 1]),
             },
         );
-        self.view(&range, &mut |key, value| visit(&key[1..], value))
+        self.view(&range, &mut |lsn, key, value| visit(lsn, &key[1..], value))
     }
 
     fn digest(&self) -> Result<(Lsn, StateDigest), StoreError> {
         let mut digester = StateDigester::new();
-        let lsn = self.view(&prefix_range(DATA), &mut |key, value| {
+        let lsn = self.view(&prefix_range(DATA), &mut |_, key, value| {
             digester.update(&key[1..], value);
             Ok(true)
         })?;
@@ -993,7 +1007,7 @@ mod tests {
         }
 
         fn for_each(&self, range: &KeyRange, visit: &mut Visitor<'_>) -> Result<(), StoreError> {
-            self.read_view(&[], range, visit).map(|_| ())
+            self.read_view(&[], &mut |_| Ok(()), range, visit)
         }
 
         /// A clone of the map is a snapshot.
@@ -1002,16 +1016,18 @@ mod tests {
         fn read_view(
             &self,
             key: &[u8],
+            read_key: &mut KeyReader<'_>,
             range: &KeyRange,
             visit: &mut Visitor<'_>,
-        ) -> Result<Option<Vec<u8>>, StoreError> {
+        ) -> Result<(), StoreError> {
             let data = self.data.lock().unwrap().clone();
+            read_key(data.get(key).cloned())?;
             for (key, value) in data.range(range.clone()) {
                 if !visit(key, value)? {
                     break;
                 }
             }
-            Ok(data.get(key).cloned())
+            Ok(())
         }
     }
 

@@ -16,7 +16,7 @@ mod redb_engine;
 mod sled_engine;
 pub mod testing;
 
-pub use kv::{KvStore, Visitor, SNAPSHOTS_STARTED};
+pub use kv::{KvStore, RangeVisitor, SNAPSHOTS_STARTED};
 pub use record::{
     DatabaseIdentity, MirrorIdentity, SlotRecord, SnapshotProgress, SnapshotRef, SyncState,
     WalRecord,
@@ -313,14 +313,14 @@ pub trait Store: Send + Sync + 'static {
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError>;
 
     /// Calls `visit` with each pair from `start` (inclusive) to `end` (exclusive; `None`:
-    /// the last key) in key order, until it returns `false`; returns the LSN of the state
-    /// every pair was read from. On an engine with snapshot views writes go on meanwhile;
+    /// the last key) in key order, until it returns `false`, each with the LSN of the state
+    /// every pair is read from; returns that LSN. On an engine with snapshot views writes go on meanwhile;
     /// without (sled) they wait for the scan, so a caller bounds how long it visits.
     fn scan_range(
         &self,
         start: &[u8],
         end: Option<&[u8]>,
-        visit: &mut Visitor<'_>,
+        visit: &mut RangeVisitor<'_>,
     ) -> Result<Lsn, StoreError>;
 
     /// The digest of the whole key-value state, with the LSN it was taken at. Writes wait

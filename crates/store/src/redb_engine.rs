@@ -10,7 +10,7 @@ use std::path::Path;
 
 use redb::{Database, Durability, ReadableDatabase, TableDefinition};
 
-use crate::kv::{Engine, KeyRange, Visitor, Writes};
+use crate::kv::{Engine, KeyRange, KeyReader, Visitor, Writes};
 use crate::{EngineError, StoreError};
 
 /// The file inside the data directory.
@@ -128,17 +128,18 @@ impl Engine for RedbEngine {
     fn read_view(
         &self,
         key: &[u8],
+        read_key: &mut KeyReader<'_>,
         range: &KeyRange,
         visit: &mut Visitor<'_>,
-    ) -> Result<Option<Vec<u8>>, StoreError> {
+    ) -> Result<(), StoreError> {
         let transaction = self.db.begin_read().map_err(engine_error)?;
         let table = transaction.open_table(TABLE).map_err(engine_error)?;
         let value = table
             .get(key)
             .map_err(engine_error)?
             .map(|value| value.value().to_vec());
-        visit_range(&table, range, visit)?;
-        Ok(value)
+        read_key(value)?;
+        visit_range(&table, range, visit)
     }
 }
 

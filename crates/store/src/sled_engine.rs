@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use crate::kv::{Engine, KeyRange, Visitor, Writes};
+use crate::kv::{Engine, KeyRange, KeyReader, Visitor, Writes};
 use crate::{EngineError, StoreError};
 
 /// sled under [`KvStore`](crate::kv::KvStore).
@@ -91,12 +91,12 @@ impl Engine for SledEngine {
     fn read_view(
         &self,
         key: &[u8],
+        read_key: &mut KeyReader<'_>,
         range: &KeyRange,
         visit: &mut Visitor<'_>,
-    ) -> Result<Option<Vec<u8>>, StoreError> {
-        let value = self.get(key)?;
-        self.for_each(range, visit)?;
-        Ok(value)
+    ) -> Result<(), StoreError> {
+        read_key(self.get(key)?)?;
+        self.for_each(range, visit)
     }
 }
 

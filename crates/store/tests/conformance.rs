@@ -103,7 +103,8 @@ fn model(entries: &[Entry]) -> BTreeMap<Vec<u8>, Vec<u8>> {
 fn scan_range(store: &dyn Store, start: &str, end: Option<&str>) -> (Lsn, Vec<(String, String)>) {
     let mut pairs = Vec::new();
     let lsn = store
-        .scan_range(start.as_bytes(), end.map(str::as_bytes), &mut |key, value| {
+        .scan_range(start.as_bytes(), end.map(str::as_bytes), &mut |lsn, key, value| {
+            assert_eq!(lsn, store.position().lsn, "each pair names its view's LSN");
             pairs.push((
                 String::from_utf8(key.to_vec()).unwrap(),
                 String::from_utf8(value.to_vec()).unwrap(),
@@ -162,7 +163,7 @@ pub fn a_batch_applies_whole_and_range_scans_read_one_state(engine: Engine) {
     // A visitor that stops ends the scan there.
     let mut seen = 0;
     store
-        .scan_range(b"", None, &mut |_, _| {
+        .scan_range(b"", None, &mut |_, _, _| {
             seen += 1;
             Ok(seen < 2)
         })

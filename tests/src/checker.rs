@@ -9,25 +9,18 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::task::JoinHandle;
-use xmirror_net::Client;
+use xmirror_client::{Client, Identity};
 use xmirror_proto::message::GetRequest;
 use xmirror_proto::status::NodeStatus;
 use xmirror_proto::{Lsn, Message};
-use xmirror_tls::{ExpectedServer, NodeTls};
 
 /// Connects within `limit`, or gives `None`.
-async fn try_connect(tls: &NodeTls, addr: SocketAddr, limit: Duration) -> Option<Client> {
-    tokio::time::timeout(
-        limit,
-        Client::connect(
-            tls,
-            addr,
-            ExpectedServer::node_of(tls.identity().cluster_id.clone()),
-        ),
-    )
-    .await
-    .ok()?
-    .ok()
+async fn try_connect(identity: &Identity, addr: SocketAddr, limit: Duration) -> Option<Client> {
+    Client::builder(identity.clone())
+        .deadline(limit)
+        .connect_addr(addr)
+        .await
+        .ok()
 }
 
 /// A write the source acknowledged.
@@ -61,7 +54,7 @@ impl WriteLoad {
     ) -> WriteLoad {
         let stop = Arc::new(AtomicBool::new(false));
         let acked = Arc::new(AtomicU64::new(0));
-        let tls = Arc::new(NodeTls::load(certs, "app").expect("client certificates"));
+        let tls = Identity::from_dir(certs, "app").expect("client certificates");
         let writers = (0..writers)
             .map(|writer| {
                 let (stop, acked, tls) = (stop.clone(), acked.clone(), tls.clone());
@@ -128,11 +121,14 @@ impl WriteLoad {
 /// were checked. Gets are pipelined on one stream.
 pub async fn verify_acked(client: &Client, acked: &[AckedWrite]) -> usize {
     for batch in acked.chunks(512) {
-        let mut stream = client.stream().await.expect("open a stream");
+        let mut stream = client.conversation().await.expect("open a stream");
         for write in batch {
             stream
                 .feed(GetRequest {
                     key: write.key.clone(),
+                    min_lsn: None,
+                    max_lag_ms: None,
+                    timeout_ms: 0,
                 })
                 .await
                 .expect("send a get");
@@ -176,7 +172,7 @@ impl LsnMonitor {
     /// Starts sampling the mirror at `addr` as client `ops`.
     pub fn start(certs: &Path, addr: SocketAddr) -> LsnMonitor {
         let stop = Arc::new(AtomicBool::new(false));
-        let tls = NodeTls::load(certs, "ops").expect("client certificates");
+        let tls = Identity::from_dir(certs, "ops").expect("client certificates");
         let stopped = stop.clone();
         let task = tokio::spawn(async move {
             let mut report = MonitorReport::default();

@@ -17,11 +17,10 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
-use xmirror_net::Client;
+use xmirror_client::{Client, Identity};
 use xmirror_proto::status::{MirrorStatus, NodeStatus, SourceStatus};
 use xmirror_proto::{Name, Role};
 use xmirror_tls::pki::issue_cluster;
-use xmirror_tls::{ExpectedServer, NodeTls};
 
 /// The cluster every test source belongs to.
 pub const CLUSTER: &str = "east";
@@ -235,14 +234,11 @@ impl World {
 
     /// A client connection to `addr` with the certificate `name`.
     pub async fn client_as(&self, name: &str, addr: SocketAddr) -> Client {
-        let tls = NodeTls::load(&self.certs, name).expect("load client certificates");
-        Client::connect(
-            &tls,
-            addr,
-            ExpectedServer::node_of(tls.identity().cluster_id.clone()),
-        )
-        .await
-        .expect("connect to the node")
+        let identity = Identity::from_dir(&self.certs, name).expect("load client certificates");
+        Client::builder(identity)
+            .connect_addr(addr)
+            .await
+            .expect("connect to the node")
     }
 
     /// Runs the `xmirror` command line and returns its output.
@@ -317,19 +313,16 @@ impl Node {
     }
 
     async fn wait_serving(&self, world: &World) {
-        let tls = NodeTls::load(&world.certs, "app").expect("client certificates");
+        let identity = Identity::from_dir(&world.certs, "app").expect("client certificates");
         let addr = self.addr;
         wait_until(&format!("{addr} to serve"), Duration::from_secs(30), || {
-            let tls = &tls;
+            let identity = identity.clone();
             async move {
-                Client::connect(
-                    tls,
-                    addr,
-                    ExpectedServer::node_of(tls.identity().cluster_id.clone()),
-                )
-                .await
-                .ok()
-                .map(drop)
+                Client::builder(identity)
+                    .connect_addr(addr)
+                    .await
+                    .ok()
+                    .map(drop)
             }
         })
         .await;

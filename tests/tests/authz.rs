@@ -9,8 +9,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
+use xmirror_client::{Client, Error as ClientError, Identity};
 use xmirror_e2e::{World, CLUSTER};
-use xmirror_net::{client_endpoint, Client, ClientError, FramedReader, TransportLimits};
+use xmirror_net::{client_endpoint, FramedReader, TransportLimits};
 use xmirror_proto::codec::encode_frame;
 use xmirror_proto::message::{Hello, HelloAck};
 use xmirror_proto::{ChainHash, ErrorCode, Lsn, Message, Name, Role, SUPPORTED_VERSIONS};
@@ -202,7 +203,6 @@ fn tls_refused(reason: &quinn::ConnectionError) -> bool {
 fn client_outcome<T>(client: &Client, result: Result<T, ClientError>) -> Outcome {
     let refused_by_tls = || {
         client
-            .connection()
             .close_reason()
             .is_some_and(|reason| tls_refused(&reason))
     };
@@ -216,7 +216,12 @@ fn client_outcome<T>(client: &Client, result: Result<T, ClientError>) -> Outcome
 
 async fn operations(tls: &NodeTls, addr: SocketAddr) -> [Outcome; 6] {
     let hello = mirror_hello(tls, addr).await;
-    let client = match Client::connect(tls, addr, ExpectedServer::node_of(name(CLUSTER))).await {
+    let identity = Identity::from(tls.clone());
+    let client = match Client::builder(identity)
+        .node_cluster(name(CLUSTER))
+        .connect_addr(addr)
+        .await
+    {
         Ok(client) => client,
         Err(_) => return [hello, Tls, Tls, Tls, Tls, Tls],
     };

@@ -10,13 +10,13 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use rand::Rng;
+use xmirror_client::{Client, Identity};
 use xmirror_e2e::checker::{verify_acked, LsnMonitor, MonitorReport, WriteLoad};
 use xmirror_e2e::proxy::{Impairment, Proxy};
 use xmirror_e2e::{
     assert_converged, free_port, mirror_args, mirror_status, source_status, wait_until, Node,
     World, CLUSTER,
 };
-use xmirror_net::Client;
 use xmirror_proto::message::DecisionKind;
 use xmirror_proto::status::SlotState;
 
@@ -238,14 +238,8 @@ async fn impaired_and_partitioned_network() {
     let _m1 = mirror_via(&world, &proxy, "m1", m1_listen);
     let monitor = LsnMonitor::start(&world.certs, m1_listen);
     let reader = wait_until("m1 to serve", Duration::from_secs(30), || async {
-        let tls = xmirror_tls::NodeTls::load(&world.certs, "app").ok()?;
-        Client::connect(
-            &tls,
-            m1_listen,
-            xmirror_tls::ExpectedServer::node_of(tls.identity().cluster_id.clone()),
-        )
-        .await
-        .ok()
+        let identity = Identity::from_dir(&world.certs, "app").ok()?;
+        Client::builder(identity).connect_addr(m1_listen).await.ok()
     })
     .await;
     let snapshot_time = recovery_time(&app, &reader, Duration::from_secs(120)).await;
@@ -647,7 +641,7 @@ async fn a_failed_fsync_stops_the_source_and_reports_the_outcome_unknown() {
         }
     };
     match app.put(b"doomed", b"unknown").await {
-        Err(xmirror_net::ClientError::Refused(refusal)) => {
+        Err(xmirror_client::Error::Refused(refusal)) => {
             assert_eq!(
                 refusal.code,
                 xmirror_proto::ErrorCode::StoreFailed,
@@ -674,13 +668,13 @@ async fn a_failed_fsync_stops_the_source_and_reports_the_outcome_unknown() {
     // Recovery decides; whatever it kept, the source and a new mirror agree on it.
     let source = world.start_source_on(addr, "source", &[]).await;
     let app = world.client(source.addr).await;
-    let (before, _) = app.get(b"before-0000000099").await.unwrap();
+    let before = app.get(b"before-0000000099").await.unwrap();
     assert!(before.is_some(), "every acknowledged write survived");
     app.put(b"after", b"v").await.unwrap();
     let mirror = world.start_mirror("m1", "m1", source.addr).await;
     let reader = world.client(mirror.addr).await;
     assert_converged(&app, &reader).await;
-    let (doomed, _) = app.get(b"doomed").await.unwrap();
+    let doomed = app.get(b"doomed").await.unwrap();
     Figures {
         scenario: "failed_fsync",
         faults: 1,

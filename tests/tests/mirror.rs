@@ -3,12 +3,12 @@
 
 use std::time::Duration;
 
+use xmirror_client::{Client, Error as ClientError, Scan, Write};
 use xmirror_e2e::proxy::{Direction, Impairment, Proxy};
 use xmirror_e2e::{
     assert_converged, free_port, free_tcp_port, mirror_args, mirror_status, scrape, source_status,
     wait_until, Node, World, CLUSTER,
 };
-use xmirror_net::{Client, ClientError};
 use xmirror_proto::message::DecisionKind;
 use xmirror_proto::status::MirrorStatus;
 use xmirror_proto::status::{MirrorState, SlotState};
@@ -200,7 +200,7 @@ async fn a_source_on_another_database_halts_the_mirror_which_keeps_its_data() {
     );
     assert!(halted.consistent, "still serving reads");
     assert_eq!(reader.digest().await.unwrap(), kept_digest, "its data kept");
-    let (old_value, _) = reader.get(b"a-0000000001").await.unwrap();
+    let old_value = reader.get(b"a-0000000001").await.unwrap();
     assert!(
         old_value.is_some(),
         "the data of the old database is served"
@@ -235,7 +235,7 @@ async fn a_source_on_another_database_halts_the_mirror_which_keeps_its_data() {
     let status = assert_converged(&app, &reader).await;
     assert_eq!(status.last_decision, Some(DecisionKind::Snapshot));
     assert_eq!(status.halt_reason, None);
-    let (old_value, _) = reader.get(b"a-0000000001").await.unwrap();
+    let old_value = reader.get(b"a-0000000001").await.unwrap();
     assert!(old_value.is_none(), "data of the old database survived");
 }
 
@@ -294,7 +294,7 @@ async fn a_source_restored_from_an_older_backup_halts_the_mirror_until_it_is_put
         "source_lsn follows the source back"
     );
     assert_eq!(reader.digest().await.unwrap(), newer_digest);
-    let (newer, _) = reader.get(b"new-0000000001").await.unwrap();
+    let newer = reader.get(b"new-0000000001").await.unwrap();
     assert!(
         newer.is_some(),
         "the only copy of the newer writes is served"
@@ -429,37 +429,34 @@ async fn a_mirror_refuses_reads_until_consistent_and_writes_always() {
     let source_addr = free_port();
     let mirror = world.start_mirror("m1", "m1", source_addr).await;
     let reader = world.client(mirror.addr).await;
-    let refusal = |result: Result<xmirror_proto::Message, ClientError>| match result {
-        Err(ClientError::Refused(refusal)) => refusal.code,
-        other => panic!("expected a refusal, got {other:?}"),
-    };
-    let get = || xmirror_proto::message::GetRequest { key: b"k".to_vec() };
+    fn refusal<T: std::fmt::Debug>(result: Result<T, ClientError>) -> ErrorCode {
+        match result {
+            Err(error) => error
+                .code()
+                .unwrap_or_else(|| panic!("expected a refusal, got {error:?}")),
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+    }
+    assert_eq!(refusal(reader.get(b"k").await), ErrorCode::NotConsistent);
     assert_eq!(
-        refusal(reader.request(get()).await),
+        refusal(reader.scan_all(Scan::all()).await),
         ErrorCode::NotConsistent
     );
-    assert_eq!(
-        refusal(reader.request(xmirror_proto::message::DigestRequest).await),
-        ErrorCode::NotConsistent
-    );
+    assert_eq!(refusal(reader.digest().await), ErrorCode::NotConsistent);
     assert_eq!(mirror_status(&reader).await.state, MirrorState::Connecting);
-    let put = || xmirror_proto::message::PutRequest {
-        key: b"k".to_vec(),
-        value: b"v".to_vec(),
-    };
-    assert_eq!(refusal(reader.request(put()).await), ErrorCode::ReadOnly);
+    assert_eq!(refusal(reader.put(b"k", b"v").await), ErrorCode::ReadOnly);
+    assert_eq!(
+        refusal(reader.batch(vec![Write::put("k", "v")]).await),
+        ErrorCode::ReadOnly
+    );
+    assert_eq!(refusal(reader.delete(b"k").await), ErrorCode::ReadOnly);
 
     let source = world.start_source_on(source_addr, "source", &[]).await;
     let app = world.client(source.addr).await;
     app.put(b"k", b"v").await.unwrap();
     assert_converged(&app, &reader).await;
-    match reader.request(get()).await.unwrap() {
-        xmirror_proto::Message::GetReply(reply) => {
-            assert_eq!(reply.value.as_deref(), Some(&b"v"[..]))
-        }
-        other => panic!("expected a value, got {other:?}"),
-    }
-    assert_eq!(refusal(reader.request(put()).await), ErrorCode::ReadOnly);
+    assert_eq!(reader.get(b"k").await.unwrap().as_deref(), Some(&b"v"[..]));
+    assert_eq!(refusal(reader.put(b"k", b"v").await), ErrorCode::ReadOnly);
     // The CLI shows the same refusal.
     let output = world.cli(&[
         "put",
@@ -721,7 +718,7 @@ async fn a_value_near_the_frame_limit_reaches_a_new_mirror() {
     let reader = world.client(mirror.addr).await;
     let status = assert_converged(&app, &reader).await;
     assert_eq!(status.snapshots_started, 1, "one snapshot, no loop");
-    let (huge, _) = reader.get(b"b-huge").await.unwrap();
+    let huge = reader.get(b"b-huge").await.unwrap();
     assert_eq!(huge.map(|value| value.len()), Some(15_900_000));
 }
 
@@ -906,7 +903,7 @@ async fn a_restored_source_never_resumes_a_snapshot_of_its_lost_history() {
         status.snapshots_resumed, 0,
         "never resumed across the restore"
     );
-    let (lost, _) = reader.get(b"lost-0000000001").await.unwrap();
+    let lost = reader.get(b"lost-0000000001").await.unwrap();
     assert!(
         lost.is_none(),
         "a value the source no longer holds is served"
@@ -935,7 +932,7 @@ async fn a_mirror_never_resumes_a_snapshot_of_another_source() {
     let reader = world.client(mirror.addr).await;
     let status = assert_converged(&app2, &reader).await;
     assert_eq!(status.last_decision, Some(DecisionKind::Snapshot));
-    let (from_s1, _) = reader.get(b"one-0000000001").await.unwrap();
+    let from_s1 = reader.get(b"one-0000000001").await.unwrap();
     assert!(from_s1.is_none(), "a key of the other source is served");
 }
 

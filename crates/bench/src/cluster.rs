@@ -9,13 +9,14 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use tempfile::TempDir;
+use xmirror_client::{Client, Identity};
 use xmirror_mirror::{MirrorConfig, MirrorNode};
-use xmirror_net::{Client, TransportLimits};
+use xmirror_net::TransportLimits;
 use xmirror_proto::{Lsn, Name, Role};
 use xmirror_source::{SourceConfig, SourceNode};
 use xmirror_store::EngineKind;
 use xmirror_tls::pki::issue_cluster;
-use xmirror_tls::{ExpectedServer, NodeTls};
+use xmirror_tls::NodeTls;
 
 /// Observers issued, enough for the fan-out measure.
 pub const MIRRORS: usize = 8;
@@ -101,12 +102,10 @@ impl Cluster {
     }
 
     pub async fn client(&self, source: SocketAddr) -> anyhow::Result<Client> {
-        Ok(Client::connect(
-            &self.client_tls,
-            source,
-            ExpectedServer::source_of(name(CLUSTER)),
-        )
-        .await?)
+        Ok(Client::builder(Identity::from(self.client_tls.clone()))
+            .node_cluster(name(CLUSTER))
+            .connect_addr(source)
+            .await?)
     }
 }
 

@@ -9,9 +9,9 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use xmirror_net::{Client, FramedReader, FramedWriter};
+use xmirror_client::Client;
 use xmirror_proto::message::PutRequest;
-use xmirror_proto::{FrameLimits, Lsn, Message};
+use xmirror_proto::{Lsn, Message};
 
 use crate::dataset::Dataset;
 
@@ -27,10 +27,7 @@ pub async fn paced_puts(
     rate: u64,
     duration: Duration,
 ) -> anyhow::Result<u64> {
-    let (send, recv) = client.connection().open_bi().await?;
-    let limit = FrameLimits::default().data;
-    let mut writer = FramedWriter::new(send, limit);
-    let mut reader = FramedReader::new(recv, limit);
+    let (mut writer, mut reader) = client.conversation().await?.into_parts();
     let replies = tokio::spawn(async move {
         let mut acknowledged = 0u64;
         while let Some(reply) = reader.next().await? {

@@ -1,14 +1,16 @@
-//! The client commands: put, get, load, status, digest.
+//! The client commands: put, delete, batch, get, scan, load, status, digest, slots. Each
+//! is a thin shell over `xmirror-client`.
 
+use std::io::{IsTerminal, Read, Write as _};
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::Args;
-use xmirror_net::Client;
+use xmirror_client::{Client, Get, Identity, Lsn, Scan};
 use xmirror_proto::status::{NodeStatus, SlotState};
 use xmirror_proto::Name;
-use xmirror_tls::{ExpectedServer, NodeTls};
 
 /// How to reach a node and who to be.
 #[derive(Args)]
@@ -33,8 +35,26 @@ pub struct PutArgs {
     node: NodeArgs,
     /// The key.
     key: String,
-    /// The value.
-    value: String,
+    /// The value [default: all of standard input, as raw bytes].
+    value: Option<String>,
+}
+
+#[derive(Args)]
+pub struct DeleteArgs {
+    #[command(flatten)]
+    node: NodeArgs,
+    /// The key.
+    key: String,
+}
+
+#[derive(Args)]
+pub struct BatchArgs {
+    #[command(flatten)]
+    node: NodeArgs,
+    /// One JSON object per line: {"put": ["KEY", "VALUE"]} or {"delete": "KEY"}; a key or
+    /// value may be {"base64": "..."}. `-` reads standard input.
+    #[arg(long)]
+    file: PathBuf,
 }
 
 #[derive(Args)]
@@ -43,6 +63,37 @@ pub struct GetArgs {
     node: NodeArgs,
     /// The key.
     key: String,
+    /// Read only once the node has applied this LSN (the one a write printed), waiting
+    /// for it: read-your-writes on a mirror.
+    #[arg(long)]
+    min_lsn: Option<u64>,
+    /// How long to wait, in milliseconds.
+    #[arg(long, default_value_t = 5000)]
+    timeout_ms: u64,
+    /// Refuse (TOO_STALE) when the node is further behind its source than this.
+    #[arg(long)]
+    max_lag_ms: Option<u64>,
+}
+
+#[derive(Args)]
+pub struct ScanArgs {
+    #[command(flatten)]
+    node: NodeArgs,
+    /// Only keys that start with this.
+    #[arg(long, conflicts_with_all = ["start", "end"])]
+    prefix: Option<String>,
+    /// The first key (inclusive).
+    #[arg(long)]
+    start: Option<String>,
+    /// The key the scan stops before (exclusive).
+    #[arg(long, requires = "start")]
+    end: Option<String>,
+    /// At most this many pairs.
+    #[arg(long)]
+    limit: Option<u64>,
+    /// Print {"lsn": N, "pairs": [{"key": K, "value": V}, ...]}.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -93,46 +144,159 @@ pub async fn resolve(address: &str) -> anyhow::Result<SocketAddr> {
         .with_context(|| format!("{address:?} resolves to no address"))
 }
 
-/// Connects to the node named by `args`.
-pub async fn connect(args: &NodeArgs) -> anyhow::Result<Client> {
-    let tls = NodeTls::load(&args.certs, &args.name)
+/// Connects to the node named by `args`, each call bounded by `deadline`.
+pub async fn connect_with(args: &NodeArgs, deadline: Duration) -> anyhow::Result<Client> {
+    let identity = Identity::from_dir(&args.certs, &args.name)
         .with_context(|| format!("cannot load the certificates of {}", args.name))?;
-    let addr = resolve(&args.node).await?;
-    let cluster = args
-        .node_cluster
-        .clone()
-        .unwrap_or_else(|| tls.identity().cluster_id.clone());
-    connect_to(&tls, addr, cluster).await
+    let mut builder = Client::builder(identity).deadline(deadline);
+    if let Some(cluster) = &args.node_cluster {
+        builder = builder.node_cluster(cluster.clone());
+    }
+    builder
+        .connect(&args.node)
+        .await
+        .with_context(|| format!("cannot connect to {}", args.node))
 }
 
-/// Connects to the node at `addr`, which must belong to `cluster`, as `tls`.
-pub async fn connect_to(tls: &NodeTls, addr: SocketAddr, cluster: Name) -> anyhow::Result<Client> {
-    Client::connect(tls, addr, ExpectedServer::node_of(cluster))
+/// Connects to the node named by `args` with the default deadline.
+pub async fn connect(args: &NodeArgs) -> anyhow::Result<Client> {
+    connect_with(args, Client::DEFAULT_DEADLINE).await
+}
+
+/// Connects to the node at `addr`, which must belong to `cluster`, as `identity`.
+pub async fn connect_to(
+    identity: &Identity,
+    addr: SocketAddr,
+    cluster: Name,
+) -> anyhow::Result<Client> {
+    Client::builder(identity.clone())
+        .node_cluster(cluster)
+        .connect_addr(addr)
         .await
         .with_context(|| format!("cannot connect to {addr}"))
 }
 
 pub async fn put(args: PutArgs) -> anyhow::Result<()> {
+    let value = match args.value {
+        Some(value) => value.into_bytes(),
+        None => {
+            let mut value = Vec::new();
+            std::io::stdin()
+                .read_to_end(&mut value)
+                .context("cannot read the value from standard input")?;
+            value
+        }
+    };
     let client = connect(&args.node).await?;
     let lsn = client
-        .put(args.key.as_bytes(), args.value.as_bytes())
+        .put(args.key.as_bytes(), &value)
         .await
         .context("put failed")?;
     println!("ok lsn={lsn}");
     Ok(())
 }
 
-pub async fn get(args: GetArgs) -> anyhow::Result<()> {
+pub async fn delete(args: DeleteArgs) -> anyhow::Result<()> {
     let client = connect(&args.node).await?;
-    let (value, _lsn) = client
-        .get(args.key.as_bytes())
+    let lsn = client
+        .delete(args.key.as_bytes())
+        .await
+        .context("delete failed")?;
+    println!("ok lsn={lsn}");
+    Ok(())
+}
+
+pub async fn batch(args: BatchArgs) -> anyhow::Result<()> {
+    let text = if args.file.as_os_str() == "-" {
+        let mut text = String::new();
+        std::io::stdin()
+            .read_to_string(&mut text)
+            .context("cannot read the batch from standard input")?;
+        text
+    } else {
+        std::fs::read_to_string(&args.file)
+            .with_context(|| format!("cannot read {}", args.file.display()))?
+    };
+    let writes = crate::batch_file::parse(&text)
+        .with_context(|| format!("bad batch file {}", args.file.display()))?;
+    let client = connect(&args.node).await?;
+    let lsn = client.batch(writes).await.context("batch failed")?;
+    println!("ok lsn={lsn}");
+    Ok(())
+}
+
+/// A missing key: `get` prints nothing on stdout and exits 3.
+#[derive(Debug, thiserror::Error)]
+#[error("key not found")]
+pub struct KeyNotFound;
+
+pub async fn get(args: GetArgs) -> anyhow::Result<()> {
+    let timeout = Duration::from_millis(args.timeout_ms);
+    let client = connect_with(&args.node, timeout).await?;
+    let mut options = Get::new().timeout(timeout);
+    if let Some(lsn) = args.min_lsn {
+        options = options.min_lsn(Lsn(lsn));
+    }
+    if let Some(lag) = args.max_lag_ms {
+        options = options.max_lag(Duration::from_millis(lag));
+    }
+    let read = client
+        .get_with(args.key.as_bytes(), options)
         .await
         .context("get failed")?;
-    match value {
-        Some(value) => println!("{}", String::from_utf8_lossy(&value)),
-        None => println!("(not found)"),
+    let Some(value) = read.value else {
+        return Err(KeyNotFound.into());
+    };
+    let mut stdout = std::io::stdout().lock();
+    stdout.write_all(&value)?;
+    // The value as it is to a pipe; a line of its own on a terminal.
+    if stdout.is_terminal() {
+        stdout.write_all(b"\n")?;
     }
+    stdout.flush()?;
     Ok(())
+}
+
+pub async fn scan(args: ScanArgs) -> anyhow::Result<()> {
+    let mut scan = match (&args.prefix, &args.start) {
+        (Some(prefix), _) => Scan::prefix(prefix.as_bytes()),
+        (None, Some(start)) => {
+            Scan::range(start.as_bytes(), args.end.as_ref().map(String::as_bytes))
+        }
+        (None, None) => Scan::all(),
+    };
+    if let Some(limit) = args.limit {
+        scan = scan.limit(limit);
+    }
+    let client = connect(&args.node).await?;
+    let scanned = client.scan_all(scan).await.context("scan failed")?;
+    let mut stdout = std::io::stdout().lock();
+    if args.json {
+        let pairs: Vec<_> = scanned
+            .pairs
+            .iter()
+            .map(|(key, value)| serde_json::json!({"key": json_bytes(key), "value": json_bytes(value)}))
+            .collect();
+        writeln!(
+            stdout,
+            "{}",
+            serde_json::json!({"lsn": scanned.lsn.0, "pairs": pairs})
+        )?;
+    } else {
+        for (key, value) in &scanned.pairs {
+            writeln!(stdout, "{}\t{}", key.escape_ascii(), value.escape_ascii())?;
+        }
+    }
+    stdout.flush()?;
+    Ok(())
+}
+
+/// Bytes as JSON: a string when they are UTF-8, else `{"base64": "..."}`.
+pub fn json_bytes(bytes: &[u8]) -> serde_json::Value {
+    match std::str::from_utf8(bytes) {
+        Ok(text) => text.into(),
+        Err(_) => serde_json::json!({"base64": crate::batch_file::base64_encode(bytes)}),
+    }
 }
 
 pub async fn load(args: LoadArgs) -> anyhow::Result<()> {

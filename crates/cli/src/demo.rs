@@ -12,8 +12,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context};
+use xmirror_client::{Client, Identity};
 use xmirror_mirror::{MirrorConfig, MirrorNode};
-use xmirror_net::Client;
 use xmirror_proto::status::{MirrorState, MirrorStatus, NodeStatus};
 use xmirror_proto::{Name, Role};
 use xmirror_source::{SourceConfig, SourceNode};
@@ -90,7 +90,12 @@ async fn start_mirror(
 ) -> anyhow::Result<(MirrorNode, Client)> {
     let node = MirrorNode::start(config.clone(), tls.clone()).await?;
     let addr: SocketAddr = node.listen_addr.context("the demo mirror listens")?;
-    let client = connect_to(client_tls, addr, client_tls.identity().cluster_id.clone()).await?;
+    let client = connect_to(
+        &Identity::from(client_tls.clone()),
+        addr,
+        client_tls.identity().cluster_id.clone(),
+    )
+    .await?;
     Ok((node, client))
 }
 
@@ -124,7 +129,7 @@ pub async fn run() -> anyhow::Result<()> {
         &source_tls,
     )
     .await?;
-    let app = connect_to(&app_tls, source.local_addr, name("east")).await?;
+    let app = connect_to(&Identity::from(app_tls), source.local_addr, name("east")).await?;
     let report = app.write_keys(INITIAL_KEYS, VALUE_SIZE, "key-").await?;
     println!(
         "source east/source-1 on {}: wrote {} keys ({:.0} writes/s), last lsn {}",

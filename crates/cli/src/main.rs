@@ -1,6 +1,7 @@
 //! The `xmirror` command line (every command is in docs/OPERATIONS.md): parses arguments, runs one
 //! command, and turns any failure into a one-line error and a non-zero exit.
 
+mod batch_file;
 mod certs;
 mod client;
 mod demo;
@@ -41,10 +42,16 @@ enum Command {
     Source(node::SourceArgs),
     /// Run an observer mirror of a source.
     Mirror(node::MirrorArgs),
-    /// Write one key on a source.
+    /// Write one key on a source (the value from standard input when not given).
     Put(client::PutArgs),
-    /// Read one key from a source or a consistent mirror.
+    /// Remove one key on a source.
+    Delete(client::DeleteArgs),
+    /// Apply the writes of a file atomically on a source.
+    Batch(client::BatchArgs),
+    /// Read one key from a source or a consistent mirror (exit 3 when it is absent).
     Get(client::GetArgs),
+    /// Read the pairs of a key range or prefix, in key order, from one state.
+    Scan(client::ScanArgs),
     /// Write N keys as fast as the node accepts them and print the rate.
     Load(client::LoadArgs),
     /// Show a node's status.
@@ -102,7 +109,10 @@ fn main() -> ExitCode {
                     Command::Source(args) => node::run_source(args).await,
                     Command::Mirror(args) => node::run_mirror(args).await,
                     Command::Put(args) => client::put(args).await,
+                    Command::Delete(args) => client::delete(args).await,
+                    Command::Batch(args) => client::batch(args).await,
                     Command::Get(args) => client::get(args).await,
+                    Command::Scan(args) => client::scan(args).await,
                     Command::Load(args) => client::load(args).await,
                     Command::Status(args) => client::status(args).await,
                     Command::Digest(args) => client::digest(args).await,
@@ -115,6 +125,10 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        Err(error) if error.is::<client::KeyNotFound>() => {
+            eprintln!("xmirror: key not found");
+            ExitCode::from(3)
+        }
         Err(error) => {
             // One line, with every cause: "cannot issue: ca.key: No such file or directory".
             let message = format!("{error:#}");

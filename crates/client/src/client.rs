@@ -358,9 +358,14 @@ impl Client {
         within(self.deadline, self.connection.conversation()).await
     }
 
-    /// The QUIC connection now (dialled if needed), for its statistics or close reason.
+    /// The QUIC connection now (dialled if needed), for its statistics.
     pub async fn connection(&self) -> Result<quinn::Connection, Error> {
         within(self.deadline, self.connection.connection()).await
+    }
+
+    /// Why the node closed the current connection, if it did (a TLS refusal shows here).
+    pub fn close_reason(&self) -> Option<quinn::ConnectionError> {
+        self.connection.close_reason()
     }
 
     /// Writes `count` keys `PREFIX<n, zero-padded>` with `value_size`-byte values, keeping a
@@ -423,12 +428,13 @@ pub struct LoadReport {
 
 /// Resolves `host:port`.
 async fn resolve(address: &str) -> Result<SocketAddr, Error> {
-    let mut addresses = tokio::net::lookup_host(address)
-        .await
-        .map_err(|source| Error::Resolve {
-            address: address.to_owned(),
-            source: Some(source),
-        })?;
+    let mut addresses =
+        tokio::net::lookup_host(address)
+            .await
+            .map_err(|source| Error::Resolve {
+                address: address.to_owned(),
+                source: Some(source),
+            })?;
     addresses.next().ok_or_else(|| Error::Resolve {
         address: address.to_owned(),
         source: None,

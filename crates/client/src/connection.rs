@@ -6,11 +6,11 @@ use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
 use quinn::{RecvStream, SendStream};
+use xmirror_net::Refusal;
 use xmirror_net::{client_endpoint, refusal_of, FramedReader, FramedWriter, TransportLimits};
 use xmirror_proto::message::ErrorReply;
 use xmirror_proto::{ErrorCode, FrameLimits, Message};
 use xmirror_tls::{ExpectedServer, NodeTls, ALPN_CLIENT};
-use xmirror_net::Refusal;
 
 use crate::Error;
 
@@ -87,6 +87,15 @@ impl Connection {
         })
     }
 
+    /// Why the node closed the current connection, if it did.
+    pub(crate) fn close_reason(&self) -> Option<quinn::ConnectionError> {
+        self.current
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_ref()
+            .and_then(quinn::Connection::close_reason)
+    }
+
     /// Closes the connection, telling the node the client is done.
     pub(crate) fn close(&self) {
         if let Some(connection) = self
@@ -156,6 +165,12 @@ impl Conversation {
     pub async fn request(&mut self, request: impl Into<Message>) -> Result<Message, Error> {
         self.send(request).await?;
         self.receive().await
+    }
+
+    /// The conversation's two halves, for a writer and a reader on separate tasks (replies
+    /// arrive as frames, an `ErrorReply` among them, in request order).
+    pub fn into_parts(self) -> (FramedWriter<SendStream>, FramedReader<RecvStream>) {
+        (self.writer, self.reader)
     }
 
     /// The connection the conversation runs on.

@@ -135,7 +135,7 @@ pub struct ScanStream {
 /// Where the page stream stands.
 enum Reading {
     Start(Arc<Connection>, Duration, ScanRequest),
-    Pages(Conversation, Duration),
+    Pages(Box<Conversation>, Duration),
     Done,
 }
 
@@ -145,7 +145,7 @@ impl ScanStream {
         let pages = stream::unfold(reading, |reading| async move {
             let (mut conversation, deadline) = match reading {
                 Reading::Done => return None,
-                Reading::Pages(conversation, deadline) => (conversation, deadline),
+                Reading::Pages(conversation, deadline) => (*conversation, deadline),
                 Reading::Start(connection, deadline, request) => {
                     let started = within(deadline, async {
                         let mut conversation = connection.conversation().await?;
@@ -162,7 +162,7 @@ impl ScanStream {
             match within(deadline, conversation.receive()).await {
                 Ok(Message::ScanPage(page)) if page.last => Some((Ok(page), Reading::Done)),
                 Ok(Message::ScanPage(page)) => {
-                    Some((Ok(page), Reading::Pages(conversation, deadline)))
+                    Some((Ok(page), Reading::Pages(Box::new(conversation), deadline)))
                 }
                 Ok(other) => Some((Err(Error::Unexpected(other.message_type())), Reading::Done)),
                 Err(error) => Some((Err(error), Reading::Done)),

@@ -45,13 +45,15 @@ impl ClientService for MirrorService {
                     self.shared.name
                 ),
             ),
-            Message::PutRequest(_) | Message::DeleteRequest(_) | Message::BatchRequest(_) => error_reply(
-                ErrorCode::ReadOnly,
-                format!(
-                    "{} is a read-only mirror; write to the source",
-                    self.shared.name
-                ),
-            ),
+            Message::PutRequest(_) | Message::DeleteRequest(_) | Message::BatchRequest(_) => {
+                error_reply(
+                    ErrorCode::ReadOnly,
+                    format!(
+                        "{} is a read-only mirror; write to the source",
+                        self.shared.name
+                    ),
+                )
+            }
             Message::GetRequest(get) => {
                 // A read that waits for an LSN waits for consistency too.
                 if get.min_lsn.is_none() && !self.shared.is_consistent() {

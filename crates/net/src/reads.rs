@@ -45,7 +45,9 @@ pub fn get<T: Send + Sync + 'static>(
     if let Some(max_lag_ms) = request.max_lag_ms.filter(|max| lag_ms > *max) {
         return error_reply(
             ErrorCode::TooStale,
-            format!("the node is {lag_ms} ms behind its source, more than the {max_lag_ms} ms allowed"),
+            format!(
+                "the node is {lag_ms} ms behind its source, more than the {max_lag_ms} ms allowed"
+            ),
         );
     }
     let Some(min_lsn) = request.min_lsn else {
@@ -113,29 +115,33 @@ pub fn scan(store: Arc<dyn Store>, request: ScanRequest) -> Pages {
         let mut pairs = Vec::new();
         let (mut bytes, mut count) = (0usize, 0u64);
         let mut gone = false;
-        let lsn = store.scan_range(&request.start, request.end.as_deref(), &mut |lsn, key, value| {
-            if count == limit {
-                return Ok(false);
-            }
-            // Cut before a pair that would take the page past its size: a page is at most
-            // that, or one larger pair alone.
-            if bytes + key.len() + value.len() > page_bytes && !pairs.is_empty() {
-                let page = ScanPage {
-                    lsn,
-                    pairs: std::mem::take(&mut pairs),
-                    last: false,
-                };
-                bytes = 0;
-                if !sink.send(page.into()) {
-                    gone = true;
+        let lsn = store.scan_range(
+            &request.start,
+            request.end.as_deref(),
+            &mut |lsn, key, value| {
+                if count == limit {
                     return Ok(false);
                 }
-            }
-            bytes += key.len() + value.len();
-            count += 1;
-            pairs.push((key.to_vec(), value.to_vec()));
-            Ok(true)
-        })?;
+                // Cut before a pair that would take the page past its size: a page is at most
+                // that, or one larger pair alone.
+                if bytes + key.len() + value.len() > page_bytes && !pairs.is_empty() {
+                    let page = ScanPage {
+                        lsn,
+                        pairs: std::mem::take(&mut pairs),
+                        last: false,
+                    };
+                    bytes = 0;
+                    if !sink.send(page.into()) {
+                        gone = true;
+                        return Ok(false);
+                    }
+                }
+                bytes += key.len() + value.len();
+                count += 1;
+                pairs.push((key.to_vec(), value.to_vec()));
+                Ok(true)
+            },
+        )?;
         if !gone {
             sink.send(
                 ScanPage {

@@ -17,9 +17,9 @@ use std::time::Duration;
 
 use futures_util::stream::{FuturesOrdered, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::mpsc;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use xmirror_proto::authz::{authorize, NodeKind, Operation};
-use tokio::sync::mpsc;
 use xmirror_proto::message::{ErrorReply, GetRequest, ScanRequest};
 use xmirror_proto::{ErrorCode, FrameError, FrameLimits, Message, Name, PeerIdentity};
 
@@ -541,21 +541,30 @@ impl Drop for OpenStream {
 mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
 
-    use xmirror_proto::message::{GetReply, GetRequest, PutRequest, WriteReply};
+    use xmirror_proto::message::{GetReply, GetRequest, PutRequest, ScanPage, WriteReply};
     use xmirror_proto::{Lsn, Role};
 
     use super::*;
 
-    /// Answers every get with `value_len` bytes and every write with an LSN, counting what
-    /// it was asked.
+    /// Answers every get with `value_len` bytes (a get with a minimum LSN after 300 ms),
+    /// every write with an LSN, and a scan with `scan_pages` pages of one pair of
+    /// `value_len` bytes, within the scan's timeout; counts what it was asked.
     struct CountingService {
         handled: AtomicUsize,
         value_len: usize,
+        scan_pages: usize,
     }
 
     impl ClientService for CountingService {
         fn handle(&self, _peer: &PeerIdentity, request: Message) -> Reply {
             self.handled.fetch_add(1, Ordering::SeqCst);
+            let waits = matches!(
+                request,
+                Message::GetRequest(GetRequest {
+                    min_lsn: Some(_),
+                    ..
+                })
+            );
             let reply = match request {
                 Message::GetRequest(_) => Message::GetReply(GetReply {
                     value: Some(vec![7; self.value_len]),
@@ -563,7 +572,31 @@ mod tests {
                 }),
                 _ => Message::WriteReply(WriteReply { lsn: Lsn(1) }),
             };
-            Box::pin(async move { reply })
+            Box::pin(async move {
+                if waits {
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                }
+                reply
+            })
+        }
+
+        fn scan(&self, _peer: &PeerIdentity, request: ScanRequest) -> Pages {
+            let (pages, value_len) = (self.scan_pages, self.value_len);
+            let deadline =
+                tokio::time::Instant::now() + Duration::from_millis(request.timeout_ms.into());
+            Pages::produce(deadline, move |sink| {
+                for page in 0..pages {
+                    let page = ScanPage {
+                        lsn: Lsn(9),
+                        pairs: vec![(vec![page as u8], vec![1; value_len])],
+                        last: page + 1 == pages,
+                    };
+                    if !sink.send(page.into()) {
+                        break;
+                    }
+                }
+                Ok::<_, std::io::Error>(())
+            })
         }
     }
 
@@ -585,13 +618,29 @@ mod tests {
             limits: ClientLimits {
                 max_in_flight_per_stream: 4_096,
                 connection_budget,
+                max_waiting_reads: 2,
             },
             idle_timeout: Duration::from_secs(30),
         }
     }
 
     fn get() -> Message {
-        Message::GetRequest(GetRequest { key: b"k".to_vec() })
+        Message::GetRequest(GetRequest {
+            key: b"k".to_vec(),
+            min_lsn: None,
+            max_lag_ms: None,
+            timeout_ms: 0,
+        })
+    }
+
+    fn scan(timeout: Duration) -> Message {
+        Message::ScanRequest(ScanRequest {
+            start: vec![],
+            end: None,
+            limit: None,
+            page_bytes: 1,
+            timeout_ms: timeout.as_millis() as u32,
+        })
     }
 
     fn put() -> Message {
@@ -603,9 +652,22 @@ mod tests {
 
     /// Sends `requests`, finishes, and reads every reply.
     async fn exchange(peer: Peer, serving: ClientServing, requests: Vec<Message>) -> Vec<Message> {
+        exchange_with(peer, serving, requests, 10, Duration::ZERO).await
+    }
+
+    /// Sends `requests`, finishes, waits `stall` before reading, and reads every frame
+    /// until the server ends the stream; scans have `scan_pages` pages.
+    async fn exchange_with(
+        peer: Peer,
+        serving: ClientServing,
+        requests: Vec<Message>,
+        scan_pages: usize,
+        stall: Duration,
+    ) -> Vec<Message> {
         let service = Arc::new(CountingService {
             handled: AtomicUsize::new(0),
             value_len: 1,
+            scan_pages,
         });
         let (client, server) = tokio::io::duplex(1 << 20);
         let (server_read, server_write) = tokio::io::split(server);
@@ -624,20 +686,127 @@ mod tests {
         let (client_read, client_write) = tokio::io::split(client);
         let mut writer = FramedWriter::new(client_write, FrameLimits::default().data);
         let mut reader = FramedReader::new(client_read, FrameLimits::default().data);
-        let count = requests.len();
         for request in requests {
             writer.feed(request).await.unwrap();
         }
         writer.flush().await.unwrap();
-        let mut replies = Vec::new();
-        for _ in 0..count {
-            replies.push(reader.next().await.unwrap().unwrap());
-        }
         tokio::io::AsyncWriteExt::shutdown(writer.get_mut())
             .await
             .unwrap();
+        tokio::time::sleep(stall).await;
+        let mut replies = Vec::new();
+        while let Some(reply) = reader.next().await.unwrap() {
+            replies.push(reply);
+        }
         served.await.unwrap().unwrap();
         replies
+    }
+
+    #[tokio::test]
+    async fn a_scan_s_pages_come_in_order_ahead_of_later_replies() {
+        let replies = exchange_with(
+            peer("east", Role::Client),
+            serving(NodeKind::Source, 64 << 20),
+            vec![
+                scan(Duration::from_secs(60)),
+                put(),
+                scan(Duration::from_secs(60)),
+            ],
+            5,
+            Duration::ZERO,
+        )
+        .await;
+        let shape: Vec<String> = replies
+            .iter()
+            .map(|reply| match reply {
+                Message::ScanPage(page) => format!(
+                    "page{}{}",
+                    page.pairs[0].0[0],
+                    if page.last { " last" } else { "" }
+                ),
+                other => format!("{:?}", other.message_type()),
+            })
+            .collect();
+        let pages = ["page0", "page1", "page2", "page3", "page4 last"];
+        let mut expected: Vec<String> = pages.iter().map(|page| page.to_string()).collect();
+        expected.push("WriteReply".into());
+        expected.extend(pages.iter().map(|page| page.to_string()));
+        assert_eq!(shape, expected);
+    }
+
+    #[tokio::test]
+    async fn a_scan_whose_reader_stalls_past_its_deadline_ends_with_timeout() {
+        // Pages of 256 KiB fill the 1 MiB pipe in a few pages; the reader starts only after
+        // the scan's 200 ms deadline.
+        let service_pages = 1_000;
+        let peer = peer("east", Role::Client);
+        let serving = serving(NodeKind::Source, 64 << 20);
+        let service = Arc::new(CountingService {
+            handled: AtomicUsize::new(0),
+            value_len: 256 << 10,
+            scan_pages: service_pages,
+        });
+        let (client, server) = tokio::io::duplex(1 << 20);
+        let (server_read, server_write) = tokio::io::split(server);
+        let budget = ConnectionBudget::new(&serving.limits);
+        let served = tokio::spawn(async move {
+            serve_client_stream(
+                server_read,
+                server_write,
+                &peer,
+                &service,
+                &serving,
+                &budget,
+            )
+            .await
+        });
+        let (client_read, client_write) = tokio::io::split(client);
+        let mut writer = FramedWriter::new(client_write, FrameLimits::default().data);
+        let mut reader = FramedReader::new(client_read, FrameLimits::default().data);
+        writer.send(scan(Duration::from_millis(200))).await.unwrap();
+        tokio::io::AsyncWriteExt::shutdown(writer.get_mut())
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let mut pages = 0;
+        let ending = loop {
+            match reader
+                .next()
+                .await
+                .unwrap()
+                .expect("the scan ends with a frame")
+            {
+                Message::ScanPage(page) => {
+                    assert!(!page.last, "a stalled scan cannot finish");
+                    pages += 1;
+                }
+                other => break other,
+            }
+        };
+        assert_eq!(code(&ending), Some(ErrorCode::Timeout), "{ending:?}");
+        assert!(pages < service_pages, "{pages} pages");
+        served.await.unwrap().unwrap();
+    }
+
+    #[tokio::test]
+    async fn reads_waiting_for_an_lsn_are_capped_per_connection() {
+        let waiting = || {
+            Message::GetRequest(GetRequest {
+                key: b"k".to_vec(),
+                min_lsn: Some(Lsn(5)),
+                max_lag_ms: None,
+                timeout_ms: 1_000,
+            })
+        };
+        // Two places (see `serving`): the third waiting read is refused; a plain read is not.
+        let replies = exchange(
+            peer("east", Role::Client),
+            serving(NodeKind::Mirror, 64 << 20),
+            vec![waiting(), waiting(), waiting(), get()],
+        )
+        .await;
+        let codes: Vec<_> = replies.iter().map(code).collect();
+        assert_eq!(codes, [None, None, Some(ErrorCode::Busy), None]);
     }
 
     fn code(reply: &Message) -> Option<ErrorCode> {
@@ -700,6 +869,7 @@ mod tests {
         let service = Arc::new(CountingService {
             handled: AtomicUsize::new(0),
             value_len,
+            scan_pages: 0,
         });
         // Room for two gets' replies at a time.
         let budget_bytes = 2 * (FrameLimits::default().data + 64);

@@ -190,12 +190,19 @@ mod tests {
         for message_type in MessageType::ALL {
             let request = format!("{message_type:?}").ends_with("Request");
             assert_eq!(
-                Operation::of(*message_type).is_some_and(|operation| operation != Operation::Mirror),
+                Operation::of(*message_type)
+                    .is_some_and(|operation| operation != Operation::Mirror),
                 request,
                 "{message_type:?}"
             );
         }
-        assert_eq!(Operation::of(MessageType::BatchRequest), Some(Operation::Write));
-        assert_eq!(Operation::of(MessageType::ScanRequest), Some(Operation::Read));
+        assert_eq!(
+            Operation::of(MessageType::BatchRequest),
+            Some(Operation::Write)
+        );
+        assert_eq!(
+            Operation::of(MessageType::ScanRequest),
+            Some(Operation::Read)
+        );
     }
 }

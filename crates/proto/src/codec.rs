@@ -292,7 +292,7 @@ pub fn decode_frame(frame: &[u8]) -> Result<Message, FrameError> {
     }
     let (header, body) = frame.split_at(HEADER_LEN);
     let version = u16::from_be_bytes([header[0], header[1]]);
-    if version < SUPPORTED_VERSIONS.min || version > SUPPORTED_VERSIONS.max {
+    if !(SUPPORTED_VERSIONS.min..=SUPPORTED_VERSIONS.max).contains(&version) {
         return Err(FrameError::UnsupportedVersion {
             found: version,
             supported: SUPPORTED_VERSIONS,

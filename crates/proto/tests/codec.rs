@@ -298,14 +298,14 @@ fn message() -> impl Strategy<Value = Message> {
             proptest::option::of(any::<u64>()),
             any::<u32>()
         )
-            .prop_map(|(key, min_lsn, max_lag_ms, timeout_ms)| Message::GetRequest(
-                GetRequest {
+            .prop_map(
+                |(key, min_lsn, max_lag_ms, timeout_ms)| Message::GetRequest(GetRequest {
                     key,
                     min_lsn,
                     max_lag_ms,
                     timeout_ms
-                }
-            )),
+                })
+            ),
         proptest::collection::vec(write(), 0..4)
             .prop_map(|writes| Message::BatchRequest(BatchRequest { writes })),
         (
@@ -329,7 +329,11 @@ fn message() -> impl Strategy<Value = Message> {
             proptest::collection::vec((bytes(8), bytes(8)), 0..5),
             any::<bool>()
         )
-            .prop_map(|(lsn, pairs, last)| Message::ScanPage(ScanPage { lsn, pairs, last })),
+            .prop_map(|(lsn, pairs, last)| Message::ScanPage(ScanPage {
+                lsn,
+                pairs,
+                last
+            })),
         Just(Message::StatusRequest(StatusRequest)),
         Just(Message::DigestRequest(DigestRequest)),
         Just(Message::SlotsRequest(SlotsRequest)),

@@ -452,7 +452,11 @@ mod tests {
         assert_eq!(record.chain_hash, ChainHash([4; 32]));
         assert_eq!(record.commit_time, UnixMillis(99));
         let batch = Entry::Batch {
-            writes: vec![Write::put("a", "1"), Write::delete("b"), Write::put("c", "")],
+            writes: vec![
+                Write::put("a", "1"),
+                Write::delete("b"),
+                Write::put("c", ""),
+            ],
         };
         let value = WalRecord::encode_value(&batch, &ChainHash([5; 32]), UnixMillis(1));
         assert_eq!(WalRecord::decode(Lsn(8), &value).unwrap().entry, batch);

@@ -181,27 +181,36 @@ mod tests {
             Bound::Included(b"k".to_vec()),
             Bound::Excluded(b"l".to_vec()),
         );
-        let marker = engine
-            .read_view(b"m", &range, &mut |key, value| {
-                if seen.is_empty() {
-                    // Mid-scan, a writer changes everything the view reads; it must finish
-                    // while the view is still open.
-                    let writer = writer.clone();
-                    let written_tx = written_tx.clone();
-                    std::thread::spawn(move || {
-                        let mut writes = Writes::default();
-                        writes.put(b"m".to_vec(), b"2".as_slice());
-                        writes.put(b"k2".to_vec(), b"new".as_slice());
-                        writer.write_durably(writes).unwrap();
-                        written_tx.send(()).unwrap();
-                    });
-                    written
-                        .recv_timeout(std::time::Duration::from_secs(60))
-                        .expect("a write committed while the view was open");
-                }
-                seen.push((key.to_vec(), value.to_vec()));
-                Ok(true)
-            })
+        let mut marker = None;
+        engine
+            .read_view(
+                b"m",
+                &mut |value| {
+                    marker = value;
+                    Ok(())
+                },
+                &range,
+                &mut |key, value| {
+                    if seen.is_empty() {
+                        // Mid-scan, a writer changes everything the view reads; it must finish
+                        // while the view is still open.
+                        let writer = writer.clone();
+                        let written_tx = written_tx.clone();
+                        std::thread::spawn(move || {
+                            let mut writes = Writes::default();
+                            writes.put(b"m".to_vec(), b"2".as_slice());
+                            writes.put(b"k2".to_vec(), b"new".as_slice());
+                            writer.write_durably(writes).unwrap();
+                            written_tx.send(()).unwrap();
+                        });
+                        written
+                            .recv_timeout(std::time::Duration::from_secs(60))
+                            .expect("a write committed while the view was open");
+                    }
+                    seen.push((key.to_vec(), value.to_vec()));
+                    Ok(true)
+                },
+            )
             .unwrap();
         assert_eq!(marker.as_deref(), Some(b"1".as_slice()));
         assert_eq!(

@@ -209,6 +209,19 @@ pub struct NodeTls {
     provider: Arc<CryptoProvider>,
 }
 
+impl Clone for NodeTls {
+    fn clone(&self) -> NodeTls {
+        NodeTls {
+            chain: self.chain.clone(),
+            key: self.key.clone_key(),
+            trust: self.trust.clone(),
+            ca_certificates: self.ca_certificates.clone(),
+            identity: self.identity.clone(),
+            provider: self.provider.clone(),
+        }
+    }
+}
+
 impl fmt::Debug for NodeTls {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("NodeTls")

@@ -315,7 +315,8 @@ pub trait Store: Send + Sync + 'static {
     /// Calls `visit` with each pair from `start` (inclusive) to `end` (exclusive; `None`:
     /// the last key) in key order, until it returns `false`, each with the LSN of the state
     /// every pair is read from; returns that LSN. On an engine with snapshot views writes go on meanwhile;
-    /// without (sled) they wait for the scan, so a caller bounds how long it visits.
+    /// without (sled) they wait for the scan, so a caller bounds how long it visits, and
+    /// `visit` must not call back into the store (on sled that waits for itself).
     fn scan_range(
         &self,
         start: &[u8],

@@ -102,12 +102,13 @@ fn model(entries: &[Entry]) -> BTreeMap<Vec<u8>, Vec<u8>> {
 /// Every pair `scan_range` visits, and the LSN it names.
 fn scan_range(store: &dyn Store, start: &str, end: Option<&str>) -> (Lsn, Vec<(String, String)>) {
     let mut pairs = Vec::new();
+    let position = store.position().lsn;
     let lsn = store
         .scan_range(
             start.as_bytes(),
             end.map(str::as_bytes),
             &mut |lsn, key, value| {
-                assert_eq!(lsn, store.position().lsn, "each pair names its view's LSN");
+                assert_eq!(lsn, position, "each pair names its view's LSN");
                 pairs.push((
                     String::from_utf8(key.to_vec()).unwrap(),
                     String::from_utf8(value.to_vec()).unwrap(),

@@ -6,7 +6,7 @@ demo:
 
 # Run every test (the README's test command, what CI runs).
 test:
-    cargo nextest run --workspace
+    cargo nextest run --workspace && cargo test --workspace --doc
 
 # Formatting and lints, as CI checks them.
 lint:

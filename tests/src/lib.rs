@@ -27,22 +27,37 @@ pub const CLUSTER: &str = "east";
 
 /// The `xmirror` binary of this build, built first if it is missing.
 pub fn xmirror_bin() -> PathBuf {
-    // Test binaries live in target/<profile>/deps; the binary one level up.
+    built(Path::new("xmirror"), &["-p", "xmirror", "--bin", "xmirror"])
+}
+
+/// The client crate's example `name` of this build, built first if it is missing.
+pub fn example_bin(name: &str) -> PathBuf {
+    built(
+        &Path::new("examples").join(name),
+        &["-p", "xmirror-client", "--example", name],
+    )
+}
+
+/// `path` in this build's target profile directory, built with `cargo build ARGS` when it
+/// is missing (a test run alone, without a workspace build before it).
+fn built(path: &Path, cargo_build_args: &[&str]) -> PathBuf {
+    // Test binaries live in target/<profile>/deps; the profile directory is one level up.
     let exe = std::env::current_exe().expect("test executable path");
     let profile_dir = exe
         .parent()
         .and_then(Path::parent)
         .expect("target/<profile>/deps/<test>");
-    let bin = profile_dir.join("xmirror");
-    if !bin.exists() {
+    let target = profile_dir.join(path);
+    if !target.exists() {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let status = Command::new(cargo)
-            .args(["build", "-p", "xmirror", "--bin", "xmirror"])
+            .arg("build")
+            .args(cargo_build_args)
             .status()
             .expect("run cargo build");
-        assert!(status.success(), "building xmirror failed");
+        assert!(status.success(), "cargo build {cargo_build_args:?} failed");
     }
-    bin
+    target
 }
 
 /// A UDP port on 127.0.0.1 that was free a moment ago.

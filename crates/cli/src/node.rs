@@ -115,6 +115,10 @@ async fn plan_source(args: &SourceArgs) -> anyhow::Result<SourcePlan> {
         &mut config.client.connection_budget,
         settings.max_connection_bytes,
     );
+    set(
+        &mut config.client.max_waiting_reads,
+        settings.max_waiting_reads,
+    );
     set(&mut config.transport.max_streams, settings.max_streams);
     set(
         &mut config.frame_limits.handshake,
@@ -165,6 +169,7 @@ impl SourcePlan {
             max_handshakes: Some(config.max_handshakes),
             max_connections_per_peer: Some(config.max_connections_per_peer),
             max_connection_bytes: Some(config.client.connection_budget),
+            max_waiting_reads: Some(config.client.max_waiting_reads),
             max_streams: Some(config.transport.max_streams),
             max_handshake_frame_bytes: Some(config.frame_limits.handshake),
             max_frame_bytes: Some(config.frame_limits.data),
@@ -229,6 +234,10 @@ async fn plan_mirror(args: &MirrorArgs) -> anyhow::Result<MirrorPlan> {
         &mut config.client.connection_budget,
         settings.max_connection_bytes,
     );
+    set(
+        &mut config.client.max_waiting_reads,
+        settings.max_waiting_reads,
+    );
     Ok(MirrorPlan {
         config,
         link,
@@ -260,6 +269,7 @@ impl MirrorPlan {
             backoff_max_ms: Some(millis(config.backoff_max)),
             max_connections_per_peer: Some(config.max_connections_per_peer),
             max_connection_bytes: Some(config.client.connection_budget),
+            max_waiting_reads: Some(config.client.max_waiting_reads),
             on_divergence: Some(config.on_divergence),
             // A test-only setting: shown only when it differs from what this build speaks.
             protocol_versions: (config.versions != SUPPORTED_VERSIONS).then_some(config.versions),

@@ -72,6 +72,9 @@ settings! {
         /// Bytes one client connection may hold: its requests, plus the largest reply each
         /// read may produce [default: 67108864].
         max_connection_bytes: usize,
+        /// Reads one client connection may have waiting for a minimum LSN at once; more are
+        /// refused BUSY [default: 1024].
+        max_waiting_reads: usize,
         /// Streams a peer may have open at once [default: 64].
         max_streams: u32,
         /// Largest frame before the hello is validated, in bytes [default: 65536].
@@ -126,6 +129,9 @@ settings! {
         /// Bytes one client connection may hold: its requests, plus the largest reply each
         /// read may produce [default: 67108864].
         max_connection_bytes: usize,
+        /// Reads one client connection may have waiting for a minimum LSN at once; more are
+        /// refused BUSY [default: 1024].
+        max_waiting_reads: usize,
         /// Longest reconnect delay in milliseconds [default: 10000].
         backoff_max_ms: u64,
         /// When this mirror holds data the source cannot vouch for (another database, an

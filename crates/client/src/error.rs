@@ -8,6 +8,21 @@ use xmirror_proto::{ErrorCode, FrameError};
 use xmirror_tls::TlsError;
 
 /// Why a call failed. [`Error::code`] gives the node's error code when the node refused.
+///
+/// ```no_run
+/// use std::time::Duration;
+/// use xmirror_client::{Client, Error, ErrorCode, Get};
+///
+/// # async fn example(mirror: Client, source: Client) -> Result<(), Error> {
+/// // A read that may be at most 2 s behind the source; else read the source.
+/// let fresh = Get::new().max_lag(Duration::from_secs(2));
+/// let value = match mirror.get_with("config", fresh).await {
+///     Ok(read) => read.value,
+///     Err(error) if error.code() == Some(ErrorCode::TooStale) => source.get("config").await?,
+///     Err(error) => return Err(error),
+/// };
+/// # let _ = value; Ok(()) }
+/// ```
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The certificates could not be loaded.

@@ -63,6 +63,8 @@
 //! A program that runs the source in-process writes and reads through its
 //! `SourceNode` (crate `xmirror-source`) the same way, without the network.
 
+#![deny(missing_docs)]
+
 mod client;
 mod connection;
 mod error;

@@ -125,6 +125,20 @@ type Pages = Pin<Box<dyn Stream<Item = Result<ScanPage, Error>> + Send>>;
 /// `Result<(key, value), Error>`. Every page comes from one state of the node, whose LSN
 /// [`lsn`](Self::lsn) names once the first page has arrived. Each page must arrive within
 /// the client's deadline.
+///
+/// ```no_run
+/// use futures_util::StreamExt;
+/// use xmirror_client::{Client, Scan};
+///
+/// # async fn example(mirror: Client) -> Result<(), xmirror_client::Error> {
+/// let mut pairs = mirror.scan(Scan::prefix("order:").page_bytes(64 * 1024));
+/// while let Some(pair) = pairs.next().await {
+///     let (key, value) = pair?;
+///     println!("{} = {} bytes", String::from_utf8_lossy(&key), value.len());
+/// }
+/// println!("read at LSN {:?}", pairs.lsn());
+/// # Ok(()) }
+/// ```
 pub struct ScanStream {
     pages: Pages,
     buffered: VecDeque<(Vec<u8>, Vec<u8>)>,

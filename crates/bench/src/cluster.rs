@@ -87,7 +87,8 @@ impl Cluster {
         Ok(SourceNode::start(config, &self.source_tls).await?)
     }
 
-    /// Starts observer `index` (0..8) dialling `source` (the source or a proxy in front).
+    /// Starts observer `index` (0..8) dialling `source` (the source or a proxy in front),
+    /// serving reads on a free loopback port (`MirrorNode::listen_addr`).
     pub async fn start_mirror(
         &self,
         index: usize,
@@ -95,16 +96,18 @@ impl Cluster {
         data_dir: PathBuf,
         transport: TransportLimits,
     ) -> anyhow::Result<MirrorNode> {
-        let mut config = MirrorConfig::new(data_dir, source, name(CLUSTER), None);
+        let localhost: SocketAddr = "127.0.0.1:0".parse().expect("valid address");
+        let mut config = MirrorConfig::new(data_dir, source, name(CLUSTER), Some(localhost));
         config.transport = transport;
         config.engine = self.engine;
         Ok(MirrorNode::start(config, self.mirror_tls(index)).await?)
     }
 
-    pub async fn client(&self, source: SocketAddr) -> anyhow::Result<Client> {
+    /// A client of `node` (a source, or a mirror serving reads).
+    pub async fn client(&self, node: SocketAddr) -> anyhow::Result<Client> {
         Ok(Client::builder(Identity::from(self.client_tls.clone()))
             .node_cluster(name(CLUSTER))
-            .connect_addr(source)
+            .connect_addr(node)
             .await?)
     }
 }

@@ -4,7 +4,7 @@
 //! machine: the transport ceiling (a raw quinn stream with the nodes' TLS and transport
 //! settings), the store ceiling (bare engine batch inserts), and Redis's own replication.
 //! Nodes run in this process through the same `SourceNode`/`MirrorNode` the binary runs,
-//! on loopback, with real sled stores on disk; the WAN measures go through the UDP
+//! on loopback, with real stores on disk; the WAN measures go through the UDP
 //! impairment proxy of the fault suite. docs/PERFORMANCE.md explains each measure.
 //!
 //! - [`cluster`]: certificates and nodes.
@@ -24,12 +24,14 @@ mod sink;
 mod transport;
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context};
 use clap::{Parser, ValueEnum};
 use futures_util::{StreamExt, TryStreamExt};
+use xmirror_client::{Scan, Write};
 use xmirror_e2e::proxy::{Impairment, Proxy};
 use xmirror_mirror::MirrorNode;
 use xmirror_net::TransportLimits;
@@ -78,6 +80,7 @@ enum Measure {
     Fanout,
     Redis,
     Wan,
+    Client,
 }
 
 /// Sizes and durations of one run.
@@ -94,6 +97,9 @@ struct Plan {
     wan_rtt: Duration,
     wan_lag_rate: u64,
     wan_lag_duration: Duration,
+    /// Writes of the client measure: single puts, then the same count in batches.
+    client_writes: u64,
+    client_batch_writes: usize,
 }
 
 impl Plan {
@@ -125,6 +131,8 @@ impl Plan {
             wan_rtt: Duration::from_millis(100),
             wan_lag_rate: 5_000,
             wan_lag_duration: Duration::from_secs(scale(30, 5)),
+            client_writes: scale(500_000, 100_000),
+            client_batch_writes: 1_000,
         }
     }
 }
@@ -570,6 +578,106 @@ impl Bench {
         Ok(())
     }
 
+    /// Measure 9: the client API. Writes: pipelined single puts against the same count
+    /// in batches (four in flight). Scans of everything written on the source and on a
+    /// consistent mirror, against the same scan of the source's store in-process.
+    async fn client(&mut self) -> anyhow::Result<()> {
+        const BATCHES_IN_FLIGHT: usize = 4;
+        let source = self
+            .start_source(self.cluster.data_dir("source"), Self::default_limits())
+            .await?;
+        let writer = self.cluster.client(source.local_addr).await?;
+        let puts = writer
+            .write_keys(self.plan.client_writes, 100, "put-")
+            .await?;
+        let puts_s = per_second(puts.written as f64, puts.elapsed);
+
+        let batch_size = self.plan.client_batch_writes;
+        let batches = (self.plan.client_writes as usize).div_ceil(batch_size);
+        let next_batch = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let started = Instant::now();
+        let mut tasks = tokio::task::JoinSet::new();
+        for _ in 0..BATCHES_IN_FLIGHT {
+            let (writer, next_batch) = (writer.clone(), next_batch.clone());
+            tasks.spawn(async move {
+                loop {
+                    let batch = next_batch.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    if batch >= batches {
+                        return Ok::<_, xmirror_client::Error>(());
+                    }
+                    let writes = (0..batch_size)
+                        .map(|index| {
+                            Write::put(format!("batch-{batch:06}-{index:04}"), [7u8; 100])
+                        })
+                        .collect();
+                    writer.batch(writes).await?;
+                }
+            });
+        }
+        while let Some(done) = tasks.join_next().await {
+            done??;
+        }
+        let batch_writes_s = per_second((batches * batch_size) as f64, started.elapsed());
+        self.report.figure("put_writes_s", puts_s);
+        self.report.figure("batch_writes_s", batch_writes_s);
+        self.report.figure("batch_vs_put", batch_writes_s / puts_s);
+        self.report.row(
+            &format!("client writes in batches of {batch_size} ({BATCHES_IN_FLIGHT} in flight)"),
+            format!("{batch_writes_s:.0} writes/s"),
+            format!("{puts_s:.0} writes/s (single puts, pipelined)"),
+            format!("{:.2}", batch_writes_s / puts_s),
+        );
+
+        let last_lsn = source.shared().store.position().lsn;
+        let mirror = self
+            .cluster
+            .start_mirror(
+                0,
+                source.local_addr,
+                self.cluster.data_dir("mirror"),
+                Self::default_limits(),
+            )
+            .await?;
+        wait_consistent(&mirror, last_lsn, WAIT_LIMIT).await?;
+        let store = source.shared().store.clone();
+        let started = Instant::now();
+        let in_store = tokio::task::spawn_blocking(move || {
+            let mut pairs = 0u64;
+            store.scan_range(b"", None, &mut |_, _, _| {
+                pairs += 1;
+                Ok(true)
+            })?;
+            Ok::<_, xmirror_store::StoreError>(pairs)
+        })
+        .await??;
+        let store_pairs_s = per_second(in_store as f64, started.elapsed());
+        self.report.figure("scan_store_pairs_s", store_pairs_s);
+        let mirror_addr = mirror.listen_addr.context("the mirror serves reads")?;
+        for (label, addr) in [("source", source.local_addr), ("mirror", mirror_addr)] {
+            let reader = self.cluster.client(addr).await?;
+            let started = Instant::now();
+            let scanned = reader.scan_all(Scan::all()).await?;
+            let pairs_s = per_second(scanned.pairs.len() as f64, started.elapsed());
+            ensure!(
+                scanned.pairs.len() as u64 == in_store,
+                "the {label} scanned {} pairs, its store holds {in_store}",
+                scanned.pairs.len()
+            );
+            self.report.figure(&format!("scan_{label}_pairs_s"), pairs_s);
+            self.report
+                .figure(&format!("scan_{label}_vs_store"), pairs_s / store_pairs_s);
+            self.report.row(
+                &format!("scan of {in_store} pairs on the {label} (client, one state)"),
+                format!("{pairs_s:.0} pairs/s"),
+                format!("{store_pairs_s:.0} pairs/s (the source's store, in-process)"),
+                format!("{:.2}", pairs_s / store_pairs_s),
+            );
+        }
+        mirror.shutdown().await;
+        source.shutdown().await;
+        Ok(())
+    }
+
     /// Measure 7: Redis: full sync of the small dataset, replication lag at the same rates.
     async fn redis(&mut self) -> anyhow::Result<()> {
         let scratch = self.cluster.data_dir("redis");
@@ -740,7 +848,7 @@ async fn main() -> anyhow::Result<()> {
         redis::check_installed()?;
     }
     let started = Instant::now();
-    let steps: [(Measure, &str); 8] = [
+    let steps: [(Measure, &str); 9] = [
         (Measure::Transport, "transport ceiling"),
         (Measure::Store, "store ceiling"),
         (Measure::Snapshot, "snapshot"),
@@ -749,6 +857,7 @@ async fn main() -> anyhow::Result<()> {
         (Measure::Fanout, "fan-out"),
         (Measure::Redis, "Redis"),
         (Measure::Wan, "WAN"),
+        (Measure::Client, "client API"),
     ];
     for (measure, title) in steps {
         if !wanted(measure) {
@@ -764,6 +873,7 @@ async fn main() -> anyhow::Result<()> {
             Measure::Fanout => bench.fanout().await,
             Measure::Redis => bench.redis().await,
             Measure::Wan => bench.wan().await,
+            Measure::Client => bench.client().await,
         };
         outcome.with_context(|| format!("the {title} measure failed"))?;
     }
@@ -806,6 +916,8 @@ mod tests {
             wan_rtt: Duration::from_millis(20),
             wan_lag_rate: 1_000,
             wan_lag_duration: Duration::from_millis(500),
+            client_writes: 2_000,
+            client_batch_writes: 100,
         };
         let mut bench = Bench {
             plan,
@@ -819,6 +931,7 @@ mod tests {
         bench.catchup().await.unwrap();
         bench.fanout().await.unwrap();
         bench.wan().await.unwrap();
+        bench.client().await.unwrap();
         for key in [
             "transport_mib_s",
             "store_keys_s",
@@ -832,6 +945,9 @@ mod tests {
             "fanout8_sink_write_ratio",
             "wan_snapshot_mib_s",
             "wan_lag_p99_ms",
+            "batch_vs_put",
+            "scan_source_pairs_s",
+            "scan_mirror_pairs_s",
         ] {
             let value = bench
                 .report

@@ -580,3 +580,41 @@ async fn the_quickstart_example_runs_against_real_nodes() {
     let stdout = String::from_utf8(output.stdout).unwrap();
     assert!(stdout.contains("read on the mirror: grace"), "{stdout}");
 }
+
+/// A batch at the size limit (8 MiB) travels as one entry: streamed to a mirror, and to a
+/// new mirror through its snapshot; one more byte is refused whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_at_the_size_limit_reaches_every_mirror_whole() {
+    let world = World::new();
+    let source_node = world.start_source("source", &[]).await;
+    let streaming_node = world.start_mirror("m1", "m1", source_node.addr).await;
+    let source = world.client(source_node.addr).await;
+    let streaming = world.client(streaming_node.addr).await;
+    let big_batch = |fill: u8, extra: usize| -> Vec<Write> {
+        (0..64)
+            .map(|index| {
+                let key = format!("big-{index:02}");
+                // 64 × (6 + 131,066) bytes of keys and values: 8 MiB exactly.
+                let value = vec![fill; 131_066 + if index == 0 { extra } else { 0 }];
+                Write::put(key, value)
+            })
+            .collect()
+    };
+    let first = source.batch(big_batch(1, 0)).await.unwrap();
+    assert_eq!(
+        code(source.batch(big_batch(2, 1)).await),
+        ErrorCode::TooLarge
+    );
+    let read = streaming
+        .get_with("big-63", Get::new().min_lsn(first))
+        .await
+        .unwrap();
+    assert_eq!(read.value.unwrap()[0], 1);
+    assert_converged(&source, &streaming).await;
+
+    let late_node = world.start_mirror("m2", "m2", source_node.addr).await;
+    let late = world.client(late_node.addr).await;
+    source.batch(big_batch(3, 0)).await.unwrap();
+    assert_converged(&source, &late).await;
+    assert_converged(&source, &streaming).await;
+}

@@ -24,8 +24,8 @@ mod sink;
 mod transport;
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context};
@@ -606,9 +606,7 @@ impl Bench {
                         return Ok::<_, xmirror_client::Error>(());
                     }
                     let writes = (0..batch_size)
-                        .map(|index| {
-                            Write::put(format!("batch-{batch:06}-{index:04}"), [7u8; 100])
-                        })
+                        .map(|index| Write::put(format!("batch-{batch:06}-{index:04}"), [7u8; 100]))
                         .collect();
                     writer.batch(writes).await?;
                 }
@@ -663,7 +661,8 @@ impl Bench {
                 "the {label} scanned {} pairs, its store holds {in_store}",
                 scanned.pairs.len()
             );
-            self.report.figure(&format!("scan_{label}_pairs_s"), pairs_s);
+            self.report
+                .figure(&format!("scan_{label}_pairs_s"), pairs_s);
             self.report
                 .figure(&format!("scan_{label}_vs_store"), pairs_s / store_pairs_s);
             self.report.row(

@@ -5,32 +5,28 @@ mod batch_file;
 mod certs;
 mod client;
 mod demo;
+mod logs;
 mod node;
 mod progress;
 mod settings;
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
+
+use crate::logs::LogFormat;
 
 /// xmirror keeps a read-only mirror of a database in another cluster, over QUIC with mutual TLS.
 #[derive(Parser)]
 #[command(name = "xmirror", version, about, long_about = None)]
 struct Cli {
-    /// How logs (on stderr) are written: `text` for people, `json` for log pipelines.
-    /// The level comes from RUST_LOG (default: info for nodes, errors only for clients).
-    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
-    log_format: LogFormat,
+    /// How logs (on stderr) are written: `text` for people, `json` for log pipelines
+    /// [default: text, or the node's config file's `log_format`]. The level comes from
+    /// RUST_LOG (default: info for nodes, errors only for clients).
+    #[arg(long, global = true, value_enum, env = "XMIRROR_LOG_FORMAT")]
+    log_format: Option<LogFormat>,
     #[command(subcommand)]
     command: Command,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-enum LogFormat {
-    /// Human-readable lines.
-    Text,
-    /// One JSON object per line.
-    Json,
 }
 
 #[derive(Subcommand)]
@@ -64,36 +60,41 @@ enum Command {
     Demo,
 }
 
-/// Logs to stderr; `RUST_LOG` overrides `default_level`. Colour only on a terminal, and
-/// never with `NO_COLOR` set: files and journald get plain text.
-fn init_logging(format: LogFormat, default_level: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
-    let colour = std::io::IsTerminal::is_terminal(&std::io::stderr())
-        && std::env::var_os("NO_COLOR").is_none_or(|value| value.is_empty());
-    let logs = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(colour)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => logs.init(),
-        LogFormat::Json => logs.json().init(),
-    }
+/// Every flag of the node and client commands may also come from an environment variable,
+/// `XMIRROR_` and the flag's name in capitals with underscores (`--data-dir`:
+/// `XMIRROR_DATA_DIR`); a flag given on the command line wins. Not for `certs` (run by
+/// hand) nor `--print-config`.
+fn with_environment(command: clap::Command) -> clap::Command {
+    command.mut_subcommands(|subcommand| {
+        if matches!(subcommand.get_name(), "certs" | "demo") {
+            return subcommand;
+        }
+        subcommand.mut_args(|arg| {
+            let id = arg.get_id().as_str();
+            if arg.is_positional() || matches!(id, "help" | "version" | "print_config") {
+                return arg;
+            }
+            let variable = format!("XMIRROR_{}", id.to_uppercase());
+            arg.env(variable)
+        })
+    })
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let matches = with_environment(Cli::command()).get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|error| error.exit());
     let result = match cli.command {
         Command::Certs(command) => certs::run(command),
         command => {
-            init_logging(
-                cli.log_format,
-                match command {
-                    Command::Source(_) | Command::Mirror(_) => "info",
-                    Command::Demo => "warn",
-                    _ => "error",
-                },
-            );
+            // A node sets up its logs once it has read its config file, which may say how.
+            if !matches!(command, Command::Source(_) | Command::Mirror(_)) {
+                let level = if matches!(command, Command::Demo) {
+                    "warn"
+                } else {
+                    "error"
+                };
+                logs::init(cli.log_format.unwrap_or_default(), level);
+            }
             let runtime = match tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()
@@ -106,8 +107,8 @@ fn main() -> ExitCode {
             };
             runtime.block_on(async move {
                 match command {
-                    Command::Source(args) => node::run_source(args).await,
-                    Command::Mirror(args) => node::run_mirror(args).await,
+                    Command::Source(args) => node::run_source(args, cli.log_format).await,
+                    Command::Mirror(args) => node::run_mirror(args, cli.log_format).await,
                     Command::Put(args) => client::put(args).await,
                     Command::Delete(args) => client::delete(args).await,
                     Command::Batch(args) => client::batch(args).await,

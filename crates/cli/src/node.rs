@@ -17,14 +17,16 @@ use xmirror_tls::NodeTls;
 use xmirror_proto::SUPPORTED_VERSIONS;
 
 use crate::client::resolve;
-use crate::settings::{read_file, required, to_toml, MirrorSettings, SourceSettings};
+use crate::logs::LogFormat;
+use crate::settings::{read_file, required, to_commented_toml, MirrorSettings, SourceSettings};
 
 #[derive(Args)]
 pub struct SourceArgs {
     /// TOML file with any of the settings below (flags win over it).
     #[arg(long)]
     config: Option<PathBuf>,
-    /// Print the effective configuration (flags, file and defaults) and exit.
+    /// Print the effective configuration (flags, environment, file and defaults) as a
+    /// commented config file and exit; without the required settings, a template.
     #[arg(long)]
     print_config: bool,
     #[command(flatten)]
@@ -36,7 +38,8 @@ pub struct MirrorArgs {
     /// TOML file with any of the settings below (flags win over it).
     #[arg(long)]
     config: Option<PathBuf>,
-    /// Print the effective configuration (flags, file and defaults) and exit.
+    /// Print the effective configuration (flags, environment, file and defaults) as a
+    /// commented config file and exit; without the required settings, a template.
     #[arg(long)]
     print_config: bool,
     #[command(flatten)]
@@ -46,12 +49,49 @@ pub struct MirrorArgs {
 /// What a source needs besides its [`SourceConfig`].
 struct SourcePlan {
     config: SourceConfig,
+    log_format: LogFormat,
+    /// Required settings given nowhere, holding placeholders (`--print-config` only).
+    missing: Vec<&'static str>,
     /// Link bandwidth (Mbit/s) and RTT (ms) the windows were sized for, if given.
     link: Option<(u64, u64)>,
     metrics: Option<String>,
     certs: PathBuf,
     name: String,
     listen: String,
+}
+
+/// `--print-config` without some required settings prints a template: each missing one
+/// holds a placeholder and is listed, so that the template shows it commented out.
+struct Template {
+    enabled: bool,
+    missing: Vec<&'static str>,
+}
+
+impl Template {
+    fn new(enabled: bool) -> Template {
+        Template {
+            enabled,
+            missing: Vec::new(),
+        }
+    }
+
+    fn fill<T>(&mut self, key: &'static str, value: &mut Option<T>, example: impl Into<T>) {
+        if self.enabled && value.is_none() {
+            *value = Some(example.into());
+            self.missing.push(key);
+        }
+    }
+}
+
+/// A placeholder name of a template.
+fn example_name(name: &str) -> xmirror_proto::Name {
+    xmirror_proto::Name::new(name).expect("placeholder names are valid")
+}
+
+/// `path` made absolute against the working directory, so that a printed configuration
+/// means the same from anywhere.
+fn absolute(path: PathBuf) -> anyhow::Result<PathBuf> {
+    std::path::absolute(&path).with_context(|| format!("cannot resolve {}", path.display()))
 }
 
 /// Overrides a default with a given setting.
@@ -88,11 +128,29 @@ fn size_for_link(limits: &mut TransportLimits, link: Option<(u64, u64)>) {
     }
 }
 
-async fn plan_source(args: &SourceArgs) -> anyhow::Result<SourcePlan> {
-    let settings = args.settings.clone().or(read_file(args.config.as_deref())?);
+async fn plan_source(
+    args: &SourceArgs,
+    log_format: Option<LogFormat>,
+) -> anyhow::Result<SourcePlan> {
+    let file = read_file(args.config.as_deref())?;
+    let mut settings = args.settings.clone().or(file.settings);
+    let mut template = Template::new(args.print_config);
+    template.fill(
+        "data_dir",
+        &mut settings.data_dir,
+        "/var/lib/xmirror/source",
+    );
+    template.fill(
+        "cluster_id",
+        &mut settings.cluster_id,
+        example_name("CLUSTER"),
+    );
+    template.fill("listen", &mut settings.listen, "0.0.0.0:7000");
+    template.fill("certs", &mut settings.certs, "/etc/xmirror/certs");
+    template.fill("name", &mut settings.name, "NAME");
     let listen = required(settings.listen, "listen")?;
     let mut config = SourceConfig::new(
-        required(settings.data_dir, "data_dir")?,
+        absolute(required(settings.data_dir, "data_dir")?)?,
         required(settings.cluster_id, "cluster_id")?,
         resolve(&listen).await?,
     );
@@ -138,9 +196,11 @@ async fn plan_source(args: &SourceArgs) -> anyhow::Result<SourcePlan> {
     );
     Ok(SourcePlan {
         config,
+        log_format: log_format.or(file.log_format).unwrap_or_default(),
+        missing: template.missing,
         link,
         metrics: settings.metrics,
-        certs: required(settings.certs, "certs")?,
+        certs: absolute(required(settings.certs, "certs")?)?,
         name: required(settings.name, "name")?,
         listen,
     })
@@ -184,6 +244,9 @@ impl SourcePlan {
 /// What a mirror needs besides its [`MirrorConfig`].
 struct MirrorPlan {
     config: MirrorConfig,
+    log_format: LogFormat,
+    /// Required settings given nowhere, holding placeholders (`--print-config` only).
+    missing: Vec<&'static str>,
     /// Link bandwidth (Mbit/s) and RTT (ms) the windows were sized for, if given.
     link: Option<(u64, u64)>,
     metrics: Option<String>,
@@ -193,15 +256,33 @@ struct MirrorPlan {
     listen: Option<String>,
 }
 
-async fn plan_mirror(args: &MirrorArgs) -> anyhow::Result<MirrorPlan> {
-    let settings = args.settings.clone().or(read_file(args.config.as_deref())?);
+async fn plan_mirror(
+    args: &MirrorArgs,
+    log_format: Option<LogFormat>,
+) -> anyhow::Result<MirrorPlan> {
+    let file = read_file(args.config.as_deref())?;
+    let mut settings = args.settings.clone().or(file.settings);
+    let mut template = Template::new(args.print_config);
+    template.fill(
+        "data_dir",
+        &mut settings.data_dir,
+        "/var/lib/xmirror/mirror",
+    );
+    template.fill("source", &mut settings.source, "127.0.0.1:7000");
+    template.fill(
+        "source_cluster",
+        &mut settings.source_cluster,
+        example_name("CLUSTER"),
+    );
+    template.fill("certs", &mut settings.certs, "/etc/xmirror/certs");
+    template.fill("name", &mut settings.name, "NAME");
     let source = required(settings.source, "source")?;
     let listen_addr = match &settings.listen {
         Some(listen) => Some(resolve(listen).await?),
         None => None,
     };
     let mut config = MirrorConfig::new(
-        required(settings.data_dir, "data_dir")?,
+        absolute(required(settings.data_dir, "data_dir")?)?,
         resolve(&source).await?,
         required(settings.source_cluster, "source_cluster")?,
         listen_addr,
@@ -240,9 +321,11 @@ async fn plan_mirror(args: &MirrorArgs) -> anyhow::Result<MirrorPlan> {
     );
     Ok(MirrorPlan {
         config,
+        log_format: log_format.or(file.log_format).unwrap_or_default(),
+        missing: template.missing,
         link,
         metrics: settings.metrics,
-        certs: required(settings.certs, "certs")?,
+        certs: absolute(required(settings.certs, "certs")?)?,
         name: required(settings.name, "name")?,
         source,
         listen: settings.listen,
@@ -364,12 +447,17 @@ async fn watch_expiry(certificates: Vec<(bool, xmirror_tls::inspect::Certificate
 /// the failed group are told STORE_FAILED before it stops.
 const STORE_FAILURE_GRACE: Duration = Duration::from_secs(1);
 
-pub async fn run_source(args: SourceArgs) -> anyhow::Result<()> {
-    let plan = plan_source(&args).await?;
+pub async fn run_source(args: SourceArgs, log_format: Option<LogFormat>) -> anyhow::Result<()> {
+    let plan = plan_source(&args, log_format).await?;
     if args.print_config {
-        print!("{}", to_toml(&plan.effective())?);
+        let effective = plan.effective();
+        print!(
+            "{}",
+            to_commented_toml("source", plan.log_format, &effective, &plan.missing)?
+        );
         return Ok(());
     }
+    crate::logs::init(plan.log_format, "info");
     let tls = load_tls(&plan.certs, &plan.name)?;
     serve_metrics(plan.metrics.as_deref()).await?;
     tokio::spawn(watch_expiry(tls.certificates()));
@@ -394,12 +482,17 @@ pub async fn run_source(args: SourceArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub async fn run_mirror(args: MirrorArgs) -> anyhow::Result<()> {
-    let plan = plan_mirror(&args).await?;
+pub async fn run_mirror(args: MirrorArgs, log_format: Option<LogFormat>) -> anyhow::Result<()> {
+    let plan = plan_mirror(&args, log_format).await?;
     if args.print_config {
-        print!("{}", to_toml(&plan.effective())?);
+        let effective = plan.effective();
+        print!(
+            "{}",
+            to_commented_toml("mirror", plan.log_format, &effective, &plan.missing)?
+        );
         return Ok(());
     }
+    crate::logs::init(plan.log_format, "info");
     let tls = Arc::new(load_tls(&plan.certs, &plan.name)?);
     serve_metrics(plan.metrics.as_deref()).await?;
     tokio::spawn(watch_expiry(tls.certificates()));

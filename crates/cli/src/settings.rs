@@ -1,7 +1,9 @@
-//! Node settings from flags and a TOML file (`--config FILE`): a flag wins over the file,
-//! the file over the built-in default. `--print-config` shows the effective result.
+//! Node settings from flags, `XMIRROR_*` environment variables and a TOML file
+//! (`--config FILE`): a flag wins over the environment, the environment over the file, the
+//! file over the built-in default. Paths in a file are relative to the file.
+//! `--print-config` shows the effective result as a commented file.
 //!
-//! Every setting is optional at this level, so that a value can come from either place;
+//! Every setting is optional at this level, so that a value can come from any place;
 //! the node commands then require what they need and fill in the defaults.
 
 use std::path::{Path, PathBuf};
@@ -9,6 +11,8 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use serde::de::DeserializeOwned;
 use xmirror_proto::{DivergencePolicy, Name, VersionRange};
+
+use crate::logs::LogFormat;
 
 /// Declares a settings struct whose every field is an optional `--flag` and an optional
 /// TOML key of the same name, with `or` to layer flags over a file.
@@ -30,6 +34,12 @@ macro_rules! settings {
             /// Each setting from `self` (the flags), or else from `file`.
             pub fn or(self, file: $name) -> $name {
                 $name { $($field: self.$field.or(file.$field),)* }
+            }
+        }
+
+        impl Settings for $name {
+            fn relative_to(self, dir: &Path) -> $name {
+                $name { $($field: self.$field.map(|value| Setting::relative_to(value, dir)),)* }
             }
         }
     };
@@ -156,6 +166,34 @@ settings! {
     }
 }
 
+/// A settings struct of a node command.
+pub trait Settings: DeserializeOwned + serde::Serialize + Default + clap::Args {
+    /// The settings read from a file in `dir`, with relative paths made relative to it.
+    fn relative_to(self, dir: &Path) -> Self;
+}
+
+/// A setting's type. Paths read from a file are relative to the file's directory, so that a
+/// file means the same whatever the working directory of the process that reads it.
+trait Setting: Sized {
+    fn relative_to(self, _dir: &Path) -> Self {
+        self
+    }
+}
+
+impl Setting for PathBuf {
+    fn relative_to(self, dir: &Path) -> PathBuf {
+        dir.join(self)
+    }
+}
+
+impl Setting for String {}
+impl Setting for u64 {}
+impl Setting for u32 {}
+impl Setting for usize {}
+impl Setting for Name {}
+impl Setting for DivergencePolicy {}
+impl Setting for VersionRange {}
+
 /// Parses `MIN..MAX`.
 pub fn parse_versions(text: &str) -> Result<VersionRange, String> {
     let (min, max) = text
@@ -171,14 +209,34 @@ pub fn parse_versions(text: &str) -> Result<VersionRange, String> {
     })
 }
 
+/// What a node's config file says: its settings, and how the node logs.
+#[derive(Default)]
+pub struct ConfigFile<T> {
+    pub settings: T,
+    pub log_format: Option<LogFormat>,
+}
+
 /// The settings in the TOML file at `path`, or none.
-pub fn read_file<T: DeserializeOwned + Default>(path: Option<&Path>) -> anyhow::Result<T> {
+pub fn read_file<T: Settings>(path: Option<&Path>) -> anyhow::Result<ConfigFile<T>> {
     let Some(path) = path else {
-        return Ok(T::default());
+        return Ok(ConfigFile::default());
     };
+    let invalid = || format!("invalid config file {}", path.display());
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("cannot read the config file {}", path.display()))?;
-    toml::from_str(&text).with_context(|| format!("invalid config file {}", path.display()))
+    let mut table: toml::Table = toml::from_str(&text).with_context(invalid)?;
+    // `log_format` is the global `--log-format`, which every command has, not a node flag.
+    let log_format = table
+        .remove("log_format")
+        .map(toml::Value::try_into)
+        .transpose()
+        .with_context(invalid)?;
+    let settings: T = toml::Value::Table(table).try_into().with_context(invalid)?;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    Ok(ConfigFile {
+        settings: settings.relative_to(dir),
+        log_format,
+    })
 }
 
 /// A required setting, or an error naming both ways to give it.
@@ -191,7 +249,59 @@ pub fn required<T>(value: Option<T>, key: &str) -> anyhow::Result<T> {
     })
 }
 
-/// The settings as a TOML document.
-pub fn to_toml(settings: &impl serde::Serialize) -> anyhow::Result<String> {
-    toml::to_string(settings).context("cannot print the configuration")
+/// `text` as `# ` lines of at most 90 characters.
+fn comment(text: &str) -> String {
+    let mut lines = String::new();
+    let mut line = String::from("#");
+    for word in text.split_whitespace() {
+        if line.len() + 1 + word.len() > 90 && line.len() > 1 {
+            lines.push_str(&line);
+            lines.push('\n');
+            line = String::from("#");
+        }
+        line.push(' ');
+        line.push_str(word);
+    }
+    lines.push_str(&line);
+    lines.push('\n');
+    lines
+}
+
+/// The settings as a TOML file to start from: a header, then each key with its flag's help
+/// as a comment. `missing` keys (required, and given nowhere) are commented out with the
+/// placeholder value they hold here; keys without a value are listed, commented out.
+pub fn to_commented_toml<T: Settings>(
+    command: &str,
+    log_format: LogFormat,
+    settings: &T,
+    missing: &[&str],
+) -> anyhow::Result<String> {
+    let print = |error| anyhow::Error::new(error).context("cannot print the configuration");
+    let values = toml::Table::try_from(settings).map_err(print)?;
+    let mut file = format!(
+        "# xmirror {command}: --config FILE. Keys are the flags' names with underscores;\n\
+         # flags and XMIRROR_* environment variables override them. Relative paths are\n\
+         # relative to this file.\n\n\
+         # How logs are written: text or json.\nlog_format = {}\n",
+        toml::Value::try_from(log_format).map_err(print)?
+    );
+    for arg in T::augment_args(clap::Command::new(command.to_owned())).get_arguments() {
+        let key = arg.get_id().as_str();
+        let value = values.get(key);
+        if arg.is_hide_set() && value.is_none() {
+            continue;
+        }
+        file.push('\n');
+        if let Some(help) = arg.get_long_help().or(arg.get_help()) {
+            file.push_str(&comment(&help.to_string()));
+        }
+        match value {
+            Some(value) if missing.contains(&key) => {
+                file.push_str(&format!("# Required.\n#{key} = {value}\n"));
+            }
+            Some(value) => file.push_str(&format!("{key} = {value}\n")),
+            None => file.push_str(&format!("#{key} =\n")),
+        }
+    }
+    Ok(file)
 }

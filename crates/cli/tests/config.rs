@@ -117,7 +117,7 @@ fn bad_config_gets_a_one_line_error() {
     ];
     for (text, expected) in cases {
         let file = config_file(&dir, &text);
-        let output = xmirror(&["source", "--config", &file, "--print-config"]);
+        let output = xmirror(&["source", "--config", &file]);
         assert!(!output.status.success());
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert!(stderr.contains(expected), "{expected:?} not in {stderr}");
@@ -179,4 +179,131 @@ fn json_logs_are_one_object_per_line() {
     assert_eq!(log["level"], "INFO");
     assert_eq!(log["fields"]["message"], "source serving");
     assert_eq!(log["fields"]["cluster"], "east");
+}
+
+/// What `xmirror ARGS` prints with `environment` set, asserting it succeeded.
+fn printed_with_env(args: &[&str], environment: &[(&str, &str)]) -> String {
+    let output = Command::new(env!("CARGO_BIN_EXE_xmirror"))
+        .args(args)
+        .envs(environment.iter().copied())
+        .output()
+        .expect("run xmirror");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).unwrap()
+}
+
+fn has_line(printed: &str, line: &str) -> bool {
+    printed.lines().any(|printed| printed == line)
+}
+
+#[test]
+fn flags_win_over_the_environment_which_wins_over_the_file() {
+    let dir = TempDir::new().unwrap();
+    let file = config_file(&dir, &format!("{SOURCE_FILE}log_format = \"json\"\n"));
+    let environment = [
+        ("XMIRROR_MAX_WAL_ENTRIES", "6000"),
+        ("XMIRROR_MAX_CONNECTIONS", "20"),
+        ("XMIRROR_LOG_FORMAT", "text"),
+    ];
+    let base = ["source", "--config", &file, "--print-config"];
+    let flag = [&base[..], &["--max-wal-entries", "7000"]].concat();
+    let printed = printed_with_env(&flag, &environment);
+    assert!(has_line(&printed, "max_wal_entries = 7000"), "{printed}"); // the flag
+    assert!(has_line(&printed, "max_connections = 20"), "{printed}"); // the environment
+    assert!(has_line(&printed, "log_format = \"text\""), "{printed}"); // the environment
+    assert!(has_line(&printed, "database = \"orders\""), "{printed}"); // the file
+    assert!(has_line(&printed, "max_handshakes = 64"), "{printed}"); // the default
+    let printed = printed_with_env(&base, &environment[..1]);
+    assert!(has_line(&printed, "max_wal_entries = 6000"), "{printed}");
+    assert!(has_line(&printed, "max_connections = 10"), "{printed}");
+    assert!(has_line(&printed, "log_format = \"json\""), "{printed}"); // the file
+    let printed = printed_with_env(&base, &[]);
+    assert!(has_line(&printed, "max_wal_entries = 5000"), "{printed}");
+    // The environment alone can carry what a node needs.
+    let printed = printed_with_env(
+        &["mirror", "--print-config"],
+        &[
+            ("XMIRROR_DATA_DIR", "/m"),
+            ("XMIRROR_SOURCE", "127.0.0.1:7700"),
+            ("XMIRROR_SOURCE_CLUSTER", "east"),
+            ("XMIRROR_CERTS", "/c"),
+            ("XMIRROR_NAME", "m1"),
+        ],
+    );
+    assert!(has_line(&printed, "name = \"m1\""), "{printed}");
+    assert!(!printed.contains("Required."), "{printed}");
+}
+
+#[test]
+fn paths_in_a_file_are_relative_to_the_file() {
+    let dir = TempDir::new().unwrap();
+    let file = config_file(
+        &dir,
+        "data_dir = \"data\"\ncerts = \"../certs\"\ncluster_id = \"east\"\nlisten = \"127.0.0.1:7000\"\nname = \"src\"\n",
+    );
+    // Run from elsewhere: the file's paths still mean the file's directory.
+    let output = Command::new(env!("CARGO_BIN_EXE_xmirror"))
+        .args(["source", "--config", &file, "--print-config"])
+        .current_dir("/")
+        .output()
+        .unwrap();
+    let printed = String::from_utf8(output.stdout).unwrap();
+    let base = dir.path().display();
+    assert!(
+        has_line(&printed, &format!("data_dir = \"{base}/data\"")),
+        "{printed}"
+    );
+    assert!(
+        has_line(&printed, &format!("certs = \"{base}/../certs\"")),
+        "{printed}"
+    );
+    // A relative flag means the working directory, and is printed absolute.
+    let output = Command::new(env!("CARGO_BIN_EXE_xmirror"))
+        .args(["source", "--config", &file, "--print-config", "--data-dir", "here"])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    let printed = String::from_utf8(output.stdout).unwrap();
+    assert!(
+        has_line(&printed, &format!("data_dir = \"{base}/here\"")),
+        "{printed}"
+    );
+}
+
+#[test]
+fn print_config_without_settings_prints_a_template_to_start_from() {
+    let dir = TempDir::new().unwrap();
+    let template = printed_config(&["source", "--print-config"]);
+    for line in [
+        "# Required.",
+        "#data_dir = \"/var/lib/xmirror/source\"",
+        "#cluster_id = \"CLUSTER\"",
+        "max_wal_entries = 10000000",
+        "log_format = \"text\"",
+        "#metrics =",
+    ] {
+        assert!(has_line(&template, line), "{line} missing in:\n{template}");
+    }
+    assert!(template.contains("# Most WAL entries kept"), "{template}");
+    // As it is, the template is a valid file that still lacks the required settings.
+    let file = config_file(&dir, &template);
+    let output = xmirror(&["source", "--config", &file]);
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("missing --"), "{stderr}");
+    // Filled in, it is the configuration it names.
+    let filled = template
+        .replace("#data_dir = ", "data_dir = ")
+        .replace("#cluster_id = ", "cluster_id = ")
+        .replace("#listen = ", "listen = ")
+        .replace("#certs = ", "certs = ")
+        .replace("#name = ", "name = ");
+    let file = config_file(&dir, &filled);
+    let printed = printed_config(&["source", "--config", &file, "--print-config"]);
+    assert!(!printed.contains("Required."), "{printed}");
+    assert!(has_line(&printed, "cluster_id = \"CLUSTER\""), "{printed}");
 }

@@ -995,3 +995,48 @@ async fn a_slot_invalidated_during_a_slow_snapshot_is_valid_once_its_mirror_stre
     assert_eq!(status.snapshots_started, 1, "the outage cost no snapshot");
     drop(slow_link);
 }
+
+/// `--log-format json`: numbers as numbers, a decision as fields, and the "consistent"
+/// line even when a snapshot has nothing to replay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_carry_decisions_as_typed_fields() {
+    let world = World::new();
+    let source = world
+        .start_source("source", &["--log-format", "json"])
+        .await;
+    let mirror = world
+        .start_mirror_with(
+            free_port(),
+            "m1",
+            "m1",
+            source.addr,
+            &["--log-format", "json"],
+        )
+        .await;
+    let app = world.client(source.addr).await;
+    let reader = world.client(mirror.addr).await;
+    assert_converged(&app, &reader).await;
+    let line = |node: &Node, message: &str| -> serde_json::Value {
+        node.log_text()
+            .lines()
+            .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+            .find(|log| log["fields"]["message"] == message)
+            .unwrap_or_else(|| panic!("no {message:?} in {}", node.log_text()))
+    };
+    let accepted = line(&source, "hello accepted");
+    let fields = &accepted["fields"];
+    assert_eq!(fields["decision"], "snapshot", "{accepted}");
+    assert_eq!(fields["reason"], "new_mirror", "{accepted}");
+    assert_eq!(fields["applied_lsn"], serde_json::json!(0), "{accepted}");
+    assert!(fields["base_lsn"].is_u64(), "{accepted}");
+    assert!(fields["snapshot_id"].is_u64(), "{accepted}");
+    assert!(fields.get("from_lsn").is_none(), "{accepted}");
+    let decided = line(&mirror, "source decided: clearing for the snapshot");
+    assert_eq!(decided["fields"]["decision"], "snapshot", "{decided}");
+    let consistent = line(&mirror, "consistent: serving reads");
+    assert_eq!(
+        consistent["fields"]["applied_lsn"],
+        serde_json::json!(0),
+        "{consistent}"
+    );
+}

@@ -179,6 +179,8 @@ fn json_logs_are_one_object_per_line() {
     assert_eq!(log["level"], "INFO");
     assert_eq!(log["fields"]["message"], "source serving");
     assert_eq!(log["fields"]["cluster"], "east");
+    // Numbers are numbers, not strings.
+    assert_eq!(log["fields"]["last_lsn"], serde_json::json!(0));
 }
 
 /// What `xmirror ARGS` prints with `environment` set, asserting it succeeded.
@@ -263,7 +265,14 @@ fn paths_in_a_file_are_relative_to_the_file() {
     );
     // A relative flag means the working directory, and is printed absolute.
     let output = Command::new(env!("CARGO_BIN_EXE_xmirror"))
-        .args(["source", "--config", &file, "--print-config", "--data-dir", "here"])
+        .args([
+            "source",
+            "--config",
+            &file,
+            "--print-config",
+            "--data-dir",
+            "here",
+        ])
         .current_dir(dir.path())
         .output()
         .unwrap();

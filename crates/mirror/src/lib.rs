@@ -411,7 +411,10 @@ impl MirrorShared {
             true
         });
         if became_consistent {
-            tracing::info!(applied_lsn = %progress.applied_lsn, "consistent: serving reads");
+            tracing::info!(
+                applied_lsn = progress.applied_lsn.0,
+                "consistent: serving reads"
+            );
         }
     }
 
@@ -654,8 +657,8 @@ async fn replicate(shared: Arc<MirrorShared>, tls: Arc<NodeTls>) -> Result<(), M
                 if halted_before != Some(reason) {
                     tracing::error!(
                         reason = %reason,
-                        applied_lsn = %shared.progress().applied_lsn,
-                        source_lsn = %shared.progress().source_lsn,
+                        applied_lsn = shared.progress().applied_lsn.0,
+                        source_lsn = shared.progress().source_lsn.0,
                         retry_every = ?shared.config.halt_retry_interval,
                         "halted: the source cannot vouch for the data this mirror holds; keeping it and serving reads, applying nothing (--on-divergence resnapshot would replace it)"
                     );

@@ -278,8 +278,8 @@ fn start_work(shared: &MirrorShared, action: MirrorAction) -> Work {
             })
             .await?;
             tracing::info!(
-                snapshot_id = %snapshot_id,
-                end_lsn = %end_lsn,
+                snapshot_id = snapshot_id.0,
+                end_lsn = end_lsn.0,
                 "snapshot scan complete; replaying the WAL to its end LSN"
             );
             Ok(MirrorEvent::ScanFinished {
@@ -301,15 +301,21 @@ fn start_work(shared: &MirrorShared, action: MirrorAction) -> Work {
 }
 
 fn log_decision(preparation: &Preparation) {
-    match &preparation.begin_snapshot {
-        Some(start) => tracing::info!(
-            decision = ?preparation.decision,
-            snapshot_id = %start.snapshot_id,
-            base_lsn = %start.base_lsn,
-            "source decided: clearing for the snapshot"
-        ),
-        None => tracing::info!(decision = ?preparation.decision, "source decided"),
-    }
+    let fields = preparation.log_fields;
+    let message = if preparation.begin_snapshot.is_some() {
+        "source decided: clearing for the snapshot"
+    } else {
+        "source decided"
+    };
+    tracing::info!(
+        decision = fields.decision,
+        from_lsn = fields.from_lsn,
+        snapshot_id = fields.snapshot_id,
+        base_lsn = fields.base_lsn,
+        reason = fields.reason,
+        after_key_len = fields.after_key_len,
+        "{message}"
+    );
 }
 
 /// Records the decision and, for a snapshot, clears the store for it; durably.

@@ -218,7 +218,7 @@ fn choose(hello: &Hello, view: &SourceView) -> Decision {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::message::ResumeToken;
+    use crate::message::{DecisionFields, DecisionKind, ResumeToken};
     use crate::types::SUPPORTED_VERSIONS;
     use crate::types::{DatabaseId, Divergence, DivergencePolicy};
     use crate::Role;
@@ -301,22 +301,69 @@ mod tests {
     }
 
     #[test]
-    fn decision_summaries_never_show_keys() {
+    fn decisions_log_as_fields_without_keys() {
         let resume = Decision::ResumeSnapshot {
             snapshot_id: SnapshotId(3),
             after_key: Some(b"secret-customer-42".to_vec()),
             base_lsn: Lsn(7),
             base_chain_hash: ChainHash::GENESIS,
         };
-        let summary = resume.summary();
         assert_eq!(
-            summary,
-            "resume_snapshot snapshot_id=3 base_lsn=7 after_key_len=18"
+            resume.log_fields(),
+            DecisionFields {
+                decision: "resume_snapshot",
+                snapshot_id: Some(3),
+                base_lsn: Some(7),
+                after_key_len: Some(18),
+                ..DecisionFields::default()
+            }
         );
         assert_eq!(
-            fresh(SnapshotReason::DivergedHistory).summary(),
-            "snapshot snapshot_id=77 base_lsn=500 reason=DivergedHistory"
+            fresh(SnapshotReason::DivergedHistory).log_fields(),
+            DecisionFields {
+                decision: "snapshot",
+                snapshot_id: Some(77),
+                base_lsn: Some(500),
+                reason: Some("diverged_history"),
+                ..DecisionFields::default()
+            }
         );
+        let stream = Decision::Stream { from_lsn: Lsn(9) }.log_fields();
+        assert_eq!((stream.decision, stream.from_lsn), ("stream", Some(9)));
+        let diverged = Decision::Diverged {
+            reason: Divergence::SourceBehind,
+        }
+        .log_fields();
+        assert_eq!(diverged.reason, Some("SOURCE_BEHIND"));
+    }
+
+    #[test]
+    fn log_names_are_the_serialized_names() {
+        let kinds = [
+            DecisionKind::Stream,
+            DecisionKind::Snapshot,
+            DecisionKind::ResumeSnapshot,
+            DecisionKind::Diverged,
+        ];
+        let names = SnapshotReason::ALL
+            .iter()
+            .map(|reason| (format!("{reason:?}"), reason.as_str()))
+            .chain(
+                kinds
+                    .iter()
+                    .map(|kind| (format!("{kind:?}"), kind.as_str())),
+            );
+        for (encoded, name) in names {
+            // snake_case of the variant name, as serde's rename_all writes it.
+            let mut snake = String::new();
+            for (index, letter) in encoded.chars().enumerate() {
+                if letter.is_uppercase() && index > 0 {
+                    snake.push('_');
+                }
+                snake.push(letter.to_ascii_lowercase());
+            }
+            assert_eq!(name, snake);
+        }
     }
 
     #[test]

@@ -229,30 +229,38 @@ pub enum Decision {
 }
 
 impl Decision {
-    /// The decision for a log line: everything but the resume key, because key contents
-    /// never appear in logs.
-    pub fn summary(&self) -> String {
+    /// The decision as a log line's fields: everything but the resume key (its length
+    /// only), because key contents never appear in logs.
+    pub fn log_fields(&self) -> DecisionFields {
+        let mut fields = DecisionFields {
+            decision: self.kind().as_str(),
+            ..DecisionFields::default()
+        };
         match self {
-            Decision::Stream { from_lsn } => format!("stream from_lsn={from_lsn}"),
+            Decision::Stream { from_lsn } => fields.from_lsn = Some(from_lsn.0),
             Decision::Snapshot {
                 snapshot_id,
                 base_lsn,
                 reason,
                 ..
             } => {
-                format!("snapshot snapshot_id={snapshot_id} base_lsn={base_lsn} reason={reason:?}")
+                fields.snapshot_id = Some(snapshot_id.0);
+                fields.base_lsn = Some(base_lsn.0);
+                fields.reason = Some(reason.as_str());
             }
             Decision::ResumeSnapshot {
                 snapshot_id,
                 after_key,
                 base_lsn,
                 ..
-            } => format!(
-                "resume_snapshot snapshot_id={snapshot_id} base_lsn={base_lsn} after_key_len={}",
-                after_key.as_ref().map_or(0, Vec::len)
-            ),
-            Decision::Diverged { reason } => format!("diverged reason={reason}"),
+            } => {
+                fields.snapshot_id = Some(snapshot_id.0);
+                fields.base_lsn = Some(base_lsn.0);
+                fields.after_key_len = Some(after_key.as_ref().map_or(0, Vec::len) as u64);
+            }
+            Decision::Diverged { reason } => fields.reason = Some(reason.code().name()),
         }
+        fields
     }
 
     /// The decision's name as status and logs show it: `stream`, `snapshot`, `resume_snapshot`.
@@ -264,6 +272,24 @@ impl Decision {
             Decision::Diverged { .. } => DecisionKind::Diverged,
         }
     }
+}
+
+/// A [`Decision`] as typed log fields ([`Decision::log_fields`]); the ones a decision does
+/// not have are `None`, and a log line leaves them out.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DecisionFields {
+    /// `stream`, `snapshot`, `resume_snapshot` or `diverged`.
+    pub decision: &'static str,
+    /// Where streaming starts.
+    pub from_lsn: Option<u64>,
+    /// The snapshot's id.
+    pub snapshot_id: Option<u64>,
+    /// The snapshot's base LSN.
+    pub base_lsn: Option<u64>,
+    /// Why a fresh snapshot (`new_mirror`, ...), or the divergence's code.
+    pub reason: Option<&'static str>,
+    /// The length of a resumed snapshot's last key.
+    pub after_key_len: Option<u64>,
 }
 
 /// A decision without its data, for status reports and counters.
@@ -299,6 +325,42 @@ pub enum SnapshotReason {
     DatabaseMismatch,
     /// The mirror was interrupted mid-snapshot, and that snapshot can no longer be resumed.
     ResumeExpired,
+}
+
+impl DecisionKind {
+    /// The name status and logs show (as serialized).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DecisionKind::Stream => "stream",
+            DecisionKind::Snapshot => "snapshot",
+            DecisionKind::ResumeSnapshot => "resume_snapshot",
+            DecisionKind::Diverged => "diverged",
+        }
+    }
+}
+
+impl SnapshotReason {
+    /// Every reason, for tests.
+    pub const ALL: [SnapshotReason; 6] = [
+        SnapshotReason::NewMirror,
+        SnapshotReason::BehindRetainedWal,
+        SnapshotReason::AheadOfSource,
+        SnapshotReason::DivergedHistory,
+        SnapshotReason::DatabaseMismatch,
+        SnapshotReason::ResumeExpired,
+    ];
+
+    /// The name logs show (as serialized).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SnapshotReason::NewMirror => "new_mirror",
+            SnapshotReason::BehindRetainedWal => "behind_retained_wal",
+            SnapshotReason::AheadOfSource => "ahead_of_source",
+            SnapshotReason::DivergedHistory => "diverged_history",
+            SnapshotReason::DatabaseMismatch => "database_mismatch",
+            SnapshotReason::ResumeExpired => "resume_expired",
+        }
+    }
 }
 
 /// A run of key-ordered pairs from the source's data.

@@ -342,7 +342,7 @@ impl SourceNode {
         tracing::info!(
             addr = %local_addr,
             cluster = %shared.config.cluster_id,
-            last_lsn = %position.lsn,
+            last_lsn = position.lsn.0,
             database_id = %shared.database.id,
             "source serving"
         );

@@ -394,11 +394,17 @@ where
                 }
                 Decision::Stream { .. } | Decision::Diverged { .. } => {}
             }
+            let fields = decision.log_fields();
             tracing::info!(
                 mirror = %hello.mirror_name,
                 peer = %self.peer,
-                applied_lsn = %hello.applied_lsn,
-                decision = %decision.summary(),
+                applied_lsn = hello.applied_lsn.0,
+                decision = fields.decision,
+                from_lsn = fields.from_lsn,
+                snapshot_id = fields.snapshot_id,
+                base_lsn = fields.base_lsn,
+                reason = fields.reason,
+                after_key_len = fields.after_key_len,
                 "hello accepted"
             );
         }

@@ -378,7 +378,7 @@ impl Slots {
                 // needs: a slot invalidated while it took a long snapshot is valid again,
                 // and the next short outage costs no snapshot.
                 if slot.record.invalidated {
-                    tracing::info!(mirror = %mirror, acked_lsn = %slot.record.acked_lsn, "slot valid again: the mirror streams");
+                    tracing::info!(mirror = %mirror, acked_lsn = slot.record.acked_lsn.0, "slot valid again: the mirror streams");
                     slot.record.invalidated = false;
                 }
             }
@@ -431,7 +431,7 @@ impl Slots {
             {
                 tracing::warn!(
                     mirror = %mirror,
-                    acked_lsn = %slot.record.acked_lsn,
+                    acked_lsn = slot.record.acked_lsn.0,
                     "slot invalidated: its mirror was away beyond --slot-idle-timeout; it will get a snapshot"
                 );
                 slot.record.invalidated = true;
@@ -458,8 +458,8 @@ impl Slots {
             if let Some(slot) = inner.slots.get_mut(mirror) {
                 tracing::warn!(
                     mirror = %mirror,
-                    acked_lsn = %slot.record.acked_lsn,
-                    wal_first_lsn = %plan.first_kept,
+                    acked_lsn = slot.record.acked_lsn.0,
+                    wal_first_lsn = plan.first_kept.0,
                     "slot invalidated: retention passed it; the mirror will get a snapshot"
                 );
                 slot.record.invalidated = true;

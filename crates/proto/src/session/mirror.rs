@@ -22,8 +22,8 @@ use std::time::Duration;
 
 use crate::hash::ChainHash;
 use crate::message::{
-    Accepted, Decision, DecisionKind, Hello, HelloAck, MessageType, MirrorAck, Rejected,
-    ResumeToken, SnapshotChunk, SnapshotChunkAck, SnapshotReason, WalBatch,
+    Accepted, Decision, DecisionFields, DecisionKind, Hello, HelloAck, MessageType, MirrorAck,
+    Rejected, ResumeToken, SnapshotChunk, SnapshotChunkAck, SnapshotReason, WalBatch,
 };
 use crate::session::Outgoing;
 use crate::status::MirrorState;
@@ -182,6 +182,8 @@ pub enum MirrorEvent {
 pub struct Preparation {
     /// The decision, kept in the store for status.
     pub decision: DecisionKind,
+    /// The whole decision, for the log line.
+    pub log_fields: DecisionFields,
     /// A resumed snapshot counts in `snapshots_resumed`.
     pub count_resume: bool,
     /// Clear the store and mark it as receiving this snapshot (a fresh snapshot, or a
@@ -667,6 +669,7 @@ impl MirrorSession {
                 }
                 Preparation {
                     decision: DecisionKind::Stream,
+                    log_fields: decision.log_fields(),
                     count_resume: false,
                     begin_snapshot: None,
                 }
@@ -680,6 +683,7 @@ impl MirrorSession {
                 self.progress.snapshot = Some(SnapshotCounts::default());
                 Preparation {
                     decision: DecisionKind::Snapshot,
+                    log_fields: decision.log_fields(),
                     count_resume: false,
                     begin_snapshot: Some(self.snapshot_start(
                         *snapshot_id,
@@ -716,6 +720,7 @@ impl MirrorSession {
                 self.progress.snapshot = Some(SnapshotCounts::default());
                 Preparation {
                     decision: DecisionKind::ResumeSnapshot,
+                    log_fields: decision.log_fields(),
                     count_resume: true,
                     // Nothing applied yet (or a clear was interrupted): clear again.
                     begin_snapshot: after_key
@@ -1273,6 +1278,11 @@ mod tests {
                     MirrorAction::UseDataFrameLimit,
                     MirrorAction::Prepare(Preparation {
                         decision: DecisionKind::Stream,
+                        log_fields: DecisionFields {
+                            decision: "stream",
+                            from_lsn: Some(8),
+                            ..DecisionFields::default()
+                        },
                         count_resume: false,
                         begin_snapshot: None,
                     })

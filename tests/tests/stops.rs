@@ -4,7 +4,8 @@
 
 use std::time::{Duration, Instant};
 
-use xmirror_e2e::{assert_converged, World};
+use xmirror_e2e::{assert_converged, mirror_status, wait_until, World};
+use xmirror_proto::status::MirrorState;
 
 fn terminate(pid: u32) {
     let status = std::process::Command::new("kill")
@@ -35,6 +36,11 @@ async fn sigterm_stops_both_nodes_and_a_restart_right_after_works() {
     let mirror = world
         .start_mirror_on(mirror.addr, "m1", "m1", source.addr)
         .await;
+    let reader = world.client(mirror.addr).await;
+    wait_until("the mirror to stream again", Duration::from_secs(60), || async {
+        (mirror_status(&reader).await.state == MirrorState::Streaming).then_some(())
+    })
+    .await;
 
     let started = Instant::now();
     terminate(source.pid());
@@ -43,6 +49,11 @@ async fn sigterm_stops_both_nodes_and_a_restart_right_after_works() {
         .expect("the source stops on SIGTERM");
     let source_stop = started.elapsed();
     assert!(status.success(), "{status:?}");
+    // A clean stop is logged as one, not as a failed stream.
+    let log = source.log_text();
+    assert!(log.contains("mirror session ended: the source is stopping"), "{log}");
+    assert!(!log.contains("INTERNAL"), "{log}");
+    assert!(log.contains("stopped cleanly"), "{log}");
     source = world.start_source_on(source.addr, "source", &[]).await;
     let app = world.client(source.addr).await;
     app.write_keys(100, 100, "after-").await.unwrap();

@@ -26,7 +26,7 @@ use std::time::Duration;
 use tokio::sync::{oneshot, watch, OwnedSemaphorePermit};
 use xmirror_net::serve::{serve_client_connection, ClientLimits, ClientServing};
 use xmirror_net::{
-    accept_loop, close_with, error_chain, server_endpoint, AcceptLimits, EndpointError,
+    accept_loop, close_with, error_chain, refusal_of, server_endpoint, AcceptLimits, EndpointError,
     TransportLimits,
 };
 use xmirror_proto::authz::NodeKind;
@@ -436,6 +436,22 @@ async fn serve_mirror(
     let _ = send.finish();
     match outcome {
         Ok(()) => connection.close(0u32.into(), b"session over"),
+        // The connection closed under the session: by this source stopping, or by the
+        // mirror or the path. The stream's error says nothing more than that.
+        Err(_) if connection.close_reason() == Some(quinn::ConnectionError::LocallyClosed) => {
+            tracing::info!(peer = %peer, "mirror session ended: the source is stopping");
+        }
+        Err(_) if connection.close_reason().is_some() => {
+            let reason = connection.close_reason().map(|reason| {
+                refusal_of(&reason)
+                    .map_or_else(|| reason.to_string(), |refusal| refusal.to_string())
+            });
+            tracing::info!(
+                peer = %peer,
+                reason = reason.as_deref(),
+                "mirror session ended: the connection closed"
+            );
+        }
         Err(error) => {
             let detail = error_chain(&error);
             tracing::info!(peer = %peer, code = %error.code(), detail = %detail, "mirror session ended");

@@ -356,7 +356,19 @@ async fn wrong_peers_are_refused_with_their_code() {
         "m1",
         None,
     );
-    assert_refused(&refused_mirror(&world, args), "CLUSTER_ID_MISMATCH");
+    let refused = refused_mirror(&world, args);
+    assert_refused(&refused, "CLUSTER_ID_MISMATCH");
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        stderr.contains("of cluster east, not west"),
+        "the error names both clusters: {stderr}"
+    );
+    assert_eq!(
+        stderr.matches("CLUSTER_ID_MISMATCH").count(),
+        1,
+        "said once: {stderr}"
+    );
+    assert!(!stderr.contains("OtherError"), "{stderr}");
 
     // Versions that do not overlap.
     let mut args = mirror_args(
@@ -419,6 +431,22 @@ async fn wrong_peers_are_refused_with_their_code() {
     // The source kept serving through all of it and has no slot for any refused peer.
     let app = world.client(source.addr).await;
     assert!(source_status(&app).await.mirrors.is_empty());
+
+    // A mirror pointed at another mirror is told so.
+    let other_mirror = world.start_mirror("m2", "m2", source.addr).await;
+    let args = mirror_args(
+        &data("at-a-mirror"),
+        other_mirror.addr,
+        CLUSTER,
+        &world.certs,
+        "m3",
+        None,
+    );
+    let refused = refused_mirror(&world, args);
+    assert_refused(&refused, "ROLE_MISMATCH");
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("a mirror, not a source"), "{stderr}");
+    drop(other_mirror);
 }
 
 /// 7. Reads on a mirror before it is consistent are refused; writes on a mirror always are.

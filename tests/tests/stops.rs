@@ -37,9 +37,11 @@ async fn sigterm_stops_both_nodes_and_a_restart_right_after_works() {
         .start_mirror_on(mirror.addr, "m1", "m1", source.addr)
         .await;
     let reader = world.client(mirror.addr).await;
-    wait_until("the mirror to stream again", Duration::from_secs(60), || async {
-        (mirror_status(&reader).await.state == MirrorState::Streaming).then_some(())
-    })
+    wait_until(
+        "the mirror to stream again",
+        Duration::from_secs(60),
+        || async { (mirror_status(&reader).await.state == MirrorState::Streaming).then_some(()) },
+    )
     .await;
 
     let started = Instant::now();
@@ -51,7 +53,10 @@ async fn sigterm_stops_both_nodes_and_a_restart_right_after_works() {
     assert!(status.success(), "{status:?}");
     // A clean stop is logged as one, not as a failed stream.
     let log = source.log_text();
-    assert!(log.contains("mirror session ended: the source is stopping"), "{log}");
+    assert!(
+        log.contains("mirror session ended: the source is stopping"),
+        "{log}"
+    );
     assert!(!log.contains("INTERNAL"), "{log}");
     assert!(log.contains("stopped cleanly"), "{log}");
     source = world.start_source_on(source.addr, "source", &[]).await;

@@ -33,7 +33,7 @@ use xmirror_proto::{
     SUPPORTED_VERSIONS,
 };
 use xmirror_store::{open_store, EngineKind, Store, StoreError, SyncState};
-use xmirror_tls::{ExpectedServer, NodeTls, ALPN_CLIENT, ALPN_MIRROR};
+use xmirror_tls::{ExpectedServer, NodeTls, UnexpectedServer, ALPN_CLIENT, ALPN_MIRROR};
 
 use crate::backoff::Backoff;
 use crate::service::MirrorService;
@@ -161,6 +161,16 @@ pub enum AttemptError {
         /// How long the attempt waited.
         timeout: Duration,
     },
+    /// The node at the source's address is not a source of the expected cluster (a mirror,
+    /// another cluster's source): refused in the TLS handshake.
+    #[error("the node at {addr} is not this mirror's source")]
+    WrongServer {
+        /// The source's address.
+        addr: SocketAddr,
+        /// What it is instead.
+        #[source]
+        refusal: UnexpectedServer,
+    },
     /// The TLS handshake failed: a certificate was refused on one side or the other.
     #[error("TLS handshake with the source at {addr} failed")]
     Tls {
@@ -223,9 +233,10 @@ impl AttemptError {
     /// Whether the same attempt can never succeed as configured.
     pub fn is_permanent(&self) -> bool {
         match self {
-            AttemptError::Dial { .. } | AttemptError::Tls { .. } | AttemptError::StoreFailed(_) => {
-                true
-            }
+            AttemptError::Dial { .. }
+            | AttemptError::WrongServer { .. }
+            | AttemptError::Tls { .. }
+            | AttemptError::StoreFailed(_) => true,
             AttemptError::ConnectTimeout { .. } => false,
             AttemptError::Connection { source, .. } => {
                 refusal_of(source).is_some_and(|refusal| refusal.code.is_permanent())
@@ -239,7 +250,7 @@ impl AttemptError {
         match self {
             AttemptError::Dial { .. } => "dial",
             AttemptError::ConnectTimeout { .. } => "connect_timeout",
-            AttemptError::Tls { .. } => "tls",
+            AttemptError::WrongServer { .. } | AttemptError::Tls { .. } => "tls",
             AttemptError::Connection { source, .. } => match refusal_of(source) {
                 Some(refusal) => refusal.code.name(),
                 None => "connection_lost",
@@ -642,12 +653,17 @@ impl MirrorNode {
 async fn replicate(shared: Arc<MirrorShared>, tls: Arc<NodeTls>) -> Result<(), MirrorError> {
     let expected = ExpectedServer::source_of(shared.config.source_cluster.clone());
     let server_name = expected.server_name();
-    let endpoint = client_endpoint(&tls, ALPN_MIRROR, expected, &shared.config.transport)?;
+    let endpoint = client_endpoint(
+        &tls,
+        ALPN_MIRROR,
+        expected.clone(),
+        &shared.config.transport,
+    )?;
     let mut backoff = Backoff::new(shared.config.backoff_min, shared.config.backoff_max);
     loop {
         let applied_before = shared.progress().applied_lsn;
         let halted_before = shared.progress().halt_reason;
-        match connect_once(&shared, &endpoint, &server_name).await {
+        match connect_once(&shared, &endpoint, &expected, &server_name).await {
             Ok(()) => {
                 tracing::info!("source ended the session; reconnecting");
                 telemetry::reconnect("session_ended");
@@ -669,10 +685,8 @@ async fn replicate(shared: Arc<MirrorShared>, tls: Arc<NodeTls>) -> Result<(), M
                 tokio::time::sleep(shared.config.halt_retry_interval).await;
                 continue;
             }
-            Err(error) if error.is_permanent() => {
-                tracing::error!(reason = %error_chain(&error), "giving up: this will not succeed by retrying");
-                return Err(MirrorError::GaveUp(error));
-            }
+            // Not logged here: the caller reports the error the node stops with, once.
+            Err(error) if error.is_permanent() => return Err(MirrorError::GaveUp(error)),
             Err(error) => {
                 tracing::warn!(reason = %error_chain(&error), "session failed; reconnecting");
                 telemetry::reconnect(error.metric_label());
@@ -696,6 +710,7 @@ async fn replicate(shared: Arc<MirrorShared>, tls: Arc<NodeTls>) -> Result<(), M
 async fn connect_once(
     shared: &Arc<MirrorShared>,
     endpoint: &quinn::Endpoint,
+    expected: &ExpectedServer,
     server_name: &str,
 ) -> Result<(), AttemptError> {
     let addr = shared.config.source;
@@ -706,7 +721,10 @@ async fn connect_once(
     let connection = tokio::time::timeout(timeout, connecting)
         .await
         .map_err(|_| AttemptError::ConnectTimeout { addr, timeout })?
-        .map_err(|source| AttemptError::connection(addr, source))?;
+        .map_err(|source| match expected.take_refusal() {
+            Some(refusal) => AttemptError::WrongServer { addr, refusal },
+            None => AttemptError::connection(addr, source),
+        })?;
     tracing::info!(source = %addr, "connected");
     let (mut send, recv) = connection
         .open_bi()

@@ -71,13 +71,16 @@ pub enum TlsError {
     Quic(#[from] quinn::crypto::rustls::NoInitialCipherSuite),
 }
 
-/// Which servers a client accepts.
+/// Which servers a client accepts. Clones share the last refusal
+/// ([`ExpectedServer::take_refusal`]), so that a client can say in its own words why a
+/// handshake failed instead of showing rustls's wrapping of it.
 #[derive(Clone, Debug)]
 pub struct ExpectedServer {
     /// The server must belong to this cluster, when set.
     pub cluster: Option<Name>,
     /// The server's role must be one of these.
     pub roles: Vec<Role>,
+    refused: Arc<std::sync::Mutex<Option<UnexpectedServer>>>,
 }
 
 impl ExpectedServer {
@@ -86,6 +89,7 @@ impl ExpectedServer {
         ExpectedServer {
             cluster: Some(cluster),
             roles: vec![Role::Source],
+            refused: Arc::default(),
         }
     }
 
@@ -96,6 +100,7 @@ impl ExpectedServer {
         ExpectedServer {
             cluster: Some(cluster),
             roles: vec![Role::Source, Role::Observer],
+            refused: Arc::default(),
         }
     }
 
@@ -114,49 +119,81 @@ impl ExpectedServer {
             .as_ref()
             .is_none_or(|cluster| *cluster == identity.cluster_id);
         if cluster_ok && self.roles.contains(&identity.role) {
-            Ok(())
-        } else {
-            Err(UnexpectedServer {
-                found: identity.clone(),
-                expected: self.clone(),
-            })
+            return Ok(());
         }
+        let refusal = UnexpectedServer {
+            found: identity.clone(),
+            cluster: self.cluster.clone(),
+            roles: self.roles.clone(),
+        };
+        *self
+            .refused
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(refusal.clone());
+        Err(refusal)
+    }
+
+    /// The server this client last refused for its identity, taken (once).
+    pub fn take_refusal(&self) -> Option<UnexpectedServer> {
+        self.refused
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take()
     }
 }
 
 /// A server whose certificate is valid but names the wrong cluster or role. The message
-/// starts with the matching error code, which is what operators search for.
+/// starts with the matching error code, which is what operators search for, and says what
+/// the server is (a mirror, a source of another cluster).
 #[derive(Debug, Clone, thiserror::Error)]
-#[error(
-    "{}: server certificate is {found}, expected {}",
-    code(self),
-    describe(expected)
-)]
+#[error("{}: {}", self.code(), self.explain())]
 pub struct UnexpectedServer {
     /// Who the server is.
     pub found: PeerIdentity,
-    /// Who it should have been.
-    pub expected: ExpectedServer,
+    /// The cluster it should have belonged to, when the client said.
+    pub cluster: Option<Name>,
+    /// The roles it could have had.
+    pub roles: Vec<Role>,
 }
 
-fn code(unexpected: &UnexpectedServer) -> ErrorCode {
-    let cluster_ok = unexpected
-        .expected
-        .cluster
-        .as_ref()
-        .is_none_or(|cluster| *cluster == unexpected.found.cluster_id);
-    if cluster_ok {
-        ErrorCode::RoleMismatch
-    } else {
-        ErrorCode::ClusterIdMismatch
+impl UnexpectedServer {
+    /// `CLUSTER_ID_MISMATCH` when the cluster is wrong, else `ROLE_MISMATCH`.
+    pub fn code(&self) -> ErrorCode {
+        if self.cluster_ok() {
+            ErrorCode::RoleMismatch
+        } else {
+            ErrorCode::ClusterIdMismatch
+        }
     }
-}
 
-fn describe(expected: &ExpectedServer) -> String {
-    let roles: Vec<&str> = expected.roles.iter().map(|role| role.as_str()).collect();
-    match &expected.cluster {
-        Some(cluster) => format!("a {} of cluster {cluster}", roles.join(" or ")),
-        None => format!("a {}", roles.join(" or ")),
+    fn cluster_ok(&self) -> bool {
+        self.cluster
+            .as_ref()
+            .is_none_or(|cluster| *cluster == self.found.cluster_id)
+    }
+
+    fn explain(&self) -> String {
+        let found = &self.found;
+        let roles: Vec<&str> = self.roles.iter().map(|role| role.as_str()).collect();
+        let wanted = roles.join(" or ");
+        if !self.cluster_ok() {
+            let cluster = self.cluster.as_ref().map_or("", Name::as_str);
+            return format!(
+                "the server is {found}, of cluster {}, not {cluster}: check the cluster named \
+                 (--source-cluster) or the address dialled",
+                found.cluster_id
+            );
+        }
+        if found.role == Role::Observer && !self.roles.contains(&Role::Observer) {
+            return format!(
+                "the server is {found}, a mirror, not a {wanted}: mirrors serve no mirrors; \
+                 point it at the source"
+            );
+        }
+        format!(
+            "the server is {found}, a {}, not a {wanted}",
+            found.role.as_str()
+        )
     }
 }
 

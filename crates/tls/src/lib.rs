@@ -20,7 +20,7 @@ pub mod inspect;
 pub mod pki;
 pub mod trust;
 
-pub use config::{ExpectedServer, NodeTls, TlsError, ALPN_CLIENT, ALPN_MIRROR};
+pub use config::{ExpectedServer, NodeTls, TlsError, UnexpectedServer, ALPN_CLIENT, ALPN_MIRROR};
 pub use identity::{identity_from_certificate, peer_identity, IdentityError};
 pub use pki::{CertificateAuthority, IssueOptions, NodeCertificate, PkiError, Validity};
 pub use trust::{TrustBundle, TrustError, VerifyError};

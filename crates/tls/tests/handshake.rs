@@ -11,7 +11,7 @@ use rcgen::{CertificateParams, Issuer, KeyPair, PKCS_ECDSA_P256_SHA256};
 use rustls::AlertDescription;
 use tempfile::TempDir;
 use time::OffsetDateTime;
-use xmirror_proto::{Name, PeerIdentity, Role};
+use xmirror_proto::{ErrorCode, Name, PeerIdentity, Role};
 use xmirror_tls::pki::{load_ca_for, CertificateAuthority, IssueOptions, PkiError, Validity};
 use xmirror_tls::{
     peer_identity, ExpectedServer, IdentityError, NodeTls, ALPN_CLIENT, ALPN_MIRROR,
@@ -430,23 +430,29 @@ async fn the_client_refuses_a_server_of_the_wrong_cluster_or_role() {
         "{error}"
     );
     assert!(
-        error
-            .to_string()
-            .contains("expected a source of cluster east"),
+        error.to_string().contains(
+            "ROLE_MISMATCH: the server is spiffe://east/observer/src, a mirror, not a source"
+        ),
         "{error}"
     );
 
     // A real source, but the mirror expects cluster west.
     let certs = source_pki();
     issue(certs.path(), &identity("east", Role::Observer, "m1"));
+    let expected = ExpectedServer::source_of(name("west"));
     let config = NodeTls::load(certs.path(), "m1")
         .unwrap()
-        .client_config(ALPN_MIRROR, ExpectedServer::source_of(name("west")))
+        .client_config(ALPN_MIRROR, expected.clone())
         .unwrap();
     let (_, client) = handshake(certs.path(), config).await;
     let error = client.unwrap_err().to_string();
     assert!(error.contains("CLUSTER_ID_MISMATCH"), "{error}");
     assert!(error.contains("spiffe://east/source/src"), "{error}");
+    // The client can tell in its own words what it refused, once.
+    let refusal = expected.take_refusal().expect("the refusal is kept");
+    assert_eq!(refusal.code(), ErrorCode::ClusterIdMismatch);
+    assert_eq!(refusal.found.cluster_id, name("east"));
+    assert!(expected.take_refusal().is_none());
 }
 
 #[tokio::test]

@@ -12,6 +12,7 @@ mod settings;
 
 use std::process::ExitCode;
 
+use anyhow::Context;
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 use crate::logs::LogFormat;
@@ -58,6 +59,18 @@ enum Command {
     Slots(client::SlotsArgs),
     /// Run a source and a mirror on this machine, with no setup, and show them at work.
     Demo,
+    /// Print shell completions for SHELL (bash, zsh, fish, elvish, powershell).
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff; `xmirror man | man -l -`), or with --dir write it and one
+    /// page per command (xmirror-source.1, ...) there.
+    Man {
+        /// Write every page into this directory instead.
+        #[arg(long)]
+        dir: Option<std::path::PathBuf>,
+    },
 }
 
 /// Every flag of the node and client commands may also come from an environment variable,
@@ -66,7 +79,10 @@ enum Command {
 /// hand) nor `--print-config`.
 fn with_environment(command: clap::Command) -> clap::Command {
     command.mut_subcommands(|subcommand| {
-        if matches!(subcommand.get_name(), "certs" | "demo") {
+        if matches!(
+            subcommand.get_name(),
+            "certs" | "demo" | "completions" | "man"
+        ) {
             return subcommand;
         }
         subcommand.mut_args(|arg| {
@@ -80,11 +96,41 @@ fn with_environment(command: clap::Command) -> clap::Command {
     })
 }
 
+/// Writes `bytes` to stdout; a closed pipe is an error, not a panic.
+fn print_bytes(bytes: &[u8]) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    stdout.write_all(bytes)?;
+    stdout.flush()?;
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let matches = with_environment(Cli::command()).get_matches();
     let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|error| error.exit());
     let result = match cli.command {
         Command::Certs(command) => certs::run(command),
+        Command::Completions { shell } => {
+            // Into a buffer first: the generator panics on a write error such as a closed pipe.
+            let mut script = Vec::new();
+            clap_complete::generate(
+                shell,
+                &mut with_environment(Cli::command()),
+                "xmirror",
+                &mut script,
+            );
+            print_bytes(&script)
+        }
+        Command::Man { dir: None } => {
+            let mut page = Vec::new();
+            clap_mangen::Man::new(with_environment(Cli::command()))
+                .render(&mut page)
+                .map_err(anyhow::Error::from)
+                .and_then(|()| print_bytes(&page))
+        }
+        Command::Man { dir: Some(dir) } => std::fs::create_dir_all(&dir)
+            .and_then(|()| clap_mangen::generate_to(with_environment(Cli::command()), &dir))
+            .with_context(|| format!("cannot write the man pages to {}", dir.display())),
         command => {
             // A node sets up its logs once it has read its config file, which may say how.
             if !matches!(command, Command::Source(_) | Command::Mirror(_)) {
@@ -119,7 +165,9 @@ fn main() -> ExitCode {
                     Command::Digest(args) => client::digest(args).await,
                     Command::Slots(args) => client::slots(args).await,
                     Command::Demo => demo::run().await,
-                    Command::Certs(_) => unreachable!("handled above"),
+                    Command::Certs(_) | Command::Completions { .. } | Command::Man { .. } => {
+                        unreachable!("handled above")
+                    }
                 }
             })
         }

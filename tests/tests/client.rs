@@ -618,3 +618,62 @@ async fn a_batch_at_the_size_limit_reaches_every_mirror_whole() {
     assert_converged(&source, &late).await;
     assert_converged(&source, &streaming).await;
 }
+
+/// `status --watch` rides through a restart of its node: "unreachable since ..." while it
+/// is down, the table again once it is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_watch_rides_through_a_restart() {
+    use std::io::Read as _;
+    use std::sync::{Arc, Mutex};
+
+    let world = World::new();
+    let mut source_node = world.start_source("source", &[]).await;
+    let addr = source_node.addr;
+    let mut watcher = Command::new(xmirror_bin())
+        .args(["status", "--watch", "--interval-ms", "200", "--node"])
+        .arg(addr.to_string())
+        .args(["--certs", world.certs.to_str().unwrap(), "--name", "app"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("run status --watch");
+    let printed = Arc::new(Mutex::new(String::new()));
+    let reader = {
+        let printed = printed.clone();
+        let mut stdout = watcher.stdout.take().unwrap();
+        std::thread::spawn(move || {
+            let mut buffer = [0u8; 4096];
+            while let Ok(read @ 1..) = stdout.read(&mut buffer) {
+                printed
+                    .lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&buffer[..read]));
+            }
+        })
+    };
+    let saw = |text: &'static str, after: usize| {
+        let printed = printed.clone();
+        async move {
+            let printed = printed.lock().unwrap();
+            printed[after..].find(text).map(|at| after + at)
+        }
+    };
+    let table = wait_until("the table", Duration::from_secs(30), || {
+        saw("role          source", 0)
+    })
+    .await;
+    source_node.kill9();
+    let down = wait_until("unreachable since", Duration::from_secs(60), || {
+        saw("unreachable since", table)
+    })
+    .await;
+    let _source_node = world.start_source_on(addr, "source", &[]).await;
+    wait_until("the table again", Duration::from_secs(60), || {
+        saw("role          source", down)
+    })
+    .await;
+    assert_eq!(watcher.try_wait().unwrap(), None, "the watcher kept running");
+    let _ = watcher.kill();
+    let _ = watcher.wait();
+    reader.join().unwrap();
+}

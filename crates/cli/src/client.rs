@@ -10,7 +10,11 @@ use anyhow::{bail, Context};
 use clap::Args;
 use xmirror_client::{Client, Get, Identity, Lsn, Scan};
 use xmirror_proto::status::{NodeStatus, SlotState};
-use xmirror_proto::Name;
+use xmirror_proto::{Name, UnixMillis};
+
+use xmirror_net::now_millis;
+
+use crate::units;
 
 /// How to reach a node and who to be.
 #[derive(Args)]
@@ -343,8 +347,9 @@ pub fn status_json(status: &NodeStatus) -> serde_json::Value {
 }
 
 /// The status as a readable table. `rate` is the applied (mirror) or last (source) LSN's
-/// growth per second since the previous sample, when watching.
-pub fn render_status(status: &NodeStatus, rate: Option<f64>) -> String {
+/// growth per second since the previous sample, when watching; `now` dates the source's
+/// "last seen" of each mirror.
+pub fn render_status(status: &NodeStatus, rate: Option<f64>, now: UnixMillis) -> String {
     use std::fmt::Write;
     let mut out = String::new();
     let rate = rate.map_or_else(String::new, |rate| format!(" ({rate:.0} entries/s)"));
@@ -359,21 +364,25 @@ pub fn render_status(status: &NodeStatus, rate: Option<f64>) -> String {
             let _ = writeln!(out, "wal_first_lsn {}", source.wal_first_lsn);
             let _ = writeln!(
                 out,
-                "snapshot sent {} bytes since start",
-                source.snapshot_bytes_sent
+                "snapshot sent {} since start",
+                units::bytes(source.snapshot_bytes_sent)
             );
             let _ = writeln!(out, "mirrors       {}", source.mirrors.len());
             if !source.mirrors.is_empty() {
                 let _ = writeln!(
                     out,
-                    "  {:<20} {:<12} {:>12} {:>12}",
+                    "  {:<20} {:<12} {:>12} {:>12}  LAST_SEEN",
                     "NAME", "STATE", "ACKED_LSN", "LAG_ENTRIES"
                 );
             }
             for slot in &source.mirrors {
+                let last_seen = match slot.last_seen {
+                    UnixMillis(0) => "never".to_owned(),
+                    seen => format!("{} ago", units::duration_ms(now.0.saturating_sub(seen.0))),
+                };
                 let _ = writeln!(
                     out,
-                    "  {:<20} {:<12} {:>12} {:>12}",
+                    "  {:<20} {:<12} {:>12} {:>12}  {last_seen}",
                     slot.name.as_str(),
                     json_name(&slot.state),
                     slot.acked_lsn.0,
@@ -407,15 +416,16 @@ pub fn render_status(status: &NodeStatus, rate: Option<f64>) -> String {
             let _ = writeln!(
                 out,
                 "last contact  {}",
-                mirror
-                    .source_contact_ms
-                    .map_or_else(|| "never".into(), |ms| format!("{ms} ms ago"))
+                mirror.source_contact_ms.map_or_else(
+                    || "never".into(),
+                    |ms| format!("{} ago", units::duration_ms(ms))
+                )
             );
             let _ = writeln!(
                 out,
-                "lag           {} entries, {} ms",
+                "lag           {} entries, {}",
                 mirror.source_lsn.entries_since(mirror.applied_lsn),
-                mirror.lag_ms
+                units::duration_ms(mirror.lag_ms)
             );
             let _ = writeln!(
                 out,
@@ -448,29 +458,81 @@ fn progress_lsn(status: &NodeStatus) -> u64 {
 }
 
 pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
-    let client = connect(&args.node).await?;
+    if !args.watch {
+        let status = connect(&args.node)
+            .await?
+            .status()
+            .await
+            .context("status failed")?;
+        print_status(&status, args.json, None);
+        return Ok(());
+    }
+    // Watching rides through the node's restarts: an error is shown, not fatal, and the
+    // next refresh dials again.
+    let interval = Duration::from_millis(args.interval_ms);
+    let deadline = interval.clamp(Duration::from_secs(1), Client::DEFAULT_DEADLINE);
+    let mut client: Option<Client> = None;
     let mut previous: Option<(std::time::Instant, u64)> = None;
+    let mut unreachable_since: Option<UnixMillis> = None;
     loop {
-        let status = client.status().await.context("status failed")?;
-        if args.json {
-            println!("{}", status_json(&status));
-        } else {
-            let now = std::time::Instant::now();
-            let lsn = progress_lsn(&status);
-            let rate = previous.map(|(then, before)| {
-                lsn.saturating_sub(before) as f64 / now.duration_since(then).as_secs_f64().max(1e-3)
-            });
-            previous = Some((now, lsn));
-            if args.watch {
-                // Clear the screen and home the cursor: the table refreshes in place.
-                print!("\x1b[2J\x1b[H");
+        let status = match &client {
+            Some(client) => client.status().await.context("status failed"),
+            None => match connect_with(&args.node, deadline).await {
+                Ok(connected) => client
+                    .insert(connected)
+                    .status()
+                    .await
+                    .context("status failed"),
+                Err(error) => Err(error),
+            },
+        };
+        if !args.json {
+            // Clear the screen and home the cursor: the table refreshes in place.
+            print!("\x1b[2J\x1b[H");
+        }
+        match status {
+            Ok(status) => {
+                unreachable_since = None;
+                let now = std::time::Instant::now();
+                let lsn = progress_lsn(&status);
+                let rate = previous.map(|(then, before)| {
+                    lsn.saturating_sub(before) as f64
+                        / now.duration_since(then).as_secs_f64().max(1e-3)
+                });
+                previous = Some((now, lsn));
+                print_status(&status, args.json, rate);
             }
-            print!("{}", render_status(&status, rate));
+            Err(error) => {
+                client = None;
+                previous = None;
+                let since = *unreachable_since.get_or_insert_with(now_millis);
+                let seconds = now_millis().0.saturating_sub(since.0) / 1_000;
+                let error = format!("{error:#}");
+                if args.json {
+                    let line = serde_json::json!({
+                        "unreachable_since": xmirror_tls::inspect::rfc3339(since.0 as i64 / 1_000),
+                        "error": error,
+                    });
+                    println!("{line}");
+                } else {
+                    println!(
+                        "{} unreachable since {} ({}): {error}",
+                        args.node.node,
+                        xmirror_tls::inspect::rfc3339(since.0 as i64 / 1_000),
+                        units::duration_ms(seconds * 1_000)
+                    );
+                }
+            }
         }
-        if !args.watch {
-            return Ok(());
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(args.interval_ms)).await;
+        tokio::time::sleep(interval).await;
+    }
+}
+
+fn print_status(status: &NodeStatus, json: bool, rate: Option<f64>) {
+    if json {
+        println!("{}", status_json(status));
+    } else {
+        print!("{}", render_status(status, rate, now_millis()));
     }
 }
 
@@ -570,14 +632,15 @@ mod tests {
             snapshots_resumed: 2,
             last_decision: Some(xmirror_proto::DecisionKind::ResumeSnapshot),
         });
-        let table = render_status(&mirror, Some(1500.0));
+        let table = render_status(&mirror, Some(1500.0), UnixMillis(10_000));
         for expected in [
             "state         halted",
             "halted        SOURCE_BEHIND",
             "database      abababababababababababababababab (epoch 1)",
-            "last contact  1200 ms ago",
+            "last contact  1.2 s ago",
             "applied_lsn   900 (1500 entries/s)",
             "lag           100 entries, 250 ms",
+            "applied_lsn   900 (1500 entries/s)",
             "1 started, 2 resumed; last decision resume_snapshot",
         ] {
             assert!(table.contains(expected), "{expected:?} not in\n{table}");
@@ -597,13 +660,16 @@ mod tests {
                 acked_lsn: Lsn(900),
                 state: SlotState::Invalidated,
                 lag_entries: 100,
-                last_seen: UnixMillis(0),
+                last_seen: UnixMillis(7_500),
             }],
         });
-        let table = render_status(&source, None);
+        let table = render_status(&source, None, UnixMillis(10_000));
         assert!(
-            table.contains("  m1                   invalidated           900          100"),
+            table.contains(
+                "  m1                   invalidated           900          100  2.5 s ago"
+            ),
             "{table}"
         );
+        assert!(table.contains("snapshot sent 0 B since start"), "{table}");
     }
 }

@@ -9,6 +9,7 @@ mod logs;
 mod node;
 mod progress;
 mod settings;
+mod units;
 
 use std::process::ExitCode;
 

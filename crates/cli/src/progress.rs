@@ -8,26 +8,29 @@ use std::time::Duration;
 use indicatif::{ProgressBar, ProgressStyle};
 use xmirror_mirror::{MirrorShared, SnapshotTransfer};
 
-/// One line describing `transfer`, for logs and the bar's message.
+use crate::units;
+
+/// One line describing `transfer`, for logs and the bar's message. Keys and bytes count the
+/// whole transfer (a resumed one's earlier sessions too); the rate, this session's.
 pub fn describe(transfer: &SnapshotTransfer) -> String {
     let seconds = transfer.started.elapsed().as_secs_f64().max(1e-3);
     let rate = transfer.bytes as f64 / seconds;
     let mut line = format!(
-        "{} keys, {:.1} MiB at {:.1} MiB/s",
-        transfer.keys,
-        transfer.bytes as f64 / (1024.0 * 1024.0),
-        rate / (1024.0 * 1024.0)
+        "{} keys, {} at {}/s",
+        transfer.keys_done(),
+        units::bytes(transfer.bytes_done()),
+        units::bytes(rate as u64)
     );
     if let Some((keys, bytes)) = transfer.total {
-        let remaining = bytes.saturating_sub(transfer.bytes) as f64;
+        let remaining = bytes.saturating_sub(transfer.bytes_done()) as f64;
         let eta = if rate > 0.0 {
             remaining / rate
         } else {
             f64::INFINITY
         };
         line.push_str(&format!(
-            " of {keys} keys, {:.1} MiB; eta {}",
-            bytes as f64 / (1024.0 * 1024.0),
+            " of {keys} keys, {}; eta {}",
+            units::bytes(bytes),
             if eta.is_finite() {
                 format!("{eta:.0} s")
             } else {
@@ -49,7 +52,7 @@ pub async fn show(shared: Arc<MirrorShared>) {
 
 async fn bar(shared: Arc<MirrorShared>) {
     let style = ProgressStyle::with_template(
-        "snapshot [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta} {msg}",
+        "snapshot [{bar:30}] {bytes}/{total_bytes} {percent}% eta {eta} {msg}",
     )
     .expect("a valid template")
     .progress_chars("=> ");
@@ -59,15 +62,20 @@ async fn bar(shared: Arc<MirrorShared>) {
         match shared.snapshot_progress() {
             Some(transfer) => {
                 let bar = bar.get_or_insert_with(|| ProgressBar::new(0).with_style(style.clone()));
+                // The total is measured while writes go on: never let it fall behind.
+                let done = transfer.bytes_done();
                 if let Some((_, total)) = transfer.total {
-                    bar.set_length(total);
+                    bar.set_length(total.max(done));
                 }
-                bar.set_position(transfer.bytes);
-                bar.set_message(format!("{} keys", transfer.keys));
+                bar.set_position(done);
+                bar.set_message(format!("{} keys", transfer.keys_done()));
             }
             None => {
+                // The snapshot is applied: the bar ends full, and stays on screen.
                 if let Some(done) = bar.take() {
-                    done.finish_and_clear();
+                    done.set_length(done.position().max(1));
+                    done.set_position(done.length().unwrap_or(0));
+                    done.finish_with_message("applied");
                 }
             }
         }
@@ -93,14 +101,24 @@ mod tests {
             started: std::time::Instant::now() - Duration::from_secs(2),
             keys: 1_000,
             bytes: 2 * 1024 * 1024,
+            before: (0, 0),
             total: Some((4_000, 8 * 1024 * 1024)),
         };
         let line = describe(&transfer);
         assert!(
-            line.starts_with("1000 keys, 2.0 MiB at 1.0 MiB/s of 4000 keys, 8.0 MiB; eta "),
+            line.starts_with("1000 keys, 2.0 MiB at ")
+                && line.contains(" of 4000 keys, 8.0 MiB; eta "),
             "{line}"
         );
         assert!(line.ends_with("6 s") || line.ends_with("5 s"), "{line}");
+        // A resumed snapshot counts what its earlier sessions applied: 6 of 8 MiB done.
+        let resumed = SnapshotTransfer {
+            before: (2_000, 4 * 1024 * 1024),
+            ..transfer
+        };
+        let line = describe(&resumed);
+        assert!(line.starts_with("3000 keys, 6.0 MiB at "), "{line}");
+        assert!(line.ends_with("2 s") || line.ends_with("1 s"), "{line}");
         let unknown = SnapshotTransfer {
             total: None,
             ..transfer

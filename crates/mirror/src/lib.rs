@@ -19,6 +19,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
+use xmirror_net::now_millis;
 use xmirror_net::serve::{serve_client_connection, ClientLimits, ClientServing};
 use xmirror_net::{
     accept_loop, client_endpoint, close_with, error_chain, refusal_of, server_endpoint,
@@ -29,7 +30,7 @@ use xmirror_proto::message::DecisionKind;
 use xmirror_proto::session::mirror::{MirrorProgress, MirrorSessionConfig};
 use xmirror_proto::status::{MirrorState, MirrorStatus};
 use xmirror_proto::{
-    DivergencePolicy, Epoch, ErrorCode, FrameLimits, Name, PeerIdentity, UnixMillis, VersionRange,
+    DivergencePolicy, Epoch, ErrorCode, FrameLimits, Name, PeerIdentity, VersionRange,
     SUPPORTED_VERSIONS,
 };
 use xmirror_store::{open_store, EngineKind, Store, StoreError, SyncState};
@@ -270,8 +271,22 @@ pub struct SnapshotTransfer {
     pub keys: u64,
     /// Key and value bytes applied in this session.
     pub bytes: u64,
+    /// Keys and bytes applied by earlier sessions of a resumed snapshot.
+    pub before: (u64, u64),
     /// The whole data's keys and bytes, once the source has measured them.
     pub total: Option<(u64, u64)>,
+}
+
+impl SnapshotTransfer {
+    /// Keys applied over the whole transfer, earlier sessions included.
+    pub fn keys_done(&self) -> u64 {
+        self.before.0 + self.keys
+    }
+
+    /// Bytes applied over the whole transfer, earlier sessions included.
+    pub fn bytes_done(&self) -> u64 {
+        self.before.1 + self.bytes
+    }
 }
 
 /// Frames read ahead of the applier: twice the source's default snapshot window. A source
@@ -296,6 +311,10 @@ pub struct MirrorShared {
     /// When this process started receiving the current snapshot: the machine has no
     /// clock, and the progress bar's rate needs one.
     snapshot_started: Mutex<Option<std::time::Instant>>,
+    /// Keys and bytes a resumed snapshot had applied before this session (its data in the
+    /// store when resumed), so that progress counts the whole transfer; set when each
+    /// snapshot is prepared.
+    pub(crate) snapshot_before: Arc<Mutex<(u64, u64)>>,
     /// When the last byte from the source arrived (`None` before the first): status shows
     /// it, and lag grows with the silence.
     last_contact: Mutex<Option<Instant>>,
@@ -308,13 +327,6 @@ pub struct MirrorShared {
 
 /// The source's heartbeat interval (its default): silence beyond it counts as lag.
 const EXPECTED_HEARTBEAT: Duration = Duration::from_secs(1);
-
-fn now_millis() -> UnixMillis {
-    let since_epoch = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
-    UnixMillis(u64::try_from(since_epoch.as_millis()).unwrap_or(u64::MAX))
-}
 
 /// The counter that keeps the last decision, as [`decision_number`] encodes it.
 pub(crate) const LAST_DECISION: &str = "last_decision";
@@ -356,6 +368,7 @@ impl MirrorShared {
             store,
             progress,
             snapshot_started: Mutex::new(None),
+            snapshot_before: Arc::default(),
             last_contact: Mutex::new(None),
             behind_since: Mutex::new(None),
             started: Instant::now(),
@@ -463,10 +476,15 @@ impl MirrorShared {
             .snapshot_started
             .lock()
             .unwrap_or_else(PoisonError::into_inner))?;
+        let before = *self
+            .snapshot_before
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         Some(SnapshotTransfer {
             started,
             keys: counts.keys,
             bytes: counts.bytes,
+            before,
             total: counts.total,
         })
     }
@@ -775,7 +793,7 @@ mod tests {
         assert_eq!(silent, 20_000);
         // Behind with a known commit time: from that commit, on the wall clock.
         let mut behind = progress(10, 20);
-        behind.applied_commit_time = Some(UnixMillis(now_millis().0 - 1_500));
+        behind.applied_commit_time = Some(xmirror_proto::UnixMillis(now_millis().0 - 1_500));
         let lag = lag_ms(&behind, Some(Duration::from_millis(10)), heard);
         assert!((1_500..60_000).contains(&lag), "{lag}");
     }

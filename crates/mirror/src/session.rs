@@ -9,7 +9,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -20,7 +20,7 @@ use xmirror_proto::session::mirror::{
     InterruptedSnapshot, MirrorAction, MirrorEnd, MirrorEvent, MirrorSession, MirrorTimer,
     Preparation, Standing, WalGroup,
 };
-use xmirror_proto::{Epoch, ErrorCode, FrameError, Message};
+use xmirror_proto::{DecisionKind, Epoch, ErrorCode, FrameError, Message};
 use xmirror_store::{Batch, DatabaseIdentity, Position, Store, StoreError, SyncState};
 
 use crate::MirrorShared;
@@ -232,8 +232,21 @@ fn start_work(shared: &MirrorShared, action: MirrorAction) -> Work {
     match action {
         MirrorAction::Prepare(preparation) => {
             log_decision(&preparation);
+            let before = shared.snapshot_before.clone();
+            // A resume that keeps what the snapshot applied so far: that data is done.
+            let keeps_data = preparation.decision == DecisionKind::ResumeSnapshot
+                && preparation.begin_snapshot.is_none();
             Box::pin(async move {
-                blocking(move || prepare(&*store, &preparation)).await?;
+                let applied = blocking(move || {
+                    prepare(&*store, &preparation)?;
+                    if keeps_data {
+                        store.data_size()
+                    } else {
+                        Ok((0, 0))
+                    }
+                })
+                .await?;
+                *before.lock().unwrap_or_else(PoisonError::into_inner) = applied;
                 Ok(MirrorEvent::Prepared)
             })
         }

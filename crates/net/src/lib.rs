@@ -24,3 +24,12 @@ pub use endpoint::{client_endpoint, server_endpoint, EndpointError, TransportLim
 pub use framed::{
     sleep_until, Activity, ActivityReader, FrameSender, FramedReader, FramedWriter, ReadError,
 };
+
+/// The wall clock as Unix milliseconds: commit times, contact times and "last seen" all
+/// read it here.
+pub fn now_millis() -> xmirror_proto::UnixMillis {
+    let since_epoch = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    xmirror_proto::UnixMillis(u64::try_from(since_epoch.as_millis()).unwrap_or(u64::MAX))
+}

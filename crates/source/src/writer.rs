@@ -12,7 +12,6 @@
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use tokio::sync::{mpsc, oneshot, watch};
 use xmirror_proto::message::WalBatch;
@@ -105,13 +104,7 @@ pub struct Writer {
     recent: Arc<Mutex<Recent>>,
 }
 
-/// Now, on the wall clock.
-pub fn now_millis() -> UnixMillis {
-    let since_epoch = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default();
-    UnixMillis(u64::try_from(since_epoch.as_millis()).unwrap_or(u64::MAX))
-}
+pub use xmirror_net::now_millis;
 
 impl Writer {
     /// Starts the writer over `store`; commits are announced on the returned channel, and

@@ -672,7 +672,11 @@ async fn status_watch_rides_through_a_restart() {
         saw("role          source", down)
     })
     .await;
-    assert_eq!(watcher.try_wait().unwrap(), None, "the watcher kept running");
+    assert_eq!(
+        watcher.try_wait().unwrap(),
+        None,
+        "the watcher kept running"
+    );
     let _ = watcher.kill();
     let _ = watcher.wait();
     reader.join().unwrap();

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use xmirror_proto::{Entry, Lsn, UnixMillis};
 use xmirror_store::testing::mix;
-use xmirror_store::{open_store, Batch, EngineKind};
+use xmirror_store::{open_store, Batch, EngineKind, StoreOptions};
 
 /// Payload bytes per insert batch: the size of one snapshot chunk.
 pub const BATCH_BYTES: usize = 1 << 20;
@@ -84,7 +84,8 @@ pub fn populate(
     dataset: &Dataset,
     keep_wal: bool,
 ) -> anyhow::Result<Lsn> {
-    let store = open_store(dir, engine).context("open the store to populate")?;
+    let store =
+        open_store(dir, engine, StoreOptions::default()).context("open the store to populate")?;
     for pairs in dataset.batches() {
         let entries: Vec<Entry> = pairs
             .into_iter()
@@ -156,7 +157,7 @@ pub fn store_snapshot_path(
 ) -> anyhow::Result<Duration> {
     use xmirror_proto::{DatabaseId, Epoch, SnapshotId};
     use xmirror_store::{DatabaseIdentity, Position};
-    let store = open_store(dir, engine).context("open the store")?;
+    let store = open_store(dir, engine, StoreOptions::default()).context("open the store")?;
     let batches: Vec<_> = dataset.batches().collect();
     let snapshot_id = SnapshotId(1);
     let started = Instant::now();
@@ -212,7 +213,7 @@ mod tests {
         };
         let last = populate(dir.path(), EngineKind::DEFAULT, &dataset, true).unwrap();
         assert_eq!(last, Lsn(3_000));
-        let store = open_store(dir.path(), EngineKind::DEFAULT).unwrap();
+        let store = open_store(dir.path(), EngineKind::DEFAULT, StoreOptions::default()).unwrap();
         assert_eq!(store.key_count().unwrap(), 3_000);
         assert_eq!(
             store.get(&dataset.key(1_234)).unwrap(),

@@ -156,6 +156,9 @@ async fn plan_source(
     );
     set(&mut config.database, settings.database);
     set(&mut config.engine, engine(settings.engine.as_deref())?);
+    if let Some(cache_mb) = settings.cache_mb {
+        config.store_options.cache_bytes = cache_mb << 20;
+    }
     let link = link(settings.link_mbit_s, settings.link_rtt_ms)?;
     size_for_link(&mut config.transport, link);
     set(&mut config.max_wal_entries, settings.max_wal_entries);
@@ -218,6 +221,7 @@ impl SourcePlan {
             name: Some(self.name.clone()),
             database: Some(config.database.clone()),
             engine: Some(config.engine.to_string()),
+            cache_mb: Some(config.store_options.cache_bytes >> 20),
             link_mbit_s: self.link.map(|(mbit_s, _)| mbit_s),
             link_rtt_ms: self.link.map(|(_, rtt_ms)| rtt_ms),
             max_wal_entries: Some(config.max_wal_entries),
@@ -289,6 +293,9 @@ async fn plan_mirror(
     );
     set(&mut config.database, settings.database);
     set(&mut config.engine, engine(settings.engine.as_deref())?);
+    if let Some(cache_mb) = settings.cache_mb {
+        config.store_options.cache_bytes = cache_mb << 20;
+    }
     let link = link(settings.link_mbit_s, settings.link_rtt_ms)?;
     size_for_link(&mut config.transport, link);
     set(&mut config.versions, settings.protocol_versions);
@@ -345,6 +352,7 @@ impl MirrorPlan {
             listen: self.listen.clone(),
             database: Some(config.database.clone()),
             engine: Some(config.engine.to_string()),
+            cache_mb: Some(config.store_options.cache_bytes >> 20),
             link_mbit_s: self.link.map(|(mbit_s, _)| mbit_s),
             link_rtt_ms: self.link.map(|(_, rtt_ms)| rtt_ms),
             source_silence_timeout_ms: Some(millis(config.source_silence_timeout)),

@@ -101,6 +101,10 @@ settings! {
         /// Storage engine of a new store, redb or sled; an existing store keeps its own
         /// [default: redb].
         engine: String,
+        /// Memory for the storage engine's page cache, in MiB [default: 64]. The engines'
+        /// own default, 1 GiB, is what a node's resident memory grows to after a large
+        /// snapshot; more helps only reads of a data set that does not fit.
+        cache_mb: u64,
         /// Bandwidth of the path between source and mirror in Mbit/s, with --link-rtt-ms:
         /// sizes the transport windows to twice bandwidth x delay [default: quinn's windows,
         /// enough for 100 Mbit/s at 100 ms].
@@ -151,6 +155,10 @@ settings! {
         /// Storage engine of a new store, redb or sled; an existing store keeps its own
         /// [default: redb].
         engine: String,
+        /// Memory for the storage engine's page cache, in MiB [default: 64]. The engines'
+        /// own default, 1 GiB, is what a node's resident memory grows to after a large
+        /// snapshot; more helps only reads of a data set that does not fit.
+        cache_mb: u64,
         /// Bandwidth of the path between source and mirror in Mbit/s, with --link-rtt-ms:
         /// sizes the transport windows to twice bandwidth x delay [default: quinn's windows,
         /// enough for 100 Mbit/s at 100 ms].

@@ -57,6 +57,7 @@ fn flags_win_over_the_file_and_the_file_over_defaults() {
         "max_connections = 10",         // the file
         "max_handshakes = 64",          // the default
         "handshake_timeout_ms = 10000", // the default
+        "cache_mb = 64",                // the default
         "listen = \"127.0.0.1:7700\"",
     ] {
         assert!(
@@ -83,9 +84,12 @@ fn the_mirror_reads_the_same_way() {
         &file,
         "--name",
         "m2",
+        "--cache-mb",
+        "16",
         "--print-config",
     ]);
     for line in [
+        "cache_mb = 16",
         "name = \"m2\"",
         "connect_timeout_ms = 2500",
         "source_silence_timeout_ms = 5000",

@@ -33,7 +33,7 @@ use xmirror_proto::{
     DivergencePolicy, Epoch, ErrorCode, FrameLimits, Name, PeerIdentity, VersionRange,
     SUPPORTED_VERSIONS,
 };
-use xmirror_store::{open_store, EngineKind, Store, StoreError, SyncState};
+use xmirror_store::{open_store, EngineKind, Store, StoreError, StoreOptions, SyncState};
 use xmirror_tls::{ExpectedServer, NodeTls, UnexpectedServer, ALPN_CLIENT, ALPN_MIRROR};
 
 use crate::backoff::Backoff;
@@ -48,6 +48,8 @@ pub struct MirrorConfig {
     pub data_dir: PathBuf,
     /// The storage engine of a new store (an existing one keeps its own). Default redb.
     pub engine: EngineKind,
+    /// How the store uses memory (its page cache). Default 64 MiB.
+    pub store_options: StoreOptions,
     /// The source's UDP address.
     pub source: SocketAddr,
     /// The cluster the source must belong to (checked in its certificate and its ack).
@@ -106,6 +108,7 @@ impl MirrorConfig {
         MirrorConfig {
             data_dir,
             engine: EngineKind::DEFAULT,
+            store_options: StoreOptions::default(),
             source,
             source_cluster,
             database: Name::new("main").expect("valid name"),
@@ -356,8 +359,9 @@ impl MirrorShared {
     /// Opens the store: everything but the network, so that the session handler can also
     /// run over in-memory pipes.
     pub async fn open(config: MirrorConfig, name: Name) -> Result<Arc<MirrorShared>, MirrorError> {
-        let (data_dir, engine) = (config.data_dir.clone(), config.engine);
-        let store = tokio::task::spawn_blocking(move || open_store(&data_dir, engine))
+        let (data_dir, engine, options) =
+            (config.data_dir.clone(), config.engine, config.store_options);
+        let store = tokio::task::spawn_blocking(move || open_store(&data_dir, engine, options))
             .await
             .expect("open task")?;
         let consistent = store.sync_state() == SyncState::Consistent;

@@ -33,7 +33,7 @@ use xmirror_proto::authz::NodeKind;
 use xmirror_proto::session::source::SourceSessionConfig;
 use xmirror_proto::{DatabaseId, Epoch};
 use xmirror_proto::{ErrorCode, FrameLimits, Name, VersionRange, SUPPORTED_VERSIONS};
-use xmirror_store::{open_store, DatabaseIdentity, EngineKind, Store, StoreError};
+use xmirror_store::{open_store, DatabaseIdentity, EngineKind, Store, StoreError, StoreOptions};
 use xmirror_tls::{NodeTls, ALPN_CLIENT, ALPN_MIRROR};
 
 use crate::service::SourceService;
@@ -51,6 +51,8 @@ pub struct SourceConfig {
     pub data_dir: PathBuf,
     /// The storage engine of a new store (an existing one keeps its own). Default redb.
     pub engine: EngineKind,
+    /// How the store uses memory (its page cache). Default 64 MiB.
+    pub store_options: StoreOptions,
     /// The cluster this source belongs to; mirrors must expect it.
     pub cluster_id: Name,
     /// The database mirrors ask for. Default `main`.
@@ -121,6 +123,7 @@ impl SourceConfig {
         SourceConfig {
             data_dir,
             engine: EngineKind::DEFAULT,
+            store_options: StoreOptions::default(),
             cluster_id,
             database: Name::new("main").expect("valid name"),
             listen,
@@ -265,9 +268,10 @@ impl SourceShared {
         config: SourceConfig,
         name: Name,
     ) -> Result<(Arc<SourceShared>, oneshot::Receiver<WriteError>), SourceError> {
-        let (data_dir, engine) = (config.data_dir.clone(), config.engine);
+        let (data_dir, engine, options) =
+            (config.data_dir.clone(), config.engine, config.store_options);
         let (store, database) = tokio::task::spawn_blocking(move || {
-            let store = open_store(&data_dir, engine)?;
+            let store = open_store(&data_dir, engine, options)?;
             let database = store.create_database(DatabaseIdentity {
                 id: DatabaseId(rand::random()),
                 epoch: Epoch::FIRST,

@@ -26,7 +26,8 @@ use crate::record::{
     DatabaseIdentity, MirrorIdentity, RecordReader, RecordWriter, SnapshotProgress, SyncState,
 };
 use crate::{
-    Applied, Batch, Position, ScanChunk, SlotRecord, Store, StoreError, WalBounds, WalRecord,
+    Applied, Batch, Position, ScanChunk, SlotRecord, Store, StoreError, StoreOptions, WalBounds,
+    WalRecord,
 };
 
 const DATA: u8 = b'd';
@@ -49,7 +50,7 @@ const REMOVE_CHUNK: usize = 10_000;
 pub trait Engine: Send + Sync + Sized + 'static {
     /// Opens (creating if needed) the engine's files in directory `path`; fails with
     /// [`StoreError::Locked`] if another process has them open.
-    fn open(path: &Path) -> Result<Self, StoreError>;
+    fn open(path: &Path, options: StoreOptions) -> Result<Self, StoreError>;
 
     /// A key's value.
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError>;
@@ -276,8 +277,16 @@ impl<E: Engine> KvStore<E> {
     /// Opens (creating if needed) the store in directory `path`. Fails if another process
     /// has it open: one applier per store.
     pub fn open(path: impl AsRef<Path>) -> Result<KvStore<E>, StoreError> {
+        KvStore::open_with(path, StoreOptions::default())
+    }
+
+    /// [`Self::open`] with `options`.
+    pub fn open_with(
+        path: impl AsRef<Path>,
+        options: StoreOptions,
+    ) -> Result<KvStore<E>, StoreError> {
         create_private_dir(path.as_ref())?;
-        let engine = E::open(path.as_ref())?;
+        let engine = E::open(path.as_ref(), options)?;
         let read_position = |name, default| -> Result<Position, StoreError> {
             match engine.get(&meta_key(name))? {
                 Some(value) => decode_position("position", &value),
@@ -970,7 +979,7 @@ mod tests {
     }
 
     impl Engine for PausingEngine {
-        fn open(_path: &Path) -> Result<Self, StoreError> {
+        fn open(_path: &Path, _options: StoreOptions) -> Result<Self, StoreError> {
             Ok(PausingEngine {
                 data: Mutex::new(BTreeMap::new()),
                 durable: AtomicBool::new(false),

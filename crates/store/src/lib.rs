@@ -91,11 +91,33 @@ impl std::str::FromStr for EngineKind {
 pub fn open_store(
     dir: &std::path::Path,
     engine: EngineKind,
+    options: StoreOptions,
 ) -> Result<std::sync::Arc<dyn Store>, StoreError> {
     Ok(match EngineKind::detect(dir).unwrap_or(engine) {
-        EngineKind::Redb => std::sync::Arc::new(RedbStore::open(dir)?),
-        EngineKind::Sled => std::sync::Arc::new(SledStore::open(dir)?),
+        EngineKind::Redb => std::sync::Arc::new(RedbStore::open_with(dir, options)?),
+        EngineKind::Sled => std::sync::Arc::new(SledStore::open_with(dir, options)?),
     })
+}
+
+/// How a store uses memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StoreOptions {
+    /// The engine's page cache, in bytes. Both engines default to 1 GiB, which a mirror
+    /// fills during a large snapshot and keeps; a node rarely needs more than its hot set.
+    pub cache_bytes: u64,
+}
+
+impl StoreOptions {
+    /// The default cache, in MiB (`--cache-mb`).
+    pub const DEFAULT_CACHE_MB: u64 = 64;
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        StoreOptions {
+            cache_bytes: StoreOptions::DEFAULT_CACHE_MB << 20,
+        }
+    }
 }
 
 use xmirror_proto::{ChainHash, Entry, Lsn, SnapshotId, StateDigest, UnixMillis};

@@ -11,7 +11,7 @@ use std::path::Path;
 use redb::{Database, Durability, ReadableDatabase, TableDefinition};
 
 use crate::kv::{Engine, KeyRange, KeyReader, Visitor, Writes};
-use crate::{EngineError, StoreError};
+use crate::{EngineError, StoreError, StoreOptions};
 
 /// The file inside the data directory.
 pub const FILE_NAME: &str = "xmirror.redb";
@@ -60,7 +60,7 @@ impl RedbEngine {
 }
 
 impl Engine for RedbEngine {
-    fn open(path: &Path) -> Result<Self, StoreError> {
+    fn open(path: &Path, options: StoreOptions) -> Result<Self, StoreError> {
         let open_error = |source| StoreError::Open {
             path: path.to_owned(),
             source,
@@ -80,13 +80,17 @@ impl Engine for RedbEngine {
                 Err(error) => return Err(open_error(EngineError::new(error, false))),
             }
         }
-        let db = Database::create(&file).map_err(|error| match error {
-            redb::DatabaseError::DatabaseAlreadyOpen => StoreError::Locked(path.to_owned()),
-            other => match engine_error(other) {
-                StoreError::Engine(engine) => open_error(engine),
-                other => other,
-            },
-        })?;
+        let cache = usize::try_from(options.cache_bytes).unwrap_or(usize::MAX);
+        let db = Database::builder()
+            .set_cache_size(cache)
+            .create(&file)
+            .map_err(|error| match error {
+                redb::DatabaseError::DatabaseAlreadyOpen => StoreError::Locked(path.to_owned()),
+                other => match engine_error(other) {
+                    StoreError::Engine(engine) => open_error(engine),
+                    other => other,
+                },
+            })?;
         let engine = RedbEngine { db };
         // Create the table durably, so that reads never find it missing.
         engine.commit(Durability::Immediate, Writes::default())?;
@@ -167,7 +171,8 @@ mod tests {
     #[test]
     fn writes_commit_while_a_view_is_read_and_the_view_keeps_its_snapshot() {
         let dir = tempfile::tempdir().unwrap();
-        let engine = std::sync::Arc::new(RedbEngine::open(dir.path()).unwrap());
+        let engine =
+            std::sync::Arc::new(RedbEngine::open(dir.path(), StoreOptions::default()).unwrap());
         let mut writes = Writes::default();
         writes.put(b"m".to_vec(), b"1".as_slice());
         writes.put(b"k1".to_vec(), b"old".as_slice());

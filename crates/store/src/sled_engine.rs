@@ -3,7 +3,7 @@
 use std::path::Path;
 
 use crate::kv::{Engine, KeyRange, KeyReader, Visitor, Writes};
-use crate::{EngineError, StoreError};
+use crate::{EngineError, StoreError, StoreOptions};
 
 /// sled under [`KvStore`](crate::kv::KvStore).
 pub struct SledEngine {
@@ -28,9 +28,10 @@ impl From<sled::Error> for StoreError {
 }
 
 impl Engine for SledEngine {
-    fn open(path: &Path) -> Result<Self, StoreError> {
+    fn open(path: &Path, options: StoreOptions) -> Result<Self, StoreError> {
         let db = sled::Config::new()
             .path(path)
+            .cache_capacity(options.cache_bytes)
             .open()
             .map_err(|error| match error {
                 // sled reports a held directory lock as an I/O error of kind Other whose

@@ -413,7 +413,10 @@ async fn shut_down(shutdown: impl std::future::Future<Output = ()>) {
 }
 
 fn load_tls(certs: &std::path::Path, name: &str) -> anyhow::Result<NodeTls> {
-    NodeTls::load(certs, name).with_context(|| format!("cannot load the certificates of {name}"))
+    let tls = NodeTls::load(certs, name)
+        .with_context(|| format!("cannot load the certificates of {name}"))?;
+    tls.check_validity(time::OffsetDateTime::now_utc().unix_timestamp())?;
+    Ok(tls)
 }
 
 /// Certificates closer to expiry than this are warned about.

@@ -235,3 +235,83 @@ fn show_says_who_until_when_and_the_fingerprint_openssl_gives() {
     let ca = xmirror(&["certs", "show", dir.path().join("ca.crt").to_str().unwrap()]);
     assert!(String::from_utf8_lossy(&ca.stdout).contains("CA of cluster east"));
 }
+
+/// A certificate outside its validity period is refused before anything is dialled, with
+/// whose certificate it is and when it expired, instead of a peer's TLS alert.
+#[test]
+fn an_expired_certificate_says_whose_and_when() {
+    use xmirror_proto::{Name, PeerIdentity, Role};
+    use xmirror_tls::pki::{load_ca_for, IssueOptions, Validity};
+
+    let dir = TempDir::new().unwrap();
+    let path = dir.path().to_str().unwrap();
+    assert!(
+        xmirror(&["certs", "init", "--dir", path, "--cluster-id", "east"])
+            .status
+            .success()
+    );
+    let east = Name::new("east").unwrap();
+    let now = time::OffsetDateTime::now_utc();
+    let issue = |name: &str, role: Role, not_before, not_after| {
+        let who = PeerIdentity {
+            cluster_id: east.clone(),
+            role,
+            name: Name::new(name).unwrap(),
+        };
+        let options = IssueOptions {
+            validity: Validity {
+                not_before,
+                not_after,
+            },
+            extra_dns_names: vec![],
+        };
+        load_ca_for(dir.path(), &east)
+            .unwrap()
+            .issue(&who, &options)
+            .unwrap()
+            .write(dir.path(), &who.name, true)
+            .unwrap();
+    };
+    let day = time::Duration::days(1);
+    issue("old", Role::Client, now - 10 * day, now - day);
+    issue("early", Role::Source, now + day, now + 10 * day);
+
+    let get = xmirror(&[
+        "get",
+        "--node",
+        "127.0.0.1:9",
+        "--certs",
+        path,
+        "--name",
+        "old",
+        "k",
+    ]);
+    assert!(!get.status.success());
+    let text = stderr(&get);
+    assert!(
+        text.contains("the certificate of spiffe://east/client/old expired at ")
+            && text.contains("xmirror certs issue --force"),
+        "{text}"
+    );
+    assert_eq!(text.trim_end().lines().count(), 1, "{text}");
+
+    let source = xmirror(&[
+        "source",
+        "--data-dir",
+        dir.path().join("data").to_str().unwrap(),
+        "--cluster-id",
+        "east",
+        "--listen",
+        "127.0.0.1:0",
+        "--certs",
+        path,
+        "--name",
+        "early",
+    ]);
+    assert!(!source.status.success());
+    let text = stderr(&source);
+    assert!(
+        text.contains("the certificate of spiffe://east/source/early is not valid before "),
+        "{text}"
+    );
+}

@@ -34,7 +34,19 @@ impl Identity {
     /// (`ca.crt`: the client's own cluster; `ca-<cluster>.crt`: another cluster's, unless
     /// the CA declares its cluster itself).
     pub fn from_dir(dir: impl AsRef<Path>, name: &str) -> Result<Identity, Error> {
-        Ok(Identity(Arc::new(NodeTls::load(dir.as_ref(), name)?)))
+        Identity::valid(NodeTls::load(dir.as_ref(), name)?)
+    }
+
+    /// `tls` as an identity, refused when its certificate is not valid now: no node would
+    /// accept it, and this says so in its own words.
+    fn valid(tls: NodeTls) -> Result<Identity, Error> {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |since| {
+                i64::try_from(since.as_secs()).unwrap_or(i64::MAX)
+            });
+        tls.check_validity(now)?;
+        Ok(Identity(Arc::new(tls)))
     }
 
     /// Builds from PEM bytes: the certificate (with any intermediates after it), its key,
@@ -47,7 +59,7 @@ impl Identity {
             key_pem,
             &[(Path::new("ca.crt").to_owned(), ca_pem.to_vec())],
         )?;
-        Ok(Identity(Arc::new(tls)))
+        Identity::valid(tls)
     }
 
     /// The identity the certificate carries (`spiffe://<cluster>/<role>/<name>`).

@@ -60,6 +60,25 @@ pub enum TlsError {
         #[source]
         source: IdentityError,
     },
+    /// The node's own certificate is outside its validity period: no peer accepts it.
+    #[error(
+        "the certificate of {identity} {}",
+        if *.expired {
+            format!("expired at {not_after}: no node accepts it; issue a new one (xmirror certs issue --force)")
+        } else {
+            format!("is not valid before {not_before}: check this machine's clock, or wait")
+        }
+    )]
+    OwnCertificateNotValid {
+        /// Whose certificate.
+        identity: PeerIdentity,
+        /// Its first valid instant (RFC 3339).
+        not_before: String,
+        /// Its last valid instant (RFC 3339).
+        not_after: String,
+        /// Expired (else not valid yet).
+        expired: bool,
+    },
     /// rustls refused the configuration (for example a key that does not match).
     #[error("TLS configuration refused")]
     Rustls(#[from] rustls::Error),
@@ -376,6 +395,23 @@ impl NodeTls {
                     .map(|summary| (own, summary))
             })
             .collect()
+    }
+
+    /// Refuses a certificate of this node's that is not valid at `now` (Unix seconds), so
+    /// that the error names whose certificate and when, instead of a peer's TLS alert.
+    pub fn check_validity(&self, now: i64) -> Result<(), TlsError> {
+        let Some((_, own)) = self.certificates().into_iter().find(|(own, _)| *own) else {
+            return Ok(());
+        };
+        if (own.not_before..=own.not_after).contains(&now) {
+            return Ok(());
+        }
+        Err(TlsError::OwnCertificateNotValid {
+            identity: self.identity.clone(),
+            not_before: crate::inspect::rfc3339(own.not_before),
+            not_after: crate::inspect::rfc3339(own.not_after),
+            expired: now > own.not_after,
+        })
     }
 
     /// Who this node's certificate says it is.

@@ -513,8 +513,10 @@ pub async fn run_mirror(args: MirrorArgs, log_format: Option<LogFormat>) -> anyh
         .await
         .context("cannot start the mirror")?;
     match node.listen_addr {
-        Some(addr) => println!("mirror {identity} of {source}, serving reads on {addr}"),
-        None => println!("mirror {identity} of {source}"),
+        Some(addr) => {
+            println!("mirror {identity} of {source}: connecting; reads on {addr} once consistent")
+        }
+        None => println!("mirror {identity} of {source}: connecting"),
     }
     let progress = tokio::spawn(crate::progress::show(node.shared().clone()));
     let outcome = tokio::select! {

@@ -547,6 +547,11 @@ async fn the_cli_client_commands_keep_their_contract() {
         String::from_utf8_lossy(&bad.stderr).contains("line 1"),
         "{bad:?}"
     );
+    let empty = run("put", source, &["", "v"], None);
+    assert!(
+        String::from_utf8_lossy(&empty.stderr).contains("INVALID_REQUEST"),
+        "{empty:?}"
+    );
     let written = run("put", mirror, &["k", "v"], None);
     assert!(
         String::from_utf8_lossy(&written.stderr).contains("READ_ONLY"),

@@ -8,7 +8,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
-use xmirror_client::{Client, Error as ClientError, Get, Identity, Lsn, Scan, Write};
+use xmirror_client::{Client, Epoch, Error as ClientError, Get, Identity, Lsn, Scan, Write};
 use xmirror_e2e::{
     assert_converged, free_port, mirror_status, source_status, wait_until, xmirror_bin, World,
 };
@@ -685,4 +685,90 @@ async fn status_watch_rides_through_a_restart() {
     let _ = watcher.kill();
     let _ = watcher.wait();
     reader.join().unwrap();
+}
+
+/// `xmirror fence`: every write after it gets FENCED naming the epoch, across a restart;
+/// writes in flight when it lands are either before its final LSN or refused, never after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fenced_source_refuses_every_later_write_across_restarts() {
+    let world = World::new();
+    let mut source_node = world.start_source("source", &[]).await;
+    let addr = source_node.addr;
+    let source = world.client(addr).await;
+    source.put("before", "1").await.unwrap();
+
+    let load = xmirror_e2e::checker::WriteLoad::start(
+        &world.certs,
+        addr,
+        4,
+        100,
+        Duration::from_millis(1),
+    );
+    wait_until("writes under load", Duration::from_secs(30), || async {
+        (load.acked() >= 200).then_some(())
+    })
+    .await;
+    let certs = world.certs.display().to_string();
+    let node = addr.to_string();
+    let fence = world.cli(&["fence", "--node", &node, "--certs", &certs, "--name", "app"]);
+    assert!(fence.status.success(), "{fence:?}");
+    let printed = String::from_utf8(fence.stdout).unwrap();
+    let final_lsn: u64 = printed
+        .split("last_lsn=")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|lsn| lsn.parse().ok())
+        .unwrap_or_else(|| panic!("no last_lsn in {printed:?}"));
+    assert!(printed.starts_with("fenced by epoch 2"), "{printed}");
+    let acked = load.stop().await;
+    assert!(!acked.is_empty());
+    let beyond: Vec<_> = acked
+        .iter()
+        .filter(|write| write.lsn.0 > final_lsn)
+        .collect();
+    assert!(
+        beyond.is_empty(),
+        "acknowledged after the fence: {beyond:?}"
+    );
+    assert_eq!(source_status(&source).await.last_lsn, Lsn(final_lsn));
+
+    let refused = source.put("after", "2").await.unwrap_err();
+    assert_eq!(refused.code(), Some(ErrorCode::Fenced), "{refused}");
+    assert!(refused.to_string().contains("epoch 2"), "{refused}");
+    // Reads go on; the status says so.
+    assert_eq!(
+        source.get("before").await.unwrap().as_deref(),
+        Some(&b"1"[..])
+    );
+    assert_eq!(source_status(&source).await.fenced, Some(Epoch(2)));
+
+    // Only a later epoch, and only the node's own cluster's clients.
+    let early = world.cli(&[
+        "fence", "--node", &node, "--certs", &certs, "--name", "app", "--epoch", "1",
+    ]);
+    assert!(String::from_utf8_lossy(&early.stderr).contains("INVALID_REQUEST"));
+    let observer = world.client_as("m2", addr).await;
+    assert_eq!(
+        observer.fence(None).await.unwrap_err().code(),
+        Some(ErrorCode::NotAuthorized)
+    );
+
+    // Across a restart.
+    drop((source, observer));
+    assert!(source_node.stop().success());
+    let _source_node = world.start_source_on(addr, "source", &[]).await;
+    let source = world.client(addr).await;
+    assert_eq!(
+        source.put("later", "3").await.unwrap_err().code(),
+        Some(ErrorCode::Fenced)
+    );
+    let put = world.cli(&[
+        "put", "--node", &node, "--certs", &certs, "--name", "app", "k", "v",
+    ]);
+    let stderr = String::from_utf8_lossy(&put.stderr);
+    assert!(
+        !put.status.success() && stderr.contains("FENCED"),
+        "{stderr}"
+    );
+    assert_eq!(source_status(&source).await.last_lsn, Lsn(final_lsn));
 }

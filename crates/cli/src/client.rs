@@ -10,7 +10,7 @@ use anyhow::{bail, Context};
 use clap::Args;
 use xmirror_client::{Client, Get, Identity, Lsn, Scan};
 use xmirror_proto::status::{NodeStatus, SlotState};
-use xmirror_proto::{Name, UnixMillis};
+use xmirror_proto::{Epoch, Name, UnixMillis};
 
 use xmirror_net::now_millis;
 
@@ -360,6 +360,12 @@ pub fn render_status(status: &NodeStatus, rate: Option<f64>, now: UnixMillis) ->
                 "role          source {} of cluster {}",
                 source.name, source.cluster_id
             );
+            if let Some(epoch) = source.fenced {
+                let _ = writeln!(
+                    out,
+                    "fenced        by epoch {epoch}: writes refused (the database goes on elsewhere)"
+                );
+            }
             let _ = writeln!(out, "last_lsn      {}{rate}", source.last_lsn);
             let _ = writeln!(out, "wal_first_lsn {}", source.wal_first_lsn);
             let _ = writeln!(
@@ -590,6 +596,29 @@ pub async fn slots(args: SlotsArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+#[derive(Args)]
+pub struct FenceArgs {
+    #[command(flatten)]
+    node: NodeArgs,
+    /// The later epoch the database goes on in [default: the source's epoch plus one].
+    #[arg(long)]
+    epoch: Option<u64>,
+}
+
+/// Fences a source: it refuses every write from now on, across restarts.
+pub async fn fence(args: FenceArgs) -> anyhow::Result<()> {
+    let client = connect(&args.node).await?;
+    let reply = client
+        .fence(args.epoch.map(Epoch))
+        .await
+        .context("fence failed")?;
+    println!(
+        "fenced by epoch {}: last_lsn={} is final; writes get FENCED",
+        reply.fenced_by, reply.last_lsn
+    );
+    Ok(())
+}
+
 pub async fn digest(args: DigestArgs) -> anyhow::Result<()> {
     let client = connect(&args.node).await?;
     let (lsn, digest) = client.digest().await.context("digest failed")?;
@@ -650,6 +679,7 @@ mod tests {
             cluster_id: name("east"),
             database_id: xmirror_proto::DatabaseId([1; 16]),
             epoch: xmirror_proto::Epoch::FIRST,
+            fenced: Some(xmirror_proto::Epoch(2)),
             last_lsn: Lsn(1_000),
             wal_first_lsn: Lsn(10),
             commit_time: UnixMillis(0),
@@ -671,5 +701,6 @@ mod tests {
             "{table}"
         );
         assert!(table.contains("snapshot sent 0 B since start"), "{table}");
+        assert!(table.contains("fenced        by epoch 2"), "{table}");
     }
 }

@@ -58,6 +58,9 @@ enum Command {
     Digest(client::DigestArgs),
     /// List a source's slots, or drop one (releasing the WAL it holds).
     Slots(client::SlotsArgs),
+    /// Fence a source: it refuses every write from now on, across restarts (its database
+    /// goes on elsewhere).
+    Fence(client::FenceArgs),
     /// Run a source and a mirror on this machine, with no setup, and show them at work.
     Demo,
     /// Print shell completions for SHELL (bash, zsh, fish, elvish, powershell).
@@ -165,6 +168,7 @@ fn main() -> ExitCode {
                     Command::Status(args) => client::status(args).await,
                     Command::Digest(args) => client::digest(args).await,
                     Command::Slots(args) => client::slots(args).await,
+                    Command::Fence(args) => client::fence(args).await,
                     Command::Demo => demo::run().await,
                     Command::Certs(_) | Command::Completions { .. } | Command::Man { .. } => {
                         unreachable!("handled above")

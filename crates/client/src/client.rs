@@ -6,11 +6,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use xmirror_proto::message::{
-    BatchRequest, DeleteRequest, DigestRequest, DropSlotRequest, GetRequest, PutRequest,
-    SlotsRequest, StatusRequest, Write,
+    BatchRequest, DeleteRequest, DigestRequest, DropSlotRequest, FenceReply, FenceRequest,
+    GetRequest, PutRequest, SlotsRequest, StatusRequest, Write,
 };
 use xmirror_proto::status::{NodeStatus, SlotStatus};
-use xmirror_proto::{Lsn, Message, Name, PeerIdentity, StateDigest};
+use xmirror_proto::{Epoch, Lsn, Message, Name, PeerIdentity, StateDigest};
 use xmirror_tls::{ExpectedServer, NodeTls};
 
 use crate::connection::{within, Connection, Conversation};
@@ -360,6 +360,17 @@ impl Client {
         };
         match self.call(request).await? {
             Message::SlotsReply(reply) => Ok(reply.slots),
+            other => Err(Error::Unexpected(other.message_type())),
+        }
+    }
+
+    /// Fences the source (its own cluster's `client` certificates only): its database goes
+    /// on in `epoch` elsewhere (`None`: the source's epoch plus one), so it refuses every
+    /// write from now on with `FENCED`, across restarts. The reply's `last_lsn` is final:
+    /// no write lands after it.
+    pub async fn fence(&self, epoch: Option<Epoch>) -> Result<FenceReply, Error> {
+        match self.call(FenceRequest { epoch }).await? {
+            Message::FenceReply(reply) => Ok(reply),
             other => Err(Error::Unexpected(other.message_type())),
         }
     }

@@ -75,6 +75,7 @@ pub use connection::Conversation;
 pub use error::Error;
 pub use scan::{Scan, ScanStream, Scanned};
 pub use xmirror_net::Refusal;
+pub use xmirror_proto::message::FenceReply;
 pub use xmirror_proto::message::Write;
 pub use xmirror_proto::status::{MirrorState, MirrorStatus, NodeStatus, SlotStatus, SourceStatus};
-pub use xmirror_proto::{ErrorCode, Lsn, Name, StateDigest};
+pub use xmirror_proto::{Epoch, ErrorCode, Lsn, Name, StateDigest};

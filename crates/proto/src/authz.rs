@@ -47,7 +47,9 @@ impl Operation {
             MessageType::PutRequest | MessageType::DeleteRequest | MessageType::BatchRequest => {
                 Some(Operation::Write)
             }
-            MessageType::SlotsRequest | MessageType::DropSlotRequest => Some(Operation::Admin),
+            MessageType::SlotsRequest
+            | MessageType::DropSlotRequest
+            | MessageType::FenceRequest => Some(Operation::Admin),
             MessageType::Hello => Some(Operation::Mirror),
             _ => None,
         }

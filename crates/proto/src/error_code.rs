@@ -73,11 +73,14 @@ pub enum ErrorCode {
     /// The request itself is wrong: an empty key, an empty batch, a range that ends before
     /// it starts.
     InvalidRequest = 28,
+    /// A write reached a source fenced by a later epoch of its database (a promotion, or
+    /// `xmirror fence`): it takes no more writes.
+    Fenced = 29,
 }
 
 impl ErrorCode {
     /// Every code, in number order.
-    pub const ALL: [ErrorCode; 28] = [
+    pub const ALL: [ErrorCode; 29] = [
         ErrorCode::BadVersion,
         ErrorCode::ClusterIdMismatch,
         ErrorCode::ObserverOnly,
@@ -106,6 +109,7 @@ impl ErrorCode {
         ErrorCode::TooStale,
         ErrorCode::Timeout,
         ErrorCode::InvalidRequest,
+        ErrorCode::Fenced,
     ];
 
     /// The stable number on the wire and in QUIC close frames.
@@ -151,6 +155,7 @@ impl ErrorCode {
             ErrorCode::TooStale => "TOO_STALE",
             ErrorCode::Timeout => "TIMEOUT",
             ErrorCode::InvalidRequest => "INVALID_REQUEST",
+            ErrorCode::Fenced => "FENCED",
         }
     }
 
@@ -229,6 +234,7 @@ mod tests {
             ("TOO_STALE", 26),
             ("TIMEOUT", 27),
             ("INVALID_REQUEST", 28),
+            ("FENCED", 29),
         ];
         let actual: Vec<_> = ErrorCode::ALL
             .iter()
@@ -239,7 +245,7 @@ mod tests {
             assert_eq!(ErrorCode::from_number(code.number()), Some(code));
         }
         assert_eq!(ErrorCode::from_number(0), None);
-        assert_eq!(ErrorCode::from_number(29), None);
+        assert_eq!(ErrorCode::from_number(30), None);
     }
 
     #[test]

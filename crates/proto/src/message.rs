@@ -537,6 +537,25 @@ pub struct DropSlotRequest {
     pub mirror: String,
 }
 
+/// Admin API: fence the source. Its database goes on in epoch `epoch` elsewhere (none: the
+/// source's own epoch plus one), so it refuses every write from now on with `FENCED`,
+/// across restarts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FenceRequest {
+    /// The later epoch; none for the next one.
+    pub epoch: Option<Epoch>,
+}
+
+/// Reply to a fence: what the source is fenced by, and its last LSN, which no later write
+/// will pass (what a promoting mirror waits to have applied).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FenceReply {
+    /// The epoch the source is fenced by.
+    pub fenced_by: Epoch,
+    /// The source's last LSN, final.
+    pub last_lsn: Lsn,
+}
+
 /// Reply to a slots request or a drop: the slots now.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SlotsReply {
@@ -715,6 +734,8 @@ messages! {
     BatchRequest = 23,
     /// Client to node: a range scan.
     ScanRequest = 24,
+    /// Operator to source: fence it.
+    FenceRequest = 25,
     /// Node to client: a write is durable.
     WriteReply = 32,
     /// Node to client: a value.
@@ -729,4 +750,6 @@ messages! {
     SlotsReply = 37,
     /// Node to client: a page of a scan.
     ScanPage = 38,
+    /// Source to operator: fenced.
+    FenceReply = 39,
 }

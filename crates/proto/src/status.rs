@@ -29,6 +29,8 @@ pub struct SourceStatus {
     pub database_id: DatabaseId,
     /// The database's epoch.
     pub epoch: Epoch,
+    /// The later epoch the source is fenced by (it takes no writes), if any.
+    pub fenced: Option<Epoch>,
     /// The last LSN the writer announced durable.
     pub last_lsn: Lsn,
     /// The oldest LSN still in the WAL; `last_lsn + 1` when the WAL is empty.

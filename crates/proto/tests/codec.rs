@@ -114,6 +114,7 @@ fn node_status() -> impl Strategy<Value = NodeStatus> {
                     cluster_id,
                     database_id: DatabaseId([3; 16]),
                     epoch: Epoch::FIRST,
+                    fenced: (last_lsn.0 % 2 == 0).then_some(Epoch(2)),
                     last_lsn,
                     wal_first_lsn,
                     commit_time: UnixMillis(5),
@@ -338,6 +339,13 @@ fn message() -> impl Strategy<Value = Message> {
         Just(Message::DigestRequest(DigestRequest)),
         Just(Message::SlotsRequest(SlotsRequest)),
         ".{0,40}".prop_map(|mirror| Message::DropSlotRequest(DropSlotRequest { mirror })),
+        proptest::option::of(any::<u64>()).prop_map(|epoch| Message::FenceRequest(FenceRequest {
+            epoch: epoch.map(Epoch)
+        })),
+        (any::<u64>(), lsn()).prop_map(|(epoch, last_lsn)| Message::FenceReply(FenceReply {
+            fenced_by: Epoch(epoch),
+            last_lsn
+        })),
         node_status().prop_map(|status| Message::SlotsReply(SlotsReply {
             slots: match status {
                 NodeStatus::Source(source) => source.mirrors,
@@ -599,8 +607,8 @@ fn message_type_numbers_are_stable() {
     assert_eq!(
         numbers,
         [
-            1, 2, 3, 4, 5, 6, 7, 8, 9, 16, 17, 18, 19, 20, 21, 22, 23, 24, 32, 33, 34, 35, 36, 37,
-            38
+            1, 2, 3, 4, 5, 6, 7, 8, 9, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 32, 33, 34, 35, 36,
+            37, 38, 39
         ]
     );
 }

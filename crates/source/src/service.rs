@@ -11,10 +11,10 @@ use xmirror_net::error_chain;
 use xmirror_net::reads::{self, Applied};
 use xmirror_net::serve::{blocking_reply, error_reply, ClientService, Pages, Reply};
 use xmirror_proto::message::{
-    DigestReply, ErrorReply, ScanRequest, SlotsReply, StatusReply, WriteReply,
+    DigestReply, ErrorReply, FenceReply, ScanRequest, SlotsReply, StatusReply, WriteReply,
 };
 use xmirror_proto::status::{NodeStatus, SlotStatus, SourceStatus};
-use xmirror_proto::{Entry, ErrorCode, Message, PeerIdentity};
+use xmirror_proto::{Entry, Epoch, ErrorCode, Message, PeerIdentity};
 use xmirror_store::StoreError;
 
 use crate::{SourceConfig, SourceShared};
@@ -160,6 +160,7 @@ impl SourceService {
             cluster_id: shared.config.cluster_id.clone(),
             database_id: shared.database.id,
             epoch: shared.database.epoch,
+            fenced: shared.store.fenced(),
             // The writer's announcement, not the store's position: the store may already
             // hold a group whose flush has not returned.
             last_lsn: committed.last_lsn,
@@ -204,6 +205,39 @@ impl ClientService for SourceService {
             Message::SlotsRequest(_) => {
                 let slots = self.slots();
                 Box::pin(async move { Message::SlotsReply(SlotsReply { slots }) })
+            }
+            Message::FenceRequest(request) => {
+                let own = self.shared.database.epoch;
+                let by = request.epoch.unwrap_or(Epoch(own.0 + 1));
+                if by <= own {
+                    return error_reply(
+                        ErrorCode::InvalidRequest,
+                        format!(
+                            "a fence needs an epoch later than the source's own ({own}), got {by}"
+                        ),
+                    );
+                }
+                let shared = self.shared.clone();
+                blocking_reply(move || {
+                    let before = shared.store.fenced();
+                    let fenced_by = shared.store.fence(by)?;
+                    // No commit lands after the fence: this LSN is final.
+                    let last_lsn = shared.store.position().lsn;
+                    if before != Some(fenced_by) {
+                        tracing::warn!(
+                            fenced_by = fenced_by.0,
+                            last_lsn = last_lsn.0,
+                            "fenced: the database goes on in a later epoch elsewhere; refusing every write from now on"
+                        );
+                    }
+                    Ok::<_, StoreError>(
+                        FenceReply {
+                            fenced_by,
+                            last_lsn,
+                        }
+                        .into(),
+                    )
+                })
             }
             Message::DropSlotRequest(request) => {
                 let shared = self.shared.clone();

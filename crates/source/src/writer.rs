@@ -19,7 +19,7 @@ use xmirror_proto::session::SharedBatch;
 use xmirror_proto::ErrorCode;
 #[cfg(test)]
 use xmirror_proto::Message;
-use xmirror_proto::{Entry, Lsn, UnixMillis};
+use xmirror_proto::{Entry, Epoch, Lsn, UnixMillis};
 use xmirror_store::{Batch, Store, StoreError};
 
 /// The most entries one group commit takes, bounding a batch's memory and latency.
@@ -56,6 +56,10 @@ pub enum WriteError {
     /// The writer has stopped (the node is shutting down).
     #[error("the source is shutting down")]
     Stopped,
+    /// The source is fenced: its database went on in a later epoch elsewhere. Nothing of
+    /// the group was written, and the source goes on serving reads.
+    #[error("this source is fenced: its database went on in epoch {0} elsewhere; write to the new source")]
+    Fenced(Epoch),
 }
 
 impl WriteError {
@@ -65,6 +69,7 @@ impl WriteError {
         match self {
             WriteError::Store(_) | WriteError::Panicked(_) => ErrorCode::StoreFailed,
             WriteError::Stopped => ErrorCode::ShuttingDown,
+            WriteError::Fenced(_) => ErrorCode::Fenced,
         }
     }
 }
@@ -236,6 +241,13 @@ async fn run(
                     entries_since_start,
                     bytes_since_start,
                 });
+            }
+            // Refused before anything was written: the writer goes on (refusing the next
+            // groups the same way).
+            Ok((Err(StoreError::Fenced { by }), _)) => {
+                for reply in replies {
+                    let _ = reply.send(Err(WriteError::Fenced(by)));
+                }
             }
             Ok((Err(error), _)) => {
                 let error = WriteError::Store(Arc::new(error));

@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard};
 
 use xmirror_proto::hash::StateDigester;
-use xmirror_proto::{ChainHash, Lsn, SnapshotId, StateDigest};
+use xmirror_proto::{ChainHash, Epoch, Lsn, SnapshotId, StateDigest};
 
 use crate::record::{
     DatabaseIdentity, MirrorIdentity, RecordReader, RecordWriter, SnapshotProgress, SyncState,
@@ -39,6 +39,7 @@ const META_POSITION: &str = "position";
 const META_WAL_BASE: &str = "wal_base";
 const META_SYNC: &str = "sync";
 const META_DATABASE: &str = "database";
+const META_FENCED: &str = "fenced";
 /// The counter [`Store::begin_snapshot`] keeps of distinct snapshots begun.
 pub const SNAPSHOTS_STARTED: &str = "snapshots_started";
 
@@ -159,6 +160,9 @@ struct CachedMeta {
     sync: SyncState,
     /// The database held, read by every hello and status.
     database: Option<DatabaseIdentity>,
+    /// The later epoch the store is fenced by: checked by every commit under this lock,
+    /// so that no commit lands after a fence returns.
+    fenced: Option<Epoch>,
     /// Bytes of WAL records held (as stored): what `--max-wal-bytes` bounds. Counted once at
     /// open, then kept with every write and truncation.
     wal_bytes: u64,
@@ -244,6 +248,14 @@ fn create_private_dir(path: &Path) -> Result<(), StoreError> {
         })
 }
 
+/// A fence record: the epoch.
+fn decode_epoch(value: &[u8]) -> Result<Epoch, StoreError> {
+    let mut reader = RecordReader::new("fenced", value);
+    let epoch = Epoch(reader.u64()?);
+    reader.finish()?;
+    Ok(epoch)
+}
+
 /// Every key with `prefix`, in order.
 fn prefix_range(prefix: u8) -> KeyRange {
     (
@@ -303,6 +315,10 @@ impl<E: Engine> KvStore<E> {
             Some(value) => Some(DatabaseIdentity::decode(&value)?),
             None => None,
         };
+        let fenced = match engine.get(&meta_key(META_FENCED))? {
+            Some(value) => Some(decode_epoch(&value)?),
+            None => None,
+        };
         let mut wal_bytes = 0u64;
         engine.for_each(&prefix_range(WAL), &mut |_, value| {
             wal_bytes += value.len() as u64;
@@ -317,6 +333,7 @@ impl<E: Engine> KvStore<E> {
                 wal_base,
                 sync,
                 database,
+                fenced,
                 wal_bytes,
             }),
         })
@@ -358,7 +375,17 @@ impl<E: Engine> KvStore<E> {
     ) -> Result<Applied, StoreError> {
         self.check_failed()?;
         let mut state = self.lock();
-        match self.prepare(&state, &batch)? {
+        self.write_locked(&mut state, batch, write)
+    }
+
+    /// [`Self::write_batch`] with the write lock held.
+    fn write_locked(
+        &self,
+        state: &mut CachedMeta,
+        batch: Batch<'_>,
+        write: impl FnOnce(Writes<'_>) -> Result<(), StoreError>,
+    ) -> Result<Applied, StoreError> {
+        match self.prepare(state, &batch)? {
             Prepared::Nothing => Ok(Applied {
                 position: state.position,
                 newly_applied: 0,
@@ -553,7 +580,12 @@ impl<E: Engine> Store for KvStore<E> {
     }
 
     fn commit(&self, batch: Batch<'_>) -> Result<Applied, StoreError> {
-        self.write_batch(batch, |writes| {
+        self.check_failed()?;
+        let mut state = self.lock();
+        if let Some(by) = state.fenced {
+            return Err(StoreError::Fenced { by });
+        }
+        self.write_locked(&mut state, batch, |writes| {
             let _exclusive = E::READS_SEE_UNFLUSHED_WRITES.then(|| {
                 self.visibility
                     .write()
@@ -897,6 +929,26 @@ impl<E: Engine> Store for KvStore<E> {
 
     fn database(&self) -> Option<DatabaseIdentity> {
         self.lock().database
+    }
+
+    fn fenced(&self) -> Option<Epoch> {
+        self.lock().fenced
+    }
+
+    fn fence(&self, by: Epoch) -> Result<Epoch, StoreError> {
+        self.check_failed()?;
+        let mut state = self.lock();
+        if let Some(held) = state.fenced.filter(|held| *held >= by) {
+            return Ok(held);
+        }
+        let mut writes = Writes::default();
+        writes.put(
+            meta_key(META_FENCED),
+            RecordWriter::default().u64(by.0).finish(),
+        );
+        self.note_failure(self.engine.write_durably(writes))?;
+        state.fenced = Some(by);
+        Ok(by)
     }
 
     fn create_database(&self, database: DatabaseIdentity) -> Result<DatabaseIdentity, StoreError> {

@@ -120,7 +120,7 @@ impl Default for StoreOptions {
     }
 }
 
-use xmirror_proto::{ChainHash, Entry, Lsn, SnapshotId, StateDigest, UnixMillis};
+use xmirror_proto::{ChainHash, Entry, Epoch, Lsn, SnapshotId, StateDigest, UnixMillis};
 
 /// Where a store stands: its last applied LSN and the chain hash at it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -255,6 +255,13 @@ pub enum StoreError {
     /// Snapshot pairs must arrive in ascending key order, after the resume position.
     #[error("snapshot pairs out of key order")]
     SnapshotOutOfOrder,
+    /// The store is fenced ([`Store::fence`]): its database went on in a later epoch
+    /// elsewhere, so it commits no more writes.
+    #[error("the database went on in epoch {by} elsewhere: this store takes no more writes")]
+    Fenced {
+        /// The later epoch.
+        by: Epoch,
+    },
     /// An earlier write or flush failed: whether it survives is unknown, so the store
     /// refuses everything until it is reopened (the node restarts and recovery decides).
     #[error("the store refuses everything after a failed write or flush; restart to recover")]
@@ -429,6 +436,15 @@ pub trait Store: Send + Sync + 'static {
     /// one it holds. A source calls it at start with a new random id: a store keeps the id
     /// it was created with for life.
     fn create_database(&self, database: DatabaseIdentity) -> Result<DatabaseIdentity, StoreError>;
+
+    /// The later epoch this store's database was fenced by, if any: a source whose
+    /// database went on elsewhere (a promotion) refuses every write from then on.
+    fn fenced(&self) -> Option<Epoch>;
+
+    /// Records, durably, that a later epoch `by` of this database exists: the fence holds
+    /// across restarts. A fence by an epoch no later than one already recorded changes
+    /// nothing. Returns the epoch the store is fenced by.
+    fn fence(&self, by: Epoch) -> Result<Epoch, StoreError>;
 
     /// Every persisted slot (source side).
     fn slots(&self) -> Result<Vec<SlotRecord>, StoreError>;

@@ -621,6 +621,36 @@ pub fn consistency_needs_the_sources_chain_hash_at_the_end(engine: Engine) {
 
 /// A source's store is created with its database id and keeps it for life; a commit is
 /// durable and visible together.
+pub fn a_fence_refuses_every_later_commit_across_restarts(engine: Engine) {
+    let dir = TempDir::new().unwrap();
+    {
+        let store = engine.open(dir.path());
+        assert_eq!(store.fenced(), None);
+        store.commit(source_batch(1, &[put("k", "v")])).unwrap();
+        assert_eq!(store.fence(Epoch(2)).unwrap(), Epoch(2));
+        assert!(matches!(
+            store.commit(source_batch(2, &[put("k", "w")])),
+            Err(StoreError::Fenced { by: Epoch(2) })
+        ));
+        // An earlier epoch changes nothing; a later one moves the fence.
+        assert_eq!(store.fence(Epoch(1)).unwrap(), Epoch(2));
+        assert_eq!(store.fence(Epoch(3)).unwrap(), Epoch(3));
+        // Reads go on.
+        assert_eq!(store.get(b"k").unwrap(), Some(b"v".to_vec()));
+    }
+    let store = engine.open(dir.path());
+    assert_eq!(store.fenced(), Some(Epoch(3)));
+    assert!(matches!(
+        store.commit(source_batch(2, &[put("k", "w")])),
+        Err(StoreError::Fenced { by: Epoch(3) })
+    ));
+    assert_eq!(
+        store.position().lsn,
+        Lsn(1),
+        "nothing was written after the fence"
+    );
+}
+
 pub fn a_database_id_is_created_once_and_kept(engine: Engine) {
     let dir = TempDir::new().unwrap();
     {
@@ -987,6 +1017,7 @@ macro_rules! conformance {
             a_snapshot_ending_at_its_base_is_consistent_at_once,
             consistency_needs_the_sources_chain_hash_at_the_end,
             a_database_id_is_created_once_and_kept,
+            a_fence_refuses_every_later_commit_across_restarts,
             a_fuzzy_snapshot_plus_replay_equals_the_source,
             the_digest_depends_on_the_state_not_the_history,
             slots_and_counters_are_kept,

@@ -192,3 +192,66 @@ async fn a_hello_that_never_comes_times_out() {
     .unwrap_err();
     assert_eq!(end.code(), ErrorCode::HandshakeTimeout);
 }
+
+/// A hello from a mirror that holds a later epoch of the source's own database (the
+/// database went on elsewhere: a promotion) is refused `FENCED`, and the source fences
+/// itself: every later write is refused, and the fence is in its store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hello_of_a_later_epoch_fences_the_source() {
+    use xmirror_proto::message::Hello;
+    use xmirror_proto::{DivergencePolicy, Epoch, SUPPORTED_VERSIONS};
+    use xmirror_source::writer::WriteError;
+
+    let dir = TempDir::new().unwrap();
+    let source = source(&dir).await;
+    write(&source, "a", 10).await;
+    let (source_end, peer_end) = tokio::io::duplex(1 << 16);
+    let (source_read, source_write) = tokio::io::split(source_end);
+    let (peer_read, peer_write) = tokio::io::split(peer_end);
+    let session = tokio::spawn(run_source(
+        source_read,
+        source_write,
+        peer(Role::Observer),
+        source.clone(),
+        None,
+    ));
+    let mut writer = FramedWriter::new(peer_write, 1 << 16);
+    let mut reader = FramedReader::new(peer_read, 1 << 16);
+    let position = source.store.position();
+    writer
+        .send(Hello {
+            versions: SUPPORTED_VERSIONS,
+            source_cluster: name("east"),
+            database: name("main"),
+            mirror_name: name("m1"),
+            role: Role::Observer,
+            database_id: Some(source.database.id),
+            epoch: Epoch(2),
+            applied_lsn: position.lsn,
+            chain_hash: position.chain_hash,
+            resume: None,
+            on_divergence: DivergencePolicy::Halt,
+        })
+        .await
+        .unwrap();
+    match reader.expect_next().await.unwrap() {
+        Message::HelloAck(HelloAck::Rejected(rejected)) => {
+            assert_eq!(rejected.code, ErrorCode::Fenced, "{}", rejected.detail)
+        }
+        other => panic!("expected FENCED, got {other:?}"),
+    }
+    assert_eq!(
+        session.await.unwrap().unwrap_err().code(),
+        ErrorCode::Fenced
+    );
+    assert_eq!(source.store.fenced(), Some(Epoch(2)));
+    let refused = source
+        .writer
+        .write(Entry::Delete {
+            key: b"a00001".to_vec(),
+        })
+        .await
+        .unwrap_err();
+    assert!(matches!(refused, WriteError::Fenced(Epoch(2))), "{refused}");
+    assert_eq!(source.store.position(), position, "nothing written");
+}

@@ -10,7 +10,8 @@ use crate::error_code::ErrorCode;
 use crate::hash::ChainHash;
 use crate::message::{Decision, Hello, Rejected, SnapshotReason};
 use crate::types::{
-    DatabaseId, Divergence, DivergencePolicy, Lsn, Name, PeerIdentity, SnapshotId, VersionRange,
+    DatabaseId, Divergence, DivergencePolicy, Epoch, Lsn, Name, PeerIdentity, SnapshotId,
+    VersionRange,
 };
 
 /// What the source knows when a hello arrives.
@@ -24,6 +25,8 @@ pub struct SourceView<'a> {
     pub databases: &'a [Name],
     /// The source's database.
     pub database_id: DatabaseId,
+    /// The epoch of the source's history.
+    pub epoch: Epoch,
     /// The source's last durable LSN.
     pub last_lsn: Lsn,
     /// The oldest LSN still in the WAL (`last_lsn + 1` when the WAL is empty).
@@ -138,6 +141,18 @@ pub fn decide(hello: &Hello, peer: &PeerIdentity, view: &SourceView) -> Result<D
         return Err(Reject::new(
             ErrorCode::UnknownDatabase,
             format!("this source has no database {:?}", hello.database.as_str()),
+        ));
+    }
+    // The mirror holds a later epoch of this very database: the history went on elsewhere
+    // (a promotion), so this source must take no more writes. Its driver fences it.
+    if hello.database_id == Some(view.database_id) && hello.epoch > view.epoch {
+        return Err(Reject::new(
+            ErrorCode::Fenced,
+            format!(
+                "the mirror holds epoch {} of this database, later than this source's {}: \
+                 this source is fenced; point the mirror at the new source",
+                hello.epoch, view.epoch
+            ),
         ));
     }
     Ok(choose(hello, view))
@@ -275,6 +290,7 @@ mod tests {
             versions: SUPPORTED_VERSIONS,
             databases: &databases,
             database_id: DATABASE,
+            epoch: Epoch::FIRST,
             last_lsn: Lsn(500),
             wal_first_lsn: Lsn(101),
             chain_hash_at_mirror_lsn: source_hash,
@@ -297,6 +313,39 @@ mod tests {
             base_lsn: FRESH.base_lsn,
             base_chain_hash: FRESH.base_chain_hash,
             reason,
+        }
+    }
+
+    #[test]
+    fn a_mirror_holding_a_later_epoch_of_this_database_fences_the_source() {
+        let later = Hello {
+            epoch: Epoch(2),
+            ..hello(400)
+        };
+        let refusal = decide_with(&later, &observer(), Some(MIRROR_HASH), None).unwrap_err();
+        assert_eq!(refusal.code, ErrorCode::Fenced, "{}", refusal.detail);
+        assert!(refusal.detail.contains("epoch 2"), "{}", refusal.detail);
+        // Another database's epochs say nothing about this one.
+        let other = Hello {
+            database_id: Some(DatabaseId([9; 16])),
+            ..later.clone()
+        };
+        assert_eq!(
+            decide_with(&other, &observer(), Some(MIRROR_HASH), None),
+            Ok(Decision::Diverged {
+                reason: Divergence::DatabaseMismatch
+            })
+        );
+        // The same epoch, or an earlier one, streams as ever.
+        for epoch in [Epoch::FIRST, Epoch(0)] {
+            let same = Hello {
+                epoch,
+                ..hello(400)
+            };
+            assert_eq!(
+                decide_with(&same, &observer(), Some(MIRROR_HASH), None),
+                Ok(Decision::Stream { from_lsn: Lsn(401) })
+            );
         }
     }
 
@@ -651,6 +700,7 @@ mod tests {
             versions: SUPPORTED_VERSIONS,
             databases: &databases,
             database_id: DATABASE,
+            epoch: Epoch::FIRST,
             last_lsn: Lsn(500),
             wal_first_lsn: Lsn(101),
             chain_hash_at_mirror_lsn: None,
@@ -702,6 +752,7 @@ mod tests {
                     versions: SUPPORTED_VERSIONS,
                     databases: &databases,
                     database_id: DATABASE,
+            epoch: Epoch::FIRST,
                     last_lsn: Lsn(last),
                     wal_first_lsn: Lsn(wal_first),
                     chain_hash_at_mirror_lsn: source_hash,

@@ -170,6 +170,7 @@ impl ErrorCode {
                 | ErrorCode::RoleMismatch
                 | ErrorCode::UnknownDatabase
                 | ErrorCode::NotAuthorized
+                | ErrorCode::Fenced
         )
     }
 }
@@ -263,7 +264,8 @@ mod tests {
                 "OBSERVER_ONLY",
                 "ROLE_MISMATCH",
                 "UNKNOWN_DATABASE",
-                "NOT_AUTHORIZED"
+                "NOT_AUTHORIZED",
+                "FENCED"
             ]
         );
     }

@@ -433,6 +433,7 @@ proptest! {
             versions: SUPPORTED_VERSIONS,
             databases: &databases,
             database_id: DatabaseId([1; 16]),
+            epoch: Epoch::FIRST,
             last_lsn: Lsn(1_000),
             wal_first_lsn: Lsn(500),
             chain_hash_at_mirror_lsn: applied_known.then_some(hello.chain_hash),

@@ -31,7 +31,7 @@ use xmirror_net::{
 };
 use xmirror_proto::authz::NodeKind;
 use xmirror_proto::session::source::SourceSessionConfig;
-use xmirror_proto::{DatabaseId, Epoch};
+use xmirror_proto::{DatabaseId, Epoch, Lsn};
 use xmirror_proto::{ErrorCode, FrameLimits, Name, VersionRange, SUPPORTED_VERSIONS};
 use xmirror_store::{open_store, DatabaseIdentity, EngineKind, Store, StoreError, StoreOptions};
 use xmirror_tls::{NodeTls, ALPN_CLIENT, ALPN_MIRROR};
@@ -261,6 +261,24 @@ pub struct SourceShared {
 }
 
 impl SourceShared {
+    /// Fences this source by the later epoch `by` (durably; every later write gets
+    /// `FENCED`), saying so once in the log. Returns the epoch it is fenced by and its last
+    /// LSN, which no write will pass. Runs store work: call it off the async threads.
+    pub fn fence(&self, by: Epoch, learned_from: &str) -> Result<(Epoch, Lsn), StoreError> {
+        let before = self.store.fenced();
+        let fenced_by = self.store.fence(by)?;
+        let last_lsn = self.store.position().lsn;
+        if before != Some(fenced_by) {
+            tracing::warn!(
+                fenced_by = fenced_by.0,
+                last_lsn = last_lsn.0,
+                learned_from,
+                "fenced: the database goes on in a later epoch elsewhere; refusing every write from now on"
+            );
+        }
+        Ok((fenced_by, last_lsn))
+    }
+
     /// Opens the store (giving a new one its random database id) and starts the writer:
     /// everything but the network, so that the protocol handlers can also run over
     /// in-memory pipes. The receiver reports a failed group commit: the node must stop.

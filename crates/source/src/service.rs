@@ -219,17 +219,8 @@ impl ClientService for SourceService {
                 }
                 let shared = self.shared.clone();
                 blocking_reply(move || {
-                    let before = shared.store.fenced();
-                    let fenced_by = shared.store.fence(by)?;
-                    // No commit lands after the fence: this LSN is final.
-                    let last_lsn = shared.store.position().lsn;
-                    if before != Some(fenced_by) {
-                        tracing::warn!(
-                            fenced_by = fenced_by.0,
-                            last_lsn = last_lsn.0,
-                            "fenced: the database goes on in a later epoch elsewhere; refusing every write from now on"
-                        );
-                    }
+                    // No commit lands after the fence: the LSN it returns is final.
+                    let (fenced_by, last_lsn) = shared.fence(by, "xmirror fence")?;
                     Ok::<_, StoreError>(
                         FenceReply {
                             fenced_by,

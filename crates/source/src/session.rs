@@ -506,6 +506,7 @@ fn admit(
         versions: shared.config.versions,
         databases: &databases,
         database_id: shared.database.id,
+        epoch: shared.database.epoch,
         last_lsn: position.lsn,
         wal_first_lsn: wal.first,
         chain_hash_at_mirror_lsn: store.chain_hash_at(hello.applied_lsn)?,
@@ -514,6 +515,9 @@ fn admit(
         fresh_snapshot,
     };
     let mut decision = decide(&hello, peer, &view);
+    if matches!(&decision, Err(refusal) if refusal.code == ErrorCode::Fenced) {
+        shared.fence(hello.epoch, "a mirror's hello")?;
+    }
     let ticket = match &decision {
         Ok(Decision::Diverged { .. }) | Err(_) => None,
         Ok(accepted) => {

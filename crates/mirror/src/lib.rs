@@ -23,7 +23,7 @@ use xmirror_net::now_millis;
 use xmirror_net::serve::{serve_client_connection, ClientLimits, ClientServing};
 use xmirror_net::{
     accept_loop, client_endpoint, close_with, error_chain, refusal_of, server_endpoint,
-    AcceptLimits, EndpointError, TransportLimits,
+    AcceptLimits, EndpointError, Refusal, TransportLimits,
 };
 use xmirror_proto::authz::{authorize, NodeKind, Operation};
 use xmirror_proto::message::DecisionKind;
@@ -184,7 +184,16 @@ pub enum AttemptError {
         #[source]
         source: quinn::ConnectionError,
     },
-    /// The connection failed or was closed: the source closing it with a code, a lost path.
+    /// The source closed the connection with a code: a refused hello whose answer the
+    /// close overtook, `SHUTTING_DOWN`, `REPLACED`, ...
+    #[error("the source at {addr} closed the connection: {refusal}")]
+    Refused {
+        /// The source's address.
+        addr: SocketAddr,
+        /// Its code and detail.
+        refusal: Refusal,
+    },
+    /// The connection failed or was closed without a code: a lost path, a timeout.
     #[error("the connection to {addr} failed")]
     Connection {
         /// The source's address.
@@ -227,6 +236,8 @@ impl AttemptError {
         };
         if is_tls {
             AttemptError::Tls { addr, source }
+        } else if let Some(refusal) = refusal_of(&source) {
+            AttemptError::Refused { addr, refusal }
         } else {
             AttemptError::Connection { addr, source }
         }
@@ -242,9 +253,8 @@ impl AttemptError {
             | AttemptError::Tls { .. }
             | AttemptError::StoreFailed(_) => true,
             AttemptError::ConnectTimeout { .. } => false,
-            AttemptError::Connection { source, .. } => {
-                refusal_of(source).is_some_and(|refusal| refusal.code.is_permanent())
-            }
+            AttemptError::Refused { refusal, .. } => refusal.code.is_permanent(),
+            AttemptError::Connection { .. } => false,
             AttemptError::Session(error) => error.is_permanent(),
         }
     }
@@ -255,10 +265,8 @@ impl AttemptError {
             AttemptError::Dial { .. } => "dial",
             AttemptError::ConnectTimeout { .. } => "connect_timeout",
             AttemptError::WrongServer { .. } | AttemptError::Tls { .. } => "tls",
-            AttemptError::Connection { source, .. } => match refusal_of(source) {
-                Some(refusal) => refusal.code.name(),
-                None => "connection_lost",
-            },
+            AttemptError::Refused { refusal, .. } => refusal.code.name(),
+            AttemptError::Connection { .. } => "connection_lost",
             AttemptError::Session(error) => error.metric_label(),
             AttemptError::StoreFailed(_) => "store",
         }

@@ -13,6 +13,7 @@ use xmirror_proto::codec::encode_frame;
 use xmirror_proto::message::{
     Hello, HelloAck, MirrorAck, PutRequest, SnapshotChunk, SnapshotChunkAck,
 };
+use xmirror_proto::PROTOCOL_VERSION;
 use xmirror_proto::{
     ChainHash, ErrorCode, Lsn, Message, Name, Role, SnapshotId, SUPPORTED_VERSIONS,
 };
@@ -48,7 +49,7 @@ async fn connect(
 }
 
 fn frame(message: &Message) -> Vec<u8> {
-    let body = encode_frame(1, message).expect("encode");
+    let body = encode_frame(PROTOCOL_VERSION, message).expect("encode");
     let mut framed = (body.len() as u32).to_be_bytes().to_vec();
     framed.extend_from_slice(&body);
     framed
@@ -189,17 +190,17 @@ async fn hostile_peers_are_refused_while_a_mirror_streams() {
                 .expect("connect")
         }
     };
-    let four_gib = vec![0xFF, 0xFF, 0xFF, 0xFF, 0, 1, 1];
+    let four_gib = vec![0xFF, 0xFF, 0xFF, 0xFF, 0, 3, 1];
     assert_eq!(
         attack(&observer("m2").await, &[four_gib], false).await,
         Some(ErrorCode::FrameTooLarge)
     );
-    let truncated = vec![0, 0, 0, 100, 0, 1, 1, 7, 7];
+    let truncated = vec![0, 0, 0, 100, 0, 3, 1, 7, 7];
     assert_eq!(
         attack(&observer("m2").await, &[truncated], true).await,
         Some(ErrorCode::MalformedFrame)
     );
-    let unknown_type = vec![0, 0, 0, 3, 0, 1, 99];
+    let unknown_type = vec![0, 0, 0, 3, 0, 3, 99];
     assert_eq!(
         attack(&observer("m2").await, &[unknown_type], false).await,
         Some(ErrorCode::MalformedFrame)

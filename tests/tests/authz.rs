@@ -14,6 +14,7 @@ use xmirror_e2e::{World, CLUSTER};
 use xmirror_net::{client_endpoint, FramedReader, TransportLimits};
 use xmirror_proto::codec::encode_frame;
 use xmirror_proto::message::{Hello, HelloAck};
+use xmirror_proto::PROTOCOL_VERSION;
 use xmirror_proto::{ChainHash, ErrorCode, Lsn, Message, Name, Role, SUPPORTED_VERSIONS};
 use xmirror_tls::pki::issue_cluster;
 use xmirror_tls::{ExpectedServer, NodeTls, ALPN_MIRROR};
@@ -162,7 +163,7 @@ async fn mirror_hello(tls: &NodeTls, addr: SocketAddr) -> Outcome {
         resume: None,
         on_divergence: xmirror_proto::DivergencePolicy::Halt,
     });
-    let body = encode_frame(1, &hello).unwrap();
+    let body = encode_frame(PROTOCOL_VERSION, &hello).unwrap();
     let mut frame = (body.len() as u32).to_be_bytes().to_vec();
     frame.extend_from_slice(&body);
     let outcome = async {

@@ -9,6 +9,7 @@
 //! reconnects with backoff after transient failures and stops on permanent rejections.
 
 pub mod backoff;
+pub mod rewind;
 pub mod service;
 pub mod session;
 pub mod telemetry;
@@ -95,6 +96,11 @@ pub struct MirrorConfig {
     /// How often a halted mirror asks the source again. Default 5 s: it carries on by
     /// itself soon after the source is put right.
     pub halt_retry_interval: Duration,
+    /// Most WAL entries kept (the mirror keeps what it applies, so that once promoted it
+    /// streams to other mirrors). Default 10,000,000, as a source's.
+    pub max_wal_entries: u64,
+    /// Most WAL bytes kept. Default 4 GiB, as a source's.
+    pub max_wal_bytes: u64,
 }
 
 impl MirrorConfig {
@@ -127,6 +133,8 @@ impl MirrorConfig {
             max_handshakes: 32,
             on_divergence: DivergencePolicy::Halt,
             halt_retry_interval: Duration::from_secs(5),
+            max_wal_entries: 10_000_000,
+            max_wal_bytes: 4 << 30,
         }
     }
 }
@@ -350,6 +358,7 @@ pub(crate) fn decision_number(kind: DecisionKind) -> u64 {
         DecisionKind::Snapshot => 2,
         DecisionKind::ResumeSnapshot => 3,
         DecisionKind::Diverged => 4,
+        DecisionKind::Rewind => 5,
     }
 }
 
@@ -359,6 +368,7 @@ fn decision_from_number(number: u64) -> Option<DecisionKind> {
         2 => Some(DecisionKind::Snapshot),
         3 => Some(DecisionKind::ResumeSnapshot),
         4 => Some(DecisionKind::Diverged),
+        5 => Some(DecisionKind::Rewind),
         _ => None,
     }
 }

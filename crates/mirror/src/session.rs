@@ -43,6 +43,9 @@ pub enum SessionError {
     /// Store work panicked: a bug, reported as one.
     #[error("store work panicked")]
     StorePanicked(#[source] tokio::task::JoinError),
+    /// The writes a rewind takes back could not be saved, so nothing was changed.
+    #[error("rewind failed")]
+    Rewind(#[source] crate::rewind::PrepareError),
 }
 
 impl SessionError {
@@ -52,7 +55,9 @@ impl SessionError {
             SessionError::Ended(end) => end.code(),
             SessionError::Stream(error) => error.code(),
             SessionError::SourceSilent(_) => ErrorCode::HandshakeTimeout,
-            SessionError::Store(_) | SessionError::StorePanicked(_) => ErrorCode::Internal,
+            SessionError::Store(_) | SessionError::StorePanicked(_) | SessionError::Rewind(_) => {
+                ErrorCode::Internal
+            }
         }
     }
 
@@ -62,7 +67,7 @@ impl SessionError {
     pub fn is_permanent(&self) -> bool {
         match self {
             SessionError::Ended(end) => end.is_permanent(),
-            SessionError::Store(StoreError::Engine(_)) => true,
+            SessionError::Store(StoreError::Engine(_)) | SessionError::Rewind(_) => true,
             SessionError::Stream(_)
             | SessionError::SourceSilent(_)
             | SessionError::Store(_)
@@ -78,6 +83,7 @@ impl SessionError {
             SessionError::SourceSilent(_) => "source_silent",
             SessionError::Store(_) => "store",
             SessionError::StorePanicked(_) => "store_panicked",
+            SessionError::Rewind(_) => "rewind",
         }
     }
 }
@@ -300,12 +306,76 @@ fn start_work(shared: &MirrorShared, action: MirrorAction) -> Work {
                 consistent,
             })
         }),
-        MirrorAction::ApplyBatches(group) => Box::pin(async move {
-            let (position, consistent) = blocking(move || apply_group(&*store, &group)).await?;
-            Ok(MirrorEvent::BatchesApplied {
-                applied_lsn: position.lsn,
-                consistent,
+        MirrorAction::ApplyBatches(group) => {
+            let caps = (shared.config.max_wal_entries, shared.config.max_wal_bytes);
+            Box::pin(async move {
+                let (position, consistent) = blocking(move || {
+                    let applied = apply_group(&*store, &group)?;
+                    xmirror_store::enforce_wal_caps(&*store, caps.0, caps.1)?;
+                    Ok(applied)
+                })
+                .await?;
+                Ok(MirrorEvent::BatchesApplied {
+                    applied_lsn: position.lsn,
+                    consistent,
+                })
             })
+        }
+        MirrorAction::PrepareRewind(plan) => {
+            let data_dir = shared.config.data_dir.clone();
+            Box::pin(async move {
+                let fields = plan.log_fields;
+                tracing::info!(
+                    decision = fields.decision,
+                    from_lsn = fields.from_lsn,
+                    "source decided: rewinding what this node holds beyond the fork"
+                );
+                let prepared = tokio::task::spawn_blocking(move || {
+                    crate::rewind::prepare(&*store, &data_dir, &plan)
+                })
+                .await
+                .map_err(SessionError::StorePanicked)?;
+                Ok(MirrorEvent::RewindPrepared(match prepared {
+                    Ok(prepared) => {
+                        tracing::warn!(
+                            entries = prepared.entries,
+                            keys = prepared.keys.len(),
+                            file = %prepared.file.display(),
+                            "rewinding: the writes this node holds beyond the fork are saved; fetching the source's values of the keys they touched"
+                        );
+                        Ok(prepared.keys)
+                    }
+                    Err(crate::rewind::PrepareError::Impossible(reason)) => {
+                        tracing::error!(reason = %reason, "cannot rewind");
+                        Err(reason)
+                    }
+                    Err(crate::rewind::PrepareError::Store(error)) => {
+                        return Err(SessionError::Store(error))
+                    }
+                    Err(error @ crate::rewind::PrepareError::Save { .. }) => {
+                        return Err(SessionError::Rewind(error))
+                    }
+                }))
+            })
+        }
+        MirrorAction::ApplyRewind(apply) => Box::pin(async move {
+            let (to_lsn, target, keys) = (apply.to_lsn, apply.target.0, apply.values.len());
+            blocking(move || {
+                crate::rewind::apply(&*store, &apply)?;
+                store.set_counter(
+                    crate::LAST_DECISION,
+                    crate::decision_number(DecisionKind::Rewind),
+                )?;
+                store.flush()
+            })
+            .await?;
+            tracing::info!(
+                to_lsn = to_lsn.0,
+                consistent_at = target.0,
+                keys,
+                "rewound to the fork; streaming from it"
+            );
+            Ok(MirrorEvent::RewindApplied)
         }),
         MirrorAction::UseDataFrameLimit | MirrorAction::ArmTimer(..) => {
             unreachable!("handled by the driver's loop")
@@ -340,7 +410,8 @@ fn prepare(store: &dyn Store, preparation: &Preparation) -> Result<(), StoreErro
         crate::LAST_DECISION,
         crate::decision_number(preparation.decision),
     )?;
-    if let Some(start) = preparation.begin_snapshot {
+    let begun = preparation.begin_snapshot;
+    if let Some(start) = begun {
         // `begin_snapshot` counts it in `snapshots_started`, atomically with marking the store.
         store.begin_snapshot(
             start.snapshot_id,
@@ -354,6 +425,15 @@ fn prepare(store: &dyn Store, preparation: &Preparation) -> Result<(), StoreErro
             },
         )?;
     }
+    // The copy is part of the source's history (the decision says so): keep its record,
+    // and its epoch, the source's.
+    if let (Some(held), Some(last)) = (store.database(), preparation.history.last()) {
+        let database = DatabaseIdentity {
+            id: held.id,
+            epoch: last.epoch,
+        };
+        store.adopt_history(database, &preparation.history)?;
+    }
     store.flush()
 }
 
@@ -364,7 +444,9 @@ fn apply_group(store: &dyn Store, group: &WalGroup) -> Result<(Position, bool), 
         first_lsn: group.first_lsn,
         entries: &group.entries,
         commit_time: group.commit_time,
-        keep_wal: false,
+        // Kept, under the same retention as a source's: once promoted, this node streams
+        // it to other mirrors, and a rewind reads what it takes back from it.
+        keep_wal: true,
         expected_chain_hash: Some(group.chain_hash),
     })?;
     store.flush()?;

@@ -369,6 +369,51 @@ pub(crate) mod byte_pairs {
     }
 }
 
+/// Byte strings, each encoded as bytes (not as a sequence of u8).
+pub(crate) mod byte_vecs {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use serde_bytes::{ByteBuf, Bytes};
+
+    pub fn serialize<S: Serializer>(items: &[Vec<u8>], serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_seq(items.iter().map(|item| Bytes::new(item)))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        deserializer: D,
+    ) -> Result<Vec<Vec<u8>>, D::Error> {
+        let items = Vec::<ByteBuf>::deserialize(deserializer)?;
+        Ok(items.into_iter().map(ByteBuf::into_vec).collect())
+    }
+}
+
+/// Keys with optional values (`None`: absent), encoded as bytes.
+pub(crate) mod byte_options {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use serde_bytes::{ByteBuf, Bytes};
+
+    /// Keys and their values, if any.
+    type Values = Vec<(Vec<u8>, Option<Vec<u8>>)>;
+
+    pub fn serialize<S: Serializer>(
+        values: &[(Vec<u8>, Option<Vec<u8>>)],
+        serializer: S,
+    ) -> Result<S::Ok, S::Error> {
+        serializer.collect_seq(
+            values
+                .iter()
+                .map(|(key, value)| (Bytes::new(key), value.as_deref().map(Bytes::new))),
+        )
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Values, D::Error> {
+        let values = Vec::<(ByteBuf, Option<ByteBuf>)>::deserialize(deserializer)?;
+        Ok(values
+            .into_iter()
+            .map(|(key, value)| (key.into_vec(), value.map(ByteBuf::into_vec)))
+            .collect())
+    }
+}
+
 #[cfg(test)]
 mod wire_format {
     use crate::message::{Entry, SnapshotChunk, WalBatch};
@@ -393,10 +438,10 @@ mod wire_format {
             commit_time: UnixMillis(5),
         }
         .into();
-        let mut expected = vec![0, 1, 5, 7, 2, 0, 2, 97, 98, 3, 120, 121, 122, 1, 1, 107];
+        let mut expected = vec![0, 3, 5, 7, 2, 0, 2, 97, 98, 3, 120, 121, 122, 1, 1, 107];
         expected.extend([3; 32]);
         expected.push(5);
-        assert_eq!(super::encode_frame(1, &batch).unwrap().to_vec(), expected);
+        assert_eq!(super::encode_frame(3, &batch).unwrap().to_vec(), expected);
         assert_eq!(super::decode_frame(&expected).unwrap(), batch);
 
         let chunk: Message = SnapshotChunk {
@@ -404,8 +449,8 @@ mod wire_format {
             pairs: vec![(b"a".to_vec(), b"bc".to_vec())],
         }
         .into();
-        let expected = vec![0, 1, 3, 2, 1, 1, 97, 2, 98, 99];
-        assert_eq!(super::encode_frame(1, &chunk).unwrap().to_vec(), expected);
+        let expected = vec![0, 3, 3, 2, 1, 1, 97, 2, 98, 99];
+        assert_eq!(super::encode_frame(3, &chunk).unwrap().to_vec(), expected);
         assert_eq!(super::decode_frame(&expected).unwrap(), chunk);
     }
 }

@@ -8,6 +8,7 @@
 use crate::authz::{authorize, NodeKind, Operation};
 use crate::error_code::ErrorCode;
 use crate::hash::ChainHash;
+use crate::history::{successor_of, EpochStart};
 use crate::message::{Decision, Hello, Rejected, SnapshotReason};
 use crate::types::{
     DatabaseId, Divergence, DivergencePolicy, Epoch, Lsn, Name, PeerIdentity, SnapshotId,
@@ -27,6 +28,8 @@ pub struct SourceView<'a> {
     pub database_id: DatabaseId,
     /// The epoch of the source's history.
     pub epoch: Epoch,
+    /// Where each of the source's epochs began, oldest first.
+    pub history: &'a [EpochStart],
     /// The source's last durable LSN.
     pub last_lsn: Lsn,
     /// The oldest LSN still in the WAL (`last_lsn + 1` when the WAL is empty).
@@ -213,6 +216,24 @@ fn choose(hello: &Hello, view: &SourceView) -> Decision {
         Some(_) => {}
     }
     let applied = hello.applied_lsn;
+    // A node of an earlier epoch (a failed-over source come back, or a mirror that followed
+    // it further than the promoted one had): it shares this history up to the fork at
+    // most, and what it holds beyond it is rewound, not thrown away. Its own chain hash
+    // at the fork is its to check.
+    if hello.epoch < view.epoch {
+        if let Some(next) = successor_of(view.history, hello.epoch) {
+            let fork = next.fork_lsn();
+            if applied > fork {
+                if fork.next() < view.wal_first_lsn {
+                    return diverged(Divergence::DivergedHistory);
+                }
+                return Decision::Rewind {
+                    to_lsn: fork,
+                    chain_hash: next.chain_hash_before,
+                };
+            }
+        }
+    }
     if applied > view.last_lsn {
         return diverged(Divergence::SourceBehind);
     }
@@ -291,6 +312,7 @@ mod tests {
             databases: &databases,
             database_id: DATABASE,
             epoch: Epoch::FIRST,
+            history: &[EpochStart::FIRST],
             last_lsn: Lsn(500),
             wal_first_lsn: Lsn(101),
             chain_hash_at_mirror_lsn: source_hash,
@@ -313,6 +335,75 @@ mod tests {
             base_lsn: FRESH.base_lsn,
             base_chain_hash: FRESH.base_chain_hash,
             reason,
+        }
+    }
+
+    /// A source in epoch 3, promoted at LSN 300 (epoch 2 began at 201, epoch 3 at 301),
+    /// at LSN 500, its WAL from `wal_first`.
+    fn decide_after_promotions(hello: &Hello, wal_first: u64) -> Decision {
+        let cluster = name("east");
+        let databases = [name("main")];
+        let history = [
+            EpochStart::FIRST,
+            EpochStart {
+                epoch: Epoch(2),
+                first_lsn: Lsn(201),
+                chain_hash_before: ChainHash([2; 32]),
+            },
+            EpochStart {
+                epoch: Epoch(3),
+                first_lsn: Lsn(301),
+                chain_hash_before: ChainHash([3; 32]),
+            },
+        ];
+        let view = SourceView {
+            cluster_id: &cluster,
+            versions: SUPPORTED_VERSIONS,
+            databases: &databases,
+            database_id: DATABASE,
+            epoch: Epoch(3),
+            history: &history,
+            last_lsn: Lsn(500),
+            wal_first_lsn: Lsn(wal_first),
+            chain_hash_at_mirror_lsn: Some(MIRROR_HASH),
+            resumable: None,
+            chain_hash_at_resume_base: None,
+            fresh_snapshot: FRESH,
+        };
+        decide(hello, &observer(), &view).unwrap()
+    }
+
+    #[test]
+    fn a_node_of_an_earlier_epoch_is_rewound_to_where_the_next_epoch_forked() {
+        let at = |epoch: u64, applied: u64, policy: DivergencePolicy| Hello {
+            epoch: Epoch(epoch),
+            on_divergence: policy,
+            ..hello(applied)
+        };
+        let rewind = |to_lsn: u64, hash: u8| Decision::Rewind {
+            to_lsn: Lsn(to_lsn),
+            chain_hash: ChainHash([hash; 32]),
+        };
+        let halt = DivergencePolicy::Halt;
+        let resnapshot = DivergencePolicy::Resnapshot;
+        #[rustfmt::skip]
+        let cases = [
+            // (label, hello, WAL from, decision)
+            ("epoch 1 beyond the first fork", at(1, 250, halt), 1, rewind(200, 2)),
+            ("epoch 1 beyond the source's last LSN", at(1, 900, halt), 1, rewind(200, 2)),
+            ("epoch 2 beyond its fork", at(2, 320, halt), 1, rewind(300, 3)),
+            ("epoch 2 at its fork: its history is ours", at(2, 300, halt), 1, Decision::Stream { from_lsn: Lsn(301) }),
+            ("epoch 1 short of the fork streams", at(1, 150, halt), 1, Decision::Stream { from_lsn: Lsn(151) }),
+            ("the current epoch streams", at(3, 450, halt), 1, Decision::Stream { from_lsn: Lsn(451) }),
+            ("the WAL after the fork is gone: halt", at(1, 250, halt), 260, Decision::Diverged { reason: Divergence::DivergedHistory }),
+            ("the WAL after the fork is gone: resnapshot", at(1, 250, resnapshot), 260, fresh(SnapshotReason::DivergedHistory)),
+        ];
+        for (label, hello, wal_first, expected) in cases {
+            assert_eq!(
+                decide_after_promotions(&hello, wal_first),
+                expected,
+                "{label}"
+            );
         }
     }
 
@@ -433,7 +524,7 @@ mod tests {
         bad.versions = VersionRange { min: 7, max: 9 };
         let reject = decide_with(&bad, &observer(), Some(MIRROR_HASH), None).unwrap_err();
         assert_eq!(reject.code, ErrorCode::BadVersion);
-        assert!(reject.detail.contains("1..=2"), "{}", reject.detail);
+        assert!(reject.detail.contains("3..=3"), "{}", reject.detail);
     }
 
     #[test]
@@ -701,6 +792,7 @@ mod tests {
             databases: &databases,
             database_id: DATABASE,
             epoch: Epoch::FIRST,
+            history: &[EpochStart::FIRST],
             last_lsn: Lsn(500),
             wal_first_lsn: Lsn(101),
             chain_hash_at_mirror_lsn: None,
@@ -752,7 +844,8 @@ mod tests {
                     versions: SUPPORTED_VERSIONS,
                     databases: &databases,
                     database_id: DATABASE,
-            epoch: Epoch::FIRST,
+                    epoch: Epoch::FIRST,
+                    history: &[EpochStart::FIRST],
                     last_lsn: Lsn(last),
                     wal_first_lsn: Lsn(wal_first),
                     chain_hash_at_mirror_lsn: source_hash,
@@ -788,6 +881,7 @@ mod tests {
                         prop_assert!(explained);
                     }
                     Decision::ResumeSnapshot { .. } => prop_assert!(false, "no token was sent"),
+                    Decision::Rewind { .. } => prop_assert!(false, "one epoch only"),
                 }
             }
         }

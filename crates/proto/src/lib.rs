@@ -12,6 +12,7 @@ pub mod codec;
 pub mod decide;
 mod error_code;
 pub mod hash;
+pub mod history;
 pub mod message;
 pub mod session;
 pub mod status;
@@ -21,6 +22,7 @@ pub use codec::{FrameCodec, FrameError, FrameLimits};
 pub use decide::{decide, negotiate_version, Reject, SnapshotPlan, SourceView};
 pub use error_code::ErrorCode;
 pub use hash::{ChainHash, StateDigest};
+pub use history::EpochStart;
 pub use message::{Decision, DecisionKind, Entry, Message, SnapshotReason};
 pub use types::{
     DatabaseId, Divergence, DivergencePolicy, Epoch, Lsn, Name, NameError, PeerIdentity, Role,

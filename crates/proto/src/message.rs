@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error_code::ErrorCode;
 use crate::hash::{ChainHash, StateDigest};
+use crate::history::EpochStart;
 use crate::status::{NodeStatus, SlotStatus};
 use crate::types::{
     DatabaseId, Divergence, DivergencePolicy, Epoch, Lsn, Name, Role, SnapshotId, UnixMillis,
@@ -175,7 +176,10 @@ pub struct Accepted {
     /// The source's last durable LSN when it decided, so the mirror knows how far behind
     /// it is (and whether the source is behind it).
     pub source_last_lsn: Lsn,
-    /// Snapshot, stream, or diverged.
+    /// Where each of the source's epochs began, oldest first: a mirror keeps it with its
+    /// copy, so that once promoted it can tell any node how far their histories agree.
+    pub history: Vec<EpochStart>,
+    /// Snapshot, stream, rewind, or diverged.
     pub decision: Decision,
 }
 
@@ -226,6 +230,16 @@ pub enum Decision {
         /// How the mirror's history differs from the source's.
         reason: Divergence,
     },
+    /// The mirror holds an earlier epoch's history that went on beyond where this one
+    /// forked from it (a failed-over source come back): it rewinds to `to_lsn` by fetching
+    /// the current values of the keys its extra entries touched (`RewindRequest`), then is
+    /// streamed from `to_lsn + 1`.
+    Rewind {
+        /// The last LSN both histories share: the start of the source's next epoch less one.
+        to_lsn: Lsn,
+        /// The source's chain hash there; the mirror checks its own against it.
+        chain_hash: ChainHash,
+    },
 }
 
 impl Decision {
@@ -259,6 +273,7 @@ impl Decision {
                 fields.after_key_len = Some(after_key.as_ref().map_or(0, Vec::len) as u64);
             }
             Decision::Diverged { reason } => fields.reason = Some(reason.code().name()),
+            Decision::Rewind { to_lsn, .. } => fields.from_lsn = Some(to_lsn.0 + 1),
         }
         fields
     }
@@ -270,6 +285,7 @@ impl Decision {
             Decision::Snapshot { .. } => DecisionKind::Snapshot,
             Decision::ResumeSnapshot { .. } => DecisionKind::ResumeSnapshot,
             Decision::Diverged { .. } => DecisionKind::Diverged,
+            Decision::Rewind { .. } => DecisionKind::Rewind,
         }
     }
 }
@@ -278,7 +294,7 @@ impl Decision {
 /// not have are `None`, and a log line leaves them out.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct DecisionFields {
-    /// `stream`, `snapshot`, `resume_snapshot` or `diverged`.
+    /// `stream`, `snapshot`, `resume_snapshot`, `diverged` or `rewind`.
     pub decision: &'static str,
     /// Where streaming starts.
     pub from_lsn: Option<u64>,
@@ -304,6 +320,8 @@ pub enum DecisionKind {
     ResumeSnapshot,
     /// See [`Decision::Diverged`].
     Diverged,
+    /// See [`Decision::Rewind`].
+    Rewind,
 }
 
 /// Why the source chose a fresh snapshot over streaming.
@@ -335,6 +353,7 @@ impl DecisionKind {
             DecisionKind::Snapshot => "snapshot",
             DecisionKind::ResumeSnapshot => "resume_snapshot",
             DecisionKind::Diverged => "diverged",
+            DecisionKind::Rewind => "rewind",
         }
     }
 }
@@ -475,6 +494,54 @@ pub struct DeleteRequest {
     /// The key.
     #[serde(with = "serde_bytes")]
     pub key: Vec<u8>,
+}
+
+/// Mirror to source, after a `Rewind` decision: send the current values of these keys
+/// (the ones the mirror's entries beyond the fork touched). An empty list ends the rewind:
+/// the source then streams from the fork.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RewindRequest {
+    /// Keys, each at most once.
+    #[serde(with = "crate::codec::byte_vecs")]
+    pub keys: Vec<Vec<u8>>,
+}
+
+/// Source to mirror: the current values of the first keys of a `RewindRequest`, all read
+/// from one state (as many as fit in a frame; at least one). The mirror asks again for
+/// the rest.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RewindValues {
+    /// The LSN of the state the values were read at: the rewound mirror is consistent once
+    /// it has applied it.
+    pub lsn: Lsn,
+    /// The source's chain hash at `lsn`.
+    pub chain_hash: ChainHash,
+    /// The keys in the order asked, with their values (`None`: absent).
+    #[serde(with = "crate::codec::byte_options")]
+    pub values: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+}
+
+/// Operator to mirror: become a source. Planned (the default): fence the source, wait
+/// until its last LSN is applied, then promote. `force`: promote at once at the applied LSN.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PromoteRequest {
+    /// Promote without the source (it is gone); writes it acknowledged beyond the mirror's
+    /// applied LSN are lost to the new history.
+    pub force: bool,
+}
+
+/// Reply to a promotion: the new epoch and what the promoted node knew of its old source.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PromoteReply {
+    /// The node's new epoch.
+    pub epoch: Epoch,
+    /// The first LSN of the new epoch (the applied LSN at promotion plus one).
+    pub first_lsn: Lsn,
+    /// The last LSN of the old source the mirror knew of: with `force`, the writes between
+    /// `first_lsn` and it are not in the new history.
+    pub source_last_lsn: Lsn,
+    /// Milliseconds since the mirror last heard from the old source (`None`: never).
+    pub source_contact_ms: Option<u64>,
 }
 
 /// Client API: apply several puts and deletes atomically (sources only).
@@ -716,6 +783,10 @@ messages! {
     SnapshotChunkAck = 8,
     /// Source to mirror: how large the snapshot is, for progress.
     SnapshotSize = 9,
+    /// Mirror to source: keys to rewind.
+    RewindRequest = 10,
+    /// Source to mirror: their current values.
+    RewindValues = 11,
     /// Client to node: put.
     PutRequest = 16,
     /// Client to node: delete.
@@ -734,8 +805,10 @@ messages! {
     BatchRequest = 23,
     /// Client to node: a range scan.
     ScanRequest = 24,
-    /// Operator to source: fence it.
+    /// Operator to source (or a promoting mirror on its control stream): fence it.
     FenceRequest = 25,
+    /// Operator to mirror: promote it.
+    PromoteRequest = 26,
     /// Node to client: a write is durable.
     WriteReply = 32,
     /// Node to client: a value.
@@ -750,6 +823,8 @@ messages! {
     SlotsReply = 37,
     /// Node to client: a page of a scan.
     ScanPage = 38,
-    /// Source to operator: fenced.
+    /// Source to operator (or to a promoting mirror): fenced.
     FenceReply = 39,
+    /// Mirror to operator: promoted.
+    PromoteReply = 40,
 }

@@ -8,13 +8,14 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
-/// The protocol version this build speaks best. Version 2 added batch entries in the WAL
-/// (version 1 sessions end with `BAD_VERSION` rather than be sent one).
-pub const PROTOCOL_VERSION: u16 = 2;
+/// The protocol version this build speaks. Version 2 added batch entries in the WAL;
+/// version 3 the epoch history in the ack, rewinds and promotion. Version 3 changed the
+/// ack itself, so it cannot speak 1 or 2: nodes are upgraded together (docs/PROTOCOL.md).
+pub const PROTOCOL_VERSION: u16 = 3;
 
 /// Every protocol version this build can speak, as a mirror or as a source.
 pub const SUPPORTED_VERSIONS: VersionRange = VersionRange {
-    min: 1,
+    min: 3,
     max: PROTOCOL_VERSION,
 };
 

@@ -221,6 +221,7 @@ fn message() -> impl Strategy<Value = Message> {
             .prop_map(
                 |(source_cluster, version, database_id, epoch, source_last_lsn, decision)| {
                     HelloAck::Accepted(Accepted {
+                        history: vec![xmirror_proto::EpochStart::FIRST],
                         source_cluster,
                         version,
                         database_id,
@@ -434,6 +435,7 @@ proptest! {
             databases: &databases,
             database_id: DatabaseId([1; 16]),
             epoch: Epoch::FIRST,
+            history: &[xmirror_proto::EpochStart::FIRST],
             last_lsn: Lsn(1_000),
             wal_first_lsn: Lsn(500),
             chain_hash_at_mirror_lsn: applied_known.then_some(hello.chain_hash),
@@ -463,7 +465,7 @@ proptest! {
 
     #[test]
     fn any_body_after_a_valid_header_is_handled(message_type in any::<u8>(), body in bytes(256)) {
-        let mut frame = vec![0, 1, message_type];
+        let mut frame = vec![0, 3, message_type];
         frame.extend_from_slice(&body);
         match decode_frame(&frame) {
             Ok(message) => prop_assert_eq!(message.message_type() as u8, message_type),
@@ -528,7 +530,7 @@ fn malformed_frames_get_typed_errors() {
         Err(FrameError::Truncated { len: 2 })
     ));
     assert!(matches!(
-        decode_frame(&[0, 1, 200]),
+        decode_frame(&[0, 3, 200]),
         Err(FrameError::UnknownType(200))
     ));
     assert!(matches!(
@@ -537,12 +539,12 @@ fn malformed_frames_get_typed_errors() {
     ));
     // StatusRequest has an empty body: one extra byte is trailing garbage.
     assert!(matches!(
-        decode_frame(&[0, 1, 19, 0]),
+        decode_frame(&[0, 3, 19, 0]),
         Err(FrameError::TrailingBytes { extra: 1, .. })
     ));
     // A hello whose body is cut short.
     assert!(matches!(
-        decode_frame(&[0, 1, 1, 1]),
+        decode_frame(&[0, 3, 1, 1]),
         Err(FrameError::MalformedBody { .. })
     ));
     // A truncated stream is an error at EOF, not a silent end.
@@ -594,7 +596,7 @@ fn a_name_that_fails_validation_fails_decoding() {
 #[test]
 fn a_claimed_huge_collection_fails_without_allocating() {
     // GetRequest { key: Vec<u8> } whose varint length claims u64::MAX bytes.
-    let mut frame = vec![0, 1, 18, 0xFF];
+    let mut frame = vec![0, 3, 18, 0xFF];
     frame.extend_from_slice(&u64::MAX.to_le_bytes());
     assert!(matches!(
         decode_frame(&frame),
@@ -608,8 +610,8 @@ fn message_type_numbers_are_stable() {
     assert_eq!(
         numbers,
         [
-            1, 2, 3, 4, 5, 6, 7, 8, 9, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 32, 33, 34, 35, 36,
-            37, 38, 39
+            1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 32, 33,
+            34, 35, 36, 37, 38, 39, 40
         ]
     );
 }

@@ -17,7 +17,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 use xmirror_net::{sleep_until, FrameSender, FramedReader};
-use xmirror_proto::message::{Hello, WalBatch};
+use xmirror_proto::message::{FenceReply, Hello, RewindValues, WalBatch};
 use xmirror_proto::session::source::{
     Committed, SourceAction, SourceEnd, SourceEvent, SourceSession, SourceStanding, SourceTimer,
 };
@@ -30,6 +30,10 @@ use xmirror_store::{MirrorIdentity, StoreError};
 
 use crate::slots::{BeginError, SessionTicket};
 use crate::SourceShared;
+
+/// Key and value bytes per `RewindValues` frame: well inside the data frame limit, with
+/// room for each pair's length prefixes.
+const REWIND_VALUES_BYTES: usize = 4 << 20;
 
 /// Why a session ended, when not by the mirror finishing it.
 #[derive(Debug, thiserror::Error)]
@@ -369,6 +373,27 @@ where
                     shared.slots.snapshot_sent(mirror, ticket.id);
                 }
             }
+            SourceAction::ReadRewindValues { keys } => {
+                let store = shared.store.clone();
+                let budget = REWIND_VALUES_BYTES.min(self.limits.largest_payload() / 2);
+                let read = blocking(move || store.get_many(&keys, budget));
+                self.work.push(Box::pin(async move {
+                    let (position, values) = read.await?;
+                    Ok(Some(SourceEvent::RewindValuesRead(RewindValues {
+                        lsn: position.lsn,
+                        chain_hash: position.chain_hash,
+                        values,
+                    })))
+                }));
+            }
+            SourceAction::Fence(epoch) => {
+                let (fenced_by, last_lsn) =
+                    blocking(move || shared.fence(epoch, "a promoting mirror")).await?;
+                self.machine.handle(SourceEvent::Fenced(FenceReply {
+                    fenced_by,
+                    last_lsn,
+                }));
+            }
             SourceAction::ArmTimer(timer, after) => self.timers.arm(timer, after),
         }
         Ok(())
@@ -391,6 +416,9 @@ where
                 }
                 Decision::ResumeSnapshot { .. } => {
                     crate::telemetry::snapshot_sent(hello.mirror_name.as_str(), "resumed")
+                }
+                Decision::Rewind { .. } => {
+                    crate::telemetry::rewind_served(hello.mirror_name.as_str())
                 }
                 Decision::Stream { .. } | Decision::Diverged { .. } => {}
             }
@@ -501,12 +529,14 @@ fn admit(
         None => None,
     };
     let databases = [shared.config.database.clone()];
+    let history = store.history();
     let view = SourceView {
         cluster_id: &shared.config.cluster_id,
         versions: shared.config.versions,
         databases: &databases,
         database_id: shared.database.id,
         epoch: shared.database.epoch,
+        history: &history,
         last_lsn: position.lsn,
         wal_first_lsn: wal.first,
         chain_hash_at_mirror_lsn: store.chain_hash_at(hello.applied_lsn)?,
@@ -543,6 +573,7 @@ fn admit(
         source: SourceStanding {
             database_id: shared.database.id,
             epoch: shared.database.epoch,
+            history,
             last_lsn: position.lsn,
         },
     })

@@ -25,11 +25,7 @@ pub struct RetentionPlan<K> {
     pub invalidate: Vec<K>,
 }
 
-/// The lowest LSN the caps let the WAL keep: at most `max_entries` entries, and no more
-/// bytes than the byte cap allows (`bytes_floor`, which the store computes).
-pub fn cap_floor(last_lsn: Lsn, max_entries: u64, bytes_floor: Lsn) -> Lsn {
-    Lsn((last_lsn.0 + 1).saturating_sub(max_entries).max(1)).max(bytes_floor)
-}
+pub use xmirror_store::cap_floor;
 
 /// Whether a slot without a live session, last seen at `last_seen`, has been idle beyond
 /// `timeout` (none: slots never go idle).
@@ -277,6 +273,8 @@ impl Slots {
         }
         let (state, acked, snapshot) = match decision {
             Decision::Stream { from_lsn } => (SlotState::Streaming, Lsn(from_lsn.0 - 1), None),
+            // The rewound mirror streams from the fork: the WAL after it stays.
+            Decision::Rewind { to_lsn, .. } => (SlotState::Streaming, *to_lsn, None),
             Decision::Snapshot {
                 snapshot_id,
                 base_lsn,

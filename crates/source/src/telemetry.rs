@@ -27,6 +27,11 @@ pub fn snapshot_sent(mirror: &str, kind: &'static str) {
         .increment(1);
 }
 
+/// Counts a rewind served to `mirror` (a failed-over source come back as a mirror).
+pub fn rewind_served(mirror: &str) {
+    metrics::counter!("xmirror_source_rewinds_total", "mirror" => mirror.to_owned()).increment(1);
+}
+
 /// Counts a mirror handshake by outcome (and refusal code).
 pub fn handshake(code: Option<ErrorCode>) {
     let (outcome, code) = match code {

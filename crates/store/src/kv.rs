@@ -20,14 +20,15 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard};
 
 use xmirror_proto::hash::StateDigester;
-use xmirror_proto::{ChainHash, Epoch, Lsn, SnapshotId, StateDigest};
+use xmirror_proto::{ChainHash, Epoch, EpochStart, Lsn, SnapshotId, StateDigest};
 
 use crate::record::{
-    DatabaseIdentity, MirrorIdentity, RecordReader, RecordWriter, SnapshotProgress, SyncState,
+    decode_history, encode_history, DatabaseIdentity, MirrorIdentity, RecordReader, RecordWriter,
+    SnapshotProgress, SyncState,
 };
 use crate::{
-    Applied, Batch, Position, ScanChunk, SlotRecord, Store, StoreError, StoreOptions, WalBounds,
-    WalRecord,
+    Applied, Batch, KeyValue, Position, Rewind, ScanChunk, SlotRecord, Store, StoreError,
+    StoreOptions, WalBounds, WalRecord,
 };
 
 const DATA: u8 = b'd';
@@ -40,8 +41,12 @@ const META_WAL_BASE: &str = "wal_base";
 const META_SYNC: &str = "sync";
 const META_DATABASE: &str = "database";
 const META_FENCED: &str = "fenced";
+const META_HISTORY: &str = "history";
+const META_PROMOTED: &str = "promoted";
 /// The counter [`Store::begin_snapshot`] keeps of distinct snapshots begun.
 pub const SNAPSHOTS_STARTED: &str = "snapshots_started";
+/// The counter [`Store::rewind`] keeps of rewinds applied.
+pub const REWINDS: &str = "rewinds";
 
 /// How many keys one clearing or truncating batch removes: bounds the memory of a batch
 /// while keeping the number of batches small.
@@ -163,6 +168,10 @@ struct CachedMeta {
     /// The later epoch the store is fenced by: checked by every commit under this lock,
     /// so that no commit lands after a fence returns.
     fenced: Option<Epoch>,
+    /// Where each epoch began (empty until recorded: the first epoch alone).
+    history: Vec<EpochStart>,
+    /// Promoted and not fenced or rewound since.
+    promoted: bool,
     /// Bytes of WAL records held (as stored): what `--max-wal-bytes` bounds. Counted once at
     /// open, then kept with every write and truncation.
     wal_bytes: u64,
@@ -319,6 +328,11 @@ impl<E: Engine> KvStore<E> {
             Some(value) => Some(decode_epoch(&value)?),
             None => None,
         };
+        let history = match engine.get(&meta_key(META_HISTORY))? {
+            Some(value) => decode_history(&value)?,
+            None => Vec::new(),
+        };
+        let promoted = engine.get(&meta_key(META_PROMOTED))?.is_some();
         let mut wal_bytes = 0u64;
         engine.for_each(&prefix_range(WAL), &mut |_, value| {
             wal_bytes += value.len() as u64;
@@ -334,6 +348,8 @@ impl<E: Engine> KvStore<E> {
                 sync,
                 database,
                 fenced,
+                history,
+                promoted,
                 wal_bytes,
             }),
         })
@@ -962,6 +978,184 @@ impl<E: Engine> Store for KvStore<E> {
         self.note_failure(self.engine.write_durably(writes))?;
         state.database = Some(database);
         Ok(database)
+    }
+
+    fn history(&self) -> Vec<EpochStart> {
+        let state = self.lock();
+        if state.history.is_empty() {
+            vec![EpochStart::FIRST]
+        } else {
+            state.history.clone()
+        }
+    }
+
+    fn adopt_history(
+        &self,
+        database: DatabaseIdentity,
+        history: &[EpochStart],
+    ) -> Result<(), StoreError> {
+        self.check_failed()?;
+        let mut state = self.lock();
+        if state.database == Some(database) && state.history == history {
+            return Ok(());
+        }
+        xmirror_proto::history::check(history).map_err(|error| StoreError::Corrupt {
+            record: "history",
+            detail: error.to_string(),
+        })?;
+        let mut writes = Writes::default();
+        writes.put(meta_key(META_DATABASE), database.encode());
+        writes.put(meta_key(META_HISTORY), encode_history(history));
+        let epoch_changed = state.database.map(|held| held.epoch) != Some(database.epoch);
+        if epoch_changed {
+            // It follows another epoch's source now: it is that source's mirror.
+            writes.delete(meta_key(META_PROMOTED));
+        }
+        self.note_failure(self.engine.write_durably(writes))?;
+        state.database = Some(database);
+        state.history = history.to_vec();
+        state.promoted &= !epoch_changed;
+        Ok(())
+    }
+
+    fn promote(&self) -> Result<EpochStart, StoreError> {
+        self.check_failed()?;
+        let mut state = self.lock();
+        let held = match (&state.sync, state.database) {
+            (SyncState::Consistent, Some(database)) => database,
+            (SyncState::Fresh, Some(database)) => database,
+            (SyncState::Fresh, None) => return Err(StoreError::NotPromotable("empty")),
+            (SyncState::Scanning(_), _) => {
+                return Err(StoreError::NotPromotable("receiving a snapshot"))
+            }
+            (SyncState::Replaying { .. }, _) => {
+                return Err(StoreError::NotPromotable(
+                    "replaying the WAL to a snapshot's or a rewind's end",
+                ))
+            }
+            (SyncState::Consistent, None) => return Err(StoreError::NotPromotable("empty")),
+        };
+        let mut history = if state.history.is_empty() {
+            vec![EpochStart::FIRST]
+        } else {
+            state.history.clone()
+        };
+        let known = history
+            .iter()
+            .map(|start| start.epoch)
+            .chain([held.epoch])
+            .chain(state.fenced)
+            .max()
+            .unwrap_or(Epoch::FIRST);
+        let start = EpochStart {
+            epoch: Epoch(known.0 + 1),
+            first_lsn: state.position.lsn.next(),
+            chain_hash_before: state.position.chain_hash,
+        };
+        history.push(start);
+        let database = DatabaseIdentity {
+            id: held.id,
+            epoch: start.epoch,
+        };
+        let mut writes = Writes::default();
+        writes.put(meta_key(META_DATABASE), database.encode());
+        writes.put(meta_key(META_HISTORY), encode_history(&history));
+        writes.put(meta_key(META_PROMOTED), Vec::new());
+        writes.delete(meta_key(META_FENCED));
+        self.note_failure(self.engine.write_durably(writes))?;
+        state.database = Some(database);
+        state.history = history;
+        state.promoted = true;
+        state.fenced = None;
+        Ok(start)
+    }
+
+    fn promoted(&self) -> bool {
+        let state = self.lock();
+        state.promoted && state.fenced.is_none()
+    }
+
+    fn rewind(&self, rewind: Rewind<'_>) -> Result<(), StoreError> {
+        self.check_failed()?;
+        let mut state = self.lock();
+        let to = rewind.to;
+        if to.lsn < state.wal_base.lsn || to.lsn > state.position.lsn {
+            return Err(StoreError::WalTruncated {
+                requested: to.lsn.next(),
+                first: state.wal_base.lsn.next(),
+            });
+        }
+        let mut writes = Writes::default();
+        // The WAL beyond the fork is another history's: it goes with the rewind.
+        let mut removed_bytes = 0u64;
+        self.engine.for_each(
+            &(
+                Bound::Excluded(wal_key(to.lsn).to_vec()),
+                Bound::Excluded(vec![WAL + 1]),
+            ),
+            &mut |key, value| {
+                removed_bytes += value.len() as u64;
+                writes.delete(key.to_vec());
+                Ok(true)
+            },
+        )?;
+        for (key, value) in rewind.values {
+            match value {
+                Some(value) => writes.put(data_key(key), value.as_slice()),
+                None => writes.delete(data_key(key)),
+            }
+        }
+        let sync = if rewind.target.lsn > to.lsn {
+            SyncState::Replaying { end: rewind.target }
+        } else if rewind.target == to {
+            SyncState::Consistent
+        } else {
+            return Err(StoreError::ChainMismatch {
+                lsn: to.lsn,
+                expected: rewind.target.chain_hash,
+                actual: to.chain_hash,
+            });
+        };
+        writes.put(meta_key(META_POSITION), encode_position(&to));
+        writes.put(meta_key(META_SYNC), sync.encode());
+        writes.put(meta_key(META_DATABASE), rewind.database.encode());
+        writes.put(meta_key(META_HISTORY), encode_history(rewind.history));
+        writes.delete(meta_key(META_PROMOTED));
+        let rewinds = self.counter(REWINDS)?.saturating_add(1);
+        writes.put(
+            meta_key(&format!("counter/{REWINDS}")),
+            RecordWriter::default().u64(rewinds).finish(),
+        );
+        self.note_failure(self.engine.write_durably(writes))?;
+        state.position = to;
+        state.sync = sync;
+        state.database = Some(rewind.database);
+        state.history = rewind.history.to_vec();
+        state.promoted = false;
+        state.wal_bytes = state.wal_bytes.saturating_sub(removed_bytes);
+        Ok(())
+    }
+
+    fn get_many(
+        &self,
+        keys: &[Vec<u8>],
+        max_bytes: usize,
+    ) -> Result<(Position, Vec<KeyValue>), StoreError> {
+        let _reading = self.reading()?;
+        // Writers hold this lock for a whole batch: every value is of one state.
+        let state = self.lock();
+        let mut values = Vec::new();
+        let mut bytes = 0;
+        for key in keys {
+            let value = self.engine.get(&data_key(key))?;
+            let pair_bytes = key.len() + value.as_ref().map_or(0, Vec::len);
+            if bytes + pair_bytes > max_bytes && !values.is_empty() {
+                break;
+            }
+            bytes += pair_bytes;
+            values.push((key.clone(), value));
+        }
+        Ok((state.position, values))
     }
 
     fn slots(&self) -> Result<Vec<SlotRecord>, StoreError> {

@@ -16,7 +16,7 @@ mod redb_engine;
 mod sled_engine;
 pub mod testing;
 
-pub use kv::{KvStore, RangeVisitor, SNAPSHOTS_STARTED};
+pub use kv::{KvStore, RangeVisitor, REWINDS, SNAPSHOTS_STARTED};
 pub use record::{
     DatabaseIdentity, MirrorIdentity, SlotRecord, SnapshotProgress, SnapshotRef, SyncState,
     WalRecord,
@@ -120,7 +120,9 @@ impl Default for StoreOptions {
     }
 }
 
-use xmirror_proto::{ChainHash, Entry, Epoch, Lsn, SnapshotId, StateDigest, UnixMillis};
+use xmirror_proto::{
+    ChainHash, Entry, Epoch, EpochStart, Lsn, SnapshotId, StateDigest, UnixMillis,
+};
 
 /// Where a store stands: its last applied LSN and the chain hash at it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -152,6 +154,52 @@ pub struct Batch<'a> {
     pub keep_wal: bool,
     /// The chain hash the sender says the batch ends at; a mismatch refuses the batch.
     pub expected_chain_hash: Option<ChainHash>,
+}
+
+/// The lowest LSN the caps let the WAL keep: at most `max_entries` entries, and no more
+/// bytes than the byte cap allows (`bytes_floor`, from [`Store::wal_floor_for_bytes`]).
+/// A source keeps more for its slots within it; a mirror keeps exactly this.
+pub fn cap_floor(last_lsn: Lsn, max_entries: u64, bytes_floor: Lsn) -> Lsn {
+    Lsn((last_lsn.0 + 1).saturating_sub(max_entries).max(1)).max(bytes_floor)
+}
+
+/// Truncates the WAL to the caps when it holds more (a mirror's retention: it has no
+/// slots of its own to keep).
+pub fn enforce_wal_caps(
+    store: &dyn Store,
+    max_entries: u64,
+    max_bytes: u64,
+) -> Result<(), StoreError> {
+    if store.wal_bounds().len() <= max_entries && store.wal_bytes() <= max_bytes {
+        return Ok(());
+    }
+    let floor = cap_floor(
+        store.position().lsn,
+        max_entries,
+        store.wal_floor_for_bytes(max_bytes)?,
+    );
+    store.truncate_wal(floor)
+}
+
+/// A key and its value, if it has one.
+pub type KeyValue = (Vec<u8>, Option<Vec<u8>>);
+
+/// A failback's rewind, applied in one store write by [`Store::rewind`].
+#[derive(Clone, Copy, Debug)]
+pub struct Rewind<'a> {
+    /// The fork: the last LSN the store shares with its new source, and the chain hash
+    /// there. The store's WAL beyond it is removed and its position goes back to it.
+    pub to: Position,
+    /// The new source's current values of every key the removed entries touched (`None`:
+    /// absent there).
+    pub values: &'a [KeyValue],
+    /// The source's state the values were read at: the store is consistent once it has
+    /// applied the WAL up to it, with this chain hash.
+    pub target: Position,
+    /// The source's database and epoch, which the store now holds.
+    pub database: DatabaseIdentity,
+    /// The source's epoch history, which the store takes on.
+    pub history: &'a [EpochStart],
 }
 
 /// The result of [`Store::apply`].
@@ -277,6 +325,9 @@ pub enum StoreError {
     /// WAL entries cannot be applied while a snapshot scan is incomplete.
     #[error("cannot apply WAL entries while snapshot {0} is still scanning")]
     SnapshotInProgress(SnapshotId),
+    /// Only a store holding a consistent copy of a database can be promoted.
+    #[error("the store holds no consistent copy of a database (it is {0}): nothing to promote")]
+    NotPromotable(&'static str),
 }
 
 /// An engine's own error, boxed so that engine types stay inside this crate.
@@ -445,6 +496,44 @@ pub trait Store: Send + Sync + 'static {
     /// across restarts. A fence by an epoch no later than one already recorded changes
     /// nothing. Returns the epoch the store is fenced by.
     fn fence(&self, by: Epoch) -> Result<Epoch, StoreError>;
+
+    /// Where each epoch of the store's database began, oldest first (`[EpochStart::FIRST]`
+    /// until a promotion or a source says otherwise).
+    fn history(&self) -> Vec<EpochStart>;
+
+    /// Takes on a source's database identity (its epoch) and epoch history, durably, when
+    /// they differ from the store's: a mirror whose copy is part of the source's history
+    /// keeps the record of it, so that once promoted it can tell others where they stand.
+    fn adopt_history(
+        &self,
+        database: DatabaseIdentity,
+        history: &[EpochStart],
+    ) -> Result<(), StoreError>;
+
+    /// Promotes the store, durably: a new epoch (one past every epoch it knows of, its
+    /// fence included) starts after the applied LSN, the fence is lifted, and the store is
+    /// marked as a source's. Refused unless it holds a consistent copy. Returns the new
+    /// epoch's start.
+    fn promote(&self) -> Result<EpochStart, StoreError>;
+
+    /// Whether the store was promoted and has not been fenced or rewound since: its node
+    /// is a source, even when started with a mirror's command line.
+    fn promoted(&self) -> bool;
+
+    /// Rewinds the store to `rewind.to` in one durable write: removes the WAL beyond it,
+    /// sets the fetched values, takes on the source's database and history, and waits for
+    /// the WAL up to `rewind.target` before it is consistent again; counts it in
+    /// [`REWINDS`]. Refused when the WAL no longer reaches back to the fork.
+    fn rewind(&self, rewind: Rewind<'_>) -> Result<(), StoreError>;
+
+    /// The values of the first of `keys` (as many as fit in `max_bytes` of keys and values,
+    /// at least one), all read from one state, with that state's position: what a rewinding
+    /// mirror is sent.
+    fn get_many(
+        &self,
+        keys: &[Vec<u8>],
+        max_bytes: usize,
+    ) -> Result<(Position, Vec<KeyValue>), StoreError>;
 
     /// Every persisted slot (source side).
     fn slots(&self) -> Result<Vec<SlotRecord>, StoreError>;

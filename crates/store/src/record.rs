@@ -6,7 +6,9 @@
 //! [`StoreError::Corrupt`], never a panic.
 
 use xmirror_proto::message::Write;
-use xmirror_proto::{ChainHash, DatabaseId, Entry, Epoch, Lsn, Name, SnapshotId, UnixMillis};
+use xmirror_proto::{
+    ChainHash, DatabaseId, Entry, Epoch, EpochStart, Lsn, Name, SnapshotId, UnixMillis,
+};
 
 use crate::{Position, StoreError};
 
@@ -327,6 +329,38 @@ impl DatabaseIdentity {
             epoch,
         })
     }
+}
+
+/// A database's epoch history as stored: a count, then each start.
+pub(crate) fn encode_history(history: &[EpochStart]) -> Vec<u8> {
+    let mut writer = RecordWriter::default();
+    writer.u64(history.len() as u64);
+    for start in history {
+        writer
+            .u64(start.epoch.0)
+            .u64(start.first_lsn.0)
+            .hash(&start.chain_hash_before);
+    }
+    writer.finish()
+}
+
+pub(crate) fn decode_history(value: &[u8]) -> Result<Vec<EpochStart>, StoreError> {
+    let mut reader = RecordReader::new("history", value);
+    let count = reader.u64()?;
+    let mut history = Vec::new();
+    for _ in 0..count {
+        history.push(EpochStart {
+            epoch: Epoch(reader.u64()?),
+            first_lsn: Lsn(reader.u64()?),
+            chain_hash_before: reader.hash()?,
+        });
+    }
+    reader.finish()?;
+    xmirror_proto::history::check(&history).map_err(|error| StoreError::Corrupt {
+        record: "history",
+        detail: error.to_string(),
+    })?;
+    Ok(history)
 }
 
 impl SyncState {

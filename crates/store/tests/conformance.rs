@@ -15,12 +15,12 @@ use tempfile::TempDir;
 use xmirror_proto::hash::StateDigester;
 use xmirror_proto::message::Write;
 use xmirror_proto::{
-    ChainHash, DatabaseId, Entry, Epoch, Lsn, Name, SnapshotId, StateDigest, UnixMillis,
+    ChainHash, DatabaseId, Entry, Epoch, EpochStart, Lsn, Name, SnapshotId, StateDigest, UnixMillis,
 };
 use xmirror_store::testing::{open_engine, open_engine_waiting, workload_entry};
 use xmirror_store::{
-    Batch, DatabaseIdentity, MirrorIdentity, Position, SlotRecord, SnapshotRef, Store, StoreError,
-    SyncState, WalBounds, SNAPSHOTS_STARTED,
+    Batch, DatabaseIdentity, MirrorIdentity, Position, Rewind, SlotRecord, SnapshotRef, Store,
+    StoreError, SyncState, WalBounds, REWINDS, SNAPSHOTS_STARTED,
 };
 
 /// An engine under test, by its name in `testing::ENGINES`.
@@ -651,6 +651,158 @@ pub fn a_fence_refuses_every_later_commit_across_restarts(engine: Engine) {
     );
 }
 
+/// A promotion starts the next epoch after the applied LSN, past any fence it knew of,
+/// lifts the fence, and is kept; following a later epoch's source makes it a mirror again.
+pub fn a_promotion_starts_an_epoch_after_the_applied_lsn(engine: Engine) {
+    let dir = TempDir::new().unwrap();
+    {
+        let store = engine.open(dir.path());
+        assert!(matches!(store.promote(), Err(StoreError::NotPromotable(_))));
+        store.create_database(DATABASE).unwrap();
+        assert_eq!(store.history(), vec![EpochStart::FIRST]);
+        let at = store
+            .commit(source_batch(1, &[put("a", "1"), put("b", "2")]))
+            .unwrap()
+            .position;
+        store.fence(Epoch(2)).unwrap();
+        let start = store.promote().unwrap();
+        assert_eq!(
+            start,
+            EpochStart {
+                epoch: Epoch(3),
+                first_lsn: Lsn(3),
+                chain_hash_before: at.chain_hash,
+            },
+            "past the fence's epoch, after the applied LSN"
+        );
+        assert!(store.promoted());
+        assert_eq!(store.fenced(), None);
+        store.commit(source_batch(3, &[put("c", "3")])).unwrap();
+    }
+    let store = engine.open(dir.path());
+    assert!(store.promoted());
+    assert_eq!(store.database().unwrap().epoch, Epoch(3));
+    let history = store.history();
+    assert_eq!(history.len(), 2);
+    assert_eq!(history[1].first_lsn, Lsn(3));
+    // A fence sets it apart again; so does taking on a later source's history.
+    store.fence(Epoch(4)).unwrap();
+    assert!(!store.promoted());
+    let mut later = history.clone();
+    later.push(EpochStart {
+        epoch: Epoch(4),
+        first_lsn: Lsn(4),
+        chain_hash_before: store.position().chain_hash,
+    });
+    let database = DatabaseIdentity {
+        id: DATABASE.id,
+        epoch: Epoch(4),
+    };
+    store.adopt_history(database, &later).unwrap();
+    assert_eq!(store.history(), later);
+    assert_eq!(store.database(), Some(database));
+    // A history that goes back is refused, not stored.
+    let backwards = [later[1], later[0]];
+    assert!(store.adopt_history(database, &backwards).is_err());
+    assert_eq!(store.history(), later);
+}
+
+/// A rewind puts a store that went on beyond a fork back on the new history: the values
+/// fetched for the keys it touched, the fork as its position, consistent once the new
+/// history's WAL up to the fetch is replayed; and it is counted.
+pub fn a_rewind_goes_back_to_the_fork_in_one_write(engine: Engine) {
+    let old_dir = TempDir::new().unwrap();
+    let new_dir = TempDir::new().unwrap();
+    let old = engine.open(old_dir.path());
+    let new = engine.open(new_dir.path());
+    let shared = [put("a", "1"), put("b", "2"), put("c", "3")];
+    for store in [&old, &new] {
+        store.create_database(DATABASE).unwrap();
+        store.commit(source_batch(1, &shared)).unwrap();
+    }
+    let fork = new.position();
+    // The old history went on with writes the new one never saw...
+    let old_only = [put("a", "old"), delete("b"), put("x", "old")];
+    old.commit(source_batch(4, &old_only)).unwrap();
+    // ...and the new one with others.
+    let new_only = [put("b", "new"), put("y", "new"), delete("c")];
+    new.commit(source_batch(4, &new_only)).unwrap();
+    let target = new.position();
+
+    let keys: Vec<Vec<u8>> = vec![b"a".to_vec(), b"b".to_vec(), b"x".to_vec()];
+    let (read_at, values) = new.get_many(&keys, 1 << 20).unwrap();
+    assert_eq!(read_at, target);
+    assert_eq!(
+        values,
+        vec![
+            (b"a".to_vec(), Some(b"1".to_vec())),
+            (b"b".to_vec(), Some(b"new".to_vec())),
+            (b"x".to_vec(), None),
+        ]
+    );
+    // A budget cuts the answer after the first pair that exceeds it, never before one.
+    assert_eq!(new.get_many(&keys, 1).unwrap().1.len(), 1);
+
+    let history = [
+        EpochStart::FIRST,
+        EpochStart {
+            epoch: Epoch(2),
+            first_lsn: fork.lsn.next(),
+            chain_hash_before: fork.chain_hash,
+        },
+    ];
+    let database = DatabaseIdentity {
+        id: DATABASE.id,
+        epoch: Epoch(2),
+    };
+    old.rewind(Rewind {
+        to: fork,
+        values: &values,
+        target,
+        database,
+        history: &history,
+    })
+    .unwrap();
+    assert_eq!(old.position(), fork);
+    assert_eq!(old.sync_state(), SyncState::Replaying { end: target });
+    assert_eq!(
+        old.wal_bounds().last,
+        fork.lsn,
+        "the other history's WAL is gone"
+    );
+    assert_eq!(old.counter(REWINDS).unwrap(), 1);
+    assert_eq!(old.history(), history);
+    assert_eq!(old.database(), Some(database));
+    // The new history's WAL from the fork brings it to the target, consistent.
+    let records = new.read_wal(fork.lsn.next(), 100, 1 << 20).unwrap();
+    let entries: Vec<Entry> = records.into_iter().map(|record| record.entry).collect();
+    old.apply(Batch {
+        expected_chain_hash: Some(target.chain_hash),
+        ..source_batch(fork.lsn.next().0, &entries)
+    })
+    .unwrap();
+    old.flush().unwrap();
+    assert_eq!(old.sync_state(), SyncState::Consistent);
+    assert_eq!(old.digest().unwrap(), new.digest().unwrap());
+    drop(old);
+    let old = engine.open(old_dir.path());
+    assert_eq!(old.digest().unwrap(), new.digest().unwrap());
+    assert_eq!(old.counter(REWINDS).unwrap(), 1);
+    // A fork below what the WAL still proves cannot be rewound to.
+    old.truncate_wal(Lsn(5)).unwrap();
+    let refused = old.rewind(Rewind {
+        to: fork,
+        values: &values,
+        target,
+        database,
+        history: &history,
+    });
+    assert!(
+        matches!(refused, Err(StoreError::WalTruncated { .. })),
+        "{refused:?}"
+    );
+}
+
 pub fn a_database_id_is_created_once_and_kept(engine: Engine) {
     let dir = TempDir::new().unwrap();
     {
@@ -1018,6 +1170,8 @@ macro_rules! conformance {
             consistency_needs_the_sources_chain_hash_at_the_end,
             a_database_id_is_created_once_and_kept,
             a_fence_refuses_every_later_commit_across_restarts,
+            a_promotion_starts_an_epoch_after_the_applied_lsn,
+            a_rewind_goes_back_to_the_fork_in_one_write,
             a_fuzzy_snapshot_plus_replay_equals_the_source,
             the_digest_depends_on_the_state_not_the_history,
             slots_and_counters_are_kept,

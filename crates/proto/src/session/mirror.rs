@@ -3,7 +3,10 @@
 //! ```text
 //! connecting ─ack: stream───────────────▶ (prepare) ─▶ catching_up ⇄ streaming
 //!            ─ack: snapshot or resume───▶ (prepare) ─▶ snapshot ─SnapshotDone applied─▶ catching_up
+//!            ─ack: rewind──▶ (prepare: check the fork, save what is rewound) ─▶ rewinding
+//!                 ─values of every key fetched, applied─▶ catching_up
 //!            ─ack: rejected, wrong cluster, another frame, the deadline─▶ ended
+//! streaming ─promote: FenceRequest, FenceReply, its last LSN applied─▶ ended (promoting)
 //! catching_up while the applied LSN is below the source's last known LSN, streaming once it
 //! reaches it; any broken rule ends the session (the driver reconnects or exits).
 //! ```
@@ -21,9 +24,11 @@ use std::collections::VecDeque;
 use std::time::Duration;
 
 use crate::hash::ChainHash;
+use crate::history::EpochStart;
 use crate::message::{
-    Accepted, Decision, DecisionFields, DecisionKind, Hello, HelloAck, MessageType, MirrorAck,
-    Rejected, ResumeToken, SnapshotChunk, SnapshotChunkAck, SnapshotReason, WalBatch,
+    Accepted, Decision, DecisionFields, DecisionKind, FenceRequest, Hello, HelloAck, MessageType,
+    MirrorAck, Rejected, ResumeToken, RewindRequest, RewindValues, SnapshotChunk, SnapshotChunkAck,
+    SnapshotReason, WalBatch,
 };
 use crate::session::Outgoing;
 use crate::status::MirrorState;
@@ -175,6 +180,60 @@ pub enum MirrorEvent {
     },
     /// The timer armed with [`MirrorAction::ArmTimer`] fired.
     Timer(MirrorTimer),
+    /// [`MirrorAction::PrepareRewind`] is done: the keys the rewound entries touched (the
+    /// rewound writes are saved), or why the store cannot rewind to the fork.
+    RewindPrepared(Result<Vec<Vec<u8>>, RewindImpossible>),
+    /// [`MirrorAction::ApplyRewind`] is durable.
+    RewindApplied,
+    /// The operator asked for a planned promotion to `epoch`: fence the source, apply up
+    /// to its final LSN, then end the session for the driver to promote the store.
+    Promote {
+        /// The epoch the promoted mirror will start.
+        epoch: Epoch,
+    },
+}
+
+/// Why a mirror cannot rewind to the fork the source named.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum RewindImpossible {
+    /// Its chain hash at the fork is not the source's: the histories parted earlier.
+    #[error("the chain hash at the fork LSN {0} differs from the source's")]
+    OtherHistory(Lsn),
+    /// Its WAL no longer holds the entries after the fork, so it cannot tell what to rewind.
+    #[error("the WAL after the fork LSN {0} is no longer held")]
+    WalGone(Lsn),
+}
+
+/// A rewind's fork: where the mirror goes back to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RewindPlan {
+    /// The last LSN both histories share.
+    pub to_lsn: Lsn,
+    /// The source's chain hash there.
+    pub chain_hash: ChainHash,
+    /// The decision, for the log line.
+    pub log_fields: DecisionFields,
+}
+
+/// A rewind to apply in one store write: the fetched values, the fork as the new
+/// position, and the source's state the values come from as the consistency target.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RewindApply {
+    /// The fork.
+    pub to_lsn: Lsn,
+    /// The chain hash at the fork.
+    pub chain_hash: ChainHash,
+    /// Each rewound key with the source's current value (`None`: absent).
+    pub values: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+    /// The latest source state a value was read at, and the chain hash there: the store is
+    /// consistent once it has streamed to it.
+    pub target: (Lsn, ChainHash),
+    /// The source's database, epoch and history, which the store takes on.
+    pub database_id: DatabaseId,
+    /// The source's epoch.
+    pub epoch: Epoch,
+    /// Where each of the source's epochs began.
+    pub history: Vec<EpochStart>,
 }
 
 /// Store work to start the decision: record it and, for a snapshot, clear the store.
@@ -189,6 +248,9 @@ pub struct Preparation {
     /// Clear the store and mark it as receiving this snapshot (a fresh snapshot, or a
     /// resume with no key applied yet).
     pub begin_snapshot: Option<SnapshotStart>,
+    /// The source's epoch history, which the store takes on (the mirror's copy is part of
+    /// it: the decision says so).
+    pub history: Vec<EpochStart>,
 }
 
 /// A snapshot's identity and base, as the store marks it.
@@ -258,6 +320,12 @@ pub enum MirrorAction {
     /// Apply the group with its position and chain hash, and flush; report
     /// [`MirrorEvent::BatchesApplied`].
     ApplyBatches(WalGroup),
+    /// Check the store's chain hash at the fork, save the entries beyond it (the writes
+    /// to rewind) durably, and report [`MirrorEvent::RewindPrepared`] with the keys they
+    /// touch.
+    PrepareRewind(RewindPlan),
+    /// Apply the rewind in one store write and flush; report [`MirrorEvent::RewindApplied`].
+    ApplyRewind(RewindApply),
 }
 
 /// A rule of the protocol the source broke.
@@ -301,6 +369,17 @@ pub enum SourceViolation {
     /// WAL before the snapshot's scan was complete.
     #[error("WAL from LSN {0} before the snapshot's scan was complete")]
     WalDuringSnapshot(Lsn),
+    /// A rewind decision for a mirror that holds nothing beyond the fork.
+    #[error("rewind to LSN {to_lsn}, but the mirror has applied only up to {applied}")]
+    RewindNotBeyond {
+        /// The fork named.
+        to_lsn: Lsn,
+        /// The mirror's applied LSN.
+        applied: Lsn,
+    },
+    /// Values that are not a prefix of the keys asked for.
+    #[error("rewind values answer keys that were not asked for")]
+    RewindValuesNotAsked,
 }
 
 /// How a session ended, when not by the source finishing it.
@@ -327,6 +406,12 @@ pub enum MirrorEnd {
     /// data is kept and served, nothing is applied.
     #[error("{0}: the mirror holds data the source cannot vouch for; it keeps its data, serves reads, and retries")]
     Halted(Divergence),
+    /// The source is fenced and every entry it wrote is applied: the mirror may promote.
+    #[error("the source is fenced at LSN {source_last_lsn}, all applied: promoting")]
+    Promoting {
+        /// The source's final LSN.
+        source_last_lsn: Lsn,
+    },
 }
 
 impl MirrorEnd {
@@ -338,6 +423,7 @@ impl MirrorEnd {
             MirrorEnd::Violation(_) => ErrorCode::ProtocolViolation,
             MirrorEnd::HandshakeTimeout(_) => ErrorCode::HandshakeTimeout,
             MirrorEnd::Halted(reason) => reason.code(),
+            MirrorEnd::Promoting { .. } => ErrorCode::ShuttingDown,
         }
     }
 
@@ -346,9 +432,10 @@ impl MirrorEnd {
         match self {
             MirrorEnd::Rejected(rejected) => rejected.code.is_permanent(),
             MirrorEnd::WrongCluster { .. } => true,
-            MirrorEnd::Violation(_) | MirrorEnd::HandshakeTimeout(_) | MirrorEnd::Halted(_) => {
-                false
-            }
+            MirrorEnd::Violation(_)
+            | MirrorEnd::HandshakeTimeout(_)
+            | MirrorEnd::Halted(_)
+            | MirrorEnd::Promoting { .. } => false,
         }
     }
 }
@@ -366,10 +453,29 @@ enum Phase {
         /// Chunks of this session applied, which the acknowledgements count.
         chunks_applied: u64,
     },
+    /// Fetching the source's values of the keys to rewind.
+    Rewinding(Rewinding),
     /// Applying the WAL (`catching_up` or `streaming`).
     Replicating,
     Ended,
 }
+
+/// A rewind in progress: the keys still to ask for, the values received.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Rewinding {
+    to_lsn: Lsn,
+    chain_hash: ChainHash,
+    /// Keys not asked for yet.
+    remaining: VecDeque<Vec<u8>>,
+    /// Keys of the request the source is answering.
+    asked: Vec<Vec<u8>>,
+    values: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+    /// The latest state a value was read at.
+    target: Option<(Lsn, ChainHash)>,
+}
+
+/// Key bytes per `RewindRequest`: far below any frame limit.
+const REWIND_REQUEST_KEY_BYTES: usize = 256 << 10;
 
 /// Store work with the driver, and what its completion means.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -385,6 +491,8 @@ enum InFlight {
         last_lsn: Lsn,
         commit_time: UnixMillis,
     },
+    RewindPreparation,
+    RewindApplication,
 }
 
 /// The mirror's session with its source, without I/O.
@@ -401,6 +509,11 @@ pub struct MirrorSession {
     held_copy: Option<(DatabaseId, Lsn)>,
     /// The source's database and epoch, from its ack: what a snapshot marks the store with.
     source_database: Option<(DatabaseId, Epoch)>,
+    /// The source's epoch history, from its ack.
+    source_history: Vec<EpochStart>,
+    /// A planned promotion under way: the epoch asked for, and the source's final LSN
+    /// once it has answered the fence.
+    promotion: Option<(Epoch, Option<Lsn>)>,
     /// Frames received and not yet applied, in order.
     queue: VecDeque<Message>,
     /// The store work with the driver (one at a time: the next group waits for it).
@@ -470,6 +583,8 @@ impl MirrorSession {
             resume,
             held_copy,
             source_database: None,
+            source_history: Vec::new(),
+            promotion: None,
             queue: VecDeque::new(),
             in_flight: None,
             transmit: VecDeque::from([Outgoing::Message(hello.into())]),
@@ -552,10 +667,132 @@ impl MirrorSession {
                     self.progress.source_lsn = self.progress.source_lsn.max(last_lsn);
                     self.applied(applied_lsn, consistent);
                     self.acknowledge();
+                    self.check_promotion();
+                }
+            }
+            MirrorEvent::RewindPrepared(result) => {
+                if self.in_flight != Some(InFlight::RewindPreparation) {
+                    return;
+                }
+                self.in_flight = None;
+                match result {
+                    Ok(keys) => {
+                        if let Phase::Rewinding(rewinding) = &mut self.phase {
+                            rewinding.remaining = keys.into();
+                        }
+                        self.ask_rewind_values();
+                    }
+                    Err(_) => self.halt(Divergence::DivergedHistory),
+                }
+            }
+            MirrorEvent::RewindApplied => {
+                if self.in_flight.take() != Some(InFlight::RewindApplication) {
+                    return;
+                }
+                let Phase::Rewinding(rewinding) = &self.phase else {
+                    return;
+                };
+                let to_lsn = rewinding.to_lsn;
+                self.phase = Phase::Replicating;
+                self.progress.received_lsn = to_lsn;
+                self.applied(to_lsn, false);
+                // No key left to ask for: the source streams from the fork.
+                let done = RewindRequest { keys: Vec::new() };
+                self.transmit.push_back(Outgoing::Message(done.into()));
+            }
+            MirrorEvent::Promote { epoch } => {
+                if self.phase == Phase::Replicating && self.promotion.is_none() {
+                    self.promotion = Some((epoch, None));
+                    let fence = FenceRequest { epoch: Some(epoch) };
+                    self.transmit.push_back(Outgoing::Message(fence.into()));
                 }
             }
         }
         self.pump();
+    }
+
+    /// Whether a planned promotion is under way (the source was asked to fence itself).
+    pub fn is_promoting(&self) -> bool {
+        self.promotion.is_some()
+    }
+
+    /// Ends the session for the promotion once the fenced source's last LSN is applied.
+    fn check_promotion(&mut self) {
+        if let Some((_, Some(source_last_lsn))) = self.promotion {
+            if self.progress.applied_lsn >= source_last_lsn && self.in_flight.is_none() {
+                self.finish(Err(MirrorEnd::Promoting { source_last_lsn }));
+            }
+        }
+    }
+
+    /// Asks for the next keys' values, or applies the rewind once every key has one.
+    fn ask_rewind_values(&mut self) {
+        let Phase::Rewinding(rewinding) = &mut self.phase else {
+            return;
+        };
+        if rewinding.remaining.is_empty() {
+            let Some(target) = rewinding.target else {
+                // Nothing to ask for: the fork itself is the target.
+                let target = (rewinding.to_lsn, rewinding.chain_hash);
+                rewinding.target = Some(target);
+                return self.ask_rewind_values();
+            };
+            let (database_id, epoch) = self
+                .source_database
+                .expect("a decision comes with the source's database");
+            let apply = RewindApply {
+                to_lsn: rewinding.to_lsn,
+                chain_hash: rewinding.chain_hash,
+                values: std::mem::take(&mut rewinding.values),
+                target,
+                database_id,
+                epoch,
+                history: self.source_history.clone(),
+            };
+            self.in_flight = Some(InFlight::RewindApplication);
+            self.actions.push_back(MirrorAction::ApplyRewind(apply));
+            return;
+        }
+        let mut bytes = 0;
+        let mut keys = Vec::new();
+        while let Some(key) = rewinding.remaining.front() {
+            if !keys.is_empty() && bytes + key.len() > REWIND_REQUEST_KEY_BYTES {
+                break;
+            }
+            bytes += key.len();
+            keys.extend(rewinding.remaining.pop_front());
+        }
+        rewinding.asked = keys.clone();
+        self.transmit
+            .push_back(Outgoing::Message(RewindRequest { keys }.into()));
+    }
+
+    /// Values for a prefix of the keys asked: kept, and the rest asked again.
+    fn on_rewind_values(&mut self, values: RewindValues) {
+        let Phase::Rewinding(rewinding) = &mut self.phase else {
+            return self.violation(SourceViolation::RewindValuesNotAsked);
+        };
+        let answered = values.values.len();
+        let is_prefix = answered > 0
+            && answered <= rewinding.asked.len()
+            && values
+                .values
+                .iter()
+                .zip(&rewinding.asked)
+                .all(|((key, _), asked)| key == asked);
+        if !is_prefix {
+            return self.violation(SourceViolation::RewindValuesNotAsked);
+        }
+        for key in rewinding.asked.drain(answered..).rev() {
+            rewinding.remaining.push_front(key);
+        }
+        rewinding.asked.clear();
+        rewinding.values.extend(values.values);
+        if rewinding.target.is_none_or(|(lsn, _)| values.lsn > lsn) {
+            rewinding.target = Some((values.lsn, values.chain_hash));
+        }
+        self.progress.source_lsn = self.progress.source_lsn.max(values.lsn);
+        self.ask_rewind_values();
     }
 
     /// The next frame to write, when the driver's stream can take one.
@@ -589,6 +826,26 @@ impl MirrorSession {
     }
 
     fn on_message(&mut self, message: Message) {
+        if let Message::FenceReply(reply) = &message {
+            if let Some((epoch, source_last_lsn)) = &mut self.promotion {
+                if reply.fenced_by >= *epoch {
+                    *source_last_lsn = Some(reply.last_lsn);
+                    self.progress.source_lsn = self.progress.source_lsn.max(reply.last_lsn);
+                    return self.check_promotion();
+                }
+            }
+            return self.violation(SourceViolation::NotForMirror(MessageType::FenceReply));
+        }
+        if let Phase::Rewinding(_) = self.phase {
+            return match message {
+                Message::RewindValues(values) => self.on_rewind_values(values),
+                Message::Heartbeat(heartbeat) => {
+                    self.progress.source_lsn = self.progress.source_lsn.max(heartbeat.last_lsn);
+                    self.progress.source_commit_time = Some(heartbeat.commit_time);
+                }
+                other => self.violation(SourceViolation::NotForMirror(other.message_type())),
+            };
+        }
         if self.phase != Phase::AwaitingAck {
             if let Message::WalBatch(batch) = &message {
                 self.progress.received_lsn = self.progress.received_lsn.max(batch.last_lsn());
@@ -606,6 +863,7 @@ impl MirrorSession {
                 }
                 self.progress.source_lsn = accepted.source_last_lsn;
                 self.source_database = Some((accepted.database_id, accepted.epoch));
+                self.source_history = accepted.history.clone();
                 if let Some(reason) = self.divergence(&accepted) {
                     return self.halt(reason);
                 }
@@ -625,8 +883,12 @@ impl MirrorSession {
     /// data: with a copy held, only a snapshot of the same database, from a source not
     /// behind it, for being behind the retained WAL, may replace it.
     fn divergence(&self, accepted: &Accepted) -> Option<Divergence> {
-        if let Decision::Diverged { reason } = accepted.decision {
-            return Some(reason);
+        match accepted.decision {
+            Decision::Diverged { reason } => return Some(reason),
+            // Nothing is lost to a rewind: what it takes back is saved first, and the mirror
+            // checks the fork on its own copy before it changes anything.
+            Decision::Rewind { .. } => return None,
+            _ => {}
         }
         if self.config.on_divergence == DivergencePolicy::Resnapshot {
             return None;
@@ -672,7 +934,37 @@ impl MirrorSession {
                     log_fields: decision.log_fields(),
                     count_resume: false,
                     begin_snapshot: None,
+                    history: self.source_history.clone(),
                 }
+            }
+            Decision::Rewind { to_lsn, chain_hash } => {
+                let applied = self.progress.applied_lsn;
+                if applied <= *to_lsn || self.held_copy.is_none() {
+                    return self.violation(SourceViolation::RewindNotBeyond {
+                        to_lsn: *to_lsn,
+                        applied,
+                    });
+                }
+                let plan = RewindPlan {
+                    to_lsn: *to_lsn,
+                    chain_hash: *chain_hash,
+                    log_fields: decision.log_fields(),
+                };
+                // What it holds beyond the fork is not the source's: no reads until rewound.
+                self.progress.consistent = false;
+                self.progress.state = MirrorState::CatchingUp;
+                self.phase = Phase::Rewinding(Rewinding {
+                    to_lsn: *to_lsn,
+                    chain_hash: *chain_hash,
+                    remaining: VecDeque::new(),
+                    asked: Vec::new(),
+                    values: Vec::new(),
+                    target: None,
+                });
+                self.in_flight = Some(InFlight::RewindPreparation);
+                self.actions.push_back(MirrorAction::UseDataFrameLimit);
+                self.actions.push_back(MirrorAction::PrepareRewind(plan));
+                return;
             }
             Decision::Snapshot {
                 snapshot_id,
@@ -690,6 +982,7 @@ impl MirrorSession {
                         *base_lsn,
                         *base_chain_hash,
                     )),
+                    history: self.source_history.clone(),
                 }
             }
             Decision::ResumeSnapshot {
@@ -726,6 +1019,7 @@ impl MirrorSession {
                     begin_snapshot: after_key
                         .is_none()
                         .then(|| self.snapshot_start(*snapshot_id, *base_lsn, *base_chain_hash)),
+                    history: self.source_history.clone(),
                 }
             }
             Decision::Diverged { .. } => unreachable!("a divergence halts before this"),
@@ -772,7 +1066,9 @@ impl MirrorSession {
             return;
         };
         self.phase = match decision {
-            Decision::Stream { .. } | Decision::Diverged { .. } => Phase::Replicating,
+            Decision::Stream { .. } | Decision::Diverged { .. } | Decision::Rewind { .. } => {
+                Phase::Replicating
+            }
             Decision::Snapshot {
                 snapshot_id,
                 base_lsn,
@@ -1032,6 +1328,7 @@ mod tests {
 
     fn accepted(decision: Decision, source_last_lsn: u64) -> Message {
         HelloAck::Accepted(Accepted {
+            history: vec![crate::EpochStart::FIRST],
             source_cluster: name("east"),
             version: 1,
             database_id: DATABASE,
@@ -1199,6 +1496,7 @@ mod tests {
             (
                 Some(
                     HelloAck::Accepted(Accepted {
+                        history: vec![crate::EpochStart::FIRST],
                         source_cluster: name("mars"),
                         version: 1,
                         database_id: DATABASE,
@@ -1285,6 +1583,7 @@ mod tests {
                         },
                         count_resume: false,
                         begin_snapshot: None,
+                        history: vec![crate::EpochStart::FIRST],
                     })
                 ]
             );
@@ -1632,6 +1931,7 @@ mod tests {
     fn a_halting_mirror_never_gives_up_a_copy_the_source_cannot_vouch_for() {
         let ack = |database_id: DatabaseId, source_last_lsn: u64, decision: Decision| -> Message {
             HelloAck::Accepted(Accepted {
+                history: vec![crate::EpochStart::FIRST],
                 source_cluster: name("east"),
                 version: 1,
                 database_id,
@@ -1740,6 +2040,7 @@ mod tests {
         received(
             &mut session,
             HelloAck::Accepted(Accepted {
+                history: vec![crate::EpochStart::FIRST],
                 source_cluster: name("east"),
                 version: 1,
                 database_id: DatabaseId([8; 16]),

@@ -24,9 +24,10 @@ use crate::codec::FrameError;
 use crate::decide::{negotiate_version, Reject};
 use crate::error_code::ErrorCode;
 use crate::hash::ChainHash;
+use crate::history::EpochStart;
 use crate::message::{
-    Accepted, Decision, Heartbeat, Hello, HelloAck, MessageType, MirrorAck, Rejected,
-    SnapshotChunk, SnapshotChunkAck, SnapshotDone, SnapshotSize,
+    Accepted, Decision, FenceReply, Heartbeat, Hello, HelloAck, MessageType, MirrorAck, Rejected,
+    RewindValues, SnapshotChunk, SnapshotChunkAck, SnapshotDone, SnapshotSize,
 };
 use crate::session::{Outgoing, SharedBatch};
 use crate::types::{DatabaseId, Epoch, Lsn, Name, SnapshotId, UnixMillis, VersionRange};
@@ -52,12 +53,14 @@ pub struct SourceSessionConfig {
 }
 
 /// Where the source stands when it answers a hello.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SourceStanding {
     /// The source's database.
     pub database_id: DatabaseId,
     /// The source's epoch.
     pub epoch: Epoch,
+    /// Where each of its epochs began, oldest first.
+    pub history: Vec<EpochStart>,
     /// The last durable LSN.
     pub last_lsn: Lsn,
 }
@@ -123,6 +126,10 @@ pub enum SourceEvent {
     },
     /// The result of [`SourceAction::ReadBatch`].
     BatchRead(Arc<SharedBatch>),
+    /// The result of [`SourceAction::ReadRewindValues`].
+    RewindValuesRead(RewindValues),
+    /// The result of [`SourceAction::Fence`]: the source is fenced, and `last_lsn` is final.
+    Fenced(FenceReply),
     /// [`SourceAction::ReadBatch`] found the WAL truncated past `from`: retention passed
     /// this mirror's slot.
     WalTruncated {
@@ -169,6 +176,15 @@ pub enum SourceAction {
         /// The last durable LSN: the batch may not go beyond it.
         up_to: Lsn,
     },
+    /// Read the current values of the first of `keys`, as many as fit in a data frame
+    /// (at least one), from one state; report [`SourceEvent::RewindValuesRead`].
+    ReadRewindValues {
+        /// The keys the mirror's rewind touches.
+        keys: Vec<Vec<u8>>,
+    },
+    /// A promoting mirror asks the source to fence itself for `epoch`; report
+    /// [`SourceEvent::Fenced`].
+    Fence(Epoch),
     /// The mirror acknowledged `durable`: advance its slot (report
     /// [`SourceEvent::Replaced`] if the slot is no longer this session's).
     AdvanceSlot(Lsn),
@@ -188,6 +204,11 @@ pub enum SourceState {
     Admitting,
     /// Sending a snapshot's key scan.
     Scanning(Scan),
+    /// Answering a rewinding mirror's requests for values; the WAL from `next` follows.
+    Rewinding {
+        /// The first LSN to stream once the mirror ends its requests (the fork plus one).
+        next: Lsn,
+    },
     /// Sending the WAL from `next` on.
     Streaming {
         /// The next LSN to send.
@@ -280,6 +301,17 @@ pub enum MirrorViolation {
     /// A chunk acknowledgement for a snapshot this session is not sending.
     #[error("mirror acknowledged chunks of snapshot {0}, which this session is not sending")]
     ChunkAckOfAnotherSnapshot(SnapshotId),
+    /// A request before the source answered the previous one.
+    #[error("{0:?} arrived before the previous one was answered")]
+    RequestBeforeReply(MessageType),
+    /// A promoting mirror must fence the source with a later epoch than the source's own.
+    #[error("mirror asked to fence this source for epoch {asked}, not later than its own {own}")]
+    FenceByEarlierEpoch {
+        /// The epoch asked for.
+        asked: Epoch,
+        /// The source's epoch.
+        own: Epoch,
+    },
 }
 
 /// How a session ended, when not by the mirror finishing it.
@@ -373,6 +405,9 @@ pub struct SourceSession {
     hello_versions: Option<VersionRange>,
     /// The version negotiated in the ack: what the session may send.
     version: u16,
+    /// The source's epoch when it accepted the hello: a promoting mirror fences it with a
+    /// later one.
+    epoch: Epoch,
     /// Frames waiting for the driver's stream to take them.
     transmit: VecDeque<Outgoing>,
     /// Work asked for by events, in order.
@@ -398,6 +433,7 @@ impl SourceSession {
             transfer: None,
             hello_versions: None,
             version: 0,
+            epoch: Epoch::FIRST,
             transmit: VecDeque::new(),
             actions: VecDeque::from([SourceAction::ArmTimer(
                 SourceTimer::Handshake,
@@ -470,6 +506,15 @@ impl SourceSession {
                 end_chain_hash,
             } => self.on_end_lsn(end_lsn, end_chain_hash),
             SourceEvent::BatchRead(batch) => self.on_batch(batch),
+            SourceEvent::RewindValuesRead(values) => {
+                self.reading = false;
+                if matches!(self.state, SourceState::Rewinding { .. }) {
+                    self.transmit.push_back(Outgoing::Message(values.into()));
+                }
+            }
+            SourceEvent::Fenced(reply) => {
+                self.transmit.push_back(Outgoing::Message(reply.into()));
+            }
             SourceEvent::WalTruncated { first_retained } => {
                 self.reading = false;
                 let requested = match self.state {
@@ -494,7 +539,9 @@ impl SourceSession {
             SourceEvent::Timer(SourceTimer::Heartbeat) => {
                 if matches!(
                     self.state,
-                    SourceState::Scanning(_) | SourceState::Streaming { .. }
+                    SourceState::Scanning(_)
+                        | SourceState::Rewinding { .. }
+                        | SourceState::Streaming { .. }
                 ) && self.transmit.is_empty()
                 {
                     self.transmit.push_back(Outgoing::Message(
@@ -517,7 +564,9 @@ impl SourceSession {
         let frame = self.transmit.pop_front()?;
         if matches!(
             self.state,
-            SourceState::Scanning(_) | SourceState::Streaming { .. }
+            SourceState::Scanning(_)
+                | SourceState::Rewinding { .. }
+                | SourceState::Streaming { .. }
         ) {
             self.actions.push_back(SourceAction::ArmTimer(
                 SourceTimer::Heartbeat,
@@ -624,6 +673,30 @@ impl SourceSession {
             (SourceState::Admitting, other) => {
                 self.violation(MirrorViolation::BeforeTheAck(other.message_type()))
             }
+            (SourceState::Rewinding { next }, Message::RewindRequest(request)) => {
+                if self.reading {
+                    return self.violation(MirrorViolation::RequestBeforeReply(
+                        MessageType::RewindRequest,
+                    ));
+                }
+                if request.keys.is_empty() {
+                    self.state = SourceState::Streaming { next: *next };
+                } else {
+                    self.reading = true;
+                    self.actions
+                        .push_back(SourceAction::ReadRewindValues { keys: request.keys });
+                }
+            }
+            (SourceState::Streaming { .. }, Message::FenceRequest(request)) => {
+                let epoch = request.epoch.unwrap_or(Epoch(self.epoch.0 + 1));
+                if epoch <= self.epoch {
+                    return self.violation(MirrorViolation::FenceByEarlierEpoch {
+                        asked: epoch,
+                        own: self.epoch,
+                    });
+                }
+                self.actions.push_back(SourceAction::Fence(epoch));
+            }
             (_, Message::MirrorAck(ack)) => self.on_ack(ack),
             (_, Message::SnapshotChunkAck(ack)) => self.on_chunk_ack(ack),
             (_, other) => self.violation(MirrorViolation::NotAnAck(other.message_type())),
@@ -643,12 +716,14 @@ impl SourceSession {
             .and_then(|theirs| negotiate_version(self.config.versions, theirs))
             .expect("decide accepts only overlapping version ranges");
         self.version = version;
+        self.epoch = source.epoch;
         let accepted = Accepted {
             source_cluster: self.config.cluster_id.clone(),
             version,
             database_id: source.database_id,
             epoch: source.epoch,
             source_last_lsn: source.last_lsn,
+            history: source.history,
             decision: decision.clone(),
         };
         self.transmit
@@ -665,6 +740,12 @@ impl SourceSession {
             Decision::Stream { from_lsn } => {
                 self.sent_up_to = Lsn(from_lsn.0.saturating_sub(1));
                 self.state = SourceState::Streaming { next: from_lsn };
+            }
+            Decision::Rewind { to_lsn, .. } => {
+                self.sent_up_to = to_lsn;
+                self.state = SourceState::Rewinding {
+                    next: to_lsn.next(),
+                };
             }
             Decision::Snapshot {
                 snapshot_id,
@@ -847,6 +928,7 @@ mod tests {
         SourceStanding {
             database_id: DATABASE,
             epoch: Epoch::FIRST,
+            history: vec![EpochStart::FIRST],
             last_lsn: COMMITTED,
         }
     }

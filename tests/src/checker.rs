@@ -52,12 +52,26 @@ impl WriteLoad {
         value_size: usize,
         pause: Duration,
     ) -> WriteLoad {
+        WriteLoad::start_prefixed("w", certs, source, writers, value_size, pause)
+    }
+
+    /// [`WriteLoad::start`] with keys `<prefix><writer>-<sequence>`, so that loads in
+    /// turn write distinct keys.
+    pub fn start_prefixed(
+        prefix: &str,
+        certs: &Path,
+        source: SocketAddr,
+        writers: usize,
+        value_size: usize,
+        pause: Duration,
+    ) -> WriteLoad {
         let stop = Arc::new(AtomicBool::new(false));
         let acked = Arc::new(AtomicU64::new(0));
         let tls = Identity::from_dir(certs, "app").expect("client certificates");
         let writers = (0..writers)
             .map(|writer| {
                 let (stop, acked, tls) = (stop.clone(), acked.clone(), tls.clone());
+                let prefix = prefix.to_owned();
                 tokio::spawn(async move {
                     let mut written = Vec::new();
                     let mut client = None;
@@ -70,7 +84,7 @@ impl WriteLoad {
                             }
                             continue;
                         };
-                        let key = format!("w{writer}-{sequence:08}").into_bytes();
+                        let key = format!("{prefix}{writer}-{sequence:08}").into_bytes();
                         let mut value = format!("{writer}:{sequence}:").into_bytes();
                         value.resize(value_size, b'v');
                         sequence += 1;

@@ -108,7 +108,7 @@ fn name(value: &str) -> Name {
 
 /// A test's world: a temporary directory with the cluster's certificates in `certs/`.
 ///
-/// Certificates: `src` (source), `app` and `ops` (clients), `m1`..`m3` (observers), `v1`
+/// Certificates: `src` and `src2` (sources), `app` and `ops` (clients), `m1`..`m3` (observers), `v1`
 /// (voter). `rogue/` holds a second CA that also calls itself `east`, with an observer
 /// `m1`, and trusts the real CA (so only the source's check can refuse it).
 pub struct World {
@@ -138,6 +138,7 @@ impl World {
             &certs,
             &[
                 (Role::Source, "src"),
+                (Role::Source, "src2"),
                 (Role::Client, "app"),
                 (Role::Client, "ops"),
                 (Role::Observer, "m1"),

@@ -367,6 +367,7 @@ pub fn render_status(status: &NodeStatus, rate: Option<f64>, now: UnixMillis) ->
                 );
             }
             let _ = writeln!(out, "last_lsn      {}{rate}", source.last_lsn);
+            write_epochs(&mut out, &source.history);
             let _ = writeln!(out, "wal_first_lsn {}", source.wal_first_lsn);
             let _ = writeln!(
                 out,
@@ -444,16 +445,30 @@ pub fn render_status(status: &NodeStatus, rate: Option<f64>, now: UnixMillis) ->
             );
             let _ = writeln!(
                 out,
-                "snapshots     {} started, {} resumed; last decision {}",
+                "snapshots     {} started, {} resumed, {} rewinds; last decision {}",
                 mirror.snapshots_started,
                 mirror.snapshots_resumed,
+                mirror.rewinds,
                 mirror
                     .last_decision
                     .map_or_else(|| "none".into(), |kind| json_name(&kind))
             );
+            write_epochs(&mut out, &mirror.history);
         }
     }
     out
+}
+
+/// The epoch history as one line, once there is more than the first epoch.
+fn write_epochs(out: &mut String, history: &[xmirror_proto::status::EpochSummary]) {
+    use std::fmt::Write;
+    if history.len() > 1 {
+        let epochs: Vec<String> = history
+            .iter()
+            .map(|start| format!("{} from lsn {}", start.epoch, start.first_lsn))
+            .collect();
+        let _ = writeln!(out, "epochs        {}", epochs.join(", "));
+    }
 }
 
 fn progress_lsn(status: &NodeStatus) -> u64 {
@@ -619,6 +634,42 @@ pub async fn fence(args: FenceArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+#[derive(Args)]
+pub struct PromoteArgs {
+    #[command(flatten)]
+    node: NodeArgs,
+    /// Promote at once at the applied LSN, without fencing the source (it is gone): writes
+    /// it acknowledged beyond that LSN are not in the new history.
+    #[arg(long)]
+    force: bool,
+}
+
+/// How long `promote` waits: longer than a mirror's wait for its source's fence (30 s).
+const PROMOTE_DEADLINE: Duration = Duration::from_secs(45);
+
+/// Promotes a mirror to a source and says what the new history starts from.
+pub async fn promote(args: PromoteArgs) -> anyhow::Result<()> {
+    let client = connect_with(&args.node, PROMOTE_DEADLINE).await?;
+    let reply = client.promote(args.force).await.context("promote failed")?;
+    let applied = Lsn(reply.first_lsn.0.saturating_sub(1));
+    if args.force {
+        let contact = reply.source_contact_ms.map_or_else(
+            || "never heard from".to_owned(),
+            |ms| format!("last heard {} ago", units::duration_ms(ms)),
+        );
+        println!(
+            "promoted (forced): epoch {} starts at lsn {}; the old source was last known at lsn {} ({contact}): writes it acknowledged after lsn {applied} may be lost",
+            reply.epoch, reply.first_lsn, reply.source_last_lsn
+        );
+    } else {
+        println!(
+            "promoted: epoch {} starts at lsn {}; the old source is fenced at lsn {}, every write it acknowledged is here",
+            reply.epoch, reply.first_lsn, reply.source_last_lsn
+        );
+    }
+    Ok(())
+}
+
 pub async fn digest(args: DigestArgs) -> anyhow::Result<()> {
     let client = connect(&args.node).await?;
     let (lsn, digest) = client.digest().await.context("digest failed")?;
@@ -660,6 +711,16 @@ mod tests {
             snapshots_started: 1,
             snapshots_resumed: 2,
             last_decision: Some(xmirror_proto::DecisionKind::ResumeSnapshot),
+            rewinds: 3,
+            history: vec![
+                (&xmirror_proto::EpochStart::FIRST).into(),
+                (&xmirror_proto::EpochStart {
+                    epoch: xmirror_proto::Epoch(2),
+                    first_lsn: Lsn(101),
+                    chain_hash_before: xmirror_proto::ChainHash::GENESIS,
+                })
+                    .into(),
+            ],
         });
         let table = render_status(&mirror, Some(1500.0), UnixMillis(10_000));
         for expected in [
@@ -670,7 +731,8 @@ mod tests {
             "applied_lsn   900 (1500 entries/s)",
             "lag           100 entries, 250 ms",
             "applied_lsn   900 (1500 entries/s)",
-            "1 started, 2 resumed; last decision resume_snapshot",
+            "1 started, 2 resumed, 3 rewinds; last decision resume_snapshot",
+            "epochs        1 from lsn 1, 2 from lsn 101",
         ] {
             assert!(table.contains(expected), "{expected:?} not in\n{table}");
         }
@@ -684,6 +746,7 @@ mod tests {
             wal_first_lsn: Lsn(10),
             commit_time: UnixMillis(0),
             snapshot_bytes_sent: 0,
+            history: vec![(&xmirror_proto::EpochStart::FIRST).into()],
             mirrors: vec![SlotStatus {
                 id: "spiffe://west/observer/m1".into(),
                 name: name("m1"),

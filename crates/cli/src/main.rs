@@ -61,6 +61,9 @@ enum Command {
     /// Fence a source: it refuses every write from now on, across restarts (its database
     /// goes on elsewhere).
     Fence(client::FenceArgs),
+    /// Promote a mirror to a source: planned (fence its source, apply its last write, then
+    /// promote), or --force at once when the source is gone.
+    Promote(client::PromoteArgs),
     /// Run a source and a mirror on this machine, with no setup, and show them at work.
     Demo,
     /// Print shell completions for SHELL (bash, zsh, fish, elvish, powershell).
@@ -169,6 +172,7 @@ fn main() -> ExitCode {
                     Command::Digest(args) => client::digest(args).await,
                     Command::Slots(args) => client::slots(args).await,
                     Command::Fence(args) => client::fence(args).await,
+                    Command::Promote(args) => client::promote(args).await,
                     Command::Demo => demo::run().await,
                     Command::Certs(_) | Command::Completions { .. } | Command::Man { .. } => {
                         unreachable!("handled above")

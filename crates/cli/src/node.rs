@@ -258,6 +258,8 @@ struct MirrorPlan {
     name: String,
     source: String,
     listen: Option<String>,
+    /// The node's own source certificate's name, for after a promotion.
+    source_name: Option<String>,
 }
 
 async fn plan_mirror(
@@ -326,6 +328,9 @@ async fn plan_mirror(
         &mut config.client.max_waiting_reads,
         settings.max_waiting_reads,
     );
+    set(&mut config.max_wal_entries, settings.max_wal_entries);
+    set(&mut config.max_wal_bytes, settings.max_wal_bytes);
+    config.promotable = settings.source_name.is_some();
     Ok(MirrorPlan {
         config,
         log_format: log_format.or(file.log_format).unwrap_or_default(),
@@ -336,6 +341,7 @@ async fn plan_mirror(
         name: required(settings.name, "name")?,
         source,
         listen: settings.listen,
+        source_name: settings.source_name,
     })
 }
 
@@ -365,8 +371,54 @@ impl MirrorPlan {
             // A test-only setting: shown only when it differs from what this build speaks.
             protocol_versions: (config.versions != SUPPORTED_VERSIONS).then_some(config.versions),
             metrics: self.metrics.clone(),
+            source_name: self.source_name.clone(),
+            max_wal_entries: Some(config.max_wal_entries),
+            max_wal_bytes: Some(config.max_wal_bytes),
         }
     }
+
+    /// What the node serves with as a source once promoted: its own cluster (the source
+    /// certificate's), the address it served reads on, and the mirror's settings that a
+    /// source shares; the source's other settings keep their defaults.
+    fn source_config(&self, cluster_id: xmirror_proto::Name) -> anyhow::Result<SourceConfig> {
+        let mirror = &self.config;
+        let listen = mirror
+            .listen
+            .context("a mirror is promoted through its --listen address")?;
+        let mut config = SourceConfig::new(mirror.data_dir.clone(), cluster_id, listen);
+        config.database = mirror.database.clone();
+        config.engine = mirror.engine;
+        config.store_options = mirror.store_options;
+        config.transport = mirror.transport;
+        config.frame_limits = mirror.frame_limits;
+        config.handshake_timeout = mirror.handshake_timeout;
+        config.client = mirror.client;
+        config.max_connections = mirror.max_connections;
+        config.max_connections_per_peer = mirror.max_connections_per_peer;
+        config.max_handshakes = mirror.max_handshakes;
+        config.max_wal_entries = mirror.max_wal_entries;
+        config.max_wal_bytes = mirror.max_wal_bytes;
+        Ok(config)
+    }
+}
+
+/// Loads the certificate a mirror serves with once promoted, refusing at start one that
+/// is not a `source` certificate of the mirror's own cluster.
+fn load_source_tls(
+    plan: &MirrorPlan,
+    own_cluster: &xmirror_proto::Name,
+) -> anyhow::Result<Option<NodeTls>> {
+    let Some(source_name) = &plan.source_name else {
+        return Ok(None);
+    };
+    let tls = load_tls(&plan.certs, source_name)?;
+    let identity = tls.identity();
+    if identity.role != xmirror_proto::Role::Source || &identity.cluster_id != own_cluster {
+        anyhow::bail!(
+            "--source-name {source_name}: {identity} is not a source certificate of this mirror's cluster {own_cluster}"
+        );
+    }
+    Ok(Some(tls))
 }
 
 /// Serves the Prometheus text format on `addr` (path `/metrics`, or any path).
@@ -472,10 +524,15 @@ pub async fn run_source(args: SourceArgs, log_format: Option<LogFormat>) -> anyh
     let tls = load_tls(&plan.certs, &plan.name)?;
     serve_metrics(plan.metrics.as_deref()).await?;
     tokio::spawn(watch_expiry(tls.certificates()));
-    let mut node = SourceNode::start(plan.config, &tls)
+    let node = SourceNode::start(plan.config, &tls)
         .await
         .context("cannot start the source")?;
     println!("source {} serving on {}", tls.identity(), node.local_addr);
+    serve_source(node).await
+}
+
+/// Runs a started source until a signal or a failed store stops it.
+async fn serve_source(mut node: SourceNode) -> anyhow::Result<()> {
     let failure = tokio::select! {
         () = stopped() => None,
         failure = node.wait() => Some(failure),
@@ -505,11 +562,12 @@ pub async fn run_mirror(args: MirrorArgs, log_format: Option<LogFormat>) -> anyh
     }
     crate::logs::init(plan.log_format, "info");
     let tls = Arc::new(load_tls(&plan.certs, &plan.name)?);
+    let source_tls = load_source_tls(&plan, &tls.identity().cluster_id)?;
     serve_metrics(plan.metrics.as_deref()).await?;
     tokio::spawn(watch_expiry(tls.certificates()));
     let source = plan.config.source;
     let identity = tls.identity().clone();
-    let mut node = MirrorNode::start(plan.config, tls)
+    let mut node = MirrorNode::start(plan.config.clone(), tls)
         .await
         .context("cannot start the mirror")?;
     match node.listen_addr {
@@ -527,9 +585,42 @@ pub async fn run_mirror(args: MirrorArgs, log_format: Option<LogFormat>) -> anyh
     // wait for it.
     progress.abort();
     let _ = progress.await;
-    match outcome {
+    let promoted = match outcome {
         Some(result) => result.context("the mirror stopped")?,
-        None => shut_down(node.shutdown()).await,
+        None => {
+            shut_down(node.shutdown()).await;
+            return Ok(());
+        }
+    };
+    let Some(source_tls) = source_tls else {
+        unreachable!("a mirror without --source-name refuses promotion");
+    };
+    let config = plan.source_config(source_tls.identity().cluster_id.clone())?;
+    let handover = node.into_handover().await;
+    let node = match handover.endpoint {
+        Some(endpoint) => {
+            SourceNode::take_over(config, &source_tls, endpoint, handover.store).await
+        }
+        None => anyhow::bail!("a mirror is promoted through its --listen address"),
     }
-    Ok(())
+    .context("cannot start serving as a source")?;
+    println!(
+        "promoted: epoch {} starts at lsn {}; source {} serving on {}",
+        promoted.epoch,
+        promoted.first_lsn,
+        source_tls.identity(),
+        node.local_addr
+    );
+    tracing::warn!(
+        restart_as = %format!(
+            "xmirror source --data-dir {} --cluster-id {} --listen {} --certs {} --name {}",
+            plan.config.data_dir.display(),
+            source_tls.identity().cluster_id,
+            node.local_addr,
+            plan.certs.display(),
+            source_tls.identity().name
+        ),
+        "this node is a source now: restart it as one (started as a mirror again, it follows --source)"
+    );
+    serve_source(node).await
 }

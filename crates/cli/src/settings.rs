@@ -168,6 +168,15 @@ settings! {
         link_rtt_ms: u64,
         /// Serve Prometheus metrics over HTTP on this address, for example 127.0.0.1:9101.
         metrics: String,
+        /// The name of this node's own `source` certificate (DIR/SNAME.crt), of its own
+        /// cluster: what it serves with once promoted (`xmirror promote`). Without it the
+        /// mirror cannot be promoted.
+        source_name: String,
+        /// Most WAL entries the mirror keeps (it keeps what it applies, to stream to other
+        /// mirrors once promoted) [default: 10000000].
+        max_wal_entries: u64,
+        /// Most WAL bytes the mirror keeps [default: 4294967296].
+        max_wal_bytes: u64,
         /// Protocol versions to offer, MIN..MAX (for testing version negotiation).
         #[arg(hide = true, value_parser = parse_versions)]
         protocol_versions: VersionRange,

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use xmirror_proto::message::{
     BatchRequest, DeleteRequest, DigestRequest, DropSlotRequest, FenceReply, FenceRequest,
-    GetRequest, PutRequest, SlotsRequest, StatusRequest, Write,
+    GetRequest, PromoteReply, PromoteRequest, PutRequest, SlotsRequest, StatusRequest, Write,
 };
 use xmirror_proto::status::{NodeStatus, SlotStatus};
 use xmirror_proto::{Epoch, Lsn, Message, Name, PeerIdentity, StateDigest};
@@ -371,6 +371,19 @@ impl Client {
     pub async fn fence(&self, epoch: Option<Epoch>) -> Result<FenceReply, Error> {
         match self.call(FenceRequest { epoch }).await? {
             Message::FenceReply(reply) => Ok(reply),
+            other => Err(Error::Unexpected(other.message_type())),
+        }
+    }
+
+    /// Promotes a mirror to a source (its own cluster's `client` certificates only; the
+    /// mirror must have been started with `--source-name`). Planned (`force: false`): the
+    /// mirror fences its source, applies its final LSN, then promotes, so no acknowledged
+    /// write is lost; this waits for it, so give the client a deadline longer than the
+    /// mirror's promotion timeout (30 s by default). `force`: at once, at the applied LSN,
+    /// for when the source is gone; the reply says what may be lost.
+    pub async fn promote(&self, force: bool) -> Result<PromoteReply, Error> {
+        match self.call(PromoteRequest { force }).await? {
+            Message::PromoteReply(reply) => Ok(reply),
             other => Err(Error::Unexpected(other.message_type())),
         }
     }

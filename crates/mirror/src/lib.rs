@@ -9,6 +9,7 @@
 //! reconnects with backoff after transient failures and stops on permanent rejections.
 
 pub mod backoff;
+pub mod promotion;
 pub mod rewind;
 pub mod service;
 pub mod session;
@@ -27,7 +28,7 @@ use xmirror_net::{
     AcceptLimits, EndpointError, Refusal, TransportLimits,
 };
 use xmirror_proto::authz::{authorize, NodeKind, Operation};
-use xmirror_proto::message::DecisionKind;
+use xmirror_proto::message::{DecisionKind, PromoteReply};
 use xmirror_proto::session::mirror::{MirrorProgress, MirrorSessionConfig};
 use xmirror_proto::status::{MirrorState, MirrorStatus};
 use xmirror_proto::{
@@ -38,6 +39,7 @@ use xmirror_store::{open_store, EngineKind, Store, StoreError, StoreOptions, Syn
 use xmirror_tls::{ExpectedServer, NodeTls, UnexpectedServer, ALPN_CLIENT, ALPN_MIRROR};
 
 use crate::backoff::Backoff;
+pub use crate::promotion::{PromoteRefused, Promotion};
 use crate::service::MirrorService;
 use crate::session::SessionError;
 use xmirror_proto::session::mirror::MirrorEnd;
@@ -101,6 +103,12 @@ pub struct MirrorConfig {
     pub max_wal_entries: u64,
     /// Most WAL bytes kept. Default 4 GiB, as a source's.
     pub max_wal_bytes: u64,
+    /// Whether it may be promoted: it was given a `source` certificate of its own cluster
+    /// to serve with once promoted (`--source-name`). Default false.
+    pub promotable: bool,
+    /// How long a planned promotion waits for the source to confirm its fence and for its
+    /// last LSN to be applied. Default 30 s.
+    pub promote_timeout: Duration,
 }
 
 impl MirrorConfig {
@@ -135,6 +143,8 @@ impl MirrorConfig {
             halt_retry_interval: Duration::from_secs(5),
             max_wal_entries: 10_000_000,
             max_wal_bytes: 4 << 30,
+            promotable: false,
+            promote_timeout: promotion::DEFAULT_PROMOTE_TIMEOUT,
         }
     }
 }
@@ -342,6 +352,8 @@ pub struct MirrorShared {
     behind_since: Mutex<Option<Instant>>,
     /// When the mirror started: the silence before the first contact counts from here.
     started: Instant,
+    /// A promotion asked for, under way or done.
+    pub(crate) promotion: watch::Sender<Promotion>,
 }
 
 /// The source's heartbeat interval (its default): silence beyond it counts as lag.
@@ -394,6 +406,7 @@ impl MirrorShared {
             last_contact: Mutex::new(None),
             behind_since: Mutex::new(None),
             started: Instant::now(),
+            promotion: watch::channel(Promotion::Idle).0,
         }))
     }
 
@@ -534,6 +547,8 @@ impl MirrorShared {
             snapshots_started: self.store.counter(xmirror_store::SNAPSHOTS_STARTED)?,
             snapshots_resumed: self.store.counter(SNAPSHOTS_RESUMED)?,
             last_decision: decision_from_number(self.store.counter(LAST_DECISION)?),
+            rewinds: self.store.counter(xmirror_store::REWINDS)?,
+            history: self.store.history().iter().map(Into::into).collect(),
         })
     }
 }
@@ -584,12 +599,20 @@ async fn serve_client(
     close_with(&connection, refusal.0, &refusal.1);
 }
 
+/// What a promoted mirror hands to the source that takes over.
+pub struct Handover {
+    /// The endpoint it served reads on (none without `listen`).
+    pub endpoint: Option<quinn::Endpoint>,
+    /// Its store, open.
+    pub store: Arc<dyn Store>,
+}
+
 /// A running mirror.
 pub struct MirrorNode {
     /// Where the client API listens, if it does.
     pub listen_addr: Option<SocketAddr>,
     shared: Arc<MirrorShared>,
-    replication: tokio::task::JoinHandle<Result<(), MirrorError>>,
+    replication: tokio::task::JoinHandle<Result<PromoteReply, MirrorError>>,
     /// Refreshes the metrics; holds the shared state, so it must stop before the store
     /// can be reopened.
     telemetry: tokio::task::JoinHandle<()>,
@@ -658,9 +681,31 @@ impl MirrorNode {
         &self.shared
     }
 
-    /// Waits until the replication loop stops, which only a permanent refusal causes.
-    pub async fn wait(&mut self) -> Result<(), MirrorError> {
+    /// Waits until the replication loop stops: a promotion (the node must now serve as a
+    /// source: [`MirrorNode::into_handover`]), or a permanent refusal.
+    pub async fn wait(&mut self) -> Result<PromoteReply, MirrorError> {
         (&mut self.replication).await.expect("replication task")
+    }
+
+    /// Stops being a mirror once promoted: stops accepting connections as one (those open
+    /// finish on their own) and hands over the client endpoint and the store, for the
+    /// source that takes over on the same address.
+    pub async fn into_handover(self) -> Handover {
+        // `wait` has usually seen it finish (a finished handle may not be awaited again).
+        if !self.replication.is_finished() {
+            self.replication.abort();
+            let _ = self.replication.await;
+        }
+        self.telemetry.abort();
+        let _ = self.telemetry.await;
+        let endpoint = self.listener.map(|(endpoint, task)| {
+            task.abort();
+            endpoint
+        });
+        Handover {
+            endpoint,
+            store: self.shared.store.clone(),
+        }
     }
 
     /// Stops replicating and serving; everything applied is already durable. Returns once
@@ -690,7 +735,26 @@ impl MirrorNode {
     }
 }
 
-async fn replicate(shared: Arc<MirrorShared>, tls: Arc<NodeTls>) -> Result<(), MirrorError> {
+/// Sleeps for `delay`, unless a forced promotion comes first: `true` then.
+async fn sleep_unless_forced(promotion: &mut watch::Receiver<Promotion>, delay: Duration) -> bool {
+    tokio::select! {
+        () = tokio::time::sleep(delay) => false,
+        forced = forced_promotion(promotion) => forced,
+    }
+}
+
+/// Waits for a forced promotion: `true` once one is asked for (`false` if it never can be).
+async fn forced_promotion(promotion: &mut watch::Receiver<Promotion>) -> bool {
+    promotion
+        .wait_for(|state| *state == Promotion::Forced)
+        .await
+        .is_ok()
+}
+
+async fn replicate(
+    shared: Arc<MirrorShared>,
+    tls: Arc<NodeTls>,
+) -> Result<PromoteReply, MirrorError> {
     let expected = ExpectedServer::source_of(shared.config.source_cluster.clone());
     let server_name = expected.server_name();
     let endpoint = client_endpoint(
@@ -700,10 +764,31 @@ async fn replicate(shared: Arc<MirrorShared>, tls: Arc<NodeTls>) -> Result<(), M
         &shared.config.transport,
     )?;
     let mut backoff = Backoff::new(shared.config.backoff_min, shared.config.backoff_max);
+    let mut promotion = shared.promotion.subscribe();
     loop {
         let applied_before = shared.progress().applied_lsn;
         let halted_before = shared.progress().halt_reason;
-        match connect_once(&shared, &endpoint, &expected, &server_name).await {
+        let attempt = tokio::select! {
+            attempt = connect_once(&shared, &endpoint, &expected, &server_name) => attempt,
+            forced = forced_promotion(&mut promotion) => {
+                if forced {
+                    return promotion::promote(&shared, None).await;
+                }
+                continue;
+            }
+        };
+        match attempt {
+            Err(AttemptError::Session(SessionError::Ended(MirrorEnd::Promoting {
+                source_last_lsn,
+            }))) => {
+                if shared.planned_promotion().is_some() {
+                    return promotion::promote(&shared, Some(source_last_lsn)).await;
+                }
+                // The request gave up waiting meanwhile: stay a mirror of the (fenced) source.
+                tracing::warn!(
+                    "the source confirmed its fence after the promotion gave up; still a mirror"
+                );
+            }
             Ok(()) => {
                 tracing::info!("source ended the session; reconnecting");
                 telemetry::reconnect("session_ended");
@@ -722,7 +807,9 @@ async fn replicate(shared: Arc<MirrorShared>, tls: Arc<NodeTls>) -> Result<(), M
                     tracing::debug!(reason = %reason, "still halted");
                 }
                 telemetry::reconnect(reason.code().name());
-                tokio::time::sleep(shared.config.halt_retry_interval).await;
+                if sleep_unless_forced(&mut promotion, shared.config.halt_retry_interval).await {
+                    return promotion::promote(&shared, None).await;
+                }
                 continue;
             }
             // Not logged here: the caller reports the error the node stops with, once.
@@ -743,7 +830,9 @@ async fn replicate(shared: Arc<MirrorShared>, tls: Arc<NodeTls>) -> Result<(), M
         }
         let delay = backoff.next_delay();
         tracing::info!(delay_ms = delay.as_millis() as u64, "reconnect scheduled");
-        tokio::time::sleep(delay).await;
+        if sleep_unless_forced(&mut promotion, delay).await {
+            return promotion::promote(&shared, None).await;
+        }
     }
 }
 

@@ -64,6 +64,9 @@ pub fn prepare(
     plan: &RewindPlan,
 ) -> Result<Prepared, PrepareError> {
     let applied = store.position().lsn;
+    // Its database went on in a later epoch: as a source, this store must never take a
+    // write again, whatever comes of the rewind.
+    store.fence(plan.source_epoch)?;
     match store.chain_hash_at(plan.to_lsn)? {
         Some(hash) if hash == plan.chain_hash => {}
         Some(_) => return Err(RewindImpossible::OtherHistory(plan.to_lsn).into()),

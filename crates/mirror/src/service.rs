@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use xmirror_net::reads::{self, Applied};
 use xmirror_net::serve::{blocking_reply, error_reply, ClientService, Pages, Reply};
-use xmirror_proto::message::{DigestReply, ScanRequest, StatusReply};
+use xmirror_proto::message::{DigestReply, ErrorReply, ScanRequest, StatusReply};
 use xmirror_proto::status::NodeStatus;
 use xmirror_proto::{ErrorCode, Message, PeerIdentity};
 use xmirror_store::StoreError;
@@ -84,6 +84,19 @@ impl ClientService for MirrorService {
                 blocking_reply(move || {
                     let (lsn, digest) = store.digest()?;
                     Ok::<_, StoreError>(DigestReply { lsn, digest }.into())
+                })
+            }
+            Message::PromoteRequest(request) => {
+                let shared = self.shared.clone();
+                Box::pin(async move {
+                    match shared.request_promotion(request).await {
+                        Ok(reply) => reply.into(),
+                        Err(refused) => ErrorReply {
+                            code: refused.code,
+                            detail: refused.detail,
+                        }
+                        .into(),
+                    }
                 })
             }
             other => error_reply(

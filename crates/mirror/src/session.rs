@@ -150,7 +150,14 @@ where
     let mut work: Option<Work> = None;
     let mut handshake_deadline: Option<Instant> = None;
     let silence = shared.config.source_silence_timeout;
+    let mut promotion = shared.promotion.subscribe();
     let outcome = loop {
+        // A planned promotion is the machine's to carry out once it streams.
+        if let Some(epoch) = shared.planned_promotion() {
+            if !machine.is_promoting() {
+                machine.handle(MirrorEvent::Promote { epoch });
+            }
+        }
         // Do everything the machine asks for now.
         loop {
             if let Some(action) = machine.poll_action() {
@@ -207,6 +214,9 @@ where
                 Ok(None) => machine.handle(MirrorEvent::SourceFinished),
                 Err(error) => break Err(SessionError::Stream(error)),
             },
+            // A promotion asked for: the top of the loop hands it to the machine. (The
+            // sender lives as long as `shared`, so this never reports a closed channel.)
+            _ = promotion.changed() => {}
             () = sleep_until(handshake_deadline) => {
                 handshake_deadline = None;
                 machine.handle(MirrorEvent::Timer(MirrorTimer::Handshake));
@@ -428,6 +438,11 @@ fn prepare(store: &dyn Store, preparation: &Preparation) -> Result<(), StoreErro
     // The copy is part of the source's history (the decision says so): keep its record,
     // and its epoch, the source's.
     if let (Some(held), Some(last)) = (store.database(), preparation.history.last()) {
+        if held.epoch < last.epoch {
+            // This copy's database went on in a later epoch: were it ever a source's
+            // store again, it must take no write (a failed-over source come back).
+            store.fence(last.epoch)?;
+        }
         let database = DatabaseIdentity {
             id: held.id,
             epoch: last.epoch,

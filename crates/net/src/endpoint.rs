@@ -106,9 +106,19 @@ pub fn server_endpoint(
     addr: SocketAddr,
     limits: &TransportLimits,
 ) -> Result<quinn::Endpoint, EndpointError> {
+    let config = server_config(tls, limits)?;
+    quinn::Endpoint::server(config, addr).map_err(|source| EndpointError::Bind { addr, source })
+}
+
+/// What a node's server endpoint presents and accepts: `tls`'s certificate, both ALPNs,
+/// `limits`. Also what a promoted mirror's endpoint switches to.
+pub fn server_config(
+    tls: &NodeTls,
+    limits: &TransportLimits,
+) -> Result<quinn::ServerConfig, EndpointError> {
     let mut config = tls.server_config(&[ALPN_MIRROR, ALPN_CLIENT])?;
     config.transport_config(Arc::new(limits.transport_config(false)?));
-    quinn::Endpoint::server(config, addr).map_err(|source| EndpointError::Bind { addr, source })
+    Ok(config)
 }
 
 /// A client endpoint dialling with `alpn`, accepting only `expected` servers.

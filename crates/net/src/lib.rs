@@ -20,7 +20,9 @@ pub mod serve;
 
 pub use admission::{accept_loop, AcceptLimits, Admission, Admitted};
 pub use close::{alpn_of, close_with, error_chain, refusal_of, Refusal};
-pub use endpoint::{client_endpoint, server_endpoint, EndpointError, TransportLimits};
+pub use endpoint::{
+    client_endpoint, server_config, server_endpoint, EndpointError, TransportLimits,
+};
 pub use framed::{
     sleep_until, Activity, ActivityReader, FrameSender, FramedReader, FramedWriter, ReadError,
 };

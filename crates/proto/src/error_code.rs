@@ -76,11 +76,14 @@ pub enum ErrorCode {
     /// A write reached a source fenced by a later epoch of its database (a promotion, or
     /// `xmirror fence`): it takes no more writes.
     Fenced = 29,
+    /// A promotion the node cannot make: it was started without a `source` certificate
+    /// of its own cluster (`--source-name`), or it is already a source.
+    NotPromotable = 30,
 }
 
 impl ErrorCode {
     /// Every code, in number order.
-    pub const ALL: [ErrorCode; 29] = [
+    pub const ALL: [ErrorCode; 30] = [
         ErrorCode::BadVersion,
         ErrorCode::ClusterIdMismatch,
         ErrorCode::ObserverOnly,
@@ -110,6 +113,7 @@ impl ErrorCode {
         ErrorCode::Timeout,
         ErrorCode::InvalidRequest,
         ErrorCode::Fenced,
+        ErrorCode::NotPromotable,
     ];
 
     /// The stable number on the wire and in QUIC close frames.
@@ -156,6 +160,7 @@ impl ErrorCode {
             ErrorCode::Timeout => "TIMEOUT",
             ErrorCode::InvalidRequest => "INVALID_REQUEST",
             ErrorCode::Fenced => "FENCED",
+            ErrorCode::NotPromotable => "NOT_PROMOTABLE",
         }
     }
 
@@ -236,6 +241,7 @@ mod tests {
             ("TIMEOUT", 27),
             ("INVALID_REQUEST", 28),
             ("FENCED", 29),
+            ("NOT_PROMOTABLE", 30),
         ];
         let actual: Vec<_> = ErrorCode::ALL
             .iter()
@@ -246,7 +252,7 @@ mod tests {
             assert_eq!(ErrorCode::from_number(code.number()), Some(code));
         }
         assert_eq!(ErrorCode::from_number(0), None);
-        assert_eq!(ErrorCode::from_number(30), None);
+        assert_eq!(ErrorCode::from_number(31), None);
     }
 
     #[test]

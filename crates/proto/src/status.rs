@@ -5,6 +5,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::history::EpochStart;
 use crate::message::DecisionKind;
 use crate::types::{DatabaseId, Divergence, Epoch, Lsn, Name, UnixMillis};
 
@@ -39,6 +40,8 @@ pub struct SourceStatus {
     pub commit_time: UnixMillis,
     /// Snapshot payload bytes (keys and values) sent to mirrors since the source started.
     pub snapshot_bytes_sent: u64,
+    /// Where each epoch of the database began, oldest first.
+    pub history: Vec<EpochSummary>,
     /// One entry per slot, connected or not.
     pub mirrors: Vec<SlotStatus>,
 }
@@ -110,6 +113,31 @@ pub struct MirrorStatus {
     pub snapshots_resumed: u64,
     /// The source's last decision, if a hello was ever accepted.
     pub last_decision: Option<DecisionKind>,
+    /// Rewinds (failbacks) applied over the life of the data directory.
+    pub rewinds: u64,
+    /// Where each epoch of the database it holds began, oldest first.
+    pub history: Vec<EpochSummary>,
+}
+
+/// One epoch of a database's history, as status shows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EpochSummary {
+    /// The epoch.
+    pub epoch: Epoch,
+    /// Its first LSN.
+    pub first_lsn: Lsn,
+    /// The chain hash where it forked from the epoch before, in hex.
+    pub chain_hash_before: String,
+}
+
+impl From<&EpochStart> for EpochSummary {
+    fn from(start: &EpochStart) -> EpochSummary {
+        EpochSummary {
+            epoch: start.epoch,
+            first_lsn: start.first_lsn,
+            chain_hash_before: start.chain_hash_before.to_hex(),
+        }
+    }
 }
 
 /// A mirror's state.

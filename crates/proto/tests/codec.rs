@@ -119,6 +119,7 @@ fn node_status() -> impl Strategy<Value = NodeStatus> {
                     wal_first_lsn,
                     commit_time: UnixMillis(5),
                     snapshot_bytes_sent: 7,
+                    history: vec![(&xmirror_proto::EpochStart::FIRST).into()],
                     mirrors,
                 })
             }),
@@ -139,6 +140,8 @@ fn node_status() -> impl Strategy<Value = NodeStatus> {
                     snapshots_started: counter / 2,
                     snapshots_resumed: counter / 3,
                     last_decision: Some(DecisionKind::ResumeSnapshot),
+                    rewinds: counter / 7,
+                    history: Vec::new(),
                 })
             }
         ),

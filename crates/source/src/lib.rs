@@ -26,8 +26,8 @@ use std::time::Duration;
 use tokio::sync::{oneshot, watch, OwnedSemaphorePermit};
 use xmirror_net::serve::{serve_client_connection, ClientLimits, ClientServing};
 use xmirror_net::{
-    accept_loop, close_with, error_chain, refusal_of, server_endpoint, AcceptLimits, EndpointError,
-    TransportLimits,
+    accept_loop, close_with, error_chain, refusal_of, server_config, server_endpoint, AcceptLimits,
+    EndpointError, TransportLimits,
 };
 use xmirror_proto::authz::NodeKind;
 use xmirror_proto::session::source::SourceSessionConfig;
@@ -286,10 +286,22 @@ impl SourceShared {
         config: SourceConfig,
         name: Name,
     ) -> Result<(Arc<SourceShared>, oneshot::Receiver<WriteError>), SourceError> {
+        SourceShared::open_with(config, name, None).await
+    }
+
+    /// [`Self::open`], on `store` when given (already open: a promoted mirror's).
+    pub async fn open_with(
+        config: SourceConfig,
+        name: Name,
+        store: Option<Arc<dyn Store>>,
+    ) -> Result<(Arc<SourceShared>, oneshot::Receiver<WriteError>), SourceError> {
         let (data_dir, engine, options) =
             (config.data_dir.clone(), config.engine, config.store_options);
         let (store, database) = tokio::task::spawn_blocking(move || {
-            let store = open_store(&data_dir, engine, options)?;
+            let store = match store {
+                Some(store) => store,
+                None => open_store(&data_dir, engine, options)?,
+            };
             let database = store.create_database(DatabaseIdentity {
                 id: DatabaseId(rand::random()),
                 epoch: Epoch::FIRST,
@@ -336,13 +348,36 @@ impl SourceNode {
     pub async fn start(config: SourceConfig, tls: &NodeTls) -> Result<SourceNode, SourceError> {
         config.check()?;
         let endpoint = server_endpoint(tls, config.listen, &config.transport)?;
+        SourceNode::start_on(config, tls, endpoint, None).await
+    }
+
+    /// Takes over from a promoted mirror: serves on its endpoint (now presenting `tls`, a
+    /// source certificate) from its open store. `config.listen` is not bound again.
+    pub async fn take_over(
+        config: SourceConfig,
+        tls: &NodeTls,
+        endpoint: quinn::Endpoint,
+        store: Arc<dyn Store>,
+    ) -> Result<SourceNode, SourceError> {
+        config.check()?;
+        endpoint.set_server_config(Some(server_config(tls, &config.transport)?));
+        SourceNode::start_on(config, tls, endpoint, Some(store)).await
+    }
+
+    async fn start_on(
+        config: SourceConfig,
+        tls: &NodeTls,
+        endpoint: quinn::Endpoint,
+        store: Option<Arc<dyn Store>>,
+    ) -> Result<SourceNode, SourceError> {
         let local_addr = endpoint
             .local_addr()
             .map_err(|source| EndpointError::Bind {
                 addr: config.listen,
                 source,
             })?;
-        let (shared, failure) = SourceShared::open(config, tls.identity().name.clone()).await?;
+        let (shared, failure) =
+            SourceShared::open_with(config, tls.identity().name.clone(), store).await?;
         let mut tasks = tokio::task::JoinSet::new();
         let limits = AcceptLimits {
             max_connections: shared.config.max_connections,

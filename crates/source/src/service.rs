@@ -167,6 +167,7 @@ impl SourceService {
             wal_first_lsn: wal.first,
             commit_time: committed.commit_time,
             snapshot_bytes_sent: shared.snapshot_bytes_sent.load(Ordering::Relaxed),
+            history: shared.store.history().iter().map(Into::into).collect(),
             mirrors: shared.slots.status(committed.last_lsn),
         }
     }

@@ -443,7 +443,7 @@ impl Slots {
             limits.max_wal_entries,
             self.store.wal_floor_for_bytes(limits.max_wal_bytes)?,
         );
-        let plan = plan_retention(
+        let mut plan = plan_retention(
             last_lsn,
             floor,
             inner
@@ -452,6 +452,18 @@ impl Slots {
                 .filter(|(_, slot)| !slot.record.invalidated)
                 .map(|(name, slot)| (name, slot.record.acked_lsn)),
         );
+        if self.store.promoted() {
+            // A promoted source keeps its WAL up to the caps, not only what its slots need:
+            // the old source's other mirrors have no slot here yet, and stream or rewind
+            // from the WAL it held when it took over.
+            plan.first_kept = floor;
+            plan.invalidate.retain(|mirror| {
+                inner
+                    .slots
+                    .get(mirror)
+                    .is_some_and(|slot| slot.record.acked_lsn.next() < floor)
+            });
+        }
         for mirror in &plan.invalidate {
             if let Some(slot) = inner.slots.get_mut(mirror) {
                 tracing::warn!(

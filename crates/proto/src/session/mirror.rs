@@ -211,6 +211,9 @@ pub struct RewindPlan {
     pub to_lsn: Lsn,
     /// The source's chain hash there.
     pub chain_hash: ChainHash,
+    /// The source's epoch: the node learns from it that its own history went on
+    /// elsewhere, and fences itself before anything else.
+    pub source_epoch: Epoch,
     /// The decision, for the log line.
     pub log_fields: DecisionFields,
 }
@@ -948,6 +951,9 @@ impl MirrorSession {
                 let plan = RewindPlan {
                     to_lsn: *to_lsn,
                     chain_hash: *chain_hash,
+                    source_epoch: self
+                        .source_database
+                        .map_or(Epoch::FIRST, |(_, epoch)| epoch),
                     log_fields: decision.log_fields(),
                 };
                 // What it holds beyond the fork is not the source's: no reads until rewound.

@@ -1,0 +1,215 @@
+//! Promotion: a mirror becoming its database's source.
+//!
+//! `xmirror promote` reaches the mirror's client API ([`MirrorShared::request_promotion`]),
+//! which records what is asked in [`Promotion`] and waits for the replication loop to do
+//! it. Planned: the running session fences the source on its control stream, applies up to
+//! the source's final LSN and ends; forced: the replication loop drops the session at
+//! once. Either way the loop then promotes the store ([`promote`]) and stops, and the node
+//! hands its endpoint and store over to a source (the CLI does that).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use xmirror_proto::message::PromoteReply;
+use xmirror_proto::message::PromoteRequest;
+use xmirror_proto::{Epoch, ErrorCode, Lsn};
+
+use crate::{MirrorError, MirrorShared};
+
+/// Where a promotion stands.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Promotion {
+    /// None asked for.
+    Idle,
+    /// Planned: the session fences the source for `epoch`, applies its final LSN, ends.
+    Planned {
+        /// The epoch the source is fenced for.
+        epoch: Epoch,
+    },
+    /// Forced: promote at the applied LSN now.
+    Forced,
+    /// Done: the store is promoted.
+    Done(PromoteReply),
+    /// The store refused (it holds no consistent copy).
+    Failed {
+        /// The code the operator gets.
+        code: ErrorCode,
+        /// Why.
+        detail: String,
+    },
+}
+
+/// A refused or failed promotion request.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{code}: {detail}")]
+pub struct PromoteRefused {
+    /// The code the client gets.
+    pub code: ErrorCode,
+    /// Why, for the operator.
+    pub detail: String,
+}
+
+impl PromoteRefused {
+    fn new(code: ErrorCode, detail: impl Into<String>) -> PromoteRefused {
+        PromoteRefused {
+            code,
+            detail: detail.into(),
+        }
+    }
+}
+
+impl MirrorShared {
+    /// Asks for a promotion and waits (up to `promote_timeout`) until the replication loop
+    /// has made it.
+    pub async fn request_promotion(
+        self: &Arc<Self>,
+        request: PromoteRequest,
+    ) -> Result<PromoteReply, PromoteRefused> {
+        if !self.config.promotable {
+            return Err(PromoteRefused::new(
+                ErrorCode::NotPromotable,
+                format!(
+                    "mirror {} was started without --source-name: it has no source certificate to serve with once promoted",
+                    self.name
+                ),
+            ));
+        }
+        let mut promotion = self.promotion.subscribe();
+        if let Promotion::Done(reply) = &*promotion.borrow() {
+            return Ok(*reply);
+        }
+        if !self.is_consistent() {
+            return Err(PromoteRefused::new(
+                ErrorCode::NotConsistent,
+                format!(
+                    "mirror {} holds no consistent copy yet (applied {}): nothing to promote",
+                    self.name,
+                    self.progress().applied_lsn
+                ),
+            ));
+        }
+        let planned_epoch = self.next_epoch();
+        self.promotion.send_modify(|current| match current {
+            Promotion::Done(_) => {}
+            _ if request.force => *current = Promotion::Forced,
+            Promotion::Forced | Promotion::Planned { .. } => {}
+            Promotion::Idle | Promotion::Failed { .. } => {
+                *current = Promotion::Planned {
+                    epoch: planned_epoch,
+                }
+            }
+        });
+        let settled =
+            |state: &Promotion| matches!(state, Promotion::Done(_) | Promotion::Failed { .. });
+        let waited =
+            tokio::time::timeout(self.config.promote_timeout, promotion.wait_for(settled)).await;
+        match waited {
+            Ok(Ok(state)) => match &*state {
+                Promotion::Done(reply) => Ok(*reply),
+                Promotion::Failed { code, detail } => Err(PromoteRefused::new(*code, detail)),
+                _ => unreachable!("waited for a settled state"),
+            },
+            Ok(Err(_closed)) => Err(PromoteRefused::new(
+                ErrorCode::ShuttingDown,
+                "the mirror is stopping",
+            )),
+            Err(_elapsed) => {
+                // Nobody confirmed the fence: the mirror stays a mirror.
+                self.promotion.send_if_modified(|current| {
+                    let planned = matches!(current, Promotion::Planned { .. });
+                    if planned {
+                        *current = Promotion::Idle;
+                    }
+                    planned
+                });
+                Err(PromoteRefused::new(
+                    ErrorCode::Timeout,
+                    format!(
+                        "the source did not confirm its fence within {:?}: it may be unreachable; if it is gone, promote with --force",
+                        self.config.promote_timeout
+                    ),
+                ))
+            }
+        }
+    }
+
+    /// The epoch a promotion of this store starts: one past every epoch it knows of.
+    fn next_epoch(&self) -> Epoch {
+        let known = self
+            .store
+            .history()
+            .iter()
+            .map(|start| start.epoch)
+            .chain(self.store.database().map(|database| database.epoch))
+            .chain(self.store.fenced())
+            .max()
+            .unwrap_or(Epoch::FIRST);
+        Epoch(known.0 + 1)
+    }
+
+    /// The planned promotion's epoch, while one is asked for.
+    pub(crate) fn planned_promotion(&self) -> Option<Epoch> {
+        match *self.promotion.borrow() {
+            Promotion::Planned { epoch } => Some(epoch),
+            _ => None,
+        }
+    }
+}
+
+/// Promotes the store now and says so: `fenced_at` is the fenced source's final LSN
+/// (planned), or `None` (forced: what the old source held beyond the applied LSN may be
+/// lost).
+pub(crate) async fn promote(
+    shared: &Arc<MirrorShared>,
+    fenced_at: Option<Lsn>,
+) -> Result<PromoteReply, MirrorError> {
+    let store = shared.store.clone();
+    let promoted = tokio::task::spawn_blocking(move || {
+        let start = store.promote()?;
+        store.flush()?;
+        Ok::<_, xmirror_store::StoreError>(start)
+    })
+    .await
+    .expect("promotion task");
+    let start = match promoted {
+        Ok(start) => start,
+        Err(error) => {
+            shared.promotion.send_replace(Promotion::Failed {
+                code: ErrorCode::NotPromotable,
+                detail: error.to_string(),
+            });
+            return Err(MirrorError::Store(error));
+        }
+    };
+    let progress = shared.progress();
+    let source_last_lsn = fenced_at.unwrap_or(progress.source_lsn.max(progress.applied_lsn));
+    let source_contact_ms = shared
+        .last_contact()
+        .map(|at| u64::try_from(at.elapsed().as_millis()).unwrap_or(u64::MAX));
+    let reply = PromoteReply {
+        epoch: start.epoch,
+        first_lsn: start.first_lsn,
+        source_last_lsn,
+        source_contact_ms,
+    };
+    match fenced_at {
+        Some(_) => tracing::warn!(
+            epoch = start.epoch.0,
+            first_lsn = start.first_lsn.0,
+            source_last_lsn = source_last_lsn.0,
+            "promoted (planned): the old source is fenced and every write it acknowledged is here"
+        ),
+        None => tracing::warn!(
+            epoch = start.epoch.0,
+            first_lsn = start.first_lsn.0,
+            source_last_lsn = source_last_lsn.0,
+            source_contact_ms,
+            "promoted (forced): writes the old source acknowledged beyond the applied LSN may be lost"
+        ),
+    }
+    shared.promotion.send_replace(Promotion::Done(reply));
+    Ok(reply)
+}
+
+/// The default wait for a planned promotion's fence.
+pub const DEFAULT_PROMOTE_TIMEOUT: Duration = Duration::from_secs(30);

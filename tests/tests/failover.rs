@@ -1,0 +1,365 @@
+//! Disaster recovery with real processes: a forced failover when the source dies, the old
+//! source's failback by rewind, a planned promotion back that fences the other side, and a
+//! third mirror that follows whichever node is the source, never taking a second snapshot.
+//!
+//! Rounds: `XMIRROR_DR_ROUNDS` (default 5; the long run sets 50). Each round prints its
+//! figures (time to promote, entries the forced promotion lost, time to fail back, what
+//! the rewind moved against a full copy).
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use rand::Rng;
+use xmirror_client::Client;
+use xmirror_e2e::checker::{verify_acked, AckedWrite, WriteLoad};
+use xmirror_e2e::{free_port, source_status, wait_until, Node, World};
+use xmirror_proto::status::NodeStatus;
+use xmirror_proto::{DecisionKind, ErrorCode, Lsn};
+
+/// One of the two nodes that trade the source role: its data directory, the address it
+/// serves on in either role, and its certificates as a mirror and as a source.
+struct Site {
+    data: &'static str,
+    addr: SocketAddr,
+    observer: &'static str,
+    source_cert: &'static str,
+}
+
+impl Site {
+    async fn start_as_mirror_of(&self, world: &World, source: SocketAddr) -> Node {
+        world
+            .start_mirror_with(
+                self.addr,
+                self.observer,
+                self.data,
+                source,
+                &["--source-name", self.source_cert],
+            )
+            .await
+    }
+}
+
+fn cli_ok(world: &World, args: &[&str]) -> String {
+    let output = world.cli(args);
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        output.status.success(),
+        "xmirror {args:?} failed: {stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    stdout
+}
+
+fn promote(world: &World, node: SocketAddr, force: bool) -> String {
+    let node = node.to_string();
+    let certs = world.certs.display().to_string();
+    let mut args = vec![
+        "promote", "--node", &node, "--certs", &certs, "--name", "ops",
+    ];
+    if force {
+        args.push("--force");
+    }
+    cli_ok(world, &args)
+}
+
+/// Waits until the node at `addr` answers as a source, and returns its client.
+async fn until_source(world: &World, addr: SocketAddr) -> Client {
+    wait_until(
+        &format!("{addr} to serve as a source"),
+        Duration::from_secs(60),
+        || async {
+            let client = world.client(addr).await;
+            match client.status().await {
+                Ok(NodeStatus::Source(_)) => Some(client),
+                _ => None,
+            }
+        },
+    )
+    .await
+}
+
+/// Waits until the mirror behind `mirror` is consistent at `source`'s last LSN with the
+/// same digest.
+async fn until_converged(source: &Client, mirror: &Client) -> xmirror_proto::status::MirrorStatus {
+    let target = source_status(source).await.last_lsn;
+    let status = wait_until(
+        "the mirror to converge",
+        Duration::from_secs(120),
+        || async {
+            let status = mirror.status().await.ok()?;
+            match status {
+                NodeStatus::Mirror(status) if status.consistent && status.applied_lsn >= target => {
+                    Some(status)
+                }
+                _ => None,
+            }
+        },
+    )
+    .await;
+    assert_eq!(
+        source.digest().await.unwrap(),
+        mirror.digest().await.unwrap(),
+        "digests differ at the same LSN"
+    );
+    status
+}
+
+/// The writes saved in `dir/rewound/`: (LSN, key) of each line.
+fn rewound_writes(dir: &std::path::Path) -> Vec<(u64, Vec<u8>)> {
+    let mut writes = Vec::new();
+    let Ok(files) = std::fs::read_dir(dir.join("rewound")) else {
+        return writes;
+    };
+    for file in files {
+        let path = file.unwrap().path();
+        if path.extension().and_then(|ext| ext.to_str()) != Some("jsonl") {
+            continue;
+        }
+        for line in std::fs::read_to_string(&path).unwrap().lines() {
+            let value: serde_json::Value = serde_json::from_str(line).expect("a JSON line");
+            let key = base64::engine::general_purpose::STANDARD
+                .decode(value["key"].as_str().expect("a key"))
+                .expect("base64");
+            assert!(["put", "delete"].contains(&value["op"].as_str().unwrap()));
+            writes.push((value["lsn"].as_u64().expect("an LSN"), key));
+        }
+    }
+    writes
+}
+
+async fn put_is_fenced(client: &Client) {
+    match client.put("after-the-fence", "x").await {
+        Err(error) => assert_eq!(error.code(), Some(ErrorCode::Fenced), "{error}"),
+        Ok(lsn) => panic!("a fenced source acknowledged a write at LSN {lsn}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dr_drill_fails_over_and_back_without_a_snapshot() {
+    let rounds: usize = std::env::var("XMIRROR_DR_ROUNDS")
+        .ok()
+        .and_then(|rounds| rounds.parse().ok())
+        .unwrap_or(5);
+    let world = World::new();
+    let main_site = Site {
+        data: "a",
+        addr: free_port(),
+        observer: "m1",
+        source_cert: "src",
+    };
+    let standby_site = Site {
+        data: "b",
+        addr: free_port(),
+        observer: "m2",
+        source_cert: "src2",
+    };
+    let follower_addr = free_port();
+    let mut rng = rand::rng();
+
+    let mut source = world.start_source_on(main_site.addr, "a", &[]).await;
+    let mut standby = standby_site
+        .start_as_mirror_of(&world, main_site.addr)
+        .await;
+    let mut follower = world
+        .start_mirror_on(follower_addr, "m3", "c", main_site.addr)
+        .await;
+    // Every write the current history must hold.
+    let mut kept: Vec<AckedWrite> = Vec::new();
+    let mut rewinds_of_main = 0;
+    for round in 0..rounds {
+        // 1. Writes under load; the standby is killed first, so the source gets ahead of it.
+        let load = WriteLoad::start_prefixed(
+            &format!("r{round}a-"),
+            &world.certs,
+            main_site.addr,
+            2,
+            64,
+            Duration::from_millis(1),
+        );
+        wait_until(
+            "writes before the standby dies",
+            Duration::from_secs(60),
+            || async { (load.acked() >= 200).then_some(()) },
+        )
+        .await;
+        standby.kill9();
+        let acked_then = load.acked();
+        wait_until(
+            "writes the standby misses",
+            Duration::from_secs(60),
+            || async { (load.acked() >= acked_then + 100).then_some(()) },
+        )
+        .await;
+        // 2. The source dies.
+        source.kill9();
+        let before = load.stop().await;
+
+        // 3. The standby comes back without its source and is promoted at once.
+        standby = standby_site
+            .start_as_mirror_of(&world, main_site.addr)
+            .await;
+        let promoting = Instant::now();
+        let printed = promote(&world, standby_site.addr, true);
+        assert!(printed.contains("promoted (forced)"), "{printed}");
+        let new_source = until_source(&world, standby_site.addr).await;
+        let time_to_promote = promoting.elapsed();
+        let promoted = source_status(&new_source).await;
+        let fork = Lsn(promoted.history.last().unwrap().first_lsn.0 - 1);
+        let lost: Vec<&AckedWrite> = before.iter().filter(|write| write.lsn > fork).collect();
+        assert!(!lost.is_empty(), "the old source was ahead of the standby");
+
+        // 4. Writes on the new source, some to keys the old source wrote beyond the fork.
+        let mut after = Vec::new();
+        for write in lost.iter().take(20) {
+            let value = format!("new-{round}").into_bytes();
+            let lsn = new_source.put(&write.key, &value).await.unwrap();
+            after.push(AckedWrite {
+                key: write.key.clone(),
+                value,
+                lsn,
+            });
+        }
+        let load = WriteLoad::start_prefixed(
+            &format!("r{round}b-"),
+            &world.certs,
+            standby_site.addr,
+            2,
+            64,
+            Duration::from_millis(1),
+        );
+        wait_until(
+            "writes on the new source",
+            Duration::from_secs(60),
+            || async { (load.acked() >= 100).then_some(()) },
+        )
+        .await;
+
+        // 5. The old source's directory, started as a mirror of the new source, rewinds,
+        // even when killed in the middle of it.
+        let failing_back = Instant::now();
+        let mut old = main_site
+            .start_as_mirror_of(&world, standby_site.addr)
+            .await;
+        tokio::time::sleep(Duration::from_millis(rng.random_range(0..300))).await;
+        old.kill9();
+        let old = main_site
+            .start_as_mirror_of(&world, standby_site.addr)
+            .await;
+        drop(source);
+        after.extend(load.stop().await);
+        let old_client = world.client(main_site.addr).await;
+        let status = until_converged(&new_source, &old_client).await;
+        let time_to_fail_back = failing_back.elapsed();
+        rewinds_of_main += 1;
+        // Killed after the rewind, the restart streams; killed before, it rewinds again:
+        // either way one rewind, counted once.
+        assert!(
+            matches!(
+                status.last_decision,
+                Some(DecisionKind::Rewind | DecisionKind::Stream)
+            ),
+            "{:?}",
+            status.last_decision
+        );
+        assert_eq!(status.rewinds, rewinds_of_main, "one rewind per failback");
+        assert_eq!(status.snapshots_started, 0, "no snapshot, ever");
+        // The rewound file holds every acknowledged write beyond the fork, and beyond them
+        // at most the one write each writer had in flight when the source died.
+        let rewound = rewound_writes(&world.path("a"));
+        let rewound_now: BTreeSet<(u64, Vec<u8>)> = rewound
+            .into_iter()
+            .filter(|(lsn, _)| *lsn > fork.0)
+            .collect();
+        for write in &lost {
+            assert!(
+                rewound_now.contains(&(write.lsn.0, write.key.clone())),
+                "acknowledged write at LSN {} missing from rewound/",
+                write.lsn
+            );
+        }
+        assert!(
+            rewound_now.len() <= lost.len() + 2,
+            "{} rewound, {} acknowledged",
+            rewound_now.len(),
+            lost.len()
+        );
+        // Everything the new history acknowledged is on both.
+        kept.retain(|write| write.lsn <= fork);
+        kept.extend(before.iter().filter(|write| write.lsn <= fork).cloned());
+        kept.extend(after.iter().cloned());
+        let latest = latest_values(&kept);
+        verify_acked(&new_source, &latest).await;
+        verify_acked(&old_client, &latest).await;
+
+        // 6. The follower is pointed at the new source: a rewind or a stream, no snapshot.
+        drop(follower);
+        follower = world
+            .start_mirror_on(follower_addr, "m3", "c", standby_site.addr)
+            .await;
+        let follower_client = world.client(follower_addr).await;
+        let followed = until_converged(&new_source, &follower_client).await;
+        assert_eq!(
+            followed.snapshots_started, 1,
+            "the follower's first snapshot only"
+        );
+
+        // 7. A planned promotion back: the main site takes over, the standby is fenced.
+        let printed = promote(&world, main_site.addr, false);
+        assert!(printed.contains("promoted: epoch"), "{printed}");
+        source = old;
+        let main_source = until_source(&world, main_site.addr).await;
+        put_is_fenced(&new_source).await;
+        verify_acked(&main_source, &latest).await;
+        kept = latest;
+        // Fenced across a restart, even started as a source.
+        standby.kill9();
+        let fenced = world
+            .start_source_on(standby_site.addr, standby_site.data, &[])
+            .await;
+        put_is_fenced(&world.client(standby_site.addr).await).await;
+        drop(fenced);
+        // Back to the start: the standby and the follower follow the main site again.
+        standby = standby_site
+            .start_as_mirror_of(&world, main_site.addr)
+            .await;
+        let standby_client = world.client(standby_site.addr).await;
+        let standby_status = until_converged(&main_source, &standby_client).await;
+        assert_eq!(standby_status.last_decision, Some(DecisionKind::Stream));
+        drop(follower);
+        follower = world
+            .start_mirror_on(follower_addr, "m3", "c", main_site.addr)
+            .await;
+        let follower_client = world.client(follower_addr).await;
+        let followed = until_converged(&main_source, &follower_client).await;
+        assert_eq!(
+            followed.snapshots_started, 1,
+            "the follower's first snapshot only"
+        );
+        let keys = source_status(&main_source).await.last_lsn;
+        println!(
+            "round {round}: promote --force {time_to_promote:?}; {} acknowledged writes lost to the new history; \
+             failback {time_to_fail_back:?}, rewinding {} writes on {} keys (a snapshot would copy the whole data, {} entries written so far)",
+            lost.len(),
+            rewound_now.len(),
+            rewound_now.iter().map(|(_, key)| key).collect::<BTreeSet<_>>().len(),
+            keys
+        );
+    }
+    drop((source, standby, follower));
+}
+
+/// The last acknowledged value of each key: what the node must hold now.
+fn latest_values(writes: &[AckedWrite]) -> Vec<AckedWrite> {
+    let mut latest: std::collections::BTreeMap<Vec<u8>, AckedWrite> = Default::default();
+    for write in writes {
+        let keep = latest
+            .get(&write.key)
+            .is_none_or(|held| held.lsn < write.lsn);
+        if keep {
+            latest.insert(write.key.clone(), write.clone());
+        }
+    }
+    latest.into_values().collect()
+}

@@ -305,9 +305,37 @@ async fn a_dr_drill_fails_over_and_back_without_a_snapshot() {
             "the follower's first snapshot only"
         );
 
-        // 7. A planned promotion back: the main site takes over, the standby is fenced.
-        let printed = promote(&world, main_site.addr, false);
-        assert!(printed.contains("promoted: epoch"), "{printed}");
+        // 7. A planned promotion back: the main site takes over, the standby is fenced. The
+        // promoting node is killed at a random moment of a first try: before the fence,
+        // after it, or after the store was promoted (then, restarted, it finds its old
+        // source fenced and serves as the source it became).
+        let mut old = old;
+        let mut first_try = std::process::Command::new(xmirror_e2e::xmirror_bin())
+            .args([
+                "promote",
+                "--node",
+                &main_site.addr.to_string(),
+                "--certs",
+                &world.certs.display().to_string(),
+                "--name",
+                "ops",
+            ])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(rng.random_range(0..1_500))).await;
+        old.kill9();
+        let _ = first_try.wait();
+        let old = main_site
+            .start_as_mirror_of(&world, standby_site.addr)
+            .await;
+        let restarted = world.client(main_site.addr).await;
+        let killed_before_promoting = matches!(restarted.status().await, Ok(NodeStatus::Mirror(_)));
+        if killed_before_promoting {
+            let printed = promote(&world, main_site.addr, false);
+            assert!(printed.contains("promoted: epoch"), "{printed}");
+        }
         source = old;
         let main_source = until_source(&world, main_site.addr).await;
         put_is_fenced(&new_source).await;
@@ -337,14 +365,15 @@ async fn a_dr_drill_fails_over_and_back_without_a_snapshot() {
             followed.snapshots_started, 1,
             "the follower's first snapshot only"
         );
-        let keys = source_status(&main_source).await.last_lsn;
         println!(
             "round {round}: promote --force {time_to_promote:?}; {} acknowledged writes lost to the new history; \
-             failback {time_to_fail_back:?}, rewinding {} writes on {} keys (a snapshot would copy the whole data, {} entries written so far)",
+             failback {time_to_fail_back:?}, rewinding {} writes, fetching {} keys (a snapshot would copy all {} keys); \
+             planned promotion killed {}",
             lost.len(),
             rewound_now.len(),
             rewound_now.iter().map(|(_, key)| key).collect::<BTreeSet<_>>().len(),
-            keys
+            kept.len(),
+            if killed_before_promoting { "before the store was promoted" } else { "after the store was promoted" },
         );
     }
     drop((source, standby, follower));

@@ -593,7 +593,10 @@ pub async fn run_mirror(args: MirrorArgs, log_format: Option<LogFormat>) -> anyh
         }
     };
     let Some(source_tls) = source_tls else {
-        unreachable!("a mirror without --source-name refuses promotion");
+        // Only a store promoted before this process started gets here without one.
+        anyhow::bail!(
+            "this data directory was promoted to a source and its old source is fenced: start it as xmirror source, or as a mirror with --source-name"
+        );
     };
     let config = plan.source_config(source_tls.identity().cluster_id.clone())?;
     let handover = node.into_handover().await;

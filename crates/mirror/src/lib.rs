@@ -277,6 +277,17 @@ impl AttemptError {
         }
     }
 
+    /// The code the source refused this attempt with, if it did.
+    pub fn refusal_code(&self) -> Option<ErrorCode> {
+        match self {
+            AttemptError::Refused { refusal, .. } => Some(refusal.code),
+            AttemptError::Session(SessionError::Ended(MirrorEnd::Rejected(rejected))) => {
+                Some(rejected.code)
+            }
+            _ => None,
+        }
+    }
+
     /// The metric label for why the attempt failed.
     pub fn metric_label(&self) -> &'static str {
         match self {
@@ -811,6 +822,17 @@ async fn replicate(
                     return promotion::promote(&shared, None).await;
                 }
                 continue;
+            }
+            // This store was promoted, and its old source confirms it is of an earlier
+            // epoch (it refuses the hello FENCED): the node restarted after a promotion,
+            // and goes on as the source it became.
+            Err(error)
+                if error.refusal_code() == Some(ErrorCode::Fenced) && shared.store.promoted() =>
+            {
+                tracing::warn!(
+                    "this store was promoted and its old source is fenced: serving as the source"
+                );
+                return Ok(promotion::promoted_before(&shared));
             }
             // Not logged here: the caller reports the error the node stops with, once.
             Err(error) if error.is_permanent() => return Err(MirrorError::GaveUp(error)),

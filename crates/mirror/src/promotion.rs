@@ -211,5 +211,23 @@ pub(crate) async fn promote(
     Ok(reply)
 }
 
+/// What a store promoted before this process started says of its promotion.
+pub(crate) fn promoted_before(shared: &MirrorShared) -> PromoteReply {
+    let start = shared
+        .store
+        .history()
+        .last()
+        .copied()
+        .expect("a history holds its first epoch");
+    let reply = PromoteReply {
+        epoch: start.epoch,
+        first_lsn: start.first_lsn,
+        source_last_lsn: start.fork_lsn(),
+        source_contact_ms: None,
+    };
+    shared.promotion.send_replace(Promotion::Done(reply));
+    reply
+}
+
 /// The default wait for a planned promotion's fence.
 pub const DEFAULT_PROMOTE_TIMEOUT: Duration = Duration::from_secs(30);

@@ -17,7 +17,10 @@
 //! queued up to a bound (the driver stops reading beyond it); queued snapshot chunks of one
 //! snapshot, or WAL batches with contiguous LSNs, are applied as one group of bounded bytes;
 //! WAL is refused before the snapshot's scan is complete and chunks outside one; nothing is
-//! acknowledged before its store work is durable, and never beyond what was received.
+//! acknowledged before its store work is durable, and never beyond what was received; a
+//! rewind is only for a mirror beyond the fork, asks for every touched key's value (again
+//! for those a reply left out), and applies them all in one store write before the WAL;
+//! a planned promotion ends the session only once the fenced source's last LSN is applied.
 //! Store work and the source's silence (a byte-level liveness check) are the driver's.
 
 use std::collections::VecDeque;
@@ -1427,6 +1430,176 @@ mod tests {
             base_chain_hash: ChainHash([5; 32]),
             after_key,
         }
+    }
+
+    fn rewind_to(to_lsn: u64) -> Decision {
+        Decision::Rewind {
+            to_lsn: Lsn(to_lsn),
+            chain_hash: ChainHash([7; 32]),
+        }
+    }
+
+    fn values(lsn: u64, keys: &[&str]) -> Message {
+        RewindValues {
+            lsn: Lsn(lsn),
+            chain_hash: ChainHash([lsn as u8; 32]),
+            values: keys
+                .iter()
+                .map(|key| (key.as_bytes().to_vec(), Some(b"v".to_vec())))
+                .collect(),
+        }
+        .into()
+    }
+
+    fn rewind_requests(drained: &Drained) -> Vec<Vec<Vec<u8>>> {
+        drained
+            .frames
+            .iter()
+            .filter_map(|frame| match frame {
+                Message::RewindRequest(request) => Some(request.keys.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn keys(names: &[&str]) -> Vec<Vec<u8>> {
+        names.iter().map(|name| name.as_bytes().to_vec()).collect()
+    }
+
+    #[test]
+    fn a_rewind_saves_fetches_every_key_applies_then_streams_from_the_fork() {
+        let mut session = new_session(standing(30));
+        drain(&mut session);
+        received(&mut session, accepted(rewind_to(20), 25));
+        let preparing = drain(&mut session);
+        assert_eq!(
+            preparing.actions[1],
+            MirrorAction::PrepareRewind(RewindPlan {
+                to_lsn: Lsn(20),
+                chain_hash: ChainHash([7; 32]),
+                source_epoch: Epoch::FIRST,
+                log_fields: rewind_to(20).log_fields(),
+            })
+        );
+        assert!(
+            !session.progress().consistent,
+            "what it holds beyond the fork is not the source's"
+        );
+        session.handle(MirrorEvent::RewindPrepared(Ok(keys(&["a", "b", "c"]))));
+        assert_eq!(
+            rewind_requests(&drain(&mut session)),
+            vec![keys(&["a", "b", "c"])]
+        );
+        // The source answers a prefix: the rest is asked again.
+        received(&mut session, values(26, &["a"]));
+        assert_eq!(
+            rewind_requests(&drain(&mut session)),
+            vec![keys(&["b", "c"])]
+        );
+        received(&mut session, values(28, &["b", "c"]));
+        let applying = drain(&mut session);
+        let [MirrorAction::ApplyRewind(apply)] = &applying.actions[..] else {
+            panic!("{:?}", applying.actions)
+        };
+        assert_eq!(apply.to_lsn, Lsn(20));
+        assert_eq!(apply.values.len(), 3);
+        assert_eq!(
+            apply.target,
+            (Lsn(28), ChainHash([28; 32])),
+            "consistent once the latest read state is applied"
+        );
+        session.handle(MirrorEvent::RewindApplied);
+        let done = drain(&mut session);
+        assert_eq!(
+            rewind_requests(&done),
+            vec![Vec::<Vec<u8>>::new()],
+            "the end of it"
+        );
+        assert_eq!(session.progress().applied_lsn, Lsn(20));
+        // The WAL follows from the fork.
+        received(&mut session, batch(21, 2, 1));
+        assert!(matches!(
+            &drain(&mut session).actions[..],
+            [MirrorAction::ApplyBatches(group)] if group.first_lsn == Lsn(21)
+        ));
+    }
+
+    #[test]
+    fn a_rewind_that_cannot_be_made_or_is_not_kept_to_ends_the_session() {
+        // Nothing beyond the fork: the source is wrong.
+        let mut session = new_session(standing(20));
+        drain(&mut session);
+        received(&mut session, accepted(rewind_to(20), 25));
+        assert_eq!(end(&mut session), Some(ErrorCode::ProtocolViolation));
+        // The store's own hash at the fork differs, or its WAL is gone: halted, data kept.
+        for impossible in [
+            RewindImpossible::OtherHistory(Lsn(20)),
+            RewindImpossible::WalGone(Lsn(20)),
+        ] {
+            let mut session = new_session(standing(30));
+            drain(&mut session);
+            received(&mut session, accepted(rewind_to(20), 25));
+            drain(&mut session);
+            session.handle(MirrorEvent::RewindPrepared(Err(impossible)));
+            assert_eq!(end(&mut session), Some(ErrorCode::DivergedHistory));
+            assert_eq!(session.progress().state, MirrorState::Halted);
+        }
+        // Values for keys that were not asked for.
+        let mut session = new_session(standing(30));
+        drain(&mut session);
+        received(&mut session, accepted(rewind_to(20), 25));
+        drain(&mut session);
+        session.handle(MirrorEvent::RewindPrepared(Ok(keys(&["a"]))));
+        drain(&mut session);
+        received(&mut session, values(26, &["z"]));
+        assert_eq!(end(&mut session), Some(ErrorCode::ProtocolViolation));
+    }
+
+    #[test]
+    fn a_planned_promotion_fences_the_source_and_ends_once_its_last_lsn_is_applied() {
+        let mut session = prepared(standing(10), Decision::Stream { from_lsn: Lsn(11) }, 10);
+        drain(&mut session);
+        session.handle(MirrorEvent::Promote { epoch: Epoch(2) });
+        assert!(session.is_promoting());
+        let asked = drain(&mut session);
+        assert_eq!(
+            asked.frames,
+            vec![Message::FenceRequest(FenceRequest {
+                epoch: Some(Epoch(2))
+            })]
+        );
+        received(
+            &mut session,
+            crate::message::FenceReply {
+                fenced_by: Epoch(2),
+                last_lsn: Lsn(12),
+            }
+            .into(),
+        );
+        assert_eq!(end(&mut session), None, "LSNs 11 and 12 are still to apply");
+        received(&mut session, batch(11, 2, 1));
+        drain(&mut session);
+        session.handle(MirrorEvent::BatchesApplied {
+            applied_lsn: Lsn(12),
+            consistent: true,
+        });
+        assert!(matches!(
+            session.take_end(),
+            Some(Err(MirrorEnd::Promoting {
+                source_last_lsn: Lsn(12)
+            }))
+        ));
+        // A fence reply nobody asked for breaks the protocol.
+        let mut session = prepared(standing(10), Decision::Stream { from_lsn: Lsn(11) }, 10);
+        received(
+            &mut session,
+            crate::message::FenceReply {
+                fenced_by: Epoch(2),
+                last_lsn: Lsn(12),
+            }
+            .into(),
+        );
+        assert_eq!(end(&mut session), Some(ErrorCode::ProtocolViolation));
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //! ```text
 //! AwaitingHello ─hello─▶ Admitting ─accepted: snapshot or resume─▶ Scanning ─scan done, end LSN read─▶ Streaming
 //!       │                    │      ─accepted: stream ──────────────────────────────────────────────────▶ Streaming
+//!       │                    │      ─accepted: rewind ─▶ Rewinding ─RewindRequest with no key──────────▶ Streaming
 //!       └─anything else, a bad frame, the deadline─┴─refused─▶ Ended (after the rejected ack is sent)
 //! Streaming: CatchingUp while next ≤ the last committed LSN, Live otherwise.
 //! Any state ─violation, slot invalidated, replaced, the writer stopping, the mirror finishing─▶ Ended
@@ -12,7 +13,9 @@
 //! deadline; at most `snapshot_window_chunks` snapshot chunks are un-acknowledged; at most
 //! `max_unacked_bytes` of WAL is un-acknowledged; only durable (announced) entries are
 //! read; a heartbeat goes out after `heartbeat_interval` without a frame; a mirror may not
-//! acknowledge an LSN or a chunk it was not sent; nothing but acks may follow the hello.
+//! acknowledge an LSN or a chunk it was not sent; nothing but acks may follow the hello,
+//! save a rewinding mirror's requests for values (one at a time) and a promoting mirror's
+//! fence (for a later epoch than the source's).
 //! The admission itself (gathering the view, `decide`, pinning the slot) is store work the
 //! driver runs and reports back, as is every read.
 
@@ -1027,6 +1030,94 @@ mod tests {
             Some(Err(end)) => Some(end.code()),
             Some(Ok(())) | None => None,
         }
+    }
+
+    fn rewind_request(keys: &[&str]) -> Message {
+        crate::message::RewindRequest {
+            keys: keys.iter().map(|key| key.as_bytes().to_vec()).collect(),
+        }
+        .into()
+    }
+
+    #[test]
+    fn a_rewinding_mirror_gets_values_one_request_at_a_time_then_the_wal_from_the_fork() {
+        let (mut session, _) = accepted(Decision::Rewind {
+            to_lsn: Lsn(3),
+            chain_hash: ChainHash([3; 32]),
+        });
+        assert_eq!(session.state(), &SourceState::Rewinding { next: Lsn(4) });
+        session.handle(SourceEvent::Received(rewind_request(&["a", "b"])));
+        let reading = drain(&mut session);
+        assert_eq!(
+            reading.actions,
+            vec![SourceAction::ReadRewindValues {
+                keys: vec![b"a".to_vec(), b"b".to_vec()]
+            }]
+        );
+        let answer = RewindValues {
+            lsn: COMMITTED,
+            chain_hash: ChainHash([9; 32]),
+            values: vec![(b"a".to_vec(), None)],
+        };
+        session.handle(SourceEvent::RewindValuesRead(answer.clone()));
+        let answered = drain(&mut session);
+        assert_eq!(answered.frames, vec![Message::RewindValues(answer)]);
+        // The end of the requests: the WAL follows from the fork, which may be acknowledged.
+        session.handle(SourceEvent::Received(rewind_request(&[])));
+        assert_eq!(session.state(), &SourceState::Streaming { next: Lsn(4) });
+        session.handle(SourceEvent::Received(ack(3)));
+        assert!(drain(&mut session)
+            .actions
+            .iter()
+            .any(|action| matches!(action, SourceAction::ReadBatch { from: Lsn(4), .. })));
+        assert_eq!(end_code(&mut session), None);
+
+        // A second request before the first is answered breaks the protocol.
+        let (mut session, _) = accepted(Decision::Rewind {
+            to_lsn: Lsn(3),
+            chain_hash: ChainHash([3; 32]),
+        });
+        session.handle(SourceEvent::Received(rewind_request(&["a"])));
+        session.handle(SourceEvent::Received(rewind_request(&["b"])));
+        assert_eq!(end_code(&mut session), Some(ErrorCode::ProtocolViolation));
+    }
+
+    #[test]
+    fn a_promoting_mirror_fences_the_source_with_a_later_epoch_only() {
+        let (mut session, _) = accepted(Decision::Stream { from_lsn: Lsn(1) });
+        session.handle(SourceEvent::Received(
+            crate::message::FenceRequest {
+                epoch: Some(Epoch(2)),
+            }
+            .into(),
+        ));
+        assert_eq!(
+            drain(&mut session).actions,
+            vec![SourceAction::Fence(Epoch(2))]
+        );
+        let reply = FenceReply {
+            fenced_by: Epoch(2),
+            last_lsn: COMMITTED,
+        };
+        session.handle(SourceEvent::Fenced(reply));
+        assert_eq!(
+            drain(&mut session).frames.first(),
+            Some(&Message::FenceReply(reply))
+        );
+        assert_eq!(
+            end_code(&mut session),
+            None,
+            "streaming goes on to the last LSN"
+        );
+        // Its own epoch, or an earlier one, is no fence.
+        let (mut session, _) = accepted(Decision::Stream { from_lsn: Lsn(1) });
+        session.handle(SourceEvent::Received(
+            crate::message::FenceRequest {
+                epoch: Some(Epoch::FIRST),
+            }
+            .into(),
+        ));
+        assert_eq!(end_code(&mut session), Some(ErrorCode::ProtocolViolation));
     }
 
     #[test]

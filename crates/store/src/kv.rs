@@ -324,6 +324,13 @@ impl<E: Engine> KvStore<E> {
             Some(value) => Some(DatabaseIdentity::decode(&value)?),
             None => None,
         };
+        // A store that holds a database without ever having received a snapshot is a
+        // source's: its data is its whole history, a consistent copy at its position (what
+        // a failed-back source started as a mirror serves once it streams).
+        let sync = match (sync, &database) {
+            (SyncState::Fresh, Some(_)) => SyncState::Consistent,
+            (sync, _) => sync,
+        };
         let fenced = match engine.get(&meta_key(META_FENCED))? {
             Some(value) => Some(decode_epoch(&value)?),
             None => None,
@@ -975,8 +982,11 @@ impl<E: Engine> Store for KvStore<E> {
         }
         let mut writes = Writes::default();
         writes.put(meta_key(META_DATABASE), database.encode());
+        // The data is the whole history of the new database: consistent at every position.
+        writes.put(meta_key(META_SYNC), SyncState::Consistent.encode());
         self.note_failure(self.engine.write_durably(writes))?;
         state.database = Some(database);
+        state.sync = SyncState::Consistent;
         Ok(database)
     }
 
@@ -1023,8 +1033,7 @@ impl<E: Engine> Store for KvStore<E> {
         let mut state = self.lock();
         let held = match (&state.sync, state.database) {
             (SyncState::Consistent, Some(database)) => database,
-            (SyncState::Fresh, Some(database)) => database,
-            (SyncState::Fresh, None) => return Err(StoreError::NotPromotable("empty")),
+            (SyncState::Fresh, _) => return Err(StoreError::NotPromotable("empty")),
             (SyncState::Scanning(_), _) => {
                 return Err(StoreError::NotPromotable("receiving a snapshot"))
             }

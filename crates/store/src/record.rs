@@ -25,7 +25,8 @@ pub struct WalRecord {
     pub commit_time: UnixMillis,
 }
 
-/// Where a store stands with respect to snapshots (a mirror's view; a source stays `Fresh`).
+/// Where a store stands with respect to snapshots (a mirror's view; a source's store, which
+/// holds its whole history, is `Consistent` from its creation).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum SyncState {
     /// Never received a snapshot.

@@ -29,6 +29,12 @@ chaos:
     cargo build -p xmirror
     XMIRROR_CHAOS=long cargo nextest run --profile chaos -p xmirror-e2e --test faults --no-capture --test-threads 1
 
+# The disaster-recovery drill's long run: 50 rounds of failover, failback by rewind and
+# planned promotion back (CI runs 5).
+dr-drill rounds="50":
+    cargo build -p xmirror
+    XMIRROR_DR_ROUNDS={{rounds}} cargo nextest run --profile chaos -p xmirror-e2e --test failover --no-capture
+
 # Fuzz the frame decoder, hello validation and client request decoding, SECONDS each
 # (installs cargo-fuzz if missing; `-s none` works on the stable toolchain).
 fuzz seconds="600":

@@ -306,10 +306,21 @@ async fn a_dr_drill_fails_over_and_back_without_a_snapshot() {
         );
 
         // 7. A planned promotion back: the main site takes over, the standby is fenced. The
-        // promoting node is killed at a random moment of a first try: before the fence,
-        // after it, or after the store was promoted (then, restarted, it finds its old
-        // source fenced and serves as the source it became).
+        // promoting node is killed during a first try, in turn: before it even asked; after
+        // its source was fenced but before it promoted (the fence made by hand, as the
+        // session would); or at a random moment (on this machine, usually just after it
+        // promoted: then, restarted, it finds its old source fenced and serves as the
+        // source it became).
+        let promoting_back = Instant::now();
         let mut old = old;
+        if round % 3 == 1 {
+            let node = standby_site.addr.to_string();
+            let certs = world.certs.display().to_string();
+            cli_ok(
+                &world,
+                &["fence", "--node", &node, "--certs", &certs, "--name", "ops"],
+            );
+        }
         let mut first_try = std::process::Command::new(xmirror_e2e::xmirror_bin())
             .args([
                 "promote",
@@ -324,8 +335,14 @@ async fn a_dr_drill_fails_over_and_back_without_a_snapshot() {
             .stderr(std::process::Stdio::null())
             .spawn()
             .unwrap();
-        tokio::time::sleep(Duration::from_millis(rng.random_range(0..1_500))).await;
+        let kill_after = match round % 3 {
+            2 => rng.random_range(0..40),
+            _ => 0,
+        };
+        tokio::time::sleep(Duration::from_millis(kill_after)).await;
         old.kill9();
+        // Its node is gone: the first try's client would wait out its deadline.
+        let _ = first_try.kill();
         let _ = first_try.wait();
         let old = main_site
             .start_as_mirror_of(&world, standby_site.addr)
@@ -338,6 +355,7 @@ async fn a_dr_drill_fails_over_and_back_without_a_snapshot() {
         }
         source = old;
         let main_source = until_source(&world, main_site.addr).await;
+        let time_to_promote_back = promoting_back.elapsed();
         put_is_fenced(&new_source).await;
         verify_acked(&main_source, &latest).await;
         kept = latest;
@@ -368,7 +386,7 @@ async fn a_dr_drill_fails_over_and_back_without_a_snapshot() {
         println!(
             "round {round}: promote --force {time_to_promote:?}; {} acknowledged writes lost to the new history; \
              failback {time_to_fail_back:?}, rewinding {} writes, fetching {} keys (a snapshot would copy all {} keys); \
-             planned promotion killed {}",
+             planned promotion back {time_to_promote_back:?}, its first try killed {}",
             lost.len(),
             rewound_now.len(),
             rewound_now.iter().map(|(_, key)| key).collect::<BTreeSet<_>>().len(),

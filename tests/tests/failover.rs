@@ -129,6 +129,11 @@ fn rewound_writes(dir: &std::path::Path) -> Vec<(u64, Vec<u8>)> {
     writes
 }
 
+/// Two writers of 64-byte values to `node`, keys starting with `prefix`.
+fn writers(world: &World, prefix: &str, node: SocketAddr) -> WriteLoad {
+    WriteLoad::start_prefixed(prefix, &world.certs, node, 2, 64, Duration::from_millis(1))
+}
+
 async fn put_is_fenced(client: &Client) {
     match client.put("after-the-fence", "x").await {
         Err(error) => assert_eq!(error.code(), Some(ErrorCode::Fenced), "{error}"),
@@ -170,14 +175,7 @@ async fn a_dr_drill_fails_over_and_back_without_a_snapshot() {
     let mut rewinds_of_main = 0;
     for round in 0..rounds {
         // 1. Writes under load; the standby is killed first, so the source gets ahead of it.
-        let load = WriteLoad::start_prefixed(
-            &format!("r{round}a-"),
-            &world.certs,
-            main_site.addr,
-            2,
-            64,
-            Duration::from_millis(1),
-        );
+        let load = writers(&world, &format!("r{round}a-"), main_site.addr);
         wait_until(
             "writes before the standby dies",
             Duration::from_secs(60),
@@ -221,14 +219,7 @@ async fn a_dr_drill_fails_over_and_back_without_a_snapshot() {
                 lsn,
             });
         }
-        let load = WriteLoad::start_prefixed(
-            &format!("r{round}b-"),
-            &world.certs,
-            standby_site.addr,
-            2,
-            64,
-            Duration::from_millis(1),
-        );
+        let load = writers(&world, &format!("r{round}b-"), standby_site.addr);
         wait_until(
             "writes on the new source",
             Duration::from_secs(60),
@@ -409,4 +400,59 @@ fn latest_values(writes: &[AckedWrite]) -> Vec<AckedWrite> {
         }
     }
     latest.into_values().collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn promotion_is_refused_without_a_source_certificate_of_the_mirrors_own_cluster() {
+    let world = World::new();
+    let source = world.start_source("s", &[]).await;
+    let certs = world.certs.display().to_string();
+    // A mirror without --source-name: NOT_PROMOTABLE, and it goes on as a mirror.
+    let plain = world.start_mirror("m1", "plain", source.addr).await;
+    let plain_client = world.client(plain.addr).await;
+    until_converged(&world.client(source.addr).await, &plain_client).await;
+    let node = plain.addr.to_string();
+    let output = world.cli(&[
+        "promote", "--node", &node, "--certs", &certs, "--name", "ops",
+    ]);
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("NOT_PROMOTABLE") && stderr.contains("--source-name"),
+        "{stderr}"
+    );
+    assert!(matches!(
+        plain_client.status().await,
+        Ok(NodeStatus::Mirror(_))
+    ));
+    // A source is no mirror to promote.
+    let node = source.addr.to_string();
+    let output = world.cli(&[
+        "promote", "--node", &node, "--certs", &certs, "--name", "ops",
+    ]);
+    assert!(!output.status.success(), "a source is not promoted");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("NOT_PROMOTABLE: src is a source already"),
+        "{stderr}"
+    );
+    // --source-name naming a certificate that is not a source's: the mirror refuses to start.
+    let mut wrong = world.spawn_mirror_with(
+        free_port(),
+        "m2",
+        "wrong",
+        source.addr,
+        &["--source-name", "app"],
+    );
+    let status = wrong
+        .wait_exit(Duration::from_secs(30))
+        .expect("the mirror refuses to start");
+    assert!(!status.success());
+    assert!(
+        wrong
+            .log_text()
+            .contains("is not a source certificate of this mirror's cluster"),
+        "{}",
+        wrong.log_text()
+    );
 }

@@ -256,6 +256,10 @@ impl ClientService for SourceService {
                     Ok::<_, StoreError>(DigestReply { lsn, digest }.into())
                 })
             }
+            Message::PromoteRequest(_) => error_reply(
+                ErrorCode::NotPromotable,
+                format!("{} is a source already: promote a mirror", self.shared.name),
+            ),
             other => error_reply(
                 ErrorCode::ProtocolViolation,
                 format!("{:?} is not a client request", other.message_type()),

@@ -1568,14 +1568,12 @@ mod tests {
                 epoch: Some(Epoch(2))
             })]
         );
-        received(
-            &mut session,
-            crate::message::FenceReply {
-                fenced_by: Epoch(2),
-                last_lsn: Lsn(12),
-            }
-            .into(),
-        );
+        let fenced_at_12: Message = crate::message::FenceReply {
+            fenced_by: Epoch(2),
+            last_lsn: Lsn(12),
+        }
+        .into();
+        received(&mut session, fenced_at_12.clone());
         assert_eq!(end(&mut session), None, "LSNs 11 and 12 are still to apply");
         received(&mut session, batch(11, 2, 1));
         drain(&mut session);
@@ -1591,14 +1589,7 @@ mod tests {
         ));
         // A fence reply nobody asked for breaks the protocol.
         let mut session = prepared(standing(10), Decision::Stream { from_lsn: Lsn(11) }, 10);
-        received(
-            &mut session,
-            crate::message::FenceReply {
-                fenced_by: Epoch(2),
-                last_lsn: Lsn(12),
-            }
-            .into(),
-        );
+        received(&mut session, fenced_at_12);
         assert_eq!(end(&mut session), Some(ErrorCode::ProtocolViolation));
     }
 

@@ -436,6 +436,34 @@ async fn promotion_is_refused_without_a_source_certificate_of_the_mirrors_own_cl
         stderr.contains("NOT_PROMOTABLE: src is a source already"),
         "{stderr}"
     );
+    // Nor can a mirror's copy be started as a source: that would fork the history.
+    drop(plain);
+    let args: Vec<String> = [
+        "source",
+        "--data-dir",
+        &world.path("plain").display().to_string(),
+        "--cluster-id",
+        "east",
+        "--listen",
+        &free_port().to_string(),
+        "--certs",
+        &certs,
+        "--name",
+        "src2",
+    ]
+    .iter()
+    .map(|arg| arg.to_string())
+    .collect();
+    let mut forked = Node::spawn("forked", world.dir.path(), &args, free_port());
+    let status = forked
+        .wait_exit(Duration::from_secs(60))
+        .expect("a source on a mirror's copy refuses to start");
+    assert!(!status.success());
+    assert!(
+        forked.log_text().contains("holds a mirror's copy"),
+        "{}",
+        forked.log_text()
+    );
     // --source-name naming a certificate that is not a source's: the mirror refuses to start.
     let mut wrong = world.spawn_mirror_with(
         free_port(),

@@ -230,6 +230,14 @@ pub enum SourceError {
         /// The payload a frame can carry.
         room: usize,
     },
+    /// The data directory holds a mirror's copy (it received a snapshot and was never
+    /// promoted): written to as a source, it would fork the database's history.
+    #[error(
+        "{0} holds a mirror's copy (it received a snapshot and was never promoted): started \
+         as a source it would fork the database's history; promote the mirror instead \
+         (xmirror promote)"
+    )]
+    MirrorsCopy(std::path::PathBuf),
     /// A group commit failed: the source stops (crash-only, as PostgreSQL after a failed
     /// fsync); its writes were answered `STORE_FAILED`, and recovery at the next start
     /// decides whether they survived.
@@ -300,13 +308,23 @@ impl SourceShared {
         let (store, database) = tokio::task::spawn_blocking(move || {
             let store = match store {
                 Some(store) => store,
-                None => open_store(&data_dir, engine, options)?,
+                None => {
+                    let store = open_store(&data_dir, engine, options)?;
+                    // A fenced copy takes no write, and a promoted one is a source's.
+                    let mirrors_copy = store.counter(xmirror_store::SNAPSHOTS_STARTED)? > 0
+                        && !store.promoted()
+                        && store.fenced().is_none();
+                    if mirrors_copy {
+                        return Err(SourceError::MirrorsCopy(data_dir));
+                    }
+                    store
+                }
             };
             let database = store.create_database(DatabaseIdentity {
                 id: DatabaseId(rand::random()),
                 epoch: Epoch::FIRST,
             })?;
-            Ok::<_, StoreError>((store, database))
+            Ok::<_, SourceError>((store, database))
         })
         .await
         .expect("open task")?;

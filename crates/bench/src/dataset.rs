@@ -1,5 +1,5 @@
-//! The benchmark datasets: deterministic keys, incompressible values, and the store
-//! ceiling (raw batch inserts into sled, the engine the nodes use).
+//! The benchmark datasets: deterministic keys, incompressible values, the store ceiling
+//! (raw batch inserts into each engine), and the disk's own flush latency.
 //!
 //! Values are pseudo-random bytes so that neither side gains from compression (Redis
 //! compresses strings in its RDB stream; sled does not compress).
@@ -11,6 +11,28 @@ use anyhow::Context;
 use xmirror_proto::{Entry, Lsn, UnixMillis};
 use xmirror_store::testing::mix;
 use xmirror_store::{open_store, Batch, EngineKind, StoreOptions};
+
+/// Milliseconds each of `count` 4 KiB overwrites of one file in `dir` takes, each followed
+/// by `fdatasync`: the least a durable apply can cost on this disk.
+pub fn flush_latencies(dir: &Path, count: usize) -> anyhow::Result<Vec<f64>> {
+    use std::io::{Seek, SeekFrom, Write};
+    std::fs::create_dir_all(dir)?;
+    let path = dir.join("flush-probe");
+    let mut file =
+        std::fs::File::create(&path).with_context(|| format!("create {}", path.display()))?;
+    let block = random_bytes(0, 4096);
+    let mut latencies = Vec::with_capacity(count);
+    for _ in 0..count {
+        let started = Instant::now();
+        file.seek(SeekFrom::Start(0))?;
+        file.write_all(&block)?;
+        file.sync_data()?;
+        latencies.push(started.elapsed().as_secs_f64() * 1e3);
+    }
+    drop(file);
+    std::fs::remove_file(&path)?;
+    Ok(latencies)
+}
 
 /// Payload bytes per insert batch: the size of one snapshot chunk.
 pub const BATCH_BYTES: usize = 1 << 20;

@@ -1,14 +1,11 @@
 //! Write load at a fixed rate, and replication lag measured per entry.
 //!
-//! Lag is commit-to-applied: from the moment the source's writer announces an LSN durable
-//! (its commit watch) to the moment the mirror announces it applied and durable (its
-//! applied watch), both read in this process on one monotonic clock, for every entry.
+//! Lag is commit-to-applied, per entry, from the moments [`crate::stages`] recorded each
+//! stage passing it.
 
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use tokio::sync::watch;
-use tokio::task::JoinHandle;
 use xmirror_client::Client;
 use xmirror_proto::message::PutRequest;
 use xmirror_proto::{Lsn, Message};
@@ -68,48 +65,6 @@ pub async fn paced_puts(
     Ok(acknowledged)
 }
 
-/// Records when each LSN appears on a watch channel, until stopped.
-pub struct Timeline {
-    stop: watch::Sender<bool>,
-    task: JoinHandle<Vec<(Lsn, Instant)>>,
-}
-
-impl Timeline {
-    /// Starts recording `lsns`, ignoring its current value.
-    pub fn record<T, F>(mut source: watch::Receiver<T>, lsn_of: F) -> Timeline
-    where
-        T: Send + Sync + 'static,
-        F: Fn(&T) -> Lsn + Send + 'static,
-    {
-        let (stop, mut stopped) = watch::channel(false);
-        source.borrow_and_update();
-        let task = tokio::spawn(async move {
-            let mut seen = Vec::new();
-            loop {
-                tokio::select! {
-                    // A change announced before the stop is still recorded.
-                    biased;
-                    changed = source.changed() => {
-                        if changed.is_err() {
-                            break;
-                        }
-                        let lsn = lsn_of(&source.borrow_and_update());
-                        seen.push((lsn, Instant::now()));
-                    }
-                    _ = stopped.changed() => break,
-                }
-            }
-            seen
-        });
-        Timeline { stop, task }
-    }
-
-    pub async fn finish(self) -> Vec<(Lsn, Instant)> {
-        let _ = self.stop.send(true);
-        self.task.await.unwrap_or_default()
-    }
-}
-
 /// Each entry's lag from its commit to its apply, for entries after `after`: an entry
 /// committed (or applied) when the first announced LSN at or above it was. Entries never
 /// seen applied are left out (the caller waits until the mirror caught up first).
@@ -165,6 +120,40 @@ impl Percentiles {
     }
 }
 
+impl Percentiles {
+    /// Runs of one noisy measure as one: the median run's p50 and p99, the highest max.
+    pub fn median_of(runs: &[Percentiles]) -> Percentiles {
+        Percentiles {
+            p50: median(runs.iter().map(|run| run.p50).collect()),
+            p99: median(runs.iter().map(|run| run.p99).collect()),
+            max: runs.iter().map(|run| run.max).fold(0.0, f64::max),
+            samples: runs.iter().map(|run| run.samples).sum(),
+        }
+    }
+
+    /// The p99 of each run, for a table: "1.20 / 0.98 / 1.51".
+    pub fn p99s_text(runs: &[Percentiles]) -> String {
+        runs.iter()
+            .map(|run| format!("{:.2}", run.p99))
+            .collect::<Vec<_>>()
+            .join(" / ")
+    }
+}
+
+/// The middle of `values` (the mean of the two middle ones for an even count); 0 when empty.
+pub fn median(mut values: Vec<f64>) -> f64 {
+    if values.is_empty() {
+        return 0.0;
+    }
+    values.sort_by(f64::total_cmp);
+    let middle = values.len() / 2;
+    if values.len().is_multiple_of(2) {
+        (values[middle - 1] + values[middle]) / 2.0
+    } else {
+        values[middle]
+    }
+}
+
 /// CPU seconds this process has used (user + system), from `/proc/self/stat`; `None`
 /// where that is not readable. Divided by wall time it says how many cores were busy,
 /// which tells a measure bound by this machine's two cores from one bound by waiting.
@@ -209,6 +198,13 @@ mod tests {
             "CPU time stayed at {before} s through the work"
         );
         assert!(cores_busy(Some(before), Duration::from_secs(1)).unwrap() > 0.0);
+    }
+
+    #[test]
+    fn the_median_is_the_middle_value() {
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(vec![4.0, 1.0, 2.0, 3.0]), 2.5);
+        assert_eq!(median(vec![]), 0.0);
     }
 
     #[test]

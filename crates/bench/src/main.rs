@@ -13,6 +13,7 @@
 //! - [`load`]: paced writes and per-entry lag.
 //! - [`redis`]: the Redis primary and replica.
 //! - [`sink`]: a mirror that stores nothing, for the source's own fan-out cost.
+//! - [`stages`]: the nodes' stage marks, recorded: where the lag goes.
 //! - [`report`]: results.json and the table.
 
 mod cluster;
@@ -21,6 +22,7 @@ mod load;
 mod redis;
 mod report;
 mod sink;
+mod stages;
 mod transport;
 
 use std::net::SocketAddr;
@@ -34,6 +36,7 @@ use futures_util::{StreamExt, TryStreamExt};
 use xmirror_client::{Scan, Write};
 use xmirror_e2e::proxy::{Impairment, Proxy};
 use xmirror_mirror::MirrorNode;
+use xmirror_net::stage::Stage;
 use xmirror_net::TransportLimits;
 use xmirror_proto::message::DecisionKind;
 use xmirror_proto::{Entry, Lsn};
@@ -42,10 +45,15 @@ use xmirror_store::EngineKind;
 
 use crate::cluster::{wait_consistent, Cluster};
 use crate::dataset::Dataset;
-use crate::load::{entry_lags, paced_puts, Percentiles, Timeline};
+use crate::load::{paced_puts, Percentiles};
 use crate::report::Report;
+use crate::stages::{Lag, StageRecorder};
 
 const MIB: f64 = (1u64 << 20) as f64;
+/// Flushes of the disk-flush probe.
+const FLUSH_PROBES: usize = 2_000;
+/// How many times the noisy lag measures run: figures are the median run's.
+const LAG_RUNS: usize = 3;
 /// Longest any one wait for a mirror may take before the run fails.
 const WAIT_LIMIT: Duration = Duration::from_secs(600);
 
@@ -139,6 +147,14 @@ impl Plan {
 
 fn per_second(count: f64, elapsed: Duration) -> f64 {
     count / elapsed.as_secs_f64().max(1e-9)
+}
+
+/// The lowest and highest p99 of `runs`.
+fn spread(runs: &[Percentiles]) -> (f64, f64) {
+    runs.iter()
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(low, high), run| {
+            (low.min(run.p99), high.max(run.p99))
+        })
 }
 
 fn rate_label(rate: u64) -> String {
@@ -312,7 +328,9 @@ impl Bench {
         Ok(())
     }
 
-    /// Commit-to-applied lag of one mirror (dialling `dial`, or the source) at `rate`.
+    /// Commit-to-applied lag of one mirror at `rate`: per entry, from the source's durable
+    /// group commit to the mirror's durable apply, and the time between each pair of stages
+    /// on the way, from the nodes' stage marks.
     async fn xmirror_lag(
         &self,
         source: &SourceNode,
@@ -320,49 +338,54 @@ impl Bench {
         rate: u64,
         duration: Duration,
         prefix: &'static str,
-    ) -> anyhow::Result<Percentiles> {
+    ) -> anyhow::Result<Lag> {
         let client = self.cluster.client(source.local_addr).await?;
         let start = source.shared().store.position().lsn;
-        let commits = Timeline::record(source.shared().commits.clone(), |committed| {
-            committed.last_lsn
-        });
-        let applied = Timeline::record(mirror.shared().watch_progress(), |progress| {
-            progress.applied_lsn
-        });
+        let recorder = StageRecorder::global();
+        recorder.start();
         let dataset = Dataset {
             keys: u64::MAX,
             value_bytes: 100,
             prefix,
         };
-        paced_puts(&client, dataset, rate, duration).await?;
+        let written = paced_puts(&client, dataset, rate, duration).await;
         let last = source.shared().store.position().lsn;
-        // The applied watch, not the store: the timeline must have seen the last LSN.
-        let mut announced = mirror.shared().watch_progress();
-        tokio::time::timeout(
+        let mut progress = mirror.shared().watch_progress();
+        let caught_up = tokio::time::timeout(
             WAIT_LIMIT,
-            announced.wait_for(|progress| progress.applied_lsn >= last),
+            progress.wait_for(|progress| progress.applied_lsn >= last),
         )
         .await
-        .context("the mirror did not catch up")??;
-        let caught_up_at = Instant::now();
-        let (commits, mut applied) = (commits.finish().await, applied.finish().await);
-        // Now and then (a few runs in ten) the recorder stops before it saw the last
-        // announcement, though this task did; its own sighting then stands in for it.
-        if applied.last().is_none_or(|(lsn, _)| *lsn < last) {
-            applied.push((last, caught_up_at));
-        }
-        let lags = entry_lags(start, &commits, &applied);
+        .map(|waited| waited.map(|_| ()));
+        let marks = recorder.finish();
+        written?;
+        caught_up.context("the mirror did not catch up")??;
+        let entries = last.0 - start.0;
+        let total = marks.lags(start, Stage::Committed, Stage::Applied);
         ensure!(
-            lags.len() as u64 == last.0 - start.0,
-            "lag measured for {} of {} entries (from {start} to {last}; commits seen {:?}..{:?}, applies seen {:?}..{:?})",
-            lags.len(),
-            last.0 - start.0,
-            commits.first().map(|(lsn, _)| lsn),
-            commits.last().map(|(lsn, _)| lsn),
-            applied.first().map(|(lsn, _)| lsn),
-            applied.last().map(|(lsn, _)| lsn),
+            total.len() as u64 == entries,
+            "lag measured for {} of {entries} entries (from {start} to {last}; commit marks {}, apply marks {})",
+            total.len(),
+            marks.of(Stage::Committed).len(),
+            marks.of(Stage::Applied).len(),
         );
-        Ok(Percentiles::of(lags))
+        let stages = Stage::ALL
+            .windows(2)
+            .map(|pair| {
+                let lags = marks.lags(start, pair[0], pair[1]);
+                ensure!(
+                    lags.len() as u64 == entries,
+                    "{} marks cover {} of {entries} entries",
+                    pair[1].name(),
+                    lags.len()
+                );
+                Ok((pair[1], Percentiles::of(lags)))
+            })
+            .collect::<anyhow::Result<_>>()?;
+        Ok(Lag {
+            total: Percentiles::of(total),
+            stages,
+        })
     }
 
     /// A source and a mirror streaming from it (through an impairment proxy if given).
@@ -391,28 +414,76 @@ impl Bench {
         Ok((source, mirror, proxy))
     }
 
-    /// Measure 4: Streaming lag at each rate.
+    /// Measure 4: Streaming lag at each rate, `LAG_RUNS` times: the median run's figures,
+    /// the spread of the p99s, and where the time went stage by stage.
     async fn lag(&mut self) -> anyhow::Result<()> {
+        let probe_dir = self.cluster.data_dir("flush");
+        let flush = Percentiles::of(
+            tokio::task::spawn_blocking(move || dataset::flush_latencies(&probe_dir, FLUSH_PROBES))
+                .await??,
+        );
+        self.report.figure("disk_flush_p50_ms", flush.p50);
+        self.report.figure("disk_flush_p99_ms", flush.p99);
+        self.report.row(
+            "disk flush: a 4 KiB overwrite and fdatasync (the floor of a durable apply)",
+            format!(
+                "p50 {:.3} ms, p99 {:.3} ms, max {:.1} ms",
+                flush.p50, flush.p99, flush.max
+            ),
+            String::new(),
+            String::new(),
+        );
         let (source, mirror, _) = self.streaming_pair(Self::default_limits(), None).await?;
         for rate in self.plan.lag_rates {
-            let lag = self
-                .xmirror_lag(&source, &mirror, rate, self.plan.lag_duration, "lag-")
-                .await?;
+            let mut runs = Vec::with_capacity(LAG_RUNS);
+            for _ in 0..LAG_RUNS {
+                runs.push(
+                    self.xmirror_lag(&source, &mirror, rate, self.plan.lag_duration, "lag-")
+                        .await?,
+                );
+            }
             let label = rate_label(rate);
+            let totals: Vec<Percentiles> = runs.iter().map(|run| run.total).collect();
+            let lag = Percentiles::median_of(&totals);
             self.report.figure(&format!("lag_p50_ms_{label}"), lag.p50);
             self.report.figure(&format!("lag_p99_ms_{label}"), lag.p99);
             self.report.figure(&format!("lag_max_ms_{label}"), lag.max);
+            let (low, high) = spread(&totals);
+            self.report.figure(&format!("lag_p99_ms_{label}_low"), low);
+            self.report
+                .figure(&format!("lag_p99_ms_{label}_high"), high);
             self.report.row(
                 &format!(
-                    "streaming lag at {rate} writes/s for {} s (commit to applied)",
-                    self.plan.lag_duration.as_secs()
+                    "streaming lag at {rate} writes/s, {LAG_RUNS} runs of {} s (commit to durable apply)",
+                    self.plan.lag_duration.as_secs_f64()
                 ),
                 format!(
-                    "p50 {:.2} ms, p99 {:.2} ms, max {:.1} ms",
-                    lag.p50, lag.p99, lag.max
+                    "p50 {:.2} ms, p99 {:.2} ms (runs {}), max {:.1} ms",
+                    lag.p50,
+                    lag.p99,
+                    Percentiles::p99s_text(&totals),
+                    lag.max
                 ),
                 String::new(),
-                "p99 <= 5 ms at 20k".into(),
+                "p99 <= Redis's".into(),
+            );
+            let mut stages = Vec::new();
+            for (index, (stage, _)) in runs[0].stages.iter().enumerate() {
+                let stage_runs: Vec<Percentiles> =
+                    runs.iter().map(|run| run.stages[index].1).collect();
+                let Percentiles { p50, p99, .. } = Percentiles::median_of(&stage_runs);
+                let name = stage.name();
+                self.report
+                    .figure(&format!("stage_{name}_p50_ms_{label}"), p50);
+                self.report
+                    .figure(&format!("stage_{name}_p99_ms_{label}"), p99);
+                stages.push(format!("{name} {p50:.2} / {p99:.2}"));
+            }
+            self.report.row(
+                &format!("  where it goes at {rate} writes/s: to each stage from the one before, p50 / p99 ms"),
+                stages.join(", "),
+                String::new(),
+                String::new(),
             );
         }
         mirror.shutdown().await;
@@ -703,9 +774,18 @@ impl Bench {
                 value_bytes: 100,
                 prefix: "lag-",
             };
-            let dir = scratch.join(format!("lag-{rate}"));
-            let lag = redis::lag(&dir, dataset, rate, self.plan.lag_duration).await?;
+            let mut runs = Vec::with_capacity(LAG_RUNS);
+            for run in 0..LAG_RUNS {
+                let dir = scratch.join(format!("lag-{rate}-{run}"));
+                runs.push(redis::lag(&dir, dataset, rate, self.plan.lag_duration).await?);
+            }
+            let lag = Percentiles::median_of(&runs);
             let label = rate_label(rate);
+            let (low, high) = spread(&runs);
+            self.report
+                .figure(&format!("redis_lag_p99_ms_{label}_low"), low);
+            self.report
+                .figure(&format!("redis_lag_p99_ms_{label}_high"), high);
             self.report
                 .figure(&format!("redis_lag_p50_ms_{label}"), lag.p50);
             self.report
@@ -725,8 +805,11 @@ impl Bench {
                     format!("{ours:.2} ms (xmirror)")
                 }),
                 format!(
-                    "{:.2} ms (Redis; p50 {:.2}, max {:.1})",
-                    lag.p99, lag.p50, lag.max
+                    "{:.2} ms (Redis; runs {}; p50 {:.2}, max {:.1})",
+                    lag.p99,
+                    Percentiles::p99s_text(&runs),
+                    lag.p50,
+                    lag.max
                 ),
                 ours.map_or(String::new(), |ours| {
                     format!("{:.2} (target <= 1)", ours / lag.p99.max(1e-3))
@@ -776,7 +859,8 @@ impl Bench {
                     self.plan.wan_lag_duration,
                     "wan-lag-",
                 )
-                .await?;
+                .await?
+                .total;
             mirror.shutdown().await;
             source.shutdown().await;
             drop(proxy);

@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::Instant;
+use xmirror_net::stage::{self, Stage};
 use xmirror_net::{sleep_until, Activity, FrameSender, FramedReader};
 use xmirror_proto::message::HelloAck;
 use xmirror_proto::session::mirror::{
@@ -203,11 +204,13 @@ where
             frame = reader.next(), if wants_frames => match frame {
                 Ok(Some(message)) => {
                     shared.heard_from_source();
-                    if let Message::HelloAck(ack) = &message {
-                        crate::telemetry::handshake(match ack {
+                    match &message {
+                        Message::HelloAck(ack) => crate::telemetry::handshake(match ack {
                             HelloAck::Accepted(_) => None,
                             HelloAck::Rejected(rejected) => Some(rejected.code),
-                        });
+                        }),
+                        Message::WalBatch(batch) => stage::mark(Stage::Received, batch.last_lsn()),
+                        _ => {}
                     }
                     machine.handle(MirrorEvent::Received(message));
                 }
@@ -465,6 +468,7 @@ fn apply_group(store: &dyn Store, group: &WalGroup) -> Result<(Position, bool), 
         expected_chain_hash: Some(group.chain_hash),
     })?;
     store.flush()?;
+    stage::mark(Stage::Applied, applied.position.lsn);
     Ok((
         applied.position,
         store.sync_state() == SyncState::Consistent,

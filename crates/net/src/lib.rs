@@ -10,6 +10,8 @@
 //!   which pipelines requests and answers them in order.
 //! - [`close`]: closing a connection with an [`ErrorCode`](xmirror_proto::ErrorCode) and
 //!   reading one back.
+//! - [`stage`]: marks of where a write is between the source's commit and the mirror's
+//!   apply, for the benchmarks.
 
 pub mod admission;
 pub mod close;
@@ -17,6 +19,7 @@ pub mod endpoint;
 pub mod framed;
 pub mod reads;
 pub mod serve;
+pub mod stage;
 
 pub use admission::{accept_loop, AcceptLimits, Admission, Admitted};
 pub use close::{alpn_of, close_with, error_chain, refusal_of, Refusal};

@@ -16,6 +16,7 @@ use futures_util::stream::{FuturesUnordered, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
+use xmirror_net::stage::{self, Stage};
 use xmirror_net::{sleep_until, FrameSender, FramedReader};
 use xmirror_proto::message::{FenceReply, Hello, RewindValues, WalBatch};
 use xmirror_proto::session::source::{
@@ -135,6 +136,7 @@ where
         peer,
         shared,
         owed_frame: false,
+        sending_wal: None,
     };
     let outcome = driver.run().await;
     if let Err(SessionError::Ended(SourceEnd::Refused(refusal))) = &outcome {
@@ -189,6 +191,8 @@ struct Driver<'a, R, W> {
     /// The frame being written was taken after the machine ended (a rejected ack): the
     /// session waits for it before it ends.
     owed_frame: bool,
+    /// The last LSN of the WAL batch being written, marked sent once it is.
+    sending_wal: Option<Lsn>,
 }
 
 impl<'a, R, W> Driver<'a, R, W>
@@ -215,6 +219,9 @@ where
                     self.owed_frame = false;
                     if let Err(error) = result {
                         return Err(self.fail(SessionError::Stream(error)));
+                    }
+                    if let Some(last_lsn) = self.sending_wal.take() {
+                        stage::mark(Stage::Sent, last_lsn);
                     }
                 }
                 done = self.work.next(), if !self.work.is_empty() => {
@@ -290,11 +297,15 @@ where
     }
 
     fn transmit(&mut self, frame: Outgoing) {
-        if let Outgoing::Message(Message::SnapshotChunk(chunk)) = &frame {
-            let bytes = chunk.payload_len();
-            self.shared
-                .snapshot_bytes_sent
-                .fetch_add(bytes as u64, Ordering::Relaxed);
+        match frame.message() {
+            Message::SnapshotChunk(chunk) => {
+                let bytes = chunk.payload_len();
+                self.shared
+                    .snapshot_bytes_sent
+                    .fetch_add(bytes as u64, Ordering::Relaxed);
+            }
+            Message::WalBatch(batch) => self.sending_wal = Some(batch.last_lsn()),
+            _ => {}
         }
         self.sender.start(frame);
     }

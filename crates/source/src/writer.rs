@@ -14,6 +14,7 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use tokio::sync::{mpsc, oneshot, watch};
+use xmirror_net::stage::{self, Stage};
 use xmirror_proto::message::WalBatch;
 use xmirror_proto::session::SharedBatch;
 use xmirror_proto::ErrorCode;
@@ -211,6 +212,9 @@ async fn run(
                     expected_chain_hash: None,
                 })
                 .map(|applied| applied.position);
+            if let Ok(position) = &durable {
+                stage::mark(Stage::Committed, position.lsn);
+            }
             (durable, entries)
         })
         .await;

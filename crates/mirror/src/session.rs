@@ -456,9 +456,10 @@ fn prepare(store: &dyn Store, preparation: &Preparation) -> Result<(), StoreErro
 }
 
 /// Applies a group of WAL batches with its position and chain hash (refused whole if the
-/// chain hash differs), and flushes.
+/// chain hash differs), durably, in one store write.
 fn apply_group(store: &dyn Store, group: &WalGroup) -> Result<(Position, bool), StoreError> {
-    let applied = store.apply(Batch {
+    stage::mark(Stage::Storing, group.last_lsn());
+    let applied = store.apply_durably(Batch {
         first_lsn: group.first_lsn,
         entries: &group.entries,
         commit_time: group.commit_time,
@@ -467,7 +468,6 @@ fn apply_group(store: &dyn Store, group: &WalGroup) -> Result<(Position, bool), 
         keep_wal: true,
         expected_chain_hash: Some(group.chain_hash),
     })?;
-    store.flush()?;
     stage::mark(Stage::Applied, applied.position.lsn);
     Ok((
         applied.position,

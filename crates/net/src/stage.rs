@@ -22,16 +22,20 @@ pub enum Stage {
     Sent,
     /// The mirror's session: the frame that carries it is read and decoded.
     Received,
+    /// The mirror's store: the write of the group that holds it begins (the time before
+    /// is grouping and the hand-off to a store thread).
+    Storing,
     /// The mirror's store: the group that holds it is written and durable.
     Applied,
 }
 
 impl Stage {
     /// Every stage, in order.
-    pub const ALL: [Stage; 4] = [
+    pub const ALL: [Stage; 5] = [
         Stage::Committed,
         Stage::Sent,
         Stage::Received,
+        Stage::Storing,
         Stage::Applied,
     ];
 
@@ -41,6 +45,7 @@ impl Stage {
             Stage::Committed => "committed",
             Stage::Sent => "sent",
             Stage::Received => "received",
+            Stage::Storing => "storing",
             Stage::Applied => "applied",
         }
     }

@@ -602,6 +602,10 @@ impl<E: Engine> Store for KvStore<E> {
         self.write_batch(batch, |writes| self.engine.write(writes))
     }
 
+    fn apply_durably(&self, batch: Batch<'_>) -> Result<Applied, StoreError> {
+        self.write_batch(batch, |writes| self.engine.write_durably(writes))
+    }
+
     fn commit(&self, batch: Batch<'_>) -> Result<Applied, StoreError> {
         self.check_failed()?;
         let mut state = self.lock();

@@ -378,6 +378,12 @@ pub trait Store: Send + Sync + 'static {
     /// the chain hash there is the source's.
     fn apply(&self, batch: Batch<'_>) -> Result<Applied, StoreError>;
 
+    /// Applies `batch` like [`apply`](Store::apply) and makes it durable in the same engine
+    /// write: one commit where `apply` and `flush` take two, which is what a mirror pays per
+    /// group of WAL batches it streams. A failure leaves the store refusing everything
+    /// ([`StoreError::Failed`]), as a failed [`flush`](Store::flush) does.
+    fn apply_durably(&self, batch: Batch<'_>) -> Result<Applied, StoreError>;
+
     /// Applies `batch` like [`apply`](Store::apply) and makes it durable before any reader
     /// (a get, a scan, a digest, `position`) can see it: what a source's writer uses, so
     /// that nothing is visible before it is durable. A failure leaves the store refusing

@@ -632,6 +632,11 @@ pub fn a_fence_refuses_every_later_commit_across_restarts(engine: Engine) {
             store.commit(source_batch(2, &[put("k", "w")])),
             Err(StoreError::Fenced { by: Epoch(2) })
         ));
+        // A fenced store still follows a later epoch's source as a mirror.
+        let applied = store
+            .apply_durably(mirror_batch(Lsn(2), &[put("m", "1")]))
+            .unwrap();
+        assert_eq!(applied.position.lsn, Lsn(2));
         // An earlier epoch changes nothing; a later one moves the fence.
         assert_eq!(store.fence(Epoch(1)).unwrap(), Epoch(2));
         assert_eq!(store.fence(Epoch(3)).unwrap(), Epoch(3));
@@ -641,14 +646,15 @@ pub fn a_fence_refuses_every_later_commit_across_restarts(engine: Engine) {
     let store = engine.open(dir.path());
     assert_eq!(store.fenced(), Some(Epoch(3)));
     assert!(matches!(
-        store.commit(source_batch(2, &[put("k", "w")])),
+        store.commit(source_batch(3, &[put("k", "w")])),
         Err(StoreError::Fenced { by: Epoch(3) })
     ));
     assert_eq!(
         store.position().lsn,
-        Lsn(1),
-        "nothing was written after the fence"
+        Lsn(2),
+        "nothing was committed after the fence, and what was applied durably survived"
     );
+    assert_eq!(store.get(b"m").unwrap(), Some(b"1".to_vec()));
 }
 
 /// A promotion starts the next epoch after the applied LSN, past any fence it knew of,
@@ -947,9 +953,18 @@ pub fn a_second_opener_is_refused(engine: Engine) {
     }
 }
 
-/// Kills a child process applying batches with SIGKILL at random moments, at least 20
-/// times, and checks every reopen against the durability contract.
+/// Kills a child process committing batches as a source does with SIGKILL at random
+/// moments, at least 20 times, and checks every reopen against the durability contract.
 pub fn kill_9_loses_nothing_reported_durable(engine: Engine) {
+    kill_9_loses_nothing_reported_durable_by(engine, "commit");
+}
+
+/// The same for a child applying the batches as a streaming mirror does (`apply_durably`).
+pub fn kill_9_loses_nothing_a_mirror_applied_durably(engine: Engine) {
+    kill_9_loses_nothing_reported_durable_by(engine, "apply");
+}
+
+fn kill_9_loses_nothing_reported_durable_by(engine: Engine, mode: &str) {
     const KILLS: usize = 20;
     let dir = TempDir::new().unwrap();
     let reference_dir = TempDir::new().unwrap();
@@ -959,7 +974,7 @@ pub fn kill_9_loses_nothing_reported_durable(engine: Engine) {
     let started = Instant::now();
 
     for round in 0..KILLS {
-        let reported_durable = run_and_kill(engine, dir.path(), "commit", &mut rng)
+        let reported_durable = run_and_kill(engine, dir.path(), mode, &mut rng)
             .iter()
             .filter_map(|line| line.strip_prefix("durable ")?.parse::<u64>().ok())
             .map(Lsn)
@@ -995,7 +1010,7 @@ pub fn kill_9_loses_nothing_reported_durable(engine: Engine) {
         drop(store);
     }
     println!(
-        "{KILLS} kills of the {} child in {:.1}s, recovered up to LSN {last_recovered}",
+        "{KILLS} kills of the {} {mode} child in {:.1}s, recovered up to LSN {last_recovered}",
         engine.0,
         started.elapsed().as_secs_f64()
     );
@@ -1177,6 +1192,7 @@ macro_rules! conformance {
             slots_and_counters_are_kept,
             a_second_opener_is_refused,
             kill_9_loses_nothing_reported_durable,
+            kill_9_loses_nothing_a_mirror_applied_durably,
             kill_9_during_wal_truncation_keeps_a_whole_chain,
             kill_9_during_snapshot_clearing_clears_again,
         );)*

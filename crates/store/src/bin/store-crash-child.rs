@@ -4,7 +4,9 @@
 //! - `commit` (the default): commits the deterministic workload batch by batch, as the
 //!   source's writer does, printing `durable <lsn>` once each batch is durable, until it is
 //!   killed (or reaches `MAX_LSN`).
-//! - `truncate`: the same, truncating the WAL to its last 50 entries after every batch, so
+//! - `apply`: the same batches applied as a streaming mirror applies them
+//!   (`apply_durably`, with the chain hash the source sent), printing `durable <lsn>`.
+//! - `truncate`: the same as `commit`, truncating the WAL to its last 50 entries after every batch, so
 //!   that kills land in the middle of truncations.
 //! - `clear`: receives snapshot after snapshot, each of 25,000 pairs whose keys name the
 //!   snapshot (`s<id>-<n>`), so that each one's `begin_snapshot` clears the previous
@@ -25,7 +27,7 @@ fn main() -> ExitCode {
         [_, engine, dir, max_lsn] => (engine, dir, max_lsn, "commit"),
         [_, engine, dir, max_lsn, mode] => (engine, dir, max_lsn, mode.as_str()),
         _ => {
-            eprintln!("usage: store-crash-child ENGINE DIR MAX_LSN [commit|truncate|clear]");
+            eprintln!("usage: store-crash-child ENGINE DIR MAX_LSN [commit|apply|truncate|clear]");
             return ExitCode::from(2);
         }
     };
@@ -42,8 +44,9 @@ fn main() -> ExitCode {
         }
     };
     let outcome = match mode {
-        "commit" => commit(&*store, max_lsn, false),
-        "truncate" => commit(&*store, max_lsn, true),
+        "commit" => commit(&*store, max_lsn, Writer::Source { truncate: false }),
+        "apply" => commit(&*store, max_lsn, Writer::Mirror),
+        "truncate" => commit(&*store, max_lsn, Writer::Source { truncate: true }),
         "clear" => clear(&*store),
         other => {
             eprintln!("unknown mode {other:?}");
@@ -71,24 +74,40 @@ fn report(line: std::fmt::Arguments<'_>) -> Result<(), StoreError> {
     Ok(())
 }
 
-fn commit(store: &dyn Store, max_lsn: u64, truncate: bool) -> Result<(), StoreError> {
+/// Who writes the workload, and how.
+#[derive(Clone, Copy)]
+enum Writer {
+    /// A source's writer: `commit`, truncating the WAL after each batch if asked.
+    Source { truncate: bool },
+    /// A streaming mirror: `apply_durably`, checking the chain hash the source would send.
+    Mirror,
+}
+
+fn commit(store: &dyn Store, max_lsn: u64, writer: Writer) -> Result<(), StoreError> {
     let mut applied = store.position().lsn;
     while applied.0 < max_lsn {
         let first = applied.next();
         let entries: Vec<_> = (0..workload_batch_len(first))
             .map(|offset| workload_entry(first.advance(offset)))
             .collect();
-        let batch = Batch {
+        let mut batch = Batch {
             first_lsn: first,
             entries: &entries,
             commit_time: UnixMillis(first.0),
             keep_wal: true,
             expected_chain_hash: None,
         };
-        // As the source's writer does: durable before anything can see it.
-        applied = store.commit(batch)?.position.lsn;
+        applied = match writer {
+            // As the source's writer does: durable before anything can see it.
+            Writer::Source { .. } => store.commit(batch)?.position.lsn,
+            Writer::Mirror => {
+                batch.expected_chain_hash =
+                    Some(store.position().chain_hash.extend(first, &entries));
+                store.apply_durably(batch)?.position.lsn
+            }
+        };
         report(format_args!("durable {applied}"))?;
-        if truncate {
+        if let Writer::Source { truncate: true } = writer {
             store.truncate_wal(Lsn(applied.0.saturating_sub(49).max(1)))?;
         }
     }

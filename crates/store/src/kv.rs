@@ -22,6 +22,7 @@ use std::sync::{Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard};
 use xmirror_proto::hash::StateDigester;
 use xmirror_proto::{ChainHash, Epoch, EpochStart, Lsn, SnapshotId, StateDigest};
 
+use crate::journal::{self, Journal, JournaledGroup};
 use crate::record::{
     decode_history, encode_history, DatabaseIdentity, MirrorIdentity, RecordReader, RecordWriter,
     SnapshotProgress, SyncState,
@@ -43,6 +44,8 @@ const META_DATABASE: &str = "database";
 const META_FENCED: &str = "fenced";
 const META_HISTORY: &str = "history";
 const META_PROMOTED: &str = "promoted";
+/// The apply journal's generation the engine stands in (crate::journal).
+const META_JOURNAL: &str = "journal";
 /// The counter [`Store::begin_snapshot`] keeps of distinct snapshots begun.
 pub const SNAPSHOTS_STARTED: &str = "snapshots_started";
 /// The counter [`Store::rewind`] keeps of rewinds applied.
@@ -151,6 +154,10 @@ pub struct KvStore<E> {
     /// read-modify-write of a batch; `digest` holds it so no write lands mid-scan; and the
     /// snapshot's `end_lsn` is read through it, so it is never below an LSN the scan saw.
     state: Mutex<CachedMeta>,
+    /// What [`Store::apply_durably`] syncs instead of a durable engine write. Taken after
+    /// `state` when both are held; held across a journaled group's append and its engine
+    /// write, so that no durable engine write (which starts a new generation) falls between.
+    journal: Mutex<Journal>,
 }
 
 struct CachedMeta {
@@ -340,12 +347,17 @@ impl<E: Engine> KvStore<E> {
             None => Vec::new(),
         };
         let promoted = engine.get(&meta_key(META_PROMOTED))?.is_some();
+        let generation = match engine.get(&meta_key(META_JOURNAL))? {
+            Some(value) => RecordReader::new("journal generation", &value).u64()?,
+            None => 0,
+        };
+        let (journal, journaled) = Journal::open(path.as_ref(), generation)?;
         let mut wal_bytes = 0u64;
         engine.for_each(&prefix_range(WAL), &mut |_, value| {
             wal_bytes += value.len() as u64;
             Ok(true)
         })?;
-        Ok(KvStore {
+        let store = KvStore {
             engine,
             visibility: RwLock::new(()),
             failed: AtomicBool::new(false),
@@ -359,7 +371,67 @@ impl<E: Engine> KvStore<E> {
                 promoted,
                 wal_bytes,
             }),
-        })
+            journal: Mutex::new(journal),
+        };
+        store.replay(&journaled)?;
+        Ok(store)
+    }
+
+    /// Applies the journaled groups the engine lost in a crash, and makes them durable in
+    /// the engine (in a new journal generation).
+    fn replay(&self, journaled: &[JournaledGroup]) -> Result<(), StoreError> {
+        if journaled.is_empty() {
+            return Ok(());
+        }
+        {
+            let mut state = self.lock();
+            for group in journaled {
+                match self.write_locked(&mut state, group.batch(), |writes, _| {
+                    self.engine.write(writes)
+                }) {
+                    Ok(_) => {}
+                    // The engine holds less than the journal continues from: the journal
+                    // ends here (it cannot, by the generation rule, but nothing is lost by
+                    // stopping: the source resends what follows).
+                    Err(StoreError::Gap { .. }) => break,
+                    Err(error) => return Err(error),
+                }
+            }
+        }
+        // Replayed groups count as journaled until the engine holds them durably.
+        let mut journal = self.journal();
+        journal.tail = journal.tail.max(1);
+        self.write_durably_with(&mut journal, Writes::default())
+    }
+
+    fn journal(&self) -> MutexGuard<'_, Journal> {
+        self.journal.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Every durable engine write goes through here. When groups were journaled since the
+    /// last one, it moves the engine to the next journal generation in the same write, so
+    /// that they are never replayed over what follows.
+    fn write_durably(&self, writes: Writes<'_>) -> Result<(), StoreError> {
+        self.write_durably_with(&mut self.journal(), writes)
+    }
+
+    fn write_durably_with(
+        &self,
+        journal: &mut Journal,
+        mut writes: Writes<'_>,
+    ) -> Result<(), StoreError> {
+        let next = (journal.tail > 0).then_some(journal.generation + 1);
+        if let Some(generation) = next {
+            writes.put(
+                meta_key(META_JOURNAL),
+                RecordWriter::default().u64(generation).finish(),
+            );
+        }
+        self.note_failure(self.engine.write_durably(writes))?;
+        if let Some(generation) = next {
+            journal.restart(generation);
+        }
+        Ok(())
     }
 
     /// Refuses everything once a write or flush failed.
@@ -394,7 +466,7 @@ impl<E: Engine> KvStore<E> {
     fn write_batch(
         &self,
         batch: Batch<'_>,
-        write: impl FnOnce(Writes<'_>) -> Result<(), StoreError>,
+        write: impl FnOnce(Writes<'_>, Batch<'_>) -> Result<(), StoreError>,
     ) -> Result<Applied, StoreError> {
         self.check_failed()?;
         let mut state = self.lock();
@@ -406,7 +478,7 @@ impl<E: Engine> KvStore<E> {
         &self,
         state: &mut CachedMeta,
         batch: Batch<'_>,
-        write: impl FnOnce(Writes<'_>) -> Result<(), StoreError>,
+        write: impl FnOnce(Writes<'_>, Batch<'_>) -> Result<(), StoreError>,
     ) -> Result<Applied, StoreError> {
         match self.prepare(state, &batch)? {
             Prepared::Nothing => Ok(Applied {
@@ -421,7 +493,14 @@ impl<E: Engine> KvStore<E> {
                 newly_applied,
                 wal_bytes,
             } => {
-                self.note_failure(write(writes))?;
+                // What is written: the entries not applied before, ending at `position`.
+                let written = Batch {
+                    first_lsn: Lsn(position.lsn.0 + 1 - newly_applied as u64),
+                    entries: &batch.entries[batch.entries.len() - newly_applied..],
+                    expected_chain_hash: Some(position.chain_hash),
+                    ..batch
+                };
+                self.note_failure(write(writes, written))?;
                 state.position = position;
                 state.wal_base = wal_base;
                 state.sync = sync;
@@ -599,11 +678,25 @@ impl<E: Engine> Store for KvStore<E> {
     }
 
     fn apply(&self, batch: Batch<'_>) -> Result<Applied, StoreError> {
-        self.write_batch(batch, |writes| self.engine.write(writes))
+        self.write_batch(batch, |writes, _| self.engine.write(writes))
     }
 
+    /// Durable through the journal: the group is appended and synced there, then written
+    /// to the engine without a flush. A group the journal has no room for is written
+    /// durably to the engine instead, which empties the journal.
     fn apply_durably(&self, batch: Batch<'_>) -> Result<Applied, StoreError> {
-        self.write_batch(batch, |writes| self.engine.write_durably(writes))
+        self.write_batch(batch, |writes, written| {
+            let mut journal = self.journal();
+            let ends_at = written
+                .expected_chain_hash
+                .expect("a written batch names the chain hash it ends at");
+            let record = journal::encode(journal.generation, &written, &ends_at);
+            if journal.append(&record)? {
+                self.engine.write(writes)
+            } else {
+                self.write_durably_with(&mut journal, writes)
+            }
+        })
     }
 
     fn commit(&self, batch: Batch<'_>) -> Result<Applied, StoreError> {
@@ -612,19 +705,19 @@ impl<E: Engine> Store for KvStore<E> {
         if let Some(by) = state.fenced {
             return Err(StoreError::Fenced { by });
         }
-        self.write_locked(&mut state, batch, |writes| {
+        self.write_locked(&mut state, batch, |writes, _| {
             let _exclusive = E::READS_SEE_UNFLUSHED_WRITES.then(|| {
                 self.visibility
                     .write()
                     .unwrap_or_else(PoisonError::into_inner)
             });
-            self.engine.write_durably(writes)
+            self.write_durably(writes)
         })
     }
 
     fn flush(&self) -> Result<(), StoreError> {
         self.check_failed()?;
-        self.note_failure(self.engine.flush())
+        self.write_durably(Writes::default())
     }
 
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
@@ -973,7 +1066,7 @@ impl<E: Engine> Store for KvStore<E> {
             meta_key(META_FENCED),
             RecordWriter::default().u64(by.0).finish(),
         );
-        self.note_failure(self.engine.write_durably(writes))?;
+        self.write_durably(writes)?;
         state.fenced = Some(by);
         Ok(by)
     }
@@ -988,7 +1081,7 @@ impl<E: Engine> Store for KvStore<E> {
         writes.put(meta_key(META_DATABASE), database.encode());
         // The data is the whole history of the new database: consistent at every position.
         writes.put(meta_key(META_SYNC), SyncState::Consistent.encode());
-        self.note_failure(self.engine.write_durably(writes))?;
+        self.write_durably(writes)?;
         state.database = Some(database);
         state.sync = SyncState::Consistent;
         Ok(database)
@@ -1025,7 +1118,7 @@ impl<E: Engine> Store for KvStore<E> {
             // It follows another epoch's source now: it is that source's mirror.
             writes.delete(meta_key(META_PROMOTED));
         }
-        self.note_failure(self.engine.write_durably(writes))?;
+        self.write_durably(writes)?;
         state.database = Some(database);
         state.history = history.to_vec();
         state.promoted &= !epoch_changed;
@@ -1075,7 +1168,7 @@ impl<E: Engine> Store for KvStore<E> {
         writes.put(meta_key(META_HISTORY), encode_history(&history));
         writes.put(meta_key(META_PROMOTED), Vec::new());
         writes.delete(meta_key(META_FENCED));
-        self.note_failure(self.engine.write_durably(writes))?;
+        self.write_durably(writes)?;
         state.database = Some(database);
         state.history = history;
         state.promoted = true;
@@ -1139,7 +1232,7 @@ impl<E: Engine> Store for KvStore<E> {
             meta_key(&format!("counter/{REWINDS}")),
             RecordWriter::default().u64(rewinds).finish(),
         );
-        self.note_failure(self.engine.write_durably(writes))?;
+        self.write_durably(writes)?;
         state.position = to;
         state.sync = sync;
         state.database = Some(rewind.database);

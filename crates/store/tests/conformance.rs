@@ -809,6 +809,88 @@ pub fn a_rewind_goes_back_to_the_fork_in_one_write(engine: Engine) {
     );
 }
 
+/// Groups applied durably (through the journal, with no engine flush) survive a reopen;
+/// once a rewind took them back, a reopen never brings them back.
+pub fn durably_applied_groups_survive_and_a_rewind_is_not_undone(engine: Engine) {
+    let dir = TempDir::new().unwrap();
+    let shared = [put("a", "1"), put("b", "2"), put("c", "3")];
+    let beyond = [put("a", "old"), delete("b"), put("x", "old")];
+    let reference = TempDir::new().unwrap();
+    let reference = engine.open(reference.path());
+    reference.commit(source_batch(1, &shared)).unwrap();
+    let fork = reference.position();
+    reference.commit(source_batch(4, &beyond)).unwrap();
+    {
+        let store = engine.open(dir.path());
+        store.create_database(DATABASE).unwrap();
+        store.apply_durably(source_batch(1, &shared)).unwrap();
+        for (offset, entry) in beyond.iter().enumerate() {
+            let first = 4 + offset as u64;
+            store
+                .apply_durably(source_batch(first, std::slice::from_ref(entry)))
+                .unwrap();
+        }
+    }
+    let store = engine.open(dir.path());
+    assert_eq!(store.position(), reference.position());
+    assert_eq!(store.digest().unwrap(), reference.digest().unwrap());
+    drop(store);
+
+    // The same groups in a new store, journaled, then a rewind to the fork.
+    let dir = TempDir::new().unwrap();
+    let store = engine.open(dir.path());
+    store.create_database(DATABASE).unwrap();
+    store.apply_durably(source_batch(1, &shared)).unwrap();
+    for (offset, entry) in beyond.iter().enumerate() {
+        let first = 4 + offset as u64;
+        store
+            .apply_durably(source_batch(first, std::slice::from_ref(entry)))
+            .unwrap();
+    }
+    let values = vec![
+        (b"a".to_vec(), Some(b"1".to_vec())),
+        (b"b".to_vec(), Some(b"2".to_vec())),
+        (b"x".to_vec(), None),
+    ];
+    let history = [
+        EpochStart::FIRST,
+        EpochStart {
+            epoch: Epoch(2),
+            first_lsn: fork.lsn.next(),
+            chain_hash_before: fork.chain_hash,
+        },
+    ];
+    store
+        .rewind(Rewind {
+            to: fork,
+            values: &values,
+            target: fork,
+            database: DatabaseIdentity {
+                id: DATABASE.id,
+                epoch: Epoch(2),
+            },
+            history: &history,
+        })
+        .unwrap();
+    drop(store);
+    let store = engine.open(dir.path());
+    assert_eq!(
+        store.position(),
+        fork,
+        "the rewound groups were not replayed"
+    );
+    assert_eq!(store.get(b"x").unwrap(), None);
+    assert_eq!(store.get(b"a").unwrap(), Some(b"1".to_vec()));
+    // And it goes on from the fork, durably, across another reopen.
+    store
+        .apply_durably(source_batch(4, &[put("n", "new")]))
+        .unwrap();
+    drop(store);
+    let store = engine.open(dir.path());
+    assert_eq!(store.position().lsn, Lsn(4));
+    assert_eq!(store.get(b"n").unwrap(), Some(b"new".to_vec()));
+}
+
 pub fn a_database_id_is_created_once_and_kept(engine: Engine) {
     let dir = TempDir::new().unwrap();
     {
@@ -1184,6 +1266,7 @@ macro_rules! conformance {
             a_snapshot_ending_at_its_base_is_consistent_at_once,
             consistency_needs_the_sources_chain_hash_at_the_end,
             a_database_id_is_created_once_and_kept,
+            durably_applied_groups_survive_and_a_rewind_is_not_undone,
             a_fence_refuses_every_later_commit_across_restarts,
             a_promotion_starts_an_epoch_after_the_applied_lsn,
             a_rewind_goes_back_to_the_fork_in_one_write,

@@ -47,9 +47,11 @@ use crate::cluster::{wait_consistent, Cluster};
 use crate::dataset::Dataset;
 use crate::load::{paced_puts, Percentiles};
 use crate::report::Report;
+use crate::sink::Sink;
 use crate::stages::{Lag, StageRecorder};
 
 const MIB: f64 = (1u64 << 20) as f64;
+const GIB: f64 = (1u64 << 30) as f64;
 /// Flushes of the disk-flush probe.
 const FLUSH_PROBES: usize = 2_000;
 /// How many times the noisy lag measures run: figures are the median run's.
@@ -185,13 +187,23 @@ impl Bench {
     /// Measure 1: One raw quinn stream, `transport_bytes` long.
     async fn transport(&mut self) -> anyhow::Result<()> {
         let bytes = self.plan.transport_bytes;
-        let elapsed =
-            transport::raw_stream(&self.cluster, bytes, Self::default_limits(), None).await?;
-        let mib_s = per_second(bytes as f64 / MIB, elapsed);
+        let cpu_before = load::cpu_seconds();
+        let run = transport::raw_stream(&self.cluster, bytes, Self::default_limits(), None).await?;
+        let cpu = load::cpu_seconds()
+            .zip(cpu_before)
+            .map(|(after, before)| after - before);
+        let mib_s = per_second(bytes as f64 / MIB, run.elapsed);
         self.report.figure("transport_mib_s", mib_s);
+        let cpu_per_gib = cpu.map(|cpu| cpu / (run.udp_bytes as f64 / GIB));
+        if let Some(cpu_per_gib) = cpu_per_gib {
+            self.report.figure("transport_cpu_s_per_gib", cpu_per_gib);
+        }
         self.report.row(
             &format!("transport ceiling: one quinn stream, {} MiB", bytes >> 20),
-            format!("{mib_s:.0} MiB/s"),
+            format!(
+                "{mib_s:.0} MiB/s, {} CPU s per GiB (both ends)",
+                cpu_per_gib.map_or("?".into(), |cpu| format!("{cpu:.2}"))
+            ),
             String::new(),
             String::new(),
         );
@@ -552,6 +564,9 @@ impl Bench {
     /// Measure 6: The source's write throughput with 0, 1 and 8 mirrors streaming.
     async fn fanout(&mut self) -> anyhow::Result<()> {
         let mut baseline = None;
+        // CPU seconds the writes cost with no mirror, taken from the sink runs' to leave what
+        // serving the sinks cost.
+        let mut cpu_without_mirrors = None;
         for mirrors in [0usize, 1, 8] {
             let source = self
                 .start_source(self.cluster.data_dir("source"), Self::default_limits())
@@ -571,9 +586,15 @@ impl Bench {
                 nodes.push(mirror);
             }
             let client = self.cluster.client(source.local_addr).await?;
+            let cpu_before = load::cpu_seconds();
             let load = client
                 .write_keys(self.plan.fanout_writes, 100, "fan-")
                 .await?;
+            if mirrors == 0 {
+                cpu_without_mirrors = load::cpu_seconds()
+                    .zip(cpu_before)
+                    .map(|(after, before)| after - before);
+            }
             let writes_s = per_second(load.written as f64, load.elapsed);
             for mirror in nodes {
                 wait_consistent(&mirror, load.last_lsn, WAIT_LIMIT).await?;
@@ -620,6 +641,8 @@ impl Bench {
                     .await?,
                 );
             }
+            let bytes_before: u64 = attached.iter().map(Sink::udp_bytes_received).sum();
+            let cpu_before = load::cpu_seconds();
             let load = client
                 .write_keys(self.plan.fanout_writes, 100, "fan-")
                 .await?;
@@ -632,7 +655,36 @@ impl Bench {
                 .await
                 .context("a sink mirror did not catch up")??;
             }
+            let cpu = load::cpu_seconds()
+                .zip(cpu_before)
+                .map(|(after, before)| after - before);
+            let bytes_sent =
+                attached.iter().map(Sink::udp_bytes_received).sum::<u64>() - bytes_before;
             drop(attached);
+            // What serving the sinks cost both ends, per GiB the sinks received: the same
+            // accounting as the transport ceiling's, whose both ends run here too.
+            let cpu_per_gib = cpu
+                .zip(cpu_without_mirrors)
+                .map(|(cpu, without)| (cpu - without).max(0.0) / (bytes_sent as f64 / GIB));
+            if let Some(cpu_per_gib) = cpu_per_gib {
+                self.report
+                    .figure(&format!("fanout{sinks}_sink_cpu_s_per_gib"), cpu_per_gib);
+                let transport = self.report.get("transport_cpu_s_per_gib");
+                if let (8, Some(transport)) = (sinks, transport) {
+                    self.report
+                        .figure("fanout_cpu_per_gib_vs_transport", cpu_per_gib / transport);
+                }
+                self.report.row(
+                    &format!("serving {sinks} sink mirrors: CPU s per GiB sent (both ends)"),
+                    format!("{cpu_per_gib:.2}"),
+                    transport.map_or("(transport not measured)".into(), |transport| {
+                        format!("{transport:.2} (one raw quinn stream)")
+                    }),
+                    transport.map_or(String::new(), |transport| {
+                        format!("{:.2} (target <= 1.5)", cpu_per_gib / transport)
+                    }),
+                );
+            }
             source.shutdown().await;
             let baseline = baseline.unwrap_or(writes_s);
             self.report.figure(

@@ -24,7 +24,16 @@ use crate::cluster::Cluster;
 pub struct Sink {
     /// The last LSN acknowledged.
     pub acked: watch::Receiver<Lsn>,
+    /// Its connection to the source, for the bytes it received.
+    connection: quinn::Connection,
     task: JoinHandle<anyhow::Result<()>>,
+}
+
+impl Sink {
+    /// UDP payload bytes received from the source so far.
+    pub fn udp_bytes_received(&self) -> u64 {
+        self.connection.stats().udp_rx.bytes
+    }
 }
 
 impl Drop for Sink {
@@ -94,5 +103,9 @@ pub async fn attach(
         }
         Ok(())
     });
-    Ok(Sink { acked, task })
+    Ok(Sink {
+        acked,
+        connection,
+        task,
+    })
 }

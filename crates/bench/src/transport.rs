@@ -21,7 +21,7 @@ pub async fn raw_stream(
     total: u64,
     limits: TransportLimits,
     via: Option<SocketAddr>,
-) -> anyhow::Result<Duration> {
+) -> anyhow::Result<RawStream> {
     let localhost: SocketAddr = "127.0.0.1:0".parse().expect("valid address");
     let server = server_endpoint(&cluster.source_tls, localhost, &limits)?;
     let server_addr = server.local_addr()?;
@@ -65,5 +65,16 @@ pub async fn raw_stream(
         bail!("sent {total} bytes, the receiver counted {received}");
     }
     client.wait_idle().await;
-    Ok(elapsed)
+    Ok(RawStream {
+        elapsed,
+        udp_bytes: connection.stats().udp_tx.bytes,
+    })
+}
+
+/// One run of [`raw_stream`].
+pub struct RawStream {
+    /// From the first write to the receiver's count.
+    pub elapsed: Duration,
+    /// UDP payload bytes the sender sent: the stream, QUIC's framing and the handshake.
+    pub udp_bytes: u64,
 }

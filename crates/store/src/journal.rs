@@ -182,6 +182,11 @@ impl Journal {
         Ok((journal, groups))
     }
 
+    /// Whether `payload_bytes` of keys and values could still fit (their record is larger).
+    pub fn has_room_for(&self, payload_bytes: usize) -> bool {
+        self.tail + payload_bytes as u64 <= CAPACITY
+    }
+
     /// Appends `record` and syncs it; `false` (nothing written) when it does not fit in
     /// what is left of the journal.
     pub fn append(&mut self, record: &[u8]) -> Result<bool, StoreError> {

@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard};
 
 use xmirror_proto::hash::StateDigester;
-use xmirror_proto::{ChainHash, Epoch, EpochStart, Lsn, SnapshotId, StateDigest};
+use xmirror_proto::{ChainHash, Entry, Epoch, EpochStart, Lsn, SnapshotId, StateDigest};
 
 use crate::journal::{self, Journal, JournaledGroup};
 use crate::record::{
@@ -687,15 +687,19 @@ impl<E: Engine> Store for KvStore<E> {
     fn apply_durably(&self, batch: Batch<'_>) -> Result<Applied, StoreError> {
         self.write_batch(batch, |writes, written| {
             let mut journal = self.journal();
-            let ends_at = written
-                .expected_chain_hash
-                .expect("a written batch names the chain hash it ends at");
-            let record = journal::encode(journal.generation, &written, &ends_at);
-            if journal.append(&record)? {
-                self.engine.write(writes)
-            } else {
-                self.write_durably_with(&mut journal, writes)
+            let payload: usize = written.entries.iter().map(Entry::payload_len).sum();
+            // A group larger than the journal's room (a mirror catching up) is not even
+            // encoded: one durable engine write is the cheaper way for it.
+            if journal.has_room_for(payload) {
+                let ends_at = written
+                    .expected_chain_hash
+                    .expect("a written batch names the chain hash it ends at");
+                let record = journal::encode(journal.generation, &written, &ends_at);
+                if journal.append(&record)? {
+                    return self.engine.write(writes);
+                }
             }
+            self.write_durably_with(&mut journal, writes)
         })
     }
 

@@ -532,11 +532,20 @@ impl Bench {
             .await?;
         let last = source.shared().store.position().lsn;
 
+        let recorder = StageRecorder::global();
+        recorder.start();
         let mirror = self
             .cluster
             .start_mirror(0, source.local_addr, mirror_dir, Self::default_limits())
             .await?;
-        let elapsed = wait_consistent(&mirror, last, WAIT_LIMIT).await?;
+        let elapsed = wait_consistent(&mirror, last, WAIT_LIMIT);
+        let (elapsed, marks) = (elapsed.await, recorder.finish());
+        let elapsed = elapsed?;
+        // How much of the catch-up the mirror's store spent writing: near 1, the store
+        // bounds it; well below, something before it does.
+        let store_busy = marks.busy(Stage::Storing, Stage::Applied).as_secs_f64()
+            / elapsed.as_secs_f64().max(1e-9);
+        self.report.figure("catchup_store_busy", store_busy);
         let decision = mirror.shared().status()?.last_decision;
         ensure!(
             decision == Some(DecisionKind::Stream),
@@ -548,7 +557,11 @@ impl Bench {
         self.report.figure("catchup_entries_s", entries_s);
         self.report.row(
             &format!("catch-up: a mirror {entries} entries behind"),
-            format!("{entries_s:.0} entries/s ({:.2} s)", elapsed.as_secs_f64()),
+            format!(
+                "{entries_s:.0} entries/s ({:.2} s; the mirror's store writing {:.0} % of it)",
+                elapsed.as_secs_f64(),
+                store_busy * 100.0
+            ),
             self.report
                 .get("store_keys_s")
                 .map_or(String::new(), |store| {

@@ -42,6 +42,17 @@ impl StageMarks {
         self.by_stage.get(&stage).map_or(&[], Vec::as_slice)
     }
 
+    /// The total time from each `from` mark to the `to` mark of the same LSN: for
+    /// `Storing` to `Applied`, how long the mirror's store was writing.
+    pub fn busy(&self, from: Stage, to: Stage) -> std::time::Duration {
+        let started: std::collections::HashMap<Lsn, Instant> =
+            self.of(from).iter().copied().collect();
+        self.of(to)
+            .iter()
+            .filter_map(|(lsn, ended)| Some(ended.saturating_duration_since(*started.get(lsn)?)))
+            .sum()
+    }
+
     /// Each entry after `after`'s milliseconds from passing `from` to passing `to` (an entry
     /// passes a stage with the first mark at or above its LSN).
     pub fn lags(&self, after: Lsn, from: Stage, to: Stage) -> Vec<f64> {

@@ -694,3 +694,65 @@ async fn a_failed_fsync_stops_the_source_and_reports_the_outcome_unknown() {
         }
     );
 }
+
+/// A failed fsync on a streaming mirror (EIO injected by strace into the running process
+/// while it applies: the apply journal's sync, or the engine's): its store refuses
+/// everything, the mirror stops with a one-line error (crash-only), and restarted on the
+/// same data directory it recovers what its journal and engine hold, never below what it
+/// had applied, and resumes by streaming, not by a snapshot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_fsync_stops_a_mirror_and_it_resumes_by_streaming() {
+    let started = Instant::now();
+    let world = World::new();
+    let source = world.start_source_on(free_port(), "source", &[]).await;
+    let app = world.client(source.addr).await;
+    app.write_keys(200, 100, "before-").await.unwrap();
+    let listen = free_port();
+    let mut mirror = world.start_mirror_on(listen, "m1", "m1", source.addr).await;
+    let reader = world.client(mirror.addr).await;
+    let applied_before = assert_converged(&app, &reader).await.applied_lsn;
+    drop(reader);
+    let mut tracer = match inject_failed_sync(mirror.pid()) {
+        Ok(tracer) => tracer,
+        Err(reason) => {
+            println!("SKIPPED a_failed_fsync_stops_a_mirror: {reason}");
+            return;
+        }
+    };
+    // Writes go on; the mirror's first sync applying them fails.
+    app.write_keys(200, 100, "during-").await.unwrap();
+    let exit = mirror
+        .wait_exit(Duration::from_secs(60))
+        .expect("the mirror stops after a failed fsync");
+    let _ = tracer.kill();
+    let _ = tracer.wait();
+    assert!(!exit.success());
+    let log = mirror.log_text();
+    let reported = log
+        .lines()
+        .find(|line| line.contains("xmirror: error:"))
+        .unwrap_or_default()
+        .to_owned();
+    assert!(reported.contains("store"), "{log}");
+    println!("the mirror stopped: {reported}");
+
+    let mirror = world.start_mirror_on(listen, "m1", "m1", source.addr).await;
+    let reader = world.client(mirror.addr).await;
+    let after = assert_converged(&app, &reader).await;
+    assert!(after.applied_lsn > applied_before);
+    assert_eq!(
+        after.last_decision,
+        Some(xmirror_proto::DecisionKind::Stream)
+    );
+    assert_eq!(after.snapshots_started, 1, "no snapshot after the restart");
+    Figures {
+        scenario: "mirror_failed_fsync",
+        faults: 1,
+        writes_acked: 400,
+        entries_verified: 400,
+        snapshots_expected: 1,
+        snapshots_seen: after.snapshots_started,
+        longest_recovery: Duration::ZERO,
+    }
+    .print(started);
+}

@@ -621,6 +621,24 @@ fn inject_failed_sync(pid: u32) -> Result<std::process::Child, String> {
     Err("strace did not attach within 30 s".into())
 }
 
+/// Waits for `node` to exit (non-zero) after the sync `tracer` failed, stops the tracer,
+/// and returns the node's one-line error and its whole log.
+fn stopped_by_failed_sync(node: &mut Node, mut tracer: std::process::Child) -> (String, String) {
+    let exit = node
+        .wait_exit(Duration::from_secs(60))
+        .expect("the node stops after a failed fsync");
+    let _ = tracer.kill();
+    let _ = tracer.wait();
+    assert!(!exit.success());
+    let log = node.log_text();
+    let reported = log
+        .lines()
+        .find(|line| line.contains("xmirror: error:"))
+        .unwrap_or_default()
+        .to_owned();
+    (reported, log)
+}
+
 /// A failed fsync on the source (EIO injected by strace into the running process): the
 /// write's outcome is unknown, so its client gets STORE_FAILED, never a plain refusal, and
 /// the source stops with a one-line error (crash-only). The restarted source recovers
@@ -633,7 +651,7 @@ async fn a_failed_fsync_stops_the_source_and_reports_the_outcome_unknown() {
     let mut source = world.start_source_on(addr, "source", &[]).await;
     let app = world.client(source.addr).await;
     app.write_keys(100, 100, "before-").await.unwrap();
-    let mut tracer = match inject_failed_sync(source.pid()) {
+    let tracer = match inject_failed_sync(source.pid()) {
         Ok(tracer) => tracer,
         Err(reason) => {
             println!("SKIPPED a_failed_fsync_stops_the_source: {reason}");
@@ -650,18 +668,7 @@ async fn a_failed_fsync_stops_the_source_and_reports_the_outcome_unknown() {
         }
         other => panic!("expected STORE_FAILED, got {other:?}"),
     }
-    let exit = source
-        .wait_exit(Duration::from_secs(60))
-        .expect("the source stops after a failed fsync");
-    let _ = tracer.kill();
-    let _ = tracer.wait();
-    assert!(!exit.success());
-    let log = source.log_text();
-    let reported = log
-        .lines()
-        .find(|line| line.contains("xmirror: error:"))
-        .unwrap_or_default()
-        .to_owned();
+    let (reported, log) = stopped_by_failed_sync(&mut source, tracer);
     assert!(reported.contains("the store failed"), "{log}");
     drop(app);
 
@@ -712,7 +719,7 @@ async fn a_failed_fsync_stops_a_mirror_and_it_resumes_by_streaming() {
     let reader = world.client(mirror.addr).await;
     let applied_before = assert_converged(&app, &reader).await.applied_lsn;
     drop(reader);
-    let mut tracer = match inject_failed_sync(mirror.pid()) {
+    let tracer = match inject_failed_sync(mirror.pid()) {
         Ok(tracer) => tracer,
         Err(reason) => {
             println!("SKIPPED a_failed_fsync_stops_a_mirror: {reason}");
@@ -721,18 +728,7 @@ async fn a_failed_fsync_stops_a_mirror_and_it_resumes_by_streaming() {
     };
     // Writes go on; the mirror's first sync applying them fails.
     app.write_keys(200, 100, "during-").await.unwrap();
-    let exit = mirror
-        .wait_exit(Duration::from_secs(60))
-        .expect("the mirror stops after a failed fsync");
-    let _ = tracer.kill();
-    let _ = tracer.wait();
-    assert!(!exit.success());
-    let log = mirror.log_text();
-    let reported = log
-        .lines()
-        .find(|line| line.contains("xmirror: error:"))
-        .unwrap_or_default()
-        .to_owned();
+    let (reported, log) = stopped_by_failed_sync(&mut mirror, tracer);
     assert!(reported.contains("store"), "{log}");
     println!("the mirror stopped: {reported}");
 

@@ -820,8 +820,8 @@ pub fn durably_applied_groups_survive_and_a_rewind_is_not_undone(engine: Engine)
     reference.commit(source_batch(1, &shared)).unwrap();
     let fork = reference.position();
     reference.commit(source_batch(4, &beyond)).unwrap();
-    {
-        let store = engine.open(dir.path());
+    // The shared entries as one group, then each entry beyond as a group of its own.
+    let apply_groups = |store: &dyn Store| {
         store.create_database(DATABASE).unwrap();
         store.apply_durably(source_batch(1, &shared)).unwrap();
         for (offset, entry) in beyond.iter().enumerate() {
@@ -830,7 +830,8 @@ pub fn durably_applied_groups_survive_and_a_rewind_is_not_undone(engine: Engine)
                 .apply_durably(source_batch(first, std::slice::from_ref(entry)))
                 .unwrap();
         }
-    }
+    };
+    apply_groups(&*engine.open(dir.path()));
     let store = engine.open(dir.path());
     assert_eq!(store.position(), reference.position());
     assert_eq!(store.digest().unwrap(), reference.digest().unwrap());
@@ -839,14 +840,7 @@ pub fn durably_applied_groups_survive_and_a_rewind_is_not_undone(engine: Engine)
     // The same groups in a new store, journaled, then a rewind to the fork.
     let dir = TempDir::new().unwrap();
     let store = engine.open(dir.path());
-    store.create_database(DATABASE).unwrap();
-    store.apply_durably(source_batch(1, &shared)).unwrap();
-    for (offset, entry) in beyond.iter().enumerate() {
-        let first = 4 + offset as u64;
-        store
-            .apply_durably(source_batch(first, std::slice::from_ref(entry)))
-            .unwrap();
-    }
+    apply_groups(&*store);
     let values = vec![
         (b"a".to_vec(), Some(b"1".to_vec())),
         (b"b".to_vec(), Some(b"2".to_vec())),

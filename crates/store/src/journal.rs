@@ -84,8 +84,7 @@ pub struct Journal {
 }
 
 fn io_error(error: std::io::Error) -> StoreError {
-    const ENOSPC: i32 = 28;
-    let disk_full = error.raw_os_error() == Some(ENOSPC);
+    let disk_full = crate::io_disk_full(&error);
     StoreError::Engine(EngineError::new(error, disk_full))
 }
 

@@ -401,7 +401,7 @@ impl<E: Engine> KvStore<E> {
         // Replayed groups count as journaled until the engine holds them durably.
         let mut journal = self.journal();
         journal.tail = journal.tail.max(1);
-        self.write_durably_with(&mut journal, Writes::default())
+        self.durable_engine_write_with(&mut journal, Writes::default())
     }
 
     fn journal(&self) -> MutexGuard<'_, Journal> {
@@ -411,11 +411,11 @@ impl<E: Engine> KvStore<E> {
     /// Every durable engine write goes through here. When groups were journaled since the
     /// last one, it moves the engine to the next journal generation in the same write, so
     /// that they are never replayed over what follows.
-    fn write_durably(&self, writes: Writes<'_>) -> Result<(), StoreError> {
-        self.write_durably_with(&mut self.journal(), writes)
+    fn durable_engine_write(&self, writes: Writes<'_>) -> Result<(), StoreError> {
+        self.durable_engine_write_with(&mut self.journal(), writes)
     }
 
-    fn write_durably_with(
+    fn durable_engine_write_with(
         &self,
         journal: &mut Journal,
         mut writes: Writes<'_>,
@@ -699,7 +699,7 @@ impl<E: Engine> Store for KvStore<E> {
                     return self.engine.write(writes);
                 }
             }
-            self.write_durably_with(&mut journal, writes)
+            self.durable_engine_write_with(&mut journal, writes)
         })
     }
 
@@ -715,13 +715,13 @@ impl<E: Engine> Store for KvStore<E> {
                     .write()
                     .unwrap_or_else(PoisonError::into_inner)
             });
-            self.write_durably(writes)
+            self.durable_engine_write(writes)
         })
     }
 
     fn flush(&self) -> Result<(), StoreError> {
         self.check_failed()?;
-        self.write_durably(Writes::default())
+        self.durable_engine_write(Writes::default())
     }
 
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
@@ -1070,7 +1070,7 @@ impl<E: Engine> Store for KvStore<E> {
             meta_key(META_FENCED),
             RecordWriter::default().u64(by.0).finish(),
         );
-        self.write_durably(writes)?;
+        self.durable_engine_write(writes)?;
         state.fenced = Some(by);
         Ok(by)
     }
@@ -1085,7 +1085,7 @@ impl<E: Engine> Store for KvStore<E> {
         writes.put(meta_key(META_DATABASE), database.encode());
         // The data is the whole history of the new database: consistent at every position.
         writes.put(meta_key(META_SYNC), SyncState::Consistent.encode());
-        self.write_durably(writes)?;
+        self.durable_engine_write(writes)?;
         state.database = Some(database);
         state.sync = SyncState::Consistent;
         Ok(database)
@@ -1122,7 +1122,7 @@ impl<E: Engine> Store for KvStore<E> {
             // It follows another epoch's source now: it is that source's mirror.
             writes.delete(meta_key(META_PROMOTED));
         }
-        self.write_durably(writes)?;
+        self.durable_engine_write(writes)?;
         state.database = Some(database);
         state.history = history.to_vec();
         state.promoted &= !epoch_changed;
@@ -1172,7 +1172,7 @@ impl<E: Engine> Store for KvStore<E> {
         writes.put(meta_key(META_HISTORY), encode_history(&history));
         writes.put(meta_key(META_PROMOTED), Vec::new());
         writes.delete(meta_key(META_FENCED));
-        self.write_durably(writes)?;
+        self.durable_engine_write(writes)?;
         state.database = Some(database);
         state.history = history;
         state.promoted = true;
@@ -1236,7 +1236,7 @@ impl<E: Engine> Store for KvStore<E> {
             meta_key(&format!("counter/{REWINDS}")),
             RecordWriter::default().u64(rewinds).finish(),
         );
-        self.write_durably(writes)?;
+        self.durable_engine_write(writes)?;
         state.position = to;
         state.sync = sync;
         state.database = Some(rewind.database);

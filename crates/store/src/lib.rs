@@ -361,6 +361,13 @@ impl EngineError {
     }
 }
 
+/// Whether an I/O error is a full disk: ENOSPC, or its kind alone where an engine rebuilt
+/// the error and kept only the kind.
+pub(crate) fn io_disk_full(error: &std::io::Error) -> bool {
+    const ENOSPC: i32 = 28;
+    error.raw_os_error() == Some(ENOSPC) || error.kind() == std::io::ErrorKind::StorageFull
+}
+
 /// Everything the source and the mirror need from storage.
 ///
 /// One process owns a store at a time (engines lock their directory). Writes

@@ -24,10 +24,8 @@ pub struct RedbEngine {
 }
 
 fn engine_error(error: impl Into<redb::Error>) -> StoreError {
-    const ENOSPC: i32 = 28;
     let error: redb::Error = error.into();
-    let disk_full = matches!(&error, redb::Error::Io(io)
-        if io.raw_os_error() == Some(ENOSPC) || io.kind() == std::io::ErrorKind::StorageFull);
+    let disk_full = matches!(&error, redb::Error::Io(io) if crate::io_disk_full(io));
     StoreError::Engine(EngineError::new(error, disk_full))
 }
 

@@ -12,11 +12,9 @@ pub struct SledEngine {
 
 impl From<sled::Error> for EngineError {
     fn from(error: sled::Error) -> Self {
-        const ENOSPC: i32 = 28;
         // sled rebuilds I/O errors when it re-reports a stored failure, keeping only the
-        // kind: check both.
-        let disk_full = matches!(&error, sled::Error::Io(io)
-            if io.raw_os_error() == Some(ENOSPC) || io.kind() == std::io::ErrorKind::StorageFull);
+        // kind: `io_disk_full` checks both.
+        let disk_full = matches!(&error, sled::Error::Io(io) if crate::io_disk_full(io));
         EngineError::new(error, disk_full)
     }
 }

@@ -68,6 +68,7 @@ fn hello(mirror: &str, role: Role) -> Message {
         chain_hash: ChainHash::GENESIS,
         resume: None,
         on_divergence: xmirror_proto::DivergencePolicy::Halt,
+        compression: Vec::new(),
     })
 }
 
@@ -190,19 +191,41 @@ async fn hostile_peers_are_refused_while_a_mirror_streams() {
                 .expect("connect")
         }
     };
-    let four_gib = vec![0xFF, 0xFF, 0xFF, 0xFF, 0, 3, 1];
+    let [version_high, version_low] = PROTOCOL_VERSION.to_be_bytes();
+    let four_gib = vec![0xFF, 0xFF, 0xFF, 0xFF, version_high, version_low, 1];
     assert_eq!(
         attack(&observer("m2").await, &[four_gib], false).await,
         Some(ErrorCode::FrameTooLarge)
     );
-    let truncated = vec![0, 0, 0, 100, 0, 3, 1, 7, 7];
+    let truncated = vec![0, 0, 0, 100, version_high, version_low, 1, 7, 7];
     assert_eq!(
         attack(&observer("m2").await, &[truncated], true).await,
         Some(ErrorCode::MalformedFrame)
     );
-    let unknown_type = vec![0, 0, 0, 3, 0, 3, 99];
+    let unknown_type = vec![0, 0, 0, 3, version_high, version_low, 99];
     assert_eq!(
         attack(&observer("m2").await, &[unknown_type], false).await,
+        Some(ErrorCode::MalformedFrame)
+    );
+    // A compressed hello (the type's high bit set) before compression was negotiated,
+    // claiming 1 GiB once decompressed: refused before anything is decompressed.
+    let compressed_hello = vec![
+        0,
+        0,
+        0,
+        9,
+        version_high,
+        version_low,
+        0x81,
+        0x40,
+        0,
+        0,
+        0,
+        1,
+        2,
+    ];
+    assert_eq!(
+        attack(&observer("m2").await, &[compressed_hello], false).await,
         Some(ErrorCode::MalformedFrame)
     );
     let early_ack = frame(&Message::MirrorAck(MirrorAck {

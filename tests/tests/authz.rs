@@ -162,6 +162,7 @@ async fn mirror_hello(tls: &NodeTls, addr: SocketAddr) -> Outcome {
         chain_hash: ChainHash::GENESIS,
         resume: None,
         on_divergence: xmirror_proto::DivergencePolicy::Halt,
+        compression: Vec::new(),
     });
     let body = encode_frame(PROTOCOL_VERSION, &hello).unwrap();
     let mut frame = (body.len() as u32).to_be_bytes().to_vec();

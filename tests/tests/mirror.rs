@@ -72,7 +72,7 @@ async fn a_mirror_killed_mid_snapshot_resumes_it() {
     // The source's default `snapshot_window_chunks`.
     const WINDOW: u64 = 8;
     let world = World::new();
-    let source = world.start_source("source", &[]).await;
+    let source = world.start_source("source", UNCOMPRESSED).await;
     let app = world.client(source.addr).await;
     app.write_keys(KEYS, VALUE_SIZE, "key-").await.unwrap();
     let data_size = KEYS * ("key-".len() as u64 + 10 + VALUE_SIZE as u64);
@@ -868,6 +868,11 @@ async fn slow_link(source: std::net::SocketAddr) -> Proxy {
     link
 }
 
+/// Source flags for the tests that kill a mirror mid-snapshot: a crawling link lands the
+/// kill mid-snapshot only if the snapshot is as large on the wire as in the store, and the
+/// test values (a key, then `x` padding) compress twentyfold.
+const UNCOMPRESSED: &[&str] = &["--compression", "off"];
+
 /// Starts mirror `m1` (data in `data`) through a 4 MB/s link and kills it with SIGKILL once
 /// a quarter of `data_size` bytes of snapshot were sent; returns the proxy (keep it alive
 /// while the source is used) and the snapshot bytes this mirror had been sent.
@@ -903,13 +908,13 @@ async fn a_restored_source_never_resumes_a_snapshot_of_its_lost_history() {
     const KEYS: u64 = 100_000;
     let world = World::new();
     let addr = free_port();
-    let mut source = world.start_source_on(addr, "source", &[]).await;
+    let mut source = world.start_source_on(addr, "source", UNCOMPRESSED).await;
     let app = world.client(source.addr).await;
     app.write_keys(1_000, VALUE_SIZE, "early-").await.unwrap();
     drop(app);
     assert!(source.stop().success());
     copy_dir(&world.path("source"), &world.path("backup"));
-    let mut source = world.start_source_on(addr, "source", &[]).await;
+    let mut source = world.start_source_on(addr, "source", UNCOMPRESSED).await;
     let app = world.client(source.addr).await;
     app.write_keys(KEYS, VALUE_SIZE, "lost-").await.unwrap();
     let data_size = KEYS * ("lost-".len() as u64 + 10 + VALUE_SIZE as u64);
@@ -920,7 +925,7 @@ async fn a_restored_source_never_resumes_a_snapshot_of_its_lost_history() {
     // Restored from the copy, then other writes at the same LSNs.
     std::fs::remove_dir_all(world.path("source")).unwrap();
     copy_dir(&world.path("backup"), &world.path("source"));
-    let source = world.start_source_on(addr, "source", &[]).await;
+    let source = world.start_source_on(addr, "source", UNCOMPRESSED).await;
     let app = world.client(source.addr).await;
     app.write_keys(KEYS, VALUE_SIZE, "other-").await.unwrap();
     let mirror = world.start_mirror("m1", "m1", source.addr).await;
@@ -945,8 +950,8 @@ async fn a_restored_source_never_resumes_a_snapshot_of_its_lost_history() {
 async fn a_mirror_never_resumes_a_snapshot_of_another_source() {
     const KEYS: u64 = 100_000;
     let world = World::new();
-    let s1 = world.start_source("s1", &[]).await;
-    let s2 = world.start_source("s2", &[]).await;
+    let s1 = world.start_source("s1", UNCOMPRESSED).await;
+    let s2 = world.start_source("s2", UNCOMPRESSED).await;
     let app1 = world.client(s1.addr).await;
     let app2 = world.client(s2.addr).await;
     app1.write_keys(KEYS, VALUE_SIZE, "one-").await.unwrap();
@@ -972,7 +977,10 @@ async fn a_slot_invalidated_during_a_slow_snapshot_is_valid_once_its_mirror_stre
     const KEYS: u64 = 100_000;
     let world = World::new();
     let source = world
-        .start_source("source", &["--max-wal-entries", "3000"])
+        .start_source(
+            "source",
+            &["--max-wal-entries", "3000", "--compression", "off"],
+        )
         .await;
     let app = world.client(source.addr).await;
     app.write_keys(KEYS, VALUE_SIZE, "key-").await.unwrap();

@@ -1,8 +1,10 @@
-//! The benchmark datasets: deterministic keys, incompressible values, the store ceiling
-//! (raw batch inserts into each engine), and the disk's own flush latency.
+//! The benchmark datasets: deterministic keys, incompressible or text-like values, the
+//! store ceiling (raw batch inserts into each engine), and the disk's own flush latency.
 //!
-//! Values are pseudo-random bytes so that neither side gains from compression (Redis
-//! compresses strings in its RDB stream; sled does not compress).
+//! Values are pseudo-random bytes unless a measure is about compression, so that neither
+//! side gains from it (Redis compresses strings in its RDB stream; sled does not compress);
+//! the long-link measure adds text-like values (JSON records of common words), which
+//! compress about as well as an application's records do.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -43,6 +45,25 @@ pub struct Dataset {
     pub keys: u64,
     pub value_bytes: usize,
     pub prefix: &'static str,
+    pub values: Values,
+}
+
+/// What the values hold.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Values {
+    /// Pseudo-random bytes: incompressible.
+    Random,
+    /// JSON-like records of common words.
+    Text,
+}
+
+impl Values {
+    pub fn name(self) -> &'static str {
+        match self {
+            Values::Random => "random",
+            Values::Text => "text",
+        }
+    }
 }
 
 impl Dataset {
@@ -51,7 +72,10 @@ impl Dataset {
     }
 
     pub fn value(&self, index: u64) -> Vec<u8> {
-        random_bytes(index, self.value_bytes)
+        match self.values {
+            Values::Random => random_bytes(index, self.value_bytes),
+            Values::Text => text_bytes(index, self.value_bytes),
+        }
     }
 
     /// Key plus value bytes of one pair.
@@ -93,6 +117,79 @@ pub fn random_bytes(seed: u64, len: usize) -> Vec<u8> {
         counter = counter.wrapping_add(1);
         bytes.extend_from_slice(&mix(counter).to_le_bytes());
     }
+    bytes.truncate(len);
+    bytes
+}
+
+/// Words of the text-like values.
+const WORDS: [&str; 48] = [
+    "account",
+    "active",
+    "address",
+    "amount",
+    "balance",
+    "billing",
+    "city",
+    "country",
+    "created",
+    "customer",
+    "delivery",
+    "discount",
+    "email",
+    "false",
+    "first",
+    "invoice",
+    "item",
+    "last",
+    "lisbon",
+    "london",
+    "madrid",
+    "name",
+    "note",
+    "order",
+    "paid",
+    "paris",
+    "payment",
+    "pending",
+    "phone",
+    "price",
+    "product",
+    "quantity",
+    "region",
+    "refund",
+    "shipped",
+    "status",
+    "street",
+    "tags",
+    "total",
+    "true",
+    "updated",
+    "user",
+    "warehouse",
+    "weight",
+    "west",
+    "east",
+    "north",
+    "south",
+];
+
+/// `len` bytes of a JSON-like record of common words, the same for the same `seed`.
+pub fn text_bytes(seed: u64, len: usize) -> Vec<u8> {
+    let mut text = format!("{{\"id\": {seed}, \"fields\": {{");
+    let mut counter = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    while text.len() < len {
+        counter = counter.wrapping_add(1);
+        let pick = mix(counter);
+        let word = |shift: u32| WORDS[((pick >> shift) % WORDS.len() as u64) as usize];
+        text.push_str(&format!(
+            "\"{}\": \"{} {} {}\", ",
+            word(0),
+            word(8),
+            word(16),
+            (pick >> 32) % 10_000
+        ));
+    }
+    let mut bytes = text.into_bytes();
     bytes.truncate(len);
     bytes
 }
@@ -215,6 +312,7 @@ mod tests {
             keys: 25_000,
             value_bytes: 100,
             prefix: "k-",
+            values: Values::Random,
         };
         let batches: Vec<_> = dataset.batches().collect();
         assert!(batches.len() > 1);
@@ -232,6 +330,7 @@ mod tests {
             keys: 3_000,
             value_bytes: 64,
             prefix: "p-",
+            values: Values::Random,
         };
         let last = populate(dir.path(), EngineKind::DEFAULT, &dataset, true).unwrap();
         assert_eq!(last, Lsn(3_000));

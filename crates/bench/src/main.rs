@@ -27,6 +27,7 @@ mod transport;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -39,12 +40,12 @@ use xmirror_mirror::MirrorNode;
 use xmirror_net::stage::Stage;
 use xmirror_net::TransportLimits;
 use xmirror_proto::message::DecisionKind;
-use xmirror_proto::{Entry, Lsn};
+use xmirror_proto::{Compression, Entry, Lsn};
 use xmirror_source::SourceNode;
 use xmirror_store::EngineKind;
 
 use crate::cluster::{wait_consistent, Cluster};
-use crate::dataset::Dataset;
+use crate::dataset::{Dataset, Values};
 use crate::load::{paced_puts, Percentiles};
 use crate::report::Report;
 use crate::sink::Sink;
@@ -91,6 +92,7 @@ enum Measure {
     Redis,
     Wan,
     Client,
+    Longlink,
 }
 
 /// Sizes and durations of one run.
@@ -107,6 +109,10 @@ struct Plan {
     wan_rtt: Duration,
     wan_lag_rate: u64,
     wan_lag_duration: Duration,
+    /// The source's send-rate cap in the long-link measure, bytes per second.
+    longlink_cap: u64,
+    /// How long the live mirror's lag is measured beside the other mirror's snapshot.
+    longlink_window: Duration,
     /// Writes of the client measure: single puts, then the same count in batches.
     client_writes: u64,
     client_batch_writes: usize,
@@ -121,11 +127,13 @@ impl Plan {
                 keys: scale(1_000_000, 200_000),
                 value_bytes: 100,
                 prefix: "small-",
+                values: Values::Random,
             },
             large: Dataset {
                 keys: scale(100_000, 20_000),
                 value_bytes: 4096,
                 prefix: "large-",
+                values: Values::Random,
             },
             lag_duration: Duration::from_secs(scale(30, 5)),
             lag_rates: [5_000, 20_000],
@@ -135,12 +143,16 @@ impl Plan {
                 keys: scale(50_000, 12_000),
                 value_bytes: 4096,
                 prefix: "wan-",
+                values: Values::Random,
             },
             // 100 Mbit/s at 100 ms: a cross-region path.
             wan_bandwidth: 12_500_000,
             wan_rtt: Duration::from_millis(100),
             wan_lag_rate: 5_000,
             wan_lag_duration: Duration::from_secs(scale(30, 5)),
+            // 80 Mbit/s: below the 100 Mbit/s link, so the cap, not the link, decides.
+            longlink_cap: 10_000_000,
+            longlink_window: Duration::from_secs(scale(10, 5)),
             client_writes: scale(500_000, 100_000),
             client_batch_writes: 1_000,
         }
@@ -359,6 +371,7 @@ impl Bench {
             keys: u64::MAX,
             value_bytes: 100,
             prefix,
+            values: Values::Random,
         };
         let written = paced_puts(&client, dataset, rate, duration).await;
         let last = source.shared().store.position().lsn;
@@ -519,6 +532,7 @@ impl Bench {
             keys: entries,
             value_bytes: 100,
             prefix: "behind-",
+            values: Values::Random,
         };
         futures_util::stream::iter(0..entries)
             .map(|index| {
@@ -737,7 +751,7 @@ impl Bench {
             let (writer, next_batch) = (writer.clone(), next_batch.clone());
             tasks.spawn(async move {
                 loop {
-                    let batch = next_batch.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let batch = next_batch.fetch_add(1, Ordering::Relaxed);
                     if batch >= batches {
                         return Ok::<_, xmirror_client::Error>(());
                     }
@@ -838,6 +852,7 @@ impl Bench {
                 keys: u64::MAX,
                 value_bytes: 100,
                 prefix: "lag-",
+                values: Values::Random,
             };
             let mut runs = Vec::with_capacity(LAG_RUNS);
             for run in 0..LAG_RUNS {
@@ -887,11 +902,7 @@ impl Bench {
     /// Measure 8: Through the impairment proxy at `wan_rtt` and `wan_bandwidth`: default and
     /// tuned transport windows.
     async fn wan(&mut self) -> anyhow::Result<()> {
-        let impairment = Impairment {
-            delay: self.plan.wan_rtt / 2,
-            bandwidth: Some(self.plan.wan_bandwidth),
-            ..Impairment::default()
-        };
+        let impairment = self.wan_impairment();
         let link_mib_s = self.plan.wan_bandwidth as f64 / MIB;
         self.report.figure("wan_bandwidth_mib_s", link_mib_s);
         self.report
@@ -969,6 +980,209 @@ impl Bench {
     }
 }
 
+impl Bench {
+    /// The WAN path of measures 8 and 10: `wan_rtt`, `wan_bandwidth` each way.
+    fn wan_impairment(&self) -> Impairment {
+        Impairment {
+            delay: self.plan.wan_rtt / 2,
+            bandwidth: Some(self.plan.wan_bandwidth),
+            ..Impairment::default()
+        }
+    }
+
+    /// Measure 10: the long link. Compression of random and text-like values through the
+    /// WAN proxy, then a live mirror's lag while another mirror takes a snapshot under the
+    /// source's send-rate cap.
+    async fn long_link(&mut self) -> anyhow::Result<()> {
+        self.compression_over_wan().await?;
+        self.snapshot_beside_live_wal().await
+    }
+
+    /// A snapshot of the WAN dataset through the WAN proxy, with random and with text-like
+    /// values, compression off and zstd: throughput, the ratio, and CPU per GiB.
+    async fn compression_over_wan(&mut self) -> anyhow::Result<()> {
+        let impairment = self.wan_impairment();
+        let limits = TransportLimits::for_link(self.plan.wan_bandwidth, self.plan.wan_rtt);
+        let link_mib_s = self.plan.wan_bandwidth as f64 / MIB;
+        for values in [Values::Random, Values::Text] {
+            let dataset = Dataset {
+                values,
+                ..self.plan.wan
+            };
+            let mut off_mib_s = None;
+            for compression in [Compression::Off, Compression::Zstd] {
+                let source_dir = self.cluster.data_dir("source");
+                let populate_dir = source_dir.clone();
+                let engine = self.cluster.engine;
+                let last = tokio::task::spawn_blocking(move || {
+                    dataset::populate(&populate_dir, engine, &dataset, false)
+                })
+                .await??;
+                let mut config = self.cluster.source_config(source_dir);
+                config.transport = limits;
+                config.compression = compression;
+                let source = self.cluster.start_source(config).await?;
+                let proxy = Proxy::start(source.local_addr).await;
+                proxy.set_both(impairment.clone());
+                let cpu_before = load::cpu_seconds();
+                let started = Instant::now();
+                let mirror = self
+                    .cluster
+                    .start_mirror(0, proxy.addr, self.cluster.data_dir("mirror"), limits)
+                    .await?;
+                wait_consistent(&mirror, last, WAIT_LIMIT).await?;
+                let elapsed = started.elapsed();
+                let cpu = load::cpu_seconds()
+                    .zip(cpu_before)
+                    .map(|(after, before)| after - before);
+                let counters = &source.shared().compression;
+                let raw = counters.raw_bytes.load(Ordering::Relaxed) as f64;
+                let sent = counters.sent_bytes.load(Ordering::Relaxed) as f64;
+                mirror.shutdown().await;
+                source.shutdown().await;
+                drop(proxy);
+
+                let label = format!("{}_{}", values.name(), compression.name());
+                let gib = dataset.total_bytes() as f64 / GIB;
+                let mib_s = per_second(dataset.total_bytes() as f64 / MIB, elapsed);
+                self.report
+                    .figure(&format!("longlink_{label}_snapshot_mib_s"), mib_s);
+                if let Some(cpu) = cpu {
+                    self.report
+                        .figure(&format!("longlink_{label}_cpu_s_per_gib"), cpu / gib);
+                }
+                let ratio = if compression == Compression::Zstd && sent > 0.0 {
+                    let ratio = raw / sent;
+                    self.report.figure(
+                        &format!("longlink_{}_compression_ratio", values.name()),
+                        ratio,
+                    );
+                    format!(", {ratio:.2}x smaller")
+                } else {
+                    String::new()
+                };
+                self.report.row(
+                    &format!(
+                        "{} ms RTT, {link_mib_s:.1} MiB/s link: snapshot of {} {} values, compression {}",
+                        self.plan.wan_rtt.as_millis(),
+                        dataset.describe(),
+                        values.name(),
+                        compression.name()
+                    ),
+                    format!(
+                        "{mib_s:.2} MiB/s of data{ratio}; {} CPU s/GiB (source, mirror, proxy)",
+                        cpu.map_or("?".into(), |cpu| format!("{:.1}", cpu / gib))
+                    ),
+                    match off_mib_s {
+                        Some(off) => format!("{off:.2} MiB/s (compression off)"),
+                        None => format!("{link_mib_s:.1} MiB/s (link)"),
+                    },
+                    format!("{:.2}", mib_s / off_mib_s.unwrap_or(link_mib_s)),
+                );
+                off_mib_s.get_or_insert(mib_s);
+            }
+        }
+        Ok(())
+    }
+
+    /// A live mirror's lag through the WAN proxy under the source's send-rate cap, alone
+    /// and while a second mirror (through its own proxy) takes a snapshot that outlasts
+    /// the measured window.
+    async fn snapshot_beside_live_wal(&mut self) -> anyhow::Result<()> {
+        let cap = self.plan.longlink_cap;
+        let window = self.plan.longlink_window;
+        let rate = self.plan.wan_lag_rate;
+        // Enough data for the snapshot to take twice the window at the whole cap.
+        let dataset = Dataset {
+            keys: (cap as f64 * window.as_secs_f64() * 2.0 / 4096.0) as u64,
+            value_bytes: 4096,
+            prefix: "cap-",
+            values: Values::Random,
+        };
+        let impairment = self.wan_impairment();
+        let limits = TransportLimits::for_link(self.plan.wan_bandwidth, self.plan.wan_rtt);
+        let source_dir = self.cluster.data_dir("source");
+        let populate_dir = source_dir.clone();
+        let engine = self.cluster.engine;
+        let last = tokio::task::spawn_blocking(move || {
+            dataset::populate(&populate_dir, engine, &dataset, false)
+        })
+        .await??;
+        let mut config = self.cluster.source_config(source_dir);
+        config.transport = limits;
+        config.max_send_bytes_per_s = Some(cap);
+        let source = self.cluster.start_source(config).await?;
+        let live_proxy = Proxy::start(source.local_addr).await;
+        live_proxy.set_both(impairment.clone());
+        let live = self
+            .cluster
+            .start_mirror(0, live_proxy.addr, self.cluster.data_dir("mirror"), limits)
+            .await?;
+        wait_consistent(&live, last, WAIT_LIMIT).await?;
+        let alone = self
+            .xmirror_lag(&source, &live, rate, window, "cap-alone-")
+            .await?
+            .total;
+
+        let snapshot_proxy = Proxy::start(source.local_addr).await;
+        snapshot_proxy.set_both(impairment);
+        let sent_before = source.shared().snapshot_bytes_sent.load(Ordering::Relaxed);
+        let started = Instant::now();
+        let snapshotting = self
+            .cluster
+            .start_mirror(
+                1,
+                snapshot_proxy.addr,
+                self.cluster.data_dir("mirror"),
+                limits,
+            )
+            .await?;
+        let beside = self
+            .xmirror_lag(&source, &live, rate, window, "cap-beside-")
+            .await?
+            .total;
+        let snapshot_mib_s = per_second(
+            (source.shared().snapshot_bytes_sent.load(Ordering::Relaxed) - sent_before) as f64
+                / MIB,
+            started.elapsed(),
+        );
+        let outlasted = !snapshotting.shared().is_consistent();
+        snapshotting.shutdown().await;
+        live.shutdown().await;
+        source.shutdown().await;
+        drop((live_proxy, snapshot_proxy));
+
+        let cap_mib_s = cap as f64 / MIB;
+        self.report
+            .figure("longlink_cap_lag_p99_ms_alone", alone.p99);
+        self.report
+            .figure("longlink_cap_lag_p99_ms_beside_snapshot", beside.p99);
+        self.report.figure(
+            "longlink_cap_snapshot_lag_ratio",
+            beside.p99 / alone.p99.max(1e-3),
+        );
+        self.report
+            .figure("longlink_cap_snapshot_mib_s", snapshot_mib_s);
+        self.report
+            .fact("longlink_cap_snapshot_outlasted_window", outlasted);
+        let rtt_ms = self.plan.wan_rtt.as_millis();
+        self.report.row(
+            &format!(
+                "{rtt_ms} ms RTT, {cap_mib_s:.1} MiB/s send cap: live mirror's lag at {rate} writes/s beside another mirror's snapshot"
+            ),
+            format!(
+                "p50 {:.1} ms, p99 {:.1} ms (snapshot at {snapshot_mib_s:.1} MiB/s{})",
+                beside.p50,
+                beside.p99,
+                if outlasted { ", still running" } else { ", finished early" }
+            ),
+            format!("p50 {:.1} ms, p99 {:.1} ms (alone)", alone.p50, alone.p99),
+            format!("{:.2} (target <= 1.2)", beside.p99 / alone.p99.max(1e-3)),
+        );
+        Ok(())
+    }
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
@@ -996,7 +1210,7 @@ async fn main() -> anyhow::Result<()> {
         redis::check_installed()?;
     }
     let started = Instant::now();
-    let steps: [(Measure, &str); 9] = [
+    let steps: [(Measure, &str); 10] = [
         (Measure::Transport, "transport ceiling"),
         (Measure::Store, "store ceiling"),
         (Measure::Snapshot, "snapshot"),
@@ -1006,6 +1220,7 @@ async fn main() -> anyhow::Result<()> {
         (Measure::Redis, "Redis"),
         (Measure::Wan, "WAN"),
         (Measure::Client, "client API"),
+        (Measure::Longlink, "long link"),
     ];
     for (measure, title) in steps {
         if !wanted(measure) {
@@ -1022,6 +1237,7 @@ async fn main() -> anyhow::Result<()> {
             Measure::Redis => bench.redis().await,
             Measure::Wan => bench.wan().await,
             Measure::Client => bench.client().await,
+            Measure::Longlink => bench.long_link().await,
         };
         outcome.with_context(|| format!("the {title} measure failed"))?;
     }
@@ -1050,6 +1266,7 @@ mod tests {
             keys,
             value_bytes,
             prefix,
+            values: Values::Random,
         };
         let plan = Plan {
             transport_bytes: 4 << 20,
@@ -1064,6 +1281,8 @@ mod tests {
             wan_rtt: Duration::from_millis(20),
             wan_lag_rate: 1_000,
             wan_lag_duration: Duration::from_millis(500),
+            longlink_cap: 10_000_000,
+            longlink_window: Duration::from_millis(500),
             client_writes: 2_000,
             client_batch_writes: 100,
         };
@@ -1080,6 +1299,7 @@ mod tests {
         bench.fanout().await.unwrap();
         bench.wan().await.unwrap();
         bench.client().await.unwrap();
+        bench.long_link().await.unwrap();
         for key in [
             "transport_mib_s",
             "store_keys_s",
@@ -1096,6 +1316,10 @@ mod tests {
             "batch_vs_put",
             "scan_source_pairs_s",
             "scan_mirror_pairs_s",
+            "longlink_text_zstd_snapshot_mib_s",
+            "longlink_random_zstd_snapshot_mib_s",
+            "longlink_cap_lag_p99_ms_beside_snapshot",
+            "longlink_cap_snapshot_mib_s",
         ] {
             let value = bench
                 .report
@@ -1105,5 +1329,16 @@ mod tests {
         }
         // Through a 10 ms + 10 ms proxy no entry can arrive in less than one way's delay.
         assert!(bench.report.get("wan_lag_p99_ms").unwrap() >= 10.0);
+        // Text-like values shrink; random ones do not (and are mostly not even tried).
+        let text = bench.report.get("longlink_text_compression_ratio").unwrap();
+        assert!(text > 2.0, "text compresses {text:.2}x");
+        let random = bench
+            .report
+            .get("longlink_random_compression_ratio")
+            .unwrap();
+        assert!(
+            (0.95..1.05).contains(&random),
+            "random compresses {random:.2}x"
+        );
     }
 }

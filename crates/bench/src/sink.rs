@@ -75,6 +75,8 @@ pub async fn attach(
             chain_hash: position.chain_hash,
             resume: None,
             on_divergence: DivergencePolicy::Halt,
+            // The sink measures what serving a mirror costs the source, uncompressed.
+            compression: Vec::new(),
         })
         .await?;
     match reader.expect_next().await? {

@@ -187,6 +187,13 @@ async fn plan_source(
     );
     set(&mut config.frame_limits.data, settings.max_frame_bytes);
     set(&mut config.max_unacked_bytes, settings.max_unacked_bytes);
+    if let Some(compression) = settings.compression.as_deref() {
+        config.compression = compression.parse()?;
+    }
+    if let Some(mbit_s) = settings.max_send_mbit_s {
+        anyhow::ensure!(mbit_s > 0, "--max-send-mbit-s must be at least 1");
+        config.max_send_bytes_per_s = Some(mbit_s.saturating_mul(1_000_000) / 8);
+    }
     set(&mut config.max_key_len, settings.max_key_bytes);
     set(&mut config.max_value_len, settings.max_value_bytes);
     set(
@@ -238,6 +245,10 @@ impl SourcePlan {
             max_handshake_frame_bytes: Some(config.frame_limits.handshake),
             max_frame_bytes: Some(config.frame_limits.data),
             max_unacked_bytes: Some(config.max_unacked_bytes),
+            compression: Some(config.compression.to_string()),
+            max_send_mbit_s: config
+                .max_send_bytes_per_s
+                .map(|bytes_per_s| bytes_per_s * 8 / 1_000_000),
             max_key_bytes: Some(config.max_key_len),
             max_value_bytes: Some(config.max_value_len),
             metrics: self.metrics.clone(),

@@ -94,6 +94,12 @@ settings! {
         /// WAL bytes sent to a mirror and not yet acknowledged before sending pauses
         /// [default: 67108864].
         max_unacked_bytes: usize,
+        /// Compression of snapshot chunks and WAL batches, for mirrors that can read it:
+        /// zstd or off. Data that does not shrink is sent as it is [default: zstd].
+        compression: String,
+        /// Most this source sends to all its mirrors together, in Mbit/s (frame bytes);
+        /// under the cap the WAL goes before snapshot chunks [default: no cap].
+        max_send_mbit_s: u64,
         /// Largest key a client may write, in bytes [default: 4096].
         max_key_bytes: usize,
         /// Largest value a client may write, in bytes [default: 4194304].

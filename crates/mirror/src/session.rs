@@ -163,9 +163,11 @@ where
         loop {
             if let Some(action) = machine.poll_action() {
                 match action {
-                    MirrorAction::UseDataFrameLimit => {
+                    MirrorAction::EnterDataPhase(compression) => {
                         reader.set_max_frame_len(limits.data);
+                        reader.set_compression(compression);
                         sender.set_max_frame_len(limits.data);
+                        sender.set_compression(compression, None);
                     }
                     MirrorAction::ArmTimer(MirrorTimer::Handshake, after) => {
                         handshake_deadline = Some(Instant::now() + after);
@@ -390,7 +392,7 @@ fn start_work(shared: &MirrorShared, action: MirrorAction) -> Work {
             );
             Ok(MirrorEvent::RewindApplied)
         }),
-        MirrorAction::UseDataFrameLimit | MirrorAction::ArmTimer(..) => {
+        MirrorAction::EnterDataPhase(_) | MirrorAction::ArmTimer(..) => {
             unreachable!("handled by the driver's loop")
         }
     }

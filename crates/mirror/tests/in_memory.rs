@@ -231,6 +231,7 @@ async fn a_hello_of_a_later_epoch_fences_the_source() {
             chain_hash: position.chain_hash,
             resume: None,
             on_divergence: DivergencePolicy::Halt,
+            compression: Vec::new(),
         })
         .await
         .unwrap();

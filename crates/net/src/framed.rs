@@ -15,7 +15,9 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_util::codec::{FramedRead, FramedWrite};
 use xmirror_proto::message::MessageType;
 use xmirror_proto::session::Outgoing;
-use xmirror_proto::{ErrorCode, FrameCodec, FrameError, Message};
+use xmirror_proto::{Compression, CompressionCounters, ErrorCode, FrameCodec, FrameError, Message};
+
+use crate::pacer::{SendClass, SendPacer};
 
 /// Why the next message could not be read.
 #[derive(Debug, thiserror::Error)]
@@ -69,6 +71,11 @@ impl<R: AsyncRead + Unpin> FramedReader<R> {
         self.inner.decoder_mut().set_max_frame_len(max_frame_len);
     }
 
+    /// Reads compressed frames from now on, as the handshake negotiated.
+    pub fn set_compression(&mut self, compression: Compression) {
+        self.inner.decoder_mut().set_compression(compression, None);
+    }
+
     /// The size of the last frame read, length prefix included.
     pub fn last_frame_len(&self) -> usize {
         self.inner.decoder().last_frame_len()
@@ -108,6 +115,36 @@ impl<W: AsyncWrite + Unpin> FramedWriter<W> {
     /// Changes the frame limit (handshake → data).
     pub fn set_max_frame_len(&mut self, max_frame_len: usize) {
         self.inner.encoder_mut().set_max_frame_len(max_frame_len);
+    }
+
+    /// Compresses bulk frames from now on, as the handshake negotiated, counting bulk bytes
+    /// before and after into `counters` if given.
+    pub fn set_compression(
+        &mut self,
+        compression: Compression,
+        counters: Option<Arc<CompressionCounters>>,
+    ) {
+        self.inner
+            .encoder_mut()
+            .set_compression(compression, counters);
+    }
+
+    /// Writes a message shared with other writers once `pacer` lets its encoded bytes
+    /// leave, and flushes it.
+    pub async fn send_paced(
+        &mut self,
+        message: &Message,
+        pacer: &SendPacer,
+    ) -> Result<(), FrameError> {
+        // Encoded into the write buffer first: the cap counts the bytes that leave, after
+        // compression. The buffer is empty here, since every send ends with a flush.
+        self.inner.feed(message).await?;
+        let class = match message.message_type() {
+            MessageType::SnapshotChunk => SendClass::Bulk,
+            _ => SendClass::Priority,
+        };
+        pacer.acquire(self.inner.write_buffer().len(), class).await;
+        SinkExt::<&Message>::flush(&mut self.inner).await
     }
 
     /// Writes `message` and flushes it.
@@ -217,6 +254,10 @@ pub struct FrameSender<'a, W> {
     state: SenderState<'a, W>,
     /// The limit the next frame is written under (handshake, then data).
     max_frame_len: usize,
+    /// Compression to switch to before the next frame, once negotiated.
+    compression: Option<(Compression, Option<Arc<CompressionCounters>>)>,
+    /// The send-rate cap every frame waits on, if there is one.
+    pacer: Option<Arc<SendPacer>>,
 }
 
 enum SenderState<'a, W> {
@@ -232,7 +273,23 @@ impl<'a, W: AsyncWrite + Unpin + Send + 'a> FrameSender<'a, W> {
         FrameSender {
             state: SenderState::Free(FramedWriter::new(writer, max_frame_len)),
             max_frame_len,
+            compression: None,
+            pacer: None,
         }
+    }
+
+    /// Compresses bulk frames from the next frame on (see [`FramedWriter::set_compression`]).
+    pub fn set_compression(
+        &mut self,
+        compression: Compression,
+        counters: Option<Arc<CompressionCounters>>,
+    ) {
+        self.compression = Some((compression, counters));
+    }
+
+    /// Makes every frame wait for `pacer`'s budget.
+    pub fn set_pacer(&mut self, pacer: Option<Arc<SendPacer>>) {
+        self.pacer = pacer;
     }
 
     /// Whether it can take a frame.
@@ -255,8 +312,15 @@ impl<'a, W: AsyncWrite + Unpin + Send + 'a> FrameSender<'a, W> {
             panic!("a frame was started while another was being written");
         };
         writer.set_max_frame_len(self.max_frame_len);
+        if let Some((compression, counters)) = self.compression.take() {
+            writer.set_compression(compression, counters);
+        }
+        let pacer = self.pacer.clone();
         self.state = SenderState::Busy(Box::pin(async move {
-            let result = writer.send_shared(frame.message()).await;
+            let result = match &pacer {
+                Some(pacer) => writer.send_paced(frame.message(), pacer).await,
+                None => writer.send_shared(frame.message()).await,
+            };
             (writer, result)
         }));
     }

@@ -5,6 +5,8 @@
 //! - [`admission`]: caps on connections and unfinished handshakes.
 //! - [`framed`]: frames over a QUIC stream (or any `AsyncRead`/`AsyncWrite`), with
 //!   deadlines and per-phase limits.
+//! - [`pacer`]: the source's send-rate cap, shared by its sessions, WAL before snapshot
+//!   chunks.
 //! - [`reads`]: `get` and `scan` as a source and a mirror both serve them.
 //! - [`serve`]: the client-protocol server loop, generic over a [`serve::ClientService`],
 //!   which pipelines requests and answers them in order.
@@ -17,6 +19,7 @@ pub mod admission;
 pub mod close;
 pub mod endpoint;
 pub mod framed;
+pub mod pacer;
 pub mod reads;
 pub mod serve;
 pub mod stage;
@@ -29,6 +32,7 @@ pub use endpoint::{
 pub use framed::{
     sleep_until, Activity, ActivityReader, FrameSender, FramedReader, FramedWriter, ReadError,
 };
+pub use pacer::{SendClass, SendPacer};
 
 /// The wall clock as Unix milliseconds: commit times, contact times and "last seen" all
 /// read it here.

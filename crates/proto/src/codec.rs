@@ -11,6 +11,10 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio_util::codec::{Decoder, Encoder, LengthDelimitedCodec};
 
+use crate::compress::{
+    BodyCompressor, BodyDecompressor, Compression, CompressionCounters, DecompressError,
+    COMPRESSED_FLAG,
+};
 use crate::error_code::ErrorCode;
 use crate::message::{DecodeBody, EncodeBody, Message, MessageType};
 use crate::types::{VersionRange, SUPPORTED_VERSIONS};
@@ -126,6 +130,18 @@ pub enum FrameError {
         #[source]
         source: BodyError,
     },
+    /// A compressed frame on a stream that did not negotiate compression.
+    #[error("compressed frame of type {0} where compression was not negotiated")]
+    UnexpectedCompression(u8),
+    /// A compressed body that could not be decompressed.
+    #[error("compressed {message_type:?} body")]
+    Decompress {
+        /// The type the header named.
+        message_type: MessageType,
+        /// Why.
+        #[source]
+        source: DecompressError,
+    },
     /// The underlying stream failed.
     #[error("stream I/O failed")]
     Io(#[from] std::io::Error),
@@ -135,13 +151,19 @@ impl FrameError {
     /// The code a peer is refused with when its frame fails this way.
     pub fn code(&self) -> ErrorCode {
         match self {
-            FrameError::TooLarge { .. } => ErrorCode::FrameTooLarge,
+            FrameError::TooLarge { .. }
+            | FrameError::Decompress {
+                source: DecompressError::TooLarge { .. },
+                ..
+            } => ErrorCode::FrameTooLarge,
             FrameError::UnsupportedVersion { .. } => ErrorCode::BadVersion,
             FrameError::Truncated { .. }
             | FrameError::UnexpectedEof { .. }
             | FrameError::UnknownType(_)
             | FrameError::MalformedBody { .. }
-            | FrameError::TrailingBytes { .. } => ErrorCode::MalformedFrame,
+            | FrameError::TrailingBytes { .. }
+            | FrameError::UnexpectedCompression(_)
+            | FrameError::Decompress { .. } => ErrorCode::MalformedFrame,
             FrameError::Encode { .. } | FrameError::Io(_) => ErrorCode::Internal,
         }
     }
@@ -165,6 +187,13 @@ pub struct FrameCodec {
     in_frame: bool,
     /// The size of the last frame decoded, prefix included: what holding it costs.
     last_frame_len: usize,
+    /// Compresses outgoing bulk bodies once compression is negotiated.
+    compressor: Option<BodyCompressor>,
+    /// Whether compressed frames may be read: before compression is negotiated, one is
+    /// malformed.
+    compression: Compression,
+    /// Created at the first compressed frame read.
+    decompressor: Option<BodyDecompressor>,
 }
 
 impl FrameCodec {
@@ -178,7 +207,24 @@ impl FrameCodec {
             version: SUPPORTED_VERSIONS.min,
             in_frame: false,
             last_frame_len: 0,
+            compressor: None,
+            compression: Compression::Off,
+            decompressor: None,
         }
+    }
+
+    /// Uses the compression a handshake negotiated from now on, both ways, counting bulk
+    /// bytes before and after into `counters` if given.
+    pub fn set_compression(
+        &mut self,
+        compression: Compression,
+        counters: Option<std::sync::Arc<CompressionCounters>>,
+    ) {
+        self.compression = compression;
+        self.compressor = match compression {
+            Compression::Off => None,
+            Compression::Zstd => Some(BodyCompressor::new(counters)),
+        };
     }
 
     /// The size of the last frame decoded, length prefix included.
@@ -199,6 +245,32 @@ impl FrameCodec {
     /// Writes `version` into outgoing headers from now on.
     pub fn set_version(&mut self, version: u16) {
         self.version = version;
+    }
+
+    /// Decodes the frame contents after the length prefix, decompressing a compressed body.
+    fn decode_contents(&mut self, frame: &[u8]) -> Result<Message, FrameError> {
+        let (type_byte, body) = split_header(frame)?;
+        if type_byte & COMPRESSED_FLAG == 0 {
+            return decode_body(type_byte, body);
+        }
+        if self.compression == Compression::Off {
+            return Err(FrameError::UnexpectedCompression(type_byte));
+        }
+        let decompressor = match &mut self.decompressor {
+            Some(decompressor) => decompressor,
+            None => self.decompressor.insert(BodyDecompressor::new()?),
+        };
+        let type_byte = type_byte & !COMPRESSED_FLAG;
+        let message_type =
+            MessageType::from_number(type_byte).ok_or(FrameError::UnknownType(type_byte))?;
+        let max = self.length_delimited.max_frame_length();
+        let raw = decompressor
+            .decompress(body, max)
+            .map_err(|source| FrameError::Decompress {
+                message_type,
+                source,
+            })?;
+        decode_body(type_byte, &raw)
     }
 }
 
@@ -222,7 +294,7 @@ impl Decoder for FrameCodec {
             Some(frame) => {
                 self.in_frame = false;
                 self.last_frame_len = LENGTH_PREFIX_LEN + frame.len();
-                decode_frame(&frame).map(Some)
+                self.decode_contents(&frame).map(Some)
             }
             None => {
                 if buffered - src.len() == LENGTH_PREFIX_LEN {
@@ -256,14 +328,24 @@ impl Encoder<&Message> for FrameCodec {
     type Error = FrameError;
 
     fn encode(&mut self, message: &Message, dst: &mut BytesMut) -> Result<(), FrameError> {
-        let frame = encode_frame(self.version, message)?;
+        let mut frame = encode_frame(self.version, message)?;
         let max = self.max_frame_len();
         if frame.len() > max {
-            // Refuse to send what the peer would refuse to read.
+            // Refuse to send what the peer would refuse to read (decompressed, it is this).
             return Err(FrameError::TooLarge {
                 len: frame.len() as u64,
                 max,
             });
+        }
+        let message_type = message.message_type();
+        if let Some(compressed) = self
+            .compressor
+            .as_mut()
+            .and_then(|compressor| compressor.compress(message_type, &frame[HEADER_LEN..]))
+        {
+            frame.truncate(HEADER_LEN);
+            frame[HEADER_LEN - 1] = message_type as u8 | COMPRESSED_FLAG;
+            frame.extend_from_slice(&compressed);
         }
         self.length_delimited.encode(frame.freeze(), dst)?;
         Ok(())
@@ -284,9 +366,15 @@ pub fn encode_frame(version: u16, message: &Message) -> Result<BytesMut, FrameEr
     Ok(frame)
 }
 
-/// Decodes the frame contents after the length prefix. Total: any bytes give a message or
-/// an error, never a panic.
+/// Decodes the frame contents after the length prefix (an uncompressed frame). Total: any
+/// bytes give a message or an error, never a panic.
 pub fn decode_frame(frame: &[u8]) -> Result<Message, FrameError> {
+    let (type_byte, body) = split_header(frame)?;
+    decode_body(type_byte, body)
+}
+
+/// Checks the header's version; the type byte and the body.
+fn split_header(frame: &[u8]) -> Result<(u8, &[u8]), FrameError> {
     if frame.len() < HEADER_LEN {
         return Err(FrameError::Truncated { len: frame.len() });
     }
@@ -298,8 +386,13 @@ pub fn decode_frame(frame: &[u8]) -> Result<Message, FrameError> {
             supported: SUPPORTED_VERSIONS,
         });
     }
+    Ok((header[2], body))
+}
+
+/// Decodes a body of the type `type_byte` names.
+fn decode_body(type_byte: u8, body: &[u8]) -> Result<Message, FrameError> {
     let message_type =
-        MessageType::from_number(header[2]).ok_or(FrameError::UnknownType(header[2]))?;
+        MessageType::from_number(type_byte).ok_or(FrameError::UnknownType(type_byte))?;
     Message::decode_body(message_type, BincodeDecoder { message_type, body })
 }
 
@@ -438,10 +531,10 @@ mod wire_format {
             commit_time: UnixMillis(5),
         }
         .into();
-        let mut expected = vec![0, 3, 5, 7, 2, 0, 2, 97, 98, 3, 120, 121, 122, 1, 1, 107];
+        let mut expected = vec![0, 4, 5, 7, 2, 0, 2, 97, 98, 3, 120, 121, 122, 1, 1, 107];
         expected.extend([3; 32]);
         expected.push(5);
-        assert_eq!(super::encode_frame(3, &batch).unwrap().to_vec(), expected);
+        assert_eq!(super::encode_frame(4, &batch).unwrap().to_vec(), expected);
         assert_eq!(super::decode_frame(&expected).unwrap(), batch);
 
         let chunk: Message = SnapshotChunk {
@@ -449,8 +542,8 @@ mod wire_format {
             pairs: vec![(b"a".to_vec(), b"bc".to_vec())],
         }
         .into();
-        let expected = vec![0, 3, 3, 2, 1, 1, 97, 2, 98, 99];
-        assert_eq!(super::encode_frame(3, &chunk).unwrap().to_vec(), expected);
+        let expected = vec![0, 4, 3, 2, 1, 1, 97, 2, 98, 99];
+        assert_eq!(super::encode_frame(4, &chunk).unwrap().to_vec(), expected);
         assert_eq!(super::decode_frame(&expected).unwrap(), chunk);
     }
 }

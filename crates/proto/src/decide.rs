@@ -293,6 +293,7 @@ mod tests {
             chain_hash: MIRROR_HASH,
             resume: None,
             on_divergence: DivergencePolicy::Halt,
+            compression: Vec::new(),
         }
     }
 
@@ -524,7 +525,7 @@ mod tests {
         bad.versions = VersionRange { min: 7, max: 9 };
         let reject = decide_with(&bad, &observer(), Some(MIRROR_HASH), None).unwrap_err();
         assert_eq!(reject.code, ErrorCode::BadVersion);
-        assert!(reject.detail.contains("3..=3"), "{}", reject.detail);
+        assert!(reject.detail.contains("4..=4"), "{}", reject.detail);
     }
 
     #[test]

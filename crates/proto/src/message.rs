@@ -6,6 +6,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::compress::Compression;
 use crate::error_code::ErrorCode;
 use crate::hash::{ChainHash, StateDigest};
 use crate::history::EpochStart;
@@ -133,6 +134,8 @@ pub struct Hello {
     /// What the mirror does if it holds data the source cannot vouch for: with `Halt` the
     /// source answers `Decision::Diverged`, with `Resnapshot` a fresh snapshot.
     pub on_divergence: DivergencePolicy,
+    /// The compressions the mirror can read, besides none; the source picks one in the ack.
+    pub compression: Vec<Compression>,
 }
 
 /// Where an interrupted snapshot stopped, as the mirror persisted it: which database and
@@ -181,6 +184,9 @@ pub struct Accepted {
     pub history: Vec<EpochStart>,
     /// Snapshot, stream, rewind, or diverged.
     pub decision: Decision,
+    /// How bulk frames (snapshot chunks, WAL batches, rewind values) travel from here on:
+    /// one of the hello's offers, or none.
+    pub compression: Compression,
 }
 
 /// A refusal, with the code and a sentence for the operator.

@@ -9,13 +9,15 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 
 /// The protocol version this build speaks. Version 2 added batch entries in the WAL;
-/// version 3 the epoch history in the ack, rewinds and promotion. Version 3 changed the
-/// ack itself, so it cannot speak 1 or 2: nodes are upgraded together (docs/PROTOCOL.md).
-pub const PROTOCOL_VERSION: u16 = 3;
+/// version 3 the epoch history in the ack, rewinds and promotion; version 4 compression,
+/// offered in the hello and chosen in the ack. Versions 3 and 4 changed the hello and the
+/// ack themselves, so a build speaks only its own: nodes are upgraded together
+/// (docs/PROTOCOL.md).
+pub const PROTOCOL_VERSION: u16 = 4;
 
 /// Every protocol version this build can speak, as a mirror or as a source.
 pub const SUPPORTED_VERSIONS: VersionRange = VersionRange {
-    min: 3,
+    min: PROTOCOL_VERSION,
     max: PROTOCOL_VERSION,
 };
 

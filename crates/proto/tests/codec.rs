@@ -209,6 +209,7 @@ fn message() -> impl Strategy<Value = Message> {
                     } else {
                         DivergencePolicy::Halt
                     },
+                    compression: vec![xmirror_proto::Compression::Zstd],
                 })
             },
         );
@@ -231,6 +232,7 @@ fn message() -> impl Strategy<Value = Message> {
                         epoch: Epoch(epoch),
                         source_last_lsn,
                         decision,
+                        compression: xmirror_proto::Compression::Zstd,
                     })
                 }
             ),
@@ -408,6 +410,19 @@ proptest! {
     }
 
     #[test]
+    fn every_message_round_trips_through_compressing_codecs(message in message()) {
+        let limit = FrameLimits::default().data;
+        let mut sender = FrameCodec::new(limit);
+        sender.set_compression(Compression::Zstd, None);
+        let mut wire = BytesMut::new();
+        sender.encode(&message, &mut wire).unwrap();
+        let mut receiver = FrameCodec::new(limit);
+        receiver.set_compression(Compression::Zstd, None);
+        prop_assert_eq!(receiver.decode(&mut wire).unwrap(), Some(message));
+        prop_assert!(wire.is_empty());
+    }
+
+    #[test]
     fn messages_survive_arbitrary_split_points(message in message(), split in any::<prop::sample::Index>()) {
         let wire = encode(&message, FrameLimits::default().data).unwrap();
         let split = split.index(wire.len());
@@ -468,7 +483,7 @@ proptest! {
 
     #[test]
     fn any_body_after_a_valid_header_is_handled(message_type in any::<u8>(), body in bytes(256)) {
-        let mut frame = vec![0, 3, message_type];
+        let mut frame = vec![0, 4, message_type];
         frame.extend_from_slice(&body);
         match decode_frame(&frame) {
             Ok(message) => prop_assert_eq!(message.message_type() as u8, message_type),
@@ -533,7 +548,7 @@ fn malformed_frames_get_typed_errors() {
         Err(FrameError::Truncated { len: 2 })
     ));
     assert!(matches!(
-        decode_frame(&[0, 3, 200]),
+        decode_frame(&[0, 4, 200]),
         Err(FrameError::UnknownType(200))
     ));
     assert!(matches!(
@@ -542,12 +557,12 @@ fn malformed_frames_get_typed_errors() {
     ));
     // StatusRequest has an empty body: one extra byte is trailing garbage.
     assert!(matches!(
-        decode_frame(&[0, 3, 19, 0]),
+        decode_frame(&[0, 4, 19, 0]),
         Err(FrameError::TrailingBytes { extra: 1, .. })
     ));
     // A hello whose body is cut short.
     assert!(matches!(
-        decode_frame(&[0, 3, 1, 1]),
+        decode_frame(&[0, 4, 1, 1]),
         Err(FrameError::MalformedBody { .. })
     ));
     // A truncated stream is an error at EOF, not a silent end.
@@ -581,6 +596,7 @@ fn a_name_that_fails_validation_fails_decoding() {
         chain_hash: ChainHash::GENESIS,
         resume: None,
         on_divergence: DivergencePolicy::Halt,
+        compression: Vec::new(),
     });
     let wire = encode(&hello, 1024).unwrap();
     // Rewrite the mirror name "abcd" into "../x" in place: same length, invalid name.
@@ -599,7 +615,7 @@ fn a_name_that_fails_validation_fails_decoding() {
 #[test]
 fn a_claimed_huge_collection_fails_without_allocating() {
     // GetRequest { key: Vec<u8> } whose varint length claims u64::MAX bytes.
-    let mut frame = vec![0, 3, 18, 0xFF];
+    let mut frame = vec![0, 4, 18, 0xFF];
     frame.extend_from_slice(&u64::MAX.to_le_bytes());
     assert!(matches!(
         decode_frame(&frame),
@@ -617,4 +633,76 @@ fn message_type_numbers_are_stable() {
             34, 35, 36, 37, 38, 39, 40
         ]
     );
+}
+
+/// A snapshot chunk of text-like values: what compression is for.
+fn compressible_chunk() -> Message {
+    SnapshotChunk {
+        snapshot_id: SnapshotId(1),
+        pairs: (0..200)
+            .map(|index| {
+                (
+                    format!("user/{index:06}").into_bytes(),
+                    format!(
+                        "{{\"name\": \"user {index}\", \"city\": \"Lisbon\", \"active\": true}}"
+                    )
+                    .into_bytes(),
+                )
+            })
+            .collect(),
+    }
+    .into()
+}
+
+#[test]
+fn a_compressed_frame_is_smaller_and_refused_where_not_negotiated() {
+    let limit = FrameLimits::default().data;
+    let counters = std::sync::Arc::new(CompressionCounters::default());
+    let mut sender = FrameCodec::new(limit);
+    sender.set_compression(Compression::Zstd, Some(counters.clone()));
+    let chunk = compressible_chunk();
+    let mut compressed = BytesMut::new();
+    sender.encode(&chunk, &mut compressed).unwrap();
+    let plain = encode(&chunk, limit).unwrap();
+    assert!(
+        compressed.len() * 4 < plain.len(),
+        "{} vs {}",
+        compressed.len(),
+        plain.len()
+    );
+    let raw = counters
+        .raw_bytes
+        .load(std::sync::atomic::Ordering::Relaxed);
+    let sent = counters
+        .sent_bytes
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(
+        raw as usize,
+        plain.len() - 7,
+        "body bytes before compression"
+    );
+    assert_eq!(sent as usize, compressed.len() - 7, "body bytes sent");
+    // A codec that did not negotiate compression refuses the frame as malformed.
+    let error = FrameCodec::new(limit)
+        .decode(&mut compressed.clone())
+        .unwrap_err();
+    assert!(
+        matches!(error, FrameError::UnexpectedCompression(_)),
+        "{error}"
+    );
+    assert_eq!(error.code(), ErrorCode::MalformedFrame);
+    // One whose limit is below the raw size refuses it as too large, before decompressing.
+    let mut small = FrameCodec::new(plain.len() - 100);
+    small.set_compression(Compression::Zstd, None);
+    let error = small.decode(&mut compressed.clone()).unwrap_err();
+    assert_eq!(error.code(), ErrorCode::FrameTooLarge, "{error}");
+    // Small and control frames are never compressed.
+    let mut heartbeat = BytesMut::new();
+    let beat: Message = Heartbeat {
+        last_lsn: Lsn(1),
+        commit_time: UnixMillis(1),
+    }
+    .into();
+    sender.encode(&beat, &mut heartbeat).unwrap();
+    assert_eq!(heartbeat, encode(&beat, limit).unwrap());
 }

@@ -27,12 +27,15 @@ use tokio::sync::{oneshot, watch, OwnedSemaphorePermit};
 use xmirror_net::serve::{serve_client_connection, ClientLimits, ClientServing};
 use xmirror_net::{
     accept_loop, close_with, error_chain, refusal_of, server_config, server_endpoint, AcceptLimits,
-    EndpointError, TransportLimits,
+    EndpointError, SendPacer, TransportLimits,
 };
 use xmirror_proto::authz::NodeKind;
 use xmirror_proto::session::source::SourceSessionConfig;
+use xmirror_proto::{
+    Compression, CompressionCounters, ErrorCode, FrameLimits, Name, VersionRange,
+    SUPPORTED_VERSIONS,
+};
 use xmirror_proto::{DatabaseId, Epoch, Lsn};
-use xmirror_proto::{ErrorCode, FrameLimits, Name, VersionRange, SUPPORTED_VERSIONS};
 use xmirror_store::{open_store, DatabaseIdentity, EngineKind, Store, StoreError, StoreOptions};
 use xmirror_tls::{NodeTls, ALPN_CLIENT, ALPN_MIRROR};
 
@@ -95,6 +98,13 @@ pub struct SourceConfig {
     pub max_unacked_bytes: usize,
     /// Heartbeat interval when no batch is sent. Default 1 s.
     pub heartbeat_interval: Duration,
+    /// How snapshot chunks and WAL batches travel to mirrors that can read it. Default
+    /// zstd: a mirror is usually far away, and a body that does not shrink is sent as it is
+    /// (and the next 16 are not tried), so incompressible data costs little.
+    pub compression: Compression,
+    /// Most bytes per second this source sends to all its mirrors together; under it the
+    /// WAL goes before snapshot chunks. Default none.
+    pub max_send_bytes_per_s: Option<u64>,
     /// Largest key accepted from clients. Default 4 KiB.
     pub max_key_len: usize,
     /// Largest value accepted from clients. Default 4 MiB.
@@ -141,6 +151,8 @@ impl SourceConfig {
             snapshot_window_chunks: 8,
             max_unacked_bytes: 64 << 20,
             heartbeat_interval: Duration::from_secs(1),
+            compression: Compression::Zstd,
+            max_send_bytes_per_s: None,
             max_key_len: 4 << 10,
             max_value_len: 4 << 20,
             max_batch_writes: 100_000,
@@ -200,6 +212,7 @@ impl SourceConfig {
             snapshot_window_chunks: self.snapshot_window_chunks,
             max_unacked_bytes: self.max_unacked_bytes,
             heartbeat_interval: self.heartbeat_interval,
+            compression: self.compression,
         }
     }
 }
@@ -261,6 +274,10 @@ pub struct SourceShared {
     pub database: DatabaseIdentity,
     /// Snapshot payload bytes sent since start, over all mirrors.
     pub snapshot_bytes_sent: AtomicU64,
+    /// Bulk frame bytes before and after compression, over all mirrors.
+    pub compression: Arc<CompressionCounters>,
+    /// The send-rate cap every session waits on, if one is set.
+    pub pacer: Option<Arc<SendPacer>>,
     /// Held while admitting a mirror and while enforcing retention, so retention never
     /// truncates WAL that a just-decided session is about to pin.
     pub admission: Mutex<()>,
@@ -335,6 +352,9 @@ impl SourceShared {
         let (failed, failure) = oneshot::channel();
         let (writer, commits) = Writer::spawn(store.clone(), limits, failed);
         let slots = Slots::load(store.clone())?;
+        let pacer = config
+            .max_send_bytes_per_s
+            .map(|bytes_per_s| Arc::new(SendPacer::new(bytes_per_s)));
         let shared = Arc::new(SourceShared {
             name,
             config,
@@ -344,6 +364,8 @@ impl SourceShared {
             slots,
             database,
             snapshot_bytes_sent: AtomicU64::new(0),
+            compression: Arc::default(),
+            pacer,
             admission: Mutex::new(()),
         });
         Ok((shared, failure))

@@ -123,11 +123,13 @@ where
     R: AsyncRead + Unpin + Send,
     W: AsyncWrite + Unpin + Send,
 {
+    let mut sender = FrameSender::new(writer, shared.config.frame_limits.handshake);
+    sender.set_pacer(shared.pacer.clone());
     let mut driver = Driver {
         limits: shared.config.frame_limits,
         machine: SourceSession::new(shared.config.session_config(), committed(&shared)),
         reader: FramedReader::new(reader, shared.config.frame_limits.handshake),
-        sender: FrameSender::new(writer, shared.config.frame_limits.handshake),
+        sender,
         work: FuturesUnordered::new(),
         timers: Timers::default(),
         commits: shared.commits.clone(),
@@ -318,9 +320,12 @@ where
                 let admission = blocking(move || admit(hello, &peer, &shared)).await?;
                 self.admitted(admission);
             }
-            SourceAction::UseDataFrameLimit => {
+            SourceAction::EnterDataPhase(compression) => {
                 self.reader.set_max_frame_len(self.limits.data);
+                self.reader.set_compression(compression);
                 self.sender.set_max_frame_len(self.limits.data);
+                self.sender
+                    .set_compression(compression, Some(shared.compression.clone()));
             }
             SourceAction::MeasureSnapshot => {
                 let store = shared.store.clone();

@@ -62,6 +62,17 @@ pub async fn publish_loop(shared: Arc<SourceShared>) {
         metrics::gauge!("xmirror_source_write_rate").set(write_rate);
         metrics::counter!("xmirror_source_snapshot_bytes_sent_total")
             .absolute(status.snapshot_bytes_sent);
+        let compression = &shared.compression;
+        metrics::counter!("xmirror_source_bulk_bytes_total", "form" => "raw").absolute(
+            compression
+                .raw_bytes
+                .load(std::sync::atomic::Ordering::Relaxed),
+        );
+        metrics::counter!("xmirror_source_bulk_bytes_total", "form" => "sent").absolute(
+            compression
+                .sent_bytes
+                .load(std::sync::atomic::Ordering::Relaxed),
+        );
         let max_wal = shared.config.max_wal_entries;
         let committed = *shared.commits.borrow();
         // Lag in bytes is estimated from the average entry size since start: exact sizes

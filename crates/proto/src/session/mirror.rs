@@ -26,6 +26,7 @@
 use std::collections::VecDeque;
 use std::time::Duration;
 
+use crate::compress::Compression;
 use crate::hash::ChainHash;
 use crate::history::EpochStart;
 use crate::message::{
@@ -298,8 +299,9 @@ impl WalGroup {
 /// What the driver must do for the session.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum MirrorAction {
-    /// The hello was accepted: frames may now be as large as the data phase allows.
-    UseDataFrameLimit,
+    /// The hello was accepted: frames may now be as large as the data phase allows, and
+    /// bulk frames travel with the negotiated compression.
+    EnterDataPhase(Compression),
     /// Fire [`MirrorEvent::Timer`] after the duration.
     ArmTimer(MirrorTimer, Duration),
     /// Record the decision (and clear for a snapshot), durably; report
@@ -340,6 +342,9 @@ pub enum SourceViolation {
     /// The first frame was not the ack.
     #[error("expected a hello ack, got {0:?}")]
     ExpectedHelloAck(MessageType),
+    /// A compression the hello did not offer.
+    #[error("the source chose {} compression, which the mirror did not offer", .0.name())]
+    UnofferedCompression(Compression),
     /// A frame a source never sends on this stream.
     #[error("a source may not send {0:?} here")]
     NotForMirror(MessageType),
@@ -517,6 +522,8 @@ pub struct MirrorSession {
     source_database: Option<(DatabaseId, Epoch)>,
     /// The source's epoch history, from its ack.
     source_history: Vec<EpochStart>,
+    /// How bulk frames travel, from the ack.
+    compression: Compression,
     /// A planned promotion under way: the epoch asked for, and the source's final LSN
     /// once it has answered the fence.
     promotion: Option<(Epoch, Option<Lsn>)>,
@@ -567,6 +574,7 @@ impl MirrorSession {
             chain_hash: standing.chain_hash,
             resume: resume.clone(),
             on_divergence: config.on_divergence,
+            compression: Compression::READABLE.to_vec(),
         };
         let progress = MirrorProgress {
             // A halted mirror stays halted, with its reason, until a source vouches for it.
@@ -590,6 +598,7 @@ impl MirrorSession {
             held_copy,
             source_database: None,
             source_history: Vec::new(),
+            compression: Compression::Off,
             promotion: None,
             queue: VecDeque::new(),
             in_flight: None,
@@ -867,6 +876,13 @@ impl MirrorSession {
                         actual: accepted.source_cluster,
                     }));
                 }
+                if accepted.compression != Compression::Off
+                    && !Compression::READABLE.contains(&accepted.compression)
+                {
+                    return self
+                        .violation(SourceViolation::UnofferedCompression(accepted.compression));
+                }
+                self.compression = accepted.compression;
                 self.progress.source_lsn = accepted.source_last_lsn;
                 self.source_database = Some((accepted.database_id, accepted.epoch));
                 self.source_history = accepted.history.clone();
@@ -971,7 +987,8 @@ impl MirrorSession {
                     target: None,
                 });
                 self.in_flight = Some(InFlight::RewindPreparation);
-                self.actions.push_back(MirrorAction::UseDataFrameLimit);
+                self.actions
+                    .push_back(MirrorAction::EnterDataPhase(self.compression));
                 self.actions.push_back(MirrorAction::PrepareRewind(plan));
                 return;
             }
@@ -1045,7 +1062,8 @@ impl MirrorSession {
         };
         self.phase = Phase::Preparing(decision);
         self.in_flight = Some(InFlight::Preparation);
-        self.actions.push_back(MirrorAction::UseDataFrameLimit);
+        self.actions
+            .push_back(MirrorAction::EnterDataPhase(self.compression));
         self.actions.push_back(MirrorAction::Prepare(preparation));
     }
 
@@ -1344,6 +1362,7 @@ mod tests {
             epoch: Epoch::FIRST,
             source_last_lsn: Lsn(source_last_lsn),
             decision,
+            compression: Compression::Zstd,
         })
         .into()
     }
@@ -1673,6 +1692,7 @@ mod tests {
                         epoch: Epoch::FIRST,
                         source_last_lsn: Lsn(1),
                         decision: Decision::Stream { from_lsn: Lsn(8) },
+                        compression: Compression::Zstd,
                     })
                     .into(),
                 ),
@@ -1743,7 +1763,7 @@ mod tests {
             assert_eq!(
                 preparing.actions,
                 vec![
-                    MirrorAction::UseDataFrameLimit,
+                    MirrorAction::EnterDataPhase(Compression::Zstd),
                     MirrorAction::Prepare(Preparation {
                         decision: DecisionKind::Stream,
                         log_fields: DecisionFields {
@@ -1782,7 +1802,7 @@ mod tests {
             received(&mut session, accepted(decision, 9));
             let preparing = drain(&mut session);
             match &preparing.actions[..] {
-                [MirrorAction::UseDataFrameLimit, MirrorAction::Prepare(preparation)] => {
+                [MirrorAction::EnterDataPhase(_), MirrorAction::Prepare(preparation)] => {
                     assert!(preparation.count_resume);
                     assert_eq!(preparation.begin_snapshot.is_some(), clears);
                 }
@@ -2108,6 +2128,7 @@ mod tests {
                 epoch: Epoch::FIRST,
                 source_last_lsn: Lsn(source_last_lsn),
                 decision,
+                compression: Compression::Zstd,
             })
             .into()
         };
@@ -2222,11 +2243,12 @@ mod tests {
                     base_chain_hash: ChainHash::GENESIS,
                     reason: SnapshotReason::DatabaseMismatch,
                 },
+                compression: Compression::Zstd,
             })
             .into(),
         );
         match &drain(&mut session).actions[..] {
-            [MirrorAction::UseDataFrameLimit, MirrorAction::Prepare(preparation)] => {
+            [MirrorAction::EnterDataPhase(_), MirrorAction::Prepare(preparation)] => {
                 let start = preparation.begin_snapshot.unwrap();
                 assert_eq!(
                     start.database_id,

@@ -24,6 +24,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::codec::FrameError;
+use crate::compress::{negotiate_compression, Compression};
 use crate::decide::{negotiate_version, Reject};
 use crate::error_code::ErrorCode;
 use crate::hash::ChainHash;
@@ -53,6 +54,8 @@ pub struct SourceSessionConfig {
     pub max_unacked_bytes: usize,
     /// How long the session may send nothing before it sends a heartbeat.
     pub heartbeat_interval: Duration,
+    /// How the source would like bulk frames to travel, if the mirror can read it.
+    pub compression: Compression,
 }
 
 /// Where the source stands when it answers a hello.
@@ -155,8 +158,9 @@ pub enum SourceAction {
     /// Validate the hello against the source's view, `decide`, and on acceptance pin the
     /// mirror's slot; report [`SourceEvent::Admitted`].
     Admit(Box<Hello>),
-    /// The hello was accepted: frames may now be as large as the data phase allows.
-    UseDataFrameLimit,
+    /// The hello was accepted: frames may now be as large as the data phase allows, and
+    /// bulk frames travel with the negotiated compression.
+    EnterDataPhase(Compression),
     /// Measure the data's keys and bytes (for the mirror's progress); report
     /// [`SourceEvent::Measured`].
     MeasureSnapshot,
@@ -406,6 +410,8 @@ pub struct SourceSession {
     transfer: Option<Transfer>,
     /// The versions the hello offered, to name the negotiated one in the ack.
     hello_versions: Option<VersionRange>,
+    /// The compressions the hello offered, to choose one in the ack.
+    hello_compression: Vec<Compression>,
     /// The version negotiated in the ack: what the session may send.
     version: u16,
     /// The source's epoch when it accepted the hello: a promoting mirror fences it with a
@@ -435,6 +441,7 @@ impl SourceSession {
             unacked_bytes: 0,
             transfer: None,
             hello_versions: None,
+            hello_compression: Vec::new(),
             version: 0,
             epoch: Epoch::FIRST,
             transmit: VecDeque::new(),
@@ -668,6 +675,7 @@ impl SourceSession {
             (SourceState::AwaitingHello, Message::Hello(hello)) => {
                 self.state = SourceState::Admitting;
                 self.hello_versions = Some(hello.versions);
+                self.hello_compression = hello.compression.clone();
                 self.actions.push_back(SourceAction::Admit(Box::new(hello)));
             }
             (SourceState::AwaitingHello, other) => {
@@ -720,6 +728,7 @@ impl SourceSession {
             .expect("decide accepts only overlapping version ranges");
         self.version = version;
         self.epoch = source.epoch;
+        let compression = negotiate_compression(self.config.compression, &self.hello_compression);
         let accepted = Accepted {
             source_cluster: self.config.cluster_id.clone(),
             version,
@@ -728,6 +737,7 @@ impl SourceSession {
             source_last_lsn: source.last_lsn,
             history: source.history,
             decision: decision.clone(),
+            compression,
         };
         self.transmit
             .push_back(Outgoing::Message(HelloAck::Accepted(accepted).into()));
@@ -737,7 +747,9 @@ impl SourceSession {
                 self.state = SourceState::Diverged;
                 return;
             }
-            _ => self.actions.push_back(SourceAction::UseDataFrameLimit),
+            _ => self
+                .actions
+                .push_back(SourceAction::EnterDataPhase(compression)),
         }
         match decision {
             Decision::Stream { from_lsn } => {
@@ -906,6 +918,7 @@ mod tests {
             snapshot_window_chunks: 2,
             max_unacked_bytes: 100,
             heartbeat_interval: Duration::from_secs(1),
+            compression: Compression::Zstd,
         }
     }
 
@@ -922,6 +935,7 @@ mod tests {
             chain_hash: ChainHash::GENESIS,
             resume: None,
             on_divergence: crate::DivergencePolicy::Halt,
+            compression: Compression::READABLE.to_vec(),
         }
     }
 
@@ -1212,7 +1226,9 @@ mod tests {
             source: source(),
         });
         let refused = drain(&mut session);
-        assert!(!refused.actions.contains(&SourceAction::UseDataFrameLimit));
+        assert!(!refused
+            .actions
+            .contains(&SourceAction::EnterDataPhase(Compression::Zstd)));
         assert!(matches!(
             &refused.frames[..],
             [Message::HelloAck(HelloAck::Rejected(Rejected {
@@ -1239,7 +1255,9 @@ mod tests {
             }
             other => panic!("expected an accepted ack, got {other:?}"),
         }
-        assert!(drained.actions.contains(&SourceAction::UseDataFrameLimit));
+        assert!(drained
+            .actions
+            .contains(&SourceAction::EnterDataPhase(Compression::Zstd)));
         // Entries 5..=10 are durable: the first read asks for exactly those.
         assert_eq!(
             reads(&drained),
@@ -1659,7 +1677,9 @@ mod tests {
             }))]
         ));
         assert!(reads(&drained).is_empty());
-        assert!(!drained.actions.contains(&SourceAction::UseDataFrameLimit));
+        assert!(!drained
+            .actions
+            .contains(&SourceAction::EnterDataPhase(Compression::Zstd)));
         session.handle(SourceEvent::Committed(committed(Lsn(20))));
         session.handle(SourceEvent::Timer(SourceTimer::Heartbeat));
         let after = drain(&mut session);

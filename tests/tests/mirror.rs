@@ -663,6 +663,12 @@ async fn metrics_endpoints_serve_prometheus_text() {
     )
     .await;
     assert!(source_samples.contains_key("xmirror_source_mirror_headroom_entries{mirror=\"m1\"}"));
+    // The snapshot travelled compressed (zstd is the default and every mirror offers it):
+    // the test values, a key then `x` padding, shrink many times over.
+    let raw = source_samples["xmirror_source_bulk_bytes_total{form=\"raw\"}"];
+    let sent = source_samples["xmirror_source_bulk_bytes_total{form=\"sent\"}"];
+    assert!(raw >= 1_000.0 * VALUE_SIZE as f64, "raw {raw}");
+    assert!(sent * 4.0 < raw, "sent {sent} of {raw}");
     assert!(source_samples.contains_key("xmirror_source_mirror_headroom_seconds{mirror=\"m1\"}"));
     let mirror_samples = expect_samples(
         mirror_metrics,

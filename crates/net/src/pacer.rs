@@ -9,9 +9,11 @@
 //! The rule: the budget refills at the cap's rate up to a burst; a *priority* frame (WAL,
 //! heartbeats, acks, everything but snapshot chunks) may leave whenever the budget is not
 //! in debt, and may put it into debt; a *bulk* frame (a snapshot chunk) leaves only when
-//! the budget already holds its bytes (or a full burst, for a chunk larger than one) and
-//! no priority frame is waiting. So a chunk never puts the WAL behind a debt of its own
-//! making: the WAL waits at most for other WAL.
+//! the budget already holds its bytes and no priority frame is waiting. So a chunk never
+//! puts the WAL behind a debt of its own making: the WAL waits at most for other WAL. The
+//! burst is at least one ordinary chunk frame, or no chunk could ever be paid for in
+//! advance (a chunk larger still, cut around one huge pair, leaves from a full budget and
+//! is the one case of bulk debt).
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -48,10 +50,13 @@ pub struct Bucket {
 }
 
 impl Bucket {
-    /// A full budget of `bytes_per_second`, as of `now`.
-    pub fn new(bytes_per_second: u64, now: Instant) -> Bucket {
+    /// A full budget of `bytes_per_second`, as of `now`, whose burst holds a bulk frame of
+    /// `bulk_frame_bytes`.
+    pub fn new(bytes_per_second: u64, bulk_frame_bytes: usize, now: Instant) -> Bucket {
         let bytes_per_second = bytes_per_second.max(1) as f64;
-        let burst = (bytes_per_second * BURST_TIME.as_secs_f64()).max(MIN_BURST_BYTES);
+        let burst = (bytes_per_second * BURST_TIME.as_secs_f64())
+            .max(MIN_BURST_BYTES)
+            .max(bulk_frame_bytes as f64);
         Bucket {
             bytes_per_second,
             burst,
@@ -106,10 +111,15 @@ impl Drop for Waiting<'_> {
 }
 
 impl SendPacer {
-    /// A cap of `bytes_per_second` for every session that shares it.
-    pub fn new(bytes_per_second: u64) -> SendPacer {
+    /// A cap of `bytes_per_second` for every session that shares it, whose snapshot chunk
+    /// frames are at most `bulk_frame_bytes` (but for one cut around a single huge pair).
+    pub fn new(bytes_per_second: u64, bulk_frame_bytes: usize) -> SendPacer {
         SendPacer {
-            bucket: Mutex::new(Bucket::new(bytes_per_second, Instant::now())),
+            bucket: Mutex::new(Bucket::new(
+                bytes_per_second,
+                bulk_frame_bytes,
+                Instant::now(),
+            )),
         }
     }
 
@@ -158,7 +168,7 @@ mod tests {
     #[test]
     fn the_budget_refills_at_the_rate_up_to_the_burst() {
         let start = Instant::now();
-        let mut bucket = Bucket::new(RATE, start);
+        let mut bucket = Bucket::new(RATE, 0, start);
         let burst = 64 * 1024;
         // A full burst leaves at once, then the next priority frame waits for the debt.
         assert_eq!(bucket.take(start, burst, SendClass::Priority), Ok(()));
@@ -210,7 +220,7 @@ mod tests {
             ),
         ];
         for (before, (bytes, class), expected) in cases {
-            let mut bucket = Bucket::new(RATE, start);
+            let mut bucket = Bucket::new(RATE, 0, start);
             for (taken, taken_class) in &before {
                 bucket.take(start, *taken, *taken_class).unwrap();
             }
@@ -221,16 +231,21 @@ mod tests {
             );
         }
         // With a priority frame waiting, a bulk frame waits even if the budget holds it.
-        let mut bucket = Bucket::new(RATE, start);
+        let mut bucket = Bucket::new(RATE, 0, start);
         bucket.priority_waiting = 1;
         assert_eq!(bucket.take(start, 1, SendClass::Bulk), Err(BULK_RECHECK));
         bucket.priority_waiting = 0;
         assert_eq!(bucket.take(start, 1, SendClass::Bulk), Ok(()));
+        // A burst sized for the chunk frames lets one be paid for in advance, and leave
+        // the budget at zero, not in debt.
+        let mut bucket = Bucket::new(RATE, 1 << 20, start);
+        assert_eq!(bucket.take(start, 1 << 20, SendClass::Bulk), Ok(()));
+        assert_eq!(bucket.take(start, 1, SendClass::Priority), Ok(()));
     }
 
     #[tokio::test]
     async fn a_priority_frame_is_counted_waiting_until_it_leaves_or_gives_up() {
-        let pacer = std::sync::Arc::new(SendPacer::new(RATE));
+        let pacer = std::sync::Arc::new(SendPacer::new(RATE, 0));
         // 100 MB of debt: 100 s to repay, far beyond anything this test waits for.
         pacer.acquire(100_000_000, SendClass::Priority).await;
         let waiter = tokio::spawn({
@@ -248,7 +263,7 @@ mod tests {
         let _ = waiter.await;
         assert_eq!(pacer.lock().priority_waiting, 0, "dropped while waiting");
         // A frame that waits (one byte of debt) and then leaves is not counted either.
-        let pacer = SendPacer::new(RATE);
+        let pacer = SendPacer::new(RATE, 0);
         pacer.acquire(65_537, SendClass::Priority).await;
         tokio::time::timeout(
             Duration::from_secs(30),

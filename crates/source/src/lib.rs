@@ -352,9 +352,11 @@ impl SourceShared {
         let (failed, failure) = oneshot::channel();
         let (writer, commits) = Writer::spawn(store.clone(), limits, failed);
         let slots = Slots::load(store.clone())?;
+        // A chunk's frame: its payload, plus the length prefixes of many small pairs.
+        let chunk_frame_bytes = config.snapshot_chunk_bytes + config.snapshot_chunk_bytes / 8;
         let pacer = config
             .max_send_bytes_per_s
-            .map(|bytes_per_s| Arc::new(SendPacer::new(bytes_per_s)));
+            .map(|bytes_per_s| Arc::new(SendPacer::new(bytes_per_s, chunk_frame_bytes)));
         let shared = Arc::new(SourceShared {
             name,
             config,

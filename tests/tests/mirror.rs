@@ -1082,3 +1082,30 @@ async fn json_logs_carry_decisions_as_typed_fields() {
         "{consistent}"
     );
 }
+
+/// Under `--max-send-mbit-s` a source still serves every mirror: one takes a snapshot while
+/// another streams new writes, and both converge. (What goes first under the cap is the
+/// pacer's rule, a table test in `net::pacer`; its effect on lag is measured by the bench.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_capped_source_serves_a_snapshot_beside_a_streaming_mirror() {
+    let world = World::new();
+    // 16 Mbit/s, uncompressed: the 2 MB snapshot takes about a second, long enough to
+    // overlap the second round of writes.
+    let source = world
+        .start_source(
+            "source",
+            &["--max-send-mbit-s", "16", "--compression", "off"],
+        )
+        .await;
+    let app = world.client(source.addr).await;
+    app.write_keys(20_000, VALUE_SIZE, "key-").await.unwrap();
+    let streaming = world.start_mirror("m1", "m1", source.addr).await;
+    let streaming_reader = world.client(streaming.addr).await;
+    assert_converged(&app, &streaming_reader).await;
+    let snapshotting = world.start_mirror("m2", "m2", source.addr).await;
+    app.write_keys(2_000, VALUE_SIZE, "more-").await.unwrap();
+    let snapshotting_reader = world.client(snapshotting.addr).await;
+    assert_converged(&app, &streaming_reader).await;
+    let status = assert_converged(&app, &snapshotting_reader).await;
+    assert_eq!(status.snapshots_started, 1);
+}

@@ -49,10 +49,14 @@ fn flags_win_over_the_file_and_the_file_over_defaults() {
         &file,
         "--max-wal-entries",
         "7000",
+        "--max-send-mbit-s",
+        "200",
         "--print-config",
     ]);
     for line in [
         "max_wal_entries = 7000",       // the flag
+        "max_send_mbit_s = 200",        // the flag
+        "compression = \"zstd\"",       // the default
         "database = \"orders\"",        // the file
         "max_connections = 10",         // the file
         "max_handshakes = 64",          // the default
@@ -117,6 +121,14 @@ fn bad_config_gets_a_one_line_error() {
         (
             "data_dir = \"/d\"\n".to_string(),
             "missing --listen (or `listen` in the config file)",
+        ),
+        (
+            format!("{SOURCE_FILE}compression = \"lz4\"\n"),
+            "unknown compression \"lz4\": expected zstd or off",
+        ),
+        (
+            format!("{SOURCE_FILE}max_send_mbit_s = 0\n"),
+            "--max-send-mbit-s must be at least 1",
         ),
     ];
     for (text, expected) in cases {

@@ -980,6 +980,13 @@ impl Bench {
     }
 }
 
+/// Writes back every dirty page of the machine (`sync`), so that a run does not pay for
+/// the writes of the runs before it.
+async fn settle_disk() {
+    // Without `sync` on the path the run goes on unsettled: a noisier figure, not a failure.
+    let _ = tokio::process::Command::new("sync").status().await;
+}
+
 impl Bench {
     /// The WAN path of measures 8 and 10: `wan_rtt`, `wan_bandwidth` each way.
     fn wan_impairment(&self) -> Impairment {
@@ -1025,6 +1032,9 @@ impl Bench {
                         dataset::populate(&populate_dir, engine, &dataset, false)
                     })
                     .await??;
+                    // The runs before left dirty pages of their stores: written back
+                    // during this run, they would be counted against it.
+                    settle_disk().await;
                     let mut config = self.cluster.source_config(source_dir);
                     config.transport = limits;
                     config.compression = compression;

@@ -285,16 +285,23 @@ impl Bench {
         Ok(())
     }
 
+    /// A new source data directory holding `dataset` as data only (no WAL: a mirror of it
+    /// must take a snapshot), and its last LSN.
+    async fn populated_source_dir(&self, dataset: Dataset) -> anyhow::Result<(PathBuf, Lsn)> {
+        let source_dir = self.cluster.data_dir("source");
+        let populate_dir = source_dir.clone();
+        let engine = self.cluster.engine;
+        let last = tokio::task::spawn_blocking(move || {
+            dataset::populate(&populate_dir, engine, &dataset, false)
+        })
+        .await??;
+        Ok((source_dir, last))
+    }
+
     /// Measure 3: A new mirror until consistent, for each dataset.
     async fn snapshot(&mut self) -> anyhow::Result<()> {
         for (dataset, label) in [(self.plan.small, "1m"), (self.plan.large, "large")] {
-            let source_dir = self.cluster.data_dir("source");
-            let populate_dir = source_dir.clone();
-            let engine = self.cluster.engine;
-            let last = tokio::task::spawn_blocking(move || {
-                dataset::populate(&populate_dir, engine, &dataset, false)
-            })
-            .await??;
+            let (source_dir, last) = self.populated_source_dir(dataset).await?;
             let source = self
                 .start_source(source_dir, Self::default_limits())
                 .await?;
@@ -909,14 +916,8 @@ impl Bench {
             .fact("wan_rtt_ms", self.plan.wan_rtt.as_millis() as u64);
         let tuned = TransportLimits::for_link(self.plan.wan_bandwidth, self.plan.wan_rtt);
         for (label, limits) in [("default", Self::default_limits()), ("tuned", tuned)] {
-            let source_dir = self.cluster.data_dir("source");
-            let populate_dir = source_dir.clone();
             let dataset = self.plan.wan;
-            let engine = self.cluster.engine;
-            let last = tokio::task::spawn_blocking(move || {
-                dataset::populate(&populate_dir, engine, &dataset, false)
-            })
-            .await??;
+            let (source_dir, last) = self.populated_source_dir(dataset).await?;
             let source = self.start_source(source_dir, limits).await?;
             let proxy = Proxy::start(source.local_addr).await;
             proxy.set_both(impairment.clone());
@@ -1025,13 +1026,7 @@ impl Bench {
                 };
                 let mut off = None;
                 for compression in [Compression::Off, Compression::Zstd] {
-                    let source_dir = self.cluster.data_dir("source");
-                    let populate_dir = source_dir.clone();
-                    let engine = self.cluster.engine;
-                    let last = tokio::task::spawn_blocking(move || {
-                        dataset::populate(&populate_dir, engine, &dataset, false)
-                    })
-                    .await??;
+                    let (source_dir, last) = self.populated_source_dir(dataset).await?;
                     // The runs before left dirty pages of their stores: written back
                     // during this run, they would be counted against it.
                     settle_disk().await;
@@ -1143,13 +1138,7 @@ impl Bench {
         };
         let impairment = self.wan_impairment();
         let limits = TransportLimits::for_link(self.plan.wan_bandwidth, self.plan.wan_rtt);
-        let source_dir = self.cluster.data_dir("source");
-        let populate_dir = source_dir.clone();
-        let engine = self.cluster.engine;
-        let last = tokio::task::spawn_blocking(move || {
-            dataset::populate(&populate_dir, engine, &dataset, false)
-        })
-        .await??;
+        let (source_dir, last) = self.populated_source_dir(dataset).await?;
         let mut config = self.cluster.source_config(source_dir);
         config.transport = limits;
         config.max_send_bytes_per_s = Some(cap);

@@ -111,7 +111,33 @@ pub type RangeVisitor<'v> = dyn FnMut(Lsn, &[u8], &[u8]) -> Result<bool, StoreEr
 pub type Visitor<'v> = dyn FnMut(&[u8], &[u8]) -> Result<bool, StoreError> + 'v;
 
 /// One write: a key and its new value, or `None` to remove it.
-pub type Write<'a> = (Vec<u8>, Option<Cow<'a, [u8]>>);
+pub type Write<'a> = (Key<'a>, Option<Cow<'a, [u8]>>);
+
+/// An engine key as a write holds it: whole, or a prefix byte and the caller's key, so that
+/// a data write borrows the key it was given instead of copying it with its prefix.
+#[derive(Debug)]
+pub enum Key<'a> {
+    /// The key's bytes.
+    Whole(Vec<u8>),
+    /// A prefix byte followed by the bytes of a key borrowed from the caller.
+    Prefixed(u8, &'a [u8]),
+}
+
+impl Key<'_> {
+    /// The key's bytes; a prefixed key is assembled in `scratch`, which an engine reuses
+    /// for every key of a write.
+    pub fn bytes<'s>(&'s self, scratch: &'s mut Vec<u8>) -> &'s [u8] {
+        match self {
+            Key::Whole(key) => key,
+            Key::Prefixed(prefix, key) => {
+                scratch.clear();
+                scratch.push(*prefix);
+                scratch.extend_from_slice(key);
+                scratch
+            }
+        }
+    }
+}
 
 /// A range of engine keys.
 pub type KeyRange = (Bound<Vec<u8>>, Bound<Vec<u8>>);
@@ -125,11 +151,22 @@ pub struct Writes<'a> {
 
 impl<'a> Writes<'a> {
     pub(crate) fn put(&mut self, key: impl Into<Vec<u8>>, value: impl Into<Cow<'a, [u8]>>) {
-        self.ops.push((key.into(), Some(value.into())));
+        self.ops.push((Key::Whole(key.into()), Some(value.into())));
     }
 
     pub(crate) fn delete(&mut self, key: impl Into<Vec<u8>>) {
-        self.ops.push((key.into(), None));
+        self.ops.push((Key::Whole(key.into()), None));
+    }
+
+    /// Sets the data key `key` (a client's key) to `value`.
+    pub(crate) fn put_data(&mut self, key: &'a [u8], value: impl Into<Cow<'a, [u8]>>) {
+        self.ops
+            .push((Key::Prefixed(DATA, key), Some(value.into())));
+    }
+
+    /// Removes the data key `key`.
+    pub(crate) fn delete_data(&mut self, key: &'a [u8]) {
+        self.ops.push((Key::Prefixed(DATA, key), None));
     }
 
     /// The writes in order.
@@ -564,8 +601,8 @@ impl<E: Engine> KvStore<E> {
             // A batch's writes go in the same store write as everything else here: a reader
             // sees all of it or none.
             entry.for_each_write(|key, value| match value {
-                Some(value) => writes.put(data_key(key), value),
-                None => writes.delete(data_key(key)),
+                Some(value) => writes.put_data(key, value),
+                None => writes.delete_data(key),
             });
             if batch.keep_wal {
                 let record = WalRecord::encode_value(entry, &chain_hash, batch.commit_time);
@@ -1010,7 +1047,7 @@ impl<E: Engine> Store for KvStore<E> {
             if previous.is_some_and(|previous| key.as_slice() <= previous) {
                 return Err(StoreError::SnapshotOutOfOrder);
             }
-            writes.put(data_key(key), value.as_slice());
+            writes.put_data(key, value.as_slice());
             previous = Some(key);
         }
         progress.after_key = Some(last_key.clone());
@@ -1211,8 +1248,8 @@ impl<E: Engine> Store for KvStore<E> {
         )?;
         for (key, value) in rewind.values {
             match value {
-                Some(value) => writes.put(data_key(key), value.as_slice()),
-                None => writes.delete(data_key(key)),
+                Some(value) => writes.put_data(key, value.as_slice()),
+                None => writes.delete_data(key),
             }
         }
         let sync = if rewind.target.lsn > to.lsn {
@@ -1350,7 +1387,9 @@ mod tests {
 
         fn write(&self, writes: Writes<'_>) -> Result<(), StoreError> {
             let mut data = self.data.lock().unwrap();
+            let mut scratch = Vec::new();
             for (key, value) in writes.into_ops() {
+                let key = key.bytes(&mut scratch).to_vec();
                 match value {
                     Some(value) => data.insert(key, value.into_owned()),
                     None => data.remove(&key),

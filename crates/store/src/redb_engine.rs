@@ -145,11 +145,13 @@ impl RedbEngine {
             .map_err(|error| engine_error(redb::Error::from(error)))?;
         {
             let mut tables = WriteTables::new(&transaction);
+            let mut scratch = Vec::new();
             for (key, value) in writes.into_ops() {
-                let table = tables.of(&key)?;
+                let key = key.bytes(&mut scratch);
+                let table = tables.of(key)?;
                 match value {
-                    Some(value) => table.insert(key.as_slice(), value.as_ref()).map(drop),
-                    None => table.remove(key.as_slice()).map(drop),
+                    Some(value) => table.insert(key, value.as_ref()).map(drop),
+                    None => table.remove(key).map(drop),
                 }
                 .map_err(engine_error)?;
             }

@@ -51,7 +51,9 @@ impl Engine for SledEngine {
 
     fn write(&self, writes: Writes<'_>) -> Result<(), StoreError> {
         let mut batch = sled::Batch::default();
+        let mut scratch = Vec::new();
         for (key, value) in writes.into_ops() {
+            let key = key.bytes(&mut scratch);
             match value {
                 Some(value) => batch.insert(key, value.as_ref()),
                 None => batch.remove(key),

@@ -1109,3 +1109,29 @@ async fn a_capped_source_serves_a_snapshot_beside_a_streaming_mirror() {
     let status = assert_converged(&app, &snapshotting_reader).await;
     assert_eq!(status.snapshots_started, 1);
 }
+
+/// Under a low cap (1 Mbit/s) a snapshot larger than one default chunk reaches a new mirror
+/// without a reconnect: the source shrinks its chunks to a quarter second of the cap, so
+/// no wait for the budget leaves the mirror without a byte for its silence timeout (5 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_low_send_cap_never_leaves_a_snapshotting_mirror_silent() {
+    let world = World::new();
+    let source = world
+        .start_source(
+            "source",
+            &["--max-send-mbit-s", "1", "--compression", "off"],
+        )
+        .await;
+    let app = world.client(source.addr).await;
+    // About 1.9 MB, about 16 s at 1 Mbit/s. In default chunks of 1 MiB, the second would
+    // wait about 6 s for the budget, past the mirror's 5 s silence timeout.
+    app.write_keys(17_000, VALUE_SIZE, "key-").await.unwrap();
+    let mirror = world.start_mirror("m1", "m1", source.addr).await;
+    let reader = world.client(mirror.addr).await;
+    let status = assert_converged(&app, &reader).await;
+    assert_eq!(status.snapshots_started, 1);
+    assert_eq!(
+        status.snapshots_resumed, 0,
+        "the mirror never had to reconnect"
+    );
+}

@@ -127,6 +127,10 @@ pub struct SourceConfig {
     pub max_handshakes: usize,
 }
 
+/// The smallest snapshot chunk and WAL batch budget a send-rate cap shrinks them to: below
+/// it, per-frame costs would dominate.
+const MIN_PACED_FRAME_BYTES: usize = 16 << 10;
+
 impl SourceConfig {
     /// A configuration with every default.
     pub fn new(data_dir: PathBuf, cluster_id: Name, listen: SocketAddr) -> SourceConfig {
@@ -191,6 +195,25 @@ impl SourceConfig {
             }),
             None => Ok(()),
         }
+    }
+
+    /// The configuration with snapshot chunks and WAL batches no larger than a quarter
+    /// second of the send-rate cap (and no smaller than 16 KiB), if there is a cap.
+    ///
+    /// Under the cap a chunk leaves only once the budget holds it, and a WAL batch's bytes
+    /// are repaid before the next frame leaves; a session sends nothing meanwhile, not even a
+    /// heartbeat. Frames of a megabyte under a cap of a few Mbit/s would keep a mirror
+    /// without a byte for longer than its silence timeout (5 s), and it would reconnect
+    /// over and over.
+    pub fn fitted_to_send_cap(mut self) -> SourceConfig {
+        if let Some(bytes_per_s) = self.max_send_bytes_per_s {
+            let frame_budget = usize::try_from(bytes_per_s / 4)
+                .unwrap_or(usize::MAX)
+                .max(MIN_PACED_FRAME_BYTES);
+            self.snapshot_chunk_bytes = self.snapshot_chunk_bytes.min(frame_budget);
+            self.batch_max_bytes = self.batch_max_bytes.min(frame_budget);
+        }
+        self
     }
 
     /// What bounds the WAL whatever the slots want.
@@ -320,6 +343,7 @@ impl SourceShared {
         name: Name,
         store: Option<Arc<dyn Store>>,
     ) -> Result<(Arc<SourceShared>, oneshot::Receiver<WriteError>), SourceError> {
+        let config = config.fitted_to_send_cap();
         let (data_dir, engine, options) =
             (config.data_dir.clone(), config.engine, config.store_options);
         let (store, database) = tokio::task::spawn_blocking(move || {
@@ -608,6 +632,28 @@ mod tests {
             Name::new("east").unwrap(),
             "127.0.0.1:0".parse().unwrap(),
         )
+    }
+
+    #[test]
+    fn a_send_cap_shrinks_chunks_and_batches_to_a_quarter_second_of_it() {
+        // (cap in bytes per second, chunk bytes, batch bytes)
+        let cases = [
+            (None, 1 << 20, 1 << 20),
+            (Some(100_000_000), 1 << 20, 1 << 20),
+            (Some(1_000_000), 250_000, 250_000),
+            (Some(125_000), 31_250, 31_250),
+            (Some(1_000), 16 << 10, 16 << 10),
+        ];
+        for (cap, chunk, batch) in cases {
+            let mut capped = config();
+            capped.max_send_bytes_per_s = cap;
+            let fitted = capped.fitted_to_send_cap();
+            assert_eq!(
+                (fitted.snapshot_chunk_bytes, fitted.batch_max_bytes),
+                (chunk, batch),
+                "{cap:?}"
+            );
+        }
     }
 
     #[test]

@@ -25,11 +25,7 @@ fuzz_target!(|data: &[u8]| {
     let cluster = name("east");
     let databases = [name("main")];
     let history = [
-        EpochStart {
-            epoch: Epoch::FIRST,
-            first_lsn: Lsn(1),
-            chain_hash_before: ChainHash::GENESIS,
-        },
+        EpochStart::FIRST,
         EpochStart {
             epoch: Epoch(2),
             first_lsn: Lsn(700),

@@ -914,7 +914,7 @@ impl Bench {
         self.report.figure("wan_bandwidth_mib_s", link_mib_s);
         self.report
             .fact("wan_rtt_ms", self.plan.wan_rtt.as_millis() as u64);
-        let tuned = TransportLimits::for_link(self.plan.wan_bandwidth, self.plan.wan_rtt);
+        let tuned = self.wan_limits();
         for (label, limits) in [("default", Self::default_limits()), ("tuned", tuned)] {
             let dataset = self.plan.wan;
             let (source_dir, last) = self.populated_source_dir(dataset).await?;
@@ -998,6 +998,11 @@ impl Bench {
         }
     }
 
+    /// Transport windows sized for the WAN path (2 × bandwidth × delay).
+    fn wan_limits(&self) -> TransportLimits {
+        TransportLimits::for_link(self.plan.wan_bandwidth, self.plan.wan_rtt)
+    }
+
     /// Measure 10: the long link. Compression of random and text-like values through the
     /// WAN proxy, then a live mirror's lag while another mirror takes a snapshot under the
     /// source's send-rate cap.
@@ -1010,7 +1015,7 @@ impl Bench {
     /// with text-like values, compression off and zstd: throughput, the ratio, and CPU per
     /// GiB (on loopback the link costs nothing, so the CPU difference is compression's).
     async fn compression_over_wan(&mut self) -> anyhow::Result<()> {
-        let wan_limits = TransportLimits::for_link(self.plan.wan_bandwidth, self.plan.wan_rtt);
+        let wan_limits = self.wan_limits();
         let link_mib_s = self.plan.wan_bandwidth as f64 / MIB;
         let rtt_ms = self.plan.wan_rtt.as_millis();
         for wan in [false, true] {
@@ -1137,7 +1142,7 @@ impl Bench {
             values: Values::Random,
         };
         let impairment = self.wan_impairment();
-        let limits = TransportLimits::for_link(self.plan.wan_bandwidth, self.plan.wan_rtt);
+        let limits = self.wan_limits();
         let (source_dir, last) = self.populated_source_dir(dataset).await?;
         let mut config = self.cluster.source_config(source_dir);
         config.transport = limits;

@@ -713,6 +713,18 @@ pub fn a_promotion_starts_an_epoch_after_the_applied_lsn(engine: Engine) {
     assert_eq!(store.history(), later);
 }
 
+/// The history of a node promoted to epoch 2 right after `fork`.
+fn promoted_at(fork: Position) -> [EpochStart; 2] {
+    [
+        EpochStart::FIRST,
+        EpochStart {
+            epoch: Epoch(2),
+            first_lsn: fork.lsn.next(),
+            chain_hash_before: fork.chain_hash,
+        },
+    ]
+}
+
 /// A rewind puts a store that went on beyond a fork back on the new history: the values
 /// fetched for the keys it touched, the fork as its position, consistent once the new
 /// history's WAL up to the fetch is replayed; and it is counted.
@@ -749,14 +761,7 @@ pub fn a_rewind_goes_back_to_the_fork_in_one_write(engine: Engine) {
     // A budget cuts the answer after the first pair that exceeds it, never before one.
     assert_eq!(new.get_many(&keys, 1).unwrap().1.len(), 1);
 
-    let history = [
-        EpochStart::FIRST,
-        EpochStart {
-            epoch: Epoch(2),
-            first_lsn: fork.lsn.next(),
-            chain_hash_before: fork.chain_hash,
-        },
-    ];
+    let history = promoted_at(fork);
     let database = DatabaseIdentity {
         id: DATABASE.id,
         epoch: Epoch(2),
@@ -846,14 +851,7 @@ pub fn durably_applied_groups_survive_and_a_rewind_is_not_undone(engine: Engine)
         (b"b".to_vec(), Some(b"2".to_vec())),
         (b"x".to_vec(), None),
     ];
-    let history = [
-        EpochStart::FIRST,
-        EpochStart {
-            epoch: Epoch(2),
-            first_lsn: fork.lsn.next(),
-            chain_hash_before: fork.chain_hash,
-        },
-    ];
+    let history = promoted_at(fork);
     store
         .rewind(Rewind {
             to: fork,

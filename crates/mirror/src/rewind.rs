@@ -14,13 +14,13 @@ use std::path::{Path, PathBuf};
 
 use base64::Engine as _;
 use xmirror_proto::session::mirror::{RewindApply, RewindImpossible, RewindPlan};
-use xmirror_proto::Lsn;
-use xmirror_store::{DatabaseIdentity, Position, Rewind, Store, StoreError, WalRecord};
+use xmirror_proto::{Entry, Lsn};
+use xmirror_store::{DatabaseIdentity, Position, Rewind, Store, StoreError};
 
 /// The directory, under the data directory, that rewound writes are saved to.
 pub const REWOUND_DIR: &str = "rewound";
 
-/// WAL records read per step while saving.
+/// WAL entries read per step while saving.
 const READ_ENTRIES: usize = 4_096;
 /// WAL bytes read per step while saving.
 const READ_BYTES: usize = 16 << 20;
@@ -72,18 +72,15 @@ pub fn prepare(
         Some(_) => return Err(RewindImpossible::OtherHistory(plan.to_lsn).into()),
         None => return Err(RewindImpossible::WalGone(plan.to_lsn).into()),
     }
-    let mut records: Vec<WalRecord> = Vec::new();
+    // Each rewound entry with its LSN, in LSN order.
+    let mut rewound: Vec<(Lsn, Entry)> = Vec::new();
     let mut next = plan.to_lsn.next();
     while next <= applied {
-        let batch = store.read_wal(next, READ_ENTRIES, READ_BYTES)?;
-        let Some(last) = batch.last() else {
+        let Some(span) = store.read_wal(next, READ_ENTRIES, READ_BYTES)? else {
             return Err(RewindImpossible::WalGone(plan.to_lsn).into());
         };
-        if batch[0].lsn != next {
-            return Err(RewindImpossible::WalGone(plan.to_lsn).into());
-        }
-        next = last.lsn.next();
-        records.extend(batch);
+        next = span.last_lsn().next();
+        rewound.extend((span.first_lsn.0..).map(Lsn).zip(span.entries));
     }
     let dir = data_dir.join(REWOUND_DIR);
     let file = dir.join(format!(
@@ -93,10 +90,10 @@ pub fn prepare(
     ));
     let mut keys = BTreeSet::new();
     let mut lines = Vec::new();
-    for record in &records {
-        record.entry.for_each_write(|key, value| {
+    for (lsn, entry) in &rewound {
+        entry.for_each_write(|key, value| {
             keys.insert(key.to_vec());
-            lines.extend(rewound_line(record.lsn, key, value).into_bytes());
+            lines.extend(rewound_line(*lsn, key, value).into_bytes());
             lines.push(b'\n');
         });
     }
@@ -107,7 +104,7 @@ pub fn prepare(
     Ok(Prepared {
         keys: keys.into_iter().collect(),
         file,
-        entries: records.len() as u64,
+        entries: rewound.len() as u64,
     })
 }
 

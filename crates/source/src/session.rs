@@ -473,18 +473,28 @@ async fn read_batch(
     let max_entries = config.batch_max_entries.min(durable_entries);
     let max_bytes = config.batch_max_bytes;
     let store = shared.store.clone();
-    let records = blocking(move || store.read_wal(from, max_entries, max_bytes)).await?;
-    let Some(last) = records.last() else {
-        return Ok(Some(SourceEvent::WalTruncated {
-            first_retained: shared.store.wal_bounds().first,
-        }));
+    let span = match blocking(move || store.read_wal(from, max_entries, max_bytes)).await {
+        Ok(Some(span)) => span,
+        // Retention passed the slot between the machine asking and the read.
+        Err(SessionError::Store(StoreError::WalTruncated { first, .. })) => {
+            return Ok(Some(SourceEvent::WalTruncated {
+                first_retained: first,
+            }))
+        }
+        // Nothing durable beyond `from` cannot be, since `up_to` is: read as truncated too.
+        Ok(None) => {
+            return Ok(Some(SourceEvent::WalTruncated {
+                first_retained: shared.store.wal_bounds().first,
+            }))
+        }
+        Err(error) => return Err(error),
     };
     Ok(Some(SourceEvent::BatchRead(Arc::new(SharedBatch::new(
         WalBatch {
-            first_lsn: from,
-            chain_hash: last.chain_hash,
-            commit_time: last.commit_time,
-            entries: records.into_iter().map(|record| record.entry).collect(),
+            first_lsn: span.first_lsn,
+            chain_hash: span.chain_hash,
+            commit_time: span.commit_time,
+            entries: span.entries,
         },
     )))))
 }

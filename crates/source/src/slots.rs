@@ -602,15 +602,18 @@ mod tests {
                 value: vec![index],
             })
             .collect();
-        store
-            .commit(xmirror_store::Batch {
-                first_lsn: Lsn(1),
-                entries: &entries,
-                commit_time: UnixMillis(1),
-                keep_wal: true,
-                expected_chain_hash: None,
-            })
-            .unwrap();
+        // A group each, so that the WAL can be cut at any entry (it keeps whole groups).
+        for (index, entry) in entries.iter().enumerate() {
+            store
+                .commit(xmirror_store::Batch {
+                    first_lsn: Lsn(index as u64 + 1),
+                    entries: std::slice::from_ref(entry),
+                    commit_time: UnixMillis(1),
+                    keep_wal: true,
+                    expected_chain_hash: None,
+                })
+                .unwrap();
+        }
         let slots = Slots::load(store.clone()).unwrap();
         let mirror = MirrorIdentity {
             cluster: name("west"),

@@ -96,7 +96,7 @@ pub async fn publish_loop(shared: Arc<SourceShared>) {
                     .await
                     .ok()
                     .and_then(Result::ok)
-                    .and_then(|records| records.first().map(|record| record.commit_time))
+                    .and_then(|span| span.map(|span| span.commit_time))
                     .map_or(0, |committed_at| now.0.saturating_sub(committed_at.0))
             };
             metrics::gauge!("xmirror_source_mirror_lag_ms", "mirror" => mirror.clone())

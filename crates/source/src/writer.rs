@@ -327,9 +327,9 @@ mod tests {
         };
         assert_eq!(batch.entries, vec![put(1)]);
         // What the store would have given a session that read the WAL instead.
-        let records = store.read_wal(lsn, 10, 1 << 20).unwrap();
-        assert_eq!(batch.chain_hash, records[0].chain_hash);
-        assert_eq!(batch.commit_time, records[0].commit_time);
+        let span = store.read_wal(lsn, 10, 1 << 20).unwrap().unwrap();
+        assert_eq!(batch.chain_hash, span.chain_hash);
+        assert_eq!(batch.commit_time, span.commit_time);
         assert_eq!(recent.payload_bytes, put(1).payload_len());
         // Only a group's first LSN finds it.
         assert!(writer.recent_batch(lsn.next()).is_none());

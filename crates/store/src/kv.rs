@@ -9,7 +9,7 @@
 //! | prefix | key | value |
 //! | --- | --- | --- |
 //! | `d` | user key | user value |
-//! | `w` | LSN, u64 big-endian (so byte order is LSN order) | [`WalRecord`] |
+//! | `w` | a group's last LSN, u64 big-endian (so byte order is LSN order) | the group's entries (`wal`) |
 //! | `m` | metadata name | position, WAL base, sync state, counters |
 //! | `s` | mirror name | [`SlotRecord`] |
 
@@ -27,9 +27,10 @@ use crate::record::{
     decode_history, encode_history, DatabaseIdentity, MirrorIdentity, RecordReader, RecordWriter,
     SnapshotProgress, SyncState,
 };
+use crate::wal::{Group, GroupWriter};
 use crate::{
     Applied, Batch, KeyValue, Position, Rewind, ScanChunk, SlotRecord, Store, StoreError,
-    StoreOptions, WalBounds, WalRecord,
+    StoreOptions, WalBounds, WalSpan,
 };
 
 const DATA: u8 = b'd';
@@ -585,6 +586,9 @@ impl<E: Engine> KvStore<E> {
         let mut chain_hash = state.position.chain_hash;
         let mut lsn = applied;
         let mut wal_bytes = 0u64;
+        let mut record = batch
+            .keep_wal
+            .then(|| GroupWriter::new(chain_hash, batch.commit_time));
         for entry in new_entries {
             lsn = lsn.next();
             chain_hash = chain_hash.next(lsn, entry);
@@ -604,11 +608,20 @@ impl<E: Engine> KvStore<E> {
                 Some(value) => writes.put_data(key, value),
                 None => writes.delete_data(key),
             });
-            if batch.keep_wal {
-                let record = WalRecord::encode_value(entry, &chain_hash, batch.commit_time);
-                wal_bytes += record.len() as u64;
-                writes.put(wal_key(lsn), record);
+            if let Some(group) = &mut record {
+                group.push(entry);
+                if group.is_full() {
+                    let next = GroupWriter::new(chain_hash, batch.commit_time);
+                    let value = std::mem::replace(group, next).finish(&chain_hash);
+                    wal_bytes += value.len() as u64;
+                    writes.put(wal_key(lsn), value);
+                }
             }
+        }
+        if let Some(group) = record.filter(|group| !group.is_empty()) {
+            let value = group.finish(&chain_hash);
+            wal_bytes += value.len() as u64;
+            writes.put(wal_key(lsn), value);
         }
         if let Some(expected) = batch.expected_chain_hash {
             if expected != chain_hash {
@@ -856,41 +869,57 @@ impl<E: Engine> Store for KvStore<E> {
         from: Lsn,
         max_entries: usize,
         max_bytes: usize,
-    ) -> Result<Vec<WalRecord>, StoreError> {
-        let mut records = Vec::new();
+    ) -> Result<Option<WalSpan>, StoreError> {
+        let truncated = || StoreError::WalTruncated {
+            requested: from,
+            first: self.wal_bounds().first,
+        };
+        let mut entries: Vec<Entry> = Vec::new();
         let mut bytes = 0;
+        // The chain hash after the last entry taken, and its group's commit time.
+        let mut end = None;
         let range = (
             Bound::Included(wal_key(from).to_vec()),
             Bound::Excluded(vec![WAL + 1]),
         );
         self.engine.for_each(&range, &mut |key, value| {
-            if records.len() >= max_entries {
+            let group = Group::decode(wal_lsn(key)?, value)?;
+            let next = from.advance(entries.len() as u64);
+            if group.first_lsn() > next {
+                return Err(truncated());
+            }
+            let skip = (next.0 - group.first_lsn().0) as usize;
+            let mut taken = 0;
+            for entry in &group.entries[skip..] {
+                // Cut before an entry that would take the span past the budget (one larger
+                // entry goes alone), so a batch always fits a frame that fits the largest
+                // entry.
+                let count = entries.len() + taken;
+                if count >= max_entries || (bytes + entry.payload_len() > max_bytes && count > 0) {
+                    break;
+                }
+                bytes += entry.payload_len();
+                taken += 1;
+            }
+            if taken == 0 {
                 return Ok(false);
             }
-            let record = WalRecord::decode(wal_lsn(key)?, value)?;
-            // Cut before an entry that would take the batch past the budget (one larger
-            // entry goes alone), so a batch always fits a frame that fits the largest entry.
-            if bytes + record.entry.payload_len() > max_bytes && !records.is_empty() {
-                return Ok(false);
-            }
-            let expected = from.advance(records.len() as u64);
-            if record.lsn != expected {
-                return Err(StoreError::WalTruncated {
-                    requested: expected,
-                    first: self.wal_bounds().first,
-                });
-            }
-            bytes += record.entry.payload_len();
-            records.push(record);
-            Ok(true)
+            let last = next.advance(taken as u64 - 1);
+            end = Some((group.hash_at(last)?, group.commit_time));
+            let whole = skip + taken == group.entries.len();
+            entries.extend(group.entries.into_iter().skip(skip).take(taken));
+            Ok(whole)
         })?;
-        if records.is_empty() && from <= self.position().lsn {
-            return Err(StoreError::WalTruncated {
-                requested: from,
-                first: self.wal_bounds().first,
-            });
+        match end {
+            Some((chain_hash, commit_time)) => Ok(Some(WalSpan {
+                first_lsn: from,
+                entries,
+                chain_hash,
+                commit_time,
+            })),
+            None if from <= self.position().lsn => Err(truncated()),
+            None => Ok(None),
         }
-        Ok(records)
     }
 
     fn chain_hash_at(&self, lsn: Lsn) -> Result<Option<ChainHash>, StoreError> {
@@ -907,10 +936,21 @@ impl<E: Engine> Store for KvStore<E> {
         if lsn < wal_base.lsn || lsn > position.lsn {
             return Ok(None);
         }
-        match self.engine.get(&wal_key(lsn))? {
-            Some(value) => Ok(Some(WalRecord::decode(lsn, &value)?.chain_hash)),
-            // Truncated between reading the bounds and the record.
-            None => Ok(None),
+        // The first record at or after `lsn` holds it, unless truncated meanwhile.
+        let mut holding = None;
+        self.engine.for_each(
+            &(
+                Bound::Included(wal_key(lsn).to_vec()),
+                Bound::Excluded(vec![WAL + 1]),
+            ),
+            &mut |key, value| {
+                holding = Some(Group::decode(wal_lsn(key)?, value)?);
+                Ok(false)
+            },
+        )?;
+        match holding {
+            Some(group) if group.first_lsn() <= lsn => group.hash_at(lsn).map(Some),
+            _ => Ok(None),
         }
     }
 
@@ -938,7 +978,7 @@ impl<E: Engine> Store for KvStore<E> {
                 })?;
             let base = Position {
                 lsn,
-                chain_hash: WalRecord::decode(lsn, &value)?.chain_hash,
+                chain_hash: Group::decode_end_hash(&value)?,
             };
             batch.put(meta_key(META_WAL_BASE), encode_position(&base));
             new_base = Some(base);
@@ -1233,14 +1273,26 @@ impl<E: Engine> Store for KvStore<E> {
             });
         }
         let mut writes = Writes::default();
-        // The WAL beyond the fork is another history's: it goes with the rewind.
+        // The WAL beyond the fork is another history's: it goes with the rewind. The first
+        // record past the fork may hold entries up to it too: those stay, in a record cut
+        // at the fork.
         let mut removed_bytes = 0u64;
+        let mut kept_bytes = 0u64;
+        let mut first = true;
         self.engine.for_each(
             &(
                 Bound::Excluded(wal_key(to.lsn).to_vec()),
                 Bound::Excluded(vec![WAL + 1]),
             ),
             &mut |key, value| {
+                if std::mem::take(&mut first) {
+                    let group = Group::decode(wal_lsn(key)?, value)?;
+                    if group.first_lsn() <= to.lsn {
+                        let kept = group.cut_at(to.lsn)?;
+                        kept_bytes = kept.len() as u64;
+                        writes.put(wal_key(to.lsn), kept);
+                    }
+                }
                 removed_bytes += value.len() as u64;
                 writes.delete(key.to_vec());
                 Ok(true)
@@ -1279,7 +1331,7 @@ impl<E: Engine> Store for KvStore<E> {
         state.database = Some(rewind.database);
         state.history = rewind.history.to_vec();
         state.promoted = false;
-        state.wal_bytes = state.wal_bytes.saturating_sub(removed_bytes);
+        state.wal_bytes = state.wal_bytes.saturating_sub(removed_bytes) + kept_bytes;
         Ok(())
     }
 
@@ -1438,6 +1490,65 @@ mod tests {
             }
             Ok(())
         }
+    }
+
+    /// A WAL an earlier build wrote (one record per entry) reads, proves and truncates as
+    /// before, and the groups written after it continue it.
+    #[test]
+    fn a_wal_of_single_entry_records_is_read_beside_group_records() {
+        let dir = tempfile::TempDir::new().unwrap();
+        let entries: Vec<Entry> = (0..5)
+            .map(|index| Entry::Put {
+                key: format!("k{index}").into_bytes(),
+                value: vec![index; 10],
+            })
+            .collect();
+        let batch = |first: u64, entries| Batch {
+            first_lsn: Lsn(first),
+            entries,
+            commit_time: UnixMillis(1_700_000_000_000),
+            keep_wal: true,
+            expected_chain_hash: None,
+        };
+        let mut hashes = vec![ChainHash::GENESIS];
+        for (index, entry) in entries.iter().enumerate() {
+            let last = *hashes.last().unwrap();
+            hashes.push(last.next(Lsn(index as u64 + 1), entry));
+        }
+        {
+            let store = KvStore::<crate::RedbEngine>::open(dir.path()).unwrap();
+            store.commit(batch(1, &entries[..4])).unwrap();
+            // Rewritten as an earlier build would have stored them.
+            let mut writes = Writes::default();
+            writes.delete(wal_key(Lsn(4)).to_vec());
+            for (index, entry) in entries[..4].iter().enumerate() {
+                let value = crate::wal::single_entry_record(
+                    entry,
+                    &hashes[index + 1],
+                    UnixMillis(1_700_000_000_000),
+                );
+                writes.put(wal_key(Lsn(index as u64 + 1)), value);
+            }
+            store.engine.write_durably(writes).unwrap();
+        }
+        let store = KvStore::<crate::RedbEngine>::open(dir.path()).unwrap();
+        store.commit(batch(5, &entries[4..])).unwrap();
+        let span = store.read_wal(Lsn(2), 100, 1 << 20).unwrap().unwrap();
+        assert_eq!((span.first_lsn, &span.entries[..]), (Lsn(2), &entries[1..]));
+        assert_eq!(span.chain_hash, hashes[5]);
+        for lsn in 0..=5 {
+            assert_eq!(
+                store.chain_hash_at(Lsn(lsn)).unwrap(),
+                Some(hashes[lsn as usize])
+            );
+        }
+        let wal_bytes = store.wal_bytes();
+        store.truncate_wal(Lsn(3)).unwrap();
+        assert_eq!(store.wal_bounds().first, Lsn(3));
+        assert!(store.wal_bytes() < wal_bytes);
+        assert_eq!(store.chain_hash_at(Lsn(2)).unwrap(), Some(hashes[2]));
+        let span = store.read_wal(Lsn(3), 100, 1 << 20).unwrap().unwrap();
+        assert_eq!(span.entries, entries[2..]);
     }
 
     /// The source's rule: a committed write is not readable (by get, scan or digest) until

@@ -16,11 +16,11 @@ mod record;
 mod redb_engine;
 mod sled_engine;
 pub mod testing;
+mod wal;
 
 pub use kv::{KvStore, RangeVisitor, REWINDS, SNAPSHOTS_STARTED};
 pub use record::{
-    DatabaseIdentity, MirrorIdentity, SlotRecord, SnapshotProgress, SnapshotRef, SyncState,
-    WalRecord,
+    DatabaseIdentity, MirrorIdentity, SlotRecord, SnapshotProgress, SnapshotRef, SyncState, WalSpan,
 };
 pub use redb_engine::RedbEngine;
 pub use sled_engine::SledEngine;
@@ -440,14 +440,15 @@ pub trait Store: Send + Sync + 'static {
     /// it already does).
     fn wal_floor_for_bytes(&self, max_bytes: u64) -> Result<Lsn, StoreError>;
 
-    /// Up to `max_entries` WAL records from `from`, at most `max_bytes` of payload (one
-    /// larger record is returned alone when it is the first).
+    /// Up to `max_entries` WAL entries from `from`, at most `max_bytes` of payload (one
+    /// larger entry is returned alone when it is the first); `None` when `from` is beyond
+    /// the applied LSN, [`StoreError::WalTruncated`] when the WAL no longer holds it.
     fn read_wal(
         &self,
         from: Lsn,
         max_entries: usize,
         max_bytes: usize,
-    ) -> Result<Vec<WalRecord>, StoreError>;
+    ) -> Result<Option<WalSpan>, StoreError>;
 
     /// The chain hash at `lsn`, when the store still knows it (from `wal_bounds().first - 1`
     /// to the applied LSN).

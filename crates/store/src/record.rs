@@ -12,17 +12,24 @@ use xmirror_proto::{
 
 use crate::{Position, StoreError};
 
-/// One WAL entry as the source keeps it.
+/// Consecutive WAL entries read back: what a WAL batch carries.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct WalRecord {
-    /// The entry's LSN.
-    pub lsn: Lsn,
-    /// The write.
-    pub entry: Entry,
-    /// The chain hash after this entry, so the source can prove any retained position.
+pub struct WalSpan {
+    /// The first entry's LSN.
+    pub first_lsn: Lsn,
+    /// The writes, in LSN order; never empty.
+    pub entries: Vec<Entry>,
+    /// The chain hash after the last entry, so the source can prove where the span ends.
     pub chain_hash: ChainHash,
-    /// When the entry was committed, for lag in milliseconds.
+    /// When the last entry was committed, for lag in milliseconds.
     pub commit_time: UnixMillis,
+}
+
+impl WalSpan {
+    /// The last entry's LSN.
+    pub fn last_lsn(&self) -> Lsn {
+        self.first_lsn.advance(self.entries.len() as u64 - 1)
+    }
 }
 
 /// Where a store stands with respect to snapshots (a mirror's view; a source's store, which
@@ -107,6 +114,11 @@ impl RecordWriter {
         self
     }
 
+    pub(crate) fn u32(&mut self, value: u32) -> &mut Self {
+        self.0.extend_from_slice(&value.to_be_bytes());
+        self
+    }
+
     pub(crate) fn u64(&mut self, value: u64) -> &mut Self {
         self.0.extend_from_slice(&value.to_be_bytes());
         self
@@ -119,7 +131,7 @@ impl RecordWriter {
 
     pub(crate) fn bytes(&mut self, value: &[u8]) -> &mut Self {
         let len = u32::try_from(value.len()).expect("keys and values are bounded below 4 GiB");
-        self.0.extend_from_slice(&len.to_be_bytes());
+        self.u32(len);
         self.0.extend_from_slice(value);
         self
     }
@@ -133,8 +145,7 @@ impl RecordWriter {
     pub(crate) fn entry(&mut self, entry: &Entry) -> &mut Self {
         if let Entry::Batch { writes } = entry {
             let count = u32::try_from(writes.len()).expect("batches are bounded below 4G writes");
-            self.u8(3);
-            self.0.extend_from_slice(&count.to_be_bytes());
+            self.u8(3).u32(count);
         }
         entry.for_each_write(|key, value| {
             match value {
@@ -191,6 +202,11 @@ impl<'a> RecordReader<'a> {
         Ok(self.take(1)?[0])
     }
 
+    pub(crate) fn u32(&mut self) -> Result<u32, StoreError> {
+        let bytes = self.take(4)?;
+        Ok(u32::from_be_bytes(bytes.try_into().expect("took 4 bytes")))
+    }
+
     pub(crate) fn u64(&mut self) -> Result<u64, StoreError> {
         let bytes = self.take(8)?;
         Ok(u64::from_be_bytes(bytes.try_into().expect("took 8 bytes")))
@@ -202,8 +218,7 @@ impl<'a> RecordReader<'a> {
     }
 
     pub(crate) fn bytes(&mut self) -> Result<Vec<u8>, StoreError> {
-        let len = self.take(4)?;
-        let len = u32::from_be_bytes(len.try_into().expect("took 4 bytes")) as usize;
+        let len = self.u32()? as usize;
         Ok(self.take(len)?.to_vec())
     }
 
@@ -222,8 +237,7 @@ impl<'a> RecordReader<'a> {
             }),
             2 => Ok(Entry::Delete { key: self.bytes()? }),
             3 => {
-                let count = self.take(4)?;
-                let count = u32::from_be_bytes(count.try_into().expect("took 4 bytes"));
+                let count = self.u32()?;
                 // Each write takes at least 5 bytes: a claimed count beyond what is left is
                 // corruption, found before anything is allocated for it.
                 if count as usize > self.rest.len() / 5 {
@@ -267,35 +281,6 @@ impl<'a> RecordReader<'a> {
         } else {
             Err(self.corrupt(format!("{} trailing bytes", self.rest.len())))
         }
-    }
-}
-
-impl WalRecord {
-    /// The stored value (the LSN is the key).
-    pub(crate) fn encode_value(
-        entry: &Entry,
-        chain_hash: &ChainHash,
-        commit_time: UnixMillis,
-    ) -> Vec<u8> {
-        RecordWriter::default()
-            .u64(commit_time.0)
-            .hash(chain_hash)
-            .entry(entry)
-            .finish()
-    }
-
-    pub(crate) fn decode(lsn: Lsn, value: &[u8]) -> Result<WalRecord, StoreError> {
-        let mut reader = RecordReader::new("WAL", value);
-        let commit_time = UnixMillis(reader.u64()?);
-        let chain_hash = reader.hash()?;
-        let entry = reader.entry()?;
-        reader.finish()?;
-        Ok(WalRecord {
-            lsn,
-            entry,
-            chain_hash,
-            commit_time,
-        })
     }
 }
 
@@ -457,44 +442,49 @@ impl SlotRecord {
 mod tests {
     use super::*;
 
+    fn entry_record(entry: &Entry) -> Vec<u8> {
+        RecordWriter::default().entry(entry).finish()
+    }
+
+    fn read_entry(value: &[u8]) -> Result<Entry, StoreError> {
+        let mut reader = RecordReader::new("WAL", value);
+        let entry = reader.entry()?;
+        reader.finish()?;
+        Ok(entry)
+    }
+
     #[test]
     fn a_batch_claiming_more_writes_than_its_bytes_hold_is_corrupt() {
-        let mut value = WalRecord::encode_value(
-            &Entry::Batch {
-                writes: vec![Write::delete("k")],
-            },
-            &ChainHash([0; 32]),
-            UnixMillis(0),
-        );
+        let mut value = entry_record(&Entry::Batch {
+            writes: vec![Write::delete("k")],
+        });
         // The count follows the tag; claim four billion writes.
-        let tag = value.iter().position(|byte| *byte == 3).unwrap();
-        value[tag + 1..tag + 5].copy_from_slice(&u32::MAX.to_be_bytes());
+        value[1..5].copy_from_slice(&u32::MAX.to_be_bytes());
         assert!(matches!(
-            WalRecord::decode(Lsn(1), &value),
+            read_entry(&value),
             Err(StoreError::Corrupt { .. })
         ));
     }
 
     #[test]
     fn records_round_trip() {
-        let entry = Entry::Put {
-            key: b"k".to_vec(),
-            value: b"value".to_vec(),
-        };
-        let value = WalRecord::encode_value(&entry, &ChainHash([4; 32]), UnixMillis(99));
-        let record = WalRecord::decode(Lsn(7), &value).unwrap();
-        assert_eq!(record.entry, entry);
-        assert_eq!(record.chain_hash, ChainHash([4; 32]));
-        assert_eq!(record.commit_time, UnixMillis(99));
-        let batch = Entry::Batch {
-            writes: vec![
-                Write::put("a", "1"),
-                Write::delete("b"),
-                Write::put("c", ""),
-            ],
-        };
-        let value = WalRecord::encode_value(&batch, &ChainHash([5; 32]), UnixMillis(1));
-        assert_eq!(WalRecord::decode(Lsn(8), &value).unwrap().entry, batch);
+        let entries = [
+            Entry::Put {
+                key: b"k".to_vec(),
+                value: b"value".to_vec(),
+            },
+            Entry::Delete { key: b"d".to_vec() },
+            Entry::Batch {
+                writes: vec![
+                    Write::put("a", "1"),
+                    Write::delete("b"),
+                    Write::put("c", ""),
+                ],
+            },
+        ];
+        for entry in entries {
+            assert_eq!(read_entry(&entry_record(&entry)).unwrap(), entry);
+        }
 
         let states = [
             SyncState::Fresh,
@@ -537,20 +527,16 @@ mod tests {
 
     #[test]
     fn damaged_records_are_corrupt_not_panics() {
-        let value = WalRecord::encode_value(
-            &Entry::Delete { key: b"k".to_vec() },
-            &ChainHash::GENESIS,
-            UnixMillis(1),
-        );
+        let value = entry_record(&Entry::Delete { key: b"k".to_vec() });
         for cut in 0..value.len() {
             assert!(matches!(
-                WalRecord::decode(Lsn(1), &value[..cut]),
+                read_entry(&value[..cut]),
                 Err(StoreError::Corrupt { .. })
             ));
         }
         let mut extended = value.clone();
         extended.push(0);
-        assert!(WalRecord::decode(Lsn(1), &extended).is_err());
+        assert!(read_entry(&extended).is_err());
         assert!(SyncState::decode(&[9]).is_err());
         assert!(SlotRecord::decode(&[0, 0, 0, 2, b'.', b'.']).is_err());
     }

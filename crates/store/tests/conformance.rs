@@ -20,7 +20,7 @@ use xmirror_proto::{
 use xmirror_store::testing::{open_engine, open_engine_waiting, workload_entry};
 use xmirror_store::{
     Batch, DatabaseIdentity, MirrorIdentity, Position, Rewind, SlotRecord, SnapshotRef, Store,
-    StoreError, SyncState, WalBounds, REWINDS, SNAPSHOTS_STARTED,
+    StoreError, SyncState, WalBounds, WalSpan, REWINDS, SNAPSHOTS_STARTED,
 };
 
 /// An engine under test, by its name in `testing::ENGINES`.
@@ -139,10 +139,9 @@ pub fn a_batch_applies_whole_and_range_scans_read_one_state(engine: Engine) {
         applied.position.chain_hash,
         ChainHash::GENESIS.extend(Lsn(1), &entries)
     );
-    // The batch is one WAL record, read back whole.
-    let records = store.read_wal(Lsn(2), 1, 1).unwrap();
-    assert_eq!(records.len(), 1);
-    assert_eq!(records[0].entry, batch);
+    // The batch is one WAL entry, read back whole.
+    let span = store.read_wal(Lsn(2), 1, 1).unwrap().unwrap();
+    assert_eq!((span.first_lsn, span.entries), (Lsn(2), vec![batch]));
     // Later writes to a key within the batch win; the delete took effect.
     assert_eq!(store.get(b"b").unwrap(), None);
     assert_eq!(store.get(b"c").unwrap(), Some(b"2".to_vec()));
@@ -200,7 +199,7 @@ pub fn an_empty_store_stands_at_genesis(engine: Engine) {
         (Lsn(0), digest_of(&BTreeMap::new()))
     );
     assert_eq!(store.key_count().unwrap(), 0);
-    assert!(store.read_wal(Lsn(1), 10, 1 << 20).unwrap().is_empty());
+    assert!(store.read_wal(Lsn(1), 10, 1 << 20).unwrap().is_none());
 }
 
 pub fn apply_writes_data_wal_and_chain_together(engine: Engine) {
@@ -228,17 +227,22 @@ pub fn apply_writes_data_wal_and_chain_together(engine: Engine) {
         (Lsn(4), digest_of(&model(&entries)))
     );
 
-    let wal = store.read_wal(Lsn(1), 100, 1 << 20).unwrap();
-    assert_eq!(wal.len(), 4);
+    let wal = store.read_wal(Lsn(1), 100, 1 << 20).unwrap().unwrap();
+    assert_eq!((wal.first_lsn, &wal.entries[..]), (Lsn(1), &entries[..]));
+    assert_eq!(wal.chain_hash, chain);
+    assert_eq!(wal.commit_time, UnixMillis(1_001));
     let mut expected_hash = ChainHash::GENESIS;
-    for (index, record) in wal.iter().enumerate() {
+    for (index, entry) in entries.iter().enumerate() {
         let lsn = Lsn(index as u64 + 1);
-        expected_hash = expected_hash.next(lsn, &entries[index]);
-        assert_eq!(record.lsn, lsn);
-        assert_eq!(record.entry, entries[index]);
-        assert_eq!(record.chain_hash, expected_hash);
-        assert_eq!(record.commit_time, UnixMillis(1_001));
+        expected_hash = expected_hash.next(lsn, entry);
         assert_eq!(store.chain_hash_at(lsn).unwrap(), Some(expected_hash));
+        // A read from inside the group, or cut inside it, ends at a provable hash.
+        let one = store.read_wal(lsn, 1, 1 << 20).unwrap().unwrap();
+        assert_eq!(
+            (one.first_lsn, &one.entries[..]),
+            (lsn, &entries[index..=index])
+        );
+        assert_eq!(one.chain_hash, expected_hash);
     }
     assert_eq!(
         store.wal_bounds(),
@@ -329,11 +333,9 @@ pub fn everything_survives_a_reopen(engine: Engine) {
     };
     let (position, digest) = {
         let store = engine.open(dir.path());
+        store.apply(source_batch(1, &[put("a", "1")])).unwrap();
         store
-            .apply(source_batch(
-                1,
-                &[put("a", "1"), put("b", "2"), put("c", "3")],
-            ))
+            .apply(source_batch(2, &[put("b", "2"), put("c", "3")]))
             .unwrap();
         store.truncate_wal(Lsn(2)).unwrap();
         store.put_slot(&slot).unwrap();
@@ -366,22 +368,31 @@ pub fn wal_reads_are_bounded_and_truncation_is_visible(engine: Engine) {
     let entries: Vec<Entry> = (0..100)
         .map(|i| put(&format!("k{i:03}"), "0123456789"))
         .collect();
-    store.apply(source_batch(1, &entries)).unwrap();
+    // Ten groups of ten, each a WAL record of its own.
+    for (group, chunk) in entries.chunks(10).enumerate() {
+        store
+            .apply(source_batch(group as u64 * 10 + 1, chunk))
+            .unwrap();
+    }
+    let lsns = |span: Option<WalSpan>| {
+        let span = span.expect("entries");
+        (span.first_lsn.0, span.entries.len())
+    };
 
-    assert_eq!(store.read_wal(Lsn(1), 10, 1 << 20).unwrap().len(), 10);
+    // Reads cross groups, and stop inside one.
+    assert_eq!(lsns(store.read_wal(Lsn(1), 25, 1 << 20).unwrap()), (1, 25));
+    assert_eq!(lsns(store.read_wal(Lsn(7), 10, 1 << 20).unwrap()), (7, 10));
     // 14 bytes of payload per entry: the byte bound stops before the entry that would cross
     // it, so a batch never exceeds the bound (and fits any frame that fits one entry).
-    let by_bytes = store.read_wal(Lsn(1), 1_000, 30).unwrap();
-    assert_eq!(by_bytes.len(), 2);
-    assert_eq!(store.read_wal(Lsn(1), 1_000, 28).unwrap().len(), 2);
-    // At least one record, however small the byte bound.
-    assert_eq!(store.read_wal(Lsn(50), 1_000, 0).unwrap().len(), 1);
-    let tail = store.read_wal(Lsn(95), 1_000, 1 << 20).unwrap();
-    assert_eq!(
-        tail.iter().map(|r| r.lsn.0).collect::<Vec<_>>(),
-        vec![95, 96, 97, 98, 99, 100]
-    );
-    assert!(store.read_wal(Lsn(101), 10, 1 << 20).unwrap().is_empty());
+    assert_eq!(lsns(store.read_wal(Lsn(1), 1_000, 30).unwrap()), (1, 2));
+    assert_eq!(lsns(store.read_wal(Lsn(1), 1_000, 28).unwrap()), (1, 2));
+    // At least one entry, however small the byte bound.
+    assert_eq!(lsns(store.read_wal(Lsn(50), 1_000, 0).unwrap()), (50, 1));
+    let tail = store.read_wal(Lsn(95), 1_000, 1 << 20).unwrap().unwrap();
+    assert_eq!((tail.first_lsn, tail.last_lsn()), (Lsn(95), Lsn(100)));
+    assert_eq!(tail.entries, entries[94..]);
+    assert_eq!(tail.chain_hash, store.position().chain_hash);
+    assert!(store.read_wal(Lsn(101), 10, 1 << 20).unwrap().is_none());
 
     let hash_at_60 = store.chain_hash_at(Lsn(60)).unwrap().unwrap();
     store.truncate_wal(Lsn(61)).unwrap();
@@ -396,7 +407,17 @@ pub fn wal_reads_are_bounded_and_truncation_is_visible(engine: Engine) {
             first: Lsn(61)
         })
     ));
-    assert_eq!(store.read_wal(Lsn(61), 1, 1 << 20).unwrap()[0].lsn, Lsn(61));
+    assert_eq!(lsns(store.read_wal(Lsn(61), 1, 1 << 20).unwrap()), (61, 1));
+    // A truncation inside a group keeps the whole group: the WAL holds more than asked,
+    // never less.
+    let hash_at_70 = store.chain_hash_at(Lsn(70)).unwrap().unwrap();
+    store.truncate_wal(Lsn(75)).unwrap();
+    assert_eq!(store.wal_bounds().first, Lsn(71));
+    assert_eq!(store.chain_hash_at(Lsn(70)).unwrap(), Some(hash_at_70));
+    assert_eq!(
+        lsns(store.read_wal(Lsn(71), 100, 1 << 20).unwrap()),
+        (71, 30)
+    );
     // Truncating past the end keeps nothing but still knows the latest position.
     store.truncate_wal(Lsn(1_000)).unwrap();
     assert!(store.wal_bounds().is_empty());
@@ -416,31 +437,32 @@ pub fn the_wal_size_in_bytes_is_kept_and_bounds_retention(engine: Engine) {
     let entries: Vec<Entry> = (0..100)
         .map(|i| put(&format!("k{i:03}"), "0123456789"))
         .collect();
-    let (per_entry, total) = {
+    let (per_group, total) = {
         let store = engine.open(dir.path());
         assert_eq!(store.wal_bytes(), 0);
-        store.apply(source_batch(1, &entries)).unwrap();
+        for (group, chunk) in entries.chunks(10).enumerate() {
+            store
+                .apply(source_batch(group as u64 * 10 + 1, chunk))
+                .unwrap();
+        }
         let total = store.wal_bytes();
         assert!(total > 0);
-        // Same-sized entries: the same number of bytes each.
-        let per_entry = total / 100;
-        assert_eq!(per_entry * 100, total);
+        // Same-sized groups of same-sized entries: the same number of bytes each.
+        let per_group = total / 10;
+        assert_eq!(per_group * 10, total);
         assert_eq!(store.wal_floor_for_bytes(total).unwrap(), Lsn(1));
-        // Keeping 10 entries' worth means cutting below LSN 91.
-        assert_eq!(store.wal_floor_for_bytes(per_entry * 10).unwrap(), Lsn(91));
-        assert_eq!(
-            store.wal_floor_for_bytes(per_entry * 10 + 1).unwrap(),
-            Lsn(91)
-        );
+        // Keeping one group's worth means cutting below LSN 91.
+        assert_eq!(store.wal_floor_for_bytes(per_group).unwrap(), Lsn(91));
+        assert_eq!(store.wal_floor_for_bytes(per_group + 1).unwrap(), Lsn(91));
         store.truncate_wal(Lsn(41)).unwrap();
-        assert_eq!(store.wal_bytes(), per_entry * 60);
+        assert_eq!(store.wal_bytes(), per_group * 6);
         store.flush().unwrap();
-        (per_entry, total)
+        (per_group, total)
     };
     let store = engine.open(dir.path());
     assert_eq!(
         store.wal_bytes(),
-        total - per_entry * 40,
+        total - per_group * 4,
         "counted again at open"
     );
     assert_eq!(store.wal_floor_for_bytes(0).unwrap(), Lsn(101));
@@ -785,8 +807,11 @@ pub fn a_rewind_goes_back_to_the_fork_in_one_write(engine: Engine) {
     assert_eq!(old.history(), history);
     assert_eq!(old.database(), Some(database));
     // The new history's WAL from the fork brings it to the target, consistent.
-    let records = new.read_wal(fork.lsn.next(), 100, 1 << 20).unwrap();
-    let entries: Vec<Entry> = records.into_iter().map(|record| record.entry).collect();
+    let entries = new
+        .read_wal(fork.lsn.next(), 100, 1 << 20)
+        .unwrap()
+        .unwrap()
+        .entries;
     old.apply(Batch {
         expected_chain_hash: Some(target.chain_hash),
         ..source_batch(fork.lsn.next().0, &entries)
@@ -799,8 +824,9 @@ pub fn a_rewind_goes_back_to_the_fork_in_one_write(engine: Engine) {
     let old = engine.open(old_dir.path());
     assert_eq!(old.digest().unwrap(), new.digest().unwrap());
     assert_eq!(old.counter(REWINDS).unwrap(), 1);
-    // A fork below what the WAL still proves cannot be rewound to.
-    old.truncate_wal(Lsn(5)).unwrap();
+    // A fork below what the WAL still proves cannot be rewound to (a truncation keeps
+    // whole groups: this one takes all of it).
+    old.truncate_wal(Lsn(7)).unwrap();
     let refused = old.rewind(Rewind {
         to: fork,
         values: &values,
@@ -811,6 +837,79 @@ pub fn a_rewind_goes_back_to_the_fork_in_one_write(engine: Engine) {
     assert!(
         matches!(refused, Err(StoreError::WalTruncated { .. })),
         "{refused:?}"
+    );
+}
+
+/// A fork inside a group the WAL holds as one record: the rewind keeps the group's entries
+/// up to the fork, provable and readable, and the WAL's size stays counted right.
+pub fn a_rewind_inside_a_wal_group_keeps_the_entries_up_to_it(engine: Engine) {
+    let dir = TempDir::new().unwrap();
+    let store = engine.open(dir.path());
+    store.create_database(DATABASE).unwrap();
+    let shared = [put("a", "1"), put("b", "2"), put("c", "3")];
+    let beyond = [put("a", "old"), delete("b")];
+    let both: Vec<Entry> = shared.iter().chain(&beyond).cloned().collect();
+    store.commit(source_batch(1, &both)).unwrap();
+    let fork = Position {
+        lsn: Lsn(3),
+        chain_hash: ChainHash::GENESIS.extend(Lsn(1), &shared),
+    };
+    assert_eq!(
+        store.chain_hash_at(fork.lsn).unwrap(),
+        Some(fork.chain_hash)
+    );
+    let values = vec![
+        (b"a".to_vec(), Some(b"1".to_vec())),
+        (b"b".to_vec(), Some(b"2".to_vec())),
+    ];
+    store
+        .rewind(Rewind {
+            to: fork,
+            values: &values,
+            target: fork,
+            database: DatabaseIdentity {
+                id: DATABASE.id,
+                epoch: Epoch(2),
+            },
+            history: &promoted_at(fork),
+        })
+        .unwrap();
+    let wal_bytes = store.wal_bytes();
+    store.flush().unwrap();
+    drop(store);
+    let store = engine.open(dir.path());
+    assert_eq!(store.position(), fork);
+    assert_eq!(
+        store.wal_bounds(),
+        WalBounds {
+            first: Lsn(1),
+            last: Lsn(3)
+        }
+    );
+    assert_eq!(store.wal_bytes(), wal_bytes, "counted the same at open");
+    let span = store.read_wal(Lsn(1), 100, 1 << 20).unwrap().unwrap();
+    assert_eq!(
+        (span.entries, span.chain_hash),
+        (shared.to_vec(), fork.chain_hash)
+    );
+    assert_eq!(
+        store.chain_hash_at(Lsn(2)).unwrap(),
+        Some(ChainHash::GENESIS.extend(Lsn(1), &shared[..2]))
+    );
+    assert_eq!(
+        store.digest().unwrap(),
+        (fork.lsn, digest_of(&model(&shared)))
+    );
+    // The history goes on from the fork.
+    store.commit(source_batch(4, &[put("z", "new")])).unwrap();
+    assert_eq!(
+        store
+            .read_wal(Lsn(3), 10, 1 << 20)
+            .unwrap()
+            .unwrap()
+            .entries
+            .len(),
+        2
     );
 }
 
@@ -950,10 +1049,10 @@ pub fn a_fuzzy_snapshot_plus_replay_equals_the_source(engine: Engine) {
     mirror.finish_snapshot_scan(SnapshotId(5), end).unwrap();
     let mut from = base.lsn.next();
     while from <= end.lsn {
-        let records = source.read_wal(from, 100, 1 << 20).unwrap();
-        let entries: Vec<Entry> = records.iter().map(|r| r.entry.clone()).collect();
+        let span = source.read_wal(from, 100, 1 << 20).unwrap().unwrap();
+        let entries = span.entries;
         let batch = Batch {
-            expected_chain_hash: Some(records.last().unwrap().chain_hash),
+            expected_chain_hash: Some(span.chain_hash),
             ..mirror_batch(from, &entries)
         };
         mirror.apply(batch).unwrap();
@@ -1158,19 +1257,15 @@ pub fn kill_9_during_wal_truncation_keeps_a_whole_chain(engine: Engine) {
             reference.chain_hash_at(base).unwrap(),
             "round {round}: the WAL's base is provable"
         );
-        let records = store
+        let held = store
             .read_wal(bounds.first, usize::MAX, usize::MAX)
-            .unwrap_or_default();
-        assert_eq!(
-            records.len() as u64,
-            bounds.len(),
-            "round {round}: a whole WAL"
-        );
-        for (offset, record) in records.iter().enumerate() {
-            let lsn = bounds.first.advance(offset as u64);
-            assert_eq!(record.lsn, lsn, "round {round}: contiguous");
+            .unwrap()
+            .map_or(0, |span| span.entries.len());
+        assert_eq!(held as u64, bounds.len(), "round {round}: a whole WAL");
+        for offset in 0..bounds.len() {
+            let lsn = bounds.first.advance(offset);
             assert_eq!(
-                Some(record.chain_hash),
+                store.chain_hash_at(lsn).unwrap(),
                 reference.chain_hash_at(lsn).unwrap(),
                 "round {round}: LSN {lsn}"
             );
@@ -1262,6 +1357,7 @@ macro_rules! conformance {
             a_fence_refuses_every_later_commit_across_restarts,
             a_promotion_starts_an_epoch_after_the_applied_lsn,
             a_rewind_goes_back_to_the_fork_in_one_write,
+            a_rewind_inside_a_wal_group_keeps_the_entries_up_to_it,
             a_fuzzy_snapshot_plus_replay_equals_the_source,
             the_digest_depends_on_the_state_not_the_history,
             slots_and_counters_are_kept,

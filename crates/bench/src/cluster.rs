@@ -73,7 +73,22 @@ impl Cluster {
         let number = self
             .next_dir
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        self.dir.path().join(format!("{label}-{number}"))
+        self.data_root().join(format!("{label}-{number}"))
+    }
+
+    fn data_root(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    /// Removes every data directory made so far: each measure's stores are its own, and
+    /// the gigabytes an earlier one left would weigh on the file system under the next.
+    pub fn clear_data_dirs(&self) -> anyhow::Result<()> {
+        match std::fs::remove_dir_all(self.data_root()) {
+            Err(error) if error.kind() != std::io::ErrorKind::NotFound => {
+                Err(error).context("remove the earlier measures' data directories")
+            }
+            _ => Ok(()),
+        }
     }
 
     pub fn source_config(&self, data_dir: PathBuf) -> SourceConfig {

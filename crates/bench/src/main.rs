@@ -228,6 +228,7 @@ impl Bench {
         let engine = self.cluster.engine;
         for (dataset, label) in [(self.plan.small, "1m"), (self.plan.large, "large")] {
             for bare in [EngineKind::Redb, EngineKind::Sled] {
+                settle_disk().await;
                 let dir = self.cluster.data_dir("bare");
                 let elapsed =
                     tokio::task::spawn_blocking(move || dataset::raw_inserts(&dir, bare, &dataset))
@@ -260,6 +261,7 @@ impl Bench {
                     },
                 );
             }
+            settle_disk().await;
             let dir = self.cluster.data_dir("chunks");
             let path_elapsed = tokio::task::spawn_blocking(move || {
                 dataset::store_snapshot_path(&dir, engine, &dataset)
@@ -302,6 +304,8 @@ impl Bench {
     async fn snapshot(&mut self) -> anyhow::Result<()> {
         for (dataset, label) in [(self.plan.small, "1m"), (self.plan.large, "large")] {
             let (source_dir, last) = self.populated_source_dir(dataset).await?;
+            // Populating the source is not the snapshot's to pay for.
+            settle_disk().await;
             let source = self
                 .start_source(source_dir, Self::default_limits())
                 .await?;
@@ -552,6 +556,8 @@ impl Bench {
             .try_for_each(|_| std::future::ready(Ok(())))
             .await?;
         let last = source.shared().store.position().lsn;
+        // The source's writes behind the mirror are not the catch-up's to pay for.
+        settle_disk().await;
 
         let recorder = StageRecorder::global();
         recorder.start();
@@ -1263,6 +1269,9 @@ async fn main() -> anyhow::Result<()> {
             continue;
         }
         println!("[{:>5.1} s] {title}", started.elapsed().as_secs_f64());
+        // Each measure starts on a settled disk, not paying for the writes of the last.
+        bench.cluster.clear_data_dirs()?;
+        settle_disk().await;
         let outcome = match measure {
             Measure::Transport => bench.transport().await,
             Measure::Store => bench.store().await,

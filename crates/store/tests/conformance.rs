@@ -19,8 +19,8 @@ use xmirror_proto::{
 };
 use xmirror_store::testing::{open_engine, open_engine_waiting, workload_entry};
 use xmirror_store::{
-    Batch, DatabaseIdentity, MirrorIdentity, Position, Rewind, SlotRecord, SnapshotRef, Store,
-    StoreError, SyncState, WalBounds, WalSpan, REWINDS, SNAPSHOTS_STARTED,
+    Batch, DatabaseIdentity, KeyValue, MirrorIdentity, Position, Rewind, SlotRecord, SnapshotRef,
+    Store, StoreError, SyncState, WalBounds, WalSpan, REWINDS, SNAPSHOTS_STARTED,
 };
 
 /// An engine under test, by its name in `testing::ENGINES`.
@@ -735,6 +735,26 @@ pub fn a_promotion_starts_an_epoch_after_the_applied_lsn(engine: Engine) {
     assert_eq!(store.history(), later);
 }
 
+/// The database after the promotion of `promoted_at`.
+const PROMOTED: DatabaseIdentity = DatabaseIdentity {
+    id: DATABASE.id,
+    epoch: Epoch(2),
+};
+
+/// Rewinds `store` to `fork` of a history promoted right after it, with nothing to replay
+/// beyond (the fork is the target).
+fn rewind_to_fork(store: &dyn Store, fork: Position, values: &[KeyValue]) {
+    store
+        .rewind(Rewind {
+            to: fork,
+            values,
+            target: fork,
+            database: PROMOTED,
+            history: &promoted_at(fork),
+        })
+        .unwrap();
+}
+
 /// The history of a node promoted to epoch 2 right after `fork`.
 fn promoted_at(fork: Position) -> [EpochStart; 2] {
     [
@@ -784,10 +804,7 @@ pub fn a_rewind_goes_back_to_the_fork_in_one_write(engine: Engine) {
     assert_eq!(new.get_many(&keys, 1).unwrap().1.len(), 1);
 
     let history = promoted_at(fork);
-    let database = DatabaseIdentity {
-        id: DATABASE.id,
-        epoch: Epoch(2),
-    };
+    let database = PROMOTED;
     old.rewind(Rewind {
         to: fork,
         values: &values,
@@ -862,18 +879,7 @@ pub fn a_rewind_inside_a_wal_group_keeps_the_entries_up_to_it(engine: Engine) {
         (b"a".to_vec(), Some(b"1".to_vec())),
         (b"b".to_vec(), Some(b"2".to_vec())),
     ];
-    store
-        .rewind(Rewind {
-            to: fork,
-            values: &values,
-            target: fork,
-            database: DatabaseIdentity {
-                id: DATABASE.id,
-                epoch: Epoch(2),
-            },
-            history: &promoted_at(fork),
-        })
-        .unwrap();
+    rewind_to_fork(&*store, fork, &values);
     let wal_bytes = store.wal_bytes();
     store.flush().unwrap();
     drop(store);
@@ -950,19 +956,7 @@ pub fn durably_applied_groups_survive_and_a_rewind_is_not_undone(engine: Engine)
         (b"b".to_vec(), Some(b"2".to_vec())),
         (b"x".to_vec(), None),
     ];
-    let history = promoted_at(fork);
-    store
-        .rewind(Rewind {
-            to: fork,
-            values: &values,
-            target: fork,
-            database: DatabaseIdentity {
-                id: DATABASE.id,
-                epoch: Epoch(2),
-            },
-            history: &history,
-        })
-        .unwrap();
+    rewind_to_fork(&*store, fork, &values);
     drop(store);
     let store = engine.open(dir.path());
     assert_eq!(

@@ -1169,6 +1169,12 @@ impl Bench {
         let snapshot_proxy = Proxy::start(source.local_addr).await;
         snapshot_proxy.set_both(impairment);
         let sent_before = source.shared().snapshot_bytes_sent.load(Ordering::Relaxed);
+        let bulk_before = source
+            .shared()
+            .compression
+            .sent_bytes
+            .load(Ordering::Relaxed);
+        let written_before = source.shared().store.position().lsn;
         let started = Instant::now();
         let snapshotting = self
             .cluster
@@ -1189,6 +1195,23 @@ impl Bench {
             started.elapsed(),
         );
         let outlasted = !snapshotting.shared().is_consistent();
+        // How long the snapshotting mirror stays behind once its snapshot is done, and
+        // whether the link is what it waits for: every bulk byte the cap let out from the
+        // snapshot's start until that mirror is current (its chunks, the WAL it then
+        // needed, the live mirror's WAL), against the time that took. Near 1, the cap was
+        // busy throughout, and no order of the same bytes makes the mirror current sooner.
+        let written = source.shared().store.position().lsn;
+        wait_consistent(&snapshotting, Lsn(1), WAIT_LIMIT).await?;
+        let consistent_at = started.elapsed();
+        wait_consistent(&snapshotting, written, WAIT_LIMIT).await?;
+        let current_at = started.elapsed();
+        let bulk_sent = source
+            .shared()
+            .compression
+            .sent_bytes
+            .load(Ordering::Relaxed)
+            - bulk_before;
+        let link_busy = bulk_sent as f64 / cap as f64 / current_at.as_secs_f64();
         snapshotting.shutdown().await;
         live.shutdown().await;
         source.shutdown().await;
@@ -1207,6 +1230,14 @@ impl Bench {
             .figure("longlink_cap_snapshot_mib_s", snapshot_mib_s);
         self.report
             .fact("longlink_cap_snapshot_outlasted_window", outlasted);
+        self.report.figure(
+            "longlink_cap_snapshot_tail_s",
+            (current_at - consistent_at).as_secs_f64(),
+        );
+        self.report
+            .figure("longlink_cap_snapshot_current_s", current_at.as_secs_f64());
+        self.report
+            .figure("longlink_cap_busy_until_current", link_busy);
         let rtt_ms = self.plan.wan_rtt.as_millis();
         self.report.row(
             &format!(
@@ -1220,6 +1251,20 @@ impl Bench {
             ),
             format!("p50 {:.1} ms, p99 {:.1} ms (alone)", alone.p50, alone.p99),
             format!("{:.2} (target <= 1.2)", beside.p99 / alone.p99.max(1e-3)),
+        );
+        self.report.row(
+            &format!(
+                "{rtt_ms} ms RTT, {cap_mib_s:.1} MiB/s send cap: the snapshotting mirror, from its start to current ({} entries written meanwhile)",
+                written.0 - written_before.0
+            ),
+            format!(
+                "consistent after {:.1} s, current after {:.1} s ({:.2} s behind once consistent)",
+                consistent_at.as_secs_f64(),
+                current_at.as_secs_f64(),
+                (current_at - consistent_at).as_secs_f64()
+            ),
+            format!("{:.1} MiB of bulk frames at the cap", bulk_sent as f64 / MIB),
+            format!("{link_busy:.2} of the cap busy"),
         );
         Ok(())
     }
@@ -1365,6 +1410,8 @@ mod tests {
             "longlink_loopback_random_zstd_snapshot_mib_s",
             "longlink_cap_lag_p99_ms_beside_snapshot",
             "longlink_cap_snapshot_mib_s",
+            "longlink_cap_snapshot_current_s",
+            "longlink_cap_busy_until_current",
         ] {
             let value = bench
                 .report

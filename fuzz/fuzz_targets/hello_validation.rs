@@ -42,6 +42,7 @@ fuzz_target!(|data: &[u8]| {
         last_lsn: Lsn(1_000),
         wal_first_lsn: Lsn(500),
         chain_hash_at_mirror_lsn: (hello.applied_lsn.0 % 3 == 0).then_some(hello.chain_hash),
+        slot_acked_lsn: (hello.applied_lsn.0 % 5 == 0).then_some(Lsn(900)),
         resumable: None,
         chain_hash_at_resume_base: hello
             .resume

@@ -455,3 +455,17 @@ pub async fn assert_converged(source: &Client, mirror: &Client) -> MirrorStatus 
     );
     status
 }
+
+/// Copies a stopped node's data directory (a backup, or its restore).
+pub fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}

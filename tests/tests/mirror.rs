@@ -6,8 +6,8 @@ use std::time::Duration;
 use xmirror_client::{Client, Error as ClientError, Scan, Write};
 use xmirror_e2e::proxy::{Direction, Impairment, Proxy};
 use xmirror_e2e::{
-    assert_converged, free_port, free_tcp_port, mirror_args, mirror_status, scrape, source_status,
-    wait_until, Node, World, CLUSTER,
+    assert_converged, copy_dir, free_port, free_tcp_port, mirror_args, mirror_status, scrape,
+    source_status, wait_until, Node, World, CLUSTER,
 };
 use xmirror_proto::message::DecisionKind;
 use xmirror_proto::status::MirrorStatus;
@@ -150,20 +150,6 @@ async fn wait_halted(reader: &Client) -> MirrorStatus {
         (status.state == MirrorState::Halted).then_some(status)
     })
     .await
-}
-
-/// Copies a stopped node's data directory.
-fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let target = to.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), target).unwrap();
-        }
-    }
 }
 
 /// 5. The source restarted on an empty data directory (a new database, same address and

@@ -32,7 +32,7 @@ use xmirror_proto::message::{DecisionKind, PromoteReply};
 use xmirror_proto::session::mirror::{MirrorProgress, MirrorSessionConfig};
 use xmirror_proto::status::{MirrorState, MirrorStatus};
 use xmirror_proto::{
-    DivergencePolicy, Epoch, ErrorCode, FrameLimits, Name, PeerIdentity, VersionRange,
+    Divergence, DivergencePolicy, Epoch, ErrorCode, FrameLimits, Name, PeerIdentity, VersionRange,
     SUPPORTED_VERSIONS,
 };
 use xmirror_store::{open_store, EngineKind, Store, StoreError, StoreOptions, SyncState};
@@ -375,6 +375,33 @@ pub(crate) const LAST_DECISION: &str = "last_decision";
 /// The counter of resumed snapshots.
 pub(crate) const SNAPSHOTS_RESUMED: &str = "snapshots_resumed";
 
+/// The counter that records a halt: the divergence's error code number, 0 when not halted.
+/// A halt is durable (it holds across restarts of either side), so it lives in the store.
+pub(crate) const HALT_REASON: &str = "halt_reason";
+/// The counter that records when the mirror halted (milliseconds since the Unix epoch, on
+/// the mirror's clock): a halted mirror's lag grows from then.
+pub(crate) const HALTED_AT: &str = "halted_at_ms";
+
+/// The halt the store records, if any.
+pub(crate) fn recorded_halt(store: &dyn Store) -> Result<Option<Divergence>, StoreError> {
+    let number = store.counter(HALT_REASON)?;
+    Ok(u16::try_from(number)
+        .ok()
+        .and_then(ErrorCode::from_number)
+        .and_then(Divergence::from_code))
+}
+
+/// Records durably (with the caller's next flush) that the mirror halted for `reason`.
+pub(crate) fn record_halt(store: &dyn Store, reason: Divergence) -> Result<(), StoreError> {
+    store.set_counter(HALTED_AT, now_millis().0)?;
+    store.set_counter(HALT_REASON, u64::from(reason.code().number()))
+}
+
+/// Erases the halt record: a source vouched for the copy, or the copy is being replaced.
+pub(crate) fn clear_halt(store: &dyn Store) -> Result<(), StoreError> {
+    store.set_counter(HALT_REASON, 0)
+}
+
 pub(crate) fn decision_number(kind: DecisionKind) -> u64 {
     match kind {
         DecisionKind::Stream => 1,
@@ -406,7 +433,13 @@ impl MirrorShared {
             .await
             .expect("open task")?;
         let consistent = store.sync_state() == SyncState::Consistent;
-        let (progress, _) = watch::channel(MirrorProgress::new(store.position().lsn, consistent));
+        let mut initial = MirrorProgress::new(store.position().lsn, consistent);
+        // A halt recorded by an earlier process holds before any source is heard from.
+        initial.halt_reason = recorded_halt(&*store)?;
+        if initial.halt_reason.is_some() {
+            initial.state = MirrorState::Halted;
+        }
+        let (progress, _) = watch::channel(initial);
         Ok(Arc::new(MirrorShared {
             name,
             config,
@@ -776,9 +809,11 @@ async fn replicate(
     )?;
     let mut backoff = Backoff::new(shared.config.backoff_min, shared.config.backoff_max);
     let mut promotion = shared.promotion.subscribe();
+    // The halt this process has said it is in: said once, loudly, by each process (a halt
+    // recorded by an earlier one included); the retries that find the same are quiet.
+    let mut said_halt: Option<Divergence> = None;
     loop {
         let applied_before = shared.progress().applied_lsn;
-        let halted_before = shared.progress().halt_reason;
         let attempt = tokio::select! {
             attempt = connect_once(&shared, &endpoint, &expected, &server_name) => attempt,
             forced = forced_promotion(&mut promotion) => {
@@ -805,8 +840,8 @@ async fn replicate(
                 telemetry::reconnect("session_ended");
             }
             Err(AttemptError::Session(SessionError::Ended(MirrorEnd::Halted(reason)))) => {
-                // Said once, loudly; the retries that find the same are quiet.
-                if halted_before != Some(reason) {
+                if said_halt != Some(reason) {
+                    said_halt = Some(reason);
                     tracing::error!(
                         reason = %reason,
                         applied_lsn = shared.progress().applied_lsn.0,

@@ -105,11 +105,11 @@ fn blocking<T: Send + 'static>(
 type Work = Pin<Box<dyn Future<Output = Result<MirrorEvent, SessionError>> + Send>>;
 
 /// Where the store stands, as a session starts from it.
-pub fn standing(store: &dyn Store) -> Standing {
+pub fn standing(store: &dyn Store) -> Result<Standing, StoreError> {
     let position = store.position();
     let sync = store.sync_state();
     let database = store.database();
-    Standing {
+    Ok(Standing {
         database_id: database.map(|database| database.id),
         epoch: database.map_or(Epoch::default(), |database| database.epoch),
         applied_lsn: position.lsn,
@@ -125,7 +125,8 @@ pub fn standing(store: &dyn Store) -> Standing {
             }),
             _ => None,
         },
-    }
+        halted: crate::recorded_halt(store)?,
+    })
 }
 
 /// Runs one session until the source ends it or something fails: `Ok` when the source
@@ -144,7 +145,7 @@ where
     let mut reader = FramedReader::new(activity.watch(reader), limits.handshake);
     let mut sender = FrameSender::new(writer, limits.handshake);
     let store = shared.store.clone();
-    let standing = blocking(move || Ok(standing(&*store))).await?;
+    let standing = blocking(move || standing(&*store)).await?;
     let mut machine = MirrorSession::new(shared.session_config(), standing, &shared.progress());
     // One piece of store work at a time: the machine asks for the next group only once the
     // last one is durable.
@@ -392,6 +393,14 @@ fn start_work(shared: &MirrorShared, action: MirrorAction) -> Work {
             );
             Ok(MirrorEvent::RewindApplied)
         }),
+        MirrorAction::RecordHalt(reason) => Box::pin(async move {
+            blocking(move || {
+                crate::record_halt(&*store, reason)?;
+                store.flush()
+            })
+            .await?;
+            Ok(MirrorEvent::HaltRecorded)
+        }),
         MirrorAction::EnterDataPhase(_) | MirrorAction::ArmTimer(..) => {
             unreachable!("handled by the driver's loop")
         }
@@ -425,6 +434,9 @@ fn prepare(store: &dyn Store, preparation: &Preparation) -> Result<(), StoreErro
         crate::LAST_DECISION,
         crate::decision_number(preparation.decision),
     )?;
+    if preparation.ends_halt {
+        crate::clear_halt(store)?;
+    }
     let begun = preparation.begin_snapshot;
     if let Some(start) = begun {
         // `begin_snapshot` counts it in `snapshots_started`, atomically with marking the store.

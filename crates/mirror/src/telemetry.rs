@@ -20,12 +20,6 @@ const STATES: [(MirrorState, &str); 5] = [
     (MirrorState::Halted, "halted"),
 ];
 
-const DIVERGENCES: [Divergence; 3] = [
-    Divergence::DatabaseMismatch,
-    Divergence::SourceBehind,
-    Divergence::DivergedHistory,
-];
-
 /// Counts the outcome of a hello (and the refusal code).
 pub fn handshake(code: Option<ErrorCode>) {
     let (outcome, code) = match code {
@@ -70,7 +64,7 @@ pub async fn publish_loop(shared: Arc<MirrorShared>) {
             .absolute(status.snapshots_started);
         metrics::counter!("xmirror_mirror_snapshots_resumed_total")
             .absolute(status.snapshots_resumed);
-        for reason in DIVERGENCES {
+        for reason in Divergence::ALL {
             let value = if status.halt_reason == Some(reason) {
                 1.0
             } else {

@@ -531,10 +531,10 @@ mod wire_format {
             commit_time: UnixMillis(5),
         }
         .into();
-        let mut expected = vec![0, 4, 5, 7, 2, 0, 2, 97, 98, 3, 120, 121, 122, 1, 1, 107];
+        let mut expected = vec![0, 5, 5, 7, 2, 0, 2, 97, 98, 3, 120, 121, 122, 1, 1, 107];
         expected.extend([3; 32]);
         expected.push(5);
-        assert_eq!(super::encode_frame(4, &batch).unwrap().to_vec(), expected);
+        assert_eq!(super::encode_frame(5, &batch).unwrap().to_vec(), expected);
         assert_eq!(super::decode_frame(&expected).unwrap(), batch);
 
         let chunk: Message = SnapshotChunk {
@@ -542,8 +542,8 @@ mod wire_format {
             pairs: vec![(b"a".to_vec(), b"bc".to_vec())],
         }
         .into();
-        let expected = vec![0, 4, 3, 2, 1, 1, 97, 2, 98, 99];
-        assert_eq!(super::encode_frame(4, &chunk).unwrap().to_vec(), expected);
+        let expected = vec![0, 5, 3, 2, 1, 1, 97, 2, 98, 99];
+        assert_eq!(super::encode_frame(5, &chunk).unwrap().to_vec(), expected);
         assert_eq!(super::decode_frame(&expected).unwrap(), chunk);
     }
 }

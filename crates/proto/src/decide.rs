@@ -37,6 +37,11 @@ pub struct SourceView<'a> {
     /// The source's chain hash at the hello's `applied_lsn`, when the source still knows it
     /// (from `wal_first_lsn - 1` to `last_lsn`).
     pub chain_hash_at_mirror_lsn: Option<ChainHash>,
+    /// The highest LSN the slot of this mirror's identity has acknowledged, if the source
+    /// has a slot for it. A slot is only ever moved by entries this source sent on its own
+    /// history, so a mirror at or below it holds this history there even once the WAL is
+    /// gone: that is what lets a mirror behind the retained WAL be sent a snapshot.
+    pub slot_acked_lsn: Option<Lsn>,
     /// The snapshot named by the hello's resume token, when the source can still resume it
     /// (it is the mirror's own and the WAL from its base LSN is retained).
     pub resumable: Option<SnapshotPlan>,
@@ -179,6 +184,7 @@ fn choose(hello: &Hello, view: &SourceView) -> Decision {
             Divergence::DatabaseMismatch => SnapshotReason::DatabaseMismatch,
             Divergence::SourceBehind => SnapshotReason::AheadOfSource,
             Divergence::DivergedHistory => SnapshotReason::DivergedHistory,
+            Divergence::Unverifiable => SnapshotReason::Unverifiable,
         }),
     };
 
@@ -237,8 +243,15 @@ fn choose(hello: &Hello, view: &SourceView) -> Decision {
     if applied > view.last_lsn {
         return diverged(Divergence::SourceBehind);
     }
+    // Behind the retained WAL the source can no longer compare chain hashes; it replaces
+    // the mirror's copy only if it can show that copy is a past state of its own history
+    // (a source restored from an older backup has no slot that acknowledged it).
+    let behind_retained_wal = || match view.slot_acked_lsn {
+        Some(acked) if acked >= applied => fresh(SnapshotReason::BehindRetainedWal),
+        _ => diverged(Divergence::Unverifiable),
+    };
     if applied.next() < view.wal_first_lsn {
-        return fresh(SnapshotReason::BehindRetainedWal);
+        return behind_retained_wal();
     }
     match view.chain_hash_at_mirror_lsn {
         Some(source_hash) if source_hash == hello.chain_hash => Decision::Stream {
@@ -247,7 +260,7 @@ fn choose(hello: &Hello, view: &SourceView) -> Decision {
         Some(_) => diverged(Divergence::DivergedHistory),
         // Within the retained range the source always knows the hash; not knowing it means
         // the WAL no longer reaches back far enough to prove the history.
-        None => fresh(SnapshotReason::BehindRetainedWal),
+        None => behind_retained_wal(),
     }
 }
 
@@ -305,6 +318,17 @@ mod tests {
         source_hash: Option<ChainHash>,
         resumable: Option<SnapshotPlan>,
     ) -> Result<Decision, Reject> {
+        decide_with_slot(hello, peer, source_hash, resumable, None)
+    }
+
+    /// [`decide_with`], the mirror's slot having acknowledged `slot_acked_lsn`.
+    fn decide_with_slot(
+        hello: &Hello,
+        peer: &PeerIdentity,
+        source_hash: Option<ChainHash>,
+        resumable: Option<SnapshotPlan>,
+        slot_acked_lsn: Option<Lsn>,
+    ) -> Result<Decision, Reject> {
         let cluster = name("east");
         let databases = [name("main")];
         let view = SourceView {
@@ -317,6 +341,7 @@ mod tests {
             last_lsn: Lsn(500),
             wal_first_lsn: Lsn(101),
             chain_hash_at_mirror_lsn: source_hash,
+            slot_acked_lsn,
             resumable,
             chain_hash_at_resume_base: Some(BASE_HASH),
             fresh_snapshot: FRESH,
@@ -367,6 +392,7 @@ mod tests {
             last_lsn: Lsn(500),
             wal_first_lsn: Lsn(wal_first),
             chain_hash_at_mirror_lsn: Some(MIRROR_HASH),
+            slot_acked_lsn: None,
             resumable: None,
             chain_hash_at_resume_base: None,
             fresh_snapshot: FRESH,
@@ -525,7 +551,7 @@ mod tests {
         bad.versions = VersionRange { min: 7, max: 9 };
         let reject = decide_with(&bad, &observer(), Some(MIRROR_HASH), None).unwrap_err();
         assert_eq!(reject.code, ErrorCode::BadVersion);
-        assert!(reject.detail.contains("4..=4"), "{}", reject.detail);
+        assert!(reject.detail.contains("5..=5"), "{}", reject.detail);
     }
 
     #[test]
@@ -629,18 +655,47 @@ mod tests {
     }
 
     #[test]
-    fn snapshots_a_mirror_behind_the_retained_wal() {
-        // The WAL starts at 101: a mirror at 99 would need entry 100.
-        for source_hash in [None, Some(MIRROR_HASH)] {
-            assert_eq!(
-                decide_with(&hello(99), &observer(), source_hash, None),
-                Ok(fresh(SnapshotReason::BehindRetainedWal))
+    fn a_mirror_behind_the_retained_wal_gets_a_snapshot_only_if_its_slot_vouches_for_it() {
+        let unverifiable = Decision::Diverged {
+            reason: Divergence::Unverifiable,
+        };
+        let behind = Ok(fresh(SnapshotReason::BehindRetainedWal));
+        #[rustfmt::skip]
+        let cases = [
+            // (label, applied, the source's hash there, the slot's acked LSN, decision)
+            // The WAL starts at 101: a mirror at 99 would need entry 100.
+            ("acked beyond the mirror's LSN", 99, None, Some(150), behind.clone()),
+            ("acked exactly the mirror's LSN", 99, Some(MIRROR_HASH), Some(99), behind.clone()),
+            // A source restored from a backup older than the mirror: its slot (if any) never
+            // saw the mirror's LSN, and the writes there may be the mirror's alone.
+            ("acked short of the mirror's LSN", 99, None, Some(98), Ok(unverifiable.clone())),
+            ("no slot", 99, None, None, Ok(unverifiable.clone())),
+            // Inside the range, but the source cannot prove the history: the same rule.
+            ("hash unknown, acked", 200, None, Some(200), behind.clone()),
+            ("hash unknown, no slot", 200, None, None, Ok(unverifiable.clone())),
+            // Within the WAL the hash decides, whatever the slot says.
+            ("in the WAL, same hash", 200, Some(MIRROR_HASH), None, Ok(Decision::Stream { from_lsn: Lsn(201) })),
+            ("in the WAL, other hash", 200, Some(ChainHash([1; 32])), Some(300),
+                Ok(Decision::Diverged { reason: Divergence::DivergedHistory })),
+        ];
+        for (label, applied, source_hash, acked, expected) in cases {
+            let actual = decide_with_slot(
+                &hello(applied),
+                &observer(),
+                source_hash,
+                None,
+                acked.map(Lsn),
             );
+            assert_eq!(actual, expected, "{label}");
         }
-        // Inside the range but the source cannot prove the history: also behind.
+        // A mirror whose policy is to resnapshot gets one, saying why.
+        let resnapshot = Hello {
+            on_divergence: DivergencePolicy::Resnapshot,
+            ..hello(99)
+        };
         assert_eq!(
-            decide_with(&hello(200), &observer(), None, None),
-            Ok(fresh(SnapshotReason::BehindRetainedWal))
+            decide_with(&resnapshot, &observer(), None, None),
+            Ok(fresh(SnapshotReason::Unverifiable))
         );
     }
 
@@ -797,6 +852,7 @@ mod tests {
             last_lsn: Lsn(500),
             wal_first_lsn: Lsn(101),
             chain_hash_at_mirror_lsn: None,
+            slot_acked_lsn: None,
             resumable: Some(INTERRUPTED),
             chain_hash_at_resume_base: Some(ChainHash([7; 32])),
             fresh_snapshot: FRESH,
@@ -835,6 +891,7 @@ mod tests {
                 same_hash in any::<bool>(),
                 known in any::<bool>(),
                 same_database in any::<bool>(),
+                slot_acked in proptest::option::of(0u64..700),
             ) {
                 let wal_first = (first_offset + 1).min(last + 1);
                 let cluster = name("east");
@@ -850,6 +907,7 @@ mod tests {
                     last_lsn: Lsn(last),
                     wal_first_lsn: Lsn(wal_first),
                     chain_hash_at_mirror_lsn: source_hash,
+                    slot_acked_lsn: slot_acked.map(Lsn),
                     resumable: None,
                     chain_hash_at_resume_base: None,
                     fresh_snapshot: FRESH,
@@ -872,12 +930,17 @@ mod tests {
                         // it is behind, on the same database, and not ahead of the source.
                         prop_assert_eq!(reason, SnapshotReason::BehindRetainedWal);
                         prop_assert!(same_database && applied <= last);
+                        // ... and its slot acknowledged its LSN on this history.
+                        prop_assert!(slot_acked.is_some_and(|acked| acked >= applied));
                     }
                     Decision::Diverged { reason } => {
                         let explained = match reason {
                             Divergence::DatabaseMismatch => !same_database,
                             Divergence::SourceBehind => applied > last,
                             Divergence::DivergedHistory => known && !same_hash,
+                            Divergence::Unverifiable => {
+                                slot_acked.is_none_or(|acked| acked < applied)
+                            }
                         };
                         prop_assert!(explained);
                     }

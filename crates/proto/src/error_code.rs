@@ -79,11 +79,15 @@ pub enum ErrorCode {
     /// A promotion the node cannot make: it was started without a `source` certificate
     /// of its own cluster (`--source-name`), or it is already a source.
     NotPromotable = 30,
+    /// The mirror is behind the source's retained WAL and the source cannot show that the
+    /// mirror's applied LSN is part of its history (no slot of that identity acknowledged
+    /// it): the mirror may hold writes the source lost, so it is not sent a snapshot.
+    Unverifiable = 31,
 }
 
 impl ErrorCode {
     /// Every code, in number order.
-    pub const ALL: [ErrorCode; 30] = [
+    pub const ALL: [ErrorCode; 31] = [
         ErrorCode::BadVersion,
         ErrorCode::ClusterIdMismatch,
         ErrorCode::ObserverOnly,
@@ -114,6 +118,7 @@ impl ErrorCode {
         ErrorCode::InvalidRequest,
         ErrorCode::Fenced,
         ErrorCode::NotPromotable,
+        ErrorCode::Unverifiable,
     ];
 
     /// The stable number on the wire and in QUIC close frames.
@@ -161,6 +166,7 @@ impl ErrorCode {
             ErrorCode::InvalidRequest => "INVALID_REQUEST",
             ErrorCode::Fenced => "FENCED",
             ErrorCode::NotPromotable => "NOT_PROMOTABLE",
+            ErrorCode::Unverifiable => "UNVERIFIABLE",
         }
     }
 
@@ -242,6 +248,7 @@ mod tests {
             ("INVALID_REQUEST", 28),
             ("FENCED", 29),
             ("NOT_PROMOTABLE", 30),
+            ("UNVERIFIABLE", 31),
         ];
         let actual: Vec<_> = ErrorCode::ALL
             .iter()
@@ -252,7 +259,7 @@ mod tests {
             assert_eq!(ErrorCode::from_number(code.number()), Some(code));
         }
         assert_eq!(ErrorCode::from_number(0), None);
-        assert_eq!(ErrorCode::from_number(31), None);
+        assert_eq!(ErrorCode::from_number(32), None);
     }
 
     #[test]

@@ -349,6 +349,9 @@ pub enum SnapshotReason {
     DatabaseMismatch,
     /// The mirror was interrupted mid-snapshot, and that snapshot can no longer be resumed.
     ResumeExpired,
+    /// The mirror is behind the retained WAL and the source cannot show its applied LSN is
+    /// part of its history; sent only to a mirror whose policy is `resnapshot`.
+    Unverifiable,
 }
 
 impl DecisionKind {
@@ -366,13 +369,14 @@ impl DecisionKind {
 
 impl SnapshotReason {
     /// Every reason, for tests.
-    pub const ALL: [SnapshotReason; 6] = [
+    pub const ALL: [SnapshotReason; 7] = [
         SnapshotReason::NewMirror,
         SnapshotReason::BehindRetainedWal,
         SnapshotReason::AheadOfSource,
         SnapshotReason::DivergedHistory,
         SnapshotReason::DatabaseMismatch,
         SnapshotReason::ResumeExpired,
+        SnapshotReason::Unverifiable,
     ];
 
     /// The name logs show (as serialized).
@@ -384,6 +388,7 @@ impl SnapshotReason {
             SnapshotReason::DivergedHistory => "diverged_history",
             SnapshotReason::DatabaseMismatch => "database_mismatch",
             SnapshotReason::ResumeExpired => "resume_expired",
+            SnapshotReason::Unverifiable => "unverifiable",
         }
     }
 }

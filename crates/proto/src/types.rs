@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 /// offered in the hello and chosen in the ack. Versions 3 and 4 changed the hello and the
 /// ack themselves, so a build speaks only its own: nodes are upgraded together
 /// (docs/PROTOCOL.md).
-pub const PROTOCOL_VERSION: u16 = 4;
+pub const PROTOCOL_VERSION: u16 = 5;
 
 /// Every protocol version this build can speak, as a mirror or as a source.
 pub const SUPPORTED_VERSIONS: VersionRange = VersionRange {
@@ -177,15 +177,34 @@ pub enum Divergence {
     SourceBehind,
     /// The source's chain hash at the mirror's applied LSN differs from the mirror's.
     DivergedHistory,
+    /// The mirror is behind the source's retained WAL and the source cannot show that the
+    /// mirror's applied LSN is part of its history.
+    Unverifiable,
 }
 
 impl Divergence {
+    /// Every reason.
+    pub const ALL: [Divergence; 4] = [
+        Divergence::DatabaseMismatch,
+        Divergence::SourceBehind,
+        Divergence::DivergedHistory,
+        Divergence::Unverifiable,
+    ];
+
+    /// The reason whose code is `code`, if it is one.
+    pub fn from_code(code: crate::ErrorCode) -> Option<Divergence> {
+        Divergence::ALL
+            .into_iter()
+            .find(|reason| reason.code() == code)
+    }
+
     /// Its error code.
     pub fn code(self) -> crate::ErrorCode {
         match self {
             Divergence::DatabaseMismatch => crate::ErrorCode::DatabaseMismatch,
             Divergence::SourceBehind => crate::ErrorCode::SourceBehind,
             Divergence::DivergedHistory => crate::ErrorCode::DivergedHistory,
+            Divergence::Unverifiable => crate::ErrorCode::Unverifiable,
         }
     }
 }

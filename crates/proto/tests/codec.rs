@@ -57,6 +57,7 @@ fn decision() -> impl Strategy<Value = Decision> {
         SnapshotReason::DivergedHistory,
         SnapshotReason::ResumeExpired,
         SnapshotReason::DatabaseMismatch,
+        SnapshotReason::Unverifiable,
     ]);
     prop_oneof![
         lsn().prop_map(|from_lsn| Decision::Stream { from_lsn }),
@@ -80,6 +81,7 @@ fn decision() -> impl Strategy<Value = Decision> {
             Divergence::DatabaseMismatch,
             Divergence::SourceBehind,
             Divergence::DivergedHistory,
+            Divergence::Unverifiable,
         ])
         .prop_map(|reason| Decision::Diverged { reason }),
     ]
@@ -457,6 +459,7 @@ proptest! {
             last_lsn: Lsn(1_000),
             wal_first_lsn: Lsn(500),
             chain_hash_at_mirror_lsn: applied_known.then_some(hello.chain_hash),
+            slot_acked_lsn: None,
             resumable: None,
             chain_hash_at_resume_base: None,
             fresh_snapshot: SnapshotPlan { snapshot_id: SnapshotId(1), base_lsn: Lsn(1_000), base_chain_hash: ChainHash::GENESIS },
@@ -483,7 +486,7 @@ proptest! {
 
     #[test]
     fn any_body_after_a_valid_header_is_handled(message_type in any::<u8>(), body in bytes(256)) {
-        let mut frame = vec![0, 4, message_type];
+        let mut frame = vec![0, 5, message_type];
         frame.extend_from_slice(&body);
         match decode_frame(&frame) {
             Ok(message) => prop_assert_eq!(message.message_type() as u8, message_type),
@@ -548,7 +551,7 @@ fn malformed_frames_get_typed_errors() {
         Err(FrameError::Truncated { len: 2 })
     ));
     assert!(matches!(
-        decode_frame(&[0, 4, 200]),
+        decode_frame(&[0, 5, 200]),
         Err(FrameError::UnknownType(200))
     ));
     assert!(matches!(
@@ -557,12 +560,12 @@ fn malformed_frames_get_typed_errors() {
     ));
     // StatusRequest has an empty body: one extra byte is trailing garbage.
     assert!(matches!(
-        decode_frame(&[0, 4, 19, 0]),
+        decode_frame(&[0, 5, 19, 0]),
         Err(FrameError::TrailingBytes { extra: 1, .. })
     ));
     // A hello whose body is cut short.
     assert!(matches!(
-        decode_frame(&[0, 4, 1, 1]),
+        decode_frame(&[0, 5, 1, 1]),
         Err(FrameError::MalformedBody { .. })
     ));
     // A truncated stream is an error at EOF, not a silent end.
@@ -615,7 +618,7 @@ fn a_name_that_fails_validation_fails_decoding() {
 #[test]
 fn a_claimed_huge_collection_fails_without_allocating() {
     // GetRequest { key: Vec<u8> } whose varint length claims u64::MAX bytes.
-    let mut frame = vec![0, 4, 18, 0xFF];
+    let mut frame = vec![0, 5, 18, 0xFF];
     frame.extend_from_slice(&u64::MAX.to_le_bytes());
     assert!(matches!(
         decode_frame(&frame),

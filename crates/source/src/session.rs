@@ -566,6 +566,7 @@ fn admit(
         last_lsn: position.lsn,
         wal_first_lsn: wal.first,
         chain_hash_at_mirror_lsn: store.chain_hash_at(hello.applied_lsn)?,
+        slot_acked_lsn: shared.slots.acked_lsn(&mirror_identity(peer)),
         resumable,
         chain_hash_at_resume_base,
         fresh_snapshot,

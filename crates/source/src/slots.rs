@@ -234,6 +234,17 @@ impl Slots {
             .then_some(snapshot)
     }
 
+    /// The highest LSN `mirror`'s slot has acknowledged, if it has a slot. Acknowledgements
+    /// only ever name entries this source sent on its own history, so a copy at or below it
+    /// is a past state of this history (what lets `decide` snapshot a mirror behind the
+    /// retained WAL). An invalidated slot keeps what it acknowledged.
+    pub fn acked_lsn(&self, mirror: &MirrorIdentity) -> Option<Lsn> {
+        self.lock()
+            .slots
+            .get(mirror)
+            .map(|slot| slot.record.acked_lsn)
+    }
+
     /// Registers a session for `name` that starts as `decision` says, replacing any earlier
     /// session of the same name, and pins the WAL it will need.
     pub fn begin_session(

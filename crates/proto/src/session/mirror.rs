@@ -93,6 +93,10 @@ pub struct Standing {
     pub interrupted: Option<InterruptedSnapshot>,
     /// Whether the store serves reads.
     pub consistent: bool,
+    /// The halt the store records, if the mirror is halted: it holds across restarts and
+    /// ends only when a source vouches for the copy (it streams to it) or the policy is to
+    /// resnapshot.
+    pub halted: Option<Divergence>,
 }
 
 /// What the mirror shows of its replication: the one record status, metrics and waiters
@@ -189,6 +193,8 @@ pub enum MirrorEvent {
     RewindPrepared(Result<Vec<Vec<u8>>, RewindImpossible>),
     /// [`MirrorAction::ApplyRewind`] is durable.
     RewindApplied,
+    /// [`MirrorAction::RecordHalt`] is durable.
+    HaltRecorded,
     /// The operator asked for a planned promotion to `epoch`: fence the source, apply up
     /// to its final LSN, then end the session for the driver to promote the store.
     Promote {
@@ -258,6 +264,8 @@ pub struct Preparation {
     /// The source's epoch history, which the store takes on (the mirror's copy is part of
     /// it: the decision says so).
     pub history: Vec<EpochStart>,
+    /// The store records a halt that this decision ends: erase the record.
+    pub ends_halt: bool,
 }
 
 /// A snapshot's identity and base, as the store marks it.
@@ -334,6 +342,9 @@ pub enum MirrorAction {
     PrepareRewind(RewindPlan),
     /// Apply the rewind in one store write and flush; report [`MirrorEvent::RewindApplied`].
     ApplyRewind(RewindApply),
+    /// Record durably that the mirror is halted and why (it stays halted across restarts
+    /// until a source vouches for its copy); report [`MirrorEvent::HaltRecorded`].
+    RecordHalt(Divergence),
 }
 
 /// A rule of the protocol the source broke.
@@ -468,6 +479,8 @@ enum Phase {
     Rewinding(Rewinding),
     /// Applying the WAL (`catching_up` or `streaming`).
     Replicating,
+    /// Recording the halt before the session ends with it.
+    Halting(Divergence),
     Ended,
 }
 
@@ -504,6 +517,7 @@ enum InFlight {
     },
     RewindPreparation,
     RewindApplication,
+    HaltRecord,
 }
 
 /// The mirror's session with its source, without I/O.
@@ -518,6 +532,8 @@ pub struct MirrorSession {
     /// The database and LSN the store held at the start, which an ack must be able to
     /// vouch for (a partial snapshot holds no usable copy: `None`).
     held_copy: Option<(DatabaseId, Lsn)>,
+    /// The halt the store records, if any (from the standing, or recorded in this session).
+    recorded_halt: Option<Divergence>,
     /// The source's database and epoch, from its ack: what a snapshot marks the store with.
     source_database: Option<(DatabaseId, Epoch)>,
     /// The source's epoch history, from its ack.
@@ -577,8 +593,9 @@ impl MirrorSession {
             compression: Compression::READABLE.to_vec(),
         };
         let progress = MirrorProgress {
-            // A halted mirror stays halted, with its reason, until a source vouches for it.
-            state: if previous.halt_reason.is_some() {
+            // A halted mirror stays halted, with its reason, until a source vouches for it:
+            // the store says so, whatever the last session or process did.
+            state: if standing.halted.is_some() {
                 MirrorState::Halted
             } else {
                 MirrorState::Connecting
@@ -587,6 +604,7 @@ impl MirrorSession {
             received_lsn: standing.applied_lsn,
             consistent: standing.consistent,
             snapshot: None,
+            halt_reason: standing.halted,
             ..previous.clone()
         };
         let handshake_timeout = config.handshake_timeout;
@@ -596,6 +614,7 @@ impl MirrorSession {
             progress,
             resume,
             held_copy,
+            recorded_halt: standing.halted,
             source_database: None,
             source_history: Vec::new(),
             compression: Compression::Off,
@@ -618,7 +637,9 @@ impl MirrorSession {
 
     /// Whether the driver should read another frame: the queue has room.
     pub fn wants_frames(&self) -> bool {
-        self.end.is_none() && self.queue.len() < self.config.max_queued_frames.max(1)
+        self.end.is_none()
+            && !matches!(self.phase, Phase::Halting(_))
+            && self.queue.len() < self.config.max_queued_frames.max(1)
     }
 
     /// Feeds one event.
@@ -714,6 +735,14 @@ impl MirrorSession {
                 // No key left to ask for: the source streams from the fork.
                 let done = RewindRequest { keys: Vec::new() };
                 self.transmit.push_back(Outgoing::Message(done.into()));
+            }
+            MirrorEvent::HaltRecorded => {
+                if self.in_flight.take() == Some(InFlight::HaltRecord) {
+                    if let Phase::Halting(reason) = self.phase {
+                        self.recorded_halt = Some(reason);
+                        self.finish(Err(MirrorEnd::Halted(reason)));
+                    }
+                }
             }
             MirrorEvent::Promote { epoch } => {
                 if self.phase == Phase::Replicating && self.promotion.is_none() {
@@ -889,6 +918,14 @@ impl MirrorSession {
                 if let Some(reason) = self.divergence(&accepted) {
                     return self.halt(reason);
                 }
+                // A recorded halt ends only when the source vouches for the copy by
+                // streaming to it, or when the operator's policy replaces the copy.
+                if let Some(reason) = self.recorded_halt {
+                    let vouched = matches!(accepted.decision, Decision::Stream { .. });
+                    if !vouched && self.config.on_divergence == DivergencePolicy::Halt {
+                        return self.halt(reason);
+                    }
+                }
                 self.progress.halt_reason = None;
                 self.on_decision(accepted.decision);
             }
@@ -927,6 +964,7 @@ impl MirrorSession {
                 SnapshotReason::BehindRetainedWal => None,
                 SnapshotReason::AheadOfSource => Some(Divergence::SourceBehind),
                 SnapshotReason::DatabaseMismatch => Some(Divergence::DatabaseMismatch),
+                SnapshotReason::Unverifiable => Some(Divergence::Unverifiable),
                 SnapshotReason::NewMirror
                 | SnapshotReason::DivergedHistory
                 | SnapshotReason::ResumeExpired => Some(Divergence::DivergedHistory),
@@ -935,10 +973,19 @@ impl MirrorSession {
         }
     }
 
+    /// Halts: the copy is kept and served, nothing is applied. The halt is recorded in the
+    /// store before the session ends, so that no restart of either side forgets it.
     fn halt(&mut self, reason: Divergence) {
         self.progress.state = MirrorState::Halted;
         self.progress.halt_reason = Some(reason);
-        self.finish(Err(MirrorEnd::Halted(reason)));
+        if self.recorded_halt == Some(reason) {
+            return self.finish(Err(MirrorEnd::Halted(reason)));
+        }
+        self.queue.clear();
+        self.transmit.clear();
+        self.phase = Phase::Halting(reason);
+        self.in_flight = Some(InFlight::HaltRecord);
+        self.actions.push_back(MirrorAction::RecordHalt(reason));
     }
 
     fn on_decision(&mut self, decision: Decision) {
@@ -957,6 +1004,7 @@ impl MirrorSession {
                     count_resume: false,
                     begin_snapshot: None,
                     history: self.source_history.clone(),
+                    ends_halt: self.recorded_halt.is_some(),
                 }
             }
             Decision::Rewind { to_lsn, chain_hash } => {
@@ -1009,6 +1057,7 @@ impl MirrorSession {
                         *base_chain_hash,
                     )),
                     history: self.source_history.clone(),
+                    ends_halt: self.recorded_halt.is_some(),
                 }
             }
             Decision::ResumeSnapshot {
@@ -1046,6 +1095,7 @@ impl MirrorSession {
                         .is_none()
                         .then(|| self.snapshot_start(*snapshot_id, *base_lsn, *base_chain_hash)),
                     history: self.source_history.clone(),
+                    ends_halt: self.recorded_halt.is_some(),
                 }
             }
             Decision::Diverged { .. } => unreachable!("a divergence halts before this"),
@@ -1329,6 +1379,7 @@ mod tests {
             chain_hash: ChainHash::GENESIS,
             interrupted: None,
             consistent: applied > 0,
+            halted: None,
         }
     }
 
@@ -1560,6 +1611,12 @@ mod tests {
             received(&mut session, accepted(rewind_to(20), 25));
             drain(&mut session);
             session.handle(MirrorEvent::RewindPrepared(Err(impossible)));
+            let recorded = drain(&mut session).actions;
+            assert_eq!(
+                recorded,
+                [MirrorAction::RecordHalt(Divergence::DivergedHistory)]
+            );
+            session.handle(MirrorEvent::HaltRecorded);
             assert_eq!(end(&mut session), Some(ErrorCode::DivergedHistory));
             assert_eq!(session.progress().state, MirrorState::Halted);
         }
@@ -1774,6 +1831,7 @@ mod tests {
                         count_resume: false,
                         begin_snapshot: None,
                         history: vec![crate::EpochStart::FIRST],
+                        ends_halt: false,
                     })
                 ]
             );
@@ -2199,9 +2257,16 @@ mod tests {
             let after = drain(&mut session);
             match halts {
                 Some(reason) => {
-                    assert!(after.actions.is_empty(), "{label}: nothing is prepared");
+                    // Nothing is prepared: the halt is recorded, then the session ends.
+                    assert_eq!(after.actions, [MirrorAction::RecordHalt(reason)], "{label}");
                     assert_eq!(session.progress().state, MirrorState::Halted, "{label}");
                     assert_eq!(session.progress().halt_reason, Some(reason), "{label}");
+                    assert!(
+                        session.take_end().is_none(),
+                        "{label}: not before it is recorded"
+                    );
+                    assert!(!session.wants_frames(), "{label}");
+                    session.handle(MirrorEvent::HaltRecorded);
                     match session.take_end() {
                         Some(Err(end @ MirrorEnd::Halted(_))) => {
                             assert_eq!(end.code(), reason.code());
@@ -2261,22 +2326,96 @@ mod tests {
     }
 
     #[test]
-    fn a_halted_mirror_stays_halted_until_a_source_vouches_for_it() {
-        let mut halted = MirrorProgress::new(Lsn(30), true);
-        halted.state = MirrorState::Halted;
-        halted.halt_reason = Some(Divergence::SourceBehind);
-        let mut session = MirrorSession::new(config(), standing(30), &halted);
-        assert_eq!(session.progress().state, MirrorState::Halted);
-        assert!(session.progress().consistent, "reads go on");
-        drain(&mut session);
-        received(
-            &mut session,
-            accepted(Decision::Stream { from_lsn: Lsn(31) }, 30),
-        );
-        drain(&mut session);
-        session.handle(MirrorEvent::Prepared);
-        assert_eq!(session.progress().halt_reason, None);
-        assert_eq!(session.progress().state, MirrorState::Streaming);
+    fn a_recorded_halt_ends_only_when_a_source_streams_to_the_copy_or_the_policy_replaces_it() {
+        let halted = |reason| Standing {
+            halted: Some(reason),
+            ..standing(30)
+        };
+        let rewind = Decision::Rewind {
+            to_lsn: Lsn(20),
+            chain_hash: ChainHash::GENESIS,
+        };
+        let behind = Decision::Snapshot {
+            snapshot_id: SnapshotId(9),
+            base_lsn: Lsn(40),
+            base_chain_hash: ChainHash::GENESIS,
+            reason: SnapshotReason::BehindRetainedWal,
+        };
+        let source_behind = Divergence::SourceBehind;
+        let other = Divergence::DivergedHistory;
+        // What ends a halt recorded by an earlier session or process.
+        enum Then {
+            /// Prepared, erasing the record.
+            Leaves,
+            /// Ends halted at once: the store already records this reason.
+            StaysHalted,
+            /// Records the new reason first.
+            Records(Divergence),
+        }
+        #[rustfmt::skip]
+        let cases = [
+            // (label, policy, decision, then)
+            ("the source streams: it vouches for the copy", DivergencePolicy::Halt,
+                Decision::Stream { from_lsn: Lsn(31) }, Then::Leaves),
+            ("a snapshot for being behind the WAL does not vouch", DivergencePolicy::Halt,
+                behind.clone(), Then::StaysHalted),
+            ("nor does a rewind", DivergencePolicy::Halt, rewind, Then::StaysHalted),
+            ("a new divergence replaces the reason", DivergencePolicy::Halt,
+                Decision::Diverged { reason: other }, Then::Records(other)),
+            ("the operator's resnapshot replaces the copy", DivergencePolicy::Resnapshot,
+                behind, Then::Leaves),
+        ];
+        for (label, policy, decision, then) in cases {
+            let mut config = config();
+            config.on_divergence = policy;
+            let mut session = MirrorSession::new(
+                config,
+                halted(source_behind),
+                &MirrorProgress::new(Lsn(30), true),
+            );
+            assert_eq!(session.progress().state, MirrorState::Halted, "{label}");
+            assert_eq!(
+                session.progress().halt_reason,
+                Some(source_behind),
+                "{label}"
+            );
+            assert!(session.progress().consistent, "{label}: reads go on");
+            drain(&mut session);
+            received(&mut session, accepted(decision, 40));
+            let actions = drain(&mut session).actions;
+            match then {
+                Then::Leaves => {
+                    let ends_halt = actions.iter().any(|action| {
+                        matches!(action, MirrorAction::Prepare(preparation) if preparation.ends_halt)
+                    });
+                    assert!(ends_halt, "{label}: {actions:?}");
+                    assert_eq!(session.progress().halt_reason, None, "{label}");
+                    session.handle(MirrorEvent::Prepared);
+                    assert_ne!(session.progress().state, MirrorState::Halted, "{label}");
+                }
+                Then::StaysHalted => {
+                    assert!(actions.is_empty(), "{label}: {actions:?}");
+                    assert!(
+                        matches!(
+                            session.take_end(),
+                            Some(Err(MirrorEnd::Halted(reason))) if reason == source_behind
+                        ),
+                        "{label}"
+                    );
+                }
+                Then::Records(reason) => {
+                    assert_eq!(actions, [MirrorAction::RecordHalt(reason)], "{label}");
+                    session.handle(MirrorEvent::HaltRecorded);
+                    assert!(
+                        matches!(
+                            session.take_end(),
+                            Some(Err(MirrorEnd::Halted(ended))) if ended == reason
+                        ),
+                        "{label}"
+                    );
+                }
+            }
+        }
     }
 
     #[test]

@@ -1,0 +1,163 @@
+//! End-to-end: a mirror's history against sources restored from backups, on real
+//! processes. Each test replays one case of docs/RELIABILITY.md, "History II".
+
+use std::time::Duration;
+
+use xmirror_client::Client;
+use xmirror_e2e::{
+    assert_converged, copy_dir, free_port, mirror_status, source_status, wait_until, World,
+};
+use xmirror_proto::message::DecisionKind;
+use xmirror_proto::status::{MirrorState, MirrorStatus};
+use xmirror_proto::Divergence;
+
+const VALUE_SIZE: usize = 100;
+
+/// Waits until the mirror is halted for `reason`, and returns its status.
+async fn wait_halted_for(reader: &Client, reason: Divergence) -> MirrorStatus {
+    wait_until(
+        &format!("the mirror to halt with {reason}"),
+        Duration::from_secs(60),
+        || async {
+            let status = mirror_status(reader).await;
+            (status.state == MirrorState::Halted && status.halt_reason == Some(reason))
+                .then_some(status)
+        },
+    )
+    .await
+}
+
+/// Case 1. The source is restored from a backup older than its mirror and written to
+/// again, past the mirror; then its WAL no longer reaches the mirror's LSN. The mirror,
+/// the only holder of the writes the backup lacks, halts and keeps them: through the
+/// source's later writes, a WAL that no longer proves anything (`UNVERIFIABLE`, never a
+/// snapshot), and restarts of the mirror; only the operator's `resnapshot` replaces them.
+///
+/// `rewritten_first`: the restored source takes its new writes before the mirror comes
+/// back (it halts `DIVERGED_HISTORY` at once), else while the mirror watches (it halts
+/// `SOURCE_BEHIND` first).
+async fn a_halt_holds_against_a_restored_source(engine: &str, rewritten_first: bool) {
+    let world = World::new();
+    let addr = free_port();
+    let engine_flags = ["--engine", engine];
+    let mut source = world.start_source_on(addr, "source", &engine_flags).await;
+    let app = world.client(source.addr).await;
+    app.write_keys(2_000, VALUE_SIZE, "k-").await.unwrap();
+    // A second mirror whose slot, in the backup, pins the WAL after 2000: the restored
+    // source can then still compare chain hashes at the first mirror's LSN, for a while.
+    let mut pinning = world.start_mirror("m2", "m2", source.addr).await;
+    let pinning_reader = world.client(pinning.addr).await;
+    assert_converged(&app, &pinning_reader).await;
+    drop(pinning_reader);
+    assert!(pinning.stop().success());
+    drop(app);
+    assert!(source.stop().success());
+    copy_dir(&world.path("source"), &world.path("backup-2000"));
+
+    let mut source = world.start_source_on(addr, "source", &engine_flags).await;
+    let app = world.client(source.addr).await;
+    let listen = free_port();
+    let mut mirror = world
+        .start_mirror_with(listen, "m1", "m1", source.addr, &engine_flags)
+        .await;
+    let mut reader = world.client(mirror.addr).await;
+    // 1,000 writes the backup will not have.
+    app.write_keys(1_000, VALUE_SIZE, "lost-").await.unwrap();
+    let held = assert_converged(&app, &reader).await;
+    assert_eq!(held.applied_lsn.0, 3_000);
+    let held_digest = reader.digest().await.unwrap();
+    let held_value = reader.get(b"lost-0000000007").await.unwrap();
+    assert!(held_value.is_some());
+    drop(app);
+    assert!(source.stop().success());
+    if rewritten_first {
+        assert!(mirror.stop().success());
+    }
+
+    // Restored from the backup, and written to past the mirror.
+    std::fs::remove_dir_all(world.path("source")).unwrap();
+    copy_dir(&world.path("backup-2000"), &world.path("source"));
+    let source = world.start_source_on(addr, "source", &engine_flags).await;
+    let app = world.client(source.addr).await;
+    if !rewritten_first {
+        let halted = wait_halted_for(&reader, Divergence::SourceBehind).await;
+        assert_eq!(halted.applied_lsn.0, 3_000);
+    }
+    app.write_keys(1_500, VALUE_SIZE, "new-").await.unwrap();
+    if rewritten_first {
+        mirror = world
+            .start_mirror_with(listen, "m1", "m1", source.addr, &engine_flags)
+            .await;
+        reader = world.client(listen).await;
+    }
+    // The WAL still holds LSN 3000 (the second mirror's slot): the hashes differ there.
+    let halted = wait_halted_for(&reader, Divergence::DivergedHistory).await;
+    assert_eq!(halted.applied_lsn.0, 3_000);
+
+    // The slot that pinned the WAL goes, and the WAL with it: the source can no longer
+    // compare, and cannot show the mirror's LSN is part of its history either.
+    app.drop_slot("m2").await.unwrap();
+    wait_until(
+        "the source to drop the WAL at the mirror's LSN",
+        Duration::from_secs(30),
+        || async { (source_status(&app).await.wal_first_lsn.0 > 3_001).then_some(()) },
+    )
+    .await;
+    let halted = wait_halted_for(&reader, Divergence::Unverifiable).await;
+    assert_eq!(halted.applied_lsn.0, 3_000, "nothing applied");
+    assert_eq!(halted.snapshots_started, 1, "never replaced by a snapshot");
+    assert!(halted.consistent, "plain reads go on");
+    assert_eq!(reader.digest().await.unwrap(), held_digest, "its data kept");
+    assert_eq!(reader.get(b"lost-0000000007").await.unwrap(), held_value);
+
+    // The halt is the store's: a mirror killed and started again is halted before it
+    // hears from the source, and stays so after.
+    mirror.kill9();
+    let mirror = world
+        .start_mirror_with(listen, "m1", "m1", source.addr, &engine_flags)
+        .await;
+    let reader = world.client(listen).await;
+    let restarted = mirror_status(&reader).await;
+    assert_eq!(restarted.state, MirrorState::Halted);
+    assert_eq!(restarted.halt_reason, Some(Divergence::Unverifiable));
+    wait_until(
+        "the restarted mirror to be refused again",
+        Duration::from_secs(30),
+        || async {
+            let log = mirror.log_text();
+            log.matches("UNVERIFIABLE").next().map(|_| ())
+        },
+    )
+    .await;
+    let still = mirror_status(&reader).await;
+    assert_eq!(still.state, MirrorState::Halted);
+    assert_eq!(still.applied_lsn.0, 3_000);
+    assert_eq!(reader.digest().await.unwrap(), held_digest, "its data kept");
+    drop((mirror, reader));
+
+    // Only the operator replaces it.
+    let _mirror = world
+        .start_mirror_with(
+            listen,
+            "m1",
+            "m1",
+            source.addr,
+            &["--engine", engine, "--on-divergence", "resnapshot"],
+        )
+        .await;
+    let reader = world.client(listen).await;
+    let replaced = assert_converged(&app, &reader).await;
+    assert_eq!(replaced.halt_reason, None);
+    assert_eq!(replaced.last_decision, Some(DecisionKind::Snapshot));
+    assert_eq!(replaced.applied_lsn.0, 3_500);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_halt_holds_against_a_source_restored_then_rewritten_redb() {
+    a_halt_holds_against_a_restored_source("redb", false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_halt_holds_against_a_source_rewritten_before_the_mirror_returns_sled() {
+    a_halt_holds_against_a_restored_source("sled", true).await;
+}

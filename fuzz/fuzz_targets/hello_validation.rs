@@ -49,6 +49,12 @@ fuzz_target!(|data: &[u8]| {
             .as_ref()
             .filter(|token| token.base_lsn.0 % 2 == 0)
             .map(|token| token.base_chain_hash),
+        chain_hash_at_resume_scanned: hello
+            .resume
+            .as_ref()
+            .and_then(|token| token.scanned_at)
+            .filter(|scanned| scanned.lsn.0 % 2 == 0)
+            .map(|scanned| scanned.chain_hash),
         fresh_snapshot: SnapshotPlan {
             snapshot_id: SnapshotId(1),
             base_lsn: Lsn(1_000),

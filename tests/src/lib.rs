@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::proxy::{Direction, Impairment, Proxy};
 use tempfile::TempDir;
 use xmirror_client::{Client, Identity};
 use xmirror_proto::status::{MirrorStatus, NodeStatus, SourceStatus};
@@ -469,3 +470,22 @@ pub fn copy_dir(from: &Path, to: &Path) {
         }
     }
 }
+
+/// A proxy to `source` that carries 4 MB/s towards the mirror: a snapshot of tens of MB
+/// takes seconds, however fast or loaded this machine is.
+pub async fn slow_link(source: std::net::SocketAddr) -> Proxy {
+    let link = Proxy::start(source).await;
+    link.set(
+        Direction::ToMirror,
+        Impairment {
+            bandwidth: Some(4_000_000),
+            ..Impairment::default()
+        },
+    );
+    link
+}
+
+/// Source flags for the tests that kill a mirror mid-snapshot: a crawling link lands the
+/// kill mid-snapshot only if the snapshot is as large on the wire as in the store, and the
+/// test values (a key, then `x` padding) compress twentyfold.
+pub const UNCOMPRESSED: &[&str] = &["--compression", "off"];

@@ -245,6 +245,7 @@ async fn hostile_peers_are_refused_while_a_mirror_streams() {
     let chunk = frame(&Message::SnapshotChunk(SnapshotChunk {
         snapshot_id: SnapshotId(1),
         pairs: vec![],
+        scanned_at: xmirror_proto::Position::GENESIS,
     }));
     assert_eq!(
         attack(

@@ -5,7 +5,8 @@ use std::time::Duration;
 
 use xmirror_client::Client;
 use xmirror_e2e::{
-    assert_converged, copy_dir, free_port, mirror_status, source_status, wait_until, World,
+    assert_converged, copy_dir, free_port, free_tcp_port, mirror_status, scrape, slow_link,
+    source_status, wait_until, World, UNCOMPRESSED,
 };
 use xmirror_proto::message::DecisionKind;
 use xmirror_proto::status::{MirrorState, MirrorStatus};
@@ -160,4 +161,78 @@ async fn a_halt_holds_against_a_source_restored_then_rewritten_redb() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_halt_holds_against_a_source_rewritten_before_the_mirror_returns_sled() {
     a_halt_holds_against_a_restored_source("sled", true).await;
+}
+
+/// The keys of the mirror's snapshot applied by this mirror process (its metrics).
+fn snapshot_keys_applied(metrics: std::net::SocketAddr) -> f64 {
+    scrape(metrics)
+        .and_then(|samples| samples.get("xmirror_mirror_snapshot_keys_total").copied())
+        .unwrap_or(0.0)
+}
+
+/// Case 2. A mirror is mid-snapshot; the source is backed up after the snapshot began (the
+/// backup holds the mirror's slot and the snapshot's id), takes writes whose keys the scan
+/// has not reached yet, sends the mirror the chunks holding them, is killed, and is
+/// restored from the backup and given other writes. The chain hash at the snapshot's base
+/// is the same on both histories, but chunks were read from a state the restored source
+/// never held: the mirror must not resume, and ends equal to the source.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_restored_mid_snapshot_never_resumes_chunks_of_its_lost_history() {
+    const KEYS: u64 = 100_000;
+    let world = World::new();
+    let addr = free_port();
+    let mut source = world.start_source_on(addr, "source", UNCOMPRESSED).await;
+    let app = world.client(source.addr).await;
+    app.write_keys(KEYS, VALUE_SIZE, "key-").await.unwrap();
+    let link = slow_link(source.addr).await;
+    let metrics = free_tcp_port();
+    let listen = free_port();
+    let mirror = world
+        .start_mirror_with(
+            listen,
+            "m1",
+            "m1",
+            link.addr,
+            &["--metrics", &metrics.to_string()],
+        )
+        .await;
+    let applied_past = |keys: f64| {
+        wait_until(
+            "the mirror to apply that many snapshot keys",
+            Duration::from_secs(120),
+            move || async move { (snapshot_keys_applied(metrics) >= keys).then_some(()) },
+        )
+    };
+    applied_past(20_000.0).await;
+    // The link goes dark: the snapshot waits, half done, while the source is backed up.
+    link.partition(true);
+    drop(app);
+    assert!(source.stop().success());
+    copy_dir(&world.path("source"), &world.path("backup"));
+
+    // Writes the backup lacks, at keys the scan has not reached (they sort right after
+    // key-0000050000); the mirror resumes and is sent the chunks that hold them.
+    let mut source = world.start_source_on(addr, "source", UNCOMPRESSED).await;
+    let app = world.client(source.addr).await;
+    app.write_keys(1_000, VALUE_SIZE, "key-00000500")
+        .await
+        .unwrap();
+    link.partition(false);
+    applied_past(60_000.0).await;
+    link.partition(true);
+    drop(app);
+    source.kill9();
+
+    // Restored, and other writes at the same LSNs.
+    std::fs::remove_dir_all(world.path("source")).unwrap();
+    copy_dir(&world.path("backup"), &world.path("source"));
+    let source = world.start_source_on(addr, "source", UNCOMPRESSED).await;
+    let app = world.client(source.addr).await;
+    app.write_keys(1_000, VALUE_SIZE, "other-").await.unwrap();
+    link.partition(false);
+    let reader = world.client(mirror.addr).await;
+    let status = assert_converged(&app, &reader).await;
+    assert_eq!(status.last_decision, Some(DecisionKind::Snapshot));
+    let lost = reader.get(b"key-000005000000000007").await.unwrap();
+    assert!(lost.is_none(), "a value of the lost history is served");
 }

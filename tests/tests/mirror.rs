@@ -4,10 +4,10 @@
 use std::time::Duration;
 
 use xmirror_client::{Client, Error as ClientError, Scan, Write};
-use xmirror_e2e::proxy::{Direction, Impairment, Proxy};
+use xmirror_e2e::proxy::Proxy;
 use xmirror_e2e::{
     assert_converged, copy_dir, free_port, free_tcp_port, mirror_args, mirror_status, scrape,
-    source_status, wait_until, Node, World, CLUSTER,
+    slow_link, source_status, wait_until, Node, World, CLUSTER, UNCOMPRESSED,
 };
 use xmirror_proto::message::DecisionKind;
 use xmirror_proto::status::MirrorStatus;
@@ -845,25 +845,6 @@ async fn absent_mirrors_pin_no_more_than_the_byte_cap_and_slots_can_be_dropped()
     assert_eq!(String::from_utf8_lossy(&dropped.stdout).trim(), "[]");
     assert!(source_status(&app).await.mirrors.is_empty());
 }
-
-/// A proxy to `source` that carries 4 MB/s towards the mirror: a snapshot of tens of MB
-/// takes seconds, however fast or loaded this machine is.
-async fn slow_link(source: std::net::SocketAddr) -> Proxy {
-    let link = Proxy::start(source).await;
-    link.set(
-        Direction::ToMirror,
-        Impairment {
-            bandwidth: Some(4_000_000),
-            ..Impairment::default()
-        },
-    );
-    link
-}
-
-/// Source flags for the tests that kill a mirror mid-snapshot: a crawling link lands the
-/// kill mid-snapshot only if the snapshot is as large on the wire as in the store, and the
-/// test values (a key, then `x` padding) compress twentyfold.
-const UNCOMPRESSED: &[&str] = &["--compression", "off"];
 
 /// Starts mirror `m1` (data in `data`) through a 4 MB/s link and kills it with SIGKILL once
 /// a quarter of `data_size` bytes of snapshot were sent; returns the proxy (keep it alive

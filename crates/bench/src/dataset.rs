@@ -287,7 +287,7 @@ pub fn store_snapshot_path(
     store.begin_snapshot(snapshot_id, Position::GENESIS, database)?;
     store.flush()?;
     for pairs in batches {
-        store.apply_snapshot_chunk(snapshot_id, &pairs)?;
+        store.apply_snapshot_chunk(snapshot_id, &pairs, Position::GENESIS)?;
         store.flush()?;
     }
     store.finish_snapshot_scan(snapshot_id, Position::GENESIS)?;

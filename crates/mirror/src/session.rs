@@ -122,6 +122,7 @@ pub fn standing(store: &dyn Store) -> Result<Standing, StoreError> {
                 base_chain_hash: progress.base.chain_hash,
                 after_key: progress.after_key,
                 cleared: progress.cleared,
+                scanned_at: progress.scanned_at,
             }),
             _ => None,
         },
@@ -283,7 +284,7 @@ fn start_work(shared: &MirrorShared, action: MirrorAction) -> Work {
             Box::pin(async move {
                 blocking(move || {
                     for chunk in &chunks {
-                        store.apply_snapshot_chunk(snapshot_id, &chunk.pairs)?;
+                        store.apply_snapshot_chunk(snapshot_id, &chunk.pairs, chunk.scanned_at)?;
                     }
                     // Durable before it is acknowledged: the source keeps at most a window
                     // of chunks unacknowledged, so a kill costs at most that window.

@@ -540,9 +540,14 @@ mod wire_format {
         let chunk: Message = SnapshotChunk {
             snapshot_id: SnapshotId(2),
             pairs: vec![(b"a".to_vec(), b"bc".to_vec())],
+            scanned_at: crate::Position {
+                lsn: Lsn(4),
+                chain_hash: ChainHash([6; 32]),
+            },
         }
         .into();
-        let expected = vec![0, 5, 3, 2, 1, 1, 97, 2, 98, 99];
+        let mut expected = vec![0, 5, 3, 2, 1, 1, 97, 2, 98, 99, 4];
+        expected.extend([6; 32]);
         assert_eq!(super::encode_frame(5, &chunk).unwrap().to_vec(), expected);
         assert_eq!(super::decode_frame(&expected).unwrap(), chunk);
     }
@@ -563,6 +568,10 @@ mod overhead {
         let chunk: Message = SnapshotChunk {
             snapshot_id: SnapshotId(u64::MAX),
             pairs: vec![(key.clone(), value.clone())],
+            scanned_at: crate::Position {
+                lsn: Lsn(u64::MAX),
+                chain_hash: ChainHash([0xff; 32]),
+            },
         }
         .into();
         let batch: Message = WalBatch {

@@ -48,6 +48,9 @@ pub struct SourceView<'a> {
     /// The source's chain hash at the resume token's base LSN, when it still knows it: a
     /// resume is granted only on the same history.
     pub chain_hash_at_resume_base: Option<ChainHash>,
+    /// The source's chain hash at the LSN the token's latest chunk was scanned at, when it
+    /// knows it: every chunk already applied must be of the source's history.
+    pub chain_hash_at_resume_scanned: Option<ChainHash>,
     /// The snapshot the source would start now if it must start one.
     pub fresh_snapshot: SnapshotPlan,
 }
@@ -193,7 +196,15 @@ fn choose(hello: &Hello, view: &SourceView) -> Decision {
     // to, and replacing its partial data loses nothing. It resumes only the snapshot it
     // names, of this database, on this history.
     if let Some(token) = &hello.resume {
-        let same_history = view.chain_hash_at_resume_base == Some(token.base_chain_hash);
+        // The base, and the latest point any applied chunk was read at, are both in this
+        // source's history: a source restored from a backup that lacks a chunk's point (it
+        // may hold the same base) never continues a scan whose start it never held.
+        let chunks_of_this_history = match token.scanned_at {
+            Some(scanned) => view.chain_hash_at_resume_scanned == Some(scanned.chain_hash),
+            None => token.after_key.is_none(),
+        };
+        let same_history =
+            view.chain_hash_at_resume_base == Some(token.base_chain_hash) && chunks_of_this_history;
         return match view.resumable {
             Some(plan)
                 if token.database_id == view.database_id
@@ -270,7 +281,7 @@ mod tests {
     use crate::message::{DecisionFields, DecisionKind, ResumeToken};
     use crate::types::SUPPORTED_VERSIONS;
     use crate::types::{DatabaseId, Divergence, DivergencePolicy};
-    use crate::Role;
+    use crate::{Position, Role};
 
     fn name(value: &str) -> Name {
         Name::new(value).unwrap()
@@ -344,6 +355,7 @@ mod tests {
             slot_acked_lsn,
             resumable,
             chain_hash_at_resume_base: Some(BASE_HASH),
+            chain_hash_at_resume_scanned: Some(SCANNED.chain_hash),
             fresh_snapshot: FRESH,
         };
         decide(hello, peer, &view)
@@ -395,6 +407,7 @@ mod tests {
             slot_acked_lsn: None,
             resumable: None,
             chain_hash_at_resume_base: None,
+            chain_hash_at_resume_scanned: None,
             fresh_snapshot: FRESH,
         };
         decide(hello, &observer(), &view).unwrap()
@@ -753,12 +766,20 @@ mod tests {
         }
     }
 
+    /// Where the chunks a token's mirror applied were last scanned.
+    const SCANNED: Position = Position {
+        lsn: Lsn(170),
+        chain_hash: ChainHash([10; 32]),
+    };
+
+    /// A token of a mirror that applied chunks up to `after_key` (scanned at `SCANNED`).
     fn token(after_key: Option<Vec<u8>>) -> ResumeToken {
         ResumeToken {
             database_id: DATABASE,
             snapshot_id: SnapshotId(12),
             base_lsn: Lsn(150),
             base_chain_hash: BASE_HASH,
+            scanned_at: after_key.as_ref().map(|_| SCANNED),
             after_key,
         }
     }
@@ -826,6 +847,28 @@ mod tests {
                 },
                 Some(INTERRUPTED),
             ),
+            // The same base and slot, but a chunk was read from a state the source's
+            // history does not hold: restored from a backup taken after the snapshot
+            // began, then written to differently.
+            (
+                "a chunk scanned off the source's history",
+                ResumeToken {
+                    scanned_at: Some(Position {
+                        chain_hash: ChainHash([11; 32]),
+                        ..SCANNED
+                    }),
+                    ..token(Some(b"k".to_vec()))
+                },
+                Some(INTERRUPTED),
+            ),
+            (
+                "a chunk applied with no point it was scanned at",
+                ResumeToken {
+                    scanned_at: None,
+                    ..token(Some(b"k".to_vec()))
+                },
+                Some(INTERRUPTED),
+            ),
         ];
         for (label, token, resumable) in cases {
             assert_eq!(
@@ -855,6 +898,7 @@ mod tests {
             slot_acked_lsn: None,
             resumable: Some(INTERRUPTED),
             chain_hash_at_resume_base: Some(ChainHash([7; 32])),
+            chain_hash_at_resume_scanned: Some(SCANNED.chain_hash),
             fresh_snapshot: FRESH,
         };
         assert_eq!(
@@ -910,6 +954,7 @@ mod tests {
                     slot_acked_lsn: slot_acked.map(Lsn),
                     resumable: None,
                     chain_hash_at_resume_base: None,
+                    chain_hash_at_resume_scanned: None,
                     fresh_snapshot: FRESH,
                 };
                 let mut hello = hello(applied);

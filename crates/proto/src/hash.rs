@@ -23,6 +23,25 @@ use crate::types::Lsn;
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct ChainHash(pub [u8; 32]);
 
+/// A point of a history: an LSN and the chain hash there. Where a store stands, and where
+/// a snapshot chunk was scanned: two nodes whose histories hold the same point hold the
+/// same history up to it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Position {
+    /// The LSN (`Lsn::ZERO` before any entry).
+    pub lsn: Lsn,
+    /// The chain hash at `lsn`.
+    pub chain_hash: ChainHash,
+}
+
+impl Position {
+    /// The point before any entry.
+    pub const GENESIS: Position = Position {
+        lsn: Lsn::ZERO,
+        chain_hash: ChainHash::GENESIS,
+    };
+}
+
 impl ChainHash {
     /// The chain hash at LSN 0, before any entry.
     pub const GENESIS: ChainHash = ChainHash([0; 32]);

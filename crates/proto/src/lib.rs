@@ -23,7 +23,7 @@ pub use codec::{FrameCodec, FrameError, FrameLimits};
 pub use compress::{negotiate_compression, Compression, CompressionCounters};
 pub use decide::{decide, negotiate_version, Reject, SnapshotPlan, SourceView};
 pub use error_code::ErrorCode;
-pub use hash::{ChainHash, StateDigest};
+pub use hash::{ChainHash, Position, StateDigest};
 pub use history::EpochStart;
 pub use message::{Decision, DecisionKind, Entry, Message, SnapshotReason};
 pub use types::{

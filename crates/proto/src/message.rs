@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::compress::Compression;
 use crate::error_code::ErrorCode;
-use crate::hash::{ChainHash, StateDigest};
+use crate::hash::{ChainHash, Position, StateDigest};
 use crate::history::EpochStart;
 use crate::status::{NodeStatus, SlotStatus};
 use crate::types::{
@@ -154,6 +154,11 @@ pub struct ResumeToken {
     /// The last key the mirror applied; `None` when no chunk was applied yet.
     #[serde(with = "serde_bytes")]
     pub after_key: Option<Vec<u8>>,
+    /// The latest source position any applied chunk was scanned at (`None` before the
+    /// first): the source resumes only if its history holds it, so that a source restored
+    /// from a backup older than a sent chunk never continues a scan whose first part it
+    /// never held.
+    pub scanned_at: Option<Position>,
 }
 
 /// The source's answer to a hello.
@@ -401,6 +406,9 @@ pub struct SnapshotChunk {
     /// Pairs in ascending key order, all after the previous chunk's last key.
     #[serde(with = "crate::codec::byte_pairs")]
     pub pairs: Vec<(Vec<u8>, Vec<u8>)>,
+    /// The source's position when the pairs were read (or later): their values are part of
+    /// the source's history up to it.
+    pub scanned_at: Position,
 }
 
 impl SnapshotChunk {

@@ -21,6 +21,10 @@ fn lsn() -> impl Strategy<Value = Lsn> {
     any::<u64>().prop_map(Lsn)
 }
 
+fn position() -> impl Strategy<Value = Position> {
+    (lsn(), hash()).prop_map(|(lsn, chain_hash)| Position { lsn, chain_hash })
+}
+
 fn hash() -> impl Strategy<Value = ChainHash> {
     any::<[u8; 32]>().prop_map(ChainHash)
 }
@@ -157,14 +161,16 @@ fn message() -> impl Strategy<Value = Message> {
         lsn(),
         hash(),
         proptest::option::of(bytes(16)),
+        proptest::option::of(position()),
     )
         .prop_map(
-            |(database_id, id, base_lsn, base_chain_hash, after_key)| ResumeToken {
+            |(database_id, id, base_lsn, base_chain_hash, after_key, scanned_at)| ResumeToken {
                 database_id,
                 snapshot_id: SnapshotId(id),
                 base_lsn,
                 base_chain_hash,
                 after_key,
+                scanned_at,
             },
         );
     let held = (
@@ -247,12 +253,16 @@ fn message() -> impl Strategy<Value = Message> {
         ack,
         (
             any::<u64>(),
-            proptest::collection::vec((bytes(8), bytes(8)), 0..5)
+            proptest::collection::vec((bytes(8), bytes(8)), 0..5),
+            position()
         )
-            .prop_map(|(id, pairs)| Message::SnapshotChunk(SnapshotChunk {
-                snapshot_id: SnapshotId(id),
-                pairs
-            })),
+            .prop_map(
+                |(id, pairs, scanned_at)| Message::SnapshotChunk(SnapshotChunk {
+                    snapshot_id: SnapshotId(id),
+                    pairs,
+                    scanned_at
+                })
+            ),
         (any::<u64>(), lsn(), hash()).prop_map(|(id, end_lsn, end_chain_hash)| {
             Message::SnapshotDone(SnapshotDone {
                 snapshot_id: SnapshotId(id),
@@ -462,6 +472,7 @@ proptest! {
             slot_acked_lsn: None,
             resumable: None,
             chain_hash_at_resume_base: None,
+            chain_hash_at_resume_scanned: None,
             fresh_snapshot: SnapshotPlan { snapshot_id: SnapshotId(1), base_lsn: Lsn(1_000), base_chain_hash: ChainHash::GENESIS },
         };
         match decide(&hello, &peer, &view) {
@@ -653,6 +664,7 @@ fn compressible_chunk() -> Message {
                 )
             })
             .collect(),
+        scanned_at: Position::GENESIS,
     }
     .into()
 }

@@ -345,12 +345,17 @@ where
                 max_bytes,
             } => {
                 let store = shared.store.clone();
-                let scan = blocking(move || store.scan(after_key.as_deref(), max_bytes));
+                // The position read after the pairs: their values are of the history up to it.
+                let scan = blocking(move || {
+                    let chunk = store.scan(after_key.as_deref(), max_bytes)?;
+                    Ok((chunk, store.position()))
+                });
                 self.work.push(Box::pin(async move {
-                    let chunk = scan.await?;
+                    let (chunk, scanned_at) = scan.await?;
                     Ok(Some(SourceEvent::Scanned {
                         pairs: chunk.pairs,
                         more: chunk.more,
+                        scanned_at,
                     }))
                 }));
             }
@@ -554,6 +559,11 @@ fn admit(
         Some(token) => store.chain_hash_at(token.base_lsn)?,
         None => None,
     };
+    let chain_hash_at_resume_scanned =
+        match hello.resume.as_ref().and_then(|token| token.scanned_at) {
+            Some(scanned) => store.chain_hash_at(scanned.lsn)?,
+            None => None,
+        };
     let databases = [shared.config.database.clone()];
     let history = store.history();
     let view = SourceView {
@@ -569,6 +579,7 @@ fn admit(
         slot_acked_lsn: shared.slots.acked_lsn(&mirror_identity(peer)),
         resumable,
         chain_hash_at_resume_base,
+        chain_hash_at_resume_scanned,
         fresh_snapshot,
     };
     let mut decision = decide(&hello, peer, &view);

@@ -223,6 +223,8 @@ struct CachedMeta {
 }
 
 /// What a batch comes to, prepared under the write lock.
+// Lives on the stack for one apply; boxing the large variant would allocate per apply.
+#[allow(clippy::large_enum_variant)]
 enum Prepared<'b> {
     /// Every entry was applied before.
     Nothing,
@@ -1034,6 +1036,7 @@ impl<E: Engine> Store for KvStore<E> {
             base,
             after_key: None,
             cleared: false,
+            scanned_at: None,
         };
         // First mark the store as mid-snapshot, so that a crash while clearing is followed
         // by another clear, never by streaming onto half-deleted data. A new snapshot is
@@ -1075,6 +1078,7 @@ impl<E: Engine> Store for KvStore<E> {
         &self,
         snapshot_id: SnapshotId,
         pairs: &[(Vec<u8>, Vec<u8>)],
+        scanned_at: Position,
     ) -> Result<(), StoreError> {
         let mut state = self.lock();
         let mut progress = receiving(&state.sync, snapshot_id)?;
@@ -1091,6 +1095,12 @@ impl<E: Engine> Store for KvStore<E> {
             previous = Some(key);
         }
         progress.after_key = Some(last_key.clone());
+        if progress
+            .scanned_at
+            .is_none_or(|latest| scanned_at.lsn > latest.lsn)
+        {
+            progress.scanned_at = Some(scanned_at);
+        }
         let scanning = SyncState::Scanning(progress);
         writes.put(meta_key(META_SYNC), scanning.encode());
         self.engine.write(writes)?;

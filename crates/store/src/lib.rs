@@ -126,21 +126,7 @@ use xmirror_proto::{
 };
 
 /// Where a store stands: its last applied LSN and the chain hash at it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Position {
-    /// The last applied LSN (`Lsn::ZERO` when empty).
-    pub lsn: Lsn,
-    /// The chain hash at `lsn`.
-    pub chain_hash: ChainHash,
-}
-
-impl Position {
-    /// An empty store's position.
-    pub const GENESIS: Position = Position {
-        lsn: Lsn::ZERO,
-        chain_hash: ChainHash::GENESIS,
-    };
-}
+pub use xmirror_proto::Position;
 
 /// Consecutive entries to apply, with where they start.
 #[derive(Clone, Copy, Debug)]
@@ -475,11 +461,14 @@ pub trait Store: Send + Sync + 'static {
         database: DatabaseIdentity,
     ) -> Result<(), StoreError>;
 
-    /// Applies a chunk of a snapshot together with the new resume position (its last key).
+    /// Applies a chunk of a snapshot together with the new resume position (its last key)
+    /// and the source position it was scanned at (the latest one is kept: a resume is
+    /// granted only by a source whose history holds it).
     fn apply_snapshot_chunk(
         &self,
         snapshot_id: SnapshotId,
         pairs: &[(Vec<u8>, Vec<u8>)],
+        scanned_at: Position,
     ) -> Result<(), StoreError>;
 
     /// Ends the scan: the store now waits for the WAL up to `end.lsn` before it is

@@ -61,6 +61,9 @@ pub struct SnapshotProgress {
     pub after_key: Option<Vec<u8>>,
     /// Whether the old data has been cleared (a crash while clearing leaves this false).
     pub cleared: bool,
+    /// The latest source position an applied chunk was scanned at; `None` before the
+    /// first chunk (and in stores of builds before it was kept).
+    pub scanned_at: Option<Position>,
 }
 
 /// Who a slot belongs to: a mirror's verified identity, its cluster and name (an observer
@@ -354,12 +357,19 @@ impl SyncState {
         let mut writer = RecordWriter::default();
         match self {
             SyncState::Fresh => writer.u8(0),
-            SyncState::Scanning(progress) => writer
-                .u8(1)
-                .u64(progress.snapshot_id.0)
-                .position(&progress.base)
-                .optional_bytes(progress.after_key.as_deref())
-                .u8(u8::from(progress.cleared)),
+            // Tag 1 (no scanned position) is what earlier builds wrote; it is still read.
+            SyncState::Scanning(progress) => {
+                writer
+                    .u8(4)
+                    .u64(progress.snapshot_id.0)
+                    .position(&progress.base)
+                    .optional_bytes(progress.after_key.as_deref())
+                    .u8(u8::from(progress.cleared));
+                match &progress.scanned_at {
+                    Some(scanned_at) => writer.u8(1).position(scanned_at),
+                    None => writer.u8(0),
+                }
+            }
             SyncState::Replaying { end } => writer.u8(2).position(end),
             SyncState::Consistent => writer.u8(3),
         };
@@ -370,11 +380,16 @@ impl SyncState {
         let mut reader = RecordReader::new("sync state", value);
         let state = match reader.u8()? {
             0 => SyncState::Fresh,
-            1 => SyncState::Scanning(SnapshotProgress {
+            tag @ (1 | 4) => SyncState::Scanning(SnapshotProgress {
                 snapshot_id: SnapshotId(reader.u64()?),
                 base: reader.position()?,
                 after_key: reader.optional_bytes()?,
                 cleared: reader.u8()? != 0,
+                scanned_at: if tag == 4 && reader.u8()? != 0 {
+                    Some(reader.position()?)
+                } else {
+                    None
+                },
             }),
             2 => SyncState::Replaying {
                 end: reader.position()?,
@@ -503,11 +518,40 @@ mod tests {
                 },
                 after_key: Some(b"abc".to_vec()),
                 cleared: true,
+                scanned_at: Some(Position {
+                    lsn: Lsn(11),
+                    chain_hash: ChainHash([2; 32]),
+                }),
+            }),
+            SyncState::Scanning(SnapshotProgress {
+                snapshot_id: SnapshotId(4),
+                base: Position::GENESIS,
+                after_key: None,
+                cleared: false,
+                scanned_at: None,
             }),
         ];
         for state in states {
             assert_eq!(SyncState::decode(&state.encode()).unwrap(), state);
         }
+        // What earlier builds wrote mid-snapshot (tag 1) reads with no scanned position.
+        let mut earlier = RecordWriter::default();
+        earlier
+            .u8(1)
+            .u64(5)
+            .position(&Position::GENESIS)
+            .optional_bytes(Some(b"k"))
+            .u8(1);
+        assert_eq!(
+            SyncState::decode(&earlier.finish()).unwrap(),
+            SyncState::Scanning(SnapshotProgress {
+                snapshot_id: SnapshotId(5),
+                base: Position::GENESIS,
+                after_key: Some(b"k".to_vec()),
+                cleared: true,
+                scanned_at: None,
+            })
+        );
 
         let slot = SlotRecord {
             mirror: MirrorIdentity {

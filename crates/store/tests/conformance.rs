@@ -75,6 +75,14 @@ const DATABASE: DatabaseIdentity = DatabaseIdentity {
 };
 
 /// The digest a store must report for `state`.
+/// A source position a snapshot chunk was scanned at.
+fn scanned(lsn: u64) -> Position {
+    Position {
+        lsn: Lsn(lsn),
+        chain_hash: ChainHash([lsn as u8; 32]),
+    }
+}
+
 fn digest_of(state: &BTreeMap<Vec<u8>, Vec<u8>>) -> StateDigest {
     let mut digester = StateDigester::new();
     for (key, value) in state {
@@ -527,17 +535,21 @@ pub fn a_snapshot_is_received_resumably_then_replayed(engine: Engine) {
 
     let pair = |k: &str, v: &str| (k.as_bytes().to_vec(), v.as_bytes().to_vec());
     store
-        .apply_snapshot_chunk(SnapshotId(1), &[pair("a", "1"), pair("b", "2")])
+        .apply_snapshot_chunk(
+            SnapshotId(1),
+            &[pair("a", "1"), pair("b", "2")],
+            scanned(12),
+        )
         .unwrap();
     assert!(matches!(
-        store.apply_snapshot_chunk(SnapshotId(2), &[pair("c", "3")]),
+        store.apply_snapshot_chunk(SnapshotId(2), &[pair("c", "3")], scanned(12)),
         Err(StoreError::NotThisSnapshot {
             expected: Some(SnapshotId(1)),
             got: SnapshotId(2)
         })
     ));
     assert!(matches!(
-        store.apply_snapshot_chunk(SnapshotId(1), &[pair("b", "again")]),
+        store.apply_snapshot_chunk(SnapshotId(1), &[pair("b", "again")], scanned(13)),
         Err(StoreError::SnapshotOutOfOrder)
     ));
     assert!(matches!(
@@ -554,12 +566,27 @@ pub fn a_snapshot_is_received_resumably_then_replayed(engine: Engine) {
             assert_eq!(progress.snapshot_id, SnapshotId(1));
             assert_eq!(progress.base, base);
             assert_eq!(progress.after_key.as_deref(), Some(&b"b"[..]));
+            assert_eq!(
+                progress.scanned_at,
+                Some(scanned(12)),
+                "and where it was scanned"
+            );
         }
         other => panic!("expected scanning, got {other:?}"),
     }
     store
-        .apply_snapshot_chunk(SnapshotId(1), &[pair("c", "3")])
+        .apply_snapshot_chunk(SnapshotId(1), &[pair("c", "3")], scanned(11))
         .unwrap();
+    match store.sync_state() {
+        SyncState::Scanning(progress) => {
+            assert_eq!(
+                progress.scanned_at,
+                Some(scanned(12)),
+                "the latest point is kept"
+            )
+        }
+        other => panic!("expected scanning, got {other:?}"),
+    }
     // The WAL from base + 1 continues the source's chain, and the store turns consistent
     // only where that chain reaches the source's hash at the end.
     let replay = [put("a", "11"), delete("c")];
@@ -1030,7 +1057,7 @@ pub fn a_fuzzy_snapshot_plus_replay_equals_the_source(engine: Engine) {
     loop {
         let chunk = source.scan(after.as_deref(), 4_096).unwrap();
         mirror
-            .apply_snapshot_chunk(SnapshotId(5), &chunk.pairs)
+            .apply_snapshot_chunk(SnapshotId(5), &chunk.pairs, source.position())
             .unwrap();
         after = chunk.pairs.last().map(|(key, _)| key.clone());
         // Writes land between chunks, before and after the scan position.

@@ -27,7 +27,7 @@ use std::collections::VecDeque;
 use std::time::Duration;
 
 use crate::compress::Compression;
-use crate::hash::ChainHash;
+use crate::hash::{ChainHash, Position};
 use crate::history::EpochStart;
 use crate::message::{
     Accepted, Decision, DecisionFields, DecisionKind, FenceRequest, Hello, HelloAck, MessageType,
@@ -76,6 +76,8 @@ pub struct InterruptedSnapshot {
     pub after_key: Option<Vec<u8>>,
     /// Whether the clear that started it had finished.
     pub cleared: bool,
+    /// The latest source position an applied chunk was scanned at.
+    pub scanned_at: Option<Position>,
 }
 
 /// Where the mirror's store stands when a session starts.
@@ -571,6 +573,7 @@ impl MirrorSession {
                 base_chain_hash: snapshot.base_chain_hash,
                 // Keys applied before the clear finished belong to the data being cleared.
                 after_key: snapshot.after_key.filter(|_| snapshot.cleared),
+                scanned_at: snapshot.scanned_at.filter(|_| snapshot.cleared),
             }),
             _ => None,
         };
@@ -1431,6 +1434,7 @@ mod tests {
         SnapshotChunk {
             snapshot_id: SnapshotId(snapshot_id),
             pairs: vec![(key.as_bytes().to_vec(), vec![b'v'; value_len])],
+            scanned_at: Position::GENESIS,
         }
         .into()
     }
@@ -1487,6 +1491,7 @@ mod tests {
             snapshot_id: SnapshotId(3),
             base_lsn: Lsn(5),
             base_chain_hash: ChainHash([5; 32]),
+            scanned_at: after_key.as_ref().map(|_| SCANNED),
             after_key,
             cleared,
         }
@@ -1498,9 +1503,16 @@ mod tests {
             snapshot_id: SnapshotId(3),
             base_lsn: Lsn(5),
             base_chain_hash: ChainHash([5; 32]),
+            scanned_at: after_key.as_ref().map(|_| SCANNED),
             after_key,
         }
     }
+
+    /// Where an interrupted snapshot's applied chunks were last scanned.
+    const SCANNED: Position = Position {
+        lsn: Lsn(6),
+        chain_hash: ChainHash([6; 32]),
+    };
 
     fn rewind_to(to_lsn: u64) -> Decision {
         Decision::Rewind {

@@ -27,7 +27,7 @@ use crate::codec::FrameError;
 use crate::compress::{negotiate_compression, Compression};
 use crate::decide::{negotiate_version, Reject};
 use crate::error_code::ErrorCode;
-use crate::hash::ChainHash;
+use crate::hash::{ChainHash, Position};
 use crate::history::EpochStart;
 use crate::message::{
     Accepted, Decision, FenceReply, Heartbeat, Hello, HelloAck, MessageType, MirrorAck, Rejected,
@@ -114,6 +114,9 @@ pub enum SourceEvent {
         pairs: Vec<(Vec<u8>, Vec<u8>)>,
         /// Whether keys remain after the last pair.
         more: bool,
+        /// The store's position read after the pairs: their values are part of the
+        /// history up to it.
+        scanned_at: Position,
     },
     /// The result of [`SourceAction::MeasureSnapshot`].
     Measured {
@@ -498,7 +501,11 @@ impl SourceSession {
             },
             SourceEvent::MirrorFinished => self.finish(Ok(())),
             SourceEvent::Admitted { decision, source } => self.on_admitted(decision, source),
-            SourceEvent::Scanned { pairs, more } => self.on_scanned(pairs, more),
+            SourceEvent::Scanned {
+                pairs,
+                more,
+                scanned_at,
+            } => self.on_scanned(pairs, more, scanned_at),
             SourceEvent::Measured { keys, bytes } => {
                 if let (Some(transfer), SourceState::Scanning(_)) = (self.transfer, &self.state) {
                     self.transmit.push_back(Outgoing::Message(
@@ -792,7 +799,7 @@ impl SourceSession {
         self.actions.push_back(SourceAction::MeasureSnapshot);
     }
 
-    fn on_scanned(&mut self, pairs: Vec<(Vec<u8>, Vec<u8>)>, more: bool) {
+    fn on_scanned(&mut self, pairs: Vec<(Vec<u8>, Vec<u8>)>, more: bool, scanned_at: Position) {
         self.reading = false;
         let (SourceState::Scanning(scan), Some(transfer)) = (&mut self.state, &mut self.transfer)
         else {
@@ -805,6 +812,7 @@ impl SourceSession {
                 SnapshotChunk {
                     snapshot_id: transfer.snapshot_id,
                     pairs,
+                    scanned_at,
                 }
                 .into(),
             ));
@@ -1411,12 +1419,21 @@ mod tests {
         );
         assert_eq!(session.sent_up_to(), Lsn(8));
         let pairs = |key: &[u8]| vec![(key.to_vec(), b"value".to_vec())];
+        let scanned_at = Position {
+            lsn: Lsn(9),
+            chain_hash: ChainHash([9; 32]),
+        };
         session.handle(SourceEvent::Scanned {
             pairs: pairs(b"a"),
             more: true,
+            scanned_at,
         });
         let one = drain(&mut session);
-        assert!(matches!(&one.frames[..], [Message::SnapshotChunk(_)]));
+        // The chunk says where it was read: a resume is granted only on that history.
+        assert!(matches!(
+            &one.frames[..],
+            [Message::SnapshotChunk(chunk)] if chunk.scanned_at == scanned_at
+        ));
         assert_eq!(
             reads(&one),
             vec![&SourceAction::Scan {
@@ -1427,6 +1444,7 @@ mod tests {
         session.handle(SourceEvent::Scanned {
             pairs: pairs(b"b"),
             more: true,
+            scanned_at,
         });
         // Two chunks out, none acknowledged: the window of two is full.
         assert!(reads(&drain(&mut session)).is_empty());
@@ -1453,6 +1471,7 @@ mod tests {
         session.handle(SourceEvent::Scanned {
             pairs: vec![(b"a".to_vec(), b"1".to_vec())],
             more: false,
+            scanned_at: Position::GENESIS,
         });
         let scanned = drain(&mut session);
         assert!(matches!(

@@ -140,7 +140,7 @@ fn clear(store: &dyn Store) -> Result<(), StoreError> {
         let snapshot_id = SnapshotId(id);
         store.begin_snapshot(snapshot_id, Position::GENESIS, database)?;
         for pairs in snapshot_pairs(id).chunks(1_000) {
-            store.apply_snapshot_chunk(snapshot_id, pairs)?;
+            store.apply_snapshot_chunk(snapshot_id, pairs, Position::GENESIS)?;
         }
         store.flush()?;
         report(format_args!("filled {id}"))?;

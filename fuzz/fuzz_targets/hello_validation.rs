@@ -28,6 +28,7 @@ fuzz_target!(|data: &[u8]| {
         EpochStart::FIRST,
         EpochStart {
             epoch: Epoch(2),
+            id: xmirror_proto::EpochId(2),
             first_lsn: Lsn(700),
             chain_hash_before: ChainHash([7; 32]),
         },

@@ -64,6 +64,7 @@ fn hello(mirror: &str, role: Role) -> Message {
         role,
         database_id: None,
         epoch: xmirror_proto::Epoch::FIRST,
+        epoch_id: xmirror_proto::EpochId::FIRST,
         applied_lsn: Lsn::ZERO,
         chain_hash: ChainHash::GENESIS,
         resume: None,

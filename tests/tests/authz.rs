@@ -158,6 +158,7 @@ async fn mirror_hello(tls: &NodeTls, addr: SocketAddr) -> Outcome {
         role: identity.role,
         database_id: None,
         epoch: xmirror_proto::Epoch::FIRST,
+        epoch_id: xmirror_proto::EpochId::FIRST,
         applied_lsn: Lsn::ZERO,
         chain_hash: ChainHash::GENESIS,
         resume: None,

@@ -484,3 +484,72 @@ async fn promotion_is_refused_without_a_source_certificate_of_the_mirrors_own_cl
         wrong.log_text()
     );
 }
+
+/// History II, case 3: `m1` and `m2` follow one source; `promote` on `m1`, then on `m2`.
+/// The source is fenced for `m1`'s promotion alone: the second is refused `NOT_PROMOTABLE`
+/// naming the holder, changes nothing, and `m2` stays a mirror; never two sources.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_planned_promotions_of_one_source_never_both_succeed() {
+    let world = World::new();
+    let source = world.start_source("s", &[]).await;
+    let app = world.client(source.addr).await;
+    app.write_keys(3_000, 100, "k-").await.unwrap();
+    let m1 = world
+        .start_mirror_with(
+            free_port(),
+            "m1",
+            "m1",
+            source.addr,
+            &["--source-name", "src2"],
+        )
+        .await;
+    let m2 = world
+        .start_mirror_with(
+            free_port(),
+            "m2",
+            "m2",
+            source.addr,
+            &["--source-name", "src2"],
+        )
+        .await;
+    let m2_client = world.client(m2.addr).await;
+    until_converged(&app, &world.client(m1.addr).await).await;
+    until_converged(&app, &m2_client).await;
+
+    let promoted = promote(&world, m1.addr, false);
+    assert!(promoted.contains("epoch 2"), "{promoted}");
+    let new_source = until_source(&world, m1.addr).await;
+    assert!(new_source.put(b"after", b"m1").await.is_ok());
+
+    let node = m2.addr.to_string();
+    let certs = world.certs.display().to_string();
+    for attempt in 0..2 {
+        let output = world.cli(&[
+            "promote", "--node", &node, "--certs", &certs, "--name", "ops",
+        ]);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "attempt {attempt}: {stderr}");
+        assert!(
+            stderr.contains("NOT_PROMOTABLE") && stderr.contains("m1"),
+            "attempt {attempt}: the refusal names the holder: {stderr}"
+        );
+    }
+    // Nothing changed: m2 is a mirror, the old source takes no write, m1 takes them.
+    assert!(matches!(
+        m2_client.status().await,
+        Ok(NodeStatus::Mirror(status)) if status.epoch.0 == 1
+    ));
+    put_is_fenced(&app).await;
+    assert!(new_source.put(b"after", b"m1 again").await.is_ok());
+    // m1 is the source now: a promotion of it is nothing to do.
+    let output = world.cli(&[
+        "promote",
+        "--node",
+        &m1.addr.to_string(),
+        "--certs",
+        &certs,
+        "--name",
+        "ops",
+    ]);
+    assert!(String::from_utf8_lossy(&output.stderr).contains("a source already"));
+}

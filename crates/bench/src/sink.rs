@@ -71,6 +71,7 @@ pub async fn attach(
             role: Role::Observer,
             database_id: Some(database_id),
             epoch: Epoch::FIRST,
+            epoch_id: xmirror_proto::EpochId::FIRST,
             applied_lsn: position.lsn,
             chain_hash: position.chain_hash,
             resume: None,

@@ -716,6 +716,7 @@ mod tests {
                 (&xmirror_proto::EpochStart::FIRST).into(),
                 (&xmirror_proto::EpochStart {
                     epoch: xmirror_proto::Epoch(2),
+                    id: xmirror_proto::EpochId(7),
                     first_lsn: Lsn(101),
                     chain_hash_before: xmirror_proto::ChainHash::GENESIS,
                 })

@@ -369,7 +369,13 @@ impl Client {
     /// write from now on with `FENCED`, across restarts. The reply's `last_lsn` is final:
     /// no write lands after it.
     pub async fn fence(&self, epoch: Option<Epoch>) -> Result<FenceReply, Error> {
-        match self.call(FenceRequest { epoch }).await? {
+        match self
+            .call(FenceRequest {
+                epoch,
+                epoch_id: None,
+            })
+            .await?
+        {
             Message::FenceReply(reply) => Ok(reply),
             other => Err(Error::Unexpected(other.message_type())),
         }

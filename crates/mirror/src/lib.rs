@@ -869,6 +869,18 @@ async fn replicate(
                 );
                 return Ok(promotion::promoted_before(&shared));
             }
+            // The source is fenced for another promotion: this one is refused, and the node
+            // stays a mirror (of a source that takes no more writes).
+            Err(AttemptError::Refused { refusal, .. })
+                if refusal.code == ErrorCode::NotPromotable
+                    && shared.planned_promotion().is_some() =>
+            {
+                tracing::error!(reason = %refusal.detail, "promotion refused by the source; still a mirror");
+                shared.promotion.send_replace(Promotion::Failed {
+                    code: refusal.code,
+                    detail: refusal.detail,
+                });
+            }
             // Not logged here: the caller reports the error the node stops with, once.
             Err(error) if error.is_permanent() => return Err(MirrorError::GaveUp(error)),
             Err(error) => {
@@ -892,6 +904,9 @@ async fn replicate(
         }
     }
 }
+
+/// How long a session the source finished waits for the connection's close and its code.
+const SESSION_CLOSE_GRACE: Duration = Duration::from_millis(500);
 
 async fn connect_once(
     shared: &Arc<MirrorShared>,
@@ -917,7 +932,15 @@ async fn connect_once(
         .await
         .map_err(|source| AttemptError::connection(addr, source))?;
     match session::run_session(recv, &mut send, shared).await {
-        Ok(()) => Ok(()),
+        Ok(()) => {
+            // A source ends a session it refuses (a promotion it is not fenced for) by
+            // finishing the stream and closing the connection with the code, which may
+            // arrive just after the stream's end: the close says what happened.
+            match tokio::time::timeout(SESSION_CLOSE_GRACE, connection.closed()).await {
+                Ok(reason) => Err(AttemptError::connection(addr, reason)),
+                Err(_still_open) => Ok(()),
+            }
+        }
         Err(error) => {
             // A session that failed because the connection closed (the source's code, a TLS
             // alert about this mirror's certificate, a lost path) is reported as that close:

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use xmirror_proto::message::PromoteReply;
 use xmirror_proto::message::PromoteRequest;
-use xmirror_proto::{Epoch, ErrorCode, Lsn};
+use xmirror_proto::{Epoch, EpochId, ErrorCode, Lsn};
 
 use crate::{MirrorError, MirrorShared};
 
@@ -25,6 +25,9 @@ pub enum Promotion {
     Planned {
         /// The epoch the source is fenced for.
         epoch: Epoch,
+        /// The new epoch's random id, chosen now: the source is fenced for this promotion
+        /// alone, and the store's new epoch carries it.
+        epoch_id: EpochId,
     },
     /// Forced: promote at the applied LSN now.
     Forced,
@@ -89,6 +92,7 @@ impl MirrorShared {
             ));
         }
         let planned_epoch = self.next_epoch();
+        let planned_id = EpochId(rand::random());
         self.promotion.send_modify(|current| match current {
             Promotion::Done(_) => {}
             _ if request.force => *current = Promotion::Forced,
@@ -96,6 +100,7 @@ impl MirrorShared {
             Promotion::Idle | Promotion::Failed { .. } => {
                 *current = Promotion::Planned {
                     epoch: planned_epoch,
+                    epoch_id: planned_id,
                 }
             }
         });
@@ -147,10 +152,10 @@ impl MirrorShared {
         Epoch(known.0 + 1)
     }
 
-    /// The planned promotion's epoch, while one is asked for.
-    pub(crate) fn planned_promotion(&self) -> Option<Epoch> {
+    /// The planned promotion's epoch and id, while one is asked for.
+    pub(crate) fn planned_promotion(&self) -> Option<(Epoch, EpochId)> {
         match *self.promotion.borrow() {
-            Promotion::Planned { epoch } => Some(epoch),
+            Promotion::Planned { epoch, epoch_id } => Some((epoch, epoch_id)),
             _ => None,
         }
     }
@@ -164,8 +169,12 @@ pub(crate) async fn promote(
     fenced_at: Option<Lsn>,
 ) -> Result<PromoteReply, MirrorError> {
     let store = shared.store.clone();
+    // The id the source's fence names (planned), or a new one (forced).
+    let epoch_id = shared
+        .planned_promotion()
+        .map_or_else(|| EpochId(rand::random()), |(_, epoch_id)| epoch_id);
     let promoted = tokio::task::spawn_blocking(move || {
-        let start = store.promote()?;
+        let start = store.promote(epoch_id)?;
         store.flush()?;
         Ok::<_, xmirror_store::StoreError>(start)
     })

@@ -112,6 +112,7 @@ pub fn standing(store: &dyn Store) -> Result<Standing, StoreError> {
     Ok(Standing {
         database_id: database.map(|database| database.id),
         epoch: database.map_or(Epoch::default(), |database| database.epoch),
+        history: store.history(),
         applied_lsn: position.lsn,
         chain_hash: position.chain_hash,
         consistent: sync == SyncState::Consistent,
@@ -156,9 +157,9 @@ where
     let mut promotion = shared.promotion.subscribe();
     let outcome = loop {
         // A planned promotion is the machine's to carry out once it streams.
-        if let Some(epoch) = shared.planned_promotion() {
+        if let Some((epoch, epoch_id)) = shared.planned_promotion() {
             if !machine.is_promoting() {
-                machine.handle(MirrorEvent::Promote { epoch });
+                machine.handle(MirrorEvent::Promote { epoch, epoch_id });
             }
         }
         // Do everything the machine asks for now.

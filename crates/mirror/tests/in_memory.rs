@@ -227,6 +227,7 @@ async fn a_hello_of_a_later_epoch_fences_the_source() {
             role: Role::Observer,
             database_id: Some(source.database.id),
             epoch: Epoch(2),
+            epoch_id: xmirror_proto::EpochId(7),
             applied_lsn: position.lsn,
             chain_hash: position.chain_hash,
             resume: None,

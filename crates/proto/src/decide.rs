@@ -232,6 +232,14 @@ fn choose(hello: &Hello, view: &SourceView) -> Decision {
         }
         Some(_) => {}
     }
+    // The mirror's epoch, promoted elsewhere with another id: two histories of one epoch.
+    if view
+        .history
+        .iter()
+        .any(|start| start.epoch == hello.epoch && start.id != hello.epoch_id)
+    {
+        return diverged(Divergence::DivergedHistory);
+    }
     let applied = hello.applied_lsn;
     // A node of an earlier epoch (a failed-over source come back, or a mirror that followed
     // it further than the promoted one had): it shares this history up to the fork at
@@ -281,7 +289,7 @@ mod tests {
     use crate::message::{DecisionFields, DecisionKind, ResumeToken};
     use crate::types::SUPPORTED_VERSIONS;
     use crate::types::{DatabaseId, Divergence, DivergencePolicy};
-    use crate::{Position, Role};
+    use crate::{EpochId, Position, Role};
 
     fn name(value: &str) -> Name {
         Name::new(value).unwrap()
@@ -313,6 +321,7 @@ mod tests {
             role: Role::Observer,
             database_id: Some(DATABASE),
             epoch: crate::Epoch::FIRST,
+            epoch_id: EpochId::FIRST,
             applied_lsn: Lsn(applied),
             chain_hash: MIRROR_HASH,
             resume: None,
@@ -385,11 +394,13 @@ mod tests {
             EpochStart::FIRST,
             EpochStart {
                 epoch: Epoch(2),
+                id: EpochId(2),
                 first_lsn: Lsn(201),
                 chain_hash_before: ChainHash([2; 32]),
             },
             EpochStart {
                 epoch: Epoch(3),
+                id: EpochId(3),
                 first_lsn: Lsn(301),
                 chain_hash_before: ChainHash([3; 32]),
             },
@@ -417,8 +428,18 @@ mod tests {
     fn a_node_of_an_earlier_epoch_is_rewound_to_where_the_next_epoch_forked() {
         let at = |epoch: u64, applied: u64, policy: DivergencePolicy| Hello {
             epoch: Epoch(epoch),
+            epoch_id: if epoch == 1 {
+                EpochId::FIRST
+            } else {
+                EpochId(epoch)
+            },
             on_divergence: policy,
             ..hello(applied)
+        };
+        // The same epoch number from another promotion: another history.
+        let other_promotion = |epoch: u64, applied: u64| Hello {
+            epoch_id: EpochId(99),
+            ..at(epoch, applied, DivergencePolicy::Halt)
         };
         let rewind = |to_lsn: u64, hash: u8| Decision::Rewind {
             to_lsn: Lsn(to_lsn),
@@ -437,6 +458,8 @@ mod tests {
             ("the current epoch streams", at(3, 450, halt), 1, Decision::Stream { from_lsn: Lsn(451) }),
             ("the WAL after the fork is gone: halt", at(1, 250, halt), 260, Decision::Diverged { reason: Divergence::DivergedHistory }),
             ("the WAL after the fork is gone: resnapshot", at(1, 250, resnapshot), 260, fresh(SnapshotReason::DivergedHistory)),
+            ("epoch 2 of another promotion, at its fork", other_promotion(2, 300), 1, Decision::Diverged { reason: Divergence::DivergedHistory }),
+            ("epoch 3 of another promotion", other_promotion(3, 450), 1, Decision::Diverged { reason: Divergence::DivergedHistory }),
         ];
         for (label, hello, wal_first, expected) in cases {
             assert_eq!(

@@ -10,13 +10,15 @@
 use serde::{Deserialize, Serialize};
 
 use crate::hash::ChainHash;
-use crate::types::{Epoch, Lsn};
+use crate::types::{Epoch, EpochId, Lsn, Name};
 
 /// Where one epoch of a database began.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EpochStart {
     /// The epoch.
     pub epoch: Epoch,
+    /// The random id the promotion that started it chose.
+    pub id: EpochId,
     /// Its first LSN: the promoted node's applied LSN plus one.
     pub first_lsn: Lsn,
     /// The chain hash at `first_lsn - 1`, where the new history forks from the old.
@@ -27,6 +29,7 @@ impl EpochStart {
     /// The first epoch of every database: it starts at LSN 1, on the genesis hash.
     pub const FIRST: EpochStart = EpochStart {
         epoch: Epoch::FIRST,
+        id: EpochId::FIRST,
         first_lsn: Lsn(1),
         chain_hash_before: ChainHash::GENESIS,
     };
@@ -71,6 +74,118 @@ pub fn check(history: &[EpochStart]) -> Result<(), HistoryError> {
     Ok(())
 }
 
+/// Whether two histories name one epoch with different ids: two promotions of one epoch
+/// number, which are two histories however their chain hashes compare.
+pub fn conflicting_epoch(ours: &[EpochStart], theirs: &[EpochStart]) -> Option<Epoch> {
+    ours.iter().find_map(|mine| {
+        theirs
+            .iter()
+            .any(|other| other.epoch == mine.epoch && other.id != mine.id)
+            .then_some(mine.epoch)
+    })
+}
+
+/// The promotion a fence is for: the epoch it starts, its id, and the identity (cluster and
+/// name) of the node that promotes. A fenced source answers only that successor.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Successor {
+    /// The epoch the successor starts.
+    pub epoch: Epoch,
+    /// Its random id.
+    pub epoch_id: EpochId,
+    /// The successor's cluster, from its certificate.
+    pub cluster: Name,
+    /// The successor's name, from its certificate.
+    pub name: Name,
+}
+
+impl std::fmt::Display for Successor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Only observers speak the mirror protocol, so a successor is always one.
+        write!(
+            f,
+            "spiffe://{}/observer/{} (epoch {} id {})",
+            self.cluster, self.name, self.epoch, self.epoch_id
+        )
+    }
+}
+
+/// What a source is fenced by: a later epoch of its database and, once a promotion claimed
+/// it, the one successor it answers. Kept by the store across restarts.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Fence {
+    /// The later epoch.
+    pub epoch: Epoch,
+    /// The promotion it is for, once one claimed it (a fence learned from a hello or set
+    /// with `xmirror fence` names none until a promotion asks).
+    pub successor: Option<Successor>,
+}
+
+/// A fence asked of a source: by a promotion (naming itself), or by what a node learned of
+/// a later epoch (a hello, an ack, `xmirror fence`: no successor).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum FenceAsk {
+    /// A later epoch exists: refuse every write from now on.
+    LaterEpoch(Epoch),
+    /// A promotion: fence for this successor, the only one.
+    Promotion(Successor),
+}
+
+/// A promotion the fence does not allow.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum FenceRefused {
+    /// The source is fenced for another successor.
+    #[error("this source is already fenced for {holder}; a second promotion of it would make two sources of one database")]
+    Held {
+        /// The successor the fence is for.
+        holder: Successor,
+    },
+    /// The source knows of a later epoch than the one the promotion would start.
+    #[error("this source is fenced by epoch {held}, later than the epoch {asked} this promotion would start")]
+    LaterEpoch {
+        /// The epoch the source is fenced by.
+        held: Epoch,
+        /// The epoch the promotion asked for.
+        asked: Epoch,
+    },
+}
+
+/// The fence to record when `ask` meets the fence `held` (`Ok(held unchanged)` when nothing
+/// changes), or why a promotion is refused. One rule, so that two promotions of one source
+/// never both succeed: the first promotion to ask claims the fence (even one set before
+/// without a successor, by `xmirror fence` or a hello), its retries get the same answer,
+/// and any other promotion is refused naming the holder.
+pub fn fence_after(held: Option<&Fence>, ask: &FenceAsk) -> Result<Fence, FenceRefused> {
+    match (held, ask) {
+        (None, FenceAsk::LaterEpoch(epoch)) => Ok(Fence {
+            epoch: *epoch,
+            successor: None,
+        }),
+        (None, FenceAsk::Promotion(successor)) => Ok(Fence {
+            epoch: successor.epoch,
+            successor: Some(successor.clone()),
+        }),
+        (Some(held), FenceAsk::LaterEpoch(epoch)) => Ok(Fence {
+            epoch: held.epoch.max(*epoch),
+            successor: held.successor.clone(),
+        }),
+        (Some(held), FenceAsk::Promotion(successor)) => match &held.successor {
+            Some(holder) if holder == successor => Ok(held.clone()),
+            Some(holder) => Err(FenceRefused::Held {
+                holder: holder.clone(),
+            }),
+            None if successor.epoch >= held.epoch => Ok(Fence {
+                epoch: successor.epoch,
+                successor: Some(successor.clone()),
+            }),
+            None => Err(FenceRefused::LaterEpoch {
+                held: held.epoch,
+                asked: successor.epoch,
+            }),
+        },
+    }
+}
+
 /// The epoch that ended the history of a node at `epoch`: the first later epoch in
 /// `history`, whose fork LSN is the last the node can share with it. The first epoch
 /// ended nothing (a node below it holds no database).
@@ -88,9 +203,71 @@ mod tests {
     fn start(epoch: u64, first_lsn: u64) -> EpochStart {
         EpochStart {
             epoch: Epoch(epoch),
+            id: EpochId(epoch * 100),
             first_lsn: Lsn(first_lsn),
             chain_hash_before: ChainHash([epoch as u8; 32]),
         }
+    }
+
+    fn successor(name: &str, epoch: u64, id: u64) -> Successor {
+        Successor {
+            epoch: Epoch(epoch),
+            epoch_id: EpochId(id),
+            cluster: Name::new("west").unwrap(),
+            name: Name::new(name).unwrap(),
+        }
+    }
+
+    #[test]
+    fn a_source_is_fenced_for_one_successor_only() {
+        let m1 = successor("m1", 2, 7);
+        let m2 = successor("m2", 2, 8);
+        let fenced = |epoch: u64, holder: Option<&Successor>| Fence {
+            epoch: Epoch(epoch),
+            successor: holder.cloned(),
+        };
+        let promotion = |successor: &Successor| FenceAsk::Promotion(successor.clone());
+        #[rustfmt::skip]
+        let cases = [
+            // (label, held, asked, result)
+            ("the first promotion claims the fence", None, promotion(&m1), Ok(fenced(2, Some(&m1)))),
+            ("its retry gets the same answer", Some(fenced(2, Some(&m1))), promotion(&m1), Ok(fenced(2, Some(&m1)))),
+            ("a second promotion is refused, naming the holder", Some(fenced(2, Some(&m1))), promotion(&m2),
+                Err(FenceRefused::Held { holder: m1.clone() })),
+            ("the same node with another epoch id is another promotion", Some(fenced(2, Some(&m1))),
+                promotion(&successor("m1", 2, 9)), Err(FenceRefused::Held { holder: m1.clone() })),
+            ("a fence without successor is claimed by the first promotion", Some(fenced(2, None)), promotion(&m2),
+                Ok(fenced(2, Some(&m2)))),
+            ("a promotion to an epoch already passed is refused", Some(fenced(3, None)), promotion(&m1),
+                Err(FenceRefused::LaterEpoch { held: Epoch(3), asked: Epoch(2) })),
+            ("a later epoch learned keeps the successor", Some(fenced(2, Some(&m1))), FenceAsk::LaterEpoch(Epoch(3)),
+                Ok(fenced(3, Some(&m1)))),
+            ("an earlier epoch learned changes nothing", Some(fenced(3, None)), FenceAsk::LaterEpoch(Epoch(2)),
+                Ok(fenced(3, None))),
+            ("a later epoch fences an unfenced source", None, FenceAsk::LaterEpoch(Epoch(2)), Ok(fenced(2, None))),
+        ];
+        for (label, held, asked, expected) in cases {
+            assert_eq!(fence_after(held.as_ref(), &asked), expected, "{label}");
+        }
+    }
+
+    #[test]
+    fn two_promotions_of_one_epoch_number_are_two_histories() {
+        let promoted = |id| {
+            [
+                EpochStart::FIRST,
+                EpochStart {
+                    id: EpochId(id),
+                    ..start(2, 50)
+                },
+            ]
+        };
+        assert_eq!(conflicting_epoch(&promoted(1), &promoted(1)), None);
+        assert_eq!(
+            conflicting_epoch(&promoted(1), &promoted(2)),
+            Some(Epoch(2))
+        );
+        assert_eq!(conflicting_epoch(&promoted(1), &[EpochStart::FIRST]), None);
     }
 
     #[test]

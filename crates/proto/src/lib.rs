@@ -27,6 +27,7 @@ pub use hash::{ChainHash, Position, StateDigest};
 pub use history::EpochStart;
 pub use message::{Decision, DecisionKind, Entry, Message, SnapshotReason};
 pub use types::{
-    DatabaseId, Divergence, DivergencePolicy, Epoch, Lsn, Name, NameError, PeerIdentity, Role,
-    RoleParseError, SnapshotId, UnixMillis, VersionRange, PROTOCOL_VERSION, SUPPORTED_VERSIONS,
+    DatabaseId, Divergence, DivergencePolicy, Epoch, EpochId, Lsn, Name, NameError, PeerIdentity,
+    Role, RoleParseError, SnapshotId, UnixMillis, VersionRange, PROTOCOL_VERSION,
+    SUPPORTED_VERSIONS,
 };

@@ -12,8 +12,8 @@ use crate::hash::{ChainHash, Position, StateDigest};
 use crate::history::EpochStart;
 use crate::status::{NodeStatus, SlotStatus};
 use crate::types::{
-    DatabaseId, Divergence, DivergencePolicy, Epoch, Lsn, Name, Role, SnapshotId, UnixMillis,
-    VersionRange,
+    DatabaseId, Divergence, DivergencePolicy, Epoch, EpochId, Lsn, Name, Role, SnapshotId,
+    UnixMillis, VersionRange,
 };
 
 /// One entry of the log. A WAL entry at LSN n is applied after every entry below n, and
@@ -125,6 +125,8 @@ pub struct Hello {
     pub database_id: Option<DatabaseId>,
     /// The epoch of the history the mirror holds.
     pub epoch: Epoch,
+    /// That epoch's random id: one number with two ids is two histories.
+    pub epoch_id: EpochId,
     /// The last LSN the mirror applied durably (`Lsn::ZERO` for an empty mirror).
     pub applied_lsn: Lsn,
     /// The mirror's chain hash at `applied_lsn`, proving which history it holds.
@@ -630,6 +632,9 @@ pub struct DropSlotRequest {
 pub struct FenceRequest {
     /// The later epoch; none for the next one.
     pub epoch: Option<Epoch>,
+    /// Set by a promoting mirror: the id of the epoch it starts. The source is then fenced
+    /// for that mirror's promotion alone (`NOT_PROMOTABLE` to any other).
+    pub epoch_id: Option<EpochId>,
 }
 
 /// Reply to a fence: what the source is fenced by, and its last LSN, which no later write
@@ -638,6 +643,8 @@ pub struct FenceRequest {
 pub struct FenceReply {
     /// The epoch the source is fenced by.
     pub fenced_by: Epoch,
+    /// The id of the promotion the fence is for, once one claimed it.
+    pub epoch_id: Option<EpochId>,
     /// The source's last LSN, final.
     pub last_lsn: Lsn,
 }

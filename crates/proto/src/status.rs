@@ -124,6 +124,8 @@ pub struct MirrorStatus {
 pub struct EpochSummary {
     /// The epoch.
     pub epoch: Epoch,
+    /// Its random id, in hex: one number with two ids is two histories.
+    pub id: String,
     /// Its first LSN.
     pub first_lsn: Lsn,
     /// The chain hash where it forked from the epoch before, in hex.
@@ -134,6 +136,7 @@ impl From<&EpochStart> for EpochSummary {
     fn from(start: &EpochStart) -> EpochSummary {
         EpochSummary {
             epoch: start.epoch,
+            id: start.id.to_string(),
             first_lsn: start.first_lsn,
             chain_hash_before: start.chain_hash_before.to_hex(),
         }

@@ -137,6 +137,24 @@ impl fmt::Display for Epoch {
     }
 }
 
+/// The random id a promotion gives the epoch it starts: two promotions never make one
+/// epoch, and two histories with one epoch number and different ids are diverged. A
+/// database's first epoch has id 0 (the database id already names it).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct EpochId(pub u64);
+
+impl EpochId {
+    /// The id of every database's first epoch.
+    pub const FIRST: EpochId = EpochId(0);
+}
+
+impl fmt::Display for EpochId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:016x}", self.0)
+    }
+}
+
 /// What a mirror does when it holds data the source cannot vouch for (`--on-divergence`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

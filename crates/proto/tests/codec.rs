@@ -209,6 +209,7 @@ fn message() -> impl Strategy<Value = Message> {
                     role,
                     database_id,
                     epoch: Epoch(epoch),
+                    epoch_id: EpochId(epoch.wrapping_mul(31)),
                     applied_lsn,
                     chain_hash,
                     resume,
@@ -357,13 +358,21 @@ fn message() -> impl Strategy<Value = Message> {
         Just(Message::DigestRequest(DigestRequest)),
         Just(Message::SlotsRequest(SlotsRequest)),
         ".{0,40}".prop_map(|mirror| Message::DropSlotRequest(DropSlotRequest { mirror })),
-        proptest::option::of(any::<u64>()).prop_map(|epoch| Message::FenceRequest(FenceRequest {
-            epoch: epoch.map(Epoch)
-        })),
-        (any::<u64>(), lsn()).prop_map(|(epoch, last_lsn)| Message::FenceReply(FenceReply {
-            fenced_by: Epoch(epoch),
-            last_lsn
-        })),
+        (
+            proptest::option::of(any::<u64>()),
+            proptest::option::of(any::<u64>())
+        )
+            .prop_map(|(epoch, id)| Message::FenceRequest(FenceRequest {
+                epoch: epoch.map(Epoch),
+                epoch_id: id.map(EpochId),
+            })),
+        (any::<u64>(), proptest::option::of(any::<u64>()), lsn()).prop_map(
+            |(epoch, id, last_lsn)| Message::FenceReply(FenceReply {
+                fenced_by: Epoch(epoch),
+                epoch_id: id.map(EpochId),
+                last_lsn
+            })
+        ),
         node_status().prop_map(|status| Message::SlotsReply(SlotsReply {
             slots: match status {
                 NodeStatus::Source(source) => source.mirrors,
@@ -606,6 +615,7 @@ fn a_name_that_fails_validation_fails_decoding() {
         role: Role::Observer,
         database_id: None,
         epoch: Epoch::FIRST,
+        epoch_id: EpochId::FIRST,
         applied_lsn: Lsn(0),
         chain_hash: ChainHash::GENESIS,
         resume: None,

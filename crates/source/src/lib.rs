@@ -30,6 +30,7 @@ use xmirror_net::{
     EndpointError, SendPacer, TransportLimits,
 };
 use xmirror_proto::authz::NodeKind;
+use xmirror_proto::history::{Fence, FenceAsk};
 use xmirror_proto::session::source::SourceSessionConfig;
 use xmirror_proto::{
     Compression, CompressionCounters, ErrorCode, FrameLimits, Name, VersionRange,
@@ -309,22 +310,32 @@ pub struct SourceShared {
 }
 
 impl SourceShared {
-    /// Fences this source by the later epoch `by` (durably; every later write gets
-    /// `FENCED`), saying so once in the log. Returns the epoch it is fenced by and its last
-    /// LSN, which no write will pass. Runs store work: call it off the async threads.
-    pub fn fence(&self, by: Epoch, learned_from: &str) -> Result<(Epoch, Lsn), StoreError> {
-        let before = self.store.fenced();
-        let fenced_by = self.store.fence(by)?;
+    /// Fences this source as `ask` says (durably; every later write gets `FENCED`), saying
+    /// so once in the log: by a later epoch learned, or for one promotion, which claims
+    /// the fence (`StoreError::FenceRefused` when another promotion holds it). Returns the
+    /// fence and the last LSN, which no write will pass. Runs store work: call it off the
+    /// async threads.
+    pub fn fence(&self, ask: &FenceAsk, learned_from: &str) -> Result<(Fence, Lsn), StoreError> {
+        let before = self.store.fence_record();
+        let fence = match self.store.fence_as(ask) {
+            Ok(fence) => fence,
+            Err(StoreError::FenceRefused(refused)) => {
+                tracing::warn!(learned_from, reason = %refused, "refused a fence: the source is fenced for another promotion");
+                return Err(StoreError::FenceRefused(refused));
+            }
+            Err(error) => return Err(error),
+        };
         let last_lsn = self.store.position().lsn;
-        if before != Some(fenced_by) {
+        if before.as_ref() != Some(&fence) {
             tracing::warn!(
-                fenced_by = fenced_by.0,
+                fenced_by = fence.epoch.0,
+                successor = fence.successor.as_ref().map(ToString::to_string),
                 last_lsn = last_lsn.0,
                 learned_from,
                 "fenced: the database goes on in a later epoch elsewhere; refusing every write from now on"
             );
         }
-        Ok((fenced_by, last_lsn))
+        Ok((fence, last_lsn))
     }
 
     /// Opens the store (giving a new one its random database id) and starts the writer:

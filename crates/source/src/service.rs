@@ -10,6 +10,7 @@ use std::sync::Arc;
 use xmirror_net::error_chain;
 use xmirror_net::reads::{self, Applied};
 use xmirror_net::serve::{blocking_reply, error_reply, ClientService, Pages, Reply};
+use xmirror_proto::history::FenceAsk;
 use xmirror_proto::message::{
     DigestReply, ErrorReply, FenceReply, ScanRequest, SlotsReply, StatusReply, WriteReply,
 };
@@ -221,10 +222,12 @@ impl ClientService for SourceService {
                 let shared = self.shared.clone();
                 blocking_reply(move || {
                     // No commit lands after the fence: the LSN it returns is final.
-                    let (fenced_by, last_lsn) = shared.fence(by, "xmirror fence")?;
+                    let (fence, last_lsn) =
+                        shared.fence(&FenceAsk::LaterEpoch(by), "xmirror fence")?;
                     Ok::<_, StoreError>(
                         FenceReply {
-                            fenced_by,
+                            fenced_by: fence.epoch,
+                            epoch_id: fence.successor.map(|successor| successor.epoch_id),
                             last_lsn,
                         }
                         .into(),

@@ -18,6 +18,7 @@ use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 use xmirror_net::stage::{self, Stage};
 use xmirror_net::{sleep_until, FrameSender, FramedReader};
+use xmirror_proto::history::{FenceAsk, Successor};
 use xmirror_proto::message::{FenceReply, Hello, RewindValues, WalBatch};
 use xmirror_proto::session::source::{
     Committed, SourceAction, SourceEnd, SourceEvent, SourceSession, SourceStanding, SourceTimer,
@@ -407,13 +408,28 @@ where
                     })))
                 }));
             }
-            SourceAction::Fence(epoch) => {
-                let (fenced_by, last_lsn) =
-                    blocking(move || shared.fence(epoch, "a promoting mirror")).await?;
-                self.machine.handle(SourceEvent::Fenced(FenceReply {
-                    fenced_by,
-                    last_lsn,
-                }));
+            SourceAction::Fence { epoch, epoch_id } => {
+                // A promotion names itself: the mirror's verified identity and its epoch id.
+                let ask = match epoch_id {
+                    Some(epoch_id) => FenceAsk::Promotion(Successor {
+                        epoch,
+                        epoch_id,
+                        cluster: self.peer.cluster_id.clone(),
+                        name: self.peer.name.clone(),
+                    }),
+                    None => FenceAsk::LaterEpoch(epoch),
+                };
+                let fenced = match blocking(move || shared.fence(&ask, "a promoting mirror")).await
+                {
+                    Ok((fence, last_lsn)) => Ok(FenceReply {
+                        fenced_by: fence.epoch,
+                        epoch_id: fence.successor.map(|successor| successor.epoch_id),
+                        last_lsn,
+                    }),
+                    Err(SessionError::Store(StoreError::FenceRefused(refused))) => Err(refused),
+                    Err(error) => return Err(error),
+                };
+                self.machine.handle(SourceEvent::Fenced(fenced));
             }
             SourceAction::ArmTimer(timer, after) => self.timers.arm(timer, after),
         }
@@ -584,7 +600,7 @@ fn admit(
     };
     let mut decision = decide(&hello, peer, &view);
     if matches!(&decision, Err(refusal) if refusal.code == ErrorCode::Fenced) {
-        shared.fence(hello.epoch, "a mirror's hello")?;
+        shared.fence(&FenceAsk::LaterEpoch(hello.epoch), "a mirror's hello")?;
     }
     let ticket = match &decision {
         Ok(Decision::Diverged { .. }) | Err(_) => None,

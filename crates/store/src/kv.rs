@@ -20,7 +20,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard};
 
 use xmirror_proto::hash::StateDigester;
-use xmirror_proto::{ChainHash, Entry, Epoch, EpochStart, Lsn, SnapshotId, StateDigest};
+use xmirror_proto::history::{fence_after, Fence, FenceAsk, Successor};
+use xmirror_proto::{ChainHash, Entry, Epoch, EpochId, EpochStart, Lsn, SnapshotId, StateDigest};
 
 use crate::journal::{self, Journal, JournaledGroup};
 use crate::record::{
@@ -210,9 +211,9 @@ struct CachedMeta {
     sync: SyncState,
     /// The database held, read by every hello and status.
     database: Option<DatabaseIdentity>,
-    /// The later epoch the store is fenced by: checked by every commit under this lock,
+    /// The later epoch the store is fenced by (and the promotion it is for): checked by every commit under this lock,
     /// so that no commit lands after a fence returns.
-    fenced: Option<Epoch>,
+    fenced: Option<Fence>,
     /// Where each epoch began (empty until recorded: the first epoch alone).
     history: Vec<EpochStart>,
     /// Promoted and not fenced or rewound since.
@@ -304,12 +305,38 @@ fn create_private_dir(path: &Path) -> Result<(), StoreError> {
         })
 }
 
-/// A fence record: the epoch.
-fn decode_epoch(value: &[u8]) -> Result<Epoch, StoreError> {
+/// A fence record: the epoch, then (since the successor was kept) a flag and the
+/// successor. Earlier builds wrote the epoch alone.
+fn encode_fence(fence: &Fence) -> Vec<u8> {
+    let mut writer = RecordWriter::default();
+    writer.u64(fence.epoch.0);
+    match &fence.successor {
+        Some(successor) => writer
+            .u8(1)
+            .u64(successor.epoch.0)
+            .u64(successor.epoch_id.0)
+            .bytes(successor.cluster.as_str().as_bytes())
+            .bytes(successor.name.as_str().as_bytes()),
+        None => writer.u8(0),
+    };
+    writer.finish()
+}
+
+fn decode_fence(value: &[u8]) -> Result<Fence, StoreError> {
     let mut reader = RecordReader::new("fenced", value);
     let epoch = Epoch(reader.u64()?);
+    let successor = if !reader.is_done() && reader.u8()? == 1 {
+        Some(Successor {
+            epoch: Epoch(reader.u64()?),
+            epoch_id: EpochId(reader.u64()?),
+            cluster: reader.name()?,
+            name: reader.name()?,
+        })
+    } else {
+        None
+    };
     reader.finish()?;
-    Ok(epoch)
+    Ok(Fence { epoch, successor })
 }
 
 /// Every key with `prefix`, in order.
@@ -379,7 +406,7 @@ impl<E: Engine> KvStore<E> {
             (sync, _) => sync,
         };
         let fenced = match engine.get(&meta_key(META_FENCED))? {
-            Some(value) => Some(decode_epoch(&value)?),
+            Some(value) => Some(decode_fence(&value)?),
             None => None,
         };
         let history = match engine.get(&meta_key(META_HISTORY))? {
@@ -758,8 +785,8 @@ impl<E: Engine> Store for KvStore<E> {
     fn commit(&self, batch: Batch<'_>) -> Result<Applied, StoreError> {
         self.check_failed()?;
         let mut state = self.lock();
-        if let Some(by) = state.fenced {
-            return Err(StoreError::Fenced { by });
+        if let Some(fence) = &state.fenced {
+            return Err(StoreError::Fenced { by: fence.epoch });
         }
         self.write_locked(&mut state, batch, |writes, _| {
             let _exclusive = E::READS_SEE_UNFLUSHED_WRITES.then(|| {
@@ -1143,23 +1170,29 @@ impl<E: Engine> Store for KvStore<E> {
     }
 
     fn fenced(&self) -> Option<Epoch> {
-        self.lock().fenced
+        self.lock().fenced.as_ref().map(|fence| fence.epoch)
+    }
+
+    fn fence_record(&self) -> Option<Fence> {
+        self.lock().fenced.clone()
     }
 
     fn fence(&self, by: Epoch) -> Result<Epoch, StoreError> {
+        Ok(self.fence_as(&FenceAsk::LaterEpoch(by))?.epoch)
+    }
+
+    fn fence_as(&self, ask: &FenceAsk) -> Result<Fence, StoreError> {
         self.check_failed()?;
         let mut state = self.lock();
-        if let Some(held) = state.fenced.filter(|held| *held >= by) {
-            return Ok(held);
+        let fence = fence_after(state.fenced.as_ref(), ask)?;
+        if state.fenced.as_ref() == Some(&fence) {
+            return Ok(fence);
         }
         let mut writes = Writes::default();
-        writes.put(
-            meta_key(META_FENCED),
-            RecordWriter::default().u64(by.0).finish(),
-        );
+        writes.put(meta_key(META_FENCED), encode_fence(&fence));
         self.durable_engine_write(writes)?;
-        state.fenced = Some(by);
-        Ok(by)
+        state.fenced = Some(fence.clone());
+        Ok(fence)
     }
 
     fn create_database(&self, database: DatabaseIdentity) -> Result<DatabaseIdentity, StoreError> {
@@ -1216,7 +1249,7 @@ impl<E: Engine> Store for KvStore<E> {
         Ok(())
     }
 
-    fn promote(&self) -> Result<EpochStart, StoreError> {
+    fn promote(&self, id: EpochId) -> Result<EpochStart, StoreError> {
         self.check_failed()?;
         let mut state = self.lock();
         let held = match (&state.sync, state.database) {
@@ -1241,11 +1274,12 @@ impl<E: Engine> Store for KvStore<E> {
             .iter()
             .map(|start| start.epoch)
             .chain([held.epoch])
-            .chain(state.fenced)
+            .chain(state.fenced.as_ref().map(|fence| fence.epoch))
             .max()
             .unwrap_or(Epoch::FIRST);
         let start = EpochStart {
             epoch: Epoch(known.0 + 1),
+            id,
             first_lsn: state.position.lsn.next(),
             chain_hash_before: state.position.chain_hash,
         };

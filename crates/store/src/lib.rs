@@ -315,6 +315,9 @@ pub enum StoreError {
     /// Only a store holding a consistent copy of a database can be promoted.
     #[error("the store holds no consistent copy of a database (it is {0}): nothing to promote")]
     NotPromotable(&'static str),
+    /// The store is fenced for another promotion: a second one would make two sources.
+    #[error(transparent)]
+    FenceRefused(#[from] xmirror_proto::history::FenceRefused),
 }
 
 /// An engine's own error, boxed so that engine types stay inside this crate.
@@ -501,6 +504,18 @@ pub trait Store: Send + Sync + 'static {
     /// nothing. Returns the epoch the store is fenced by.
     fn fence(&self, by: Epoch) -> Result<Epoch, StoreError>;
 
+    /// The fence, with the promotion it is for once one claimed it.
+    fn fence_record(&self) -> Option<xmirror_proto::history::Fence>;
+
+    /// Fences the store as `ask` says, by the one rule of
+    /// [`fence_after`](xmirror_proto::history::fence_after): a promotion claims the fence
+    /// (refused, changing nothing, when another promotion holds it); a later epoch learned
+    /// raises it. Durable before it returns.
+    fn fence_as(
+        &self,
+        ask: &xmirror_proto::history::FenceAsk,
+    ) -> Result<xmirror_proto::history::Fence, StoreError>;
+
     /// Where each epoch of the store's database began, oldest first (`[EpochStart::FIRST]`
     /// until a promotion or a source says otherwise).
     fn history(&self) -> Vec<EpochStart>;
@@ -517,8 +532,8 @@ pub trait Store: Send + Sync + 'static {
     /// Promotes the store, durably: a new epoch (one past every epoch it knows of, its
     /// fence included) starts after the applied LSN, the fence is lifted, and the store is
     /// marked as a source's. Refused unless it holds a consistent copy. Returns the new
-    /// epoch's start.
-    fn promote(&self) -> Result<EpochStart, StoreError>;
+    /// epoch's start. `id` is the new epoch's random id (the one its fence names).
+    fn promote(&self, id: xmirror_proto::EpochId) -> Result<EpochStart, StoreError>;
 
     /// Whether the store was promoted and has not been fenced or rewound since: its node
     /// is a source, even when started with a mirror's command line.

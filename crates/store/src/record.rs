@@ -7,7 +7,7 @@
 
 use xmirror_proto::message::Write;
 use xmirror_proto::{
-    ChainHash, DatabaseId, Entry, Epoch, EpochStart, Lsn, Name, SnapshotId, UnixMillis,
+    ChainHash, DatabaseId, Entry, Epoch, EpochId, EpochStart, Lsn, Name, SnapshotId, UnixMillis,
 };
 
 use crate::{Position, StoreError};
@@ -277,6 +277,11 @@ impl<'a> RecordReader<'a> {
         Name::new(text).map_err(|error| self.corrupt(error.to_string()))
     }
 
+    /// Whether every byte was read (for records that later builds extended at the end).
+    pub(crate) fn is_done(&self) -> bool {
+        self.rest.is_empty()
+    }
+
     /// Ends reading; leftover bytes mean the record is not what we think it is.
     pub(crate) fn finish(self) -> Result<(), StoreError> {
         if self.rest.is_empty() {
@@ -321,12 +326,17 @@ impl DatabaseIdentity {
 }
 
 /// A database's epoch history as stored: a count, then each start.
+/// The first byte of a history record that carries epoch ids. Earlier builds' records
+/// start with their count as a u64 (first byte 0), and read with every id 0.
+const HISTORY_WITH_IDS: u8 = 0xE1;
+
 pub(crate) fn encode_history(history: &[EpochStart]) -> Vec<u8> {
     let mut writer = RecordWriter::default();
-    writer.u64(history.len() as u64);
+    writer.u8(HISTORY_WITH_IDS).u64(history.len() as u64);
     for start in history {
         writer
             .u64(start.epoch.0)
+            .u64(start.id.0)
             .u64(start.first_lsn.0)
             .hash(&start.chain_hash_before);
     }
@@ -334,12 +344,20 @@ pub(crate) fn encode_history(history: &[EpochStart]) -> Vec<u8> {
 }
 
 pub(crate) fn decode_history(value: &[u8]) -> Result<Vec<EpochStart>, StoreError> {
-    let mut reader = RecordReader::new("history", value);
+    let with_ids = value.first() == Some(&HISTORY_WITH_IDS);
+    let mut reader = RecordReader::new("history", &value[usize::from(with_ids)..]);
     let count = reader.u64()?;
     let mut history = Vec::new();
     for _ in 0..count {
+        let epoch = Epoch(reader.u64()?);
+        let id = if with_ids {
+            EpochId(reader.u64()?)
+        } else {
+            EpochId::FIRST
+        };
         history.push(EpochStart {
-            epoch: Epoch(reader.u64()?),
+            epoch,
+            id,
             first_lsn: Lsn(reader.u64()?),
             chain_hash_before: reader.hash()?,
         });

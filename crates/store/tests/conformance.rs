@@ -13,9 +13,11 @@ use std::time::{Duration, Instant};
 use rand::Rng;
 use tempfile::TempDir;
 use xmirror_proto::hash::StateDigester;
+use xmirror_proto::history::{FenceAsk, FenceRefused, Successor};
 use xmirror_proto::message::Write;
 use xmirror_proto::{
-    ChainHash, DatabaseId, Entry, Epoch, EpochStart, Lsn, Name, SnapshotId, StateDigest, UnixMillis,
+    ChainHash, DatabaseId, Entry, Epoch, EpochId, EpochStart, Lsn, Name, SnapshotId, StateDigest,
+    UnixMillis,
 };
 use xmirror_store::testing::{open_engine, open_engine_waiting, workload_entry};
 use xmirror_store::{
@@ -668,6 +670,50 @@ pub fn consistency_needs_the_sources_chain_hash_at_the_end(engine: Engine) {
     ));
 }
 
+/// A fence claimed by one promotion holds for it alone, across restarts: its retry gets
+/// the same fence, another promotion is refused and changes nothing.
+pub fn a_fence_names_one_successor_across_restarts(engine: Engine) {
+    let successor = |name: &str, id: u64| Successor {
+        epoch: Epoch(2),
+        epoch_id: EpochId(id),
+        cluster: Name::new("west").unwrap(),
+        name: Name::new(name).unwrap(),
+    };
+    let dir = TempDir::new().unwrap();
+    {
+        let store = engine.open(dir.path());
+        store.commit(source_batch(1, &[put("k", "v")])).unwrap();
+        // `xmirror fence` first: no successor yet; the first promotion claims it.
+        store.fence(Epoch(2)).unwrap();
+        let claimed = store
+            .fence_as(&FenceAsk::Promotion(successor("m1", 7)))
+            .unwrap();
+        assert_eq!(claimed.successor, Some(successor("m1", 7)));
+    }
+    let store = engine.open(dir.path());
+    assert_eq!(
+        store.fence_record().and_then(|fence| fence.successor),
+        Some(successor("m1", 7))
+    );
+    assert_eq!(
+        store
+            .fence_as(&FenceAsk::Promotion(successor("m1", 7)))
+            .unwrap()
+            .successor,
+        Some(successor("m1", 7)),
+        "a retry is answered alike"
+    );
+    assert!(matches!(
+        store.fence_as(&FenceAsk::Promotion(successor("m2", 8))),
+        Err(StoreError::FenceRefused(FenceRefused::Held { holder })) if holder == successor("m1", 7)
+    ));
+    assert_eq!(
+        store.fence_record().and_then(|fence| fence.successor),
+        Some(successor("m1", 7)),
+        "the refused promotion changed nothing"
+    );
+}
+
 /// A source's store is created with its database id and keeps it for life; a commit is
 /// durable and visible together.
 pub fn a_fence_refuses_every_later_commit_across_restarts(engine: Engine) {
@@ -712,7 +758,10 @@ pub fn a_promotion_starts_an_epoch_after_the_applied_lsn(engine: Engine) {
     let dir = TempDir::new().unwrap();
     {
         let store = engine.open(dir.path());
-        assert!(matches!(store.promote(), Err(StoreError::NotPromotable(_))));
+        assert!(matches!(
+            store.promote(EpochId(5)),
+            Err(StoreError::NotPromotable(_))
+        ));
         store.create_database(DATABASE).unwrap();
         assert_eq!(store.history(), vec![EpochStart::FIRST]);
         let at = store
@@ -720,11 +769,12 @@ pub fn a_promotion_starts_an_epoch_after_the_applied_lsn(engine: Engine) {
             .unwrap()
             .position;
         store.fence(Epoch(2)).unwrap();
-        let start = store.promote().unwrap();
+        let start = store.promote(EpochId(5)).unwrap();
         assert_eq!(
             start,
             EpochStart {
                 epoch: Epoch(3),
+                id: EpochId(5),
                 first_lsn: Lsn(3),
                 chain_hash_before: at.chain_hash,
             },
@@ -746,6 +796,7 @@ pub fn a_promotion_starts_an_epoch_after_the_applied_lsn(engine: Engine) {
     let mut later = history.clone();
     later.push(EpochStart {
         epoch: Epoch(4),
+        id: EpochId(6),
         first_lsn: Lsn(4),
         chain_hash_before: store.position().chain_hash,
     });
@@ -788,6 +839,7 @@ fn promoted_at(fork: Position) -> [EpochStart; 2] {
         EpochStart::FIRST,
         EpochStart {
             epoch: Epoch(2),
+            id: EpochId(2),
             first_lsn: fork.lsn.next(),
             chain_hash_before: fork.chain_hash,
         },
@@ -1376,6 +1428,7 @@ macro_rules! conformance {
             a_database_id_is_created_once_and_kept,
             durably_applied_groups_survive_and_a_rewind_is_not_undone,
             a_fence_refuses_every_later_commit_across_restarts,
+            a_fence_names_one_successor_across_restarts,
             a_promotion_starts_an_epoch_after_the_applied_lsn,
             a_rewind_goes_back_to_the_fork_in_one_write,
             a_rewind_inside_a_wal_group_keeps_the_entries_up_to_it,

@@ -28,7 +28,7 @@ use std::time::Duration;
 
 use crate::compress::Compression;
 use crate::hash::{ChainHash, Position};
-use crate::history::EpochStart;
+use crate::history::{conflicting_epoch, EpochStart};
 use crate::message::{
     Accepted, Decision, DecisionFields, DecisionKind, FenceRequest, Hello, HelloAck, MessageType,
     MirrorAck, Rejected, ResumeToken, RewindRequest, RewindValues, SnapshotChunk, SnapshotChunkAck,
@@ -37,8 +37,8 @@ use crate::message::{
 use crate::session::Outgoing;
 use crate::status::MirrorState;
 use crate::types::{
-    DatabaseId, Divergence, DivergencePolicy, Epoch, Lsn, Name, Role, SnapshotId, UnixMillis,
-    VersionRange,
+    DatabaseId, Divergence, DivergencePolicy, Epoch, EpochId, Lsn, Name, Role, SnapshotId,
+    UnixMillis, VersionRange,
 };
 use crate::{Entry, ErrorCode, Message};
 
@@ -87,6 +87,9 @@ pub struct Standing {
     pub database_id: Option<DatabaseId>,
     /// The epoch of the history it holds.
     pub epoch: Epoch,
+    /// Where each epoch of that history began, with its id: an ack naming one of its
+    /// epochs with another id is another history.
+    pub history: Vec<EpochStart>,
     /// The last applied (and durable) LSN.
     pub applied_lsn: Lsn,
     /// The chain hash at `applied_lsn`.
@@ -202,6 +205,8 @@ pub enum MirrorEvent {
     Promote {
         /// The epoch the promoted mirror will start.
         epoch: Epoch,
+        /// Its random id: the source is fenced for this promotion alone.
+        epoch_id: EpochId,
     },
 }
 
@@ -536,15 +541,17 @@ pub struct MirrorSession {
     held_copy: Option<(DatabaseId, Lsn)>,
     /// The halt the store records, if any (from the standing, or recorded in this session).
     recorded_halt: Option<Divergence>,
+    /// The epochs of the history the store holds, with their ids.
+    held_history: Vec<EpochStart>,
     /// The source's database and epoch, from its ack: what a snapshot marks the store with.
     source_database: Option<(DatabaseId, Epoch)>,
     /// The source's epoch history, from its ack.
     source_history: Vec<EpochStart>,
     /// How bulk frames travel, from the ack.
     compression: Compression,
-    /// A planned promotion under way: the epoch asked for, and the source's final LSN
-    /// once it has answered the fence.
-    promotion: Option<(Epoch, Option<Lsn>)>,
+    /// A planned promotion under way: the epoch and id asked for, and the source's final
+    /// LSN once it has answered the fence.
+    promotion: Option<(Epoch, EpochId, Option<Lsn>)>,
     /// Frames received and not yet applied, in order.
     queue: VecDeque<Message>,
     /// The store work with the driver (one at a time: the next group waits for it).
@@ -589,6 +596,11 @@ impl MirrorSession {
             role: Role::Observer,
             database_id: standing.database_id,
             epoch: standing.epoch,
+            epoch_id: standing
+                .history
+                .iter()
+                .find(|start| start.epoch == standing.epoch)
+                .map_or(EpochId::FIRST, |start| start.id),
             applied_lsn: standing.applied_lsn,
             chain_hash: standing.chain_hash,
             resume: resume.clone(),
@@ -618,6 +630,7 @@ impl MirrorSession {
             resume,
             held_copy,
             recorded_halt: standing.halted,
+            held_history: standing.history.clone(),
             source_database: None,
             source_history: Vec::new(),
             compression: Compression::Off,
@@ -747,10 +760,13 @@ impl MirrorSession {
                     }
                 }
             }
-            MirrorEvent::Promote { epoch } => {
+            MirrorEvent::Promote { epoch, epoch_id } => {
                 if self.phase == Phase::Replicating && self.promotion.is_none() {
-                    self.promotion = Some((epoch, None));
-                    let fence = FenceRequest { epoch: Some(epoch) };
+                    self.promotion = Some((epoch, epoch_id, None));
+                    let fence = FenceRequest {
+                        epoch: Some(epoch),
+                        epoch_id: Some(epoch_id),
+                    };
                     self.transmit.push_back(Outgoing::Message(fence.into()));
                 }
             }
@@ -765,7 +781,7 @@ impl MirrorSession {
 
     /// Ends the session for the promotion once the fenced source's last LSN is applied.
     fn check_promotion(&mut self) {
-        if let Some((_, Some(source_last_lsn))) = self.promotion {
+        if let Some((_, _, Some(source_last_lsn))) = self.promotion {
             if self.progress.applied_lsn >= source_last_lsn && self.in_flight.is_none() {
                 self.finish(Err(MirrorEnd::Promoting { source_last_lsn }));
             }
@@ -874,8 +890,9 @@ impl MirrorSession {
 
     fn on_message(&mut self, message: Message) {
         if let Message::FenceReply(reply) = &message {
-            if let Some((epoch, source_last_lsn)) = &mut self.promotion {
-                if reply.fenced_by >= *epoch {
+            if let Some((epoch, epoch_id, source_last_lsn)) = &mut self.promotion {
+                // Fenced for this very promotion: the source answers no other.
+                if reply.fenced_by == *epoch && reply.epoch_id == Some(*epoch_id) {
                     *source_last_lsn = Some(reply.last_lsn);
                     self.progress.source_lsn = self.progress.source_lsn.max(reply.last_lsn);
                     return self.check_promotion();
@@ -958,6 +975,10 @@ impl MirrorSession {
         let (database_id, applied_lsn) = self.held_copy?;
         if accepted.database_id != database_id {
             return Some(Divergence::DatabaseMismatch);
+        }
+        // One epoch number promoted twice: two histories, whatever their hashes say.
+        if conflicting_epoch(&self.held_history, &accepted.history).is_some() {
+            return Some(Divergence::DivergedHistory);
         }
         if accepted.source_last_lsn < applied_lsn {
             return Some(Divergence::SourceBehind);
@@ -1378,6 +1399,7 @@ mod tests {
         Standing {
             database_id: (applied > 0).then_some(DATABASE),
             epoch: Epoch::FIRST,
+            history: vec![crate::EpochStart::FIRST],
             applied_lsn: Lsn(applied),
             chain_hash: ChainHash::GENESIS,
             interrupted: None,
@@ -1647,17 +1669,37 @@ mod tests {
     fn a_planned_promotion_fences_the_source_and_ends_once_its_last_lsn_is_applied() {
         let mut session = prepared(standing(10), Decision::Stream { from_lsn: Lsn(11) }, 10);
         drain(&mut session);
-        session.handle(MirrorEvent::Promote { epoch: Epoch(2) });
+        session.handle(MirrorEvent::Promote {
+            epoch: Epoch(2),
+            epoch_id: EpochId(7),
+        });
         assert!(session.is_promoting());
         let asked = drain(&mut session);
         assert_eq!(
             asked.frames,
             vec![Message::FenceRequest(FenceRequest {
-                epoch: Some(Epoch(2))
+                epoch: Some(Epoch(2)),
+                epoch_id: Some(EpochId(7)),
             })]
         );
+        // A source fenced for another promotion of the same epoch is not this one's.
+        let for_another: Message = crate::message::FenceReply {
+            fenced_by: Epoch(2),
+            epoch_id: Some(EpochId(8)),
+            last_lsn: Lsn(12),
+        }
+        .into();
+        let mut other = prepared(standing(10), Decision::Stream { from_lsn: Lsn(11) }, 10);
+        other.handle(MirrorEvent::Promote {
+            epoch: Epoch(2),
+            epoch_id: EpochId(7),
+        });
+        drain(&mut other);
+        received(&mut other, for_another);
+        assert_eq!(end(&mut other), Some(ErrorCode::ProtocolViolation));
         let fenced_at_12: Message = crate::message::FenceReply {
             fenced_by: Epoch(2),
+            epoch_id: Some(EpochId(7)),
             last_lsn: Lsn(12),
         }
         .into();

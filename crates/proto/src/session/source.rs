@@ -28,13 +28,13 @@ use crate::compress::{negotiate_compression, Compression};
 use crate::decide::{negotiate_version, Reject};
 use crate::error_code::ErrorCode;
 use crate::hash::{ChainHash, Position};
-use crate::history::EpochStart;
+use crate::history::{EpochStart, FenceRefused};
 use crate::message::{
     Accepted, Decision, FenceReply, Heartbeat, Hello, HelloAck, MessageType, MirrorAck, Rejected,
     RewindValues, SnapshotChunk, SnapshotChunkAck, SnapshotDone, SnapshotSize,
 };
 use crate::session::{Outgoing, SharedBatch};
-use crate::types::{DatabaseId, Epoch, Lsn, Name, SnapshotId, UnixMillis, VersionRange};
+use crate::types::{DatabaseId, Epoch, EpochId, Lsn, Name, SnapshotId, UnixMillis, VersionRange};
 use crate::Message;
 
 /// What a session needs to know of the source's configuration.
@@ -137,8 +137,9 @@ pub enum SourceEvent {
     BatchRead(Arc<SharedBatch>),
     /// The result of [`SourceAction::ReadRewindValues`].
     RewindValuesRead(RewindValues),
-    /// The result of [`SourceAction::Fence`]: the source is fenced, and `last_lsn` is final.
-    Fenced(FenceReply),
+    /// The result of [`SourceAction::Fence`]: the source is fenced for this mirror's
+    /// promotion, and `last_lsn` is final; or it is fenced for another one.
+    Fenced(Result<FenceReply, FenceRefused>),
     /// [`SourceAction::ReadBatch`] found the WAL truncated past `from`: retention passed
     /// this mirror's slot.
     WalTruncated {
@@ -192,9 +193,14 @@ pub enum SourceAction {
         /// The keys the mirror's rewind touches.
         keys: Vec<Vec<u8>>,
     },
-    /// A promoting mirror asks the source to fence itself for `epoch`; report
-    /// [`SourceEvent::Fenced`].
-    Fence(Epoch),
+    /// A promoting mirror asks the source to fence itself for `epoch` (for its promotion
+    /// alone, when it names the epoch's id); report [`SourceEvent::Fenced`].
+    Fence {
+        /// The epoch the mirror starts.
+        epoch: Epoch,
+        /// Its id, naming the promotion.
+        epoch_id: Option<EpochId>,
+    },
     /// The mirror acknowledged `durable`: advance its slot (report
     /// [`SourceEvent::Replaced`] if the slot is no longer this session's).
     AdvanceSlot(Lsn),
@@ -367,6 +373,9 @@ pub enum SourceEnd {
         /// The version negotiated with the mirror.
         negotiated: u16,
     },
+    /// The mirror asked to promote, and this source is fenced for another promotion.
+    #[error("refused a promotion: {0}")]
+    FenceRefused(FenceRefused),
 }
 
 impl SourceEnd {
@@ -380,6 +389,7 @@ impl SourceEnd {
             SourceEnd::Replaced => ErrorCode::Replaced,
             SourceEnd::ShuttingDown => ErrorCode::ShuttingDown,
             SourceEnd::VersionTooOld { .. } => ErrorCode::BadVersion,
+            SourceEnd::FenceRefused(_) => ErrorCode::NotPromotable,
         }
     }
 }
@@ -529,9 +539,10 @@ impl SourceSession {
                     self.transmit.push_back(Outgoing::Message(values.into()));
                 }
             }
-            SourceEvent::Fenced(reply) => {
+            SourceEvent::Fenced(Ok(reply)) => {
                 self.transmit.push_back(Outgoing::Message(reply.into()));
             }
+            SourceEvent::Fenced(Err(refused)) => self.finish(Err(SourceEnd::FenceRefused(refused))),
             SourceEvent::WalTruncated { first_retained } => {
                 self.reading = false;
                 let requested = match self.state {
@@ -713,7 +724,10 @@ impl SourceSession {
                         own: self.epoch,
                     });
                 }
-                self.actions.push_back(SourceAction::Fence(epoch));
+                self.actions.push_back(SourceAction::Fence {
+                    epoch,
+                    epoch_id: request.epoch_id,
+                });
             }
             (_, Message::MirrorAck(ack)) => self.on_ack(ack),
             (_, Message::SnapshotChunkAck(ack)) => self.on_chunk_ack(ack),
@@ -939,6 +953,7 @@ mod tests {
             role: Role::Observer,
             database_id: Some(DATABASE),
             epoch: Epoch::FIRST,
+            epoch_id: EpochId::FIRST,
             applied_lsn: Lsn(4),
             chain_hash: ChainHash::GENESIS,
             resume: None,
@@ -1110,18 +1125,23 @@ mod tests {
         session.handle(SourceEvent::Received(
             crate::message::FenceRequest {
                 epoch: Some(Epoch(2)),
+                epoch_id: Some(EpochId(7)),
             }
             .into(),
         ));
         assert_eq!(
             drain(&mut session).actions,
-            vec![SourceAction::Fence(Epoch(2))]
+            vec![SourceAction::Fence {
+                epoch: Epoch(2),
+                epoch_id: Some(EpochId(7))
+            }]
         );
         let reply = FenceReply {
             fenced_by: Epoch(2),
+            epoch_id: Some(EpochId(7)),
             last_lsn: COMMITTED,
         };
-        session.handle(SourceEvent::Fenced(reply));
+        session.handle(SourceEvent::Fenced(Ok(reply)));
         assert_eq!(
             drain(&mut session).frames.first(),
             Some(&Message::FenceReply(reply))
@@ -1131,11 +1151,30 @@ mod tests {
             None,
             "streaming goes on to the last LSN"
         );
+        // Fenced for another promotion: this one is refused, the session ends saying why.
+        let (mut session, _) = accepted(Decision::Stream { from_lsn: Lsn(1) });
+        session.handle(SourceEvent::Received(
+            crate::message::FenceRequest {
+                epoch: Some(Epoch(2)),
+                epoch_id: Some(EpochId(8)),
+            }
+            .into(),
+        ));
+        drain(&mut session);
+        let holder = crate::history::Successor {
+            epoch: Epoch(2),
+            epoch_id: EpochId(7),
+            cluster: Name::new("west").unwrap(),
+            name: Name::new("m1").unwrap(),
+        };
+        session.handle(SourceEvent::Fenced(Err(FenceRefused::Held { holder })));
+        assert_eq!(end_code(&mut session), Some(ErrorCode::NotPromotable));
         // Its own epoch, or an earlier one, is no fence.
         let (mut session, _) = accepted(Decision::Stream { from_lsn: Lsn(1) });
         session.handle(SourceEvent::Received(
             crate::message::FenceRequest {
                 epoch: Some(Epoch::FIRST),
+                epoch_id: None,
             }
             .into(),
         ));

@@ -143,6 +143,7 @@ pub async fn verify_acked(client: &Client, acked: &[AckedWrite]) -> usize {
                     min_lsn: None,
                     max_lag_ms: None,
                     timeout_ms: 0,
+                    after: None,
                 })
                 .await
                 .expect("send a get");

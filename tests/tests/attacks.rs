@@ -367,6 +367,7 @@ async fn a_reader_that_never_reads_costs_bounded_memory() {
         min_lsn: None,
         max_lag_ms: None,
         timeout_ms: 0,
+        after: None,
     }));
     let mut streams = Vec::new();
     for _ in 0..4 {

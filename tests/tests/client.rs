@@ -457,11 +457,15 @@ async fn the_cli_client_commands_keep_their_contract() {
     let ok_lsn = |output: &std::process::Output| -> u64 {
         assert!(output.status.success(), "{output:?}");
         let text = String::from_utf8(output.stdout.clone()).unwrap();
-        text.trim()
+        let (lsn, token) = text
+            .trim()
             .strip_prefix("ok lsn=")
-            .unwrap_or_else(|| panic!("expected `ok lsn=N`, got {text:?}"))
-            .parse()
-            .unwrap()
+            .and_then(|rest| rest.split_once(" token="))
+            .unwrap_or_else(|| panic!("expected `ok lsn=N token=T`, got {text:?}"));
+        let token: xmirror_client::HistoryToken = token.parse().unwrap();
+        let lsn: u64 = lsn.parse().unwrap();
+        assert_eq!(token.lsn.0, lsn, "the token names the write's LSN");
+        lsn
     };
     let source = source_node.addr;
     let mirror = mirror_node.addr;

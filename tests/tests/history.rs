@@ -1,6 +1,7 @@
 //! End-to-end: a mirror's history against sources restored from backups, on real
 //! processes. Each test replays one case of docs/RELIABILITY.md, "History II".
 
+use std::process::Output;
 use std::time::Duration;
 
 use xmirror_client::Client;
@@ -235,4 +236,145 @@ async fn a_source_restored_mid_snapshot_never_resumes_chunks_of_its_lost_history
     assert_eq!(status.last_decision, Some(DecisionKind::Snapshot));
     let lost = reader.get(b"key-000005000000000007").await.unwrap();
     assert!(lost.is_none(), "a value of the lost history is served");
+}
+
+/// Runs an `xmirror` client command as `app` against `node`.
+fn cli_as_app(world: &World, command: &str, node: std::net::SocketAddr, rest: &[&str]) -> Output {
+    let node = node.to_string();
+    let certs = world.certs.display().to_string();
+    let mut args = vec![command, "--node", &node, "--certs", &certs, "--name", "app"];
+    args.extend_from_slice(rest);
+    world.cli(&args)
+}
+
+/// The token a write command printed (`ok lsn=N token=T`).
+fn printed_token(output: &Output) -> String {
+    assert!(output.status.success(), "{output:?}");
+    let text = String::from_utf8_lossy(&output.stdout);
+    text.trim()
+        .split_once(" token=")
+        .map(|(_, token)| token.to_owned())
+        .unwrap_or_else(|| panic!("no token in {text:?}"))
+}
+
+fn refused_with(output: &Output, code: &str) {
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "served: {output:?}");
+    assert!(stderr.contains(code), "expected {code}: {stderr}");
+}
+
+/// Case 4. After the restore of case 1, a client writes to the restored source and reads
+/// its write on the halted mirror: with `--min-lsn`, `--max-lag-ms` or `--after` the
+/// mirror refuses (an LSN names another write on each side); a plain read is served,
+/// flagged halted. The source serves the token's read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_halted_mirror_refuses_reads_that_ask_for_freshness() {
+    let world = World::new();
+    let addr = free_port();
+    let mut source = world.start_source_on(addr, "source", &[]).await;
+    let app = world.client(source.addr).await;
+    app.write_keys(2_000, VALUE_SIZE, "k-").await.unwrap();
+    drop(app);
+    assert!(source.stop().success());
+    copy_dir(&world.path("source"), &world.path("backup"));
+    let mut source = world.start_source_on(addr, "source", &[]).await;
+    let app = world.client(source.addr).await;
+    let mirror = world.start_mirror("m1", "m1", source.addr).await;
+    let reader = world.client(mirror.addr).await;
+    let old = cli_as_app(&world, "put", source.addr, &["k-7", "OLD-HISTORY"]);
+    let old_token = printed_token(&old);
+    app.write_keys(1_000, VALUE_SIZE, "lost-").await.unwrap();
+    assert_converged(&app, &reader).await;
+    drop(app);
+    assert!(source.stop().success());
+    std::fs::remove_dir_all(world.path("source")).unwrap();
+    copy_dir(&world.path("backup"), &world.path("source"));
+    let source = world.start_source_on(addr, "source", &[]).await;
+    wait_halted_for(&reader, Divergence::SourceBehind).await;
+
+    let new = cli_as_app(&world, "put", source.addr, &["k-7", "MY-NEW-WRITE"]);
+    let token = printed_token(&new);
+    let lsn = token.rsplit('.').next().unwrap().to_owned();
+    for freshness in [
+        vec!["--min-lsn", lsn.as_str(), "--max-lag-ms", "5000"],
+        vec!["--min-lsn", lsn.as_str()],
+        vec!["--max-lag-ms", "600000"],
+        vec!["--after", token.as_str()],
+        vec!["--after", old_token.as_str()],
+    ] {
+        let mut args = vec!["k-7"];
+        args.extend(freshness.iter().copied());
+        refused_with(
+            &cli_as_app(&world, "get", mirror.addr, &args),
+            "SOURCE_BEHIND",
+        );
+    }
+    let plain = cli_as_app(&world, "get", mirror.addr, &["k-7"]);
+    assert!(plain.status.success(), "{plain:?}");
+    assert_eq!(String::from_utf8_lossy(&plain.stdout), "OLD-HISTORY");
+    assert!(String::from_utf8_lossy(&plain.stderr).contains("halted"));
+    let mirror_status = mirror_status(&reader).await;
+    assert!(mirror_status.lag_ms > 0, "a halted mirror is never current");
+    // The source serves its own write to a reader that names it.
+    let on_source = cli_as_app(&world, "get", source.addr, &["k-7", "--after", &token]);
+    assert!(on_source.status.success(), "{on_source:?}");
+    assert_eq!(String::from_utf8_lossy(&on_source.stdout), "MY-NEW-WRITE");
+}
+
+/// Case 4's neighbour: a follower still pointed at a force-promoted old source, and the
+/// old source itself, refuse a read of the new source's write by its token
+/// (`DIVERGED_HISTORY`: their history does not hold its epoch) instead of answering with
+/// whatever they hold at that LSN.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_history_token_is_refused_by_nodes_on_another_history() {
+    let world = World::new();
+    let old_source = world.start_source("source", &[]).await;
+    let app = world.client(old_source.addr).await;
+    app.write_keys(500, VALUE_SIZE, "k-").await.unwrap();
+    let promoted = world
+        .start_mirror_with(
+            free_port(),
+            "m1",
+            "m1",
+            old_source.addr,
+            &["--source-name", "src2"],
+        )
+        .await;
+    let follower = world.start_mirror("m2", "m2", old_source.addr).await;
+    assert_converged(&app, &world.client(promoted.addr).await).await;
+    assert_converged(&app, &world.client(follower.addr).await).await;
+    let forced = world.cli(&[
+        "promote",
+        "--node",
+        &promoted.addr.to_string(),
+        "--certs",
+        &world.certs.display().to_string(),
+        "--name",
+        "ops",
+        "--force",
+    ]);
+    assert!(forced.status.success(), "{forced:?}");
+    // The old source, not fenced (nothing told it), takes a write at the next LSN too.
+    let stale = cli_as_app(&world, "put", old_source.addr, &["k-1", "STALE"]);
+    printed_token(&stale);
+    let new_source = wait_until(
+        "the promoted node to take writes",
+        Duration::from_secs(60),
+        || async {
+            let output = cli_as_app(&world, "put", promoted.addr, &["k-1", "NEW"]);
+            output.status.success().then(|| printed_token(&output))
+        },
+    )
+    .await;
+    for node in [follower.addr, old_source.addr] {
+        let read = cli_as_app(&world, "get", node, &["k-1", "--after", &new_source]);
+        refused_with(&read, "DIVERGED_HISTORY");
+    }
+    let read = cli_as_app(
+        &world,
+        "get",
+        promoted.addr,
+        &["k-1", "--after", &new_source],
+    );
+    assert_eq!(String::from_utf8_lossy(&read.stdout), "NEW", "{read:?}");
 }

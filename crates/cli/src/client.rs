@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::Args;
-use xmirror_client::{Client, Get, Identity, Lsn, Scan};
+use xmirror_client::{Client, Get, HistoryToken, Identity, Lsn, Scan, Write, Written};
 use xmirror_proto::status::{NodeStatus, SlotState};
 use xmirror_proto::{Epoch, Name, UnixMillis};
 
@@ -77,6 +77,10 @@ pub struct GetArgs {
     /// Refuse (TOO_STALE) when the node is further behind its source than this.
     #[arg(long)]
     max_lag_ms: Option<u64>,
+    /// Read only on a node whose history holds this point (the token a write printed),
+    /// once it has applied it; a node on another history refuses (DIVERGED_HISTORY).
+    #[arg(long, value_name = "TOKEN")]
+    after: Option<HistoryToken>,
 }
 
 #[derive(Args)]
@@ -192,21 +196,26 @@ pub async fn put(args: PutArgs) -> anyhow::Result<()> {
         }
     };
     let client = connect(&args.node).await?;
-    let lsn = client
-        .put(args.key.as_bytes(), &value)
+    let written = client
+        .write(Write::put(args.key.as_bytes(), value))
         .await
         .context("put failed")?;
-    println!("ok lsn={lsn}");
+    print_written(written);
     Ok(())
+}
+
+/// What a write prints: `ok lsn=N token=T` (the token is what `get --after` takes).
+fn print_written(written: Written) {
+    println!("ok lsn={} token={}", written.lsn, written.token);
 }
 
 pub async fn delete(args: DeleteArgs) -> anyhow::Result<()> {
     let client = connect(&args.node).await?;
-    let lsn = client
-        .delete(args.key.as_bytes())
+    let written = client
+        .write(Write::delete(args.key.as_bytes()))
         .await
         .context("delete failed")?;
-    println!("ok lsn={lsn}");
+    print_written(written);
     Ok(())
 }
 
@@ -224,8 +233,8 @@ pub async fn batch(args: BatchArgs) -> anyhow::Result<()> {
     let writes = crate::batch_file::parse(&text)
         .with_context(|| format!("bad batch file {}", args.file.display()))?;
     let client = connect(&args.node).await?;
-    let lsn = client.batch(writes).await.context("batch failed")?;
-    println!("ok lsn={lsn}");
+    let written = client.write_batch(writes).await.context("batch failed")?;
+    print_written(written);
     Ok(())
 }
 
@@ -244,10 +253,18 @@ pub async fn get(args: GetArgs) -> anyhow::Result<()> {
     if let Some(lag) = args.max_lag_ms {
         options = options.max_lag(Duration::from_millis(lag));
     }
+    if let Some(token) = args.after {
+        options = options.after(token);
+    }
     let read = client
         .get_with(args.key.as_bytes(), options)
         .await
         .context("get failed")?;
+    if let Some(reason) = read.halted {
+        eprintln!(
+            "xmirror: warning: the mirror is halted ({reason}): this value is its copy's, which may hold writes its source no longer has"
+        );
+    }
     let Some(value) = read.value else {
         return Err(KeyNotFound.into());
     };

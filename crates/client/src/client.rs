@@ -5,12 +5,13 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use xmirror_proto::history::HistoryToken;
 use xmirror_proto::message::{
     BatchRequest, DeleteRequest, DigestRequest, DropSlotRequest, FenceReply, FenceRequest,
     GetRequest, PromoteReply, PromoteRequest, PutRequest, SlotsRequest, StatusRequest, Write,
 };
 use xmirror_proto::status::{NodeStatus, SlotStatus};
-use xmirror_proto::{Epoch, Lsn, Message, Name, PeerIdentity, StateDigest};
+use xmirror_proto::{Divergence, Epoch, Lsn, Message, Name, PeerIdentity, StateDigest};
 use xmirror_tls::{ExpectedServer, NodeTls};
 
 use crate::connection::{within, Connection, Conversation};
@@ -159,6 +160,19 @@ pub struct Read {
     pub value: Option<Vec<u8>>,
     /// The node's applied LSN when it read: at least the [`Get::min_lsn`] asked for.
     pub lsn: Lsn,
+    /// Set when the node is a halted mirror: the value is its copy's, which may hold writes
+    /// its source no longer has (the reason says why).
+    pub halted: Option<Divergence>,
+}
+
+/// What a write made: its LSN, and the history token a read asks for ([`Get::after`]) to
+/// see it on any node whose history holds it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Written {
+    /// The LSN at which the write is durable.
+    pub lsn: Lsn,
+    /// The point of the history the write made.
+    pub token: HistoryToken,
 }
 
 /// How a [`Client::get_with`] reads.
@@ -178,6 +192,7 @@ pub struct Get {
     min_lsn: Option<Lsn>,
     timeout: Option<Duration>,
     max_lag: Option<Duration>,
+    after: Option<HistoryToken>,
 }
 
 impl Get {
@@ -191,6 +206,16 @@ impl Get {
     /// LSN the node reached, if it has not applied it by then.
     pub fn min_lsn(mut self, lsn: Lsn) -> Get {
         self.min_lsn = Some(lsn);
+        self
+    }
+
+    /// Read only on a node whose history holds `token` (the one a write returned,
+    /// [`Written::token`]), once it has applied its LSN: a node on another history (a
+    /// source restored from an older backup, a follower of a failed-over source, a halted
+    /// mirror) refuses with `DIVERGED_HISTORY` (a halted mirror: its halt's code) instead of
+    /// answering with another write at that LSN.
+    pub fn after(mut self, token: HistoryToken) -> Get {
+        self.after = Some(token);
         self
     }
 
@@ -266,24 +291,41 @@ impl Client {
 
     /// Sets `key` to `value` on a source; returns the LSN at which it is durable.
     pub async fn put(&self, key: impl AsRef<[u8]>, value: impl AsRef<[u8]>) -> Result<Lsn, Error> {
-        let request = PutRequest {
-            key: key.as_ref().to_vec(),
-            value: value.as_ref().to_vec(),
-        };
-        written(self.call(request).await?)
+        Ok(self
+            .write(Write::put(key.as_ref(), value.as_ref()))
+            .await?
+            .lsn)
     }
 
     /// Removes `key` on a source (absent or not); returns the LSN at which it is durable.
     pub async fn delete(&self, key: impl AsRef<[u8]>) -> Result<Lsn, Error> {
-        let request = DeleteRequest {
-            key: key.as_ref().to_vec(),
-        };
-        written(self.call(request).await?)
+        Ok(self.write(Write::delete(key.as_ref())).await?.lsn)
     }
 
     /// Applies `writes` on a source atomically, in order: every reader of the source and of
     /// every mirror sees all of them or none. Returns the batch's LSN (a batch takes one).
     pub async fn batch(&self, writes: Vec<Write>) -> Result<Lsn, Error> {
+        Ok(self.write_batch(writes).await?.lsn)
+    }
+
+    /// One put or delete on a source, as [`Client::put`] and [`Client::delete`], returning
+    /// its LSN and history token.
+    pub async fn write(&self, write: Write) -> Result<Written, Error> {
+        let reply = match write.value {
+            Some(value) => {
+                self.call(PutRequest {
+                    key: write.key,
+                    value,
+                })
+                .await?
+            }
+            None => self.call(DeleteRequest { key: write.key }).await?,
+        };
+        written(reply)
+    }
+
+    /// A batch, as [`Client::batch`], returning its LSN and history token.
+    pub async fn write_batch(&self, writes: Vec<Write>) -> Result<Written, Error> {
         if writes.is_empty() {
             return Err(Error::Invalid("a batch needs at least one write"));
         }
@@ -306,11 +348,13 @@ impl Client {
                 .max_lag
                 .map(|lag| u64::try_from(lag.as_millis()).unwrap_or(u64::MAX)),
             timeout_ms: millis(node_share(deadline)),
+            after: options.after,
         };
         match within(deadline, self.connection.request(request.into())).await? {
             Message::GetReply(reply) => Ok(Read {
                 value: reply.value,
                 lsn: reply.lsn,
+                halted: reply.halted,
             }),
             other => Err(Error::Unexpected(other.message_type())),
         }
@@ -438,7 +482,7 @@ impl Client {
                 sent += 1;
             }
             within(self.deadline, conversation.flush()).await?;
-            last_lsn = written(within(self.deadline, conversation.receive()).await?)?;
+            last_lsn = written(within(self.deadline, conversation.receive()).await?)?.lsn;
             acknowledged += 1;
         }
         Ok(LoadReport {
@@ -449,10 +493,13 @@ impl Client {
     }
 }
 
-/// The LSN of a write's reply.
-fn written(reply: Message) -> Result<Lsn, Error> {
+/// The LSN and token of a write's reply.
+fn written(reply: Message) -> Result<Written, Error> {
     match reply {
-        Message::WriteReply(written) => Ok(written.lsn),
+        Message::WriteReply(written) => Ok(Written {
+            lsn: written.lsn,
+            token: written.token,
+        }),
         other => Err(Error::Unexpected(other.message_type())),
     }
 }

@@ -70,12 +70,13 @@ mod connection;
 mod error;
 mod scan;
 
-pub use client::{Client, ClientBuilder, Get, Identity, LoadReport, Read};
+pub use client::{Client, ClientBuilder, Get, Identity, LoadReport, Read, Written};
 pub use connection::Conversation;
 pub use error::Error;
 pub use scan::{Scan, ScanStream, Scanned};
 pub use xmirror_net::Refusal;
+pub use xmirror_proto::history::HistoryToken;
 pub use xmirror_proto::message::FenceReply;
 pub use xmirror_proto::message::Write;
 pub use xmirror_proto::status::{MirrorState, MirrorStatus, NodeStatus, SlotStatus, SourceStatus};
-pub use xmirror_proto::{Epoch, ErrorCode, Lsn, Name, StateDigest};
+pub use xmirror_proto::{Divergence, Epoch, ErrorCode, Lsn, Name, StateDigest};

@@ -32,8 +32,8 @@ use xmirror_proto::message::{DecisionKind, PromoteReply};
 use xmirror_proto::session::mirror::{MirrorProgress, MirrorSessionConfig};
 use xmirror_proto::status::{MirrorState, MirrorStatus};
 use xmirror_proto::{
-    Divergence, DivergencePolicy, Epoch, ErrorCode, FrameLimits, Name, PeerIdentity, VersionRange,
-    SUPPORTED_VERSIONS,
+    Divergence, DivergencePolicy, Epoch, ErrorCode, FrameLimits, Name, PeerIdentity, UnixMillis,
+    VersionRange, SUPPORTED_VERSIONS,
 };
 use xmirror_store::{open_store, EngineKind, Store, StoreError, StoreOptions, SyncState};
 use xmirror_tls::{ExpectedServer, NodeTls, UnexpectedServer, ALPN_CLIENT, ALPN_MIRROR};
@@ -361,6 +361,9 @@ pub struct MirrorShared {
     /// Since when the mirror has known it is behind the source: lag when commit times are
     /// not known yet (right after a snapshot).
     behind_since: Mutex<Option<Instant>>,
+    /// Since when the mirror has been halted (its own clock, kept in the store across
+    /// restarts): a halted mirror's lag grows from then.
+    halted_at: Mutex<Option<UnixMillis>>,
     /// When the mirror started: the silence before the first contact counts from here.
     started: Instant,
     /// A promotion asked for, under way or done.
@@ -393,7 +396,10 @@ pub(crate) fn recorded_halt(store: &dyn Store) -> Result<Option<Divergence>, Sto
 
 /// Records durably (with the caller's next flush) that the mirror halted for `reason`.
 pub(crate) fn record_halt(store: &dyn Store, reason: Divergence) -> Result<(), StoreError> {
-    store.set_counter(HALTED_AT, now_millis().0)?;
+    // A new reason for a halt already recorded keeps the moment the halt began.
+    if recorded_halt(store)?.is_none() {
+        store.set_counter(HALTED_AT, now_millis().0)?;
+    }
     store.set_counter(HALT_REASON, u64::from(reason.code().number()))
 }
 
@@ -436,8 +442,10 @@ impl MirrorShared {
         let mut initial = MirrorProgress::new(store.position().lsn, consistent);
         // A halt recorded by an earlier process holds before any source is heard from.
         initial.halt_reason = recorded_halt(&*store)?;
+        let mut halted_at = None;
         if initial.halt_reason.is_some() {
             initial.state = MirrorState::Halted;
+            halted_at = Some(UnixMillis(store.counter(HALTED_AT)?));
         }
         let (progress, _) = watch::channel(initial);
         Ok(Arc::new(MirrorShared {
@@ -449,6 +457,7 @@ impl MirrorShared {
             snapshot_before: Arc::default(),
             last_contact: Mutex::new(None),
             behind_since: Mutex::new(None),
+            halted_at: Mutex::new(halted_at),
             started: Instant::now(),
             promotion: watch::channel(Promotion::Idle).0,
         }))
@@ -510,6 +519,15 @@ impl MirrorShared {
             } else if behind_since.is_none() {
                 *behind_since = Some(Instant::now());
             }
+            let mut halted_at = self
+                .halted_at
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            match progress.halt_reason {
+                None => *halted_at = None,
+                Some(_) if halted_at.is_none() => *halted_at = Some(now_millis()),
+                Some(_) => {}
+            }
             *current = progress.clone();
             true
         });
@@ -540,7 +558,15 @@ impl MirrorShared {
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
         let silence = last_contact.unwrap_or(self.started).elapsed();
-        lag_ms(progress, behind_since.map(|since| since.elapsed()), silence)
+        let lag = lag_ms(progress, behind_since.map(|since| since.elapsed()), silence);
+        // A halted mirror falls further behind its source every moment it stays halted.
+        let halted_for = self
+            .halted_at
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .filter(|_| progress.halt_reason.is_some())
+            .map_or(0, |since| now_millis().0.saturating_sub(since.0).max(1));
+        lag.max(halted_for)
     }
 
     /// Whether the store serves reads.

@@ -92,7 +92,15 @@ impl MirrorShared {
             ));
         }
         let planned_epoch = self.next_epoch();
-        let planned_id = EpochId(rand::random());
+        let store = self.store.clone();
+        let planned_id = match tokio::task::spawn_blocking(move || planned_epoch_id(&*store)).await
+        {
+            Ok(Ok(id)) => id,
+            Ok(Err(error)) => {
+                return Err(PromoteRefused::new(ErrorCode::Internal, error.to_string()))
+            }
+            Err(panic) => return Err(PromoteRefused::new(ErrorCode::Internal, panic.to_string())),
+        };
         self.promotion.send_modify(|current| match current {
             Promotion::Done(_) => {}
             _ if request.force => *current = Promotion::Forced,
@@ -161,6 +169,27 @@ impl MirrorShared {
     }
 }
 
+/// The counter that keeps a planned promotion's epoch id until the store is promoted: a
+/// retry after a crash or a timeout asks the source's fence with the same id, and the
+/// source answers it as the successor it is fenced for.
+const PLANNED_EPOCH_ID: &str = "planned_epoch_id";
+
+/// The id of this store's planned promotion: the one recorded, else a new random one,
+/// recorded durably before any source hears of it. Store work: off the async threads.
+fn planned_epoch_id(
+    store: &dyn xmirror_store::Store,
+) -> Result<EpochId, xmirror_store::StoreError> {
+    match store.counter(PLANNED_EPOCH_ID)? {
+        0 => {
+            let id = rand::random::<u64>().max(1);
+            store.set_counter(PLANNED_EPOCH_ID, id)?;
+            store.flush()?;
+            Ok(EpochId(id))
+        }
+        id => Ok(EpochId(id)),
+    }
+}
+
 /// Promotes the store now and says so: `fenced_at` is the fenced source's final LSN
 /// (planned), or `None` (forced: what the old source held beyond the applied LSN may be
 /// lost).
@@ -169,12 +198,12 @@ pub(crate) async fn promote(
     fenced_at: Option<Lsn>,
 ) -> Result<PromoteReply, MirrorError> {
     let store = shared.store.clone();
-    // The id the source's fence names (planned), or a new one (forced).
-    let epoch_id = shared
-        .planned_promotion()
-        .map_or_else(|| EpochId(rand::random()), |(_, epoch_id)| epoch_id);
     let promoted = tokio::task::spawn_blocking(move || {
-        let start = store.promote(epoch_id)?;
+        // The id a planned attempt asked the source's fence with, if one did: the forced
+        // promotion that may follow it is the same successor.
+        let start = store.promote(planned_epoch_id(&*store)?)?;
+        // The next promotion of this store (after a failback) is another one.
+        store.set_counter(PLANNED_EPOCH_ID, 0)?;
         store.flush()?;
         Ok::<_, xmirror_store::StoreError>(start)
     })

@@ -56,13 +56,14 @@ impl ClientService for MirrorService {
             }
             Message::GetRequest(get) => {
                 // A read that waits for an LSN waits for consistency too.
-                if get.min_lsn.is_none() && !self.shared.is_consistent() {
+                if get.min_lsn.is_none() && get.after.is_none() && !self.shared.is_consistent() {
                     return self.not_consistent();
                 }
                 reads::get(
                     self.shared.store.clone(),
                     get,
                     self.shared.lag_ms(),
+                    self.shared.progress().halt_reason,
                     Applied {
                         progress: self.shared.watch_progress(),
                         readable: |progress| progress.consistent.then_some(progress.applied_lsn),

@@ -7,8 +7,9 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 use tokio::time::Instant;
+use xmirror_proto::history::{self, HistoryToken};
 use xmirror_proto::message::{ErrorReply, GetReply, GetRequest, ScanPage, ScanRequest};
-use xmirror_proto::{ErrorCode, Lsn, Message};
+use xmirror_proto::{Divergence, ErrorCode, Lsn, Message};
 use xmirror_store::{Store, StoreError};
 
 use crate::serve::{blocking_reply, error_reply, Pages, Reply};
@@ -33,15 +34,31 @@ pub struct Applied<T> {
     pub readable: fn(&T) -> Option<Lsn>,
 }
 
-/// Answers `request`: `TOO_STALE` when `lag_ms` exceeds what it allows; with a minimum LSN,
+/// Answers `request`: on a halted mirror (`halted`), only a plain read, flagged halted
+/// (a read asking for freshness — a minimum LSN, a maximum lag, a history token — is
+/// refused with the halt's code: an LSN names another write on each side of a divergence);
+/// `TOO_STALE` when `lag_ms` exceeds what it allows; with a history token, only if the
+/// node's history holds its point (`DIVERGED_HISTORY`); with a minimum LSN (or a token's),
 /// once the node has applied it (`TIMEOUT`, naming the LSN reached, if not within the
 /// request's timeout); then the value, read from `store`.
 pub fn get<T: Send + Sync + 'static>(
     store: Arc<dyn Store>,
     request: GetRequest,
     lag_ms: u64,
+    halted: Option<Divergence>,
     applied: Applied<T>,
 ) -> Reply {
+    let asks_freshness =
+        request.min_lsn.is_some() || request.max_lag_ms.is_some() || request.after.is_some();
+    if let Some(reason) = halted.filter(|_| asks_freshness) {
+        return error_reply(
+            reason.code(),
+            format!(
+                "this mirror is halted ({reason}): it may hold writes its source no longer has, \
+                 so it serves no read that asks for freshness; read the source, or plainly"
+            ),
+        );
+    }
     if let Some(max_lag_ms) = request.max_lag_ms.filter(|max| lag_ms > *max) {
         return error_reply(
             ErrorCode::TooStale,
@@ -50,8 +67,14 @@ pub fn get<T: Send + Sync + 'static>(
             ),
         );
     }
-    let Some(min_lsn) = request.min_lsn else {
-        return read(store, request.key);
+    let min_lsn = request
+        .min_lsn
+        .into_iter()
+        .chain(request.after.map(|token| token.lsn))
+        .max();
+    let after = request.after;
+    let Some(min_lsn) = min_lsn else {
+        return read(store, request.key, None, halted);
     };
     let wait = Duration::from_millis(request.timeout_ms.into()).min(MAX_WAIT);
     let Applied {
@@ -59,6 +82,15 @@ pub fn get<T: Send + Sync + 'static>(
         readable,
     } = applied;
     Box::pin(async move {
+        // A history that does not hold the token's point never will: refused at once.
+        if let Some(token) = after {
+            let check_store = store.clone();
+            match tokio::task::spawn_blocking(move || in_history(&*check_store, &token)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(refusal)) => return Message::ErrorReply(refusal),
+                Err(panic) => return crate::serve::internal_error(panic),
+            }
+        }
         let reached = tokio::time::timeout_at(
             Instant::now() + wait,
             progress.wait_for(|now| readable(now).is_some_and(|lsn| lsn >= min_lsn)),
@@ -66,7 +98,7 @@ pub fn get<T: Send + Sync + 'static>(
         .await
         .map(|waited| waited.map(drop));
         match reached {
-            Ok(Ok(())) => read(store, request.key).await,
+            Ok(Ok(())) => read(store, request.key, after, halted).await,
             Ok(Err(_closed)) => Message::ErrorReply(ErrorReply {
                 code: ErrorCode::ShuttingDown,
                 detail: "the node is shutting down".into(),
@@ -86,14 +118,39 @@ pub fn get<T: Send + Sync + 'static>(
     })
 }
 
-/// The value of `key` and the LSN the node stood at when it read.
-fn read(store: Arc<dyn Store>, key: Vec<u8>) -> Reply {
+/// The value of `key` and the LSN the node stood at when it read; with a token, only if
+/// the history the value is read from holds the token's point.
+fn read(
+    store: Arc<dyn Store>,
+    key: Vec<u8>,
+    after: Option<HistoryToken>,
+    halted: Option<Divergence>,
+) -> Reply {
     blocking_reply(move || {
+        if let Some(token) = after {
+            if let Err(refusal) = in_history(&*store, &token) {
+                return Ok(Message::ErrorReply(refusal));
+            }
+        }
         // The LSN before the value: the value is at least as new as the LSN named.
         let lsn = store.position().lsn;
         let value = store.get(&key)?;
-        Ok::<_, StoreError>(GetReply { value, lsn }.into())
+        Ok::<_, StoreError>(GetReply { value, lsn, halted }.into())
     })
+}
+
+/// `Ok` when the store's history holds `token`'s point, else the `DIVERGED_HISTORY` reply.
+/// Reads the store's metadata: call it off the async threads.
+fn in_history(store: &dyn Store, token: &HistoryToken) -> Result<(), ErrorReply> {
+    let refuse = |detail: String| ErrorReply {
+        code: ErrorCode::DivergedHistory,
+        detail,
+    };
+    let Some(database) = store.database() else {
+        return Err(refuse("this node holds no database yet".into()));
+    };
+    history::holds(database.id, &store.history(), token)
+        .map_err(|why| refuse(format!("this node's history does not hold {token}: {why}")))
 }
 
 /// Answers `request` with pages read from one view of `store`, each about the request's

@@ -569,8 +569,16 @@ mod tests {
                 Message::GetRequest(_) => Message::GetReply(GetReply {
                     value: Some(vec![7; self.value_len]),
                     lsn: Lsn(1),
+                    halted: None,
                 }),
-                _ => Message::WriteReply(WriteReply { lsn: Lsn(1) }),
+                _ => Message::WriteReply(WriteReply {
+                    lsn: Lsn(1),
+                    token: xmirror_proto::history::HistoryToken {
+                        database_id: xmirror_proto::DatabaseId([1; 16]),
+                        epoch_id: xmirror_proto::EpochId::FIRST,
+                        lsn: Lsn(1),
+                    },
+                }),
             };
             Box::pin(async move {
                 if waits {
@@ -630,6 +638,7 @@ mod tests {
             min_lsn: None,
             max_lag_ms: None,
             timeout_ms: 0,
+            after: None,
         })
     }
 
@@ -796,6 +805,7 @@ mod tests {
                 min_lsn: Some(Lsn(5)),
                 max_lag_ms: None,
                 timeout_ms: 1_000,
+                after: None,
             })
         };
         // Two places (see `serving`): the third waiting read is refused; a plain read is not.

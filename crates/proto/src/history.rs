@@ -10,7 +10,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::hash::ChainHash;
-use crate::types::{Epoch, EpochId, Lsn, Name};
+use crate::types::{DatabaseId, Epoch, EpochId, Lsn, Name};
 
 /// Where one epoch of a database began.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -186,6 +186,109 @@ pub fn fence_after(held: Option<&Fence>, ask: &FenceAsk) -> Result<Fence, FenceR
     }
 }
 
+/// A point of a database's history, as a write's reply names it: the database, the id of
+/// the epoch the write was made in, and its LSN. A read may ask for it (`--after`): only a
+/// node whose history holds that point serves it. Written `<database id>.<epoch id>.<lsn>`
+/// in hex, hex and decimal.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct HistoryToken {
+    /// The database written to.
+    pub database_id: DatabaseId,
+    /// The epoch the write was made in.
+    pub epoch_id: EpochId,
+    /// The write's LSN.
+    pub lsn: Lsn,
+}
+
+impl std::fmt::Display for HistoryToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{}.{}", self.database_id, self.epoch_id, self.lsn)
+    }
+}
+
+/// Text that is not a history token.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{0:?} is not a history token (<database id>.<epoch id>.<lsn>, as a write printed it)")]
+pub struct BadToken(pub String);
+
+impl std::str::FromStr for HistoryToken {
+    type Err = BadToken;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let bad = || BadToken(text.to_owned());
+        let mut parts = text.split('.');
+        let (Some(database), Some(epoch), Some(lsn), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return Err(bad());
+        };
+        Ok(HistoryToken {
+            database_id: DatabaseId::from_hex(database).ok_or_else(bad)?,
+            epoch_id: EpochId(u64::from_str_radix(epoch, 16).map_err(|_| bad())?),
+            lsn: Lsn(lsn.parse().map_err(|_| bad())?),
+        })
+    }
+}
+
+/// Why a node's history does not hold a token's point.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum NotInHistory {
+    /// The token is of another database.
+    #[error("the token is of database {token}, this node holds {held}")]
+    OtherDatabase {
+        /// The token's.
+        token: DatabaseId,
+        /// The node's.
+        held: DatabaseId,
+    },
+    /// The token's epoch is not one this node's history holds.
+    #[error("the token's epoch {0} is not in this node's history")]
+    UnknownEpoch(EpochId),
+    /// The token's epoch ended before its LSN here: the write was on a branch this
+    /// history left (lost in a failover).
+    #[error(
+        "the token's LSN {lsn} is past where its epoch ended in this node's history (LSN {ended})"
+    )]
+    PastItsEpoch {
+        /// The token's LSN.
+        lsn: Lsn,
+        /// The last LSN of the token's epoch here.
+        ended: Lsn,
+    },
+}
+
+/// Whether the history of a node holding `database_id` with epochs `history` holds the
+/// point `token` names: same database, the token's epoch is one of its epochs, and the
+/// token's LSN is before the next epoch's fork. (Whether the node has applied that far
+/// is for the reader to wait for.)
+pub fn holds(
+    database_id: DatabaseId,
+    history: &[EpochStart],
+    token: &HistoryToken,
+) -> Result<(), NotInHistory> {
+    if token.database_id != database_id {
+        return Err(NotInHistory::OtherDatabase {
+            token: token.database_id,
+            held: database_id,
+        });
+    }
+    let history: &[EpochStart] = if history.is_empty() {
+        &[EpochStart::FIRST]
+    } else {
+        history
+    };
+    let Some(at) = history.iter().position(|start| start.id == token.epoch_id) else {
+        return Err(NotInHistory::UnknownEpoch(token.epoch_id));
+    };
+    match history.get(at + 1) {
+        Some(next) if token.lsn > next.fork_lsn() => Err(NotInHistory::PastItsEpoch {
+            lsn: token.lsn,
+            ended: next.fork_lsn(),
+        }),
+        _ => Ok(()),
+    }
+}
+
 /// The epoch that ended the history of a node at `epoch`: the first later epoch in
 /// `history`, whose fork LSN is the last the node can share with it. The first epoch
 /// ended nothing (a node below it holds no database).
@@ -268,6 +371,35 @@ mod tests {
             Some(Epoch(2))
         );
         assert_eq!(conflicting_epoch(&promoted(1), &[EpochStart::FIRST]), None);
+    }
+
+    #[test]
+    fn a_token_is_served_only_by_a_history_that_holds_its_point() {
+        let database = DatabaseId([4; 16]);
+        let history = [EpochStart::FIRST, start(2, 101)];
+        let token = |epoch_id: u64, lsn: u64| HistoryToken {
+            database_id: database,
+            epoch_id: EpochId(epoch_id),
+            lsn: Lsn(lsn),
+        };
+        #[rustfmt::skip]
+        let cases = [
+            ("epoch 1 before the fork", token(0, 100), Ok(())),
+            ("epoch 1 past the fork: a write the failover lost", token(0, 101),
+                Err(NotInHistory::PastItsEpoch { lsn: Lsn(101), ended: Lsn(100) })),
+            ("the current epoch, any LSN", token(200, 5_000), Ok(())),
+            ("another promotion's epoch 2", token(201, 150), Err(NotInHistory::UnknownEpoch(EpochId(201)))),
+            ("another database", HistoryToken { database_id: DatabaseId([5; 16]), ..token(0, 1) },
+                Err(NotInHistory::OtherDatabase { token: DatabaseId([5; 16]), held: database })),
+        ];
+        for (label, token, expected) in cases {
+            assert_eq!(holds(database, &history, &token), expected, "{label}");
+        }
+        // Printed and read back.
+        let printed = token(200, 42).to_string();
+        assert_eq!(printed.parse(), Ok(token(200, 42)));
+        assert!("nope".parse::<HistoryToken>().is_err());
+        assert!(format!("{printed}.1").parse::<HistoryToken>().is_err());
     }
 
     #[test]

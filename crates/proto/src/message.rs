@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use crate::compress::Compression;
 use crate::error_code::ErrorCode;
 use crate::hash::{ChainHash, Position, StateDigest};
-use crate::history::EpochStart;
+use crate::history::{EpochStart, HistoryToken};
 use crate::status::{NodeStatus, SlotStatus};
 use crate::types::{
     DatabaseId, Divergence, DivergencePolicy, Epoch, EpochId, Lsn, Name, Role, SnapshotId,
@@ -585,6 +585,9 @@ pub struct GetRequest {
     pub max_lag_ms: Option<u64>,
     /// How long the node may wait for `min_lsn`, in milliseconds.
     pub timeout_ms: u32,
+    /// Read only on a history that holds this point (`DIVERGED_HISTORY` otherwise), once
+    /// the node has applied its LSN (waiting as for `min_lsn`).
+    pub after: Option<HistoryToken>,
 }
 
 /// Client API: the pairs of a key range, in key order, in pages, all from one state.
@@ -661,6 +664,9 @@ pub struct SlotsReply {
 pub struct WriteReply {
     /// The LSN the write was given.
     pub lsn: Lsn,
+    /// The point of the history the write made: what a read asks for to see it
+    /// (`GetRequest::after`) on any node, and only on a node whose history holds it.
+    pub token: HistoryToken,
 }
 
 /// Reply to a get.
@@ -671,6 +677,9 @@ pub struct GetReply {
     pub value: Option<Vec<u8>>,
     /// The node's applied LSN when it read.
     pub lsn: Lsn,
+    /// Set when the node is a halted mirror: its data is served as it is, and may hold
+    /// writes its source no longer has (the reason says why).
+    pub halted: Option<Divergence>,
 }
 
 /// One page of a scan's reply. A scan's pages follow each other on its stream, ahead of

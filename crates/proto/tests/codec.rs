@@ -95,6 +95,16 @@ fn database_id() -> impl Strategy<Value = DatabaseId> {
     any::<[u8; 16]>().prop_map(DatabaseId)
 }
 
+fn token() -> impl Strategy<Value = history::HistoryToken> {
+    (database_id(), any::<u64>(), lsn()).prop_map(|(database_id, epoch_id, lsn)| {
+        history::HistoryToken {
+            database_id,
+            epoch_id: EpochId(epoch_id),
+            lsn,
+        }
+    })
+}
+
 fn node_status() -> impl Strategy<Value = NodeStatus> {
     let slot = (name(), lsn(), any::<u64>(), any::<u64>()).prop_map(
         |(name, acked_lsn, lag_entries, seen)| SlotStatus {
@@ -316,14 +326,16 @@ fn message() -> impl Strategy<Value = Message> {
             bytes(16),
             proptest::option::of(lsn()),
             proptest::option::of(any::<u64>()),
-            any::<u32>()
+            any::<u32>(),
+            proptest::option::of(token())
         )
             .prop_map(
-                |(key, min_lsn, max_lag_ms, timeout_ms)| Message::GetRequest(GetRequest {
+                |(key, min_lsn, max_lag_ms, timeout_ms, after)| Message::GetRequest(GetRequest {
                     key,
                     min_lsn,
                     max_lag_ms,
-                    timeout_ms
+                    timeout_ms,
+                    after
                 })
             ),
         proptest::collection::vec(write(), 0..4)
@@ -379,9 +391,14 @@ fn message() -> impl Strategy<Value = Message> {
                 NodeStatus::Mirror(_) => vec![],
             }
         })),
-        lsn().prop_map(|lsn| Message::WriteReply(WriteReply { lsn })),
-        (proptest::option::of(bytes(32)), lsn())
-            .prop_map(|(value, lsn)| Message::GetReply(GetReply { value, lsn })),
+        (lsn(), token()).prop_map(|(lsn, token)| Message::WriteReply(WriteReply { lsn, token })),
+        (proptest::option::of(bytes(32)), lsn(), any::<bool>()).prop_map(|(value, lsn, halted)| {
+            Message::GetReply(GetReply {
+                value,
+                lsn,
+                halted: halted.then_some(Divergence::SourceBehind),
+            })
+        }),
         node_status().prop_map(|status| Message::StatusReply(StatusReply { status })),
         (lsn(), any::<[u8; 32]>()).prop_map(|(lsn, digest)| Message::DigestReply(DigestReply {
             lsn,

@@ -30,13 +30,13 @@ use xmirror_net::{
     EndpointError, SendPacer, TransportLimits,
 };
 use xmirror_proto::authz::NodeKind;
-use xmirror_proto::history::{Fence, FenceAsk};
+use xmirror_proto::history::{Fence, FenceAsk, HistoryToken};
 use xmirror_proto::session::source::SourceSessionConfig;
 use xmirror_proto::{
     Compression, CompressionCounters, ErrorCode, FrameLimits, Name, VersionRange,
     SUPPORTED_VERSIONS,
 };
-use xmirror_proto::{DatabaseId, Epoch, Lsn};
+use xmirror_proto::{DatabaseId, Epoch, EpochId, Lsn};
 use xmirror_store::{open_store, DatabaseIdentity, EngineKind, Store, StoreError, StoreOptions};
 use xmirror_tls::{NodeTls, ALPN_CLIENT, ALPN_MIRROR};
 
@@ -296,6 +296,9 @@ pub struct SourceShared {
     pub slots: Slots,
     /// The database this source owns: created with the store, kept for life.
     pub database: DatabaseIdentity,
+    /// The id of the epoch this source writes in (its history's last): every write's
+    /// history token names it. Fixed while the source runs (a promotion opens a new one).
+    pub epoch_id: EpochId,
     /// Snapshot payload bytes sent since start, over all mirrors.
     pub snapshot_bytes_sent: AtomicU64,
     /// Bulk frame bytes before and after compression, over all mirrors.
@@ -310,6 +313,15 @@ pub struct SourceShared {
 }
 
 impl SourceShared {
+    /// The history token of a write this source made at `lsn`.
+    pub fn token(&self, lsn: Lsn) -> HistoryToken {
+        HistoryToken {
+            database_id: self.database.id,
+            epoch_id: self.epoch_id,
+            lsn,
+        }
+    }
+
     /// Fences this source as `ask` says (durably; every later write gets `FENCED`), saying
     /// so once in the log: by a later epoch learned, or for one promotion, which claims
     /// the fence (`StoreError::FenceRefused` when another promotion holds it). Returns the
@@ -387,6 +399,10 @@ impl SourceShared {
         let (failed, failure) = oneshot::channel();
         let (writer, commits) = Writer::spawn(store.clone(), limits, failed);
         let slots = Slots::load(store.clone())?;
+        let epoch_id = store
+            .history()
+            .last()
+            .map_or(EpochId::FIRST, |start| start.id);
         // A chunk's frame: its payload, plus the length prefixes of many small pairs.
         let chunk_frame_bytes = config.snapshot_chunk_bytes + config.snapshot_chunk_bytes / 8;
         let pacer = config
@@ -400,6 +416,7 @@ impl SourceShared {
             commits,
             slots,
             database,
+            epoch_id,
             snapshot_bytes_sent: AtomicU64::new(0),
             compression: Arc::default(),
             pacer,

@@ -136,10 +136,13 @@ impl SourceService {
         if let Err(bad) = check_write(&self.shared.config, &entry) {
             return error_reply(bad.code(), bad.to_string());
         }
-        let writer = self.shared.writer.clone();
+        let shared = self.shared.clone();
         Box::pin(async move {
-            match writer.write(entry).await {
-                Ok(lsn) => Message::WriteReply(WriteReply { lsn }),
+            match shared.writer.write(entry).await {
+                Ok(lsn) => Message::WriteReply(WriteReply {
+                    lsn,
+                    token: shared.token(lsn),
+                }),
                 Err(error) => Message::ErrorReply(ErrorReply {
                     code: error.code(),
                     detail: error_chain(&error),
@@ -191,6 +194,7 @@ impl ClientService for SourceService {
                 self.shared.store.clone(),
                 get,
                 0,
+                None,
                 Applied {
                     progress: self.shared.commits.clone(),
                     readable: |committed| Some(committed.last_lsn),

@@ -37,7 +37,7 @@ async fn wait_halted_for(reader: &Client, reason: Divergence) -> MirrorStatus {
 ///
 /// `rewritten_first`: the restored source takes its new writes before the mirror comes
 /// back (it halts `DIVERGED_HISTORY` at once), else while the mirror watches (it halts
-/// `SOURCE_BEHIND` first).
+/// `SOURCE_BEHIND` first). `engine` is the source's (a mirror's store is always redb).
 async fn a_halt_holds_against_a_restored_source(engine: &str, rewritten_first: bool) {
     let world = World::new();
     let addr = free_port();
@@ -60,7 +60,7 @@ async fn a_halt_holds_against_a_restored_source(engine: &str, rewritten_first: b
     let app = world.client(source.addr).await;
     let listen = free_port();
     let mut mirror = world
-        .start_mirror_with(listen, "m1", "m1", source.addr, &engine_flags)
+        .start_mirror_with(listen, "m1", "m1", source.addr, &[])
         .await;
     let mut reader = world.client(mirror.addr).await;
     // 1,000 writes the backup will not have.
@@ -88,7 +88,7 @@ async fn a_halt_holds_against_a_restored_source(engine: &str, rewritten_first: b
     app.write_keys(1_500, VALUE_SIZE, "new-").await.unwrap();
     if rewritten_first {
         mirror = world
-            .start_mirror_with(listen, "m1", "m1", source.addr, &engine_flags)
+            .start_mirror_with(listen, "m1", "m1", source.addr, &[])
             .await;
         reader = world.client(listen).await;
     }
@@ -116,7 +116,7 @@ async fn a_halt_holds_against_a_restored_source(engine: &str, rewritten_first: b
     // hears from the source, and stays so after.
     mirror.kill9();
     let mirror = world
-        .start_mirror_with(listen, "m1", "m1", source.addr, &engine_flags)
+        .start_mirror_with(listen, "m1", "m1", source.addr, &[])
         .await;
     let reader = world.client(listen).await;
     let restarted = mirror_status(&reader).await;
@@ -144,7 +144,7 @@ async fn a_halt_holds_against_a_restored_source(engine: &str, rewritten_first: b
             "m1",
             "m1",
             source.addr,
-            &["--engine", engine, "--on-divergence", "resnapshot"],
+            &["--on-divergence", "resnapshot"],
         )
         .await;
     let reader = world.client(listen).await;
@@ -377,4 +377,29 @@ async fn a_history_token_is_refused_by_nodes_on_another_history() {
         &["k-1", "--after", &new_source],
     );
     assert_eq!(String::from_utf8_lossy(&read.stdout), "NEW", "{read:?}");
+}
+
+/// Case 8. A mirror's store must be redb: on a full disk sled hung a streaming mirror, and
+/// one restarted after it served a copy with acknowledged groups missing. A mirror asked
+/// for sled, or started on a data directory holding a sled store (an old source on sled
+/// failed back), refuses to start, saying why and what to do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mirror_refuses_a_sled_store() {
+    let world = World::new();
+    let mut sled_source = world
+        .start_source("sled-source", &["--engine", "sled"])
+        .await;
+    assert!(sled_source.stop().success());
+    for (data, extra) in [("new", vec!["--engine", "sled"]), ("sled-source", vec![])] {
+        let mut mirror = world.spawn_mirror_with(free_port(), "m1", data, free_port(), &extra);
+        let exit = mirror
+            .wait_exit(Duration::from_secs(60))
+            .expect("the mirror refuses to start");
+        assert!(!exit.success());
+        let log = mirror.log_text();
+        assert!(
+            log.contains("a mirror's store must be redb") && log.contains("--engine redb"),
+            "{data}: {log}"
+        );
+    }
 }

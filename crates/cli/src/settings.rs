@@ -158,8 +158,8 @@ settings! {
         /// LSN beyond the source's, another history): halt (keep and serve it, apply
         /// nothing, retry every 5 s) or resnapshot (replace it) [default: halt].
         on_divergence: DivergencePolicy,
-        /// Storage engine of a new store, redb or sled; an existing store keeps its own
-        /// [default: redb].
+        /// Storage engine of a new store [default: redb]. A mirror's store must be redb:
+        /// sled is refused (it does not reliably report a write that fails on a full disk).
         engine: String,
         /// Memory for the storage engine's page cache, in MiB [default: 64]. The engines'
         /// own default, 1 GiB, is what a node's resident memory grows to after a large

@@ -161,6 +161,21 @@ pub enum MirrorError {
     /// Reaching the source failed in a way retrying cannot fix.
     #[error("giving up: this will not succeed by retrying")]
     GaveUp(#[source] AttemptError),
+    /// A mirror's store must be redb: sled does not tell a write that failed on a full disk
+    /// from one that succeeded (a mirror on a full disk hung, and one restarted after it
+    /// served a copy with acknowledged groups missing), and a mirror's copy must never lie.
+    #[error(
+        "a mirror's store must be redb, and {dir} {why}: sled does not reliably report a write \
+         that fails on a full disk, so a mirror on it could serve a copy that lies; start the \
+         mirror with --engine redb (an existing sled mirror: move its data directory aside and \
+         let the mirror take a fresh snapshot)"
+    )]
+    SledRefused {
+        /// The data directory.
+        dir: PathBuf,
+        /// Whether it holds a sled store or `--engine sled` asked for one.
+        why: &'static str,
+    },
 }
 
 /// Why one attempt to replicate from the source failed.
@@ -435,6 +450,21 @@ impl MirrorShared {
     pub async fn open(config: MirrorConfig, name: Name) -> Result<Arc<MirrorShared>, MirrorError> {
         let (data_dir, engine, options) =
             (config.data_dir.clone(), config.engine, config.store_options);
+        match EngineKind::detect(&data_dir) {
+            Some(EngineKind::Sled) => {
+                return Err(MirrorError::SledRefused {
+                    dir: data_dir,
+                    why: "holds a sled store",
+                })
+            }
+            None if engine == EngineKind::Sled => {
+                return Err(MirrorError::SledRefused {
+                    dir: data_dir,
+                    why: "would be created with --engine sled",
+                })
+            }
+            _ => {}
+        }
         let store = tokio::task::spawn_blocking(move || open_store(&data_dir, engine, options))
             .await
             .expect("open task")?;

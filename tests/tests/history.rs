@@ -5,6 +5,7 @@ use std::process::Output;
 use std::time::Duration;
 
 use xmirror_client::Client;
+use xmirror_e2e::proxy::{Direction, Impairment, Proxy};
 use xmirror_e2e::{
     assert_converged, copy_dir, free_port, free_tcp_port, mirror_status, scrape, slow_link,
     source_status, wait_until, World, UNCOMPRESSED,
@@ -402,4 +403,59 @@ async fn a_mirror_refuses_a_sled_store() {
             "{data}: {log}"
         );
     }
+}
+
+/// Case 5. On a saturated link (150 kB/s towards the mirror, a 4 MB burst) the mirror is
+/// thousands of entries and seconds behind: its status, and `--max-lag-ms`, say so while
+/// it is (the source's heartbeats go out every second whatever the traffic, ahead of
+/// queued batches; lag counts from when the mirror learned of the oldest entry it has not
+/// applied), instead of 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lag_is_told_on_a_saturated_link() {
+    let world = World::new();
+    let source = world.start_source("source", UNCOMPRESSED).await;
+    let app = world.client(source.addr).await;
+    app.write_keys(100, VALUE_SIZE, "k-").await.unwrap();
+    let link = Proxy::start(source.addr).await;
+    link.set(
+        Direction::ToMirror,
+        Impairment {
+            bandwidth: Some(150_000),
+            ..Impairment::default()
+        },
+    );
+    let mirror = world.start_mirror("m1", "m1", link.addr).await;
+    let reader = world.client(mirror.addr).await;
+    assert_converged(&app, &reader).await;
+
+    app.write_keys(2_000, 2_000, "burst-").await.unwrap();
+    let target = source_status(&app).await.last_lsn;
+    let (mut told, mut refused) = (None, false);
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let status = mirror_status(&reader).await;
+        if status.applied_lsn >= target {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the mirror did not catch up with the burst: {status:?}"
+        );
+        if status.lag_entries > 0 {
+            assert!(status.lag_ms > 0, "behind but lag 0: {status:?}");
+        }
+        let behind = target.0 - status.applied_lsn.0;
+        if behind > 500 && status.lag_ms >= 1_000 && status.lag_entries > 0 {
+            told.get_or_insert((behind, status.lag_ms, status.lag_entries));
+            let stale = cli_as_app(&world, "get", mirror.addr, &["k-1", "--max-lag-ms", "500"]);
+            refused |= String::from_utf8_lossy(&stale.stderr).contains("TOO_STALE");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (behind, lag_ms, lag_entries) = told.expect("the lag was told while behind");
+    println!("  behind {behind} entries: status said {lag_entries} entries, {lag_ms} ms");
+    assert!(
+        refused,
+        "--max-lag-ms 500 was refused TOO_STALE while seconds behind"
+    );
 }

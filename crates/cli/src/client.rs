@@ -448,7 +448,7 @@ pub fn render_status(status: &NodeStatus, rate: Option<f64>, now: UnixMillis) ->
             let _ = writeln!(
                 out,
                 "lag           {} entries, {}",
-                mirror.source_lsn.entries_since(mirror.applied_lsn),
+                mirror.lag_entries,
                 units::duration_ms(mirror.lag_ms)
             );
             let _ = writeln!(
@@ -722,6 +722,7 @@ mod tests {
             epoch: xmirror_proto::Epoch::FIRST,
             applied_lsn: Lsn(900),
             source_lsn: Lsn(1_000),
+            lag_entries: 100,
             lag_ms: 250,
             source_contact_ms: Some(1_200),
             consistent: true,

@@ -9,6 +9,7 @@
 //! reconnects with backoff after transient failures and stops on permanent rejections.
 
 pub mod backoff;
+pub mod lag;
 pub mod promotion;
 pub mod rewind;
 pub mod service;
@@ -373,9 +374,9 @@ pub struct MirrorShared {
     /// When the last byte from the source arrived (`None` before the first): status shows
     /// it, and lag grows with the silence.
     last_contact: Mutex<Option<Instant>>,
-    /// Since when the mirror has known it is behind the source: lag when commit times are
-    /// not known yet (right after a snapshot).
-    behind_since: Mutex<Option<Instant>>,
+    /// The source LSNs the mirror has learned of and not applied, with when it learned of
+    /// each: the lag counts from the oldest, on this machine's clock.
+    unapplied: Mutex<lag::Unapplied>,
     /// Since when the mirror has been halted (its own clock, kept in the store across
     /// restarts): a halted mirror's lag grows from then.
     halted_at: Mutex<Option<UnixMillis>>,
@@ -468,8 +469,18 @@ impl MirrorShared {
         let store = tokio::task::spawn_blocking(move || open_store(&data_dir, engine, options))
             .await
             .expect("open task")?;
-        let consistent = store.sync_state() == SyncState::Consistent;
+        let sync = store.sync_state();
+        let consistent = sync == SyncState::Consistent;
         let mut initial = MirrorProgress::new(store.position().lsn, consistent);
+        // What the store knows of its source before hearing from it: at least its own
+        // LSN, and a snapshot's (or rewind's) end it has not replayed to yet, which it
+        // counts as behind from the start.
+        initial.source_lsn = match sync {
+            SyncState::Replaying { end } => end.lsn.max(initial.applied_lsn),
+            _ => initial.applied_lsn,
+        };
+        let mut unapplied = lag::Unapplied::default();
+        unapplied.update(initial.source_lsn, initial.applied_lsn, Instant::now());
         // A halt recorded by an earlier process holds before any source is heard from.
         initial.halt_reason = recorded_halt(&*store)?;
         let mut halted_at = None;
@@ -486,7 +497,7 @@ impl MirrorShared {
             snapshot_started: Mutex::new(None),
             snapshot_before: Arc::default(),
             last_contact: Mutex::new(None),
-            behind_since: Mutex::new(None),
+            unapplied: Mutex::new(unapplied),
             halted_at: Mutex::new(halted_at),
             started: Instant::now(),
             promotion: watch::channel(Promotion::Idle).0,
@@ -540,15 +551,10 @@ impl MirrorShared {
                     .unwrap_or_else(PoisonError::into_inner) = Some(std::time::Instant::now());
             }
             became_consistent = progress.consistent && !current.consistent;
-            let mut behind_since = self
-                .behind_since
+            self.unapplied
                 .lock()
-                .unwrap_or_else(PoisonError::into_inner);
-            if progress.applied_lsn >= progress.source_lsn {
-                *behind_since = None;
-            } else if behind_since.is_none() {
-                *behind_since = Some(Instant::now());
-            }
+                .unwrap_or_else(PoisonError::into_inner)
+                .update(progress.source_lsn, progress.applied_lsn, Instant::now());
             let mut halted_at = self
                 .halted_at
                 .lock()
@@ -583,12 +589,13 @@ impl MirrorShared {
     }
 
     fn lag_ms_of(&self, progress: &MirrorProgress, last_contact: Option<Instant>) -> u64 {
-        let behind_since = *self
-            .behind_since
+        let behind_for = self
+            .unapplied
             .lock()
-            .unwrap_or_else(PoisonError::into_inner);
+            .unwrap_or_else(PoisonError::into_inner)
+            .behind_for(Instant::now());
         let silence = last_contact.unwrap_or(self.started).elapsed();
-        let lag = lag_ms(progress, behind_since.map(|since| since.elapsed()), silence);
+        let lag = lag_ms(behind_for, silence);
         // A halted mirror falls further behind its source every moment it stays halted.
         let halted_for = self
             .halted_at
@@ -641,6 +648,7 @@ impl MirrorShared {
             epoch: database.map_or(Epoch::default(), |database| database.epoch),
             applied_lsn,
             source_lsn: progress.source_lsn,
+            lag_entries: progress.source_lsn.0.saturating_sub(applied_lsn.0),
             lag_ms,
             source_contact_ms: last_contact.map(|at| millis(at.elapsed())),
             consistent: progress.consistent,
@@ -657,19 +665,12 @@ fn millis(duration: Duration) -> u64 {
     u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
 }
 
-/// How stale the mirror's data may be: while behind, the time since the source committed
-/// the last entry the mirror applied (or, before any commit time is known, since it knew it
-/// was behind); and at least the source's silence beyond its heartbeat interval. Never a
-/// wall-clock reading, never 0 while the source is silent.
-fn lag_ms(progress: &MirrorProgress, behind_for: Option<Duration>, silence: Duration) -> u64 {
-    let behind = if progress.applied_lsn >= progress.source_lsn {
-        0
-    } else {
-        match progress.applied_commit_time.or(progress.source_commit_time) {
-            Some(committed) => now_millis().0.saturating_sub(committed.0),
-            None => behind_for.map_or(0, millis),
-        }
-    };
+/// How stale the mirror's data may be: while behind, how long it has known of the oldest
+/// entry it has not applied (`lag::Unapplied`, on this machine's clock: the source's clock
+/// never enters it); and at least the source's silence beyond its heartbeat interval.
+/// Never a wall-clock reading, never 0 while behind or while the source is silent.
+fn lag_ms(behind_for: Option<Duration>, silence: Duration) -> u64 {
+    let behind = behind_for.map_or(0, |behind| millis(behind).max(1));
     let silent = if silence > EXPECTED_HEARTBEAT {
         millis(silence)
     } else {
@@ -1018,30 +1019,17 @@ async fn connect_once(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use xmirror_proto::Lsn;
-
-    fn progress(applied: u64, source: u64) -> MirrorProgress {
-        MirrorProgress {
-            source_lsn: Lsn(source),
-            ..MirrorProgress::new(Lsn(applied), true)
-        }
-    }
 
     #[test]
     fn lag_is_never_a_wall_clock_reading_and_grows_with_silence() {
         let heard = Duration::from_millis(300);
         // Caught up with a source heard from within its heartbeat: no lag.
-        assert_eq!(lag_ms(&progress(10, 10), None, heard), 0);
-        // Behind with no commit time known yet (right after a snapshot): since it knew.
-        let lag = lag_ms(&progress(10, 20), Some(Duration::from_millis(700)), heard);
-        assert_eq!(lag, 700, "not the time since 1970");
+        assert_eq!(lag_ms(None, heard), 0);
+        // Behind: how long it has known of the oldest entry it has not applied.
+        assert_eq!(lag_ms(Some(Duration::from_millis(700)), heard), 700);
+        // Behind by less than a millisecond is still behind.
+        assert_eq!(lag_ms(Some(Duration::ZERO), heard), 1);
         // Caught up as far as it knows, but the source has been silent for 20 s.
-        let silent = lag_ms(&progress(10, 10), None, Duration::from_secs(20));
-        assert_eq!(silent, 20_000);
-        // Behind with a known commit time: from that commit, on the wall clock.
-        let mut behind = progress(10, 20);
-        behind.applied_commit_time = Some(xmirror_proto::UnixMillis(now_millis().0 - 1_500));
-        let lag = lag_ms(&behind, Some(Duration::from_millis(10)), heard);
-        assert!((1_500..60_000).contains(&lag), "{lag}");
+        assert_eq!(lag_ms(None, Duration::from_secs(20)), 20_000);
     }
 }

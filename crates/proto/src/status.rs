@@ -98,10 +98,13 @@ pub struct MirrorStatus {
     /// The source's last LSN, as last heard (a new session's ack sets it, so it follows a
     /// source that went back).
     pub source_lsn: Lsn,
-    /// How stale the mirror's data may be, in milliseconds: while it is behind, the time
-    /// since the source committed the oldest entry it has not applied (as far as commit
-    /// times tell); and while the source is silent beyond its heartbeat interval, at least
-    /// the silence. Zero only when caught up with a source heard from within a heartbeat.
+    /// Entries the mirror knows the source holds and it has not applied.
+    pub lag_entries: u64,
+    /// How stale the mirror's data may be, in milliseconds, on the mirror's own clock:
+    /// while it is behind, how long it has known of the oldest entry it has not applied;
+    /// while the source is silent beyond its heartbeat interval, at least the silence;
+    /// while halted, at least the time since it halted. Zero only when caught up with a
+    /// source heard from within a heartbeat.
     pub lag_ms: u64,
     /// Milliseconds since the last byte from the source; `None` before the first.
     pub source_contact_ms: Option<u64>,

@@ -150,6 +150,7 @@ fn node_status() -> impl Strategy<Value = NodeStatus> {
                     epoch: Epoch::FIRST,
                     applied_lsn,
                     source_lsn,
+                    lag_entries: counter,
                     lag_ms: counter,
                     source_contact_ms: Some(counter / 5),
                     consistent,

@@ -437,6 +437,8 @@ pub struct SourceSession {
     /// A scan, end-LSN read or batch read is with the driver: one at a time, so that
     /// memory holds at most one read ahead of the stream.
     reading: bool,
+    /// The heartbeat timer runs (from the first frame after the hello is accepted).
+    heartbeat_armed: bool,
     /// How the session ended, once it has.
     end: Option<Result<(), SourceEnd>>,
 }
@@ -463,6 +465,7 @@ impl SourceSession {
                 handshake_timeout,
             )]),
             reading: false,
+            heartbeat_armed: false,
             end: None,
         }
     }
@@ -564,20 +567,27 @@ impl SourceSession {
                     self.refuse(HelloRefusal::Timeout(self.config.handshake_timeout));
                 }
             }
+            // Every interval, whatever the traffic, and ahead of queued frames: on a
+            // saturated link the mirror still learns the source's last LSN within about
+            // one frame's time, so its lag is never taken from the batches alone.
             SourceEvent::Timer(SourceTimer::Heartbeat) => {
-                if matches!(
-                    self.state,
-                    SourceState::Scanning(_)
-                        | SourceState::Rewinding { .. }
-                        | SourceState::Streaming { .. }
-                ) && self.transmit.is_empty()
-                {
-                    self.transmit.push_back(Outgoing::Message(
-                        Heartbeat {
-                            last_lsn: self.committed.last_lsn,
-                            commit_time: self.committed.commit_time,
-                        }
-                        .into(),
+                if self.sends_heartbeats() {
+                    let queued = self
+                        .transmit
+                        .iter()
+                        .any(|frame| matches!(frame.message(), Message::Heartbeat(_)));
+                    if !queued {
+                        self.transmit.push_front(Outgoing::Message(
+                            Heartbeat {
+                                last_lsn: self.committed.last_lsn,
+                                commit_time: self.committed.commit_time,
+                            }
+                            .into(),
+                        ));
+                    }
+                    self.actions.push_back(SourceAction::ArmTimer(
+                        SourceTimer::Heartbeat,
+                        self.config.heartbeat_interval,
                     ));
                 }
             }
@@ -586,16 +596,22 @@ impl SourceSession {
         }
     }
 
-    /// The next frame to write, when the driver's stream can take one. Every frame
-    /// re-arms the heartbeat timer: a heartbeat goes out only after a quiet interval.
-    pub fn poll_transmit(&mut self) -> Option<Outgoing> {
-        let frame = self.transmit.pop_front()?;
-        if matches!(
+    /// Whether the session is past its hello, where heartbeats run.
+    fn sends_heartbeats(&self) -> bool {
+        matches!(
             self.state,
             SourceState::Scanning(_)
                 | SourceState::Rewinding { .. }
                 | SourceState::Streaming { .. }
-        ) {
+        )
+    }
+
+    /// The next frame to write, when the driver's stream can take one. The first one after
+    /// the hello is accepted starts the heartbeat timer, which then runs on its own.
+    pub fn poll_transmit(&mut self) -> Option<Outgoing> {
+        let frame = self.transmit.pop_front()?;
+        if !self.heartbeat_armed && self.sends_heartbeats() {
+            self.heartbeat_armed = true;
             self.actions.push_back(SourceAction::ArmTimer(
                 SourceTimer::Heartbeat,
                 self.config.heartbeat_interval,
@@ -1435,10 +1451,7 @@ mod tests {
         // The batch waits for the stream: no read before it is taken.
         assert!(session.poll_action().is_none());
         assert!(session.poll_transmit().is_some());
-        assert!(matches!(
-            session.poll_action(),
-            Some(SourceAction::ArmTimer(SourceTimer::Heartbeat, _))
-        ));
+        // (The heartbeat timer was started by the ack and runs on its own.)
         assert!(matches!(
             session.poll_action(),
             Some(SourceAction::ReadBatch { from: Lsn(2), .. })
@@ -1569,6 +1582,35 @@ mod tests {
                 max_bytes: 100
             }]
         );
+    }
+
+    #[test]
+    fn heartbeats_go_out_every_interval_ahead_of_queued_frames() {
+        let (mut session, _) = accepted(Decision::Stream { from_lsn: Lsn(11) });
+        // Frames queued (a saturated link): the heartbeat still goes out next.
+        session.handle(SourceEvent::BatchRead(Arc::new(SharedBatch::new(
+            WalBatch {
+                first_lsn: Lsn(11),
+                entries: vec![Entry::Put {
+                    key: b"k".to_vec(),
+                    value: b"v".to_vec(),
+                }],
+                chain_hash: ChainHash::GENESIS,
+                commit_time: UnixMillis(1),
+            },
+        ))));
+        session.handle(SourceEvent::Timer(SourceTimer::Heartbeat));
+        session.handle(SourceEvent::Timer(SourceTimer::Heartbeat));
+        let frames = drain(&mut session).frames;
+        assert!(
+            matches!(frames.first(), Some(Message::Heartbeat(_))),
+            "{frames:?}"
+        );
+        let heartbeats = frames
+            .iter()
+            .filter(|frame| matches!(frame, Message::Heartbeat(_)))
+            .count();
+        assert_eq!(heartbeats, 1, "one heartbeat waits at a time");
     }
 
     #[test]

@@ -553,3 +553,86 @@ async fn two_planned_promotions_of_one_source_never_both_succeed() {
     ]);
     assert!(String::from_utf8_lossy(&output.stderr).contains("a source already"));
 }
+
+/// History II, case 6: a planned promotion of a mirror far behind on a slow link. Once the
+/// source confirmed its fence, `promote` says so and how far the mirror has to go, never
+/// suggests `--force`, and the promotion goes on: a later `promote` finds it done, with
+/// every write the source acknowledged on the promoted node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lagging_planned_promotion_waits_for_the_fenced_sources_last_lsn() {
+    use xmirror_e2e::proxy::{Direction, Impairment, Proxy};
+    let world = World::new();
+    let source = world.start_source("s", &["--compression", "off"]).await;
+    let app = world.client(source.addr).await;
+    app.write_keys(100, 100, "k-").await.unwrap();
+    let link = Proxy::start(source.addr).await;
+    link.set(
+        Direction::ToMirror,
+        Impairment {
+            bandwidth: Some(150_000),
+            ..Impairment::default()
+        },
+    );
+    let mirror = world
+        .start_mirror_with(
+            free_port(),
+            "m1",
+            "m1",
+            link.addr,
+            &["--source-name", "src2", "--promote-timeout-ms", "2000"],
+        )
+        .await;
+    until_converged(&app, &world.client(mirror.addr).await).await;
+    // About 2 MB the slow link needs over 10 s to carry.
+    app.write_keys(1_000, 2_000, "burst-").await.unwrap();
+    let source_last = source_status(&app).await.last_lsn;
+
+    let node = mirror.addr.to_string();
+    let certs = world.certs.display().to_string();
+    let promote_once = || {
+        world.cli(&[
+            "promote", "--node", &node, "--certs", &certs, "--name", "ops",
+        ])
+    };
+    let first = promote_once();
+    let stderr = String::from_utf8_lossy(&first.stderr);
+    assert!(
+        !first.status.success(),
+        "promoted before the burst arrived?"
+    );
+    // The source fenced itself at once; its answer may still be on its way, behind the
+    // burst: either way the promotion goes on, and nobody is told to force it.
+    assert!(
+        stderr.contains("waiting")
+            && (stderr.contains(&format!("source fenced at LSN {source_last}"))
+                || stderr.contains("the source is alive")),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("promote with --force"), "{stderr}");
+    put_is_fenced(&app).await;
+
+    let done = wait_until(
+        "the promotion to finish",
+        Duration::from_secs(120),
+        || async {
+            let output = promote_once();
+            let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+            let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+            (output.status.success() || stderr.contains("a source already"))
+                .then_some(stdout + &stderr)
+        },
+    )
+    .await;
+    let promoted = until_source(&world, mirror.addr).await;
+    let status = source_status(&promoted).await;
+    assert_eq!(
+        status.history.last().map(|epoch| epoch.first_lsn),
+        Some(source_last.next()),
+        "the new epoch starts right after the fenced source's last LSN: {done}"
+    );
+    assert_eq!(
+        promoted.digest().await.unwrap(),
+        app.digest().await.unwrap(),
+        "every write the old source acknowledged is on the promoted node"
+    );
+}

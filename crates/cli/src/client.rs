@@ -674,8 +674,9 @@ pub async fn promote(args: PromoteArgs) -> anyhow::Result<()> {
             || "never heard from".to_owned(),
             |ms| format!("last heard {} ago", units::duration_ms(ms)),
         );
+        let left_out = reply.source_last_lsn.0.saturating_sub(applied.0);
         println!(
-            "promoted (forced): epoch {} starts at lsn {}; the old source was last known at lsn {} ({contact}): writes it acknowledged after lsn {applied} may be lost",
+            "promoted (forced): epoch {} starts at lsn {}; the old source was last known at lsn {} ({contact}): {left_out} entries it held are left out, and writes it acknowledged after lsn {applied} may be lost",
             reply.epoch, reply.first_lsn, reply.source_last_lsn
         );
     } else {

@@ -326,6 +326,10 @@ async fn plan_mirror(
         &mut config.backoff_max,
         settings.backoff_max_ms.map(Duration::from_millis),
     );
+    set(
+        &mut config.promote_timeout,
+        settings.promote_timeout_ms.map(Duration::from_millis),
+    );
     set(&mut config.on_divergence, settings.on_divergence);
     set(
         &mut config.max_connections_per_peer,
@@ -375,6 +379,7 @@ impl MirrorPlan {
             source_silence_timeout_ms: Some(millis(config.source_silence_timeout)),
             connect_timeout_ms: Some(millis(config.connect_timeout)),
             backoff_max_ms: Some(millis(config.backoff_max)),
+            promote_timeout_ms: Some(millis(config.promote_timeout)),
             max_connections_per_peer: Some(config.max_connections_per_peer),
             max_connection_bytes: Some(config.client.connection_budget),
             max_waiting_reads: Some(config.client.max_waiting_reads),

@@ -154,6 +154,11 @@ settings! {
         max_waiting_reads: usize,
         /// Longest reconnect delay in milliseconds [default: 10000].
         backoff_max_ms: u64,
+        /// How long `xmirror promote` (planned) waits, in milliseconds, before it answers
+        /// that the promotion is still under way (the source's fence not confirmed yet: it
+        /// is cancelled; confirmed: it goes on until this mirror has applied the source's
+        /// final LSN) [default: 30000].
+        promote_timeout_ms: u64,
         /// When this mirror holds data the source cannot vouch for (another database, an
         /// LSN beyond the source's, another history): halt (keep and serve it, apply
         /// nothing, retry every 5 s) or resnapshot (replace it) [default: halt].

@@ -127,7 +127,41 @@ impl MirrorShared {
                 "the mirror is stopping",
             )),
             Err(_elapsed) => {
-                // Nobody confirmed the fence: the mirror stays a mirror.
+                let progress = self.progress();
+                if let Some(fenced_at) = progress.fenced_source_lsn {
+                    // The source is fenced: no write can land on it any more, and every one
+                    // it acknowledged is on its way here. The promotion goes on and ends by
+                    // itself once they are applied; forcing it would leave them out.
+                    return Err(PromoteRefused::new(
+                        ErrorCode::Timeout,
+                        format!(
+                            "source fenced at LSN {fenced_at}, applied {}, waiting: the promotion \
+                             finishes by itself once this mirror has applied LSN {fenced_at} \
+                             (run promote again to wait for it; --force would leave {} \
+                             acknowledged entries out)",
+                            progress.applied_lsn,
+                            fenced_at.0.saturating_sub(progress.applied_lsn.0)
+                        ),
+                    ));
+                }
+                // The source is alive (heard from lately) and the mirror behind: the fence's
+                // answer waits behind the data in flight on the stream. The request stays.
+                let heard_lately = self
+                    .last_contact()
+                    .is_some_and(|at| at.elapsed() < self.config.source_silence_timeout);
+                if heard_lately {
+                    return Err(PromoteRefused::new(
+                        ErrorCode::Timeout,
+                        format!(
+                            "the fence request is sent and the source is alive; its answer waits \
+                             behind the entries in flight to this mirror (applied {}, the source \
+                             at {} as last heard): waiting; run promote again to wait for it",
+                            progress.applied_lsn, progress.source_lsn
+                        ),
+                    ));
+                }
+                // Nobody confirmed the fence and the source is silent: the mirror stays a
+                // mirror.
                 self.promotion.send_if_modified(|current| {
                     let planned = matches!(current, Promotion::Planned { .. });
                     if planned {
@@ -138,8 +172,9 @@ impl MirrorShared {
                 Err(PromoteRefused::new(
                     ErrorCode::Timeout,
                     format!(
-                        "the source did not confirm its fence within {:?}: it may be unreachable; if it is gone, promote with --force",
-                        self.config.promote_timeout
+                        "the source did not confirm its fence within {:?} and has been silent: it may be unreachable; if it is gone, promote with --force (it would leave out what the source holds past LSN {})",
+                        self.config.promote_timeout,
+                        progress.applied_lsn
                     ),
                 ))
             }
@@ -220,7 +255,14 @@ pub(crate) async fn promote(
         }
     };
     let progress = shared.progress();
-    let source_last_lsn = fenced_at.unwrap_or(progress.source_lsn.max(progress.applied_lsn));
+    // Forced after the source confirmed its fence: its final LSN is known exactly.
+    let source_last_lsn = fenced_at.unwrap_or(
+        progress
+            .fenced_source_lsn
+            .unwrap_or(Lsn::ZERO)
+            .max(progress.source_lsn)
+            .max(progress.applied_lsn),
+    );
     let source_contact_ms = shared
         .last_contact()
         .map(|at| u64::try_from(at.elapsed().as_millis()).unwrap_or(u64::MAX));

@@ -126,6 +126,9 @@ pub struct MirrorProgress {
     pub snapshot: Option<SnapshotCounts>,
     /// Why the mirror is halted (its data kept, nothing applied), while it is.
     pub halt_reason: Option<Divergence>,
+    /// A planned promotion's source confirmed its fence: its final LSN, which the mirror
+    /// applies before it promotes (no acknowledged write is left behind).
+    pub fenced_source_lsn: Option<Lsn>,
 }
 
 impl MirrorProgress {
@@ -141,6 +144,7 @@ impl MirrorProgress {
             consistent,
             snapshot: None,
             halt_reason: None,
+            fenced_source_lsn: None,
         }
     }
 }
@@ -894,6 +898,7 @@ impl MirrorSession {
                 // Fenced for this very promotion: the source answers no other.
                 if reply.fenced_by == *epoch && reply.epoch_id == Some(*epoch_id) {
                     *source_last_lsn = Some(reply.last_lsn);
+                    self.progress.fenced_source_lsn = Some(reply.last_lsn);
                     self.progress.source_lsn = self.progress.source_lsn.max(reply.last_lsn);
                     return self.check_promotion();
                 }

@@ -636,3 +636,75 @@ async fn a_lagging_planned_promotion_waits_for_the_fenced_sources_last_lsn() {
         "every write the old source acknowledged is on the promoted node"
     );
 }
+
+/// History II, case 7: after a forced promotion nothing fenced the old source; partitioned,
+/// not dead, it went on acknowledging writes once the partition healed. Now the promoted
+/// node dials it (backing off) and fences it as soon as it answers; its status says whether
+/// it has yet.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forced_promotion_fences_the_old_source_as_soon_as_it_answers() {
+    use xmirror_e2e::proxy::Proxy;
+    use xmirror_proto::status::OldSourceFence;
+    let world = World::new();
+    let source = world.start_source("s", &[]).await;
+    let app = world.client(source.addr).await;
+    app.write_keys(200, 100, "k-").await.unwrap();
+    let link = Proxy::start(source.addr).await;
+    let mirror = world
+        .start_mirror_with(
+            free_port(),
+            "m1",
+            "m1",
+            link.addr,
+            &["--source-name", "src2"],
+        )
+        .await;
+    // A second mirror of the old source, on the other side of the partition.
+    let other = world
+        .start_mirror_with(
+            free_port(),
+            "m2",
+            "m2",
+            source.addr,
+            &["--source-name", "src2"],
+        )
+        .await;
+    until_converged(&app, &world.client(mirror.addr).await).await;
+    until_converged(&app, &world.client(other.addr).await).await;
+
+    link.partition(true);
+    let forced = promote(&world, mirror.addr, true);
+    assert!(forced.contains("not fenced yet"), "{forced}");
+    let promoted = until_source(&world, mirror.addr).await;
+    // Partitioned: the old source still takes writes, and the new one says so.
+    app.put("during", "the partition").await.unwrap();
+    let dialling = source_status(&promoted).await;
+    assert!(
+        matches!(dialling.old_source, Some(OldSourceFence::Dialling { .. })),
+        "{:?}",
+        dialling.old_source
+    );
+
+    link.partition(false);
+    wait_until(
+        "the promoted node to fence its old source",
+        Duration::from_secs(60),
+        || async {
+            (source_status(&promoted).await.old_source == Some(OldSourceFence::Fenced))
+                .then_some(())
+        },
+    )
+    .await;
+    put_is_fenced(&app).await;
+    let old = source_status(&app).await;
+    assert_eq!(old.fenced, Some(xmirror_proto::Epoch(2)));
+    // Epoch 2 exists (the forced node's): the old source's other mirror cannot make it twice.
+    let node = other.addr.to_string();
+    let certs = world.certs.display().to_string();
+    let second = world.cli(&[
+        "promote", "--node", &node, "--certs", &certs, "--name", "ops",
+    ]);
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert!(!second.status.success(), "{stderr}");
+    assert!(stderr.contains("NOT_PROMOTABLE"), "{stderr}");
+}

@@ -355,9 +355,6 @@ async fn a_history_token_is_refused_by_nodes_on_another_history() {
         "--force",
     ]);
     assert!(forced.status.success(), "{forced:?}");
-    // The old source, not fenced (nothing told it), takes a write at the next LSN too.
-    let stale = cli_as_app(&world, "put", old_source.addr, &["k-1", "STALE"]);
-    printed_token(&stale);
     let new_source = wait_until(
         "the promoted node to take writes",
         Duration::from_secs(60),

@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use clap::Args;
 use xmirror_client::{Client, Get, HistoryToken, Identity, Lsn, Scan, Write, Written};
-use xmirror_proto::status::{NodeStatus, SlotState};
+use xmirror_proto::status::{NodeStatus, OldSourceFence, SlotState};
 use xmirror_proto::{Epoch, Name, UnixMillis};
 
 use xmirror_net::now_millis;
@@ -383,6 +383,24 @@ pub fn render_status(status: &NodeStatus, rate: Option<f64>, now: UnixMillis) ->
                     "fenced        by epoch {epoch}: writes refused (the database goes on elsewhere)"
                 );
             }
+            match &source.old_source {
+                None => {}
+                Some(OldSourceFence::Fenced) => {
+                    let _ = writeln!(out, "old source    fenced");
+                }
+                Some(OldSourceFence::Dialling { attempts }) => {
+                    let _ = writeln!(
+                        out,
+                        "old source    NOT FENCED YET: dialled {attempts} times; it may still take writes"
+                    );
+                }
+                Some(OldSourceFence::Refused { code, detail }) => {
+                    let _ = writeln!(
+                        out,
+                        "old source    NOT FENCED: it answered {code} ({detail}); fence it by hand"
+                    );
+                }
+            }
             let _ = writeln!(out, "last_lsn      {}{rate}", source.last_lsn);
             write_epochs(&mut out, &source.history);
             let _ = writeln!(out, "wal_first_lsn {}", source.wal_first_lsn);
@@ -676,7 +694,7 @@ pub async fn promote(args: PromoteArgs) -> anyhow::Result<()> {
         );
         let left_out = reply.source_last_lsn.0.saturating_sub(applied.0);
         println!(
-            "promoted (forced): epoch {} starts at lsn {}; the old source was last known at lsn {} ({contact}): {left_out} entries it held are left out, and writes it acknowledged after lsn {applied} may be lost",
+            "promoted (forced): epoch {} starts at lsn {}; the old source was last known at lsn {} ({contact}): {left_out} entries it held are left out, and writes it acknowledged after lsn {applied} may be lost; it is not fenced yet: this node dials it and fences it as soon as it answers (status: old source)",
             reply.epoch, reply.first_lsn, reply.source_last_lsn
         );
     } else {
@@ -767,6 +785,7 @@ mod tests {
             commit_time: UnixMillis(0),
             snapshot_bytes_sent: 0,
             history: vec![(&xmirror_proto::EpochStart::FIRST).into()],
+            old_source: Some(OldSourceFence::Dialling { attempts: 3 }),
             mirrors: vec![SlotStatus {
                 id: "spiffe://west/observer/m1".into(),
                 name: name("m1"),
@@ -785,5 +804,6 @@ mod tests {
         );
         assert!(table.contains("snapshot sent 0 B since start"), "{table}");
         assert!(table.contains("fenced        by epoch 2"), "{table}");
+        assert!(table.contains("old source    NOT FENCED YET"), "{table}");
     }
 }

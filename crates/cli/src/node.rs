@@ -623,6 +623,9 @@ pub async fn run_mirror(args: MirrorArgs, log_format: Option<LogFormat>) -> anyh
         None => anyhow::bail!("a mirror is promoted through its --listen address"),
     }
     .context("cannot start serving as a source")?;
+    if let Some(old_source) = handover.old_source {
+        node.watch_old_source(old_source);
+    }
     println!(
         "promoted: epoch {} starts at lsn {}; source {} serving on {}",
         promoted.epoch,

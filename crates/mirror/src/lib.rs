@@ -9,6 +9,7 @@
 //! reconnects with backoff after transient failures and stops on permanent rejections.
 
 pub mod backoff;
+pub mod fence_on_sight;
 pub mod lag;
 pub mod promotion;
 pub mod rewind;
@@ -31,7 +32,7 @@ use xmirror_net::{
 use xmirror_proto::authz::{authorize, NodeKind, Operation};
 use xmirror_proto::message::{DecisionKind, PromoteReply};
 use xmirror_proto::session::mirror::{MirrorProgress, MirrorSessionConfig};
-use xmirror_proto::status::{MirrorState, MirrorStatus};
+use xmirror_proto::status::{MirrorState, MirrorStatus, OldSourceFence};
 use xmirror_proto::{
     Divergence, DivergencePolicy, Epoch, ErrorCode, FrameLimits, Name, PeerIdentity, UnixMillis,
     VersionRange, SUPPORTED_VERSIONS,
@@ -706,6 +707,9 @@ pub struct Handover {
     pub endpoint: Option<quinn::Endpoint>,
     /// Its store, open.
     pub store: Arc<dyn Store>,
+    /// After a forced promotion: whether the old source is fenced yet (a task dials it
+    /// until it answers, `fence_on_sight`).
+    pub old_source: Option<watch::Receiver<OldSourceFence>>,
 }
 
 /// A running mirror.
@@ -718,6 +722,8 @@ pub struct MirrorNode {
     /// can be reopened.
     telemetry: tokio::task::JoinHandle<()>,
     listener: Option<(quinn::Endpoint, tokio::task::JoinHandle<()>)>,
+    /// Its certificates, for fencing the old source after a forced promotion.
+    tls: Arc<NodeTls>,
 }
 
 impl MirrorNode {
@@ -766,7 +772,7 @@ impl MirrorNode {
             }
             None => None,
         };
-        let replication = tokio::spawn(replicate(shared.clone(), tls));
+        let replication = tokio::spawn(replicate(shared.clone(), tls.clone()));
         let telemetry = tokio::spawn(telemetry::publish_loop(shared.clone()));
         Ok(MirrorNode {
             listen_addr,
@@ -774,6 +780,7 @@ impl MirrorNode {
             replication,
             telemetry,
             listener,
+            tls,
         })
     }
 
@@ -803,9 +810,23 @@ impl MirrorNode {
             task.abort();
             endpoint
         });
+        let forced = matches!(
+            &*self.shared.promotion.borrow(),
+            Promotion::Done(reply) if reply.forced
+        );
+        let old_source = forced.then(|| {
+            let (report, watch) = watch::channel(OldSourceFence::Dialling { attempts: 0 });
+            tokio::spawn(fence_on_sight::fence_old_source(
+                self.shared.clone(),
+                self.tls.clone(),
+                report,
+            ));
+            watch
+        });
         Handover {
             endpoint,
             store: self.shared.store.clone(),
+            old_source,
         }
     }
 
@@ -963,14 +984,15 @@ async fn replicate(
 }
 
 /// How long a session the source finished waits for the connection's close and its code.
-const SESSION_CLOSE_GRACE: Duration = Duration::from_millis(500);
+pub(crate) const SESSION_CLOSE_GRACE: Duration = Duration::from_millis(500);
 
-async fn connect_once(
-    shared: &Arc<MirrorShared>,
+/// Dials the source and completes TLS, within the connect timeout.
+pub(crate) async fn dial(
+    shared: &MirrorShared,
     endpoint: &quinn::Endpoint,
     expected: &ExpectedServer,
     server_name: &str,
-) -> Result<(), AttemptError> {
+) -> Result<quinn::Connection, AttemptError> {
     let addr = shared.config.source;
     let connecting = endpoint
         .connect(addr, server_name)
@@ -984,6 +1006,17 @@ async fn connect_once(
             None => AttemptError::connection(addr, source),
         })?;
     tracing::info!(source = %addr, "connected");
+    Ok(connection)
+}
+
+async fn connect_once(
+    shared: &Arc<MirrorShared>,
+    endpoint: &quinn::Endpoint,
+    expected: &ExpectedServer,
+    server_name: &str,
+) -> Result<(), AttemptError> {
+    let addr = shared.config.source;
+    let connection = dial(shared, endpoint, expected, server_name).await?;
     let (mut send, recv) = connection
         .open_bi()
         .await

@@ -271,6 +271,7 @@ pub(crate) async fn promote(
         first_lsn: start.first_lsn,
         source_last_lsn,
         source_contact_ms,
+        forced: fenced_at.is_none(),
     };
     match fenced_at {
         Some(_) => tracing::warn!(
@@ -304,6 +305,7 @@ pub(crate) fn promoted_before(shared: &MirrorShared) -> PromoteReply {
         first_lsn: start.first_lsn,
         source_last_lsn: start.fork_lsn(),
         source_contact_ms: None,
+        forced: false,
     };
     shared.promotion.send_replace(Promotion::Done(reply));
     reply

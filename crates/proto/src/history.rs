@@ -116,17 +116,23 @@ impl std::fmt::Display for Successor {
 pub struct Fence {
     /// The later epoch.
     pub epoch: Epoch,
-    /// The promotion it is for, once one claimed it (a fence learned from a hello or set
-    /// with `xmirror fence` names none until a promotion asks).
+    /// The promotion it is for, once one claimed it.
     pub successor: Option<Successor>,
+    /// Whether a promotion to `epoch` itself may still claim it: yes for an operator's
+    /// `xmirror fence` (it reserves the next epoch for whoever promotes first); no for a
+    /// fence learned from a node already in that epoch (a hello, an ack: the epoch exists,
+    /// promoted elsewhere, and a second promotion to it would make it twice).
+    pub open_to_promotion: bool,
 }
 
-/// A fence asked of a source: by a promotion (naming itself), or by what a node learned of
-/// a later epoch (a hello, an ack, `xmirror fence`: no successor).
+/// A fence asked of a source.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum FenceAsk {
-    /// A later epoch exists: refuse every write from now on.
+    /// A node of a later epoch was met (a hello, an ack): that epoch exists.
     LaterEpoch(Epoch),
+    /// An operator's `xmirror fence`: refuse every write from now on; the epoch is for the
+    /// first promotion that asks.
+    Operator(Epoch),
     /// A promotion: fence for this successor, the only one.
     Promotion(Successor),
 }
@@ -140,8 +146,9 @@ pub enum FenceRefused {
         /// The successor the fence is for.
         holder: Successor,
     },
-    /// The source knows of a later epoch than the one the promotion would start.
-    #[error("this source is fenced by epoch {held}, later than the epoch {asked} this promotion would start")]
+    /// The source knows of a node already in the epoch the promotion would start, or in a
+    /// later one: that epoch was promoted elsewhere.
+    #[error("this source is fenced by epoch {held}, promoted elsewhere: a promotion to epoch {asked} would make it twice")]
     LaterEpoch {
         /// The epoch the source is fenced by.
         held: Epoch,
@@ -152,32 +159,53 @@ pub enum FenceRefused {
 
 /// The fence to record when `ask` meets the fence `held` (`Ok(held unchanged)` when nothing
 /// changes), or why a promotion is refused. One rule, so that two promotions of one source
-/// never both succeed: the first promotion to ask claims the fence (even one set before
-/// without a successor, by `xmirror fence` or a hello), its retries get the same answer,
-/// and any other promotion is refused naming the holder.
+/// never both succeed: the first promotion to ask claims the fence (one set before by
+/// `xmirror fence` included), its retries get the same answer, and any other promotion is
+/// refused naming the holder; a fence learned from a node of a later epoch is claimed only
+/// by a promotion to a still later one.
 pub fn fence_after(held: Option<&Fence>, ask: &FenceAsk) -> Result<Fence, FenceRefused> {
+    let unclaimed = |epoch: Epoch, open_to_promotion: bool| Fence {
+        epoch,
+        successor: None,
+        open_to_promotion,
+    };
     match (held, ask) {
-        (None, FenceAsk::LaterEpoch(epoch)) => Ok(Fence {
-            epoch: *epoch,
-            successor: None,
-        }),
+        (None, FenceAsk::LaterEpoch(epoch)) => Ok(unclaimed(*epoch, false)),
+        (None, FenceAsk::Operator(epoch)) => Ok(unclaimed(*epoch, true)),
         (None, FenceAsk::Promotion(successor)) => Ok(Fence {
             epoch: successor.epoch,
             successor: Some(successor.clone()),
+            open_to_promotion: false,
         }),
+        (Some(held), FenceAsk::LaterEpoch(epoch) | FenceAsk::Operator(epoch))
+            if *epoch <= held.epoch =>
+        {
+            Ok(held.clone())
+        }
         (Some(held), FenceAsk::LaterEpoch(epoch)) => Ok(Fence {
-            epoch: held.epoch.max(*epoch),
+            epoch: *epoch,
             successor: held.successor.clone(),
+            open_to_promotion: false,
+        }),
+        (Some(held), FenceAsk::Operator(epoch)) => Ok(Fence {
+            epoch: *epoch,
+            successor: held.successor.clone(),
+            open_to_promotion: held.successor.is_none(),
         }),
         (Some(held), FenceAsk::Promotion(successor)) => match &held.successor {
             Some(holder) if holder == successor => Ok(held.clone()),
             Some(holder) => Err(FenceRefused::Held {
                 holder: holder.clone(),
             }),
-            None if successor.epoch >= held.epoch => Ok(Fence {
-                epoch: successor.epoch,
-                successor: Some(successor.clone()),
-            }),
+            None if successor.epoch > held.epoch
+                || (successor.epoch == held.epoch && held.open_to_promotion) =>
+            {
+                Ok(Fence {
+                    epoch: successor.epoch,
+                    successor: Some(successor.clone()),
+                    open_to_promotion: false,
+                })
+            }
             None => Err(FenceRefused::LaterEpoch {
                 held: held.epoch,
                 asked: successor.epoch,
@@ -328,6 +356,11 @@ mod tests {
         let fenced = |epoch: u64, holder: Option<&Successor>| Fence {
             epoch: Epoch(epoch),
             successor: holder.cloned(),
+            open_to_promotion: false,
+        };
+        let reserved = |epoch: u64| Fence {
+            open_to_promotion: true,
+            ..fenced(epoch, None)
         };
         let promotion = |successor: &Successor| FenceAsk::Promotion(successor.clone());
         #[rustfmt::skip]
@@ -339,14 +372,21 @@ mod tests {
                 Err(FenceRefused::Held { holder: m1.clone() })),
             ("the same node with another epoch id is another promotion", Some(fenced(2, Some(&m1))),
                 promotion(&successor("m1", 2, 9)), Err(FenceRefused::Held { holder: m1.clone() })),
-            ("a fence without successor is claimed by the first promotion", Some(fenced(2, None)), promotion(&m2),
-                Ok(fenced(2, Some(&m2)))),
-            ("a promotion to an epoch already passed is refused", Some(fenced(3, None)), promotion(&m1),
+            ("xmirror fence reserves the epoch for the first promotion", None, FenceAsk::Operator(Epoch(2)), Ok(reserved(2))),
+            ("which claims it", Some(reserved(2)), promotion(&m2), Ok(fenced(2, Some(&m2)))),
+            // A forced promotion's node met the source (fence on sight): epoch 2 exists.
+            ("a fence learned from epoch 2 is not for a promotion to epoch 2", Some(fenced(2, None)), promotion(&m1),
+                Err(FenceRefused::LaterEpoch { held: Epoch(2), asked: Epoch(2) })),
+            ("but a promotion to a later epoch may claim it", Some(fenced(2, None)), promotion(&successor("m3", 3, 4)),
+                Ok(fenced(3, Some(&successor("m3", 3, 4))))),
+            ("a promotion to an epoch already passed is refused", Some(reserved(3)), promotion(&m1),
                 Err(FenceRefused::LaterEpoch { held: Epoch(3), asked: Epoch(2) })),
             ("a later epoch learned keeps the successor", Some(fenced(2, Some(&m1))), FenceAsk::LaterEpoch(Epoch(3)),
                 Ok(fenced(3, Some(&m1)))),
-            ("an earlier epoch learned changes nothing", Some(fenced(3, None)), FenceAsk::LaterEpoch(Epoch(2)),
+            ("a later epoch learned closes a reservation", Some(reserved(2)), FenceAsk::LaterEpoch(Epoch(3)),
                 Ok(fenced(3, None))),
+            ("an earlier epoch learned changes nothing", Some(reserved(3)), FenceAsk::LaterEpoch(Epoch(2)),
+                Ok(reserved(3))),
             ("a later epoch fences an unfenced source", None, FenceAsk::LaterEpoch(Epoch(2)), Ok(fenced(2, None))),
         ];
         for (label, held, asked, expected) in cases {

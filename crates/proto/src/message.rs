@@ -563,6 +563,9 @@ pub struct PromoteReply {
     pub source_last_lsn: Lsn,
     /// Milliseconds since the mirror last heard from the old source (`None`: never).
     pub source_contact_ms: Option<u64>,
+    /// The promotion was forced: the old source is not fenced yet (the promoted node dials
+    /// it and fences it as soon as it answers; its status says when).
+    pub forced: bool,
 }
 
 /// Client API: apply several puts and deletes atomically (sources only).

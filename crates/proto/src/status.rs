@@ -44,6 +44,9 @@ pub struct SourceStatus {
     pub history: Vec<EpochSummary>,
     /// One entry per slot, connected or not.
     pub mirrors: Vec<SlotStatus>,
+    /// Set on a node force-promoted in this process: whether the source it replaced is
+    /// fenced yet (the node dials it until it answers, and fences it then).
+    pub old_source: Option<OldSourceFence>,
 }
 
 /// One mirror's slot on a source.
@@ -144,6 +147,28 @@ impl From<&EpochStart> for EpochSummary {
             chain_hash_before: start.chain_hash_before.to_hex(),
         }
     }
+}
+
+/// What a force-promoted node knows of the source it replaced, which may still take
+/// writes until it is fenced.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OldSourceFence {
+    /// Not reached yet: the node dials it, backing off.
+    Dialling {
+        /// Attempts so far.
+        attempts: u64,
+    },
+    /// It answered, and is fenced: it takes no more writes.
+    Fenced,
+    /// It answered with something else than its fence (for example another database): the
+    /// node stopped dialling; an operator must look.
+    Refused {
+        /// Its code.
+        code: crate::ErrorCode,
+        /// Its words.
+        detail: String,
+    },
 }
 
 /// A mirror's state.

@@ -137,6 +137,16 @@ fn node_status() -> impl Strategy<Value = NodeStatus> {
                     snapshot_bytes_sent: 7,
                     history: vec![(&xmirror_proto::EpochStart::FIRST).into()],
                     mirrors,
+                    old_source: match last_lsn.0 % 3 {
+                        0 => None,
+                        1 => Some(OldSourceFence::Dialling {
+                            attempts: last_lsn.0,
+                        }),
+                        _ => Some(OldSourceFence::Refused {
+                            code: ErrorCode::DatabaseMismatch,
+                            detail: "another database".into(),
+                        }),
+                    },
                 })
             }),
         (name(), name(), lsn(), lsn(), any::<u64>(), any::<bool>()).prop_map(

@@ -32,6 +32,7 @@ use xmirror_net::{
 use xmirror_proto::authz::NodeKind;
 use xmirror_proto::history::{Fence, FenceAsk, HistoryToken};
 use xmirror_proto::session::source::SourceSessionConfig;
+use xmirror_proto::status::OldSourceFence;
 use xmirror_proto::{
     Compression, CompressionCounters, ErrorCode, FrameLimits, Name, VersionRange,
     SUPPORTED_VERSIONS,
@@ -299,6 +300,9 @@ pub struct SourceShared {
     /// The id of the epoch this source writes in (its history's last): every write's
     /// history token names it. Fixed while the source runs (a promotion opens a new one).
     pub epoch_id: EpochId,
+    /// After a forced promotion in this process: whether the old source is fenced yet, as
+    /// the task that dials it reports (status shows it).
+    pub old_source: Mutex<Option<watch::Receiver<OldSourceFence>>>,
     /// Snapshot payload bytes sent since start, over all mirrors.
     pub snapshot_bytes_sent: AtomicU64,
     /// Bulk frame bytes before and after compression, over all mirrors.
@@ -417,6 +421,7 @@ impl SourceShared {
             slots,
             database,
             epoch_id,
+            old_source: Mutex::new(None),
             snapshot_bytes_sent: AtomicU64::new(0),
             compression: Arc::default(),
             pacer,
@@ -456,6 +461,15 @@ impl SourceNode {
         config.check()?;
         endpoint.set_server_config(Some(server_config(tls, &config.transport)?));
         SourceNode::start_on(config, tls, endpoint, Some(store)).await
+    }
+
+    /// Shows in status whether the old source a forced promotion replaced is fenced yet.
+    pub fn watch_old_source(&self, old_source: watch::Receiver<OldSourceFence>) {
+        *self
+            .shared
+            .old_source
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(old_source);
     }
 
     async fn start_on(

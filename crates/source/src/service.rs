@@ -172,6 +172,12 @@ impl SourceService {
             commit_time: committed.commit_time,
             snapshot_bytes_sent: shared.snapshot_bytes_sent.load(Ordering::Relaxed),
             history: shared.store.history().iter().map(Into::into).collect(),
+            old_source: shared
+                .old_source
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .as_ref()
+                .map(|watch| watch.borrow().clone()),
             mirrors: shared.slots.status(committed.last_lsn),
         }
     }
@@ -227,7 +233,7 @@ impl ClientService for SourceService {
                 blocking_reply(move || {
                     // No commit lands after the fence: the LSN it returns is final.
                     let (fence, last_lsn) =
-                        shared.fence(&FenceAsk::LaterEpoch(by), "xmirror fence")?;
+                        shared.fence(&FenceAsk::Operator(by), "xmirror fence")?;
                     Ok::<_, StoreError>(
                         FenceReply {
                             fenced_by: fence.epoch,

@@ -305,19 +305,22 @@ fn create_private_dir(path: &Path) -> Result<(), StoreError> {
         })
 }
 
-/// A fence record: the epoch, then (since the successor was kept) a flag and the
-/// successor. Earlier builds wrote the epoch alone.
+/// A fence record: the epoch, then (since the successor was kept) what holds it: 0 a
+/// later epoch met (no promotion to that epoch may claim it), 1 a successor and its
+/// fields, 2 an operator's fence (open to the first promotion). Earlier builds wrote the
+/// epoch alone, read as an operator's.
 fn encode_fence(fence: &Fence) -> Vec<u8> {
     let mut writer = RecordWriter::default();
     writer.u64(fence.epoch.0);
-    match &fence.successor {
-        Some(successor) => writer
+    match (&fence.successor, fence.open_to_promotion) {
+        (Some(successor), _) => writer
             .u8(1)
             .u64(successor.epoch.0)
             .u64(successor.epoch_id.0)
             .bytes(successor.cluster.as_str().as_bytes())
             .bytes(successor.name.as_str().as_bytes()),
-        None => writer.u8(0),
+        (None, false) => writer.u8(0),
+        (None, true) => writer.u8(2),
     };
     writer.finish()
 }
@@ -325,7 +328,8 @@ fn encode_fence(fence: &Fence) -> Vec<u8> {
 fn decode_fence(value: &[u8]) -> Result<Fence, StoreError> {
     let mut reader = RecordReader::new("fenced", value);
     let epoch = Epoch(reader.u64()?);
-    let successor = if !reader.is_done() && reader.u8()? == 1 {
+    let holder = if reader.is_done() { 2 } else { reader.u8()? };
+    let successor = if holder == 1 {
         Some(Successor {
             epoch: Epoch(reader.u64()?),
             epoch_id: EpochId(reader.u64()?),
@@ -336,7 +340,11 @@ fn decode_fence(value: &[u8]) -> Result<Fence, StoreError> {
         None
     };
     reader.finish()?;
-    Ok(Fence { epoch, successor })
+    Ok(Fence {
+        epoch,
+        successor,
+        open_to_promotion: holder == 2,
+    })
 }
 
 /// Every key with `prefix`, in order.

@@ -684,7 +684,7 @@ pub fn a_fence_names_one_successor_across_restarts(engine: Engine) {
         let store = engine.open(dir.path());
         store.commit(source_batch(1, &[put("k", "v")])).unwrap();
         // `xmirror fence` first: no successor yet; the first promotion claims it.
-        store.fence(Epoch(2)).unwrap();
+        store.fence_as(&FenceAsk::Operator(Epoch(2))).unwrap();
         let claimed = store
             .fence_as(&FenceAsk::Promotion(successor("m1", 7)))
             .unwrap();
@@ -712,6 +712,16 @@ pub fn a_fence_names_one_successor_across_restarts(engine: Engine) {
         Some(successor("m1", 7)),
         "the refused promotion changed nothing"
     );
+
+    // A fence learned from a node already in epoch 2 holds for no promotion to epoch 2,
+    // across a restart too.
+    let dir = TempDir::new().unwrap();
+    engine.open(dir.path()).fence(Epoch(2)).unwrap();
+    let store = engine.open(dir.path());
+    assert!(matches!(
+        store.fence_as(&FenceAsk::Promotion(successor("m2", 8))),
+        Err(StoreError::FenceRefused(FenceRefused::LaterEpoch { .. }))
+    ));
 }
 
 /// A source's store is created with its database id and keeps it for life; a commit is

@@ -3,10 +3,14 @@
 //! A node that holds an earlier epoch's history beyond the fork (an old source started as
 //! a mirror of the promoted one) first checks its own chain hash at the fork, then saves
 //! every write it holds beyond it to `rewound/` under its data directory (durably, before
-//! anything changes), and names the keys they touched. The session fetches the new
-//! source's values of those keys; [`apply`] writes them with the fork as the new position
-//! in one store write. A kill at any step leaves either the old store (the next hello is
-//! decided the same way and the file is written again, whole) or the rewound one.
+//! anything changes), and names the keys they touched; the file is written as the WAL is
+//! read, a bounded span at a time, so only the keys stay in memory. The session fetches
+//! the new source's values of those keys and writes them in bounded steps
+//! (`Store::rewind_values`, which marks the store as rewinding: no reads, no WAL); [`apply`]
+//! writes the last of them with the fork as the new position. A kill at any step leaves
+//! either the old store, or one marked rewinding whose WAL still holds everything: the
+//! next hello is decided the same way, the file is written again, whole, and the rewind
+//! runs again.
 
 use std::collections::BTreeSet;
 use std::io::Write as _;
@@ -14,7 +18,7 @@ use std::path::{Path, PathBuf};
 
 use base64::Engine as _;
 use xmirror_proto::session::mirror::{RewindApply, RewindImpossible, RewindPlan};
-use xmirror_proto::{Entry, Lsn};
+use xmirror_proto::Lsn;
 use xmirror_store::{DatabaseIdentity, Position, Rewind, Store, StoreError};
 
 /// The directory, under the data directory, that rewound writes are saved to.
@@ -22,8 +26,9 @@ pub const REWOUND_DIR: &str = "rewound";
 
 /// WAL entries read per step while saving.
 const READ_ENTRIES: usize = 4_096;
-/// WAL bytes read per step while saving.
-const READ_BYTES: usize = 16 << 20;
+/// WAL bytes read per step while saving: with the step's lines, what bounds the memory of
+/// saving whatever the divergence (the file is written as the WAL is read).
+const READ_BYTES: usize = 4 << 20;
 
 /// Why preparing a rewind failed.
 #[derive(Debug, thiserror::Error)]
@@ -72,39 +77,45 @@ pub fn prepare(
         Some(_) => return Err(RewindImpossible::OtherHistory(plan.to_lsn).into()),
         None => return Err(RewindImpossible::WalGone(plan.to_lsn).into()),
     }
-    // Each rewound entry with its LSN, in LSN order.
-    let mut rewound: Vec<(Lsn, Entry)> = Vec::new();
-    let mut next = plan.to_lsn.next();
-    while next <= applied {
-        let Some(span) = store.read_wal(next, READ_ENTRIES, READ_BYTES)? else {
-            return Err(RewindImpossible::WalGone(plan.to_lsn).into());
-        };
-        next = span.last_lsn().next();
-        rewound.extend((span.first_lsn.0..).map(Lsn).zip(span.entries));
-    }
     let dir = data_dir.join(REWOUND_DIR);
     let file = dir.join(format!(
         "rewound-{}-to-{}.jsonl",
         plan.to_lsn.next().0,
         applied.0
     ));
-    let mut keys = BTreeSet::new();
-    let mut lines = Vec::new();
-    for (lsn, entry) in &rewound {
-        entry.for_each_write(|key, value| {
-            keys.insert(key.to_vec());
-            lines.extend(rewound_line(*lsn, key, value).into_bytes());
-            lines.push(b'\n');
-        });
-    }
-    save(&dir, &file, &lines).map_err(|source| PrepareError::Save {
+    let save_error = |source| PrepareError::Save {
         path: file.clone(),
         source,
-    })?;
+    };
+    // The file is written as the WAL is read, a bounded span at a time: only the keys
+    // (each once) are kept in memory, whatever the size of the values.
+    let mut saving = Saving::create(&dir, &file).map_err(save_error)?;
+    let mut keys = BTreeSet::new();
+    let mut entries = 0u64;
+    let mut next = plan.to_lsn.next();
+    while next <= applied {
+        let Some(span) = store.read_wal(next, READ_ENTRIES, READ_BYTES)? else {
+            return Err(RewindImpossible::WalGone(plan.to_lsn).into());
+        };
+        next = span.last_lsn().next();
+        let mut lines = Vec::new();
+        for (lsn, entry) in (span.first_lsn.0..).map(Lsn).zip(&span.entries) {
+            entries += 1;
+            entry.for_each_write(|key, value| {
+                if !keys.contains(key) {
+                    keys.insert(key.to_vec());
+                }
+                lines.extend(rewound_line(lsn, key, value).into_bytes());
+                lines.push(b'\n');
+            });
+        }
+        saving.append(&lines).map_err(save_error)?;
+    }
+    saving.finish().map_err(save_error)?;
     Ok(Prepared {
         keys: keys.into_iter().collect(),
         file,
-        entries: rewound.len() as u64,
+        entries,
     })
 }
 
@@ -122,17 +133,39 @@ fn rewound_line(lsn: Lsn, key: &[u8], value: Option<&[u8]>) -> String {
     )
 }
 
-/// Writes `contents` to `file` whole or not at all, durably: a temporary file, fsync,
-/// rename, fsync of the directory.
-fn save(dir: &Path, file: &Path, contents: &[u8]) -> std::io::Result<()> {
-    std::fs::create_dir_all(dir)?;
-    let temporary = file.with_extension("jsonl.partial");
-    let mut out = std::fs::File::create(&temporary)?;
-    out.write_all(contents)?;
-    out.sync_all()?;
-    drop(out);
-    std::fs::rename(&temporary, file)?;
-    std::fs::File::open(dir)?.sync_all()
+/// A file written whole or not at all, durably: appended to under a temporary name, then
+/// fsync, rename, fsync of the directory.
+struct Saving {
+    dir: PathBuf,
+    file: PathBuf,
+    temporary: PathBuf,
+    out: std::io::BufWriter<std::fs::File>,
+}
+
+impl Saving {
+    fn create(dir: &Path, file: &Path) -> std::io::Result<Saving> {
+        std::fs::create_dir_all(dir)?;
+        let temporary = file.with_extension("jsonl.partial");
+        let out = std::io::BufWriter::new(std::fs::File::create(&temporary)?);
+        Ok(Saving {
+            dir: dir.to_owned(),
+            file: file.to_owned(),
+            temporary,
+            out,
+        })
+    }
+
+    fn append(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.out.write_all(bytes)
+    }
+
+    fn finish(self) -> std::io::Result<()> {
+        let out = self.out.into_inner().map_err(|error| error.into_error())?;
+        out.sync_all()?;
+        drop(out);
+        std::fs::rename(&self.temporary, &self.file)?;
+        std::fs::File::open(&self.dir)?.sync_all()
+    }
 }
 
 /// Applies the rewind in one durable store write.

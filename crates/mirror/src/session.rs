@@ -395,6 +395,12 @@ fn start_work(shared: &MirrorShared, action: MirrorAction) -> Work {
             );
             Ok(MirrorEvent::RewindApplied)
         }),
+        MirrorAction::ApplyRewindValues(values) => Box::pin(async move {
+            let keys = values.len();
+            blocking(move || store.rewind_values(&values)).await?;
+            tracing::debug!(keys, "rewind: a step of fetched values applied");
+            Ok(MirrorEvent::RewindValuesApplied)
+        }),
         MirrorAction::RecordHalt(reason) => Box::pin(async move {
             blocking(move || {
                 crate::record_halt(&*store, reason)?;

@@ -595,8 +595,12 @@ impl<E: Engine> KvStore<E> {
         state: &CachedMeta,
         batch: &Batch<'b>,
     ) -> Result<Prepared<'b>, StoreError> {
-        if let SyncState::Scanning(progress) = &state.sync {
-            return Err(StoreError::SnapshotInProgress(progress.snapshot_id));
+        match &state.sync {
+            SyncState::Scanning(progress) => {
+                return Err(StoreError::SnapshotInProgress(progress.snapshot_id))
+            }
+            SyncState::Rewinding => return Err(StoreError::RewindInProgress),
+            _ => {}
         }
         let applied = state.position.lsn;
         if batch.first_lsn > applied.next() {
@@ -1271,6 +1275,7 @@ impl<E: Engine> Store for KvStore<E> {
                     "replaying the WAL to a snapshot's or a rewind's end",
                 ))
             }
+            (SyncState::Rewinding, _) => return Err(StoreError::NotPromotable("rewinding")),
             (SyncState::Consistent, None) => return Err(StoreError::NotPromotable("empty")),
         };
         let mut history = if state.history.is_empty() {
@@ -1384,6 +1389,25 @@ impl<E: Engine> Store for KvStore<E> {
         state.history = rewind.history.to_vec();
         state.promoted = false;
         state.wal_bytes = state.wal_bytes.saturating_sub(removed_bytes) + kept_bytes;
+        Ok(())
+    }
+
+    fn rewind_values(&self, values: &[KeyValue]) -> Result<(), StoreError> {
+        self.check_failed()?;
+        let mut state = self.lock();
+        if let SyncState::Scanning(progress) = &state.sync {
+            return Err(StoreError::SnapshotInProgress(progress.snapshot_id));
+        }
+        let mut writes = Writes::default();
+        for (key, value) in values {
+            match value {
+                Some(value) => writes.put_data(key, value.as_slice()),
+                None => writes.delete_data(key),
+            }
+        }
+        writes.put(meta_key(META_SYNC), SyncState::Rewinding.encode());
+        self.durable_engine_write(writes)?;
+        state.sync = SyncState::Rewinding;
         Ok(())
     }
 

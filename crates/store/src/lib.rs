@@ -315,6 +315,9 @@ pub enum StoreError {
     /// Only a store holding a consistent copy of a database can be promoted.
     #[error("the store holds no consistent copy of a database (it is {0}): nothing to promote")]
     NotPromotable(&'static str),
+    /// A rewind is under way: no WAL is applied until it ends.
+    #[error("a rewind is under way: the WAL is applied once it ends")]
+    RewindInProgress,
     /// The store is fenced for another promotion: a second one would make two sources.
     #[error(transparent)]
     FenceRefused(#[from] xmirror_proto::history::FenceRefused),
@@ -544,6 +547,13 @@ pub trait Store: Send + Sync + 'static {
     /// the WAL up to `rewind.target` before it is consistent again; counts it in
     /// [`REWINDS`]. Refused when the WAL no longer reaches back to the fork.
     fn rewind(&self, rewind: Rewind<'_>) -> Result<(), StoreError>;
+
+    /// One bounded step of a rewind: sets the source's values of some rewound keys,
+    /// durably, and marks the store [`SyncState::Rewinding`] (no reads, no WAL) in the same
+    /// write, so that a rewind whose values do not fit in memory never shows a mix of the
+    /// two histories. [`Store::rewind`] ends it. The WAL is left as it is: a restart
+    /// rewinds again from it.
+    fn rewind_values(&self, values: &[KeyValue]) -> Result<(), StoreError>;
 
     /// The values of the first of `keys` (as many as fit in `max_bytes` of keys and values,
     /// at least one), all read from one state, with that state's position: what a rewinding

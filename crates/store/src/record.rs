@@ -48,6 +48,13 @@ pub enum SyncState {
     },
     /// The data equals the source's at the applied LSN.
     Consistent,
+    /// A rewind is setting the source's values of the rewound keys, in bounded steps: the
+    /// data is neither this store's history nor the source's until [`Store::rewind`]
+    /// finishes (no reads, no WAL applied; a restart rewinds again from the WAL, which
+    /// still holds everything).
+    ///
+    /// [`Store::rewind`]: crate::Store::rewind
+    Rewinding,
 }
 
 /// An incoming snapshot's resume position, persisted with every chunk.
@@ -390,6 +397,7 @@ impl SyncState {
             }
             SyncState::Replaying { end } => writer.u8(2).position(end),
             SyncState::Consistent => writer.u8(3),
+            SyncState::Rewinding => writer.u8(5),
         };
         writer.finish()
     }
@@ -413,6 +421,7 @@ impl SyncState {
                 end: reader.position()?,
             },
             3 => SyncState::Consistent,
+            5 => SyncState::Rewinding,
             tag => {
                 return Err(StoreError::Corrupt {
                     record: "sync state",
@@ -522,6 +531,7 @@ mod tests {
         let states = [
             SyncState::Fresh,
             SyncState::Consistent,
+            SyncState::Rewinding,
             SyncState::Replaying {
                 end: Position {
                     lsn: Lsn(12),

@@ -202,6 +202,8 @@ pub enum MirrorEvent {
     RewindPrepared(Result<Vec<Vec<u8>>, RewindImpossible>),
     /// [`MirrorAction::ApplyRewind`] is durable.
     RewindApplied,
+    /// [`MirrorAction::ApplyRewindValues`] is durable.
+    RewindValuesApplied,
     /// [`MirrorAction::RecordHalt`] is durable.
     HaltRecorded,
     /// The operator asked for a planned promotion to `epoch`: fence the source, apply up
@@ -353,6 +355,11 @@ pub enum MirrorAction {
     PrepareRewind(RewindPlan),
     /// Apply the rewind in one store write and flush; report [`MirrorEvent::RewindApplied`].
     ApplyRewind(RewindApply),
+    /// Set these fetched values, marking the store as rewinding (no reads, no WAL), in one
+    /// durable write; report [`MirrorEvent::RewindValuesApplied`]. A rewind whose values
+    /// pass [`REWIND_STEP_BYTES`] goes in such steps, so that its memory stays bounded
+    /// whatever the divergence; the last values go with [`MirrorAction::ApplyRewind`].
+    ApplyRewindValues(Vec<(Vec<u8>, Option<Vec<u8>>)>),
     /// Record durably that the mirror is halted and why (it stays halted across restarts
     /// until a source vouches for its copy); report [`MirrorEvent::HaltRecorded`].
     RecordHalt(Divergence),
@@ -505,12 +512,18 @@ struct Rewinding {
     /// Keys of the request the source is answering.
     asked: Vec<Vec<u8>>,
     values: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+    /// Key and value bytes of `values`.
+    values_bytes: usize,
     /// The latest state a value was read at.
     target: Option<(Lsn, ChainHash)>,
 }
 
 /// Key bytes per `RewindRequest`: far below any frame limit.
 const REWIND_REQUEST_KEY_BYTES: usize = 256 << 10;
+
+/// Fetched value bytes held before they are written as one step of the rewind
+/// ([`MirrorAction::ApplyRewindValues`]): what bounds a rewind's memory, with one reply.
+pub const REWIND_STEP_BYTES: usize = 8 << 20;
 
 /// Store work with the driver, and what its completion means.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -527,6 +540,7 @@ enum InFlight {
         commit_time: UnixMillis,
     },
     RewindPreparation,
+    RewindStep,
     RewindApplication,
     HaltRecord,
 }
@@ -756,6 +770,11 @@ impl MirrorSession {
                 let done = RewindRequest { keys: Vec::new() };
                 self.transmit.push_back(Outgoing::Message(done.into()));
             }
+            MirrorEvent::RewindValuesApplied => {
+                if self.in_flight.take() == Some(InFlight::RewindStep) {
+                    self.ask_rewind_values();
+                }
+            }
             MirrorEvent::HaltRecorded => {
                 if self.in_flight.take() == Some(InFlight::HaltRecord) {
                     if let Phase::Halting(reason) = self.phase {
@@ -820,6 +839,14 @@ impl MirrorSession {
             self.actions.push_back(MirrorAction::ApplyRewind(apply));
             return;
         }
+        if rewinding.values_bytes >= REWIND_STEP_BYTES {
+            let values = std::mem::take(&mut rewinding.values);
+            rewinding.values_bytes = 0;
+            self.in_flight = Some(InFlight::RewindStep);
+            self.actions
+                .push_back(MirrorAction::ApplyRewindValues(values));
+            return;
+        }
         let mut bytes = 0;
         let mut keys = Vec::new();
         while let Some(key) = rewinding.remaining.front() {
@@ -854,6 +881,11 @@ impl MirrorSession {
             rewinding.remaining.push_front(key);
         }
         rewinding.asked.clear();
+        rewinding.values_bytes += values
+            .values
+            .iter()
+            .map(|(key, value)| key.len() + value.as_ref().map_or(0, Vec::len))
+            .sum::<usize>();
         rewinding.values.extend(values.values);
         if rewinding.target.is_none_or(|(lsn, _)| values.lsn > lsn) {
             rewinding.target = Some((values.lsn, values.chain_hash));
@@ -1061,6 +1093,7 @@ impl MirrorSession {
                     remaining: VecDeque::new(),
                     asked: Vec::new(),
                     values: Vec::new(),
+                    values_bytes: 0,
                     target: None,
                 });
                 self.in_flight = Some(InFlight::RewindPreparation);
@@ -1573,6 +1606,51 @@ mod tests {
 
     fn keys(names: &[&str]) -> Vec<Vec<u8>> {
         names.iter().map(|name| name.as_bytes().to_vec()).collect()
+    }
+
+    #[test]
+    fn a_large_rewind_writes_its_values_in_bounded_steps() {
+        let mut session = new_session(standing(30));
+        drain(&mut session);
+        received(&mut session, accepted(rewind_to(20), 25));
+        drain(&mut session);
+        session.handle(MirrorEvent::RewindPrepared(Ok(keys(&["a", "b", "c"]))));
+        drain(&mut session);
+        // Each answer holds one value of half a step: every second answer is a step.
+        let half_step = |lsn: u64, key: &str| -> Message {
+            RewindValues {
+                lsn: Lsn(lsn),
+                chain_hash: ChainHash([lsn as u8; 32]),
+                values: vec![(
+                    key.as_bytes().to_vec(),
+                    Some(vec![b'v'; REWIND_STEP_BYTES / 2]),
+                )],
+            }
+            .into()
+        };
+        let mut steps = 0;
+        let mut held_most = 0;
+        for (lsn, key) in [(26, "a"), (27, "b"), (28, "c")] {
+            received(&mut session, half_step(lsn, key));
+            let drained = drain(&mut session);
+            for action in &drained.actions {
+                match action {
+                    MirrorAction::ApplyRewindValues(values) => {
+                        steps += 1;
+                        held_most = held_most.max(values.len());
+                        session.handle(MirrorEvent::RewindValuesApplied);
+                    }
+                    MirrorAction::ApplyRewind(apply) => {
+                        assert_eq!(apply.values.len(), 1, "the rest go with the last write");
+                        assert_eq!(apply.target.0, Lsn(28), "the latest state read");
+                    }
+                    other => panic!("unexpected {other:?}"),
+                }
+            }
+            drain(&mut session);
+        }
+        assert_eq!(steps, 1, "two half steps make one step");
+        assert_eq!(held_most, 2);
     }
 
     #[test]

@@ -894,9 +894,27 @@ pub fn a_rewind_goes_back_to_the_fork_in_one_write(engine: Engine) {
 
     let history = promoted_at(fork);
     let database = PROMOTED;
+    // A step of the values first (a rewind too large for memory goes in steps): the store
+    // is marked rewinding in the same write, across a restart: no WAL is applied, and its
+    // WAL, which a restarted rewind reads again, is untouched.
+    let wal_before = old.wal_bounds();
+    old.rewind_values(&values[..1]).unwrap();
+    drop(old);
+    let old = engine.open(old_dir.path());
+    assert_eq!(old.sync_state(), SyncState::Rewinding);
+    assert_eq!(old.wal_bounds(), wal_before);
+    assert!(matches!(
+        old.apply(mirror_batch(Lsn(7), &[put("z", "1")])),
+        Err(StoreError::RewindInProgress)
+    ));
+    assert_eq!(
+        old.get(b"a").unwrap(),
+        Some(b"1".to_vec()),
+        "the step's value"
+    );
     old.rewind(Rewind {
         to: fork,
-        values: &values,
+        values: &values[1..],
         target,
         database,
         history: &history,

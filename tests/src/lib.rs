@@ -474,11 +474,16 @@ pub fn copy_dir(from: &Path, to: &Path) {
 /// A proxy to `source` that carries 4 MB/s towards the mirror: a snapshot of tens of MB
 /// takes seconds, however fast or loaded this machine is.
 pub async fn slow_link(source: std::net::SocketAddr) -> Proxy {
+    capped_link(source, 4_000_000).await
+}
+
+/// A proxy to `source` that carries `bytes_per_second` towards the mirror.
+pub async fn capped_link(source: std::net::SocketAddr, bytes_per_second: u64) -> Proxy {
     let link = Proxy::start(source).await;
     link.set(
         Direction::ToMirror,
         Impairment {
-            bandwidth: Some(4_000_000),
+            bandwidth: Some(bytes_per_second),
             ..Impairment::default()
         },
     );

@@ -14,7 +14,7 @@ use base64::Engine as _;
 use rand::Rng;
 use xmirror_client::Client;
 use xmirror_e2e::checker::{verify_acked, AckedWrite, WriteLoad};
-use xmirror_e2e::{free_port, source_status, wait_until, Node, World};
+use xmirror_e2e::{capped_link, free_port, source_status, wait_until, Node, World};
 use xmirror_proto::status::NodeStatus;
 use xmirror_proto::{DecisionKind, ErrorCode, Lsn};
 
@@ -39,6 +39,16 @@ impl Site {
             )
             .await
     }
+}
+
+/// Starts mirror `name` (data in `name`) of `source`, promotable: it serves with the source
+/// certificate `src2` once promoted.
+async fn promotable_mirror(world: &World, name: &str, source: SocketAddr, extra: &[&str]) -> Node {
+    let mut args = vec!["--source-name", "src2"];
+    args.extend_from_slice(extra);
+    world
+        .start_mirror_with(free_port(), name, name, source, &args)
+        .await
 }
 
 fn cli_ok(world: &World, args: &[&str]) -> String {
@@ -494,24 +504,8 @@ async fn two_planned_promotions_of_one_source_never_both_succeed() {
     let source = world.start_source("s", &[]).await;
     let app = world.client(source.addr).await;
     app.write_keys(3_000, 100, "k-").await.unwrap();
-    let m1 = world
-        .start_mirror_with(
-            free_port(),
-            "m1",
-            "m1",
-            source.addr,
-            &["--source-name", "src2"],
-        )
-        .await;
-    let m2 = world
-        .start_mirror_with(
-            free_port(),
-            "m2",
-            "m2",
-            source.addr,
-            &["--source-name", "src2"],
-        )
-        .await;
+    let m1 = promotable_mirror(&world, "m1", source.addr, &[]).await;
+    let m2 = promotable_mirror(&world, "m2", source.addr, &[]).await;
     let m2_client = world.client(m2.addr).await;
     until_converged(&app, &world.client(m1.addr).await).await;
     until_converged(&app, &m2_client).await;
@@ -560,28 +554,13 @@ async fn two_planned_promotions_of_one_source_never_both_succeed() {
 /// every write the source acknowledged on the promoted node.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lagging_planned_promotion_waits_for_the_fenced_sources_last_lsn() {
-    use xmirror_e2e::proxy::{Direction, Impairment, Proxy};
     let world = World::new();
     let source = world.start_source("s", &["--compression", "off"]).await;
     let app = world.client(source.addr).await;
     app.write_keys(100, 100, "k-").await.unwrap();
-    let link = Proxy::start(source.addr).await;
-    link.set(
-        Direction::ToMirror,
-        Impairment {
-            bandwidth: Some(150_000),
-            ..Impairment::default()
-        },
-    );
-    let mirror = world
-        .start_mirror_with(
-            free_port(),
-            "m1",
-            "m1",
-            link.addr,
-            &["--source-name", "src2", "--promote-timeout-ms", "2000"],
-        )
-        .await;
+    let link = capped_link(source.addr, 150_000).await;
+    let mirror =
+        promotable_mirror(&world, "m1", link.addr, &["--promote-timeout-ms", "2000"]).await;
     until_converged(&app, &world.client(mirror.addr).await).await;
     // About 2 MB the slow link needs over 10 s to carry.
     app.write_keys(1_000, 2_000, "burst-").await.unwrap();
@@ -650,25 +629,9 @@ async fn a_forced_promotion_fences_the_old_source_as_soon_as_it_answers() {
     let app = world.client(source.addr).await;
     app.write_keys(200, 100, "k-").await.unwrap();
     let link = Proxy::start(source.addr).await;
-    let mirror = world
-        .start_mirror_with(
-            free_port(),
-            "m1",
-            "m1",
-            link.addr,
-            &["--source-name", "src2"],
-        )
-        .await;
+    let mirror = promotable_mirror(&world, "m1", link.addr, &[]).await;
     // A second mirror of the old source, on the other side of the partition.
-    let other = world
-        .start_mirror_with(
-            free_port(),
-            "m2",
-            "m2",
-            source.addr,
-            &["--source-name", "src2"],
-        )
-        .await;
+    let other = promotable_mirror(&world, "m2", source.addr, &[]).await;
     until_converged(&app, &world.client(mirror.addr).await).await;
     until_converged(&app, &world.client(other.addr).await).await;
 
@@ -735,15 +698,7 @@ async fn a_rewind_runs_in_bounded_memory() {
     let app = world.client(old_source.addr).await;
     app.write_keys(LOST, 100, "k-").await.unwrap();
     let link = Proxy::start(old_source.addr).await;
-    let promoted = world
-        .start_mirror_with(
-            free_port(),
-            "m1",
-            "m1",
-            link.addr,
-            &["--source-name", "src2"],
-        )
-        .await;
+    let promoted = promotable_mirror(&world, "m1", link.addr, &[]).await;
     until_converged(&app, &world.client(promoted.addr).await).await;
     link.partition(true);
     promote(&world, promoted.addr, true);

@@ -5,10 +5,9 @@ use std::process::Output;
 use std::time::Duration;
 
 use xmirror_client::Client;
-use xmirror_e2e::proxy::{Direction, Impairment, Proxy};
 use xmirror_e2e::{
-    assert_converged, copy_dir, free_port, free_tcp_port, mirror_status, scrape, slow_link,
-    source_status, wait_until, World, UNCOMPRESSED,
+    assert_converged, capped_link, copy_dir, free_port, free_tcp_port, mirror_status, scrape,
+    slow_link, source_status, wait_until, World, UNCOMPRESSED,
 };
 use xmirror_proto::message::DecisionKind;
 use xmirror_proto::status::{MirrorState, MirrorStatus};
@@ -413,14 +412,7 @@ async fn lag_is_told_on_a_saturated_link() {
     let source = world.start_source("source", UNCOMPRESSED).await;
     let app = world.client(source.addr).await;
     app.write_keys(100, VALUE_SIZE, "k-").await.unwrap();
-    let link = Proxy::start(source.addr).await;
-    link.set(
-        Direction::ToMirror,
-        Impairment {
-            bandwidth: Some(150_000),
-            ..Impairment::default()
-        },
-    );
+    let link = capped_link(source.addr, 150_000).await;
     let mirror = world.start_mirror("m1", "m1", link.addr).await;
     let reader = world.client(mirror.addr).await;
     assert_converged(&app, &reader).await;

@@ -71,6 +71,7 @@ fuzz_target!(|data: &[u8]| {
                 | ErrorCode::NotAuthorized
                 | ErrorCode::RoleMismatch
                 | ErrorCode::UnknownDatabase
+                | ErrorCode::ProtocolViolation
                 | ErrorCode::Fenced
         ));
     }

@@ -91,7 +91,12 @@ impl MirrorShared {
                 ),
             ));
         }
-        let planned_epoch = self.next_epoch();
+        let Some(planned_epoch) = self.next_epoch() else {
+            return Err(PromoteRefused::new(
+                ErrorCode::NotPromotable,
+                "this store is at the last epoch a history may have",
+            ));
+        };
         let store = self.store.clone();
         let planned_id = match tokio::task::spawn_blocking(move || planned_epoch_id(&*store)).await
         {
@@ -181,8 +186,9 @@ impl MirrorShared {
         }
     }
 
-    /// The epoch a promotion of this store starts: one past every epoch it knows of.
-    fn next_epoch(&self) -> Epoch {
+    /// The epoch a promotion of this store starts: one past every epoch it knows of (none
+    /// past [`Epoch::LIMIT`]).
+    fn next_epoch(&self) -> Option<Epoch> {
         let known = self
             .store
             .history()
@@ -192,7 +198,7 @@ impl MirrorShared {
             .chain(self.store.fenced())
             .max()
             .unwrap_or(Epoch::FIRST);
-        Epoch(known.0 + 1)
+        known.next()
     }
 
     /// The planned promotion's epoch and id, while one is asked for.

@@ -154,6 +154,29 @@ pub fn decide(hello: &Hello, peer: &PeerIdentity, view: &SourceView) -> Result<D
             format!("this source has no database {:?}", hello.database.as_str()),
         ));
     }
+    // Numbers no real history reaches: refused before anything adds to them.
+    let lsns = [hello.applied_lsn]
+        .into_iter()
+        .chain(hello.resume.iter().map(|token| token.base_lsn))
+        .chain(
+            hello
+                .resume
+                .iter()
+                .filter_map(|token| token.scanned_at)
+                .map(|at| at.lsn),
+        );
+    if hello.epoch > Epoch::LIMIT || lsns.clone().any(|lsn| lsn > Lsn::LIMIT) {
+        return Err(Reject::new(
+            ErrorCode::ProtocolViolation,
+            format!(
+                "the hello names epoch {} and LSNs {:?}: beyond any real history (epochs up to {}, LSNs up to {})",
+                hello.epoch,
+                lsns.map(|lsn| lsn.0).collect::<Vec<_>>(),
+                Epoch::LIMIT,
+                Lsn::LIMIT
+            ),
+        ));
+    }
     // The mirror holds a later epoch of this very database: the history went on elsewhere
     // (a promotion), so this source must take no more writes. Its driver fences it.
     if hello.database_id == Some(view.database_id) && hello.epoch > view.epoch {
@@ -588,6 +611,39 @@ mod tests {
         let reject = decide_with(&bad, &observer(), Some(MIRROR_HASH), None).unwrap_err();
         assert_eq!(reject.code, ErrorCode::BadVersion);
         assert!(reject.detail.contains("5..=5"), "{}", reject.detail);
+    }
+
+    #[test]
+    fn rejects_numbers_beyond_any_real_history() {
+        let cases = [
+            Hello {
+                epoch: Epoch(u64::MAX),
+                ..hello(10)
+            },
+            Hello {
+                epoch: Epoch(Epoch::LIMIT.0 + 1),
+                ..hello(10)
+            },
+            hello(u64::MAX),
+            resuming(ResumeToken {
+                base_lsn: Lsn(u64::MAX),
+                ..token(None)
+            }),
+        ];
+        for hello in cases {
+            assert_eq!(
+                reject_code(&hello, &observer()),
+                ErrorCode::ProtocolViolation,
+                "{hello:?}"
+            );
+        }
+        // At the bounds themselves, a decision (here: the source is behind).
+        let at_bound = Hello {
+            epoch: Epoch::LIMIT,
+            database_id: Some(DatabaseId([8; 16])),
+            ..hello(Lsn::LIMIT.0)
+        };
+        assert!(decide_with(&at_bound, &observer(), None, None).is_ok());
     }
 
     #[test]

@@ -38,8 +38,12 @@ impl Lsn {
 
     /// The position right after this one.
     pub fn next(self) -> Lsn {
-        Lsn(self.0 + 1)
+        Lsn(self.0.saturating_add(1))
     }
+
+    /// The highest LSN a peer may name: 2^62 entries is no real log, and the bound keeps
+    /// arithmetic on LSNs from wrapping.
+    pub const LIMIT: Lsn = Lsn(1 << 62);
 
     /// The position `count` entries after this one.
     pub fn advance(self, count: u64) -> Lsn {
@@ -129,6 +133,16 @@ pub struct Epoch(pub u64);
 impl Epoch {
     /// The epoch a database is created in.
     pub const FIRST: Epoch = Epoch(1);
+
+    /// The highest epoch a peer may name: four billion promotions is no real history, and a
+    /// bound far below `u64::MAX` keeps every `+ 1` on an epoch from wrapping.
+    pub const LIMIT: Epoch = Epoch(1 << 32);
+
+    /// The epoch after this one, if there is one below [`Epoch::LIMIT`].
+    pub fn next(self) -> Option<Epoch> {
+        let next = Epoch(self.0.checked_add(1)?);
+        (next <= Epoch::LIMIT).then_some(next)
+    }
 }
 
 impl fmt::Display for Epoch {

@@ -517,7 +517,7 @@ proptest! {
             Ok(_) => {}
             Err(reject) => prop_assert!(matches!(
                 reject.code,
-                ErrorCode::BadVersion | ErrorCode::ClusterIdMismatch | ErrorCode::ObserverOnly | ErrorCode::RoleMismatch | ErrorCode::UnknownDatabase
+                ErrorCode::BadVersion | ErrorCode::ClusterIdMismatch | ErrorCode::ObserverOnly | ErrorCode::RoleMismatch | ErrorCode::UnknownDatabase | ErrorCode::ProtocolViolation
             )),
         }
     }

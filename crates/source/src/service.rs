@@ -220,12 +220,13 @@ impl ClientService for SourceService {
             }
             Message::FenceRequest(request) => {
                 let own = self.shared.database.epoch;
-                let by = request.epoch.unwrap_or(Epoch(own.0 + 1));
-                if by <= own {
+                let by = request.epoch.or(own.next()).unwrap_or(Epoch::LIMIT);
+                if by <= own || by > Epoch::LIMIT {
                     return error_reply(
                         ErrorCode::InvalidRequest,
                         format!(
-                            "a fence needs an epoch later than the source's own ({own}), got {by}"
+                            "a fence needs an epoch later than the source's own ({own}) and at most {}, got {by}",
+                            Epoch::LIMIT
                         ),
                     );
                 }

@@ -1290,8 +1290,13 @@ impl<E: Engine> Store for KvStore<E> {
             .chain(state.fenced.as_ref().map(|fence| fence.epoch))
             .max()
             .unwrap_or(Epoch::FIRST);
+        let Some(epoch) = known.next() else {
+            return Err(StoreError::NotPromotable(
+                "at the last epoch a history may have",
+            ));
+        };
         let start = EpochStart {
-            epoch: Epoch(known.0 + 1),
+            epoch,
             id,
             first_lsn: state.position.lsn.next(),
             chain_hash_before: state.position.chain_hash,

@@ -420,6 +420,14 @@ pub enum SourceViolation {
     /// Values that are not a prefix of the keys asked for.
     #[error("rewind values answer keys that were not asked for")]
     RewindValuesNotAsked,
+    /// An epoch or LSN beyond any real history (`Epoch::LIMIT`, `Lsn::LIMIT`).
+    #[error("the ack names epoch {epoch} and LSN {lsn}: beyond any real history")]
+    BeyondAnyHistory {
+        /// The highest epoch it names.
+        epoch: Epoch,
+        /// The highest LSN it names.
+        lsn: Lsn,
+    },
 }
 
 /// How a session ended, when not by the source finishing it.
@@ -967,6 +975,23 @@ impl MirrorSession {
                 {
                     return self
                         .violation(SourceViolation::UnofferedCompression(accepted.compression));
+                }
+                let epoch = accepted
+                    .history
+                    .iter()
+                    .map(|start| start.epoch)
+                    .chain([accepted.epoch])
+                    .max()
+                    .unwrap_or(accepted.epoch);
+                let lsn = accepted
+                    .history
+                    .iter()
+                    .map(|start| start.first_lsn)
+                    .chain([accepted.source_last_lsn])
+                    .max()
+                    .unwrap_or(accepted.source_last_lsn);
+                if epoch > Epoch::LIMIT || lsn > Lsn::LIMIT {
+                    return self.violation(SourceViolation::BeyondAnyHistory { epoch, lsn });
                 }
                 self.compression = accepted.compression;
                 self.progress.source_lsn = accepted.source_last_lsn;
@@ -1606,6 +1631,33 @@ mod tests {
 
     fn keys(names: &[&str]) -> Vec<Vec<u8>> {
         names.iter().map(|name| name.as_bytes().to_vec()).collect()
+    }
+
+    #[test]
+    fn an_ack_naming_numbers_beyond_any_history_breaks_the_protocol() {
+        let absurd = |epoch: u64, source_last_lsn: u64| -> Message {
+            HelloAck::Accepted(Accepted {
+                history: vec![crate::EpochStart::FIRST],
+                source_cluster: name("east"),
+                version: 1,
+                database_id: DATABASE,
+                epoch: Epoch(epoch),
+                source_last_lsn: Lsn(source_last_lsn),
+                decision: Decision::Stream { from_lsn: Lsn(31) },
+                compression: Compression::Zstd,
+            })
+            .into()
+        };
+        for (epoch, lsn) in [(u64::MAX, 40), (Epoch::LIMIT.0 + 1, 40), (1, u64::MAX)] {
+            let mut session = new_session(standing(30));
+            drain(&mut session);
+            received(&mut session, absurd(epoch, lsn));
+            assert_eq!(
+                end(&mut session),
+                Some(ErrorCode::ProtocolViolation),
+                "epoch {epoch}, LSN {lsn}"
+            );
+        }
     }
 
     #[test]

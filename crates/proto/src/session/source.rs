@@ -733,8 +733,9 @@ impl SourceSession {
                 }
             }
             (SourceState::Streaming { .. }, Message::FenceRequest(request)) => {
-                let epoch = request.epoch.unwrap_or(Epoch(self.epoch.0 + 1));
-                if epoch <= self.epoch {
+                let next = self.epoch.next().unwrap_or(Epoch::LIMIT);
+                let epoch = request.epoch.unwrap_or(next);
+                if epoch <= self.epoch || epoch > Epoch::LIMIT {
                     return self.violation(MirrorViolation::FenceByEarlierEpoch {
                         asked: epoch,
                         own: self.epoch,

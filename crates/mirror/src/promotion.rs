@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use xmirror_proto::message::PromoteReply;
 use xmirror_proto::message::PromoteRequest;
+use xmirror_proto::status::MirrorState;
 use xmirror_proto::{Epoch, EpochId, ErrorCode, Lsn};
 
 use crate::{MirrorError, MirrorShared};
@@ -149,12 +150,16 @@ impl MirrorShared {
                         ),
                     ));
                 }
-                // The source is alive (heard from lately) and the mirror behind: the fence's
-                // answer waits behind the data in flight on the stream. The request stays.
-                let heard_lately = self
-                    .last_contact()
-                    .is_some_and(|at| at.elapsed() < self.config.source_silence_timeout);
-                if heard_lately {
+                // The source is alive and the mirror behind: the fence's answer waits behind
+                // the data in flight on the stream. The request stays. Alive: the session
+                // runs (it ends after `source_silence_timeout` without a byte; on a saturated
+                // link a whole frame may take longer than that to arrive, so frames are not
+                // the measure).
+                let session_live = matches!(
+                    progress.state,
+                    MirrorState::CatchingUp | MirrorState::Streaming
+                );
+                if session_live {
                     return Err(PromoteRefused::new(
                         ErrorCode::Timeout,
                         format!(

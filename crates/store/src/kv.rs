@@ -1492,6 +1492,45 @@ mod tests {
 
     use super::*;
 
+    #[test]
+    fn fences_round_trip_and_an_earlier_builds_is_an_operators() {
+        let successor = Successor {
+            epoch: Epoch(2),
+            epoch_id: EpochId(9),
+            cluster: xmirror_proto::Name::new("west").unwrap(),
+            name: xmirror_proto::Name::new("m1").unwrap(),
+        };
+        for fence in [
+            Fence {
+                epoch: Epoch(2),
+                successor: Some(successor),
+                open_to_promotion: false,
+            },
+            Fence {
+                epoch: Epoch(3),
+                successor: None,
+                open_to_promotion: false,
+            },
+            Fence {
+                epoch: Epoch(3),
+                successor: None,
+                open_to_promotion: true,
+            },
+        ] {
+            assert_eq!(decode_fence(&encode_fence(&fence)).unwrap(), fence);
+        }
+        // Earlier builds wrote the epoch alone.
+        let earlier = RecordWriter::default().u64(4).finish();
+        assert_eq!(
+            decode_fence(&earlier).unwrap(),
+            Fence {
+                epoch: Epoch(4),
+                successor: None,
+                open_to_promotion: true,
+            }
+        );
+    }
+
     /// An in-memory engine whose readers see writes before they are flushed (as sled's
     /// do), and whose durable write stops between the write and the flush until the test
     /// lets it go on.

@@ -509,6 +509,32 @@ mod tests {
     }
 
     #[test]
+    fn histories_round_trip_with_their_ids_and_earlier_ones_read_with_id_0() {
+        let history = [
+            EpochStart::FIRST,
+            EpochStart {
+                epoch: Epoch(2),
+                id: EpochId(77),
+                first_lsn: Lsn(11),
+                chain_hash_before: ChainHash([4; 32]),
+            },
+        ];
+        assert_eq!(decode_history(&encode_history(&history)).unwrap(), history);
+        // What earlier builds wrote: the count, then epoch, first LSN, hash per epoch.
+        let mut earlier = RecordWriter::default();
+        earlier.u64(2);
+        for start in &history {
+            earlier
+                .u64(start.epoch.0)
+                .u64(start.first_lsn.0)
+                .hash(&start.chain_hash_before);
+        }
+        let read = decode_history(&earlier.finish()).unwrap();
+        assert_eq!(read[1].id, EpochId::FIRST);
+        assert_eq!(read[1].first_lsn, Lsn(11));
+    }
+
+    #[test]
     fn records_round_trip() {
         let entries = [
             Entry::Put {

@@ -329,7 +329,7 @@ impl Node {
         Node { child, addr, log }
     }
 
-    async fn wait_serving(&self, world: &World) {
+    pub async fn wait_serving(&self, world: &World) {
         let identity = Identity::from_dir(&world.certs, "app").expect("client certificates");
         let addr = self.addr;
         wait_until(&format!("{addr} to serve"), Duration::from_secs(30), || {

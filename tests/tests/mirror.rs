@@ -326,7 +326,36 @@ fn refused_mirror(world: &World, args: Vec<String>) -> std::process::Output {
     }
 }
 
+/// Runs a mirror whose handshakes fail on a certificate: it does not give up (whoever
+/// answers on the source's address could otherwise end it), and says why once in its
+/// log. Returns the node (still running) and its log.
+async fn refused_but_retrying(world: &World, label: &str, mut args: Vec<String>) -> (Node, String) {
+    let listen = free_port();
+    args.extend(["--listen".into(), listen.to_string()]);
+    let mut node = Node::spawn(label, world.dir.path(), &args, listen);
+    wait_until(
+        "the mirror to say the handshake failed on a certificate",
+        Duration::from_secs(60),
+        || async {
+            node.log_text()
+                .contains("failed on a certificate")
+                .then_some(())
+        },
+    )
+    .await;
+    // Several retries later it still runs.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        node.wait_exit(Duration::from_millis(100)).is_none(),
+        "the mirror gave up: {}",
+        node.log_text()
+    );
+    let log = node.log_text();
+    (node, log)
+}
+
 /// 6. Each wrong peer is refused with its code, and the CLI prints it and exits non-zero.
+/// A failed certificate check (either way) is no exit: it is retried and shown in status.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wrong_peers_are_refused_with_their_code() {
     let world = World::new();
@@ -342,19 +371,25 @@ async fn wrong_peers_are_refused_with_their_code() {
         "m1",
         None,
     );
-    let refused = refused_mirror(&world, args);
-    assert_refused(&refused, "CLUSTER_ID_MISMATCH");
-    let stderr = String::from_utf8_lossy(&refused.stderr);
+    let (node, log) = refused_but_retrying(&world, "wrong-cluster", args).await;
+    // Its status says why, to anyone who asks.
+    let reader = world.client(node.addr).await;
+    let reason = mirror_status(&reader)
+        .await
+        .source_refused
+        .expect("status says why the source refused");
+    drop((reader, node));
+    assert!(reason.contains("CLUSTER_ID_MISMATCH"), "{reason}");
     assert!(
-        stderr.contains("of cluster east, not west"),
-        "the error names both clusters: {stderr}"
+        reason.contains("of cluster east, not west"),
+        "the reason names both clusters: {reason}"
     );
     assert_eq!(
-        stderr.matches("CLUSTER_ID_MISMATCH").count(),
+        log.matches("CLUSTER_ID_MISMATCH").count(),
         1,
-        "said once: {stderr}"
+        "said once: {log}"
     );
-    assert!(!stderr.contains("OtherError"), "{stderr}");
+    assert!(!log.contains("OtherError"), "{log}");
 
     // Versions that do not overlap.
     let mut args = mirror_args(
@@ -383,15 +418,14 @@ async fn wrong_peers_are_refused_with_their_code() {
         "m1",
         None,
     );
-    let output = refused_mirror(&world, args);
-    assert_refused(&output, "TLS");
-    println!(
-        "rogue CA: {}",
-        String::from_utf8_lossy(&output.stderr)
-            .lines()
-            .last()
-            .unwrap_or("")
-    );
+    let (_, log) = refused_but_retrying(&world, "rogue-ca", args).await;
+    let said = log
+        .lines()
+        .find(|line| line.contains("failed on a certificate"))
+        .unwrap_or_default()
+        .to_owned();
+    assert!(said.contains("TLS"), "{said}");
+    println!("rogue CA: {said}");
 
     // An observer may not write through the client API.
     let node = source.addr.to_string();
@@ -428,10 +462,11 @@ async fn wrong_peers_are_refused_with_their_code() {
         "m3",
         None,
     );
-    let refused = refused_mirror(&world, args);
-    assert_refused(&refused, "ROLE_MISMATCH");
-    let stderr = String::from_utf8_lossy(&refused.stderr);
-    assert!(stderr.contains("a mirror, not a source"), "{stderr}");
+    let (_, log) = refused_but_retrying(&world, "at-a-mirror", args).await;
+    assert!(
+        log.contains("ROLE_MISMATCH") && log.contains("a mirror, not a source"),
+        "{log}"
+    );
     drop(other_mirror);
 }
 
@@ -1100,5 +1135,78 @@ async fn a_low_send_cap_never_leaves_a_snapshotting_mirror_silent() {
     assert_eq!(
         status.snapshots_resumed, 0,
         "the mirror never had to reconnect"
+    );
+}
+
+/// Issue 26, case 8: one bad TLS answer at the source's address used to stop a mirror for
+/// good (a certificate failure was permanent). An impostor (a source of another cluster,
+/// whose CA the mirror does not trust) answers first; the mirror retries, says why in
+/// status, and carries on once the real source answers there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_tls_answer_at_the_sources_address_does_not_stop_a_mirror() {
+    let world = World::new();
+    let north = world.path("north");
+    let north_dir = north.display().to_string();
+    for args in [
+        vec![
+            "certs",
+            "init",
+            "--dir",
+            &north_dir,
+            "--cluster-id",
+            "north",
+        ],
+        vec![
+            "certs",
+            "issue",
+            "--dir",
+            &north_dir,
+            "--cluster-id",
+            "north",
+            "--role",
+            "source",
+            "--name",
+            "impostor",
+        ],
+    ] {
+        let output = world.cli(&args);
+        assert!(output.status.success(), "{output:?}");
+    }
+    let addr = free_port();
+    let impostor_args: Vec<String> = [
+        "source",
+        "--data-dir",
+        &world.path("impostor").display().to_string(),
+        "--cluster-id",
+        "north",
+        "--listen",
+        &addr.to_string(),
+        "--certs",
+        &north_dir,
+        "--name",
+        "impostor",
+    ]
+    .iter()
+    .map(|arg| arg.to_string())
+    .collect();
+    let mut impostor = Node::spawn("impostor", world.dir.path(), &impostor_args, addr);
+    let mirror = world.start_mirror("m1", "m1", addr).await;
+    let reader = world.client(mirror.addr).await;
+    let refused = wait_until(
+        "the mirror to say the answer at its source's address was refused",
+        Duration::from_secs(60),
+        || async { mirror_status(&reader).await.source_refused },
+    )
+    .await;
+    assert!(refused.contains("TLS"), "{refused}");
+    impostor.kill9();
+
+    let source = world.start_source_on(addr, "source", &[]).await;
+    let app = world.client(source.addr).await;
+    app.write_keys(100, VALUE_SIZE, "k-").await.unwrap();
+    let status = assert_converged(&app, &reader).await;
+    assert_eq!(
+        status.source_refused, None,
+        "past once a verified source answers"
     );
 }

@@ -463,6 +463,9 @@ pub fn render_status(status: &NodeStatus, rate: Option<f64>, now: UnixMillis) ->
                     |ms| format!("{} ago", units::duration_ms(ms))
                 )
             );
+            if let Some(reason) = &mirror.source_refused {
+                let _ = writeln!(out, "refused       {reason} (retrying)");
+            }
             let _ = writeln!(
                 out,
                 "lag           {} entries, {}",
@@ -744,6 +747,7 @@ mod tests {
             lag_entries: 100,
             lag_ms: 250,
             source_contact_ms: Some(1_200),
+            source_refused: None,
             consistent: true,
             snapshots_started: 1,
             snapshots_resumed: 2,

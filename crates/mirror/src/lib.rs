@@ -283,11 +283,13 @@ impl AttemptError {
     /// Whether the same attempt can never succeed as configured.
     pub fn is_permanent(&self) -> bool {
         match self {
-            AttemptError::Dial { .. }
-            | AttemptError::WrongServer { .. }
+            AttemptError::Dial { .. } | AttemptError::StoreFailed(_) => true,
+            // Whoever answers on the source's address can fail a handshake: a certificate
+            // refused either way is retried, shown in status, never an exit that would end
+            // a disaster-recovery copy.
+            AttemptError::WrongServer { .. }
             | AttemptError::Tls { .. }
-            | AttemptError::StoreFailed(_) => true,
-            AttemptError::ConnectTimeout { .. } => false,
+            | AttemptError::ConnectTimeout { .. } => false,
             AttemptError::Refused { refusal, .. } => refusal.code.is_permanent(),
             AttemptError::Connection { .. } => false,
             AttemptError::Session(error) => error.is_permanent(),
@@ -381,6 +383,9 @@ pub struct MirrorShared {
     /// Since when the mirror has been halted (its own clock, kept in the store across
     /// restarts): a halted mirror's lag grows from then.
     halted_at: Mutex<Option<UnixMillis>>,
+    /// Why the last handshake at the source's address failed on a certificate (either
+    /// side's), until a frame from a verified source comes: status shows it.
+    source_refused: Mutex<Option<String>>,
     /// When the mirror started: the silence before the first contact counts from here.
     started: Instant,
     /// A promotion asked for, under way or done.
@@ -500,6 +505,7 @@ impl MirrorShared {
             last_contact: Mutex::new(None),
             unapplied: Mutex::new(unapplied),
             halted_at: Mutex::new(halted_at),
+            source_refused: Mutex::new(None),
             started: Instant::now(),
             promotion: watch::channel(Promotion::Idle).0,
         }))
@@ -511,6 +517,24 @@ impl MirrorShared {
             .last_contact
             .lock()
             .unwrap_or_else(PoisonError::into_inner) = Some(Instant::now());
+        // A frame came through a verified handshake: whatever refused before is past.
+        self.set_source_refused(None);
+    }
+
+    /// Why the last handshake with the source's address failed on a certificate, while the
+    /// next one has not succeeded.
+    pub fn source_refused(&self) -> Option<String> {
+        self.source_refused
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    fn set_source_refused(&self, reason: Option<String>) {
+        *self
+            .source_refused
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = reason;
     }
 
     /// What each session needs of the configuration.
@@ -652,6 +676,7 @@ impl MirrorShared {
             lag_entries: progress.source_lsn.0.saturating_sub(applied_lsn.0),
             lag_ms,
             source_contact_ms: last_contact.map(|at| millis(at.elapsed())),
+            source_refused: self.source_refused(),
             consistent: progress.consistent,
             snapshots_started: self.store.counter(xmirror_store::SNAPSHOTS_STARTED)?,
             snapshots_resumed: self.store.counter(SNAPSHOTS_RESUMED)?,
@@ -961,6 +986,17 @@ async fn replicate(
             }
             // Not logged here: the caller reports the error the node stops with, once.
             Err(error) if error.is_permanent() => return Err(MirrorError::GaveUp(error)),
+            Err(error @ (AttemptError::WrongServer { .. } | AttemptError::Tls { .. })) => {
+                let reason = error_chain(&error);
+                // Said once per reason; the retries that meet the same are quiet.
+                if shared.source_refused().as_ref() != Some(&reason) {
+                    tracing::error!(reason = %reason, "the handshake with the source's address failed on a certificate; retrying (it may be misconfigured, or not the source)");
+                } else {
+                    tracing::debug!(reason = %reason, "still refused");
+                }
+                shared.set_source_refused(Some(reason));
+                telemetry::reconnect(error.metric_label());
+            }
             Err(error) => {
                 tracing::warn!(reason = %error_chain(&error), "session failed; reconnecting");
                 telemetry::reconnect(error.metric_label());

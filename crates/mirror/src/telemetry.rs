@@ -60,6 +60,11 @@ pub async fn publish_loop(shared: Arc<MirrorShared>) {
         metrics::gauge!("xmirror_mirror_lag_entries")
             .set(status.source_lsn.entries_since(status.applied_lsn) as f64);
         metrics::gauge!("xmirror_mirror_consistent").set(if status.consistent { 1.0 } else { 0.0 });
+        metrics::gauge!("xmirror_mirror_source_refused").set(if status.source_refused.is_some() {
+            1.0
+        } else {
+            0.0
+        });
         metrics::counter!("xmirror_mirror_snapshots_started_total")
             .absolute(status.snapshots_started);
         metrics::counter!("xmirror_mirror_snapshots_resumed_total")

@@ -111,6 +111,10 @@ pub struct MirrorStatus {
     pub lag_ms: u64,
     /// Milliseconds since the last byte from the source; `None` before the first.
     pub source_contact_ms: Option<u64>,
+    /// Why the last handshake at the source's address failed on a certificate (this
+    /// mirror's refused, or the answer not a source of the expected cluster), until a
+    /// verified source is heard from: the mirror retries, it never gives up.
+    pub source_refused: Option<String>,
     /// Whether the mirror serves reads (it has applied its snapshot's end LSN).
     pub consistent: bool,
     /// Fresh snapshots started over the life of the data directory.

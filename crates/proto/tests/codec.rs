@@ -163,6 +163,7 @@ fn node_status() -> impl Strategy<Value = NodeStatus> {
                     lag_entries: counter,
                     lag_ms: counter,
                     source_contact_ms: Some(counter / 5),
+                    source_refused: consistent.then(|| "TLS".to_owned()),
                     consistent,
                     snapshots_started: counter / 2,
                     snapshots_resumed: counter / 3,

@@ -719,6 +719,15 @@ async fn a_rewind_runs_in_bounded_memory() {
     assert_eq!(status.rewinds, 1);
     let rewound = rewound_writes(&world.path("old"));
     assert_eq!(rewound.len() as u64, LOST, "every lost write saved");
+    // They are writes of the database: the owner's alone.
+    use std::os::unix::fs::PermissionsExt;
+    let mode =
+        |path: &std::path::Path| std::fs::metadata(path).unwrap().permissions().mode() & 0o777;
+    let dir = world.path("old").join("rewound");
+    assert_eq!(mode(&dir), 0o700);
+    for file in std::fs::read_dir(&dir).unwrap() {
+        assert_eq!(mode(&file.unwrap().path()), 0o600);
+    }
     let peak = peak_rss(rewinding.pid());
     let lost_bytes = LOST * VALUE as u64;
     println!(

@@ -143,10 +143,23 @@ struct Saving {
 }
 
 impl Saving {
+    /// The directory and the file are the owner's alone (0700, 0600): they hold writes of
+    /// the database, as the data directory does.
     fn create(dir: &Path, file: &Path) -> std::io::Result<Saving> {
-        std::fs::create_dir_all(dir)?;
+        use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
         let temporary = file.with_extension("jsonl.partial");
-        let out = std::io::BufWriter::new(std::fs::File::create(&temporary)?);
+        let out = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&temporary)?;
+        let out = std::io::BufWriter::new(out);
         Ok(Saving {
             dir: dir.to_owned(),
             file: file.to_owned(),

@@ -976,20 +976,10 @@ impl MirrorSession {
                     return self
                         .violation(SourceViolation::UnofferedCompression(accepted.compression));
                 }
-                let epoch = accepted
-                    .history
-                    .iter()
-                    .map(|start| start.epoch)
-                    .chain([accepted.epoch])
-                    .max()
-                    .unwrap_or(accepted.epoch);
-                let lsn = accepted
-                    .history
-                    .iter()
-                    .map(|start| start.first_lsn)
-                    .chain([accepted.source_last_lsn])
-                    .max()
-                    .unwrap_or(accepted.source_last_lsn);
+                let (epoch, lsn) = accepted.history.iter().fold(
+                    (accepted.epoch, accepted.source_last_lsn),
+                    |(epoch, lsn), start| (epoch.max(start.epoch), lsn.max(start.first_lsn)),
+                );
                 if epoch > Epoch::LIMIT || lsn > Lsn::LIMIT {
                     return self.violation(SourceViolation::BeyondAnyHistory { epoch, lsn });
                 }

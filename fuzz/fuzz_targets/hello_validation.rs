@@ -61,6 +61,7 @@ fuzz_target!(|data: &[u8]| {
             base_lsn: Lsn(1_000),
             base_chain_hash: ChainHash::GENESIS,
         },
+        peer_may_succeed: hello.applied_lsn.0 % 3 == 0,
     };
     if let Err(reject) = decide(&hello, &peer, &view) {
         assert!(matches!(

@@ -107,6 +107,15 @@ fn name(value: &str) -> Name {
     Name::new(value).expect("valid test name")
 }
 
+/// A field of `/proc/PID/status` in KiB (`VmRSS`: resident now, `VmHWM`: its peak).
+pub fn proc_status_kib(pid: u32, field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
 /// A test's world: a temporary directory with the cluster's certificates in `certs/`.
 ///
 /// Certificates: `src` and `src2` (sources), `app` and `ops` (clients), `m1`..`m3` (observers), `v1`

@@ -22,12 +22,7 @@ use xmirror_tls::{ExpectedServer, NodeTls, ALPN_CLIENT, ALPN_MIRROR};
 const LAG_BOUND_MS: u64 = 5_000;
 
 fn resident_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:"))
-        .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
+    xmirror_e2e::proc_status_kib(pid, "VmRSS").unwrap_or(0)
 }
 
 /// A QUIC connection to the source as `name`, on `alpn`.

@@ -344,6 +344,53 @@ async fn every_identity_can_do_exactly_what_the_table_allows() {
         &leaf_extensions("spiffe://mars/client/any", true),
     );
     let forged_mars = identity_dir(&world, "any", &ossl, "any", &[], "north-root");
+    // An intermediate under east's openssl root that may not sign certificates (CA:TRUE,
+    // no keyCertSign), signing an east client.
+    new_key(&ossl, "no-sign.key", Key::P384);
+    sign(
+        &ossl,
+        "no-sign",
+        Some("east-root"),
+        "basicConstraints=critical,CA:TRUE\nkeyUsage=critical,digitalSignature\n",
+    );
+    new_key(&ossl, "unsigned-client.key", Key::P384);
+    sign(
+        &ossl,
+        "unsigned-client",
+        Some("no-sign"),
+        &leaf_extensions("spiffe://east/client/ns", true),
+    );
+    let by_non_signer = identity_dir(
+        &world,
+        "ns",
+        &ossl,
+        "unsigned-client",
+        &["no-sign"],
+        "east-root",
+    );
+    // A workload certificate that is also a CA (a SPIFFE ID with a path), minting clients.
+    new_key(&ossl, "workload-ca.key", Key::P384);
+    sign(
+        &ossl,
+        "workload-ca",
+        Some("east-root"),
+        &format!("{CA_EXTENSIONS}subjectAltName=URI:spiffe://east/observer/wca\n"),
+    );
+    new_key(&ossl, "minted.key", Key::P384);
+    sign(
+        &ossl,
+        "minted",
+        Some("workload-ca"),
+        &leaf_extensions("spiffe://east/client/minted", true),
+    );
+    let by_workload = identity_dir(
+        &world,
+        "minted",
+        &ossl,
+        "minted",
+        &["workload-ca"],
+        "east-root",
+    );
 
     // The nodes read their trust bundle at start: start them now.
     let source = world.start_source("source", &[]).await;
@@ -369,6 +416,8 @@ async fn every_identity_can_do_exactly_what_the_table_allows() {
         ("north client, openssl",   load(&north_client, "nc"),   [R(OO), R(NA), R(NA), R(NA), R(NA), R(NA)], [R(NA), R(NA), R(NA), R(NA), R(NA), R(NA)]),
         ("east client forged by west", load(&forged_east, "forged2"), [Tls; 6],                        [Tls; 6]),
         ("mars client from a CA assigned north", load(&forged_mars, "any"), [Tls; 6],                 [Tls; 6]),
+        ("east client by an intermediate without keyCertSign", load(&by_non_signer, "ns"), [Tls; 6],  [Tls; 6]),
+        ("east client minted by a workload certificate", load(&by_workload, "minted"), [Tls; 6],      [Tls; 6]),
     ];
     let mut failures = Vec::new();
     for (who, tls, on_source, on_mirror) in &table {
@@ -387,14 +436,22 @@ async fn every_identity_can_do_exactly_what_the_table_allows() {
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
-    // Every refusal is logged with the peer's SPIFFE ID and address, in plain text (stderr
-    // is a file here: no colour codes).
+    // Refusals are logged with the peer's SPIFFE ID and address, in plain text (stderr
+    // is a file here: no colour codes): a request refused, and a connection of an identity
+    // that may make no client request at all (these at most once a second).
     let log = source.log_text();
     assert!(!log.contains('\u{1b}'), "colour codes in a log file");
     assert!(
         log.lines().any(|line| line.contains("request refused")
-            && line.contains("spiffe://west/client/wc")
+            && line.contains("spiffe://east/observer/")
             && line.contains("127.0.0.1:")),
+        "{log}"
+    );
+    assert!(
+        log.lines()
+            .any(|line| line.contains("client connection refused")
+                && (line.contains("spiffe://west/") || line.contains("spiffe://north/"))
+                && line.contains("127.0.0.1:")),
         "{log}"
     );
 }

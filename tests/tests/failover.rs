@@ -674,13 +674,7 @@ async fn a_forced_promotion_fences_the_old_source_as_soon_as_it_answers() {
 
 /// The peak resident memory of a process, in bytes (`VmHWM`).
 fn peak_rss(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let kib: u64 = status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmHWM:"))
-        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmHWM in /proc/PID/status");
-    kib * 1024
+    xmirror_e2e::proc_status_kib(pid, "VmHWM").expect("VmHWM in /proc/PID/status") * 1024
 }
 
 /// History II, case 9: a failback rewind held everything in memory (800 lost overwrites of

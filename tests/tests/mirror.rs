@@ -664,16 +664,28 @@ async fn metrics_endpoints_serve_prometheus_text() {
         source_metrics,
         &[
             ("xmirror_source_last_lsn", 1_000.0),
-            ("xmirror_source_mirror_acked_lsn{mirror=\"m1\"}", 1_000.0),
-            ("xmirror_source_mirror_lag_entries{mirror=\"m1\"}", 0.0),
-            ("xmirror_source_mirror_lag_ms{mirror=\"m1\"}", 0.0),
-            ("xmirror_source_mirror_lag_bytes{mirror=\"m1\"}", 0.0),
             (
-                "xmirror_source_snapshots_total{kind=\"fresh\",mirror=\"m1\"}",
+                "xmirror_source_mirror_acked_lsn{cluster=\"east\",mirror=\"m1\"}",
+                1_000.0,
+            ),
+            (
+                "xmirror_source_mirror_lag_entries{cluster=\"east\",mirror=\"m1\"}",
+                0.0,
+            ),
+            (
+                "xmirror_source_mirror_lag_ms{cluster=\"east\",mirror=\"m1\"}",
+                0.0,
+            ),
+            (
+                "xmirror_source_mirror_lag_bytes{cluster=\"east\",mirror=\"m1\"}",
+                0.0,
+            ),
+            (
+                "xmirror_source_snapshots_total{cluster=\"east\",kind=\"fresh\",mirror=\"m1\"}",
                 1.0,
             ),
             (
-                "xmirror_source_mirror_state{mirror=\"m1\",state=\"streaming\"}",
+                "xmirror_source_mirror_state{cluster=\"east\",mirror=\"m1\",state=\"streaming\"}",
                 1.0,
             ),
             (
@@ -683,14 +695,16 @@ async fn metrics_endpoints_serve_prometheus_text() {
         ],
     )
     .await;
-    assert!(source_samples.contains_key("xmirror_source_mirror_headroom_entries{mirror=\"m1\"}"));
+    assert!(source_samples
+        .contains_key("xmirror_source_mirror_headroom_entries{cluster=\"east\",mirror=\"m1\"}"));
     // The snapshot travelled compressed (zstd is the default and every mirror offers it):
     // the test values, a key then `x` padding, shrink many times over.
     let raw = source_samples["xmirror_source_bulk_bytes_total{form=\"raw\"}"];
     let sent = source_samples["xmirror_source_bulk_bytes_total{form=\"sent\"}"];
     assert!(raw >= 1_000.0 * VALUE_SIZE as f64, "raw {raw}");
     assert!(sent * 4.0 < raw, "sent {sent} of {raw}");
-    assert!(source_samples.contains_key("xmirror_source_mirror_headroom_seconds{mirror=\"m1\"}"));
+    assert!(source_samples
+        .contains_key("xmirror_source_mirror_headroom_seconds{cluster=\"east\",mirror=\"m1\"}"));
     let mirror_samples = expect_samples(
         mirror_metrics,
         &[

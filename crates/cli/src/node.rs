@@ -10,11 +10,11 @@ use clap::Args;
 use xmirror_mirror::{MirrorConfig, MirrorNode};
 
 use xmirror_net::TransportLimits;
-use xmirror_source::{SourceConfig, SourceNode};
+use xmirror_source::{SourceConfig, SourceNode, Successors};
 use xmirror_store::EngineKind;
 use xmirror_tls::NodeTls;
 
-use xmirror_proto::SUPPORTED_VERSIONS;
+use xmirror_proto::{PeerIdentity, Role, SUPPORTED_VERSIONS};
 
 use crate::client::resolve;
 use crate::logs::LogFormat;
@@ -166,8 +166,24 @@ async fn plan_source(
     if let Some(seconds) = settings.slot_idle_timeout {
         config.slot_idle_timeout = Some(Duration::from_secs(seconds));
     }
+    set(
+        &mut config.foreign_slot_idle_timeout,
+        settings.foreign_slot_idle_timeout.map(Duration::from_secs),
+    );
+    set(
+        &mut config.unfinished_slot_timeout,
+        settings.unfinished_slot_timeout.map(Duration::from_secs),
+    );
+    set(&mut config.max_slots, settings.max_slots);
+    set(
+        &mut config.max_slots_per_cluster,
+        settings.max_slots_per_cluster,
+    );
     set(&mut config.max_connections, settings.max_connections);
     set(&mut config.max_handshakes, settings.max_handshakes);
+    if let Some(successors) = &settings.successor {
+        config.successors = successors_of(successors)?;
+    }
     set(
         &mut config.max_connections_per_peer,
         settings.max_connections_per_peer,
@@ -201,6 +217,10 @@ async fn plan_source(
         settings.handshake_timeout_ms.map(Duration::from_millis),
     );
     set(
+        &mut config.tls_timeout,
+        settings.tls_timeout_ms.map(Duration::from_millis),
+    );
+    set(
         &mut config.transport.idle_timeout,
         settings.idle_timeout_ms.map(Duration::from_millis),
     );
@@ -214,6 +234,25 @@ async fn plan_source(
         name: required(settings.name, "name")?,
         listen,
     })
+}
+
+/// `--successor` as the source takes it: SPIFFE IDs of observers, or of the source
+/// certificates those observers will serve with.
+fn successors_of(ids: &[String]) -> anyhow::Result<Successors> {
+    let listed = ids
+        .iter()
+        .map(|id| {
+            let identity = xmirror_tls::identity::parse_spiffe_id(id)
+                .with_context(|| format!("--successor {id}: not a SPIFFE ID"))?;
+            anyhow::ensure!(
+                matches!(identity.role, Role::Observer | Role::Source),
+                "--successor {id}: a successor is an observer (which fences as it mirrors) or a source, not a {}",
+                identity.role
+            );
+            Ok(identity)
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    Ok(Successors::Listed(listed))
 }
 
 impl SourcePlan {
@@ -234,7 +273,12 @@ impl SourcePlan {
             max_wal_entries: Some(config.max_wal_entries),
             max_wal_bytes: Some(config.max_wal_bytes),
             slot_idle_timeout: config.slot_idle_timeout.map(|timeout| timeout.as_secs()),
+            foreign_slot_idle_timeout: Some(config.foreign_slot_idle_timeout.as_secs()),
+            unfinished_slot_timeout: Some(config.unfinished_slot_timeout.as_secs()),
+            max_slots: Some(config.max_slots),
+            max_slots_per_cluster: Some(config.max_slots_per_cluster),
             handshake_timeout_ms: Some(millis(config.handshake_timeout)),
+            tls_timeout_ms: Some(millis(config.tls_timeout)),
             idle_timeout_ms: Some(millis(config.transport.idle_timeout)),
             max_connections: Some(config.max_connections),
             max_handshakes: Some(config.max_handshakes),
@@ -252,6 +296,12 @@ impl SourcePlan {
             max_key_bytes: Some(config.max_key_len),
             max_value_bytes: Some(config.max_value_len),
             metrics: self.metrics.clone(),
+            successor: match &config.successors {
+                Successors::OwnCluster => None,
+                Successors::Listed(listed) => {
+                    Some(listed.iter().map(PeerIdentity::spiffe_uri).collect())
+                }
+            },
         }
     }
 }

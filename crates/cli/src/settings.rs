@@ -69,8 +69,21 @@ settings! {
         /// Seconds a mirror may be away before its slot is invalidated and stops holding the
         /// WAL [default: off].
         slot_idle_timeout: u64,
+        /// Seconds another cluster's mirror may be away before its slot is invalidated,
+        /// whatever --slot-idle-timeout says [default: 86400].
+        foreign_slot_idle_timeout: u64,
+        /// Seconds a mirror that left in the middle of a snapshot may stay away before its
+        /// slot is removed [default: 3600].
+        unfinished_slot_timeout: u64,
+        /// Most slots in all; a new mirror beyond it is refused BUSY [default: 1024].
+        max_slots: usize,
+        /// Most slots of any one other cluster; a new mirror beyond it is refused BUSY
+        /// [default: 64].
+        max_slots_per_cluster: usize,
         /// Milliseconds a peer has for its TLS handshake and hello [default: 10000].
         handshake_timeout_ms: u64,
+        /// Milliseconds a peer has for its TLS handshake alone [default: 2000].
+        tls_timeout_ms: u64,
         /// Milliseconds without traffic after which a connection is dead [default: 30000].
         idle_timeout_ms: u64,
         /// Connections served at once [default: 1024].
@@ -120,6 +133,11 @@ settings! {
         link_rtt_ms: u64,
         /// Serve Prometheus metrics over HTTP on this address, for example 127.0.0.1:9100.
         metrics: String,
+        /// A node allowed to succeed this source: fence it and promote itself in its place,
+        /// as its SPIFFE ID (spiffe://CLUSTER/observer/NAME, the certificate it mirrors with;
+        /// a source ID names the observer of the same name). Repeatable. Anyone else's
+        /// fence is refused NOT_AUTHORIZED [default: this source's cluster's observers].
+        successor: Vec<String>,
     }
 }
 
@@ -215,6 +233,7 @@ impl Setting for PathBuf {
 }
 
 impl Setting for String {}
+impl Setting for Vec<String> {}
 impl Setting for u64 {}
 impl Setting for u32 {}
 impl Setting for usize {}

@@ -38,7 +38,7 @@ impl Scan {
     pub const DEFAULT_PAGE_BYTES: u32 = 256 * 1024;
     /// How long the node may take over the whole scan unless
     /// [`timeout`](Self::timeout) says otherwise.
-    pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
+    pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 
     /// Every pair.
     pub fn all() -> Scan {

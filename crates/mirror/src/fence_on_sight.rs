@@ -3,9 +3,9 @@
 //! A node promoted with `--force` did not fence its source: the source may be partitioned,
 //! not dead, and go on acknowledging writes that the new history will never hold. So the
 //! promoted node keeps dialling the old source's address (backing off as the replication
-//! loop does) and says hello with its new history: a source that meets a later epoch of its
-//! own database fences itself before it answers (`decide`'s `FENCED` rule), which is the
-//! answer this loop waits for. It never runs a session: the store is a source's now, and
+//! loop does) and says hello with its new history: a source that meets the next epoch of
+//! its own database, from a node it counts among its successors, fences itself before it
+//! answers (`decide`'s `FENCED` rule), which is the answer this loop waits for. It never runs a session: the store is a source's now, and
 //! nothing from the old source may be applied to it.
 
 use std::sync::Arc;
@@ -15,7 +15,7 @@ use xmirror_net::{client_endpoint, FramedReader, FramedWriter};
 use xmirror_proto::message::HelloAck;
 use xmirror_proto::session::mirror::MirrorSession;
 use xmirror_proto::status::OldSourceFence;
-use xmirror_proto::{ErrorCode, Message};
+use xmirror_proto::{DecisionKind, ErrorCode, Message};
 use xmirror_tls::{ExpectedServer, NodeTls, ALPN_MIRROR};
 
 use crate::backoff::Backoff;
@@ -25,9 +25,9 @@ use crate::{dial, AttemptError, MirrorShared};
 enum Answer {
     /// It refused with this code (`FENCED`: it fenced itself).
     Refused(ErrorCode, String),
-    /// It accepted the hello of a later epoch: it is not this database's old source at an
-    /// earlier epoch (nothing is applied; the loop stops and says so).
-    Accepted,
+    /// It accepted the hello of a later epoch, and decided this (nothing is applied; the
+    /// loop stops and says so).
+    Accepted(DecisionKind),
 }
 
 /// Dials the old source until it answers, reporting each step on `report`. Returns when it
@@ -68,9 +68,15 @@ pub async fn fence_old_source(
                 report.send_replace(OldSourceFence::Refused { code, detail });
                 return;
             }
-            Ok(Answer::Accepted) => {
-                let detail = "it accepted a hello of this node's later epoch".to_owned();
-                tracing::error!(old_source = %addr, "{detail}: it is not this database's old source; not dialling it again");
+            Ok(Answer::Accepted(decision)) => {
+                // A source that does not count this node among its successors answers a
+                // later epoch as another history, and stays unfenced.
+                let detail = match decision {
+                    DecisionKind::Diverged => "it does not count this node among its successors (its --successor) and stays unfenced: fence it by hand (xmirror fence)",
+                    _ => "it accepted a hello of this node's later epoch: it is not this database's old source",
+                }
+                .to_owned();
+                tracing::error!(old_source = %addr, "{detail}; not dialling it again");
                 report.send_replace(OldSourceFence::Refused {
                     code: ErrorCode::ProtocolViolation,
                     detail,
@@ -127,7 +133,9 @@ async fn hello_once(
         Ok(Ok(Some(Message::HelloAck(HelloAck::Rejected(rejected))))) => {
             Answer::Refused(rejected.code, rejected.detail)
         }
-        Ok(Ok(Some(Message::HelloAck(HelloAck::Accepted(_))))) => Answer::Accepted,
+        Ok(Ok(Some(Message::HelloAck(HelloAck::Accepted(accepted))))) => {
+            Answer::Accepted(accepted.decision.kind())
+        }
         // No ack: the source closed with a code (the refusal overtook it), or went away.
         _ => {
             if let Ok(reason) =

@@ -759,18 +759,22 @@ impl MirrorNode {
             Some(addr) => {
                 let endpoint = server_endpoint(&tls, addr, &shared.config.transport)?;
                 let limits = AcceptLimits {
+                    cluster: tls.identity().cluster_id.clone(),
                     max_connections: shared.config.max_connections,
                     max_connections_per_peer: shared.config.max_connections_per_peer,
                     max_handshakes: shared.config.max_handshakes,
-                    handshake_timeout: shared.config.handshake_timeout,
+                    tls_timeout: shared
+                        .config
+                        .handshake_timeout
+                        .min(AcceptLimits::TLS_TIMEOUT),
                 };
                 let service = Arc::new(MirrorService::new(shared.clone()));
-                let serving = Arc::new(ClientServing {
-                    node: NodeKind::Mirror,
-                    cluster: tls.identity().cluster_id.clone(),
-                    limits: shared.config.client,
-                    idle_timeout: shared.config.transport.idle_timeout,
-                });
+                let serving = Arc::new(ClientServing::new(
+                    NodeKind::Mirror,
+                    tls.identity().cluster_id.clone(),
+                    shared.config.client,
+                    shared.config.transport.idle_timeout,
+                ));
                 let task = tokio::spawn(accept_loop(
                     endpoint.clone(),
                     limits,
@@ -972,11 +976,13 @@ async fn replicate(
                 );
                 return Ok(promotion::promoted_before(&shared));
             }
-            // The source is fenced for another promotion: this one is refused, and the node
-            // stays a mirror (of a source that takes no more writes).
+            // The source is fenced for another promotion, or does not count this mirror
+            // among its successors: this promotion is refused, and the node stays a mirror.
             Err(AttemptError::Refused { refusal, .. })
-                if refusal.code == ErrorCode::NotPromotable
-                    && shared.planned_promotion().is_some() =>
+                if matches!(
+                    refusal.code,
+                    ErrorCode::NotPromotable | ErrorCode::NotAuthorized
+                ) && shared.planned_promotion().is_some() =>
             {
                 tracing::error!(reason = %refusal.detail, "promotion refused by the source; still a mirror");
                 shared.promotion.send_replace(Promotion::Failed {

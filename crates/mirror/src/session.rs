@@ -40,13 +40,30 @@ pub enum SessionError {
     SourceSilent(Duration),
     /// The store failed (for example the disk is full). Nothing applied is lost.
     #[error("the mirror's store failed")]
-    Store(#[from] StoreError),
+    Store(#[source] StoreError),
+    /// The source sent data the copy cannot take (a gap in the LSNs, a chain hash that
+    /// does not follow, snapshot pairs out of order or of another snapshot): the store
+    /// refused it whole, and the source is at fault, not the store.
+    #[error("the source sent data this copy cannot take")]
+    BadData(#[source] StoreError),
     /// Store work panicked: a bug, reported as one.
     #[error("store work panicked")]
     StorePanicked(#[source] tokio::task::JoinError),
     /// The writes a rewind takes back could not be saved, so nothing was changed.
     #[error("rewind failed")]
     Rewind(#[source] crate::rewind::PrepareError),
+}
+
+impl From<StoreError> for SessionError {
+    fn from(error: StoreError) -> SessionError {
+        match error {
+            StoreError::Gap { .. }
+            | StoreError::ChainMismatch { .. }
+            | StoreError::NotThisSnapshot { .. }
+            | StoreError::SnapshotOutOfOrder => SessionError::BadData(error),
+            other => SessionError::Store(other),
+        }
+    }
 }
 
 impl SessionError {
@@ -56,6 +73,9 @@ impl SessionError {
             SessionError::Ended(end) => end.code(),
             SessionError::Stream(error) => error.code(),
             SessionError::SourceSilent(_) => ErrorCode::HandshakeTimeout,
+            // Entries that do not follow the copy's chain are another history's.
+            SessionError::BadData(StoreError::ChainMismatch { .. }) => ErrorCode::DivergedHistory,
+            SessionError::BadData(_) => ErrorCode::ProtocolViolation,
             SessionError::Store(_) | SessionError::StorePanicked(_) | SessionError::Rewind(_) => {
                 ErrorCode::Internal
             }
@@ -72,6 +92,7 @@ impl SessionError {
             SessionError::Stream(_)
             | SessionError::SourceSilent(_)
             | SessionError::Store(_)
+            | SessionError::BadData(_)
             | SessionError::StorePanicked(_) => false,
         }
     }
@@ -83,6 +104,7 @@ impl SessionError {
             SessionError::Stream(_) => "connection_lost",
             SessionError::SourceSilent(_) => "source_silent",
             SessionError::Store(_) => "store",
+            SessionError::BadData(_) => "bad_data",
             SessionError::StorePanicked(_) => "store_panicked",
             SessionError::Rewind(_) => "rewind",
         }

@@ -15,7 +15,7 @@ use xmirror_proto::message::{HelloAck, MirrorAck};
 use xmirror_proto::session::mirror::MirrorEnd;
 use xmirror_proto::{DecisionKind, Entry, ErrorCode, Lsn, Message, Name, PeerIdentity, Role};
 use xmirror_source::session::{run_session as run_source, SessionError as SourceError};
-use xmirror_source::{SourceConfig, SourceShared};
+use xmirror_source::{SourceConfig, SourceShared, Successors};
 
 fn name(value: &str) -> Name {
     Name::new(value).unwrap()
@@ -32,8 +32,13 @@ fn peer(role: Role) -> PeerIdentity {
 const UNUSED_ADDR: &str = "127.0.0.1:9";
 
 async fn source(dir: &TempDir) -> Arc<SourceShared> {
+    source_with(dir, Successors::OwnCluster).await
+}
+
+async fn source_with(dir: &TempDir, successors: Successors) -> Arc<SourceShared> {
     let addr: SocketAddr = UNUSED_ADDR.parse().unwrap();
-    let config = SourceConfig::new(dir.path().join("source"), name("east"), addr);
+    let mut config = SourceConfig::new(dir.path().join("source"), name("east"), addr);
+    config.successors = successors;
     SourceShared::open(config, name("src")).await.unwrap().0
 }
 
@@ -197,13 +202,63 @@ async fn a_hello_that_never_comes_times_out() {
 /// database went on elsewhere: a promotion) is refused `FENCED`, and the source fences
 /// itself: every later write is refused, and the fence is in its store.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_hello_of_a_later_epoch_fences_the_source() {
+async fn a_hello_of_the_next_epoch_fences_the_source_only_from_a_successor() {
     use xmirror_proto::message::Hello;
     use xmirror_proto::{DivergencePolicy, Epoch, SUPPORTED_VERSIONS};
     use xmirror_source::writer::WriteError;
 
+    // The west observer m1 is not of the source's cluster: by default no successor.
     let dir = TempDir::new().unwrap();
     let source = source(&dir).await;
+    write(&source, "a", 10).await;
+    let later = |source: &SourceShared| {
+        let position = source.store.position();
+        Hello {
+            versions: SUPPORTED_VERSIONS,
+            source_cluster: name("east"),
+            database: name("main"),
+            mirror_name: name("m1"),
+            role: Role::Observer,
+            database_id: Some(source.database.id),
+            epoch: Epoch(2),
+            epoch_id: xmirror_proto::EpochId(7),
+            applied_lsn: position.lsn,
+            chain_hash: position.chain_hash,
+            resume: None,
+            on_divergence: DivergencePolicy::Halt,
+            compression: Vec::new(),
+        }
+    };
+    {
+        let (source_end, peer_end) = tokio::io::duplex(1 << 16);
+        let (source_read, source_write) = tokio::io::split(source_end);
+        let (peer_read, peer_write) = tokio::io::split(peer_end);
+        let _session = tokio::spawn(run_source(
+            source_read,
+            source_write,
+            peer(Role::Observer),
+            source.clone(),
+            None,
+        ));
+        let mut writer = FramedWriter::new(peer_write, 1 << 16);
+        let mut reader = FramedReader::new(peer_read, 1 << 16);
+        writer.send(later(&source)).await.unwrap();
+        match reader.expect_next().await.unwrap() {
+            Message::HelloAck(HelloAck::Accepted(accepted)) => {
+                assert_eq!(
+                    accepted.decision.kind(),
+                    xmirror_proto::DecisionKind::Diverged
+                )
+            }
+            other => panic!("expected a diverged decision, got {other:?}"),
+        }
+        assert_eq!(source.store.fenced(), None);
+    }
+    drop(source);
+
+    // Named a successor, the same hello fences it.
+    let dir = TempDir::new().unwrap();
+    let source = source_with(&dir, Successors::Listed(vec![peer(Role::Observer)])).await;
     write(&source, "a", 10).await;
     let (source_end, peer_end) = tokio::io::duplex(1 << 16);
     let (source_read, source_write) = tokio::io::split(source_end);
@@ -218,24 +273,7 @@ async fn a_hello_of_a_later_epoch_fences_the_source() {
     let mut writer = FramedWriter::new(peer_write, 1 << 16);
     let mut reader = FramedReader::new(peer_read, 1 << 16);
     let position = source.store.position();
-    writer
-        .send(Hello {
-            versions: SUPPORTED_VERSIONS,
-            source_cluster: name("east"),
-            database: name("main"),
-            mirror_name: name("m1"),
-            role: Role::Observer,
-            database_id: Some(source.database.id),
-            epoch: Epoch(2),
-            epoch_id: xmirror_proto::EpochId(7),
-            applied_lsn: position.lsn,
-            chain_hash: position.chain_hash,
-            resume: None,
-            on_divergence: DivergencePolicy::Halt,
-            compression: Vec::new(),
-        })
-        .await
-        .unwrap();
+    writer.send(later(&source)).await.unwrap();
     match reader.expect_next().await.unwrap() {
         Message::HelloAck(HelloAck::Rejected(rejected)) => {
             assert_eq!(rejected.code, ErrorCode::Fenced, "{}", rejected.detail)

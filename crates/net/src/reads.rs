@@ -19,8 +19,10 @@ use crate::serve::{blocking_reply, error_reply, Pages, Reply};
 pub const MAX_WAIT: Duration = Duration::from_secs(60);
 
 /// The longest a scan may run, whatever it asks: the node holds one view of its data while
-/// a scan runs (on sled, with writes waiting).
-pub const MAX_SCAN_TIME: Duration = Duration::from_secs(600);
+/// a scan runs, and a view held long costs the store (redb cannot reuse a page an open
+/// view sees, so its file grows with every write meanwhile; sled keeps writers out). A
+/// longer read is several scans, each resuming after the last key of the one before.
+pub const MAX_SCAN_TIME: Duration = Duration::from_secs(30);
 
 /// The largest page a scan sends (a larger pair goes in a page alone).
 pub const MAX_PAGE_BYTES: usize = 1 << 20;

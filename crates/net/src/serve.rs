@@ -7,12 +7,15 @@
 //! each may produce. A client that stops reading its replies stops its own requests there,
 //! and memory never grows with what it sends. A stream or connection that goes away
 //! cancels what it queued; a stream with nothing asked for the idle timeout is ended, and a
-//! connection with no open stream for the idle timeout is closed.
+//! connection that had no work for the idle timeout (no authorized request admitted, none
+//! in flight: refused requests are no work) is closed. A connection whose identity may make
+//! no client request at all is closed right after its handshake.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use futures_util::stream::{FuturesOrdered, StreamExt};
@@ -23,7 +26,11 @@ use xmirror_proto::authz::{authorize, NodeKind, Operation};
 use xmirror_proto::message::{ErrorReply, GetRequest, ScanRequest};
 use xmirror_proto::{ErrorCode, FrameError, FrameLimits, Message, Name, PeerIdentity};
 
+use crate::admission::LogEvery;
 use crate::close::close_with;
+
+/// Refusals of identities with no client rights, logged at most once a second.
+static NO_RIGHTS: LogEvery = LogEvery::new(Duration::from_secs(1));
 use crate::framed::{FramedReader, FramedWriter, ReadError};
 
 /// A reply being computed.
@@ -96,8 +103,9 @@ impl Pages {
             None if tokio::time::Instant::now() >= self.deadline => {
                 Message::ErrorReply(ErrorReply {
                     code: ErrorCode::Timeout,
-                    detail: "the scan did not finish within its deadline: read its pages \
-                             faster, or give it a longer timeout"
+                    detail: "the scan did not finish within its deadline (30 s at most: the \
+                             node holds one view of its data meanwhile): read its pages faster, \
+                             or scan the rest from after the last key received"
                         .into(),
                 })
             }
@@ -172,9 +180,51 @@ pub struct ClientServing {
     pub cluster: Name,
     /// The bounds of each connection.
     pub limits: ClientLimits,
-    /// A connection with no open stream for this long is closed with `IDLE` (the node's
-    /// idle timeout; the server sends clients no keep-alives, so quiet ones go too).
+    /// A connection without work for this long is closed with `IDLE` (the node's idle
+    /// timeout; the server sends clients no keep-alives, so quiet ones go too).
     pub idle_timeout: Duration,
+    /// The byte budget of each identity connected now, shared by all its connections.
+    pub budgets: IdentityBudgets,
+}
+
+impl ClientServing {
+    /// How a node of `cluster` serves clients within `limits`.
+    pub fn new(
+        node: NodeKind,
+        cluster: Name,
+        limits: ClientLimits,
+        idle_timeout: Duration,
+    ) -> ClientServing {
+        ClientServing {
+            node,
+            cluster,
+            limits,
+            idle_timeout,
+            budgets: IdentityBudgets::default(),
+        }
+    }
+}
+
+/// The byte budgets of the identities connected now: one identity's requests and replies
+/// hold at most `connection_budget` bytes however many connections it opens.
+#[derive(Clone, Debug, Default)]
+pub struct IdentityBudgets(Arc<std::sync::Mutex<HashMap<PeerIdentity, Weak<Semaphore>>>>);
+
+impl IdentityBudgets {
+    /// `peer`'s budget of `bytes`, shared with its other connections; it goes with the last.
+    fn of(&self, peer: &PeerIdentity, bytes: usize) -> Arc<Semaphore> {
+        let mut budgets = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(budget) = budgets.get(peer).and_then(Weak::upgrade) {
+            return budget;
+        }
+        budgets.retain(|_, budget| budget.strong_count() > 0);
+        let budget = Arc::new(Semaphore::new(bytes));
+        budgets.insert(peer.clone(), Arc::downgrade(&budget));
+        budget
+    }
 }
 
 /// What one client connection may hold.
@@ -209,7 +259,7 @@ impl ClientLimits {
     /// the largest reply it may produce. Never above the budget, so it can always be met.
     fn cost(&self, operation: Operation, frame_len: usize) -> usize {
         let reply = match operation {
-            Operation::Write => SMALL_REPLY,
+            Operation::Write | Operation::Succeed => SMALL_REPLY,
             Operation::Read | Operation::Admin | Operation::Mirror => FrameLimits::default().data,
         };
         (frame_len + reply).min(self.connection_budget)
@@ -225,22 +275,53 @@ pub struct ConnectionBudget {
     /// Places for reads that wait for an LSN, each holding a task until its deadline.
     waiting: Arc<Semaphore>,
     max_waiting: usize,
+    /// All of `bytes`: held bytes mean a request in flight.
+    total_bytes: usize,
+    /// When the connection last had work: an authorized request admitted or answered.
+    last_work: Arc<std::sync::Mutex<tokio::time::Instant>>,
 }
 
 impl ConnectionBudget {
-    /// A budget of `limits.connection_budget` bytes.
+    /// A budget of `limits.connection_budget` bytes, for one connection alone.
     pub fn new(limits: &ClientLimits) -> ConnectionBudget {
+        ConnectionBudget::sharing(limits, Arc::new(Semaphore::new(limits.connection_budget)))
+    }
+
+    /// A connection's budget whose bytes are `bytes`, shared with the identity's other
+    /// connections (of `limits.connection_budget` in all).
+    fn sharing(limits: &ClientLimits, bytes: Arc<Semaphore>) -> ConnectionBudget {
         ConnectionBudget {
-            bytes: Arc::new(Semaphore::new(limits.connection_budget)),
+            bytes,
             digest: Arc::new(Semaphore::new(1)),
             waiting: Arc::new(Semaphore::new(limits.max_waiting_reads)),
             max_waiting: limits.max_waiting_reads,
+            total_bytes: limits.connection_budget,
+            last_work: Arc::new(std::sync::Mutex::new(tokio::time::Instant::now())),
         }
     }
 
     /// Bytes not held right now.
     pub fn available(&self) -> usize {
         self.bytes.available_permits()
+    }
+
+    /// Notes that the connection has work now.
+    fn note_work(&self) {
+        *self
+            .last_work
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = tokio::time::Instant::now();
+    }
+
+    /// When the connection's work last ended, or now while a request is in flight.
+    fn idle_since(&self) -> tokio::time::Instant {
+        if self.available() < self.total_bytes {
+            self.note_work();
+        }
+        *self
+            .last_work
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
@@ -295,6 +376,9 @@ where
                     None if in_flight.is_empty() => writer.send(reply).await,
                     None => writer.feed(reply).await,
                 };
+                if held.is_some() {
+                    budget.note_work();
+                }
                 drop(held);
                 if let Err(error) = sent {
                     break Err(ReadError::Frame(error));
@@ -304,6 +388,7 @@ where
                 if admitting.is_some() =>
             {
                 admitting = None;
+                budget.note_work();
                 in_flight.push_back(answer(service, peer, request, operation, held, budget));
             }
             next = reader.next(), if reading && admitting.is_none() && in_flight.len() < max_in_flight => {
@@ -467,24 +552,44 @@ pub async fn serve_client_connection<S: ClientService + ?Sized>(
         identity,
         addr: connection.remote_address(),
     };
-    let budget = ConnectionBudget::new(&serving.limits);
+    // An identity that may make no client request (another cluster's observer, say) has
+    // nothing to do here: it holds no place.
+    let rights = [Operation::Read, Operation::Write, Operation::Admin];
+    if rights.iter().all(|operation| {
+        authorize(serving.node, &serving.cluster, &peer.identity, *operation).is_err()
+    }) {
+        if let Some(left_out) = NO_RIGHTS.allow() {
+            tracing::warn!(
+                peer = %peer.identity,
+                addr = %peer.addr,
+                code = %ErrorCode::NotAuthorized,
+                left_out,
+                "client connection refused: this identity may make no client request"
+            );
+        }
+        close_with(
+            &connection,
+            ErrorCode::NotAuthorized,
+            &format!("{} may make no client request on this node", peer.identity),
+        );
+        return;
+    }
+    let bytes = serving
+        .budgets
+        .of(&peer.identity, serving.limits.connection_budget);
+    let budget = ConnectionBudget::sharing(&serving.limits, bytes);
     let idle_timeout = serving.idle_timeout;
-    let open_streams = Arc::new(tokio::sync::watch::Sender::new(0usize));
-    let mut open_now = open_streams.subscribe();
-    let mut idle_since = tokio::time::Instant::now();
     loop {
-        let idle = *open_now.borrow_and_update() == 0;
+        let idle_until = budget.idle_since() + idle_timeout;
         tokio::select! {
             accepted = connection.accept_bi() => {
                 let Ok((mut send, recv)) = accepted else { break };
-                let stream_open = OpenStream::new(&open_streams);
                 let connection = connection.clone();
                 let peer = peer.clone();
                 let service = service.clone();
                 let serving = serving.clone();
                 let budget = budget.clone();
                 tokio::spawn(async move {
-                    let _stream_open = stream_open;
                     let served = tokio::select! {
                         served = serve_client_stream(recv, &mut send, &peer, &service, &serving, &budget) => served,
                         // Gone: dropping the stream's future cancels what it queued.
@@ -507,33 +612,16 @@ pub async fn serve_client_connection<S: ClientService + ?Sized>(
                     }
                 });
             }
-            _ = open_now.changed() => {
-                if *open_now.borrow() == 0 {
-                    idle_since = tokio::time::Instant::now();
+            // Re-checked when it fires: work since then moves the deadline on.
+            () = tokio::time::sleep_until(idle_until) => {
+                if budget.idle_since() + idle_timeout > tokio::time::Instant::now() {
+                    continue;
                 }
-            }
-            _ = tokio::time::sleep_until(idle_since + idle_timeout), if idle => {
                 tracing::debug!(peer = %peer.identity, addr = %peer.addr, "idle client connection closed");
-                close_with(&connection, ErrorCode::Idle, &format!("no open stream for {idle_timeout:?}"));
+                close_with(&connection, ErrorCode::Idle, &format!("no request for {idle_timeout:?}"));
                 break;
             }
         }
-    }
-}
-
-/// Counts a stream as open for as long as it lives (the idle clock runs only at zero).
-struct OpenStream(Arc<tokio::sync::watch::Sender<usize>>);
-
-impl OpenStream {
-    fn new(open_streams: &Arc<tokio::sync::watch::Sender<usize>>) -> OpenStream {
-        open_streams.send_modify(|open| *open += 1);
-        OpenStream(open_streams.clone())
-    }
-}
-
-impl Drop for OpenStream {
-    fn drop(&mut self) {
-        self.0.send_modify(|open| *open -= 1);
     }
 }
 
@@ -620,16 +708,16 @@ mod tests {
     }
 
     fn serving(node: NodeKind, connection_budget: usize) -> ClientServing {
-        ClientServing {
+        ClientServing::new(
             node,
-            cluster: Name::new("east").unwrap(),
-            limits: ClientLimits {
+            Name::new("east").unwrap(),
+            ClientLimits {
                 max_in_flight_per_stream: 4_096,
                 connection_budget,
                 max_waiting_reads: 2,
             },
-            idle_timeout: Duration::from_secs(30),
-        }
+            Duration::from_secs(30),
+        )
     }
 
     fn get() -> Message {

@@ -10,6 +10,10 @@
 //! | own cluster, other role | `observer` only | yes | no (`READ_ONLY`) | no |
 //! | other trusted cluster, `observer` | yes | no | no | no |
 //! | other trusted cluster, other role | no | no | no | no |
+//!
+//! Ending a source's epoch (a fence, however it arrives over the mirror protocol) is a
+//! column of its own, [`authorize_successor`]: by default the source's own cluster's
+//! observers may, and once its operator names successors (`--successor`), only those.
 
 use crate::message::MessageType;
 use crate::{ErrorCode, Name, PeerIdentity, Role};
@@ -32,8 +36,11 @@ pub enum Operation {
     Read,
     /// `put`, `delete`.
     Write,
-    /// `slots`, `slots drop`.
+    /// `slots`, `slots drop`, `fence`, `promote`.
     Admin,
+    /// Fencing a source as its successor, over the mirror protocol: a promoting mirror's
+    /// `FenceRequest`, or a hello from a later epoch of its database.
+    Succeed,
 }
 
 impl Operation {
@@ -64,6 +71,7 @@ impl Operation {
             Operation::Read => "read",
             Operation::Write => "write",
             Operation::Admin => "administer",
+            Operation::Succeed => "fence",
         }
     }
 }
@@ -120,7 +128,60 @@ pub fn authorize(
             "only the node's own cluster's client certificates may administer it",
         )),
         Operation::Admin => None,
+        Operation::Succeed => Some((
+            ErrorCode::NotAuthorized,
+            "who may fence a source is the successor rule's (authorize_successor)",
+        )),
     };
+    denied_if(refusal, node, peer, operation)
+}
+
+/// The identities that may end a source's epoch: fence it, over the mirror protocol, to
+/// promote themselves in its place.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum Successors {
+    /// The observers of the source's own cluster, whose CA is the operator's own.
+    #[default]
+    OwnCluster,
+    /// Exactly these, each written as a SPIFFE ID: an observer matches an entry of its
+    /// cluster and name, whether the entry says `observer` (the certificate it mirrors
+    /// with) or `source` (the one it will serve with once promoted, of the same name).
+    Listed(Vec<PeerIdentity>),
+}
+
+/// Whether `peer`, an admitted mirror, may fence the source of cluster `cluster`.
+pub fn authorize_successor(
+    cluster: &Name,
+    successors: &Successors,
+    peer: &PeerIdentity,
+) -> Result<(), Denied> {
+    let allowed = peer.role == Role::Observer
+        && match successors {
+            Successors::OwnCluster => peer.cluster_id == *cluster,
+            Successors::Listed(listed) => listed.iter().any(|successor| {
+                matches!(successor.role, Role::Observer | Role::Source)
+                    && successor.cluster_id == peer.cluster_id
+                    && successor.name == peer.name
+            }),
+        };
+    let refusal = (!allowed).then_some((
+        ErrorCode::NotAuthorized,
+        match successors {
+            Successors::OwnCluster => {
+                "only the source's own cluster's observers may succeed it unless its operator names successors (--successor)"
+            }
+            Successors::Listed(_) => "only the successors the source's operator named (--successor) may fence it",
+        },
+    ));
+    denied_if(refusal, NodeKind::Source, peer, Operation::Succeed)
+}
+
+fn denied_if(
+    refusal: Option<(ErrorCode, &'static str)>,
+    node: NodeKind,
+    peer: &PeerIdentity,
+    operation: Operation,
+) -> Result<(), Denied> {
     match refusal {
         None => Ok(()),
         Some((code, why)) => Err(Denied {
@@ -185,6 +246,45 @@ mod tests {
                     *code,
                     "{node:?} {peer} {operation:?}: {got:?}"
                 );
+            }
+        }
+    }
+
+    /// Who may fence a source, by the operator's choice of successors.
+    #[test]
+    fn the_successor_table() {
+        use Role::{Client, Observer, Source as SourceRole, Voter};
+        let named = |cluster: &str, role: Role, name: &str| PeerIdentity {
+            cluster_id: Name::new(cluster).unwrap(),
+            role,
+            name: Name::new(name).unwrap(),
+        };
+        let listed = Successors::Listed(vec![
+            named("west", SourceRole, "n1"),
+            named("east", Observer, "n2"),
+            named("north", Client, "n1"),
+        ]);
+        #[rustfmt::skip]
+        let table: &[(&Successors, PeerIdentity, bool)] = &[
+            // policy,                  peer,                                allowed
+            (&Successors::OwnCluster, named("east", Observer, "n1"),   true),
+            (&Successors::OwnCluster, named("east", Voter, "n1"),      false),
+            (&Successors::OwnCluster, named("east", Client, "n1"),     false),
+            (&Successors::OwnCluster, named("west", Observer, "n1"),   false),
+            (&listed,                 named("west", Observer, "n1"),   true),
+            (&listed,                 named("west", Observer, "n2"),   false),
+            (&listed,                 named("east", Observer, "n2"),   true),
+            (&listed,                 named("east", Observer, "n1"),   false),
+            (&listed,                 named("north", Observer, "n1"),  false),
+            (&listed,                 named("west", SourceRole, "n1"), false),
+        ];
+        let own = Name::new("east").unwrap();
+        for (successors, peer, allowed) in table {
+            let got = authorize_successor(&own, successors, peer);
+            assert_eq!(got.is_ok(), *allowed, "{successors:?} {peer}: {got:?}");
+            if let Err(denied) = got {
+                assert_eq!(denied.code, ErrorCode::NotAuthorized);
+                assert!(denied.to_string().contains(&peer.spiffe_uri()), "{denied}");
             }
         }
     }

@@ -53,6 +53,9 @@ pub struct SourceView<'a> {
     pub chain_hash_at_resume_scanned: Option<ChainHash>,
     /// The snapshot the source would start now if it must start one.
     pub fresh_snapshot: SnapshotPlan,
+    /// Whether this mirror's identity may fence the source (`authz::authorize_successor`):
+    /// only then is a hello from the next epoch of this database a fence.
+    pub peer_may_succeed: bool,
 }
 
 /// A snapshot's identity and starting point.
@@ -177,9 +180,15 @@ pub fn decide(hello: &Hello, peer: &PeerIdentity, view: &SourceView) -> Result<D
             ),
         ));
     }
-    // The mirror holds a later epoch of this very database: the history went on elsewhere
-    // (a promotion), so this source must take no more writes. Its driver fences it.
-    if hello.database_id == Some(view.database_id) && hello.epoch > view.epoch {
+    // The mirror holds the next epoch of this very database, and is one the operator allowed
+    // to succeed this source: the history went on there (a promotion), so this source must
+    // take no more writes. Its driver fences it. From anyone else, or naming any other
+    // epoch, a later epoch is a claim nothing here can check: a mirror on another history
+    // (below), never a fence.
+    if hello.database_id == Some(view.database_id)
+        && view.peer_may_succeed
+        && view.epoch.next() == Some(hello.epoch)
+    {
         return Err(Reject::new(
             ErrorCode::Fenced,
             format!(
@@ -254,6 +263,11 @@ fn choose(hello: &Hello, view: &SourceView) -> Decision {
             return diverged(Divergence::DatabaseMismatch)
         }
         Some(_) => {}
+    }
+    // A later epoch than the source's, from a mirror that may not fence it (or not the next
+    // one): a history this source cannot check and must not follow.
+    if hello.epoch > view.epoch {
+        return diverged(Divergence::DivergedHistory);
     }
     // The mirror's epoch, promoted elsewhere with another id: two histories of one epoch.
     if view
@@ -389,6 +403,7 @@ mod tests {
             chain_hash_at_resume_base: Some(BASE_HASH),
             chain_hash_at_resume_scanned: Some(SCANNED.chain_hash),
             fresh_snapshot: FRESH,
+            peer_may_succeed: true,
         };
         decide(hello, peer, &view)
     }
@@ -443,6 +458,7 @@ mod tests {
             chain_hash_at_resume_base: None,
             chain_hash_at_resume_scanned: None,
             fresh_snapshot: FRESH,
+            peer_may_succeed: true,
         };
         decide(hello, &observer(), &view).unwrap()
     }
@@ -494,18 +510,55 @@ mod tests {
     }
 
     #[test]
-    fn a_mirror_holding_a_later_epoch_of_this_database_fences_the_source() {
-        let later = Hello {
-            epoch: Epoch(2),
+    fn only_an_allowed_successor_of_the_next_epoch_fences_the_source() {
+        let cluster = name("east");
+        let databases = [name("main")];
+        let at = |epoch: u64| Hello {
+            epoch: Epoch(epoch),
+            epoch_id: EpochId(epoch),
             ..hello(400)
         };
-        let refusal = decide_with(&later, &observer(), Some(MIRROR_HASH), None).unwrap_err();
-        assert_eq!(refusal.code, ErrorCode::Fenced, "{}", refusal.detail);
-        assert!(refusal.detail.contains("epoch 2"), "{}", refusal.detail);
+        #[rustfmt::skip]
+        let table: &[(bool, u64, Result<Decision, ErrorCode>)] = &[
+            // may succeed, hello epoch, outcome
+            (true,  2,           Err(ErrorCode::Fenced)),
+            // Not the next epoch: no fence, whoever says it.
+            (true,  3,           Ok(Decision::Diverged { reason: Divergence::DivergedHistory })),
+            (true,  1 << 32,     Ok(Decision::Diverged { reason: Divergence::DivergedHistory })),
+            (true,  u64::MAX,    Err(ErrorCode::ProtocolViolation)),
+            // Not a successor the operator allowed: a mirror on another history.
+            (false, 2,           Ok(Decision::Diverged { reason: Divergence::DivergedHistory })),
+            (false, u64::MAX,    Err(ErrorCode::ProtocolViolation)),
+            // The same epoch, or an earlier one, streams as ever.
+            (false, 1,           Ok(Decision::Stream { from_lsn: Lsn(401) })),
+            (true,  1,           Ok(Decision::Stream { from_lsn: Lsn(401) })),
+        ];
+        for (may_succeed, epoch, expected) in table {
+            let view = SourceView {
+                cluster_id: &cluster,
+                versions: SUPPORTED_VERSIONS,
+                databases: &databases,
+                database_id: DATABASE,
+                epoch: Epoch::FIRST,
+                history: &[EpochStart::FIRST],
+                last_lsn: Lsn(500),
+                wal_first_lsn: Lsn(101),
+                chain_hash_at_mirror_lsn: Some(MIRROR_HASH),
+                slot_acked_lsn: None,
+                resumable: None,
+                chain_hash_at_resume_base: None,
+                chain_hash_at_resume_scanned: None,
+                fresh_snapshot: FRESH,
+                peer_may_succeed: *may_succeed,
+            };
+            let hello = if *epoch == 1 { hello(400) } else { at(*epoch) };
+            let got = decide(&hello, &observer(), &view).map_err(|refusal| refusal.code);
+            assert_eq!(&got, expected, "may succeed {may_succeed}, epoch {epoch}");
+        }
         // Another database's epochs say nothing about this one.
         let other = Hello {
             database_id: Some(DatabaseId([9; 16])),
-            ..later.clone()
+            ..at(2)
         };
         assert_eq!(
             decide_with(&other, &observer(), Some(MIRROR_HASH), None),
@@ -513,17 +566,6 @@ mod tests {
                 reason: Divergence::DatabaseMismatch
             })
         );
-        // The same epoch, or an earlier one, streams as ever.
-        for epoch in [Epoch::FIRST, Epoch(0)] {
-            let same = Hello {
-                epoch,
-                ..hello(400)
-            };
-            assert_eq!(
-                decide_with(&same, &observer(), Some(MIRROR_HASH), None),
-                Ok(Decision::Stream { from_lsn: Lsn(401) })
-            );
-        }
     }
 
     #[test]
@@ -979,6 +1021,7 @@ mod tests {
             chain_hash_at_resume_base: Some(ChainHash([7; 32])),
             chain_hash_at_resume_scanned: Some(SCANNED.chain_hash),
             fresh_snapshot: FRESH,
+            peer_may_succeed: true,
         };
         assert_eq!(
             decide(&resuming(token(Some(b"k".to_vec()))), &observer(), &view),
@@ -1035,6 +1078,7 @@ mod tests {
                     chain_hash_at_resume_base: None,
                     chain_hash_at_resume_scanned: None,
                     fresh_snapshot: FRESH,
+                    peer_may_succeed: true,
                 };
                 let mut hello = hello(applied);
                 if !same_database {

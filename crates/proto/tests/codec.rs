@@ -512,6 +512,7 @@ proptest! {
             chain_hash_at_resume_base: None,
             chain_hash_at_resume_scanned: None,
             fresh_snapshot: SnapshotPlan { snapshot_id: SnapshotId(1), base_lsn: Lsn(1_000), base_chain_hash: ChainHash::GENESIS },
+            peer_may_succeed: applied_known,
         };
         match decide(&hello, &peer, &view) {
             Ok(Decision::Stream { from_lsn }) => prop_assert_eq!(from_lsn, hello.applied_lsn.next()),

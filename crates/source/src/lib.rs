@@ -11,6 +11,7 @@
 //! on its own task, so a stuck mirror costs the others nothing but its bounded retention.
 
 pub mod embedded;
+pub mod hellos;
 pub mod service;
 pub mod session;
 pub mod slots;
@@ -24,25 +25,28 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use tokio::sync::{oneshot, watch, OwnedSemaphorePermit};
+use tracing::Instrument;
 use xmirror_net::serve::{serve_client_connection, ClientLimits, ClientServing};
 use xmirror_net::{
     accept_loop, close_with, error_chain, refusal_of, server_config, server_endpoint, AcceptLimits,
     EndpointError, SendPacer, TransportLimits,
 };
-use xmirror_proto::authz::NodeKind;
+pub use xmirror_proto::authz::Successors;
+use xmirror_proto::authz::{authorize_successor, NodeKind};
 use xmirror_proto::history::{Fence, FenceAsk, HistoryToken};
-use xmirror_proto::session::source::SourceSessionConfig;
+use xmirror_proto::session::source::{SourceEnd, SourceSessionConfig};
 use xmirror_proto::status::OldSourceFence;
 use xmirror_proto::{
-    Compression, CompressionCounters, ErrorCode, FrameLimits, Name, VersionRange,
+    Compression, CompressionCounters, ErrorCode, FrameLimits, Name, PeerIdentity, VersionRange,
     SUPPORTED_VERSIONS,
 };
 use xmirror_proto::{DatabaseId, Epoch, EpochId, Lsn};
 use xmirror_store::{open_store, DatabaseIdentity, EngineKind, Store, StoreError, StoreOptions};
 use xmirror_tls::{NodeTls, ALPN_CLIENT, ALPN_MIRROR};
 
+use crate::hellos::{DataSize, HelloRate, Rate};
 use crate::service::SourceService;
-use crate::slots::{RetentionLimits, Slots};
+use crate::slots::{RetentionLimits, SlotCaps, Slots};
 use crate::writer::{BatchLimits, Committed, WriteError, Writer};
 
 /// Bytes a batch's frame adds per write beyond its key and value, at most: the write's
@@ -68,6 +72,10 @@ pub struct SourceConfig {
     pub versions: VersionRange,
     /// How long a mirror has to send its hello. Default 10 s.
     pub handshake_timeout: Duration,
+    /// How long a peer has to finish its TLS handshake, within the hello's deadline.
+    /// Default 2 s: a peer that starts handshakes and never finishes holds a place no
+    /// longer.
+    pub tls_timeout: Duration,
     /// Frame limits per phase. Default 64 KiB handshake, 16 MiB data.
     pub frame_limits: FrameLimits,
     /// Transport limits. Default: see [`TransportLimits`].
@@ -83,6 +91,18 @@ pub struct SourceConfig {
     /// (its mirror gets a snapshot when it returns). Default none: slots wait for as long
     /// as the caps allow.
     pub slot_idle_timeout: Option<Duration>,
+    /// A slot of another cluster whose mirror has been away longer is invalidated, whatever
+    /// `slot_idle_timeout` says. Default 24 h: a foreign observer cannot pin the WAL for
+    /// good by saying hello once.
+    pub foreign_slot_idle_timeout: Duration,
+    /// A slot whose mirror left in the middle of a snapshot and has been away longer is
+    /// removed. Default 1 h: long enough to resume after a restart.
+    pub unfinished_slot_timeout: Duration,
+    /// Most slots in all; a new mirror beyond it is refused `BUSY`. Default 1,024.
+    pub max_slots: usize,
+    /// Most slots of any one other cluster; a new mirror beyond it is refused `BUSY`.
+    /// Default 64.
+    pub max_slots_per_cluster: usize,
     /// How often retention runs. Default 500 ms.
     pub retention_interval: Duration,
     /// Most entries per WAL batch. Default 1,024.
@@ -127,6 +147,9 @@ pub struct SourceConfig {
     /// or a finished TLS handshake (clients). Default 64: a flood of peers that never say
     /// hello is refused while established mirrors carry on.
     pub max_handshakes: usize,
+    /// Who may fence this source to succeed it (a promoting mirror, or a forced-promoted
+    /// one that finds it again). Default: its own cluster's observers.
+    pub successors: Successors,
 }
 
 /// The smallest snapshot chunk and WAL batch budget a send-rate cap shrinks them to: below
@@ -145,11 +168,16 @@ impl SourceConfig {
             listen,
             versions: SUPPORTED_VERSIONS,
             handshake_timeout: Duration::from_secs(10),
+            tls_timeout: AcceptLimits::TLS_TIMEOUT,
             frame_limits: FrameLimits::default(),
             transport: TransportLimits::default(),
             max_wal_entries: 10_000_000,
             max_wal_bytes: 4 << 30,
             slot_idle_timeout: None,
+            foreign_slot_idle_timeout: Duration::from_secs(24 * 3600),
+            unfinished_slot_timeout: Duration::from_secs(3600),
+            max_slots: 1_024,
+            max_slots_per_cluster: 64,
             retention_interval: Duration::from_millis(500),
             batch_max_entries: 1_024,
             batch_max_bytes: 1 << 20,
@@ -167,6 +195,7 @@ impl SourceConfig {
             max_connections_per_peer: 16,
             max_connections: 1_024,
             max_handshakes: 64,
+            successors: Successors::OwnCluster,
         }
     }
 }
@@ -224,12 +253,31 @@ impl SourceConfig {
             max_wal_entries: self.max_wal_entries,
             max_wal_bytes: self.max_wal_bytes,
             slot_idle_timeout: self.slot_idle_timeout,
+            own_cluster: self.cluster_id.clone(),
+            foreign_slot_idle_timeout: self.foreign_slot_idle_timeout,
+            unfinished_slot_timeout: self.unfinished_slot_timeout,
         }
     }
 
-    /// What each mirror session needs of the configuration.
-    pub fn session_config(&self) -> SourceSessionConfig {
+    /// How many slots may exist.
+    pub fn slot_caps(&self) -> SlotCaps {
+        SlotCaps {
+            own_cluster: self.cluster_id.clone(),
+            max_slots: self.max_slots,
+            max_slots_per_cluster: self.max_slots_per_cluster,
+        }
+    }
+
+    /// Whether `peer`, an admitted mirror, may fence this source to succeed it.
+    pub fn may_succeed(&self, peer: &PeerIdentity) -> bool {
+        authorize_successor(&self.cluster_id, &self.successors, peer).is_ok()
+    }
+
+    /// What the session of mirror `peer` needs of the configuration.
+    pub fn session_config(&self, peer: &PeerIdentity) -> SourceSessionConfig {
         SourceSessionConfig {
+            peer_may_succeed: self.may_succeed(peer),
+            max_writes_per_entry: self.max_batch_writes as u64,
             cluster_id: self.cluster_id.clone(),
             versions: self.versions,
             handshake_timeout: self.handshake_timeout,
@@ -314,6 +362,10 @@ pub struct SourceShared {
     pub admission: Mutex<()>,
     /// This node's name.
     pub name: Name,
+    /// How many hellos each identity and cluster may say.
+    pub hellos: HelloRate,
+    /// The data's size, for snapshot progress, measured at most once a minute.
+    pub data_size: Arc<DataSize>,
 }
 
 impl SourceShared {
@@ -412,6 +464,11 @@ impl SourceShared {
         let pacer = config
             .max_send_bytes_per_s
             .map(|bytes_per_s| Arc::new(SendPacer::new(bytes_per_s, chunk_frame_bytes)));
+        let hellos = HelloRate::new(
+            config.cluster_id.clone(),
+            Rate::PER_IDENTITY,
+            Rate::PER_OTHER_CLUSTER,
+        );
         let shared = Arc::new(SourceShared {
             name,
             config,
@@ -426,6 +483,8 @@ impl SourceShared {
             compression: Arc::default(),
             pacer,
             admission: Mutex::new(()),
+            hellos,
+            data_size: Arc::default(),
         });
         Ok((shared, failure))
     }
@@ -488,17 +547,31 @@ impl SourceNode {
             SourceShared::open_with(config, tls.identity().name.clone(), store).await?;
         let mut tasks = tokio::task::JoinSet::new();
         let limits = AcceptLimits {
+            cluster: shared.config.cluster_id.clone(),
             max_connections: shared.config.max_connections,
             max_connections_per_peer: shared.config.max_connections_per_peer,
             max_handshakes: shared.config.max_handshakes,
-            handshake_timeout: shared.config.handshake_timeout,
+            tls_timeout: shared.config.tls_timeout,
         };
         let serving = shared.clone();
+        // One for the node: each identity's byte budget is shared by its connections.
+        let client_serving = Arc::new(ClientServing::new(
+            NodeKind::Source,
+            shared.config.cluster_id.clone(),
+            shared.config.client,
+            shared.config.transport.idle_timeout,
+        ));
         tasks.spawn(accept_loop(
             endpoint.clone(),
             limits,
             move |connection, peer, handshake| {
-                handle_connection(connection, peer, serving.clone(), handshake)
+                handle_connection(
+                    connection,
+                    peer,
+                    serving.clone(),
+                    client_serving.clone(),
+                    handshake,
+                )
             },
         ));
         tasks.spawn(retention_loop(shared.clone()));
@@ -557,18 +630,13 @@ async fn handle_connection(
     connection: quinn::Connection,
     peer: xmirror_proto::PeerIdentity,
     shared: Arc<SourceShared>,
+    serving: Arc<ClientServing>,
     handshake: OwnedSemaphorePermit,
 ) {
     let alpn = xmirror_net::alpn_of(&connection).unwrap_or_default();
     if alpn == ALPN_CLIENT {
         drop(handshake);
         let service = Arc::new(SourceService::new(shared.clone()));
-        let serving = Arc::new(ClientServing {
-            node: NodeKind::Source,
-            cluster: shared.config.cluster_id.clone(),
-            limits: shared.config.client,
-            idle_timeout: shared.config.transport.idle_timeout,
-        });
         serve_client_connection(connection, peer, service, serving).await;
     } else if alpn == ALPN_MIRROR {
         serve_mirror(connection, peer, shared, handshake).await;
@@ -596,8 +664,10 @@ async fn serve_mirror(
             return;
         }
     };
-    let outcome =
-        session::run_session(recv, &mut send, peer.clone(), shared, Some(handshake)).await;
+    // Every line the session logs names the peer's address too.
+    let outcome = session::run_session(recv, &mut send, peer.clone(), shared, Some(handshake))
+        .instrument(tracing::info_span!("mirror", addr = %connection.remote_address()))
+        .await;
     let _ = send.finish();
     match outcome {
         Ok(()) => connection.close(0u32.into(), b"session over"),
@@ -619,7 +689,11 @@ async fn serve_mirror(
         }
         Err(error) => {
             let detail = error_chain(&error);
-            tracing::info!(peer = %peer, code = %error.code(), detail = %detail, "mirror session ended");
+            if let session::SessionError::Ended(SourceEnd::FenceDenied(_)) = &error {
+                tracing::warn!(peer = %peer, addr = %connection.remote_address(), code = %error.code(), detail = %detail, "fence refused");
+            } else {
+                tracing::info!(peer = %peer, code = %error.code(), detail = %detail, "mirror session ended");
+            }
             // Let the rejected ack reach the mirror before the close discards it.
             let _ = tokio::time::timeout(Duration::from_secs(1), send.stopped()).await;
             close_with(&connection, error.code(), &detail);

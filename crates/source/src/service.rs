@@ -15,7 +15,7 @@ use xmirror_proto::message::{
     DigestReply, ErrorReply, FenceReply, ScanRequest, SlotsReply, StatusReply, WriteReply,
 };
 use xmirror_proto::status::{NodeStatus, SlotStatus, SourceStatus};
-use xmirror_proto::{Entry, Epoch, ErrorCode, Message, PeerIdentity};
+use xmirror_proto::{Entry, ErrorCode, Message, PeerIdentity};
 use xmirror_store::StoreError;
 
 use crate::{SourceConfig, SourceShared};
@@ -219,15 +219,20 @@ impl ClientService for SourceService {
                 Box::pin(async move { Message::SlotsReply(SlotsReply { slots }) })
             }
             Message::FenceRequest(request) => {
+                // A fence reserves the next epoch for the promotion that follows; a farther
+                // one would leave epochs no promotion can start.
                 let own = self.shared.database.epoch;
-                let by = request.epoch.or(own.next()).unwrap_or(Epoch::LIMIT);
-                if by <= own || by > Epoch::LIMIT {
+                let Some(next) = own.next() else {
                     return error_reply(
                         ErrorCode::InvalidRequest,
-                        format!(
-                            "a fence needs an epoch later than the source's own ({own}) and at most {}, got {by}",
-                            Epoch::LIMIT
-                        ),
+                        format!("this source's epoch {own} is the last there can be"),
+                    );
+                };
+                let by = request.epoch.unwrap_or(next);
+                if by != next {
+                    return error_reply(
+                        ErrorCode::InvalidRequest,
+                        format!("a fence is for the source's next epoch ({next}) only, got {by}"),
                     );
                 }
                 let shared = self.shared.clone();

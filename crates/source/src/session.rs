@@ -16,6 +16,7 @@ use futures_util::stream::{FuturesUnordered, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
+use xmirror_net::admission::LogEvery;
 use xmirror_net::stage::{self, Stage};
 use xmirror_net::{sleep_until, FrameSender, FramedReader};
 use xmirror_proto::history::{FenceAsk, Successor};
@@ -32,6 +33,9 @@ use xmirror_store::{MirrorIdentity, StoreError};
 
 use crate::slots::{BeginError, SessionTicket};
 use crate::SourceShared;
+
+/// Hellos refused `BUSY` (rate limits, slot caps), logged at most once a second.
+static BUSY_REFUSALS: LogEvery = LogEvery::new(std::time::Duration::from_secs(1));
 
 /// Key and value bytes per `RewindValues` frame: well inside the data frame limit, with
 /// room for each pair's length prefixes.
@@ -128,7 +132,7 @@ where
     sender.set_pacer(shared.pacer.clone());
     let mut driver = Driver {
         limits: shared.config.frame_limits,
-        machine: SourceSession::new(shared.config.session_config(), committed(&shared)),
+        machine: SourceSession::new(shared.config.session_config(&peer), committed(&shared)),
         reader: FramedReader::new(reader, shared.config.frame_limits.handshake),
         sender,
         work: FuturesUnordered::new(),
@@ -144,7 +148,11 @@ where
     let outcome = driver.run().await;
     if let Err(SessionError::Ended(SourceEnd::Refused(refusal))) = &outcome {
         crate::telemetry::handshake(Some(refusal.code()));
-        tracing::warn!(peer = %driver.peer, code = %refusal.code(), detail = %refusal, "mirror refused");
+        // Busy refusals come in floods: a line a second says what they are.
+        let busy = refusal.code() == ErrorCode::Busy;
+        if let Some(left_out) = if busy { BUSY_REFUSALS.allow() } else { Some(0) } {
+            tracing::warn!(peer = %driver.peer, code = %refusal.code(), detail = %refusal, left_out, "mirror refused");
+        }
     }
     outcome
 }
@@ -317,6 +325,16 @@ where
         let shared = self.shared.clone();
         match action {
             SourceAction::Admit(hello) => {
+                // Checked before any store work: a flood of hellos waits, the writers don't.
+                if let Err(why) = shared.hellos.take(&self.peer, std::time::Instant::now()) {
+                    self.admitted(Admission {
+                        hello,
+                        decision: Err(Reject::new(ErrorCode::Busy, why)),
+                        ticket: None,
+                        source: standing(&shared),
+                    });
+                    return Ok(());
+                }
                 let peer = self.peer.clone();
                 let admission = blocking(move || admit(hello, &peer, &shared)).await?;
                 self.admitted(admission);
@@ -329,16 +347,10 @@ where
                     .set_compression(compression, Some(shared.compression.clone()));
             }
             SourceAction::MeasureSnapshot => {
-                let store = shared.store.clone();
                 self.work.push(Box::pin(async move {
-                    // The size is for progress only: a failure to measure costs nothing else.
-                    Ok(match blocking(move || store.data_size()).await {
-                        Ok((keys, bytes)) => Some(SourceEvent::Measured { keys, bytes }),
-                        Err(error) => {
-                            tracing::debug!(error = %error, "could not measure the snapshot");
-                            None
-                        }
-                    })
+                    // The size is for progress only: without it the snapshot goes on.
+                    let size = shared.data_size.get(&shared.store).await;
+                    Ok(size.map(|(keys, bytes)| SourceEvent::Measured { keys, bytes }))
                 }));
             }
             SourceAction::Scan {
@@ -448,15 +460,11 @@ where
         if let Ok(decision) = &decision {
             crate::telemetry::handshake(None);
             match decision {
-                Decision::Snapshot { .. } => {
-                    crate::telemetry::snapshot_sent(hello.mirror_name.as_str(), "fresh")
-                }
+                Decision::Snapshot { .. } => crate::telemetry::snapshot_sent(&self.peer, "fresh"),
                 Decision::ResumeSnapshot { .. } => {
-                    crate::telemetry::snapshot_sent(hello.mirror_name.as_str(), "resumed")
+                    crate::telemetry::snapshot_sent(&self.peer, "resumed")
                 }
-                Decision::Rewind { .. } => {
-                    crate::telemetry::rewind_served(hello.mirror_name.as_str())
-                }
+                Decision::Rewind { .. } => crate::telemetry::rewind_served(&self.peer),
                 Decision::Stream { .. } | Decision::Diverged { .. } => {}
             }
             let fields = decision.log_fields();
@@ -597,8 +605,21 @@ fn admit(
         chain_hash_at_resume_base,
         chain_hash_at_resume_scanned,
         fresh_snapshot,
+        peer_may_succeed: shared.config.may_succeed(peer),
     };
     let mut decision = decide(&hello, peer, &view);
+    if hello.database_id == Some(view.database_id)
+        && hello.epoch > view.epoch
+        && !matches!(&decision, Err(refusal) if refusal.code == ErrorCode::Fenced)
+    {
+        tracing::warn!(
+            %peer,
+            claimed_epoch = hello.epoch.0,
+            own_epoch = view.epoch.0,
+            may_succeed = view.peer_may_succeed,
+            "a mirror claims a later epoch of this database, and is no successor of it (or skips an epoch): no fence, a history of its own"
+        );
+    }
     if matches!(&decision, Err(refusal) if refusal.code == ErrorCode::Fenced) {
         shared.fence(&FenceAsk::LaterEpoch(hello.epoch), "a mirror's hello")?;
     }
@@ -606,13 +627,20 @@ fn admit(
         Ok(Decision::Diverged { .. }) | Err(_) => None,
         Ok(accepted) => {
             let now = std::time::Instant::now();
-            match shared
-                .slots
-                .begin_session(&mirror_identity(peer), accepted, now)
-            {
+            match shared.slots.begin_session(
+                &mirror_identity(peer),
+                accepted,
+                now,
+                &shared.config.slot_caps(),
+            ) {
                 Ok(ticket) => Some(ticket),
                 Err(in_use @ BeginError::InUse { .. }) => {
                     decision = Err(Reject::new(ErrorCode::InUse, in_use.to_string()));
+                    None
+                }
+                Err(full @ BeginError::Full { .. }) => {
+                    tracing::warn!(%peer, reason = %full, "mirror refused: no slot");
+                    decision = Err(Reject::new(ErrorCode::Busy, full.to_string()));
                     None
                 }
                 Err(BeginError::Store(error)) => return Err(error),
@@ -631,4 +659,14 @@ fn admit(
             last_lsn: position.lsn,
         },
     })
+}
+
+/// Where the source stands now, for an ack that refuses before any store work.
+fn standing(shared: &SourceShared) -> SourceStanding {
+    SourceStanding {
+        database_id: shared.database.id,
+        epoch: shared.database.epoch,
+        history: shared.store.history(),
+        last_lsn: shared.store.position().lsn,
+    }
 }

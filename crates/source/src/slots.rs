@@ -64,7 +64,7 @@ pub fn plan_retention<'a, K: Clone + 'a>(
 }
 
 /// What bounds the WAL whatever the slots want.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct RetentionLimits {
     /// Most entries kept (`--max-wal-entries`).
     pub max_wal_entries: u64,
@@ -73,6 +73,26 @@ pub struct RetentionLimits {
     /// A slot whose mirror is away longer is invalidated (`--slot-idle-timeout`; off when
     /// `None`).
     pub slot_idle_timeout: Option<Duration>,
+    /// The source's own cluster: other clusters' slots go idle by default.
+    pub own_cluster: xmirror_proto::Name,
+    /// A slot of another cluster whose mirror is away longer is invalidated, whatever
+    /// `slot_idle_timeout` says (`--foreign-slot-idle-timeout`).
+    pub foreign_slot_idle_timeout: Duration,
+    /// A slot whose mirror left in the middle of a snapshot and is away longer is removed:
+    /// a peer that says hello and leaves holds neither WAL nor a place for long
+    /// (`--unfinished-slot-timeout`).
+    pub unfinished_slot_timeout: Duration,
+}
+
+/// How many slots may exist: every one pins WAL, a status line and metric series.
+#[derive(Clone, Debug)]
+pub struct SlotCaps {
+    /// The source's own cluster, whose mirrors only the total bounds.
+    pub own_cluster: xmirror_proto::Name,
+    /// Most slots in all (`--max-slots`).
+    pub max_slots: usize,
+    /// Most slots of any one other cluster (`--max-slots-per-cluster`).
+    pub max_slots_per_cluster: usize,
 }
 
 /// A session heard from within this long is live: a second session of the same identity
@@ -95,6 +115,14 @@ pub enum BeginError {
         mirror: MirrorIdentity,
         /// How long ago the live session was heard from.
         heard_ms: u128,
+    },
+    /// No slot may be made for a new mirror: a cap is reached.
+    #[error("no slot for mirror {mirror}: {why}")]
+    Full {
+        /// Whose slot it would have been.
+        mirror: MirrorIdentity,
+        /// Which cap, with its figures.
+        why: String,
     },
     /// The slot could not be written.
     #[error(transparent)]
@@ -252,8 +280,12 @@ impl Slots {
         mirror: &MirrorIdentity,
         decision: &Decision,
         now: Instant,
+        caps: &SlotCaps,
     ) -> Result<SessionTicket, BeginError> {
         let mut inner = self.lock();
+        if !inner.slots.contains_key(mirror) {
+            check_caps(&inner.slots, mirror, caps)?;
+        }
         if let Some(live) = inner
             .slots
             .get(mirror)
@@ -326,6 +358,11 @@ impl Slots {
             heard_at: now,
         });
         Ok(SessionTicket { id, replaced })
+    }
+
+    /// How many slots exist.
+    pub fn count(&self) -> usize {
+        self.lock().slots.len()
     }
 
     fn with_session<T>(
@@ -432,11 +469,43 @@ impl Slots {
         // cut past what a restart after kill -9 would read back as the slot's acked LSN
         // (the store keeps commit order, so a lost slot write loses the truncation too).
         self.persist_dirty(&mut inner)?;
+        // A slot whose mirror left in the middle of a snapshot and stayed away: gone (a
+        // mirror back later starts a fresh snapshot, which it would need by then anyway).
+        let unfinished: Vec<MirrorIdentity> = inner
+            .slots
+            .iter()
+            .filter(|(_, slot)| {
+                slot.session.is_none()
+                    && slot.record.snapshot.is_some()
+                    && is_idle(
+                        slot.record.last_seen,
+                        now,
+                        Some(limits.unfinished_slot_timeout),
+                    )
+            })
+            .map(|(mirror, _)| mirror.clone())
+            .collect();
+        for mirror in unfinished {
+            tracing::warn!(mirror = %mirror, "slot removed: its mirror left before finishing its snapshot and stayed away");
+            self.store.remove_slot(&mirror)?;
+            inner.slots.remove(&mirror);
+        }
         // A slot whose mirror has been away beyond the idle timeout stops holding the WAL.
         for (mirror, slot) in inner.slots.iter_mut() {
+            let timeout = if mirror.cluster == limits.own_cluster {
+                limits.slot_idle_timeout
+            } else {
+                Some(
+                    limits
+                        .slot_idle_timeout
+                        .map_or(limits.foreign_slot_idle_timeout, |timeout| {
+                            timeout.min(limits.foreign_slot_idle_timeout)
+                        }),
+                )
+            };
             if !slot.record.invalidated
                 && slot.session.is_none()
-                && is_idle(slot.record.last_seen, now, limits.slot_idle_timeout)
+                && is_idle(slot.record.last_seen, now, timeout)
             {
                 tracing::warn!(
                     mirror = %mirror,
@@ -550,6 +619,40 @@ impl Slots {
     }
 }
 
+/// Whether a slot may be made for `mirror`, new here: refused when the slots number
+/// `max_slots`, or when another cluster's number `max_slots_per_cluster`.
+fn check_caps(
+    slots: &BTreeMap<MirrorIdentity, Slot>,
+    mirror: &MirrorIdentity,
+    caps: &SlotCaps,
+) -> Result<(), BeginError> {
+    let full = |why: String| {
+        Err(BeginError::Full {
+            mirror: mirror.clone(),
+            why,
+        })
+    };
+    if slots.len() >= caps.max_slots {
+        return full(format!(
+            "this source holds {} slots, the most allowed (--max-slots)",
+            slots.len()
+        ));
+    }
+    if mirror.cluster != caps.own_cluster {
+        let of_cluster = slots
+            .keys()
+            .filter(|held| held.cluster == mirror.cluster)
+            .count();
+        if of_cluster >= caps.max_slots_per_cluster {
+            return full(format!(
+                "cluster {} holds {of_cluster} slots here, the most allowed per other cluster (--max-slots-per-cluster)",
+                mirror.cluster
+            ));
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -563,6 +666,25 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store: Arc<dyn Store> = Arc::new(xmirror_store::RedbStore::open(dir.path()).unwrap());
         (dir, Slots::load(store).unwrap())
+    }
+
+    fn caps() -> SlotCaps {
+        SlotCaps {
+            own_cluster: name("east"),
+            max_slots: 100,
+            max_slots_per_cluster: 100,
+        }
+    }
+
+    fn retention(slot_idle_timeout: Option<Duration>) -> RetentionLimits {
+        RetentionLimits {
+            max_wal_entries: 1_000,
+            max_wal_bytes: u64::MAX,
+            slot_idle_timeout,
+            own_cluster: name("east"),
+            foreign_slot_idle_timeout: Duration::from_secs(3_600),
+            unfinished_slot_timeout: Duration::from_secs(60),
+        }
     }
 
     fn invalidated(slots: &Slots, mirror: &MirrorIdentity) -> bool {
@@ -583,7 +705,7 @@ mod tests {
             reason: xmirror_proto::SnapshotReason::NewMirror,
         };
         let ticket = slots
-            .begin_session(&mirror, &snapshot, Instant::now())
+            .begin_session(&mirror, &snapshot, Instant::now(), &caps())
             .unwrap();
         // Retention passes the slow snapshot's base.
         slots
@@ -632,16 +754,13 @@ mod tests {
         };
         let stream = Decision::Stream { from_lsn: Lsn(1) };
         let ticket = slots
-            .begin_session(&mirror, &stream, Instant::now())
+            .begin_session(&mirror, &stream, Instant::now(), &caps())
             .unwrap();
         // An ack lands after the last periodic write of the slots: only memory knows it.
         assert!(slots.acknowledge(&mirror, ticket.id, Lsn(15)));
-        let limits = RetentionLimits {
-            max_wal_entries: 1_000,
-            max_wal_bytes: u64::MAX,
-            slot_idle_timeout: None,
-        };
-        let plan = slots.enforce_retention(limits, UnixMillis(2)).unwrap();
+        let plan = slots
+            .enforce_retention(retention(None), UnixMillis(2))
+            .unwrap();
         assert_eq!(plan.first_kept, Lsn(16));
         assert_eq!(store.wal_bounds().first, Lsn(16));
         // What a source restarted now (after kill -9) reads back still fits the WAL kept.
@@ -663,12 +782,14 @@ mod tests {
         };
         let stream = Decision::Stream { from_lsn: Lsn(1) };
         let start = Instant::now();
-        let first = slots.begin_session(&mirror, &stream, start).unwrap();
+        let first = slots
+            .begin_session(&mirror, &stream, start, &caps())
+            .unwrap();
         // A second process of the same identity while the first is heard from: refused.
         let soon = start + Duration::from_secs(3);
         slots.heard(&mirror, first.id, soon);
         let later = soon + SESSION_LIVE_WITHIN - Duration::from_millis(1);
-        match slots.begin_session(&mirror, &stream, later) {
+        match slots.begin_session(&mirror, &stream, later, &caps()) {
             Err(BeginError::InUse { heard_ms, .. }) => {
                 assert_eq!(
                     heard_ms,
@@ -680,7 +801,7 @@ mod tests {
         assert!(!first.replaced.is_cancelled());
         // Silent for the whole window: its connection is gone, a new session replaces it.
         let second = slots
-            .begin_session(&mirror, &stream, soon + SESSION_LIVE_WITHIN)
+            .begin_session(&mirror, &stream, soon + SESSION_LIVE_WITHIN, &caps())
             .unwrap();
         assert!(first.replaced.is_cancelled());
         assert_ne!(second.id, first.id);
@@ -689,7 +810,86 @@ mod tests {
             cluster: name("north"),
             name: name("m1"),
         };
-        assert!(slots.begin_session(&other, &stream, soon).is_ok());
+        assert!(slots.begin_session(&other, &stream, soon, &caps()).is_ok());
+    }
+
+    /// Slots are capped in all and per other cluster; a mirror that holds one keeps it.
+    #[test]
+    fn new_slots_stop_at_the_caps() {
+        let (_dir, slots) = slots();
+        let caps = SlotCaps {
+            own_cluster: name("east"),
+            max_slots: 5,
+            max_slots_per_cluster: 2,
+        };
+        let stream = Decision::Stream { from_lsn: Lsn(1) };
+        let mirror = |cluster: &str, mirror: &str| MirrorIdentity {
+            cluster: name(cluster),
+            name: name(mirror),
+        };
+        let now = Instant::now() + SESSION_LIVE_WITHIN;
+        let begin = |identity: &MirrorIdentity| {
+            let ticket = slots.begin_session(identity, &stream, now, &caps);
+            if let Ok(ticket) = &ticket {
+                slots.end_session(identity, ticket.id);
+            }
+            ticket.map(|_| ()).map_err(|error| error.to_string())
+        };
+        assert!(begin(&mirror("west", "a")).is_ok());
+        assert!(begin(&mirror("west", "b")).is_ok());
+        let refused = begin(&mirror("west", "c")).unwrap_err();
+        assert!(refused.contains("cluster west holds 2"), "{refused}");
+        assert!(begin(&mirror("west", "a")).is_ok(), "its own slot again");
+        assert!(begin(&mirror("north", "a")).is_ok());
+        assert!(begin(&mirror("east", "a")).is_ok());
+        assert!(begin(&mirror("east", "b")).is_ok());
+        let refused = begin(&mirror("east", "c")).unwrap_err();
+        assert!(refused.contains("5 slots"), "{refused}");
+    }
+
+    /// A slot left in the middle of a snapshot is removed once its mirror stays away; a
+    /// foreign cluster's idle slot is invalidated without --slot-idle-timeout.
+    #[test]
+    fn unfinished_and_foreign_slots_expire_by_default() {
+        let (_dir, slots) = slots();
+        let snapshot = Decision::Snapshot {
+            snapshot_id: xmirror_proto::SnapshotId(1),
+            base_lsn: Lsn(0),
+            base_chain_hash: xmirror_proto::ChainHash::GENESIS,
+            reason: xmirror_proto::SnapshotReason::NewMirror,
+        };
+        let stream = Decision::Stream { from_lsn: Lsn(1) };
+        let left = MirrorIdentity {
+            cluster: name("east"),
+            name: name("left"),
+        };
+        let foreign = MirrorIdentity {
+            cluster: name("west"),
+            name: name("far"),
+        };
+        let own = MirrorIdentity {
+            cluster: name("east"),
+            name: name("own"),
+        };
+        for (mirror, decision) in [(&left, &snapshot), (&foreign, &stream), (&own, &stream)] {
+            let ticket = slots
+                .begin_session(mirror, decision, Instant::now(), &caps())
+                .unwrap();
+            slots.end_session(mirror, ticket.id);
+        }
+        let seen = slots.lock().slots[&own].record.last_seen;
+        // A minute on: the unfinished one is gone.
+        slots
+            .enforce_retention(retention(None), UnixMillis(seen.0 + 61_000))
+            .unwrap();
+        assert!(!slots.lock().slots.contains_key(&left));
+        assert!(!invalidated(&slots, &foreign));
+        // An hour on: the foreign slot is invalidated, the own cluster's is not.
+        slots
+            .enforce_retention(retention(None), UnixMillis(seen.0 + 3_601_000))
+            .unwrap();
+        assert!(invalidated(&slots, &foreign));
+        assert!(!invalidated(&slots, &own));
     }
 
     #[test]

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use xmirror_proto::status::SlotState;
-use xmirror_proto::ErrorCode;
+use xmirror_proto::{ErrorCode, PeerIdentity};
 
 use crate::service::SourceService;
 use crate::SourceShared;
@@ -22,14 +22,24 @@ const SLOT_STATES: [(SlotState, &str); 4] = [
 ];
 
 /// Counts a snapshot sent to `mirror`: `fresh` or `resumed`.
-pub fn snapshot_sent(mirror: &str, kind: &'static str) {
-    metrics::counter!("xmirror_source_snapshots_total", "mirror" => mirror.to_owned(), "kind" => kind)
-        .increment(1);
+pub fn snapshot_sent(mirror: &PeerIdentity, kind: &'static str) {
+    metrics::counter!(
+        "xmirror_source_snapshots_total",
+        "cluster" => mirror.cluster_id.to_string(),
+        "mirror" => mirror.name.to_string(),
+        "kind" => kind
+    )
+    .increment(1);
 }
 
 /// Counts a rewind served to `mirror` (a failed-over source come back as a mirror).
-pub fn rewind_served(mirror: &str) {
-    metrics::counter!("xmirror_source_rewinds_total", "mirror" => mirror.to_owned()).increment(1);
+pub fn rewind_served(mirror: &PeerIdentity) {
+    metrics::counter!(
+        "xmirror_source_rewinds_total",
+        "cluster" => mirror.cluster_id.to_string(),
+        "mirror" => mirror.name.to_string()
+    )
+    .increment(1);
 }
 
 /// Counts a mirror handshake by outcome (and refusal code).
@@ -85,6 +95,13 @@ pub async fn publish_loop(shared: Arc<SourceShared>) {
         let now = crate::writer::now_millis();
         for slot in &status.mirrors {
             let mirror = slot.name.to_string();
+            // Same-named mirrors of two clusters are two series: the cluster is a label.
+            let cluster = slot
+                .id
+                .strip_prefix("spiffe://")
+                .and_then(|rest| rest.split('/').next())
+                .unwrap_or_default()
+                .to_owned();
             let retained = slot.lag_entries;
             // Lag in time: how long ago the oldest entry the mirror lacks was committed.
             let oldest_missing = slot.acked_lsn.next();
@@ -99,28 +116,28 @@ pub async fn publish_loop(shared: Arc<SourceShared>) {
                     .and_then(|span| span.map(|span| span.commit_time))
                     .map_or(0, |committed_at| now.0.saturating_sub(committed_at.0))
             };
-            metrics::gauge!("xmirror_source_mirror_lag_ms", "mirror" => mirror.clone())
+            metrics::gauge!("xmirror_source_mirror_lag_ms", "cluster" => cluster.clone(), "mirror" => mirror.clone())
                 .set(lag_ms as f64);
-            metrics::gauge!("xmirror_source_mirror_lag_bytes", "mirror" => mirror.clone())
+            metrics::gauge!("xmirror_source_mirror_lag_bytes", "cluster" => cluster.clone(), "mirror" => mirror.clone())
                 .set(retained as f64 * average_entry_bytes);
             let headroom = max_wal.saturating_sub(retained);
-            metrics::gauge!("xmirror_source_mirror_acked_lsn", "mirror" => mirror.clone())
+            metrics::gauge!("xmirror_source_mirror_acked_lsn", "cluster" => cluster.clone(), "mirror" => mirror.clone())
                 .set(slot.acked_lsn.0 as f64);
-            metrics::gauge!("xmirror_source_mirror_lag_entries", "mirror" => mirror.clone())
+            metrics::gauge!("xmirror_source_mirror_lag_entries", "cluster" => cluster.clone(), "mirror" => mirror.clone())
                 .set(retained as f64);
-            metrics::gauge!("xmirror_source_mirror_retained_wal_entries", "mirror" => mirror.clone()).set(retained as f64);
-            metrics::gauge!("xmirror_source_mirror_headroom_entries", "mirror" => mirror.clone())
+            metrics::gauge!("xmirror_source_mirror_retained_wal_entries", "cluster" => cluster.clone(), "mirror" => mirror.clone()).set(retained as f64);
+            metrics::gauge!("xmirror_source_mirror_headroom_entries", "cluster" => cluster.clone(), "mirror" => mirror.clone())
                 .set(headroom as f64);
             let seconds = if write_rate > 0.0 {
                 headroom as f64 / write_rate
             } else {
                 f64::INFINITY
             };
-            metrics::gauge!("xmirror_source_mirror_headroom_seconds", "mirror" => mirror.clone())
+            metrics::gauge!("xmirror_source_mirror_headroom_seconds", "cluster" => cluster.clone(), "mirror" => mirror.clone())
                 .set(seconds);
             for (state, label) in SLOT_STATES {
                 let value = if slot.state == state { 1.0 } else { 0.0 };
-                metrics::gauge!("xmirror_source_mirror_state", "mirror" => mirror.clone(), "state" => label).set(value);
+                metrics::gauge!("xmirror_source_mirror_state", "cluster" => cluster.clone(), "mirror" => mirror.clone(), "state" => label).set(value);
             }
         }
     }

@@ -100,7 +100,26 @@ pub trait Engine: Send + Sync + Sized + 'static {
         range: &KeyRange,
         visit: &mut Visitor<'_>,
     ) -> Result<(), StoreError>;
+
+    /// Hands the value of each of `keys` to `read`, in order, until it returns `false`,
+    /// from one view of the data (a snapshot when
+    /// [`SNAPSHOT_VIEWS`](Engine::SNAPSHOT_VIEWS); else the caller keeps writers out).
+    fn get_each(
+        &self,
+        keys: &mut dyn Iterator<Item = Vec<u8>>,
+        read: &mut ValueReader<'_>,
+    ) -> Result<(), StoreError> {
+        for key in keys {
+            if !read(self.get(&key)?)? {
+                break;
+            }
+        }
+        Ok(())
+    }
 }
+
+/// Called with each value [`Engine::get_each`] reads; returns whether to go on.
+pub type ValueReader<'v> = dyn FnMut(Option<Vec<u8>>) -> Result<bool, StoreError> + 'v;
 
 /// Called with the value of the key a view reads first.
 pub type KeyReader<'v> = dyn FnMut(Option<Vec<u8>>) -> Result<(), StoreError> + 'v;
@@ -294,15 +313,45 @@ fn decode_position(record: &'static str, value: &[u8]) -> Result<Position, Store
 /// Creates the data directory, and any missing parent, readable by its owner only (0700):
 /// it holds the whole database. An existing directory keeps its mode.
 fn create_private_dir(path: &Path) -> Result<(), StoreError> {
-    use std::os::unix::fs::DirBuilderExt;
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    let open_error = |error| StoreError::Open {
+        path: path.to_owned(),
+        source: crate::EngineError::new(error, false),
+    };
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
         .create(path)
-        .map_err(|error| StoreError::Open {
-            path: path.to_owned(),
-            source: crate::EngineError::new(error, false),
-        })
+        .map_err(open_error)?;
+    // A directory that existed before (made by hand, 0755) is made private too: the
+    // database's files are readable by nobody else, whatever an engine creates in it.
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700)).map_err(open_error)
+}
+
+/// Makes every file under `path` readable by its owner only (0600, directories 0700): the
+/// engines that create their files with the process's umask (sled) are brought in line at
+/// each open; what they create later sits in a directory only the owner can enter.
+fn restrict_files(path: &Path) -> Result<(), StoreError> {
+    use std::os::unix::fs::PermissionsExt;
+    let open_error = |error| StoreError::Open {
+        path: path.to_owned(),
+        source: crate::EngineError::new(error, false),
+    };
+    for entry in std::fs::read_dir(path).map_err(open_error)? {
+        let entry = entry.map_err(open_error)?;
+        let kind = entry.file_type().map_err(open_error)?;
+        let mode = if kind.is_dir() {
+            restrict_files(&entry.path())?;
+            0o700
+        } else if kind.is_file() {
+            0o600
+        } else {
+            continue;
+        };
+        std::fs::set_permissions(entry.path(), std::fs::Permissions::from_mode(mode))
+            .map_err(open_error)?;
+    }
+    Ok(())
 }
 
 /// A fence record: the epoch, then (since the successor was kept) what holds it: 0 a
@@ -347,6 +396,10 @@ fn decode_fence(value: &[u8]) -> Result<Fence, StoreError> {
     })
 }
 
+/// What one pair of [`Store::get_many`] counts against its byte budget at least: its
+/// lookup costs the same whatever its size.
+pub const MIN_PAIR_COST: usize = 64;
+
 /// Every key with `prefix`, in order.
 fn prefix_range(prefix: u8) -> KeyRange {
     (
@@ -390,6 +443,7 @@ impl<E: Engine> KvStore<E> {
     ) -> Result<KvStore<E>, StoreError> {
         create_private_dir(path.as_ref())?;
         let engine = E::open(path.as_ref(), options)?;
+        restrict_files(path.as_ref())?;
         let read_position = |name, default| -> Result<Position, StoreError> {
             match engine.get(&meta_key(name))? {
                 Some(value) => decode_position("position", &value),
@@ -1422,20 +1476,34 @@ impl<E: Engine> Store for KvStore<E> {
         max_bytes: usize,
     ) -> Result<(Position, Vec<KeyValue>), StoreError> {
         let _reading = self.reading()?;
-        // Writers hold this lock for a whole batch: every value is of one state.
-        let state = self.lock();
+        // One view, and the position in it: a snapshot beside the writers where the engine
+        // has them; else writers (who hold this lock for a whole batch) wait.
+        let _writers_out = (!E::SNAPSHOT_VIEWS).then(|| self.lock());
+        let mut engine_keys =
+            std::iter::once(meta_key(META_POSITION)).chain(keys.iter().map(|key| data_key(key)));
+        let mut position = None;
         let mut values = Vec::new();
         let mut bytes = 0;
-        for key in keys {
-            let value = self.engine.get(&data_key(key))?;
-            let pair_bytes = key.len() + value.as_ref().map_or(0, Vec::len);
+        self.engine.get_each(&mut engine_keys, &mut |value| {
+            if position.is_none() {
+                position = Some(match value {
+                    Some(value) => decode_position("position", &value)?,
+                    None => Position::GENESIS,
+                });
+                return Ok(true);
+            }
+            let key = &keys[values.len()];
+            // Every pair counts at least its fixed cost, so a request of empty values
+            // still reads a bounded number of keys.
+            let pair_bytes = (key.len() + value.as_ref().map_or(0, Vec::len)).max(MIN_PAIR_COST);
             if bytes + pair_bytes > max_bytes && !values.is_empty() {
-                break;
+                return Ok(false);
             }
             bytes += pair_bytes;
             values.push((key.clone(), value));
-        }
-        Ok((state.position, values))
+            Ok(values.len() < keys.len())
+        })?;
+        Ok((position.unwrap_or(Position::GENESIS), values))
     }
 
     fn slots(&self) -> Result<Vec<SlotRecord>, StoreError> {

@@ -18,7 +18,7 @@ mod sled_engine;
 pub mod testing;
 mod wal;
 
-pub use kv::{KvStore, RangeVisitor, REWINDS, SNAPSHOTS_STARTED};
+pub use kv::{KvStore, RangeVisitor, MIN_PAIR_COST, REWINDS, SNAPSHOTS_STARTED};
 pub use record::{
     DatabaseIdentity, MirrorIdentity, SlotRecord, SnapshotProgress, SnapshotRef, SyncState, WalSpan,
 };
@@ -556,8 +556,9 @@ pub trait Store: Send + Sync + 'static {
     fn rewind_values(&self, values: &[KeyValue]) -> Result<(), StoreError>;
 
     /// The values of the first of `keys` (as many as fit in `max_bytes` of keys and values,
-    /// at least one), all read from one state, with that state's position: what a rewinding
-    /// mirror is sent.
+    /// each pair counted at least `MIN_PAIR_COST`; at least one), all read from one state,
+    /// with that state's position: what a rewinding mirror is sent. A snapshot read where
+    /// the engine has them: writers go on meanwhile.
     fn get_many(
         &self,
         keys: &[Vec<u8>],

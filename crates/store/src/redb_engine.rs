@@ -23,7 +23,7 @@ use redb::{
     TableHandle,
 };
 
-use crate::kv::{Engine, KeyRange, KeyReader, Visitor, Writes};
+use crate::kv::{Engine, KeyRange, KeyReader, ValueReader, Visitor, Writes};
 use crate::{EngineError, StoreError, StoreOptions};
 
 /// The file inside the data directory.
@@ -313,6 +313,20 @@ impl Engine for RedbEngine {
         let transaction = self.db.begin_read().map_err(engine_error)?;
         read_key(Self::get_in(&transaction, key)?)?;
         Self::visit(&transaction, range, visit)
+    }
+
+    fn get_each(
+        &self,
+        keys: &mut dyn Iterator<Item = Vec<u8>>,
+        read: &mut ValueReader<'_>,
+    ) -> Result<(), StoreError> {
+        let transaction = self.db.begin_read().map_err(engine_error)?;
+        for key in keys {
+            if !read(Self::get_in(&transaction, &key)?)? {
+                break;
+            }
+        }
+        Ok(())
     }
 }
 

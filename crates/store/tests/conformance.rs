@@ -891,6 +891,13 @@ pub fn a_rewind_goes_back_to_the_fork_in_one_write(engine: Engine) {
     );
     // A budget cuts the answer after the first pair that exceeds it, never before one.
     assert_eq!(new.get_many(&keys, 1).unwrap().1.len(), 1);
+    // Small pairs each count their fixed minimum: many keys of no value read a bounded
+    // number, whatever their bytes.
+    let many: Vec<Vec<u8>> = (0..10_000u32)
+        .map(|index| index.to_be_bytes().to_vec())
+        .collect();
+    let budget = 100 * xmirror_store::MIN_PAIR_COST;
+    assert_eq!(new.get_many(&many, budget).unwrap().1.len(), 100);
 
     let history = promoted_at(fork);
     let database = PROMOTED;
@@ -1438,6 +1445,42 @@ macro_rules! engine_suite {
     };
 }
 
+/// A data directory made by hand (0755, with a file 0644 in it) is made private at open:
+/// the directory 0700, every file in it 0600, the engine's own included.
+fn a_store_is_private_to_its_owner_whatever_existed_before(engine: Engine) {
+    use std::os::unix::fs::PermissionsExt;
+    let parent = tempfile::tempdir().unwrap();
+    let dir = parent.path().join("data");
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::write(dir.join("left-by-hand"), b"x").unwrap();
+    std::fs::set_permissions(
+        dir.join("left-by-hand"),
+        std::fs::Permissions::from_mode(0o644),
+    )
+    .unwrap();
+    let store = engine.open(&dir);
+    store.commit(source_batch(1, &[put("k", "v")])).unwrap();
+    drop(store);
+    let mode = |path: &Path| std::fs::metadata(path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&dir), 0o700);
+    let mut files = 0;
+    let mut pending = vec![dir.clone()];
+    while let Some(at) = pending.pop() {
+        for entry in std::fs::read_dir(&at).unwrap() {
+            let entry = entry.unwrap();
+            if entry.file_type().unwrap().is_dir() {
+                assert_eq!(mode(&entry.path()), 0o700, "{}", entry.path().display());
+                pending.push(entry.path());
+            } else {
+                files += 1;
+                assert_eq!(mode(&entry.path()), 0o600, "{}", entry.path().display());
+            }
+        }
+    }
+    assert!(files >= 2, "the engine's files and the one left by hand");
+}
+
 macro_rules! conformance {
     ($($engine:ident),*) => {
         $(engine_suite!($engine:
@@ -1464,6 +1507,7 @@ macro_rules! conformance {
             the_digest_depends_on_the_state_not_the_history,
             slots_and_counters_are_kept,
             a_second_opener_is_refused,
+            a_store_is_private_to_its_owner_whatever_existed_before,
             kill_9_loses_nothing_reported_durable,
             kill_9_loses_nothing_a_mirror_applied_durably,
             kill_9_during_wal_truncation_keeps_a_whole_chain,

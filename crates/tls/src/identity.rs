@@ -37,6 +37,10 @@ pub enum IdentityError {
         /// The cluster of the anchor the chain ends in.
         certified: String,
     },
+    /// An intermediate on the path may not sign certificates: no keyCertSign, or a
+    /// workload's SPIFFE ID.
+    #[error("the chain's issuer may not sign: {0}")]
+    NotAnIssuer(String),
     /// The chain ends in an anchor the trust bundle does not know (a bug: webpki only
     /// builds paths to the bundle's anchors).
     #[error("the chain ends in an unknown trust anchor")]

@@ -199,10 +199,14 @@ impl TrustBundle {
         }
         for intermediate in path.intermediate_certificates() {
             let der = intermediate.der();
-            let declared = X509Certificate::from_der(&der)
-                .ok()
-                .and_then(|(_, certificate)| trust_domain_of(&certificate));
-            if let Some(declared) = declared {
+            let parsed = X509Certificate::from_der(&der).ok();
+            let Some((_, certificate)) = parsed.as_ref() else {
+                return Err(IdentityError::NotAnIssuer(
+                    "an intermediate does not parse".into(),
+                ));
+            };
+            check_issuer(certificate)?;
+            if let Some(declared) = trust_domain_of(certificate) {
                 if declared != certified.as_str() {
                     return Err(IdentityError::ForeignIntermediate {
                         declared,
@@ -213,6 +217,39 @@ impl TrustBundle {
         }
         Ok(())
     }
+}
+
+/// What an intermediate must be to sign: a certificate for signing certificates
+/// (keyUsage with keyCertSign), and no workload (a SPIFFE ID with a path names a workload,
+/// which X509-SVID forbids to sign).
+fn check_issuer(certificate: &X509Certificate<'_>) -> Result<(), IdentityError> {
+    let subject = certificate.subject().to_string();
+    let signs = certificate
+        .key_usage()
+        .ok()
+        .flatten()
+        .is_some_and(|usage| usage.value.key_cert_sign());
+    if !signs {
+        return Err(IdentityError::NotAnIssuer(format!(
+            "intermediate {subject} has no keyUsage keyCertSign"
+        )));
+    }
+    let workload = certificate
+        .subject_alternative_name()
+        .ok()
+        .flatten()
+        .is_some_and(|san| {
+            san.value.general_names.iter().any(|name| {
+                matches!(name, x509_parser::extensions::GeneralName::URI(uri)
+                    if uri.strip_prefix("spiffe://").is_some_and(|rest| rest.contains('/')))
+            })
+        });
+    if workload {
+        return Err(IdentityError::NotAnIssuer(format!(
+            "intermediate {subject} carries a workload's SPIFFE ID"
+        )));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -526,8 +526,7 @@ struct Rewinding {
     target: Option<(Lsn, ChainHash)>,
 }
 
-/// Key bytes per `RewindRequest`: far below any frame limit.
-const REWIND_REQUEST_KEY_BYTES: usize = 256 << 10;
+use super::REWIND_REQUEST_KEY_BYTES;
 
 /// Fetched value bytes held before they are written as one step of the rewind
 /// ([`MirrorAction::ApplyRewindValues`]): what bounds a rewind's memory, with one reply.

@@ -29,6 +29,10 @@ use crate::Entry;
 /// negotiated at a lower one ends (`BAD_VERSION`) rather than send one.
 pub const BATCH_ENTRIES_VERSION: u16 = 2;
 
+/// Key bytes per `RewindRequest` (one key may exceed it alone): far below any frame limit.
+/// The mirror asks no more; the source refuses more.
+pub const REWIND_REQUEST_KEY_BYTES: usize = 256 << 10;
+
 /// A WAL batch ready to transmit, shareable between the sessions of every mirror: the
 /// source's writer keeps its recent groups in this form, so that a mirror streaming live
 /// is sent the group as committed without the WAL being read back per mirror.

@@ -15,7 +15,7 @@
 //! read; a heartbeat goes out after `heartbeat_interval` without a frame; a mirror may not
 //! acknowledge an LSN or a chunk it was not sent; nothing but acks may follow the hello,
 //! save a rewinding mirror's requests for values (one at a time) and a promoting mirror's
-//! fence (for a later epoch than the source's).
+//! fence (from a successor the operator allowed, for the source's next epoch only).
 //! The admission itself (gathering the view, `decide`, pinning the slot) is store work the
 //! driver runs and reports back, as is every read.
 
@@ -56,6 +56,12 @@ pub struct SourceSessionConfig {
     pub heartbeat_interval: Duration,
     /// How the source would like bulk frames to travel, if the mirror can read it.
     pub compression: Compression,
+    /// Whether this mirror's verified identity may fence the source
+    /// (`authz::authorize_successor`): the driver asks before the session starts.
+    pub peer_may_succeed: bool,
+    /// Most writes one WAL entry holds (a batch): with the entries a rewinding mirror
+    /// claims beyond the fork, what bounds the keys it may ask values of.
+    pub max_writes_per_entry: u64,
 }
 
 /// Where the source stands when it answers a hello.
@@ -224,6 +230,9 @@ pub enum SourceState {
     Rewinding {
         /// The first LSN to stream once the mirror ends its requests (the fork plus one).
         next: Lsn,
+        /// Values the mirror may still be sent: the writes of the entries it claims beyond
+        /// the fork, at most.
+        keys_left: u64,
     },
     /// Sending the WAL from `next` on.
     Streaming {
@@ -320,14 +329,11 @@ pub enum MirrorViolation {
     /// A request before the source answered the previous one.
     #[error("{0:?} arrived before the previous one was answered")]
     RequestBeforeReply(MessageType),
-    /// A promoting mirror must fence the source with a later epoch than the source's own.
-    #[error("mirror asked to fence this source for epoch {asked}, not later than its own {own}")]
-    FenceByEarlierEpoch {
-        /// The epoch asked for.
-        asked: Epoch,
-        /// The source's epoch.
-        own: Epoch,
-    },
+    /// A rewind request whose keys are no rewind's: an empty key, one named twice, more
+    /// key bytes than one request carries, or more keys than the mirror's claimed entries
+    /// beyond the fork can have written.
+    #[error("a rewind request {0}")]
+    BadRewindRequest(&'static str),
 }
 
 /// How a session ended, when not by the mirror finishing it.
@@ -376,6 +382,26 @@ pub enum SourceEnd {
     /// The mirror asked to promote, and this source is fenced for another promotion.
     #[error("refused a promotion: {0}")]
     FenceRefused(FenceRefused),
+    /// The mirror asked to fence the source, and may not: it is no successor the operator
+    /// allowed, or the epoch is not the source's next.
+    #[error("refused a fence: {0}")]
+    FenceDenied(FenceDenied),
+}
+
+/// A fence the mirror asked for that the source does not take (nothing is done).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FenceDenied {
+    /// The mirror's identity is not one the operator allowed to succeed this source.
+    #[error("this mirror is not a successor the source's operator allowed (--successor)")]
+    NotASuccessor,
+    /// A fence is only ever for the epoch right after the source's own.
+    #[error("a fence is for the next epoch ({next}) only; the mirror asked for epoch {asked}")]
+    NotTheNextEpoch {
+        /// The epoch asked for.
+        asked: Epoch,
+        /// The source's next epoch.
+        next: Epoch,
+    },
 }
 
 impl SourceEnd {
@@ -390,6 +416,7 @@ impl SourceEnd {
             SourceEnd::ShuttingDown => ErrorCode::ShuttingDown,
             SourceEnd::VersionTooOld { .. } => ErrorCode::BadVersion,
             SourceEnd::FenceRefused(_) => ErrorCode::NotPromotable,
+            SourceEnd::FenceDenied(_) => ErrorCode::NotAuthorized,
         }
     }
 }
@@ -423,6 +450,8 @@ pub struct SourceSession {
     transfer: Option<Transfer>,
     /// The versions the hello offered, to name the negotiated one in the ack.
     hello_versions: Option<VersionRange>,
+    /// The LSN the hello claims applied: a rewind's bound.
+    hello_applied: Lsn,
     /// The compressions the hello offered, to choose one in the ack.
     hello_compression: Vec<Compression>,
     /// The version negotiated in the ack: what the session may send.
@@ -443,6 +472,30 @@ pub struct SourceSession {
     end: Option<Result<(), SourceEnd>>,
 }
 
+/// Whether `keys` may be asked of a rewind that may still be sent `keys_left` values:
+/// checked before any is read, so that a request's cost is bounded whoever sends it.
+fn check_rewind_request(keys: &[Vec<u8>], keys_left: u64) -> Result<(), MirrorViolation> {
+    let bad = MirrorViolation::BadRewindRequest;
+    let key_bytes: usize = keys.iter().map(Vec::len).sum();
+    if keys.len() > 1 && key_bytes > super::REWIND_REQUEST_KEY_BYTES {
+        return Err(bad("carries more key bytes than one request may"));
+    }
+    if keys.iter().any(Vec::is_empty) {
+        return Err(bad("names an empty key, which no write has"));
+    }
+    if keys.len() as u64 > keys_left {
+        return Err(bad(
+            "names more keys than the entries the mirror holds beyond the fork can have written",
+        ));
+    }
+    let mut sorted: Vec<&[u8]> = keys.iter().map(Vec::as_slice).collect();
+    sorted.sort_unstable();
+    if sorted.windows(2).any(|pair| pair[0] == pair[1]) {
+        return Err(bad("names a key twice"));
+    }
+    Ok(())
+}
+
 impl SourceSession {
     /// A session that waits for the hello; `committed` is the writer's newest commit.
     pub fn new(config: SourceSessionConfig, committed: Committed) -> SourceSession {
@@ -456,6 +509,7 @@ impl SourceSession {
             unacked_bytes: 0,
             transfer: None,
             hello_versions: None,
+            hello_applied: Lsn::ZERO,
             hello_compression: Vec::new(),
             version: 0,
             epoch: Epoch::FIRST,
@@ -538,7 +592,8 @@ impl SourceSession {
             SourceEvent::BatchRead(batch) => self.on_batch(batch),
             SourceEvent::RewindValuesRead(values) => {
                 self.reading = false;
-                if matches!(self.state, SourceState::Rewinding { .. }) {
+                if let SourceState::Rewinding { keys_left, .. } = &mut self.state {
+                    *keys_left = keys_left.saturating_sub(values.values.len() as u64);
                     self.transmit.push_back(Outgoing::Message(values.into()));
                 }
             }
@@ -709,6 +764,7 @@ impl SourceSession {
             (SourceState::AwaitingHello, Message::Hello(hello)) => {
                 self.state = SourceState::Admitting;
                 self.hello_versions = Some(hello.versions);
+                self.hello_applied = hello.applied_lsn;
                 self.hello_compression = hello.compression.clone();
                 self.actions.push_back(SourceAction::Admit(Box::new(hello)));
             }
@@ -718,11 +774,14 @@ impl SourceSession {
             (SourceState::Admitting, other) => {
                 self.violation(MirrorViolation::BeforeTheAck(other.message_type()))
             }
-            (SourceState::Rewinding { next }, Message::RewindRequest(request)) => {
+            (SourceState::Rewinding { next, keys_left }, Message::RewindRequest(request)) => {
                 if self.reading {
                     return self.violation(MirrorViolation::RequestBeforeReply(
                         MessageType::RewindRequest,
                     ));
+                }
+                if let Err(violation) = check_rewind_request(&request.keys, *keys_left) {
+                    return self.violation(violation);
                 }
                 if request.keys.is_empty() {
                     self.state = SourceState::Streaming { next: *next };
@@ -733,13 +792,16 @@ impl SourceSession {
                 }
             }
             (SourceState::Streaming { .. }, Message::FenceRequest(request)) => {
+                // Checked before any work: who asks, then for what.
+                if !self.config.peer_may_succeed {
+                    return self.finish(Err(SourceEnd::FenceDenied(FenceDenied::NotASuccessor)));
+                }
                 let next = self.epoch.next().unwrap_or(Epoch::LIMIT);
                 let epoch = request.epoch.unwrap_or(next);
-                if epoch <= self.epoch || epoch > Epoch::LIMIT {
-                    return self.violation(MirrorViolation::FenceByEarlierEpoch {
-                        asked: epoch,
-                        own: self.epoch,
-                    });
+                if Some(epoch) != self.epoch.next() {
+                    return self.finish(Err(SourceEnd::FenceDenied(
+                        FenceDenied::NotTheNextEpoch { asked: epoch, next },
+                    )));
                 }
                 self.actions.push_back(SourceAction::Fence {
                     epoch,
@@ -796,8 +858,10 @@ impl SourceSession {
             }
             Decision::Rewind { to_lsn, .. } => {
                 self.sent_up_to = to_lsn;
+                let entries_beyond = self.hello_applied.0.saturating_sub(to_lsn.0);
                 self.state = SourceState::Rewinding {
                     next: to_lsn.next(),
+                    keys_left: entries_beyond.saturating_mul(self.config.max_writes_per_entry),
                 };
             }
             Decision::Snapshot {
@@ -958,6 +1022,8 @@ mod tests {
             max_unacked_bytes: 100,
             heartbeat_interval: Duration::from_secs(1),
             compression: Compression::Zstd,
+            peer_may_succeed: true,
+            max_writes_per_entry: 10,
         }
     }
 
@@ -1043,7 +1109,11 @@ mod tests {
 
     /// A session whose hello was accepted with `decision`, and what that produced.
     fn accepted(decision: Decision) -> (SourceSession, Drained) {
-        let mut session = SourceSession::new(config(), committed(COMMITTED));
+        accepted_with(config(), decision)
+    }
+
+    fn accepted_with(config: SourceSessionConfig, decision: Decision) -> (SourceSession, Drained) {
+        let mut session = SourceSession::new(config, committed(COMMITTED));
         session.handle(SourceEvent::Received(hello().into()));
         drain(&mut session);
         session.handle(SourceEvent::Admitted {
@@ -1099,7 +1169,13 @@ mod tests {
             to_lsn: Lsn(3),
             chain_hash: ChainHash([3; 32]),
         });
-        assert_eq!(session.state(), &SourceState::Rewinding { next: Lsn(4) });
+        assert_eq!(
+            session.state(),
+            &SourceState::Rewinding {
+                next: Lsn(4),
+                keys_left: 10
+            }
+        );
         session.handle(SourceEvent::Received(rewind_request(&["a", "b"])));
         let reading = drain(&mut session);
         assert_eq!(
@@ -1133,6 +1209,58 @@ mod tests {
         });
         session.handle(SourceEvent::Received(rewind_request(&["a"])));
         session.handle(SourceEvent::Received(rewind_request(&["b"])));
+        assert_eq!(end_code(&mut session), Some(ErrorCode::ProtocolViolation));
+    }
+
+    /// The mirror claims one entry beyond the fork (hello at 4, fork at 3): at most ten
+    /// writes' keys (the test's batch bound), each non-empty and named once per request.
+    #[test]
+    fn a_rewind_request_is_checked_before_any_value_is_read() {
+        let many: Vec<String> = (0..11).map(|index| format!("k{index}")).collect();
+        let many: Vec<&str> = many.iter().map(String::as_str).collect();
+        let big = "x".repeat(200 << 10);
+        #[rustfmt::skip]
+        let table: &[(&[&str], bool)] = &[
+            (&["a", "b"],                 true),
+            (&many[..10],                 true),
+            (&many,                       false),
+            (&["a", ""],                  false),
+            (&[""],                       false),
+            (&["a", "b", "a"],            false),
+            (&[big.as_str()],             true),
+            (&[big.as_str(), big.as_str()], false),
+        ];
+        for (keys, allowed) in table {
+            let (mut session, _) = accepted(Decision::Rewind {
+                to_lsn: Lsn(3),
+                chain_hash: ChainHash([3; 32]),
+            });
+            session.handle(SourceEvent::Received(rewind_request(keys)));
+            let reads = drain(&mut session)
+                .actions
+                .iter()
+                .any(|action| matches!(action, SourceAction::ReadRewindValues { .. }));
+            assert_eq!(reads, *allowed, "{} keys", keys.len());
+            let code = end_code(&mut session);
+            assert_eq!(code.is_none(), *allowed, "{} keys: {code:?}", keys.len());
+        }
+        // Values sent count against the claim, across requests.
+        let (mut session, _) = accepted(Decision::Rewind {
+            to_lsn: Lsn(3),
+            chain_hash: ChainHash([3; 32]),
+        });
+        session.handle(SourceEvent::Received(rewind_request(&many[..8])));
+        drain(&mut session);
+        session.handle(SourceEvent::RewindValuesRead(RewindValues {
+            lsn: COMMITTED,
+            chain_hash: ChainHash([9; 32]),
+            values: many[..8]
+                .iter()
+                .map(|key| (key.as_bytes().to_vec(), None))
+                .collect(),
+        }));
+        drain(&mut session);
+        session.handle(SourceEvent::Received(rewind_request(&many[8..])));
         assert_eq!(end_code(&mut session), Some(ErrorCode::ProtocolViolation));
     }
 
@@ -1186,16 +1314,53 @@ mod tests {
         };
         session.handle(SourceEvent::Fenced(Err(FenceRefused::Held { holder })));
         assert_eq!(end_code(&mut session), Some(ErrorCode::NotPromotable));
-        // Its own epoch, or an earlier one, is no fence.
-        let (mut session, _) = accepted(Decision::Stream { from_lsn: Lsn(1) });
-        session.handle(SourceEvent::Received(
-            crate::message::FenceRequest {
-                epoch: Some(Epoch::FIRST),
-                epoch_id: None,
+    }
+
+    #[test]
+    fn a_fence_is_taken_only_from_an_allowed_successor_for_the_next_epoch() {
+        #[rustfmt::skip]
+        let table: &[(bool, Option<u64>, Option<FenceDenied>)] = &[
+            // may succeed, asked epoch, denied
+            (true,  Some(2),        None),
+            (true,  None,           None),
+            (false, Some(2),        Some(FenceDenied::NotASuccessor)),
+            (false, Some(u64::MAX), Some(FenceDenied::NotASuccessor)),
+            (true,  Some(1),        Some(FenceDenied::NotTheNextEpoch { asked: Epoch(1), next: Epoch(2) })),
+            (true,  Some(0),        Some(FenceDenied::NotTheNextEpoch { asked: Epoch(0), next: Epoch(2) })),
+            (true,  Some(3),        Some(FenceDenied::NotTheNextEpoch { asked: Epoch(3), next: Epoch(2) })),
+            (true,  Some(u64::MAX), Some(FenceDenied::NotTheNextEpoch { asked: Epoch(u64::MAX), next: Epoch(2) })),
+        ];
+        for (may_succeed, asked, denied) in table {
+            let (mut session, _) = accepted_with(
+                SourceSessionConfig {
+                    peer_may_succeed: *may_succeed,
+                    ..config()
+                },
+                Decision::Stream { from_lsn: Lsn(1) },
+            );
+            session.handle(SourceEvent::Received(
+                crate::message::FenceRequest {
+                    epoch: asked.map(Epoch),
+                    epoch_id: Some(EpochId(7)),
+                }
+                .into(),
+            ));
+            let actions = drain(&mut session).actions;
+            let fenced = actions
+                .iter()
+                .any(|action| matches!(action, SourceAction::Fence { .. }));
+            assert_eq!(
+                fenced,
+                denied.is_none(),
+                "{may_succeed} {asked:?}: {actions:?}"
+            );
+            match session.take_end() {
+                Some(Err(SourceEnd::FenceDenied(got))) => {
+                    assert_eq!(Some(got), denied.clone(), "{may_succeed} {asked:?}");
+                }
+                other => assert!(denied.is_none(), "{may_succeed} {asked:?}: {other:?}"),
             }
-            .into(),
-        ));
-        assert_eq!(end_code(&mut session), Some(ErrorCode::ProtocolViolation));
+        }
     }
 
     #[test]

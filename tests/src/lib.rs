@@ -61,8 +61,22 @@ fn built(path: &Path, cargo_build_args: &[&str]) -> PathBuf {
     target
 }
 
-/// A UDP port on 127.0.0.1 that was free a moment ago.
+/// A UDP port on 127.0.0.1 that was free a moment ago, below the kernel's ephemeral range:
+/// a node restarted on it must not find it taken by some client's socket meanwhile (every
+/// client endpoint binds an ephemeral port, and a node's port inside that range is one of
+/// them as soon as the node is down).
 pub fn free_port() -> SocketAddr {
+    let ephemeral_start = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32_768);
+    let low = 10_000.min(ephemeral_start / 2);
+    for _ in 0..1_000 {
+        let port = rand::random_range(low..ephemeral_start);
+        if let Ok(socket) = UdpSocket::bind(("127.0.0.1", port)) {
+            return socket.local_addr().expect("local address");
+        }
+    }
     let socket = UdpSocket::bind("127.0.0.1:0").expect("bind a UDP port");
     socket.local_addr().expect("local address")
 }

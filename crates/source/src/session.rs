@@ -431,8 +431,9 @@ where
                     }),
                     None => FenceAsk::LaterEpoch(epoch),
                 };
-                let fenced = match blocking(move || shared.fence(&ask, "a promoting mirror")).await
-                {
+                // The log line names who fenced the source.
+                let learned_from = format!("the promotion of {}", self.peer);
+                let fenced = match blocking(move || shared.fence(&ask, &learned_from)).await {
                     Ok((fence, last_lsn)) => Ok(FenceReply {
                         fenced_by: fence.epoch,
                         epoch_id: fence.successor.map(|successor| successor.epoch_id),
@@ -621,7 +622,10 @@ fn admit(
         );
     }
     if matches!(&decision, Err(refusal) if refusal.code == ErrorCode::Fenced) {
-        shared.fence(&FenceAsk::LaterEpoch(hello.epoch), "a mirror's hello")?;
+        shared.fence(
+            &FenceAsk::LaterEpoch(hello.epoch),
+            &format!("the hello of {peer}"),
+        )?;
     }
     let ticket = match &decision {
         Ok(Decision::Diverged { .. }) | Err(_) => None,

@@ -286,7 +286,12 @@ fn choose(hello: &Hello, view: &SourceView) -> Decision {
         if let Some(next) = successor_of(view.history, hello.epoch) {
             let fork = next.fork_lsn();
             if applied > fork {
-                if fork.next() < view.wal_first_lsn {
+                // A rewind is offered only on a history the source can check: the node's
+                // epoch must be one this source held (a node of an epoch promoted
+                // elsewhere, past a fence, forked where this source cannot tell).
+                let held = hello.epoch == Epoch::FIRST
+                    || view.history.iter().any(|start| start.epoch == hello.epoch);
+                if !held || fork.next() < view.wal_first_lsn {
                     return diverged(Divergence::DivergedHistory);
                 }
                 return Decision::Rewind {
@@ -507,6 +512,67 @@ mod tests {
                 "{label}"
             );
         }
+    }
+
+    /// A source promoted from epoch 1 straight to 3 (it knew of a 2, promoted elsewhere):
+    /// a node of epoch 2 beyond the fork is no history it can check, and gets no rewind.
+    #[test]
+    fn a_rewind_is_offered_only_on_an_epoch_the_source_held() {
+        let cluster = name("east");
+        let databases = [name("main")];
+        let history = [
+            EpochStart::FIRST,
+            EpochStart {
+                epoch: Epoch(3),
+                id: EpochId(3),
+                first_lsn: Lsn(301),
+                chain_hash_before: ChainHash([3; 32]),
+            },
+        ];
+        let view = SourceView {
+            cluster_id: &cluster,
+            versions: SUPPORTED_VERSIONS,
+            databases: &databases,
+            database_id: DATABASE,
+            epoch: Epoch(3),
+            history: &history,
+            last_lsn: Lsn(500),
+            wal_first_lsn: Lsn(1),
+            chain_hash_at_mirror_lsn: Some(MIRROR_HASH),
+            slot_acked_lsn: None,
+            resumable: None,
+            chain_hash_at_resume_base: None,
+            chain_hash_at_resume_scanned: None,
+            fresh_snapshot: FRESH,
+            peer_may_succeed: true,
+        };
+        let at = |epoch: u64, applied: u64| Hello {
+            epoch: Epoch(epoch),
+            epoch_id: if epoch == 1 {
+                EpochId::FIRST
+            } else {
+                EpochId(epoch)
+            },
+            ..hello(applied)
+        };
+        assert_eq!(
+            decide(&at(2, 350), &observer(), &view),
+            Ok(Decision::Diverged {
+                reason: Divergence::DivergedHistory
+            })
+        );
+        assert_eq!(
+            decide(&at(1, 350), &observer(), &view),
+            Ok(Decision::Rewind {
+                to_lsn: Lsn(300),
+                chain_hash: ChainHash([3; 32])
+            })
+        );
+        // Short of the fork, its history is this one's: it streams.
+        assert_eq!(
+            decide(&at(2, 250), &observer(), &view),
+            Ok(Decision::Stream { from_lsn: Lsn(251) })
+        );
     }
 
     #[test]

@@ -278,6 +278,8 @@ impl SourceConfig {
         SourceSessionConfig {
             peer_may_succeed: self.may_succeed(peer),
             max_writes_per_entry: self.max_batch_writes as u64,
+            batch_max_entries: self.batch_max_entries,
+            batch_max_bytes: self.batch_max_bytes,
             cluster_id: self.cluster_id.clone(),
             versions: self.versions,
             handshake_timeout: self.handshake_timeout,

@@ -384,15 +384,24 @@ where
                     }))
                 }));
             }
-            SourceAction::ReadBatch { from, up_to } => {
+            SourceAction::ReadBatch {
+                from,
+                up_to,
+                max_entries,
+                max_bytes,
+            } => {
                 if let Some(recent) = shared
                     .writer
                     .recent_batch(from)
                     .filter(|recent| recent.last_lsn <= up_to)
                 {
-                    self.machine.handle(SourceEvent::BatchRead(recent));
+                    self.machine.handle(SourceEvent::BatchRead {
+                        batch: Some(recent),
+                        first_retained: from,
+                    });
                 } else {
-                    self.work.push(Box::pin(read_batch(shared, from, up_to)));
+                    self.work
+                        .push(Box::pin(read_batch(shared, from, max_entries, max_bytes)));
                 }
             }
             SourceAction::AdvanceSlot(durable) => {
@@ -493,40 +502,34 @@ where
 async fn read_batch(
     shared: Arc<SourceShared>,
     from: Lsn,
-    up_to: Lsn,
+    max_entries: usize,
+    max_bytes: usize,
 ) -> Result<Option<SourceEvent>, SessionError> {
-    let config = &shared.config;
-    // Only durable entries leave: the store may already hold the next group, which a crash
-    // before its flush would lose, and a mirror must never be ahead of the source's
-    // durable history.
-    let durable_entries = usize::try_from(up_to.0 + 1 - from.0).unwrap_or(usize::MAX);
-    let max_entries = config.batch_max_entries.min(durable_entries);
-    let max_bytes = config.batch_max_bytes;
     let store = shared.store.clone();
-    let span = match blocking(move || store.read_wal(from, max_entries, max_bytes)).await {
-        Ok(Some(span)) => span,
+    let read = blocking(move || {
+        let span = store.read_wal(from, max_entries, max_bytes)?;
+        Ok((span, store.wal_bounds().first))
+    });
+    Ok(Some(match read.await {
+        Ok((span, first_retained)) => SourceEvent::BatchRead {
+            batch: span.map(|span| {
+                Arc::new(SharedBatch::new(WalBatch {
+                    first_lsn: span.first_lsn,
+                    chain_hash: span.chain_hash,
+                    commit_time: span.commit_time,
+                    entries: span.entries,
+                }))
+            }),
+            first_retained,
+        },
         // Retention passed the slot between the machine asking and the read.
         Err(SessionError::Store(StoreError::WalTruncated { first, .. })) => {
-            return Ok(Some(SourceEvent::WalTruncated {
+            SourceEvent::WalTruncated {
                 first_retained: first,
-            }))
-        }
-        // Nothing durable beyond `from` cannot be, since `up_to` is: read as truncated too.
-        Ok(None) => {
-            return Ok(Some(SourceEvent::WalTruncated {
-                first_retained: shared.store.wal_bounds().first,
-            }))
+            }
         }
         Err(error) => return Err(error),
-    };
-    Ok(Some(SourceEvent::BatchRead(Arc::new(SharedBatch::new(
-        WalBatch {
-            first_lsn: span.first_lsn,
-            chain_hash: span.chain_hash,
-            commit_time: span.commit_time,
-            entries: span.entries,
-        },
-    )))))
+    }))
 }
 
 /// Whose slot a session uses: the verified certificate's cluster and name, never what the

@@ -62,6 +62,10 @@ pub struct SourceSessionConfig {
     /// Most writes one WAL entry holds (a batch): with the entries a rewinding mirror
     /// claims beyond the fork, what bounds the keys it may ask values of.
     pub max_writes_per_entry: u64,
+    /// Most entries per WAL batch sent.
+    pub batch_max_entries: usize,
+    /// Most payload bytes per WAL batch sent (one entry may exceed it).
+    pub batch_max_bytes: usize,
 }
 
 /// Where the source stands when it answers a hello.
@@ -139,8 +143,14 @@ pub enum SourceEvent {
         /// The chain hash at `end_lsn`.
         end_chain_hash: ChainHash,
     },
-    /// The result of [`SourceAction::ReadBatch`].
-    BatchRead(Arc<SharedBatch>),
+    /// The result of [`SourceAction::ReadBatch`]: the batch from `from`, or none when the
+    /// WAL holds nothing there (it starts at `first_retained`).
+    BatchRead {
+        /// The batch read.
+        batch: Option<Arc<SharedBatch>>,
+        /// The oldest LSN in the WAL when it was read.
+        first_retained: Lsn,
+    },
     /// The result of [`SourceAction::ReadRewindValues`].
     RewindValuesRead(RewindValues),
     /// The result of [`SourceAction::Fence`]: the source is fenced for this mirror's
@@ -185,13 +195,19 @@ pub enum SourceAction {
     /// Read the last durable LSN now that the scan is complete; report
     /// [`SourceEvent::EndLsnRead`].
     ReadEndLsn,
-    /// Fetch the WAL batch starting at `from` and ending no later than `up_to` (durable);
-    /// report [`SourceEvent::BatchRead`] or [`SourceEvent::WalTruncated`].
+    /// Fetch the WAL batch starting at `from`: at most `max_entries` entries (which end no
+    /// later than `up_to`, the last durable LSN) and about `max_bytes`; report
+    /// [`SourceEvent::BatchRead`] or [`SourceEvent::WalTruncated`]. A batch already in
+    /// memory that starts at `from` and ends by `up_to` does as well.
     ReadBatch {
         /// The first LSN wanted.
         from: Lsn,
         /// The last durable LSN: the batch may not go beyond it.
         up_to: Lsn,
+        /// Most entries: no more than the durable ones from `from`.
+        max_entries: usize,
+        /// Most payload bytes (one entry may exceed it).
+        max_bytes: usize,
     },
     /// Read the current values of the first of `keys`, as many as fit in a data frame
     /// (at least one), from one state; report [`SourceEvent::RewindValuesRead`].
@@ -589,7 +605,14 @@ impl SourceSession {
                 end_lsn,
                 end_chain_hash,
             } => self.on_end_lsn(end_lsn, end_chain_hash),
-            SourceEvent::BatchRead(batch) => self.on_batch(batch),
+            SourceEvent::BatchRead {
+                batch,
+                first_retained,
+            } => match batch {
+                Some(batch) => self.on_batch(batch),
+                // Nothing at a durable LSN: retention took it between the ask and the read.
+                None => self.on_wal_truncated(first_retained),
+            },
             SourceEvent::RewindValuesRead(values) => {
                 self.reading = false;
                 if let SourceState::Rewinding { keys_left, .. } = &mut self.state {
@@ -601,17 +624,7 @@ impl SourceSession {
                 self.transmit.push_back(Outgoing::Message(reply.into()));
             }
             SourceEvent::Fenced(Err(refused)) => self.finish(Err(SourceEnd::FenceRefused(refused))),
-            SourceEvent::WalTruncated { first_retained } => {
-                self.reading = false;
-                let requested = match self.state {
-                    SourceState::Streaming { next } => next,
-                    _ => self.sent_up_to.next(),
-                };
-                self.finish(Err(SourceEnd::SlotInvalidated {
-                    requested,
-                    first_retained,
-                }));
-            }
+            SourceEvent::WalTruncated { first_retained } => self.on_wal_truncated(first_retained),
             SourceEvent::Committed(committed) => {
                 if committed.last_lsn >= self.committed.last_lsn {
                     self.committed = committed;
@@ -705,9 +718,17 @@ impl SourceSession {
                 {
                     return None;
                 }
+                // Only durable entries leave: the store may already hold the next group,
+                // which a crash before its flush would lose, and a mirror must never be
+                // ahead of the source's durable history.
+                let durable = self.committed.last_lsn.0 + 1 - next.0;
                 SourceAction::ReadBatch {
                     from: *next,
                     up_to: self.committed.last_lsn,
+                    max_entries: usize::try_from(durable)
+                        .unwrap_or(usize::MAX)
+                        .min(self.config.batch_max_entries.max(1)),
+                    max_bytes: self.config.batch_max_bytes,
                 }
             }
             _ => return None,
@@ -937,11 +958,28 @@ impl SourceSession {
         self.state = SourceState::Streaming { next };
     }
 
+    fn on_wal_truncated(&mut self, first_retained: Lsn) {
+        self.reading = false;
+        let requested = match self.state {
+            SourceState::Streaming { next } => next,
+            _ => self.sent_up_to.next(),
+        };
+        self.finish(Err(SourceEnd::SlotInvalidated {
+            requested,
+            first_retained,
+        }));
+    }
+
     fn on_batch(&mut self, batch: Arc<SharedBatch>) {
         self.reading = false;
         let SourceState::Streaming { next } = &mut self.state else {
             return;
         };
+        // Only the batch asked for, of durable entries: anything else is not sent (the
+        // next poll asks again).
+        if batch.first_lsn != *next || batch.last_lsn > self.committed.last_lsn {
+            return;
+        }
         if batch.min_version > self.version {
             return self.finish(Err(SourceEnd::VersionTooOld {
                 first_lsn: batch.first_lsn,
@@ -1024,6 +1062,8 @@ mod tests {
             compression: Compression::Zstd,
             peer_may_succeed: true,
             max_writes_per_entry: 10,
+            batch_max_entries: 1_000,
+            batch_max_bytes: 1 << 20,
         }
     }
 
@@ -1492,7 +1532,9 @@ mod tests {
             reads(&drained),
             vec![&SourceAction::ReadBatch {
                 from: Lsn(5),
-                up_to: COMMITTED
+                up_to: COMMITTED,
+                max_entries: 6,
+                max_bytes: 1 << 20,
             }]
         );
         assert_eq!(session.sent_up_to(), Lsn(4));
@@ -1526,9 +1568,15 @@ mod tests {
         };
         // Version 1: plain entries go, the batch entry ends the session, unsent.
         let mut old = stream_with(VersionRange { min: 1, max: 1 });
-        old.handle(SourceEvent::BatchRead(batch(5, 2, 10)));
+        old.handle(SourceEvent::BatchRead {
+            batch: Some(batch(5, 2, 10)),
+            first_retained: Lsn(1),
+        });
         assert_eq!(drain(&mut old).frames.len(), 1);
-        old.handle(SourceEvent::BatchRead(batch_entry(7)));
+        old.handle(SourceEvent::BatchRead {
+            batch: Some(batch_entry(7)),
+            first_retained: Lsn(1),
+        });
         assert!(drain(&mut old).frames.is_empty());
         match old.take_end() {
             Some(Err(end @ SourceEnd::VersionTooOld { .. })) => {
@@ -1539,7 +1587,10 @@ mod tests {
         }
         // Version 2 carries it.
         let mut new = stream_with(VersionRange { min: 1, max: 2 });
-        new.handle(SourceEvent::BatchRead(batch_entry(5)));
+        new.handle(SourceEvent::BatchRead {
+            batch: Some(batch_entry(5)),
+            first_retained: Lsn(1),
+        });
         assert_eq!(drain(&mut new).frames.len(), 1);
         assert!(new.take_end().is_none());
     }
@@ -1557,18 +1608,25 @@ mod tests {
             reads(&drain(&mut session)),
             vec![&SourceAction::ReadBatch {
                 from: Lsn(11),
-                up_to: Lsn(12)
+                up_to: Lsn(12),
+                max_entries: 2,
+                max_bytes: 1 << 20,
             }]
         );
         // An older announcement arriving late never lowers the bound.
         session.handle(SourceEvent::Committed(committed(Lsn(11))));
-        session.handle(SourceEvent::BatchRead(batch(11, 2, 10)));
+        session.handle(SourceEvent::BatchRead {
+            batch: Some(batch(11, 2, 10)),
+            first_retained: Lsn(1),
+        });
         session.handle(SourceEvent::Committed(committed(Lsn(13))));
         assert_eq!(
             reads(&drain(&mut session)),
             vec![&SourceAction::ReadBatch {
                 from: Lsn(13),
-                up_to: Lsn(13)
+                up_to: Lsn(13),
+                max_entries: 1,
+                max_bytes: 1 << 20,
             }]
         );
     }
@@ -1577,18 +1635,26 @@ mod tests {
     fn unacknowledged_wal_is_bounded_in_bytes() {
         let (mut session, _) = accepted(Decision::Stream { from_lsn: Lsn(1) });
         // 60 bytes sent: under the 100-byte bound, so the next read is asked for.
-        session.handle(SourceEvent::BatchRead(batch(1, 3, 20)));
+        session.handle(SourceEvent::BatchRead {
+            batch: Some(batch(1, 3, 20)),
+            first_retained: Lsn(1),
+        });
         let first = drain(&mut session);
         assert!(matches!(&first.frames[..], [Message::WalBatch(_)]));
         assert_eq!(
             reads(&first),
             vec![&SourceAction::ReadBatch {
                 from: Lsn(4),
-                up_to: COMMITTED
+                up_to: COMMITTED,
+                max_entries: 7,
+                max_bytes: 1 << 20,
             }]
         );
         // 120 bytes: over the bound, nothing more until an ack.
-        session.handle(SourceEvent::BatchRead(batch(4, 3, 20)));
+        session.handle(SourceEvent::BatchRead {
+            batch: Some(batch(4, 3, 20)),
+            first_retained: Lsn(1),
+        });
         let second = drain(&mut session);
         assert!(reads(&second).is_empty());
         assert_eq!(session.unacked_bytes(), 120);
@@ -1602,7 +1668,9 @@ mod tests {
             reads(&after_ack),
             vec![&SourceAction::ReadBatch {
                 from: Lsn(7),
-                up_to: COMMITTED
+                up_to: COMMITTED,
+                max_entries: 4,
+                max_bytes: 1 << 20,
             }]
         );
     }
@@ -1613,7 +1681,10 @@ mod tests {
         assert_eq!(reads(&drained).len(), 1);
         // The read is still out: asking again gives nothing.
         assert!(session.poll_action().is_none());
-        session.handle(SourceEvent::BatchRead(batch(1, 1, 10)));
+        session.handle(SourceEvent::BatchRead {
+            batch: Some(batch(1, 1, 10)),
+            first_retained: Lsn(1),
+        });
         // The batch waits for the stream: no read before it is taken.
         assert!(session.poll_action().is_none());
         assert!(session.poll_transmit().is_some());
@@ -1719,7 +1790,9 @@ mod tests {
             reads(&done),
             vec![&SourceAction::ReadBatch {
                 from: Lsn(9),
-                up_to: COMMITTED
+                up_to: COMMITTED,
+                max_entries: 2,
+                max_bytes: 1 << 20,
             }]
         );
         // Late chunk acks of this session's snapshot are still welcome.
@@ -1750,12 +1823,74 @@ mod tests {
         );
     }
 
+    /// The WAL read rules are the machine's: a read asks no more than the durable entries
+    /// (and the batch bound), a batch that is not the one asked (another start, entries
+    /// beyond the durable LSN) is not sent, and nothing at a durable LSN means retention
+    /// passed the slot.
+    #[test]
+    fn wal_reads_ask_only_durable_entries_and_send_only_what_was_asked() {
+        let read_of = |drained: Drained| {
+            drained.actions.into_iter().find_map(|action| match action {
+                SourceAction::ReadBatch {
+                    from, max_entries, ..
+                } => Some((from, max_entries)),
+                _ => None,
+            })
+        };
+        // Durable up to 10 from 3: eight entries, over the bound of three.
+        let (mut session, admitted) = accepted_with(
+            SourceSessionConfig {
+                batch_max_entries: 3,
+                ..config()
+            },
+            Decision::Stream { from_lsn: Lsn(3) },
+        );
+        assert_eq!(read_of(admitted), Some((Lsn(3), 3)));
+        // A batch from elsewhere, or beyond the durable LSN, is dropped and asked again.
+        session.handle(SourceEvent::BatchRead {
+            batch: Some(batch(4, 2, 10)),
+            first_retained: Lsn(1),
+        });
+        session.handle(SourceEvent::BatchRead {
+            batch: Some(batch(3, 9, 10)),
+            first_retained: Lsn(1),
+        });
+        let asked_again = drain(&mut session);
+        assert!(asked_again.frames.is_empty(), "{:?}", asked_again.frames);
+        assert_eq!(read_of(asked_again), Some((Lsn(3), 3)));
+        // The batch asked is sent; the next read asks from after it, up to the durable end.
+        session.handle(SourceEvent::BatchRead {
+            batch: Some(batch(3, 3, 10)),
+            first_retained: Lsn(1),
+        });
+        let sent = drain(&mut session);
+        assert_eq!(sent.frames.len(), 1);
+        let (mut session, admitted) = accepted(Decision::Stream { from_lsn: Lsn(9) });
+        assert_eq!(read_of(admitted), Some((Lsn(9), 2)));
+        // Nothing at a durable LSN: the slot was passed.
+        session.handle(SourceEvent::BatchRead {
+            batch: None,
+            first_retained: Lsn(40),
+        });
+        match session.take_end() {
+            Some(Err(SourceEnd::SlotInvalidated {
+                requested,
+                first_retained,
+            })) => assert_eq!((requested, first_retained), (Lsn(9), Lsn(40))),
+            other => panic!("expected SLOT_INVALIDATED, got {other:?}"),
+        }
+    }
+
     #[test]
     fn heartbeats_go_out_every_interval_ahead_of_queued_frames() {
         let (mut session, _) = accepted(Decision::Stream { from_lsn: Lsn(11) });
         // Frames queued (a saturated link): the heartbeat still goes out next.
-        session.handle(SourceEvent::BatchRead(Arc::new(SharedBatch::new(
-            WalBatch {
+        session.handle(SourceEvent::Committed(Committed {
+            last_lsn: Lsn(11),
+            commit_time: UnixMillis(1),
+        }));
+        session.handle(SourceEvent::BatchRead {
+            batch: Some(Arc::new(SharedBatch::new(WalBatch {
                 first_lsn: Lsn(11),
                 entries: vec![Entry::Put {
                     key: b"k".to_vec(),
@@ -1763,8 +1898,9 @@ mod tests {
                 }],
                 chain_hash: ChainHash::GENESIS,
                 commit_time: UnixMillis(1),
-            },
-        ))));
+            }))),
+            first_retained: Lsn(1),
+        });
         session.handle(SourceEvent::Timer(SourceTimer::Heartbeat));
         session.handle(SourceEvent::Timer(SourceTimer::Heartbeat));
         let frames = drain(&mut session).frames;
@@ -1865,7 +2001,10 @@ mod tests {
     #[test]
     fn a_stream_ack_beyond_a_sent_batch_names_both_lsns() {
         let (mut session, _) = accepted(Decision::Stream { from_lsn: Lsn(1) });
-        session.handle(SourceEvent::BatchRead(batch(1, 3, 10)));
+        session.handle(SourceEvent::BatchRead {
+            batch: Some(batch(1, 3, 10)),
+            first_retained: Lsn(1),
+        });
         drain(&mut session);
         session.handle(SourceEvent::Received(ack(3)));
         assert!(drain(&mut session)
@@ -1910,7 +2049,10 @@ mod tests {
         ];
         for (event, code) in cases {
             let (mut session, _) = accepted(Decision::Stream { from_lsn: Lsn(5) });
-            session.handle(SourceEvent::BatchRead(batch(5, 1, 10)));
+            session.handle(SourceEvent::BatchRead {
+                batch: Some(batch(5, 1, 10)),
+                first_retained: Lsn(1),
+            });
             let label = format!("{event:?}");
             session.handle(event);
             let after = drain(&mut session);

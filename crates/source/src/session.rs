@@ -22,7 +22,8 @@ use xmirror_net::{sleep_until, FrameSender, FramedReader};
 use xmirror_proto::history::{FenceAsk, Successor};
 use xmirror_proto::message::{FenceReply, Hello, RewindValues, WalBatch};
 use xmirror_proto::session::source::{
-    Committed, SourceAction, SourceEnd, SourceEvent, SourceSession, SourceStanding, SourceTimer,
+    Committed, SlotClaim, SourceAction, SourceEnd, SourceEvent, SourceSession, SourceStanding,
+    SourceTimer,
 };
 use xmirror_proto::session::{Outgoing, SharedBatch};
 use xmirror_proto::{
@@ -330,6 +331,7 @@ where
                     self.admitted(Admission {
                         hello,
                         decision: Err(Reject::new(ErrorCode::Busy, why)),
+                        slot: SlotClaim::NotClaimed,
                         ticket: None,
                         source: standing(&shared),
                     });
@@ -440,8 +442,11 @@ where
                     }),
                     None => FenceAsk::LaterEpoch(epoch),
                 };
-                // The log line names who fenced the source.
-                let learned_from = format!("the promotion of {}", self.peer);
+                // The log line names who fenced the source, and how.
+                let learned_from = match epoch_id {
+                    Some(_) => format!("the promotion of {}", self.peer),
+                    None => format!("the hello of {}", self.peer),
+                };
                 let fenced = match blocking(move || shared.fence(&ask, &learned_from)).await {
                     Ok((fence, last_lsn)) => Ok(FenceReply {
                         fenced_by: fence.epoch,
@@ -463,11 +468,13 @@ where
         let Admission {
             hello,
             decision,
+            slot,
             ticket,
             source,
         } = admission;
         // A refusal is counted and logged with every other one when the session ends.
-        if let Ok(decision) = &decision {
+        let slot_refused = matches!(slot, SlotClaim::InUse(_) | SlotClaim::Full(_));
+        if let (Ok(decision), false) = (&decision, slot_refused) {
             crate::telemetry::handshake(None);
             match decision {
                 Decision::Snapshot { .. } => crate::telemetry::snapshot_sent(&self.peer, "fresh"),
@@ -492,8 +499,11 @@ where
             );
         }
         self.ticket = ticket.map(|ticket| (mirror_identity(&self.peer), ticket));
-        self.machine
-            .handle(SourceEvent::Admitted { decision, source });
+        self.machine.handle(SourceEvent::Admitted {
+            decision,
+            source,
+            slot,
+        });
     }
 }
 
@@ -545,6 +555,8 @@ fn mirror_identity(peer: &PeerIdentity) -> MirrorIdentity {
 struct Admission {
     hello: Box<Hello>,
     decision: Result<Decision, Reject>,
+    /// What became of the slot.
+    slot: SlotClaim,
     /// The slot, pinned for the session, when the hello was accepted (a diverged mirror
     /// gets none: its slot is not moved).
     ticket: Option<SessionTicket>,
@@ -611,7 +623,7 @@ fn admit(
         fresh_snapshot,
         peer_may_succeed: shared.config.may_succeed(peer),
     };
-    let mut decision = decide(&hello, peer, &view);
+    let decision = decide(&hello, peer, &view);
     if hello.database_id == Some(view.database_id)
         && hello.epoch > view.epoch
         && !matches!(&decision, Err(refusal) if refusal.code == ErrorCode::Fenced)
@@ -624,14 +636,10 @@ fn admit(
             "a mirror claims a later epoch of this database, and is no successor of it (or skips an epoch): no fence, a history of its own"
         );
     }
-    if matches!(&decision, Err(refusal) if refusal.code == ErrorCode::Fenced) {
-        shared.fence(
-            &FenceAsk::LaterEpoch(hello.epoch),
-            &format!("the hello of {peer}"),
-        )?;
-    }
-    let ticket = match &decision {
-        Ok(Decision::Diverged { .. }) | Err(_) => None,
+    // The slot is pinned here, under the admission lock, for a decision that sends; what
+    // a slot that cannot be had means is the machine's.
+    let (ticket, slot) = match &decision {
+        Ok(Decision::Diverged { .. }) | Err(_) => (None, SlotClaim::NotClaimed),
         Ok(accepted) => {
             let now = std::time::Instant::now();
             match shared.slots.begin_session(
@@ -640,15 +648,13 @@ fn admit(
                 now,
                 &shared.config.slot_caps(),
             ) {
-                Ok(ticket) => Some(ticket),
+                Ok(ticket) => (Some(ticket), SlotClaim::Pinned),
                 Err(in_use @ BeginError::InUse { .. }) => {
-                    decision = Err(Reject::new(ErrorCode::InUse, in_use.to_string()));
-                    None
+                    (None, SlotClaim::InUse(in_use.to_string()))
                 }
                 Err(full @ BeginError::Full { .. }) => {
                     tracing::warn!(%peer, reason = %full, "mirror refused: no slot");
-                    decision = Err(Reject::new(ErrorCode::Busy, full.to_string()));
-                    None
+                    (None, SlotClaim::Full(full.to_string()))
                 }
                 Err(BeginError::Store(error)) => return Err(error),
             }
@@ -657,6 +663,7 @@ fn admit(
     Ok(Admission {
         hello,
         decision,
+        slot,
         ticket,
         // Every entry the store shows is durable: only the writer's commits add data.
         source: SourceStanding {

@@ -68,6 +68,19 @@ pub struct SourceSessionConfig {
     pub batch_max_bytes: usize,
 }
 
+/// What became of a mirror's slot when its hello was decided.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SlotClaim {
+    /// Pinned for this session (the decision sends something).
+    Pinned,
+    /// None wanted: the hello was refused, or the mirror diverged (it is sent nothing).
+    NotClaimed,
+    /// Another session of the identity is live (why, for the operator).
+    InUse(String),
+    /// No slot may be made: a cap is reached (which, with its figures).
+    Full(String),
+}
+
 /// Where the source stands when it answers a hello.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SourceStanding {
@@ -117,6 +130,8 @@ pub enum SourceEvent {
         decision: Result<Decision, Reject>,
         /// The source's database, epoch and last durable LSN, told to the mirror in the ack.
         source: SourceStanding,
+        /// What became of the mirror's slot (pinned only for a decision that sends).
+        slot: SlotClaim,
     },
     /// The result of [`SourceAction::Scan`].
     Scanned {
@@ -238,6 +253,9 @@ pub enum SourceAction {
 pub enum SourceState {
     /// Waiting for the mirror's hello.
     AwaitingHello,
+    /// An allowed successor's hello named the next epoch: the source fences itself, then
+    /// refuses it with this.
+    FencingForHello(Reject),
     /// The driver is validating the hello and deciding.
     Admitting,
     /// Sending a snapshot's key scan.
@@ -468,6 +486,8 @@ pub struct SourceSession {
     hello_versions: Option<VersionRange>,
     /// The LSN the hello claims applied: a rewind's bound.
     hello_applied: Lsn,
+    /// The epoch the hello names: what a successor's hello fences the source by.
+    hello_epoch: Epoch,
     /// The compressions the hello offered, to choose one in the ack.
     hello_compression: Vec<Compression>,
     /// The version negotiated in the ack: what the session may send.
@@ -526,6 +546,7 @@ impl SourceSession {
             transfer: None,
             hello_versions: None,
             hello_applied: Lsn::ZERO,
+            hello_epoch: Epoch::FIRST,
             hello_compression: Vec::new(),
             version: 0,
             epoch: Epoch::FIRST,
@@ -583,7 +604,11 @@ impl SourceSession {
                 _ => self.finish(Err(SourceEnd::Malformed(error))),
             },
             SourceEvent::MirrorFinished => self.finish(Ok(())),
-            SourceEvent::Admitted { decision, source } => self.on_admitted(decision, source),
+            SourceEvent::Admitted {
+                decision,
+                source,
+                slot,
+            } => self.on_admitted(decision, source, slot),
             SourceEvent::Scanned {
                 pairs,
                 more,
@@ -618,6 +643,15 @@ impl SourceSession {
                 if let SourceState::Rewinding { keys_left, .. } = &mut self.state {
                     *keys_left = keys_left.saturating_sub(values.values.len() as u64);
                     self.transmit.push_back(Outgoing::Message(values.into()));
+                }
+            }
+            // Fenced (or already fenced for a promotion) after an allowed successor's hello:
+            // the hello is answered `FENCED` either way.
+            SourceEvent::Fenced(_) if matches!(self.state, SourceState::FencingForHello(_)) => {
+                if let SourceState::FencingForHello(reject) =
+                    std::mem::replace(&mut self.state, SourceState::Admitting)
+                {
+                    self.refuse(HelloRefusal::Decided(reject));
                 }
             }
             SourceEvent::Fenced(Ok(reply)) => {
@@ -786,13 +820,14 @@ impl SourceSession {
                 self.state = SourceState::Admitting;
                 self.hello_versions = Some(hello.versions);
                 self.hello_applied = hello.applied_lsn;
+                self.hello_epoch = hello.epoch;
                 self.hello_compression = hello.compression.clone();
                 self.actions.push_back(SourceAction::Admit(Box::new(hello)));
             }
             (SourceState::AwaitingHello, other) => {
                 self.refuse(HelloRefusal::NotAHello(other.message_type()))
             }
-            (SourceState::Admitting, other) => {
+            (SourceState::Admitting | SourceState::FencingForHello(_), other) => {
                 self.violation(MirrorViolation::BeforeTheAck(other.message_type()))
             }
             (SourceState::Rewinding { next, keys_left }, Message::RewindRequest(request)) => {
@@ -835,13 +870,34 @@ impl SourceSession {
         }
     }
 
-    fn on_admitted(&mut self, decision: Result<Decision, Reject>, source: SourceStanding) {
+    fn on_admitted(
+        &mut self,
+        decision: Result<Decision, Reject>,
+        source: SourceStanding,
+        slot: SlotClaim,
+    ) {
         if self.state != SourceState::Admitting {
             return;
         }
-        let decision = match decision {
-            Ok(decision) => decision,
-            Err(reject) => return self.refuse(HelloRefusal::Decided(reject)),
+        let decision = match (decision, slot) {
+            // A node of the next epoch, allowed to succeed this source: the source fences
+            // itself, durably, before it answers.
+            (Err(reject), _) if reject.code == ErrorCode::Fenced => {
+                self.state = SourceState::FencingForHello(reject);
+                self.actions.push_back(SourceAction::Fence {
+                    epoch: self.hello_epoch,
+                    epoch_id: None,
+                });
+                return;
+            }
+            (Err(reject), _) => return self.refuse(HelloRefusal::Decided(reject)),
+            (Ok(_), SlotClaim::InUse(why)) => {
+                return self.refuse(HelloRefusal::Decided(Reject::new(ErrorCode::InUse, why)))
+            }
+            (Ok(_), SlotClaim::Full(why)) => {
+                return self.refuse(HelloRefusal::Decided(Reject::new(ErrorCode::Busy, why)))
+            }
+            (Ok(decision), SlotClaim::Pinned | SlotClaim::NotClaimed) => decision,
         };
         let version = self
             .hello_versions
@@ -1159,6 +1215,7 @@ mod tests {
         session.handle(SourceEvent::Admitted {
             decision: Ok(decision),
             source: source(),
+            slot: SlotClaim::Pinned,
         });
         let drained = drain(&mut session);
         (session, drained)
@@ -1493,6 +1550,7 @@ mod tests {
         session.handle(SourceEvent::Admitted {
             decision: Err(Reject::new(ErrorCode::ClusterIdMismatch, "wrong cluster")),
             source: source(),
+            slot: SlotClaim::Pinned,
         });
         let refused = drain(&mut session);
         assert!(!refused
@@ -1562,6 +1620,7 @@ mod tests {
             session.handle(SourceEvent::Admitted {
                 decision: Ok(Decision::Stream { from_lsn: Lsn(5) }),
                 source: source(),
+                slot: SlotClaim::Pinned,
             });
             drain(&mut session);
             session
@@ -2017,6 +2076,70 @@ mod tests {
                 assert_eq!((claimed, sent), (Lsn(4), Lsn(3)))
             }
             other => panic!("expected a violation, got {other:?}"),
+        }
+    }
+
+    /// What the admission of a hello comes to, from `decide`'s answer and the slot's fate:
+    /// the ack's decision, a refusal's code, or first a fence of the source (for an
+    /// allowed successor's hello of the next epoch), then `FENCED`.
+    #[test]
+    fn an_admission_becomes_an_ack_a_refusal_or_a_fence_first() {
+        use crate::message::DecisionKind;
+        use crate::types::Divergence;
+        let stream = || Ok(Decision::Stream { from_lsn: Lsn(1) });
+        let refused = |code| Err(Reject::new(code, "why"));
+        type Row = (
+            Result<Decision, Reject>,
+            SlotClaim,
+            Result<DecisionKind, ErrorCode>,
+            bool,
+        );
+        #[rustfmt::skip]
+        let table: Vec<Row> = vec![
+            // decision,                         slot,                               outcome,                     fences first
+            (stream(),                           SlotClaim::Pinned,                  Ok(DecisionKind::Stream),    false),
+            (stream(),                           SlotClaim::InUse("live".into()),    Err(ErrorCode::InUse),       false),
+            (stream(),                           SlotClaim::Full("64 slots".into()), Err(ErrorCode::Busy),        false),
+            (Ok(Decision::Diverged { reason: Divergence::DivergedHistory }), SlotClaim::NotClaimed, Ok(DecisionKind::Diverged), false),
+            (refused(ErrorCode::NotAuthorized),  SlotClaim::NotClaimed,              Err(ErrorCode::NotAuthorized), false),
+            (refused(ErrorCode::Fenced),         SlotClaim::NotClaimed,              Err(ErrorCode::Fenced),      true),
+        ];
+        for (decision, slot, expected, fences) in table {
+            let label = format!("{decision:?} {slot:?}");
+            let mut session = SourceSession::new(config(), committed(COMMITTED));
+            session.handle(SourceEvent::Received(hello().into()));
+            drain(&mut session);
+            session.handle(SourceEvent::Admitted {
+                decision,
+                source: source(),
+                slot,
+            });
+            let mut drained = drain(&mut session);
+            let fence = drained
+                .actions
+                .iter()
+                .any(|action| matches!(action, SourceAction::Fence { epoch_id: None, .. }));
+            assert_eq!(fence, fences, "{label}");
+            if fences {
+                assert!(
+                    drained.frames.is_empty(),
+                    "{label}: answered before the fence"
+                );
+                session.handle(SourceEvent::Fenced(Ok(FenceReply {
+                    fenced_by: Epoch(2),
+                    epoch_id: None,
+                    last_lsn: COMMITTED,
+                })));
+                drained = drain(&mut session);
+            }
+            let got = match drained.frames.first() {
+                Some(Message::HelloAck(HelloAck::Accepted(accepted))) => {
+                    Ok(accepted.decision.kind())
+                }
+                Some(Message::HelloAck(HelloAck::Rejected(rejected))) => Err(rejected.code),
+                other => panic!("{label}: no ack, {other:?}"),
+            };
+            assert_eq!(got, expected, "{label}");
         }
     }
 

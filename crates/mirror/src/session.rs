@@ -482,19 +482,11 @@ fn prepare(store: &dyn Store, preparation: &Preparation) -> Result<(), StoreErro
             },
         )?;
     }
-    // The copy is part of the source's history (the decision says so): keep its record,
-    // and its epoch, the source's.
-    if let (Some(held), Some(last)) = (store.database(), preparation.history.last()) {
-        if held.epoch < last.epoch {
-            // This copy's database went on in a later epoch: were it ever a source's
-            // store again, it must take no write (a failed-over source come back).
-            store.fence(last.epoch)?;
-        }
-        let database = DatabaseIdentity {
-            id: held.id,
-            epoch: last.epoch,
-        };
-        store.adopt_history(database, &preparation.history)?;
+    if let Some(epoch) = preparation.fence {
+        store.fence(epoch)?;
+    }
+    if let Some((id, epoch)) = preparation.adopt_as {
+        store.adopt_history(DatabaseIdentity { id, epoch }, &preparation.history)?;
     }
     store.flush()
 }

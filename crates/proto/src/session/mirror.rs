@@ -279,6 +279,12 @@ pub struct Preparation {
     pub history: Vec<EpochStart>,
     /// The store records a halt that this decision ends: erase the record.
     pub ends_halt: bool,
+    /// Fence the store by this epoch: its database went on in a later epoch, so were it
+    /// ever a source's store again it must take no write (a failed-over source come back).
+    pub fence: Option<Epoch>,
+    /// Record `history` as the store's, with this database and epoch (the source's last):
+    /// the copy is part of the source's history, the decision says so.
+    pub adopt_as: Option<(DatabaseId, Epoch)>,
 }
 
 /// A snapshot's identity and base, as the store marks it.
@@ -568,6 +574,9 @@ pub struct MirrorSession {
     recorded_halt: Option<Divergence>,
     /// The epochs of the history the store holds, with their ids.
     held_history: Vec<EpochStart>,
+    /// The database the store holds and its epoch: what a decision's epoch policy (fence,
+    /// adopt the source's history) is decided from.
+    held_database: Option<(DatabaseId, Epoch)>,
     /// The source's database and epoch, from its ack: what a snapshot marks the store with.
     source_database: Option<(DatabaseId, Epoch)>,
     /// The source's epoch history, from its ack.
@@ -656,6 +665,7 @@ impl MirrorSession {
             held_copy,
             recorded_halt: standing.halted,
             held_history: standing.history.clone(),
+            held_database: standing.database_id.map(|id| (id, standing.epoch)),
             source_database: None,
             source_history: Vec::new(),
             compression: Compression::Off,
@@ -1080,6 +1090,8 @@ impl MirrorSession {
                     begin_snapshot: None,
                     history: self.source_history.clone(),
                     ends_halt: self.recorded_halt.is_some(),
+                    fence: None,
+                    adopt_as: None,
                 }
             }
             Decision::Rewind { to_lsn, chain_hash } => {
@@ -1134,6 +1146,8 @@ impl MirrorSession {
                     )),
                     history: self.source_history.clone(),
                     ends_halt: self.recorded_halt.is_some(),
+                    fence: None,
+                    adopt_as: None,
                 }
             }
             Decision::ResumeSnapshot {
@@ -1172,10 +1186,13 @@ impl MirrorSession {
                         .then(|| self.snapshot_start(*snapshot_id, *base_lsn, *base_chain_hash)),
                     history: self.source_history.clone(),
                     ends_halt: self.recorded_halt.is_some(),
+                    fence: None,
+                    adopt_as: None,
                 }
             }
             Decision::Diverged { .. } => unreachable!("a divergence halts before this"),
         };
+        let preparation = self.with_epoch_policy(preparation);
         if let Decision::Snapshot { base_lsn, .. } | Decision::ResumeSnapshot { base_lsn, .. } =
             &decision
         {
@@ -1191,6 +1208,20 @@ impl MirrorSession {
         self.actions
             .push_back(MirrorAction::EnterDataPhase(self.compression));
         self.actions.push_back(MirrorAction::Prepare(preparation));
+    }
+
+    /// The store takes on the source's history, and its epoch; a store whose database went
+    /// on in a later epoch is fenced by it.
+    fn with_epoch_policy(&self, mut preparation: Preparation) -> Preparation {
+        let held = preparation
+            .begin_snapshot
+            .map(|start| (start.database_id, start.epoch))
+            .or(self.held_database);
+        if let (Some((database_id, held_epoch)), Some(last)) = (held, preparation.history.last()) {
+            preparation.fence = (held_epoch < last.epoch).then_some(last.epoch);
+            preparation.adopt_as = Some((database_id, last.epoch));
+        }
+        preparation
     }
 
     fn snapshot_start(
@@ -1984,6 +2015,64 @@ mod tests {
         assert!(session.take_end().is_none());
     }
 
+    /// The epoch policy is decided with the decision, as data: the store takes on the
+    /// source's history and epoch, and a store whose database went on in a later epoch (a
+    /// failed-over source come back as a mirror) is fenced by it.
+    #[test]
+    fn a_decision_says_whether_the_store_is_fenced_and_whose_history_it_takes() {
+        let second = crate::EpochStart {
+            epoch: Epoch(2),
+            id: crate::EpochId(2),
+            first_lsn: Lsn(5),
+            chain_hash_before: ChainHash([4; 32]),
+        };
+        let in_epoch = |epoch: u64| Standing {
+            epoch: Epoch(epoch),
+            history: if epoch == 1 {
+                vec![crate::EpochStart::FIRST]
+            } else {
+                vec![crate::EpochStart::FIRST, second]
+            },
+            ..standing(7)
+        };
+        #[rustfmt::skip]
+        let cases = [
+            // (label, what the store holds, the decision, fence, adopted as)
+            ("an old source come back", in_epoch(1), Decision::Stream { from_lsn: Lsn(8) }, Some(Epoch(2)), Some((DATABASE, Epoch(2)))),
+            ("a mirror of the same epoch", in_epoch(2), Decision::Stream { from_lsn: Lsn(8) }, None, Some((DATABASE, Epoch(2)))),
+            ("a new mirror's snapshot", standing(0), snapshot(3, 9), None, Some((DATABASE, Epoch(2)))),
+        ];
+        for (label, held, decision, fence, adopt_as) in cases {
+            let mut session = new_session(held);
+            drain(&mut session);
+            received(
+                &mut session,
+                HelloAck::Accepted(Accepted {
+                    history: vec![crate::EpochStart::FIRST, second],
+                    source_cluster: name("east"),
+                    version: 1,
+                    database_id: DATABASE,
+                    epoch: Epoch(2),
+                    source_last_lsn: Lsn(9),
+                    decision,
+                    compression: Compression::Zstd,
+                })
+                .into(),
+            );
+            let prepared =
+                drain(&mut session)
+                    .actions
+                    .into_iter()
+                    .find_map(|action| match action {
+                        MirrorAction::Prepare(preparation) => {
+                            Some((preparation.fence, preparation.adopt_as))
+                        }
+                        _ => None,
+                    });
+            assert_eq!(prepared, Some((fence, adopt_as)), "{label}");
+        }
+    }
+
     #[test]
     fn a_stream_decision_is_prepared_then_streams_or_catches_up() {
         // (source's last LSN, the state once prepared)
@@ -2010,6 +2099,8 @@ mod tests {
                         begin_snapshot: None,
                         history: vec![crate::EpochStart::FIRST],
                         ends_halt: false,
+                        fence: None,
+                        adopt_as: Some((DATABASE, Epoch::FIRST)),
                     })
                 ]
             );

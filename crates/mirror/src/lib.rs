@@ -548,6 +548,7 @@ impl MirrorShared {
             handshake_timeout: self.config.handshake_timeout,
             max_queued_frames: RECEIVE_QUEUE_FRAMES,
             max_group_bytes: MAX_GROUP_BYTES,
+            source_silence_timeout: self.config.source_silence_timeout,
         }
     }
 

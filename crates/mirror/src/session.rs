@@ -10,7 +10,6 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, PoisonError};
-use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::Instant;
@@ -35,9 +34,6 @@ pub enum SessionError {
     /// Reading from or writing to the source's stream failed, or a frame was malformed.
     #[error("the source's stream failed")]
     Stream(#[source] FrameError),
-    /// No byte from the source for this long (it heartbeats every second when idle).
-    #[error("no byte from the source for {0:?}")]
-    SourceSilent(Duration),
     /// The store failed (for example the disk is full). Nothing applied is lost.
     #[error("the mirror's store failed")]
     Store(#[source] StoreError),
@@ -72,7 +68,6 @@ impl SessionError {
         match self {
             SessionError::Ended(end) => end.code(),
             SessionError::Stream(error) => error.code(),
-            SessionError::SourceSilent(_) => ErrorCode::HandshakeTimeout,
             // Entries that do not follow the copy's chain are another history's.
             SessionError::BadData(StoreError::ChainMismatch { .. }) => ErrorCode::DivergedHistory,
             SessionError::BadData(_) => ErrorCode::ProtocolViolation,
@@ -90,7 +85,6 @@ impl SessionError {
             SessionError::Ended(end) => end.is_permanent(),
             SessionError::Store(StoreError::Engine(_)) | SessionError::Rewind(_) => true,
             SessionError::Stream(_)
-            | SessionError::SourceSilent(_)
             | SessionError::Store(_)
             | SessionError::BadData(_)
             | SessionError::StorePanicked(_) => false,
@@ -100,9 +94,9 @@ impl SessionError {
     /// The metric label for why the session ended.
     pub fn metric_label(&self) -> &'static str {
         match self {
+            SessionError::Ended(MirrorEnd::SourceSilent(_)) => "source_silent",
             SessionError::Ended(end) => end.code().name(),
             SessionError::Stream(_) => "connection_lost",
-            SessionError::SourceSilent(_) => "source_silent",
             SessionError::Store(_) => "store",
             SessionError::BadData(_) => "bad_data",
             SessionError::StorePanicked(_) => "store_panicked",
@@ -175,7 +169,7 @@ where
     // last one is durable.
     let mut work: Option<Work> = None;
     let mut handshake_deadline: Option<Instant> = None;
-    let silence = shared.config.source_silence_timeout;
+    let mut silence_check: Option<Instant> = None;
     let mut promotion = shared.promotion.subscribe();
     let outcome = loop {
         // A planned promotion is the machine's to carry out once it streams.
@@ -196,6 +190,12 @@ where
                     }
                     MirrorAction::ArmTimer(MirrorTimer::Handshake, after) => {
                         handshake_deadline = Some(Instant::now() + after);
+                    }
+                    MirrorAction::ArmTimer(MirrorTimer::SilenceCheck, after) => {
+                        silence_check = Some(Instant::now() + after);
+                    }
+                    MirrorAction::MeasureSilence => {
+                        machine.handle(MirrorEvent::SilenceMeasured(activity.idle()));
                     }
                     other => work = Some(start_work(shared, other)),
                 }
@@ -251,15 +251,9 @@ where
                 handshake_deadline = None;
                 machine.handle(MirrorEvent::Timer(MirrorTimer::Handshake));
             }
-            // The source heartbeats every second when idle: no byte for longer means the
-            // path or the source is gone (a restarted source cannot even reset the old
-            // connection), so reconnect rather than wait for the transport's idle timeout.
-            // Bytes, not whole frames, count: a large chunk crawling over a slow link is
-            // progress.
-            () = tokio::time::sleep(silence / 4) => {
-                if activity.idle() > silence {
-                    break Err(SessionError::SourceSilent(silence));
-                }
+            () = sleep_until(silence_check) => {
+                silence_check = None;
+                machine.handle(MirrorEvent::Timer(MirrorTimer::SilenceCheck));
             }
         }
     };
@@ -431,7 +425,9 @@ fn start_work(shared: &MirrorShared, action: MirrorAction) -> Work {
             .await?;
             Ok(MirrorEvent::HaltRecorded)
         }),
-        MirrorAction::EnterDataPhase(_) | MirrorAction::ArmTimer(..) => {
+        MirrorAction::EnterDataPhase(_)
+        | MirrorAction::ArmTimer(..)
+        | MirrorAction::MeasureSilence => {
             unreachable!("handled by the driver's loop")
         }
     }

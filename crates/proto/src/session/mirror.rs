@@ -61,6 +61,11 @@ pub struct MirrorSessionConfig {
     pub max_queued_frames: usize,
     /// Payload bytes applied as one store write (one frame may exceed it).
     pub max_group_bytes: usize,
+    /// No byte from the source for this long ends the session: the source heartbeats every
+    /// second when idle, so a longer silence means the path or the source is gone (a
+    /// restarted source cannot even reset the old connection). Bytes, not whole frames,
+    /// count: a large chunk crawling over a slow link is progress.
+    pub source_silence_timeout: Duration,
 }
 
 /// A snapshot the store was receiving when the session started.
@@ -165,6 +170,9 @@ pub struct SnapshotCounts {
 pub enum MirrorTimer {
     /// The ack's deadline.
     Handshake,
+    /// Time to ask how long the stream has been silent (every quarter of the silence
+    /// timeout): report [`MirrorEvent::SilenceMeasured`].
+    SilenceCheck,
 }
 
 /// What happened, for the session to react to.
@@ -197,6 +205,9 @@ pub enum MirrorEvent {
     },
     /// The timer armed with [`MirrorAction::ArmTimer`] fired.
     Timer(MirrorTimer),
+    /// How long since the last byte from the source, measured when
+    /// [`MirrorTimer::SilenceCheck`] fired.
+    SilenceMeasured(Duration),
     /// [`MirrorAction::PrepareRewind`] is done: the keys the rewound entries touched (the
     /// rewound writes are saved), or why the store cannot rewind to the fork.
     RewindPrepared(Result<Vec<Vec<u8>>, RewindImpossible>),
@@ -331,6 +342,9 @@ pub enum MirrorAction {
     EnterDataPhase(Compression),
     /// Fire [`MirrorEvent::Timer`] after the duration.
     ArmTimer(MirrorTimer, Duration),
+    /// Measure how long since the last byte from the source; report
+    /// [`MirrorEvent::SilenceMeasured`].
+    MeasureSilence,
     /// Record the decision (and clear for a snapshot), durably; report
     /// [`MirrorEvent::Prepared`].
     Prepare(Preparation),
@@ -436,6 +450,12 @@ pub enum SourceViolation {
     },
 }
 
+/// How often the silence of the source is measured: a quarter of its timeout, so that a
+/// silent source is noticed within a quarter past it.
+fn silence_check_every(timeout: Duration) -> Duration {
+    (timeout / 4).max(Duration::from_millis(10))
+}
+
 /// How a session ended, when not by the source finishing it.
 #[derive(Debug, thiserror::Error)]
 pub enum MirrorEnd {
@@ -456,6 +476,9 @@ pub enum MirrorEnd {
     /// No ack within the deadline.
     #[error("no hello ack within {0:?}")]
     HandshakeTimeout(Duration),
+    /// No byte from the source for this long.
+    #[error("no byte from the source for {0:?}")]
+    SourceSilent(Duration),
     /// The mirror holds data the source cannot vouch for and its policy is to halt: the
     /// data is kept and served, nothing is applied.
     #[error("{0}: the mirror holds data the source cannot vouch for; it keeps its data, serves reads, and retries")]
@@ -475,7 +498,9 @@ impl MirrorEnd {
             MirrorEnd::Rejected(rejected) => rejected.code,
             MirrorEnd::WrongCluster { .. } => ErrorCode::ClusterIdMismatch,
             MirrorEnd::Violation(_) => ErrorCode::ProtocolViolation,
-            MirrorEnd::HandshakeTimeout(_) => ErrorCode::HandshakeTimeout,
+            MirrorEnd::HandshakeTimeout(_) | MirrorEnd::SourceSilent(_) => {
+                ErrorCode::HandshakeTimeout
+            }
             MirrorEnd::Halted(reason) => reason.code(),
             MirrorEnd::Promoting { .. } => ErrorCode::ShuttingDown,
         }
@@ -488,6 +513,7 @@ impl MirrorEnd {
             MirrorEnd::WrongCluster { .. } => true,
             MirrorEnd::Violation(_)
             | MirrorEnd::HandshakeTimeout(_)
+            | MirrorEnd::SourceSilent(_)
             | MirrorEnd::Halted(_)
             | MirrorEnd::Promoting { .. } => false,
         }
@@ -657,6 +683,7 @@ impl MirrorSession {
             ..previous.clone()
         };
         let handshake_timeout = config.handshake_timeout;
+        let silence_check = silence_check_every(config.source_silence_timeout);
         MirrorSession {
             config,
             phase: Phase::AwaitingAck,
@@ -673,10 +700,10 @@ impl MirrorSession {
             queue: VecDeque::new(),
             in_flight: None,
             transmit: VecDeque::from([Outgoing::Message(hello.into())]),
-            actions: VecDeque::from([MirrorAction::ArmTimer(
-                MirrorTimer::Handshake,
-                handshake_timeout,
-            )]),
+            actions: VecDeque::from([
+                MirrorAction::ArmTimer(MirrorTimer::Handshake, handshake_timeout),
+                MirrorAction::ArmTimer(MirrorTimer::SilenceCheck, silence_check),
+            ]),
             end: None,
         }
     }
@@ -707,6 +734,19 @@ impl MirrorSession {
                         self.config.handshake_timeout,
                     )));
                 }
+            }
+            MirrorEvent::Timer(MirrorTimer::SilenceCheck) => {
+                self.actions.push_back(MirrorAction::MeasureSilence);
+            }
+            MirrorEvent::SilenceMeasured(idle) => {
+                let timeout = self.config.source_silence_timeout;
+                if idle > timeout {
+                    return self.finish(Err(MirrorEnd::SourceSilent(timeout)));
+                }
+                self.actions.push_back(MirrorAction::ArmTimer(
+                    MirrorTimer::SilenceCheck,
+                    silence_check_every(timeout),
+                ));
             }
             MirrorEvent::Prepared => self.on_prepared(),
             MirrorEvent::ChunksApplied => {
@@ -1472,6 +1512,7 @@ mod tests {
             handshake_timeout: Duration::from_secs(10),
             max_queued_frames: 4,
             max_group_bytes: 100,
+            source_silence_timeout: Duration::from_secs(5),
         }
     }
 
@@ -1902,10 +1943,10 @@ mod tests {
             let first = drain(&mut session);
             assert_eq!(
                 first.actions,
-                vec![MirrorAction::ArmTimer(
-                    MirrorTimer::Handshake,
-                    Duration::from_secs(10)
-                )]
+                vec![
+                    MirrorAction::ArmTimer(MirrorTimer::Handshake, Duration::from_secs(10)),
+                    MirrorAction::ArmTimer(MirrorTimer::SilenceCheck, Duration::from_millis(1_250)),
+                ]
             );
             match &first.frames[..] {
                 [Message::Hello(hello)] => {
@@ -2013,6 +2054,50 @@ mod tests {
         let mut session = prepared(standing(7), Decision::Stream { from_lsn: Lsn(8) }, 7);
         session.handle(MirrorEvent::Timer(MirrorTimer::Handshake));
         assert!(session.take_end().is_none());
+    }
+
+    /// The source's silence is the machine's to judge: it asks for it every quarter of the
+    /// timeout, and ends the session once no byte came for longer than the timeout,
+    /// whatever the phase.
+    #[test]
+    fn a_silent_source_ends_the_session_and_a_slow_one_does_not() {
+        // (idle times measured in turn, whether the session ends on the last)
+        #[rustfmt::skip]
+        let cases: [(&[u64], bool); 4] = [
+            (&[0, 1_000, 4_999], false),
+            (&[5_000], false),
+            (&[5_001], true),
+            (&[100, 6_000], true),
+        ];
+        for (idle_ms, ends) in cases {
+            let mut session = new_session(standing(7));
+            drain(&mut session);
+            for (index, idle) in idle_ms.iter().enumerate() {
+                session.handle(MirrorEvent::Timer(MirrorTimer::SilenceCheck));
+                assert_eq!(
+                    drain(&mut session).actions,
+                    vec![MirrorAction::MeasureSilence]
+                );
+                session.handle(MirrorEvent::SilenceMeasured(Duration::from_millis(*idle)));
+                let last = index + 1 == idle_ms.len();
+                match session.take_end() {
+                    Some(Err(MirrorEnd::SourceSilent(timeout))) => {
+                        assert!(last && ends, "{idle_ms:?}");
+                        assert_eq!(timeout, Duration::from_secs(5));
+                    }
+                    other => {
+                        assert!(!(last && ends), "{idle_ms:?}: {other:?}");
+                        assert_eq!(
+                            drain(&mut session).actions,
+                            vec![MirrorAction::ArmTimer(
+                                MirrorTimer::SilenceCheck,
+                                Duration::from_millis(1_250)
+                            )]
+                        );
+                    }
+                }
+            }
+        }
     }
 
     /// The epoch policy is decided with the decision, as data: the store takes on the

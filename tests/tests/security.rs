@@ -143,15 +143,7 @@ enum Answer {
 /// Sends `frames` as `tls` on a mirror stream and returns the ack's decision, then how the
 /// session ended (within 10 s of the last frame).
 async fn raw_mirror(tls: &NodeTls, addr: SocketAddr, frames: &[Message]) -> Vec<Answer> {
-    let expected = ExpectedServer::node_of(name(CLUSTER));
-    let server_name = expected.server_name();
-    let endpoint =
-        client_endpoint(tls, ALPN_MIRROR, expected, &TransportLimits::default()).expect("endpoint");
-    let connection = endpoint
-        .connect(addr, &server_name)
-        .expect("dial")
-        .await
-        .expect("TLS with the source");
+    let connection = connect(tls, addr, ALPN_MIRROR).await;
     let (mut send, recv) = connection.open_bi().await.expect("stream");
     let mut answers = Vec::new();
     let mut reader = FramedReader::new(recv, 16 << 20);
@@ -470,22 +462,22 @@ async fn half_open_handshakes_lock_out_neither_clients_nor_mirrors() {
     );
 }
 
-/// A client-protocol connection to `addr` as `tls`, expecting a node of `CLUSTER`.
-async fn client_connection(tls: &NodeTls, addr: SocketAddr) -> quinn::Connection {
+/// A connection to `addr` as `tls` on `alpn`, expecting a node of `CLUSTER`.
+async fn connect(tls: &NodeTls, addr: SocketAddr, alpn: &[u8]) -> quinn::Connection {
     let expected = ExpectedServer::node_of(name(CLUSTER));
     let server_name = expected.server_name();
-    let endpoint = client_endpoint(
-        tls,
-        xmirror_tls::ALPN_CLIENT,
-        expected,
-        &TransportLimits::default(),
-    )
-    .expect("endpoint");
+    let endpoint =
+        client_endpoint(tls, alpn, expected, &TransportLimits::default()).expect("endpoint");
     endpoint
         .connect(addr, &server_name)
         .expect("dial")
         .await
         .expect("TLS with the node")
+}
+
+/// A client-protocol connection to `addr` as `tls`.
+async fn client_connection(tls: &NodeTls, addr: SocketAddr) -> quinn::Connection {
+    connect(tls, addr, xmirror_tls::ALPN_CLIENT).await
 }
 
 async fn closed_with(connection: &quinn::Connection, within: Duration) -> Option<ErrorCode> {
@@ -736,15 +728,7 @@ async fn rewind_requests_cost_a_bounded_read_and_never_the_write_lock() {
 /// Says `hello` (a rewind claim), sends `request`, and returns how many values the first
 /// `RewindValues` carries.
 async fn rewind_values(tls: &NodeTls, addr: SocketAddr, hello: Message, request: Message) -> usize {
-    let expected = ExpectedServer::node_of(name(CLUSTER));
-    let server_name = expected.server_name();
-    let endpoint =
-        client_endpoint(tls, ALPN_MIRROR, expected, &TransportLimits::default()).expect("endpoint");
-    let connection = endpoint
-        .connect(addr, &server_name)
-        .expect("dial")
-        .await
-        .expect("TLS");
+    let connection = connect(tls, addr, ALPN_MIRROR).await;
     let (mut send, recv) = connection.open_bi().await.expect("stream");
     let mut reader = FramedReader::new(recv, 16 << 20);
     send.write_all(&frame(&hello)).await.expect("hello");

@@ -413,6 +413,32 @@ mod tests {
         decide(hello, peer, &view)
     }
 
+    /// A source of cluster `cluster` serving `databases`, in the last epoch of `history`, at
+    /// LSN 500 with its WAL from 101, knowing the mirror's hash, the peer a successor.
+    fn view_at<'a>(
+        cluster: &'a Name,
+        databases: &'a [Name],
+        history: &'a [EpochStart],
+    ) -> SourceView<'a> {
+        SourceView {
+            cluster_id: cluster,
+            versions: SUPPORTED_VERSIONS,
+            databases,
+            database_id: DATABASE,
+            epoch: history.last().map_or(Epoch::FIRST, |start| start.epoch),
+            history,
+            last_lsn: Lsn(500),
+            wal_first_lsn: Lsn(101),
+            chain_hash_at_mirror_lsn: Some(MIRROR_HASH),
+            slot_acked_lsn: None,
+            resumable: None,
+            chain_hash_at_resume_base: None,
+            chain_hash_at_resume_scanned: None,
+            fresh_snapshot: FRESH,
+            peer_may_succeed: true,
+        }
+    }
+
     fn reject_code(hello: &Hello, peer: &PeerIdentity) -> ErrorCode {
         decide_with(hello, peer, Some(MIRROR_HASH), None)
             .unwrap_err()
@@ -449,21 +475,8 @@ mod tests {
             },
         ];
         let view = SourceView {
-            cluster_id: &cluster,
-            versions: SUPPORTED_VERSIONS,
-            databases: &databases,
-            database_id: DATABASE,
-            epoch: Epoch(3),
-            history: &history,
-            last_lsn: Lsn(500),
             wal_first_lsn: Lsn(wal_first),
-            chain_hash_at_mirror_lsn: Some(MIRROR_HASH),
-            slot_acked_lsn: None,
-            resumable: None,
-            chain_hash_at_resume_base: None,
-            chain_hash_at_resume_scanned: None,
-            fresh_snapshot: FRESH,
-            peer_may_succeed: true,
+            ..view_at(&cluster, &databases, &history)
         };
         decide(hello, &observer(), &view).unwrap()
     }
@@ -530,21 +543,8 @@ mod tests {
             },
         ];
         let view = SourceView {
-            cluster_id: &cluster,
-            versions: SUPPORTED_VERSIONS,
-            databases: &databases,
-            database_id: DATABASE,
-            epoch: Epoch(3),
-            history: &history,
-            last_lsn: Lsn(500),
             wal_first_lsn: Lsn(1),
-            chain_hash_at_mirror_lsn: Some(MIRROR_HASH),
-            slot_acked_lsn: None,
-            resumable: None,
-            chain_hash_at_resume_base: None,
-            chain_hash_at_resume_scanned: None,
-            fresh_snapshot: FRESH,
-            peer_may_succeed: true,
+            ..view_at(&cluster, &databases, &history)
         };
         let at = |epoch: u64, applied: u64| Hello {
             epoch: Epoch(epoch),
@@ -601,21 +601,8 @@ mod tests {
         ];
         for (may_succeed, epoch, expected) in table {
             let view = SourceView {
-                cluster_id: &cluster,
-                versions: SUPPORTED_VERSIONS,
-                databases: &databases,
-                database_id: DATABASE,
-                epoch: Epoch::FIRST,
-                history: &[EpochStart::FIRST],
-                last_lsn: Lsn(500),
-                wal_first_lsn: Lsn(101),
-                chain_hash_at_mirror_lsn: Some(MIRROR_HASH),
-                slot_acked_lsn: None,
-                resumable: None,
-                chain_hash_at_resume_base: None,
-                chain_hash_at_resume_scanned: None,
-                fresh_snapshot: FRESH,
                 peer_may_succeed: *may_succeed,
+                ..view_at(&cluster, &databases, &[EpochStart::FIRST])
             };
             let hello = if *epoch == 1 { hello(400) } else { at(*epoch) };
             let got = decide(&hello, &observer(), &view).map_err(|refusal| refusal.code);

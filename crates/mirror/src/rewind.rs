@@ -61,22 +61,14 @@ pub struct Prepared {
     pub entries: u64,
 }
 
-/// Checks the fork, saves the entries beyond it to `rewound/` and returns the keys they
-/// touch. Changes nothing in the store.
+/// Saves the entries beyond the fork (which the session checked, `MirrorAction::CheckFork`)
+/// to `rewound/` and returns the keys they touch. Changes nothing in the store.
 pub fn prepare(
     store: &dyn Store,
     data_dir: &Path,
     plan: &RewindPlan,
 ) -> Result<Prepared, PrepareError> {
     let applied = store.position().lsn;
-    // Its database went on in a later epoch: as a source, this store must never take a
-    // write again, whatever comes of the rewind.
-    store.fence(plan.source_epoch)?;
-    match store.chain_hash_at(plan.to_lsn)? {
-        Some(hash) if hash == plan.chain_hash => {}
-        Some(_) => return Err(RewindImpossible::OtherHistory(plan.to_lsn).into()),
-        None => return Err(RewindImpossible::WalGone(plan.to_lsn).into()),
-    }
     let dir = data_dir.join(REWOUND_DIR);
     let file = dir.join(format!(
         "rewound-{}-to-{}.jsonl",

@@ -355,6 +355,14 @@ fn start_work(shared: &MirrorShared, action: MirrorAction) -> Work {
                 })
             })
         }
+        MirrorAction::CheckFork { fence_by, fork } => Box::pin(async move {
+            let held = blocking(move || {
+                store.fence(fence_by)?;
+                store.chain_hash_at(fork)
+            })
+            .await?;
+            Ok(MirrorEvent::ForkRead(held))
+        }),
         MirrorAction::PrepareRewind(plan) => {
             let data_dir = shared.config.data_dir.clone();
             Box::pin(async move {

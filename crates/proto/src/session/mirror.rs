@@ -208,6 +208,9 @@ pub enum MirrorEvent {
     /// How long since the last byte from the source, measured when
     /// [`MirrorTimer::SilenceCheck`] fired.
     SilenceMeasured(Duration),
+    /// [`MirrorAction::CheckFork`] is done: the store's chain hash at the fork, if its WAL
+    /// still knows it.
+    ForkRead(Option<ChainHash>),
     /// [`MirrorAction::PrepareRewind`] is done: the keys the rewound entries touched (the
     /// rewound writes are saved), or why the store cannot rewind to the fork.
     RewindPrepared(Result<Vec<Vec<u8>>, RewindImpossible>),
@@ -230,9 +233,6 @@ pub enum MirrorEvent {
 /// Why a mirror cannot rewind to the fork the source named.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum RewindImpossible {
-    /// Its chain hash at the fork is not the source's: the histories parted earlier.
-    #[error("the chain hash at the fork LSN {0} differs from the source's")]
-    OtherHistory(Lsn),
     /// Its WAL no longer holds the entries after the fork, so it cannot tell what to rewind.
     #[error("the WAL after the fork LSN {0} is no longer held")]
     WalGone(Lsn),
@@ -369,9 +369,17 @@ pub enum MirrorAction {
     /// Apply the group with its position and chain hash, and flush; report
     /// [`MirrorEvent::BatchesApplied`].
     ApplyBatches(WalGroup),
-    /// Check the store's chain hash at the fork, save the entries beyond it (the writes
-    /// to rewind) durably, and report [`MirrorEvent::RewindPrepared`] with the keys they
-    /// touch.
+    /// Fence the store by `fence_by` (its database went on in that epoch: as a source it
+    /// must never take a write again, whatever comes of the rewind), durably, then read
+    /// its chain hash at `fork`; report [`MirrorEvent::ForkRead`].
+    CheckFork {
+        /// The source's epoch.
+        fence_by: Epoch,
+        /// The fork LSN.
+        fork: Lsn,
+    },
+    /// Save the entries beyond the fork (the writes to rewind) durably, and report
+    /// [`MirrorEvent::RewindPrepared`] with the keys they touch.
     PrepareRewind(RewindPlan),
     /// Apply the rewind in one store write and flush; report [`MirrorEvent::RewindApplied`].
     ApplyRewind(RewindApply),
@@ -578,6 +586,8 @@ enum InFlight {
         last_lsn: Lsn,
         commit_time: UnixMillis,
     },
+    /// The fork is being checked; the plan follows once it holds.
+    ForkCheck(RewindPlan),
     RewindPreparation,
     RewindStep,
     RewindApplication,
@@ -795,6 +805,20 @@ impl MirrorSession {
                     self.applied(applied_lsn, consistent);
                     self.acknowledge();
                     self.check_promotion();
+                }
+            }
+            MirrorEvent::ForkRead(held) => {
+                let Some(InFlight::ForkCheck(plan)) = self.in_flight.take() else {
+                    return;
+                };
+                // The node's own chain hash at the fork must be the source's: else the
+                // histories parted earlier, and nothing it holds can be rewound to it.
+                match held {
+                    Some(hash) if hash == plan.chain_hash => {
+                        self.in_flight = Some(InFlight::RewindPreparation);
+                        self.actions.push_back(MirrorAction::PrepareRewind(plan));
+                    }
+                    Some(_) | None => self.halt(Divergence::DivergedHistory),
                 }
             }
             MirrorEvent::RewindPrepared(result) => {
@@ -1162,10 +1186,13 @@ impl MirrorSession {
                     values_bytes: 0,
                     target: None,
                 });
-                self.in_flight = Some(InFlight::RewindPreparation);
                 self.actions
                     .push_back(MirrorAction::EnterDataPhase(self.compression));
-                self.actions.push_back(MirrorAction::PrepareRewind(plan));
+                self.actions.push_back(MirrorAction::CheckFork {
+                    fence_by: plan.source_epoch,
+                    fork: plan.to_lsn,
+                });
+                self.in_flight = Some(InFlight::ForkCheck(plan));
                 return;
             }
             Decision::Snapshot {
@@ -1721,12 +1748,19 @@ mod tests {
         }
     }
 
+    /// The fork check of `rewind_to` passes: the store's hash there is the source's.
+    fn fork_holds(session: &mut MirrorSession) {
+        drain(session);
+        session.handle(MirrorEvent::ForkRead(Some(ChainHash([7; 32]))));
+        drain(session);
+    }
+
     #[test]
     fn a_large_rewind_writes_its_values_in_bounded_steps() {
         let mut session = new_session(standing(30));
         drain(&mut session);
         received(&mut session, accepted(rewind_to(20), 25));
-        drain(&mut session);
+        fork_holds(&mut session);
         session.handle(MirrorEvent::RewindPrepared(Ok(keys(&["a", "b", "c"]))));
         drain(&mut session);
         // Each answer holds one value of half a step: every second answer is a step.
@@ -1771,15 +1805,23 @@ mod tests {
         let mut session = new_session(standing(30));
         drain(&mut session);
         received(&mut session, accepted(rewind_to(20), 25));
-        let preparing = drain(&mut session);
+        let checking = drain(&mut session);
         assert_eq!(
-            preparing.actions[1],
-            MirrorAction::PrepareRewind(RewindPlan {
+            checking.actions[1],
+            MirrorAction::CheckFork {
+                fence_by: Epoch::FIRST,
+                fork: Lsn(20)
+            }
+        );
+        session.handle(MirrorEvent::ForkRead(Some(ChainHash([7; 32]))));
+        assert_eq!(
+            drain(&mut session).actions,
+            vec![MirrorAction::PrepareRewind(RewindPlan {
                 to_lsn: Lsn(20),
                 chain_hash: ChainHash([7; 32]),
                 source_epoch: Epoch::FIRST,
                 log_fields: rewind_to(20).log_fields(),
-            })
+            })]
         );
         assert!(
             !session.progress().consistent,
@@ -1831,16 +1873,20 @@ mod tests {
         drain(&mut session);
         received(&mut session, accepted(rewind_to(20), 25));
         assert_eq!(end(&mut session), Some(ErrorCode::ProtocolViolation));
-        // The store's own hash at the fork differs, or its WAL is gone: halted, data kept.
-        for impossible in [
-            RewindImpossible::OtherHistory(Lsn(20)),
-            RewindImpossible::WalGone(Lsn(20)),
-        ] {
+        // The store's own hash at the fork differs, its WAL no longer knows it, or the WAL
+        // after it is gone: halted, data kept.
+        let other = MirrorEvent::ForkRead(Some(ChainHash([8; 32])));
+        let unknown = MirrorEvent::ForkRead(None);
+        let gone = MirrorEvent::RewindPrepared(Err(RewindImpossible::WalGone(Lsn(20))));
+        for impossible in [other, unknown, gone] {
             let mut session = new_session(standing(30));
             drain(&mut session);
             received(&mut session, accepted(rewind_to(20), 25));
             drain(&mut session);
-            session.handle(MirrorEvent::RewindPrepared(Err(impossible)));
+            if matches!(impossible, MirrorEvent::RewindPrepared(_)) {
+                fork_holds(&mut session);
+            }
+            session.handle(impossible);
             let recorded = drain(&mut session).actions;
             assert_eq!(
                 recorded,
@@ -1854,7 +1900,7 @@ mod tests {
         let mut session = new_session(standing(30));
         drain(&mut session);
         received(&mut session, accepted(rewind_to(20), 25));
-        drain(&mut session);
+        fork_holds(&mut session);
         session.handle(MirrorEvent::RewindPrepared(Ok(keys(&["a"]))));
         drain(&mut session);
         received(&mut session, values(26, &["z"]));

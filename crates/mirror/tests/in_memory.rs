@@ -42,6 +42,33 @@ async fn source_with(dir: &TempDir, successors: Successors) -> Arc<SourceShared>
     SourceShared::open(config, name("src")).await.unwrap().0
 }
 
+/// A session of the real source driver with a west observer played by the test, over an
+/// in-memory pipe: the session's task, and the test's ends of the pipe.
+#[allow(clippy::type_complexity)]
+fn raw_peer(
+    source: &Arc<SourceShared>,
+) -> (
+    JoinHandle<Result<(), SourceError>>,
+    FramedWriter<tokio::io::WriteHalf<tokio::io::DuplexStream>>,
+    FramedReader<tokio::io::ReadHalf<tokio::io::DuplexStream>>,
+) {
+    let (source_end, peer_end) = tokio::io::duplex(1 << 16);
+    let (source_read, source_write) = tokio::io::split(source_end);
+    let (peer_read, peer_write) = tokio::io::split(peer_end);
+    let session = tokio::spawn(run_source(
+        source_read,
+        source_write,
+        peer(Role::Observer),
+        source.clone(),
+        None,
+    ));
+    (
+        session,
+        FramedWriter::new(peer_write, 1 << 16),
+        FramedReader::new(peer_read, 1 << 16),
+    )
+}
+
 async fn mirror(dir: &TempDir) -> Arc<MirrorShared> {
     let addr: SocketAddr = UNUSED_ADDR.parse().unwrap();
     let config = MirrorConfig::new(dir.path().join("mirror"), addr, name("east"), None);
@@ -147,18 +174,7 @@ async fn a_client_certificate_is_refused_on_both_ends() {
 async fn an_ack_before_the_hello_is_a_protocol_violation() {
     let dir = TempDir::new().unwrap();
     let source = source(&dir).await;
-    let (source_end, peer_end) = tokio::io::duplex(1 << 16);
-    let (source_read, source_write) = tokio::io::split(source_end);
-    let (peer_read, peer_write) = tokio::io::split(peer_end);
-    let session = tokio::spawn(run_source(
-        source_read,
-        source_write,
-        peer(Role::Observer),
-        source.clone(),
-        None,
-    ));
-    let mut writer = FramedWriter::new(peer_write, 1 << 16);
-    let mut reader = FramedReader::new(peer_read, 1 << 16);
+    let (session, mut writer, mut reader) = raw_peer(&source);
     writer
         .send(MirrorAck {
             received: Lsn(5),
@@ -230,18 +246,7 @@ async fn a_hello_of_the_next_epoch_fences_the_source_only_from_a_successor() {
         }
     };
     {
-        let (source_end, peer_end) = tokio::io::duplex(1 << 16);
-        let (source_read, source_write) = tokio::io::split(source_end);
-        let (peer_read, peer_write) = tokio::io::split(peer_end);
-        let _session = tokio::spawn(run_source(
-            source_read,
-            source_write,
-            peer(Role::Observer),
-            source.clone(),
-            None,
-        ));
-        let mut writer = FramedWriter::new(peer_write, 1 << 16);
-        let mut reader = FramedReader::new(peer_read, 1 << 16);
+        let (_session, mut writer, mut reader) = raw_peer(&source);
         writer.send(later(&source)).await.unwrap();
         match reader.expect_next().await.unwrap() {
             Message::HelloAck(HelloAck::Accepted(accepted)) => {
@@ -260,18 +265,7 @@ async fn a_hello_of_the_next_epoch_fences_the_source_only_from_a_successor() {
     let dir = TempDir::new().unwrap();
     let source = source_with(&dir, Successors::Listed(vec![peer(Role::Observer)])).await;
     write(&source, "a", 10).await;
-    let (source_end, peer_end) = tokio::io::duplex(1 << 16);
-    let (source_read, source_write) = tokio::io::split(source_end);
-    let (peer_read, peer_write) = tokio::io::split(peer_end);
-    let session = tokio::spawn(run_source(
-        source_read,
-        source_write,
-        peer(Role::Observer),
-        source.clone(),
-        None,
-    ));
-    let mut writer = FramedWriter::new(peer_write, 1 << 16);
-    let mut reader = FramedReader::new(peer_read, 1 << 16);
+    let (session, mut writer, mut reader) = raw_peer(&source);
     let position = source.store.position();
     writer.send(later(&source)).await.unwrap();
     match reader.expect_next().await.unwrap() {

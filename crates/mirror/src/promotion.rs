@@ -99,7 +99,10 @@ impl MirrorShared {
             ));
         };
         let store = self.store.clone();
-        let planned_id = match tokio::task::spawn_blocking(move || planned_epoch_id(&*store)).await
+        let planned_id = match tokio::task::spawn_blocking(move || {
+            planned_epoch_id(&*store, rand::random::<u64>)
+        })
+        .await
         {
             Ok(Ok(id)) => id,
             Ok(Err(error)) => {
@@ -194,16 +197,7 @@ impl MirrorShared {
     /// The epoch a promotion of this store starts: one past every epoch it knows of (none
     /// past [`Epoch::LIMIT`]).
     fn next_epoch(&self) -> Option<Epoch> {
-        let known = self
-            .store
-            .history()
-            .iter()
-            .map(|start| start.epoch)
-            .chain(self.store.database().map(|database| database.epoch))
-            .chain(self.store.fenced())
-            .max()
-            .unwrap_or(Epoch::FIRST);
-        known.next()
+        next_epoch(&*self.store)
     }
 
     /// The planned promotion's epoch and id, while one is asked for.
@@ -215,25 +209,55 @@ impl MirrorShared {
     }
 }
 
+/// The epoch a promotion of `store` starts: one past every epoch it knows of (none past
+/// [`Epoch::LIMIT`]).
+pub fn next_epoch(store: &dyn xmirror_store::Store) -> Option<Epoch> {
+    let known = store
+        .history()
+        .iter()
+        .map(|start| start.epoch)
+        .chain(store.database().map(|database| database.epoch))
+        .chain(store.fenced())
+        .max()
+        .unwrap_or(Epoch::FIRST);
+    known.next()
+}
+
 /// The counter that keeps a planned promotion's epoch id until the store is promoted: a
 /// retry after a crash or a timeout asks the source's fence with the same id, and the
 /// source answers it as the successor it is fenced for.
 const PLANNED_EPOCH_ID: &str = "planned_epoch_id";
 
-/// The id of this store's planned promotion: the one recorded, else a new random one,
-/// recorded durably before any source hears of it. Store work: off the async threads.
-fn planned_epoch_id(
+/// The id of this store's planned promotion: the one recorded, else a new one (`fresh`:
+/// random in a node, from the seed in the simulator), recorded durably before any source
+/// hears of it. Store work: off the async threads.
+pub fn planned_epoch_id(
     store: &dyn xmirror_store::Store,
+    fresh: impl FnOnce() -> u64,
 ) -> Result<EpochId, xmirror_store::StoreError> {
     match store.counter(PLANNED_EPOCH_ID)? {
         0 => {
-            let id = rand::random::<u64>().max(1);
+            let id = fresh().max(1);
             store.set_counter(PLANNED_EPOCH_ID, id)?;
             store.flush()?;
             Ok(EpochId(id))
         }
         id => Ok(EpochId(id)),
     }
+}
+
+/// Promotes the store: it opens the next epoch of its history, with the id a planned
+/// attempt asked the source's fence with if one did (the forced promotion that may follow
+/// it is the same successor), else a `fresh` one. Store work: off the async threads.
+pub fn promote_store(
+    store: &dyn xmirror_store::Store,
+    fresh: impl FnOnce() -> u64,
+) -> Result<xmirror_proto::EpochStart, xmirror_store::StoreError> {
+    let start = store.promote(planned_epoch_id(store, fresh)?)?;
+    // The next promotion of this store (after a failback) is another one.
+    store.set_counter(PLANNED_EPOCH_ID, 0)?;
+    store.flush()?;
+    Ok(start)
 }
 
 /// Promotes the store now and says so: `fenced_at` is the fenced source's final LSN
@@ -244,17 +268,9 @@ pub(crate) async fn promote(
     fenced_at: Option<Lsn>,
 ) -> Result<PromoteReply, MirrorError> {
     let store = shared.store.clone();
-    let promoted = tokio::task::spawn_blocking(move || {
-        // The id a planned attempt asked the source's fence with, if one did: the forced
-        // promotion that may follow it is the same successor.
-        let start = store.promote(planned_epoch_id(&*store)?)?;
-        // The next promotion of this store (after a failback) is another one.
-        store.set_counter(PLANNED_EPOCH_ID, 0)?;
-        store.flush()?;
-        Ok::<_, xmirror_store::StoreError>(start)
-    })
-    .await
-    .expect("promotion task");
+    let promoted = tokio::task::spawn_blocking(move || promote_store(&*store, rand::random::<u64>))
+        .await
+        .expect("promotion task");
     let start = match promoted {
         Ok(start) => start,
         Err(error) => {

@@ -266,118 +266,121 @@ where
     outcome
 }
 
-/// Starts the store work `action` asks for.
+/// Starts the store work `action` asks for, on a blocking thread.
 fn start_work(shared: &MirrorShared, action: MirrorAction) -> Work {
     let store = shared.store.clone();
-    match action {
+    let setup = WorkSetup {
+        data_dir: shared.config.data_dir.clone(),
+        max_wal_entries: shared.config.max_wal_entries,
+        max_wal_bytes: shared.config.max_wal_bytes,
+    };
+    let before = shared.snapshot_before.clone();
+    Box::pin(async move {
+        let task = tokio::task::spawn_blocking(move || {
+            // A resume that keeps what the snapshot applied so far: that data is done.
+            let keeps_data = matches!(&action, MirrorAction::Prepare(preparation)
+                if preparation.decision == DecisionKind::ResumeSnapshot
+                    && preparation.begin_snapshot.is_none());
+            let prepares = matches!(action, MirrorAction::Prepare(_));
+            let event = perform(&*store, &setup, action)?;
+            if prepares {
+                let applied = if keeps_data {
+                    store.data_size()?
+                } else {
+                    (0, 0)
+                };
+                *before.lock().unwrap_or_else(PoisonError::into_inner) = applied;
+            }
+            Ok(event)
+        });
+        task.await.map_err(SessionError::StorePanicked)?
+    })
+}
+
+/// What the mirror's store work needs of its configuration.
+#[derive(Clone, Debug)]
+pub struct WorkSetup {
+    /// The data directory (a rewind saves what it takes back under it).
+    pub data_dir: std::path::PathBuf,
+    /// The WAL's cap in entries.
+    pub max_wal_entries: u64,
+    /// The WAL's cap in bytes.
+    pub max_wal_bytes: u64,
+}
+
+/// Does the store work `action` asks for, durably, and returns the event that reports it:
+/// what the async driver runs on a blocking thread and the simulator calls directly.
+/// `EnterDataPhase`, `ArmTimer` and `MeasureSilence` are the driver's own (the stream and
+/// the clock), not store work: asked here they are a bug.
+pub fn perform(
+    store: &dyn Store,
+    setup: &WorkSetup,
+    action: MirrorAction,
+) -> Result<MirrorEvent, SessionError> {
+    Ok(match action {
         MirrorAction::Prepare(preparation) => {
             log_decision(&preparation);
-            let before = shared.snapshot_before.clone();
-            // A resume that keeps what the snapshot applied so far: that data is done.
-            let keeps_data = preparation.decision == DecisionKind::ResumeSnapshot
-                && preparation.begin_snapshot.is_none();
-            Box::pin(async move {
-                let applied = blocking(move || {
-                    prepare(&*store, &preparation)?;
-                    if keeps_data {
-                        store.data_size()
-                    } else {
-                        Ok((0, 0))
-                    }
-                })
-                .await?;
-                *before.lock().unwrap_or_else(PoisonError::into_inner) = applied;
-                Ok(MirrorEvent::Prepared)
-            })
+            prepare(store, &preparation)?;
+            MirrorEvent::Prepared
         }
         MirrorAction::ApplyChunks {
             snapshot_id,
             chunks,
         } => {
             let (keys, bytes) = chunks.iter().fold((0, 0), |(keys, bytes), chunk| {
-                let chunk_bytes = chunk.payload_len();
-                (keys + chunk.pairs.len(), bytes + chunk_bytes)
+                (keys + chunk.pairs.len(), bytes + chunk.payload_len())
             });
-            Box::pin(async move {
-                blocking(move || {
-                    for chunk in &chunks {
-                        store.apply_snapshot_chunk(snapshot_id, &chunk.pairs, chunk.scanned_at)?;
-                    }
-                    // Durable before it is acknowledged: the source keeps at most a window
-                    // of chunks unacknowledged, so a kill costs at most that window.
-                    store.flush()
-                })
-                .await?;
-                crate::telemetry::snapshot_chunk(keys, bytes);
-                Ok(MirrorEvent::ChunksApplied)
-            })
+            for chunk in &chunks {
+                store.apply_snapshot_chunk(snapshot_id, &chunk.pairs, chunk.scanned_at)?;
+            }
+            // Durable before it is acknowledged: the source keeps at most a window of
+            // chunks unacknowledged, so a kill costs at most that window.
+            store.flush()?;
+            crate::telemetry::snapshot_chunk(keys, bytes);
+            MirrorEvent::ChunksApplied
         }
         MirrorAction::FinishScan {
             snapshot_id,
             end_lsn,
             end_chain_hash,
-        } => Box::pin(async move {
+        } => {
             let end = Position {
                 lsn: end_lsn,
                 chain_hash: end_chain_hash,
             };
-            let (position, consistent) = blocking(move || {
-                store.finish_snapshot_scan(snapshot_id, end)?;
-                store.flush()?;
-                Ok((
-                    store.position(),
-                    store.sync_state() == SyncState::Consistent,
-                ))
-            })
-            .await?;
+            store.finish_snapshot_scan(snapshot_id, end)?;
+            store.flush()?;
             tracing::info!(
                 snapshot_id = snapshot_id.0,
                 end_lsn = end_lsn.0,
                 "snapshot scan complete; replaying the WAL to its end LSN"
             );
-            Ok(MirrorEvent::ScanFinished {
+            MirrorEvent::ScanFinished {
+                applied_lsn: store.position().lsn,
+                consistent: store.sync_state() == SyncState::Consistent,
+            }
+        }
+        MirrorAction::ApplyBatches(group) => {
+            let (position, consistent) = apply_group(store, &group)?;
+            xmirror_store::enforce_wal_caps(store, setup.max_wal_entries, setup.max_wal_bytes)?;
+            MirrorEvent::BatchesApplied {
                 applied_lsn: position.lsn,
                 consistent,
-            })
-        }),
-        MirrorAction::ApplyBatches(group) => {
-            let caps = (shared.config.max_wal_entries, shared.config.max_wal_bytes);
-            Box::pin(async move {
-                let (position, consistent) = blocking(move || {
-                    let applied = apply_group(&*store, &group)?;
-                    xmirror_store::enforce_wal_caps(&*store, caps.0, caps.1)?;
-                    Ok(applied)
-                })
-                .await?;
-                Ok(MirrorEvent::BatchesApplied {
-                    applied_lsn: position.lsn,
-                    consistent,
-                })
-            })
+            }
         }
-        MirrorAction::CheckFork { fence_by, fork } => Box::pin(async move {
-            let held = blocking(move || {
-                store.fence(fence_by)?;
-                store.chain_hash_at(fork)
-            })
-            .await?;
-            Ok(MirrorEvent::ForkRead(held))
-        }),
+        MirrorAction::CheckFork { fence_by, fork } => {
+            store.fence(fence_by)?;
+            MirrorEvent::ForkRead(store.chain_hash_at(fork)?)
+        }
         MirrorAction::PrepareRewind(plan) => {
-            let data_dir = shared.config.data_dir.clone();
-            Box::pin(async move {
-                let fields = plan.log_fields;
-                tracing::info!(
-                    decision = fields.decision,
-                    from_lsn = fields.from_lsn,
-                    "source decided: rewinding what this node holds beyond the fork"
-                );
-                let prepared = tokio::task::spawn_blocking(move || {
-                    crate::rewind::prepare(&*store, &data_dir, &plan)
-                })
-                .await
-                .map_err(SessionError::StorePanicked)?;
-                Ok(MirrorEvent::RewindPrepared(match prepared {
+            let fields = plan.log_fields;
+            tracing::info!(
+                decision = fields.decision,
+                from_lsn = fields.from_lsn,
+                "source decided: rewinding what this node holds beyond the fork"
+            );
+            MirrorEvent::RewindPrepared(
+                match crate::rewind::prepare(store, &setup.data_dir, &plan) {
                     Ok(prepared) => {
                         tracing::warn!(
                             entries = prepared.entries,
@@ -397,48 +400,44 @@ fn start_work(shared: &MirrorShared, action: MirrorAction) -> Work {
                     Err(error @ crate::rewind::PrepareError::Save { .. }) => {
                         return Err(SessionError::Rewind(error))
                     }
-                }))
-            })
+                },
+            )
         }
-        MirrorAction::ApplyRewind(apply) => Box::pin(async move {
+        MirrorAction::ApplyRewind(apply) => {
             let (to_lsn, target, keys) = (apply.to_lsn, apply.target.0, apply.values.len());
-            blocking(move || {
-                crate::rewind::apply(&*store, &apply)?;
-                store.set_counter(
-                    crate::LAST_DECISION,
-                    crate::decision_number(DecisionKind::Rewind),
-                )?;
-                store.flush()
-            })
-            .await?;
+            crate::rewind::apply(store, &apply)?;
+            store.set_counter(
+                crate::LAST_DECISION,
+                crate::decision_number(DecisionKind::Rewind),
+            )?;
+            store.flush()?;
             tracing::info!(
                 to_lsn = to_lsn.0,
                 consistent_at = target.0,
                 keys,
                 "rewound to the fork; streaming from it"
             );
-            Ok(MirrorEvent::RewindApplied)
-        }),
-        MirrorAction::ApplyRewindValues(values) => Box::pin(async move {
-            let keys = values.len();
-            blocking(move || store.rewind_values(&values)).await?;
-            tracing::debug!(keys, "rewind: a step of fetched values applied");
-            Ok(MirrorEvent::RewindValuesApplied)
-        }),
-        MirrorAction::RecordHalt(reason) => Box::pin(async move {
-            blocking(move || {
-                crate::record_halt(&*store, reason)?;
-                store.flush()
-            })
-            .await?;
-            Ok(MirrorEvent::HaltRecorded)
-        }),
+            MirrorEvent::RewindApplied
+        }
+        MirrorAction::ApplyRewindValues(values) => {
+            store.rewind_values(&values)?;
+            tracing::debug!(
+                keys = values.len(),
+                "rewind: a step of fetched values applied"
+            );
+            MirrorEvent::RewindValuesApplied
+        }
+        MirrorAction::RecordHalt(reason) => {
+            crate::record_halt(store, reason)?;
+            store.flush()?;
+            MirrorEvent::HaltRecorded
+        }
         MirrorAction::EnterDataPhase(_)
         | MirrorAction::ArmTimer(..)
         | MirrorAction::MeasureSilence => {
-            unreachable!("handled by the driver's loop")
+            unreachable!("the stream's and the clock's, not store work")
         }
-    }
+    })
 }
 
 fn log_decision(preparation: &Preparation) {

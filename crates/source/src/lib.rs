@@ -5,6 +5,7 @@
 //! - [`slots`]: per-mirror slots and WAL retention.
 //! - [`service`]: the client API (put, delete, batch, get, scan, status, digest), and the
 //!   checks every write passes ([`service::check_write`]).
+//! - [`work`]: a session's store work, without a runtime (the driver and the simulator run it).
 //! - [`embedded`]: the same writes and reads for a program that runs the source in-process.
 //!
 //! [`SourceNode::start`] binds one QUIC endpoint for both ALPNs and runs every connection
@@ -16,6 +17,7 @@ pub mod service;
 pub mod session;
 pub mod slots;
 pub mod telemetry;
+pub mod work;
 pub mod writer;
 
 use std::net::SocketAddr;
@@ -386,26 +388,18 @@ impl SourceShared {
     /// fence and the last LSN, which no write will pass. Runs store work: call it off the
     /// async threads.
     pub fn fence(&self, ask: &FenceAsk, learned_from: &str) -> Result<(Fence, Lsn), StoreError> {
-        let before = self.store.fence_record();
-        let fence = match self.store.fence_as(ask) {
-            Ok(fence) => fence,
-            Err(StoreError::FenceRefused(refused)) => {
-                tracing::warn!(learned_from, reason = %refused, "refused a fence: the source is fenced for another promotion");
-                return Err(StoreError::FenceRefused(refused));
-            }
-            Err(error) => return Err(error),
-        };
-        let last_lsn = self.store.position().lsn;
-        if before.as_ref() != Some(&fence) {
-            tracing::warn!(
-                fenced_by = fence.epoch.0,
-                successor = fence.successor.as_ref().map(ToString::to_string),
-                last_lsn = last_lsn.0,
-                learned_from,
-                "fenced: the database goes on in a later epoch elsewhere; refusing every write from now on"
-            );
+        work::fence_store(&*self.store, ask, learned_from)
+    }
+
+    /// What a session's store work runs against.
+    pub fn session_store(&self) -> work::SessionStore<'_> {
+        work::SessionStore {
+            config: &self.config,
+            store: &*self.store,
+            slots: &self.slots,
+            database: self.database,
+            admission: &self.admission,
         }
-        Ok((fence, last_lsn))
     }
 
     /// Opens the store (giving a new one its random database id) and starts the writer:

@@ -19,20 +19,17 @@ use tokio::time::Instant;
 use xmirror_net::admission::LogEvery;
 use xmirror_net::stage::{self, Stage};
 use xmirror_net::{sleep_until, FrameSender, FramedReader};
-use xmirror_proto::history::{FenceAsk, Successor};
-use xmirror_proto::message::{FenceReply, Hello, RewindValues, WalBatch};
 use xmirror_proto::session::source::{
-    Committed, SlotClaim, SourceAction, SourceEnd, SourceEvent, SourceSession, SourceStanding,
-    SourceTimer,
+    Committed, SlotClaim, SourceAction, SourceEnd, SourceEvent, SourceSession, SourceTimer,
 };
-use xmirror_proto::session::{Outgoing, SharedBatch};
+use xmirror_proto::session::Outgoing;
 use xmirror_proto::{
-    decide, Decision, ErrorCode, FrameError, Lsn, Message, PeerIdentity, Reject, SnapshotId,
-    SnapshotPlan, SourceView,
+    Decision, ErrorCode, FrameError, Lsn, Message, PeerIdentity, Reject, SnapshotId,
 };
 use xmirror_store::{MirrorIdentity, StoreError};
 
-use crate::slots::{BeginError, SessionTicket};
+use crate::slots::SessionTicket;
+use crate::work::{self, Admission};
 use crate::SourceShared;
 
 /// Hellos refused `BUSY` (rate limits, slot caps), logged at most once a second.
@@ -333,12 +330,19 @@ where
                         decision: Err(Reject::new(ErrorCode::Busy, why)),
                         slot: SlotClaim::NotClaimed,
                         ticket: None,
-                        source: standing(&shared),
+                        source: work::standing(&*shared.store, shared.database),
                     });
                     return Ok(());
                 }
                 let peer = self.peer.clone();
-                let admission = blocking(move || admit(hello, &peer, &shared)).await?;
+                let admission = blocking(move || {
+                    // Random, so that no restart or restore ever hands out an id a mirror
+                    // may still hold.
+                    let fresh = SnapshotId(rand::random());
+                    let now = std::time::Instant::now();
+                    work::admit(hello, &peer, shared.session_store(), now, fresh)
+                })
+                .await?;
                 self.admitted(admission);
             }
             SourceAction::EnterDataPhase(compression) => {
@@ -360,31 +364,15 @@ where
                 max_bytes,
             } => {
                 let store = shared.store.clone();
-                // The position read after the pairs: their values are of the history up to it.
-                let scan = blocking(move || {
-                    let chunk = store.scan(after_key.as_deref(), max_bytes)?;
-                    Ok((chunk, store.position()))
-                });
-                self.work.push(Box::pin(async move {
-                    let (chunk, scanned_at) = scan.await?;
-                    Ok(Some(SourceEvent::Scanned {
-                        pairs: chunk.pairs,
-                        more: chunk.more,
-                        scanned_at,
-                    }))
-                }));
+                let scan = blocking(move || work::scan(&*store, after_key.as_deref(), max_bytes));
+                self.work
+                    .push(Box::pin(async move { Ok(Some(scan.await?)) }));
             }
             SourceAction::ReadEndLsn => {
-                // Through the store's write lock: never below an LSN whose data the scan saw.
                 let store = shared.store.clone();
-                let position = blocking(move || Ok(store.position()));
-                self.work.push(Box::pin(async move {
-                    let end = position.await?;
-                    Ok(Some(SourceEvent::EndLsnRead {
-                        end_lsn: end.lsn,
-                        end_chain_hash: end.chain_hash,
-                    }))
-                }));
+                let end = blocking(move || Ok(work::read_end_lsn(&*store)));
+                self.work
+                    .push(Box::pin(async move { Ok(Some(end.await?)) }));
             }
             SourceAction::ReadBatch {
                 from,
@@ -402,8 +390,11 @@ where
                         first_retained: from,
                     });
                 } else {
+                    let store = shared.store.clone();
+                    let read =
+                        blocking(move || work::read_batch(&*store, from, max_entries, max_bytes));
                     self.work
-                        .push(Box::pin(read_batch(shared, from, max_entries, max_bytes)));
+                        .push(Box::pin(async move { Ok(Some(read.await?)) }));
                 }
             }
             SourceAction::AdvanceSlot(durable) => {
@@ -421,42 +412,15 @@ where
             SourceAction::ReadRewindValues { keys } => {
                 let store = shared.store.clone();
                 let budget = REWIND_VALUES_BYTES.min(self.limits.largest_payload() / 2);
-                let read = blocking(move || store.get_many(&keys, budget));
-                self.work.push(Box::pin(async move {
-                    let (position, values) = read.await?;
-                    Ok(Some(SourceEvent::RewindValuesRead(RewindValues {
-                        lsn: position.lsn,
-                        chain_hash: position.chain_hash,
-                        values,
-                    })))
-                }));
+                let read = blocking(move || work::read_rewind_values(&*store, &keys, budget));
+                self.work
+                    .push(Box::pin(async move { Ok(Some(read.await?)) }));
             }
             SourceAction::Fence { epoch, epoch_id } => {
-                // A promotion names itself: the mirror's verified identity and its epoch id.
-                let ask = match epoch_id {
-                    Some(epoch_id) => FenceAsk::Promotion(Successor {
-                        epoch,
-                        epoch_id,
-                        cluster: self.peer.cluster_id.clone(),
-                        name: self.peer.name.clone(),
-                    }),
-                    None => FenceAsk::LaterEpoch(epoch),
-                };
-                // The log line names who fenced the source, and how.
-                let learned_from = match epoch_id {
-                    Some(_) => format!("the promotion of {}", self.peer),
-                    None => format!("the hello of {}", self.peer),
-                };
-                let fenced = match blocking(move || shared.fence(&ask, &learned_from)).await {
-                    Ok((fence, last_lsn)) => Ok(FenceReply {
-                        fenced_by: fence.epoch,
-                        epoch_id: fence.successor.map(|successor| successor.epoch_id),
-                        last_lsn,
-                    }),
-                    Err(SessionError::Store(StoreError::FenceRefused(refused))) => Err(refused),
-                    Err(error) => return Err(error),
-                };
-                self.machine.handle(SourceEvent::Fenced(fenced));
+                let peer = self.peer.clone();
+                let store = shared.store.clone();
+                let fenced = blocking(move || work::fence(&*store, &peer, epoch, epoch_id)).await?;
+                self.machine.handle(fenced);
             }
             SourceAction::ArmTimer(timer, after) => self.timers.arm(timer, after),
         }
@@ -498,189 +462,11 @@ where
                 "hello accepted"
             );
         }
-        self.ticket = ticket.map(|ticket| (mirror_identity(&self.peer), ticket));
+        self.ticket = ticket.map(|ticket| (work::mirror_identity(&self.peer), ticket));
         self.machine.handle(SourceEvent::Admitted {
             decision,
             source,
             slot,
         });
-    }
-}
-
-/// The batch that starts at `from`, ending no later than `up_to`, read from the WAL (a
-/// session that is behind, or that missed the writer's recent groups).
-async fn read_batch(
-    shared: Arc<SourceShared>,
-    from: Lsn,
-    max_entries: usize,
-    max_bytes: usize,
-) -> Result<Option<SourceEvent>, SessionError> {
-    let store = shared.store.clone();
-    let read = blocking(move || {
-        let span = store.read_wal(from, max_entries, max_bytes)?;
-        Ok((span, store.wal_bounds().first))
-    });
-    Ok(Some(match read.await {
-        Ok((span, first_retained)) => SourceEvent::BatchRead {
-            batch: span.map(|span| {
-                Arc::new(SharedBatch::new(WalBatch {
-                    first_lsn: span.first_lsn,
-                    chain_hash: span.chain_hash,
-                    commit_time: span.commit_time,
-                    entries: span.entries,
-                }))
-            }),
-            first_retained,
-        },
-        // Retention passed the slot between the machine asking and the read.
-        Err(SessionError::Store(StoreError::WalTruncated { first, .. })) => {
-            SourceEvent::WalTruncated {
-                first_retained: first,
-            }
-        }
-        Err(error) => return Err(error),
-    }))
-}
-
-/// Whose slot a session uses: the verified certificate's cluster and name, never what the
-/// hello says (`decide` refuses a hello whose name is not the certificate's).
-fn mirror_identity(peer: &PeerIdentity) -> MirrorIdentity {
-    MirrorIdentity {
-        cluster: peer.cluster_id.clone(),
-        name: peer.name.clone(),
-    }
-}
-
-/// What admitting a hello came to.
-struct Admission {
-    hello: Box<Hello>,
-    decision: Result<Decision, Reject>,
-    /// What became of the slot.
-    slot: SlotClaim,
-    /// The slot, pinned for the session, when the hello was accepted (a diverged mirror
-    /// gets none: its slot is not moved).
-    ticket: Option<SessionTicket>,
-    /// Where the source stood when it decided.
-    source: SourceStanding,
-}
-
-/// Builds the source's view, decides, and on acceptance registers the session (pinning
-/// the WAL it needs). Runs on a blocking thread: it reads the store and writes the slot,
-/// under the lock retention holds while it truncates.
-fn admit(
-    hello: Box<Hello>,
-    peer: &PeerIdentity,
-    shared: &SourceShared,
-) -> Result<Admission, StoreError> {
-    let _admission = shared
-        .admission
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
-    let store = &shared.store;
-    let position = store.position();
-    let wal = store.wal_bounds();
-    let resumable = hello.resume.as_ref().and_then(|token| {
-        shared
-            .slots
-            .resumable(&mirror_identity(peer), token.snapshot_id, wal.first)
-            .map(|snapshot| SnapshotPlan {
-                snapshot_id: snapshot.snapshot_id,
-                base_lsn: snapshot.base.lsn,
-                base_chain_hash: snapshot.base.chain_hash,
-            })
-    });
-    // Random, so that no restart or restore ever hands out an id a mirror may still hold.
-    let fresh_snapshot = SnapshotPlan {
-        snapshot_id: SnapshotId(rand::random()),
-        base_lsn: position.lsn,
-        base_chain_hash: position.chain_hash,
-    };
-    let chain_hash_at_resume_base = match &hello.resume {
-        Some(token) => store.chain_hash_at(token.base_lsn)?,
-        None => None,
-    };
-    let chain_hash_at_resume_scanned =
-        match hello.resume.as_ref().and_then(|token| token.scanned_at) {
-            Some(scanned) => store.chain_hash_at(scanned.lsn)?,
-            None => None,
-        };
-    let databases = [shared.config.database.clone()];
-    let history = store.history();
-    let view = SourceView {
-        cluster_id: &shared.config.cluster_id,
-        versions: shared.config.versions,
-        databases: &databases,
-        database_id: shared.database.id,
-        epoch: shared.database.epoch,
-        history: &history,
-        last_lsn: position.lsn,
-        wal_first_lsn: wal.first,
-        chain_hash_at_mirror_lsn: store.chain_hash_at(hello.applied_lsn)?,
-        slot_acked_lsn: shared.slots.acked_lsn(&mirror_identity(peer)),
-        resumable,
-        chain_hash_at_resume_base,
-        chain_hash_at_resume_scanned,
-        fresh_snapshot,
-        peer_may_succeed: shared.config.may_succeed(peer),
-    };
-    let decision = decide(&hello, peer, &view);
-    if hello.database_id == Some(view.database_id)
-        && hello.epoch > view.epoch
-        && !matches!(&decision, Err(refusal) if refusal.code == ErrorCode::Fenced)
-    {
-        tracing::warn!(
-            %peer,
-            claimed_epoch = hello.epoch.0,
-            own_epoch = view.epoch.0,
-            may_succeed = view.peer_may_succeed,
-            "a mirror claims a later epoch of this database, and is no successor of it (or skips an epoch): no fence, a history of its own"
-        );
-    }
-    // The slot is pinned here, under the admission lock, for a decision that sends; what
-    // a slot that cannot be had means is the machine's.
-    let (ticket, slot) = match &decision {
-        Ok(Decision::Diverged { .. }) | Err(_) => (None, SlotClaim::NotClaimed),
-        Ok(accepted) => {
-            let now = std::time::Instant::now();
-            match shared.slots.begin_session(
-                &mirror_identity(peer),
-                accepted,
-                now,
-                &shared.config.slot_caps(),
-            ) {
-                Ok(ticket) => (Some(ticket), SlotClaim::Pinned),
-                Err(in_use @ BeginError::InUse { .. }) => {
-                    (None, SlotClaim::InUse(in_use.to_string()))
-                }
-                Err(full @ BeginError::Full { .. }) => {
-                    tracing::warn!(%peer, reason = %full, "mirror refused: no slot");
-                    (None, SlotClaim::Full(full.to_string()))
-                }
-                Err(BeginError::Store(error)) => return Err(error),
-            }
-        }
-    };
-    Ok(Admission {
-        hello,
-        decision,
-        slot,
-        ticket,
-        // Every entry the store shows is durable: only the writer's commits add data.
-        source: SourceStanding {
-            database_id: shared.database.id,
-            epoch: shared.database.epoch,
-            history,
-            last_lsn: position.lsn,
-        },
-    })
-}
-
-/// Where the source stands now, for an ack that refuses before any store work.
-fn standing(shared: &SourceShared) -> SourceStanding {
-    SourceStanding {
-        database_id: shared.database.id,
-        epoch: shared.database.epoch,
-        history: shared.store.history(),
-        last_lsn: shared.store.position().lsn,
     }
 }

@@ -169,6 +169,26 @@ fn replies_len(first: Lsn, last: Lsn) -> u64 {
     last.0 + 1 - first.0
 }
 
+/// Commits `entries` after the store's last LSN as one group, durable before anything can
+/// see it (no read, scan or session finds it first); returns where the store then stands.
+/// A fenced store refuses it before writing anything (`StoreError::Fenced`).
+pub fn commit_group(
+    store: &dyn Store,
+    entries: &[Entry],
+    commit_time: UnixMillis,
+) -> Result<xmirror_store::Position, StoreError> {
+    let first_lsn = store.position().lsn.next();
+    store
+        .commit(Batch {
+            first_lsn,
+            entries,
+            commit_time,
+            keep_wal: true,
+            expected_chain_hash: None,
+        })
+        .map(|applied| applied.position)
+}
+
 /// Keeps `batch` for live sessions, dropping the oldest groups beyond [`RECENT_BYTES`].
 fn remember(recent: &Mutex<Recent>, batch: SharedBatch) {
     let mut recent = recent.lock().unwrap_or_else(PoisonError::into_inner);
@@ -201,17 +221,7 @@ async fn run(
         let group_bytes: u64 = entries.iter().map(|entry| entry.payload_len() as u64).sum();
         let store_for_batch = store.clone();
         let outcome = tokio::task::spawn_blocking(move || {
-            let first_lsn = store_for_batch.position().lsn.next();
-            // Durable before anything can see it: no read, scan or session finds it first.
-            let durable = store_for_batch
-                .commit(Batch {
-                    first_lsn,
-                    entries: &entries,
-                    commit_time,
-                    keep_wal: true,
-                    expected_chain_hash: None,
-                })
-                .map(|applied| applied.position);
+            let durable = commit_group(&*store_for_batch, &entries, commit_time);
             if let Ok(position) = &durable {
                 stage::mark(Stage::Committed, position.lsn);
             }

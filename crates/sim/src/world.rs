@@ -1,0 +1,1544 @@
+//! The simulated world: nodes with their real stores and session machines, connections,
+//! the clock, the operations drawn from the seed, and the trace.
+//!
+//! Time advances in ticks of [`TICK_MS`]. Each tick delivers the frames whose latency has
+//! passed (in order, unless the link is partitioned), fires the timers that are due, lets
+//! each machine do everything it asks for (store work completes within the tick), and then
+//! perhaps runs one operation. The faults stop at [`Options::fault_ms`]; the world then
+//! heals, every mirror is pointed at the final source, and it runs until they all reach it
+//! or [`Options::settle_ms`] passes.
+
+use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use xmirror_mirror::promotion::{next_epoch, planned_epoch_id, promote_store};
+use xmirror_mirror::session::{perform, standing, SessionError, WorkSetup};
+use xmirror_proto::history::FenceAsk;
+use xmirror_proto::message::Write;
+use xmirror_proto::session::mirror::{
+    MirrorAction, MirrorEnd, MirrorEvent, MirrorProgress, MirrorSession, MirrorSessionConfig,
+    MirrorTimer,
+};
+use xmirror_proto::session::source::{
+    Committed, SourceAction, SourceEvent, SourceSession, SourceTimer,
+};
+use xmirror_proto::{
+    DatabaseId, DivergencePolicy, Entry, Epoch, Lsn, Message, Name, PeerIdentity, Role, SnapshotId,
+    UnixMillis, SUPPORTED_VERSIONS,
+};
+use xmirror_source::slots::{SessionTicket, Slots};
+use xmirror_source::work::{self, SessionStore};
+use xmirror_source::writer::commit_group;
+use xmirror_source::SourceConfig;
+use xmirror_store::{DatabaseIdentity, RedbStore, Store, StoreError};
+
+use crate::check::{self, Model, Violation};
+
+/// Simulated milliseconds per tick.
+pub const TICK_MS: u64 = 5;
+/// A connection whose peer is gone dies after this long without a packet (QUIC's idle
+/// timeout).
+const IDLE_TIMEOUT_MS: u64 = 10_000;
+/// The simulated wall clock starts here (2026-01-01), so commit times look like times.
+const EPOCH_MS: u64 = 1_767_225_600_000;
+
+/// How a run is shaped.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// Mirrors at the start (beside the one source).
+    pub mirrors: usize,
+    /// Simulated milliseconds during which operations and faults happen.
+    pub fault_ms: u64,
+    /// Simulated milliseconds the healed world has to converge.
+    pub settle_ms: u64,
+    /// Print each trace line as it happens.
+    pub verbose: bool,
+    /// A fixed list of operations instead of drawn ones: (at ms, operation).
+    pub script: Option<Vec<(u64, Op)>>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            mirrors: 2,
+            fault_ms: 20_000,
+            settle_ms: 60_000,
+            verbose: false,
+            script: None,
+        }
+    }
+}
+
+/// One thing that happens to the world, by node index.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Op {
+    /// A client writes `writes` entries to the node it believes is the source (`None`) or
+    /// to this one.
+    Write {
+        /// Which node, if not the primary.
+        to: Option<usize>,
+        /// How many entries.
+        entries: u32,
+    },
+    /// kill -9 of the node; it restarts after `down_ms`.
+    Crash {
+        /// The node.
+        node: usize,
+        /// How long it stays down.
+        down_ms: u64,
+    },
+    /// No packet between the node and every other for `ms`.
+    Partition {
+        /// The node.
+        node: usize,
+        /// How long.
+        ms: u64,
+    },
+    /// Copy the node's directory aside (a backup, crash-consistent).
+    Backup {
+        /// The node.
+        node: usize,
+    },
+    /// Stop the node, put its directory back from its latest backup, start it again.
+    Restore {
+        /// The node.
+        node: usize,
+    },
+    /// Ask the mirror for a planned promotion (it fences the source first).
+    PlannedPromotion {
+        /// The mirror.
+        node: usize,
+    },
+    /// Promote the mirror now, without the source.
+    ForcedPromotion {
+        /// The mirror.
+        node: usize,
+    },
+    /// Start a former source as a mirror of the primary.
+    Failback {
+        /// The former source.
+        node: usize,
+    },
+    /// Point the mirror at another source node.
+    Repoint {
+        /// The mirror.
+        node: usize,
+        /// The source it now dials.
+        to: usize,
+    },
+    /// Drop a mirror's slot on the source.
+    DropSlot {
+        /// The source.
+        source: usize,
+        /// The mirror whose slot goes.
+        mirror: usize,
+    },
+    /// `xmirror fence` on a source (its next epoch).
+    Fence {
+        /// The source.
+        node: usize,
+    },
+}
+
+/// How a run ended.
+#[derive(Debug)]
+pub struct Outcome {
+    /// The seed.
+    pub seed: u64,
+    /// What broke, in order.
+    pub violations: Vec<Violation>,
+    /// Every line of the trace.
+    pub trace: Vec<String>,
+    /// Writes acknowledged over the run.
+    pub acknowledged: u64,
+    /// The final source's last LSN.
+    pub final_lsn: Lsn,
+}
+
+/// A node's part in the world.
+enum Part {
+    Source(Box<SourceSide>),
+    Mirror(MirrorSide),
+}
+
+struct SourceSide {
+    config: SourceConfig,
+    /// Loaded from the store when the node is up.
+    slots: Option<Slots>,
+    admission: Mutex<()>,
+}
+
+struct MirrorSide {
+    follows: usize,
+    policy: DivergencePolicy,
+    progress: MirrorProgress,
+    /// When it dials next (when up and without a connection).
+    next_dial: u64,
+    /// A planned promotion asked for: handed to the session once it streams.
+    promote: bool,
+    /// The mirror exited on a permanent refusal: it waits for an operator.
+    exited: Option<String>,
+    setup: WorkSetup,
+}
+
+struct Node {
+    name: Name,
+    cluster: Name,
+    dir: PathBuf,
+    /// `None` while the process is down.
+    store: Option<Arc<dyn Store>>,
+    /// When a crashed node comes back.
+    restart_at: Option<u64>,
+    /// No packet to or from it until then.
+    partitioned_until: u64,
+    /// Its clock runs this far ahead of (or behind) the simulation's.
+    skew_ms: i64,
+    part: Part,
+    /// Its latest backup, and whether it was taken while the node was a source (an
+    /// operator restores a node from a backup of the role it has: the real source refuses
+    /// to start on a mirror's copy).
+    backup: Option<(PathBuf, bool)>,
+}
+
+impl Node {
+    fn identity(&self) -> PeerIdentity {
+        PeerIdentity {
+            cluster_id: self.cluster.clone(),
+            role: Role::Observer,
+            name: self.name.clone(),
+        }
+    }
+
+    fn is_up(&self) -> bool {
+        self.store.is_some()
+    }
+}
+
+struct MirrorHalf {
+    machine: MirrorSession,
+    handshake_at: Option<u64>,
+    silence_at: Option<u64>,
+    last_byte: u64,
+}
+
+struct SourceHalf {
+    machine: SourceSession,
+    ticket: Option<SessionTicket>,
+    handshake_at: Option<u64>,
+    heartbeat_at: Option<u64>,
+}
+
+/// One mirror's connection to one source: both halves and the frames in flight.
+struct Conn {
+    mirror: usize,
+    source: usize,
+    mirror_half: Option<MirrorHalf>,
+    source_half: Option<SourceHalf>,
+    to_source: VecDeque<(u64, Message)>,
+    to_mirror: VecDeque<(u64, Message)>,
+    /// When the remaining half learns that the other is gone.
+    closing_at: Option<u64>,
+}
+
+/// The whole world of one seed.
+pub struct World {
+    seed: u64,
+    options: Options,
+    rng: StdRng,
+    now: u64,
+    base: Instant,
+    nodes: Vec<Node>,
+    conns: Vec<Conn>,
+    /// The node clients write to.
+    primary: usize,
+    latency_ms: u64,
+    model: Model,
+    trace: Vec<String>,
+    /// Kept for its directories' lifetime.
+    _root: tempfile::TempDir,
+    database: DatabaseIdentity,
+    acknowledged: u64,
+    promotions: u32,
+    next_key: u64,
+    /// Nodes restored from a backup that have not started since.
+    restored: Vec<usize>,
+}
+
+fn name(text: &str) -> Name {
+    Name::new(text).expect("a valid name")
+}
+
+fn open(dir: &Path) -> Result<Arc<dyn Store>, StoreError> {
+    Ok(Arc::new(RedbStore::open(dir)?))
+}
+
+/// A directory for the world's stores: on tmpfs when there is one (fsync is cheap there).
+fn root_dir() -> tempfile::TempDir {
+    let shm = Path::new("/dev/shm");
+    if shm.is_dir() {
+        if let Ok(dir) = tempfile::Builder::new()
+            .prefix("xmirror-sim")
+            .tempdir_in(shm)
+        {
+            return dir;
+        }
+    }
+    tempfile::Builder::new()
+        .prefix("xmirror-sim")
+        .tempdir()
+        .expect("a temporary directory")
+}
+
+fn copy_dir(from: &Path, to: &Path) -> std::io::Result<()> {
+    if to.exists() {
+        std::fs::remove_dir_all(to)?;
+    }
+    std::fs::create_dir_all(to)?;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        let target = to.join(entry.file_name());
+        if entry.file_type()?.is_dir() {
+            copy_dir(&entry.path(), &target)?;
+        } else {
+            std::fs::copy(entry.path(), target)?;
+        }
+    }
+    Ok(())
+}
+
+impl World {
+    /// The world `seed` makes.
+    pub fn new(seed: u64, options: Options) -> World {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let root = root_dir();
+        let database = DatabaseIdentity {
+            id: DatabaseId(rng.random()),
+            epoch: Epoch::FIRST,
+        };
+        let latency_ms = rng.random_range(1..=40);
+        let mut world = World {
+            seed,
+            options,
+            rng,
+            now: 0,
+            base: Instant::now(),
+            nodes: Vec::new(),
+            conns: Vec::new(),
+            primary: 0,
+            latency_ms,
+            model: Model::default(),
+            trace: Vec::new(),
+            _root: root,
+            database,
+            acknowledged: 0,
+            promotions: 0,
+            next_key: 0,
+            restored: Vec::new(),
+        };
+        let source_dir = world._root.path().join("node-0");
+        let config = world.source_config(&source_dir);
+        world.add_node("node-0", World::source_part(config));
+        for index in 0..world.options.mirrors {
+            let policy = if world.rng.random_bool(0.5) {
+                DivergencePolicy::Halt
+            } else {
+                DivergencePolicy::Resnapshot
+            };
+            let part = world.mirror_part(0, policy);
+            world.add_node(&format!("node-{}", index + 1), part);
+        }
+        world.say(format!(
+            "seed {seed}: {} mirrors, latency {latency_ms} ms",
+            world.options.mirrors
+        ));
+        world
+    }
+
+    fn source_config(&mut self, dir: &Path) -> SourceConfig {
+        let mut config = SourceConfig::new(
+            dir.to_path_buf(),
+            name("a"),
+            "127.0.0.1:1".parse().expect("an address"),
+        );
+        config.batch_max_entries = self.rng.random_range(1..=64);
+        config.batch_max_bytes = self.rng.random_range(64..=8192);
+        config.snapshot_chunk_bytes = self.rng.random_range(32..=4096);
+        config.snapshot_window_chunks = self.rng.random_range(1..=4);
+        config.max_unacked_bytes = self.rng.random_range(64..=16384);
+        // Retention small enough to pass slots now and then.
+        config.max_wal_entries = if self.rng.random_bool(0.3) {
+            self.rng.random_range(20..=200)
+        } else {
+            1_000_000
+        };
+        config.max_batch_writes = 8;
+        config
+    }
+
+    fn source_part(config: SourceConfig) -> Part {
+        Part::Source(Box::new(SourceSide {
+            config,
+            slots: None,
+            admission: Mutex::new(()),
+        }))
+    }
+
+    fn mirror_part(&mut self, follows: usize, policy: DivergencePolicy) -> Part {
+        Part::Mirror(MirrorSide {
+            follows,
+            policy,
+            progress: MirrorProgress::new(Lsn::ZERO, false),
+            next_dial: 0,
+            promote: false,
+            exited: None,
+            setup: WorkSetup {
+                data_dir: PathBuf::new(),
+                max_wal_entries: self.rng.random_range(50..=100_000),
+                max_wal_bytes: 1 << 30,
+            },
+        })
+    }
+
+    fn add_node(&mut self, node_name: &str, part: Part) {
+        let dir = self._root.path().join(node_name);
+        std::fs::create_dir_all(&dir).expect("a node directory");
+        let part = match part {
+            Part::Source(side) => Part::Source(side),
+            Part::Mirror(mut side) => {
+                side.setup.data_dir = dir.clone();
+                Part::Mirror(side)
+            }
+        };
+        let skew_ms = self.rng.random_range(-2_000..=2_000);
+        self.nodes.push(Node {
+            name: name(node_name),
+            cluster: name("a"),
+            dir,
+            store: None,
+            restart_at: Some(0),
+            partitioned_until: 0,
+            skew_ms,
+            part,
+            backup: None,
+        });
+    }
+
+    fn say(&mut self, line: String) {
+        let line = format!("[{:>6} ms] {line}", self.now);
+        if self.options.verbose {
+            eprintln!("{line}");
+        }
+        self.trace.push(line);
+    }
+
+    fn instant(&self) -> Instant {
+        self.base + Duration::from_millis(self.now)
+    }
+
+    fn wall_clock(&self, node: usize) -> UnixMillis {
+        UnixMillis((EPOCH_MS + self.now).saturating_add_signed(self.nodes[node].skew_ms))
+    }
+
+    /// Runs the world to its end and judges it.
+    pub fn run(mut self) -> Outcome {
+        let mut script: VecDeque<(u64, Op)> =
+            self.options.script.clone().unwrap_or_default().into();
+        while self.now < self.options.fault_ms {
+            self.tick();
+            match &self.options.script {
+                Some(_) => {
+                    while script.front().is_some_and(|(at, _)| *at <= self.now) {
+                        let (_, op) = script.pop_front().expect("checked");
+                        self.apply(op);
+                    }
+                }
+                None => {
+                    if self.rng.random_bool(0.015) {
+                        let op = self.draw();
+                        self.apply(op);
+                    }
+                }
+            }
+        }
+        self.settle();
+        let final_lsn = self.nodes[self.primary]
+            .store
+            .as_ref()
+            .map_or(Lsn::ZERO, |store| store.position().lsn);
+        Outcome {
+            seed: self.seed,
+            violations: std::mem::take(&mut self.model.violations),
+            trace: std::mem::take(&mut self.trace),
+            acknowledged: self.acknowledged,
+            final_lsn,
+        }
+    }
+
+    /// The faults stop: every node up and reachable, every mirror pointed at the primary.
+    fn settle(&mut self) {
+        self.say("faults stop: healing, restarting, pointing every mirror at the primary".into());
+        for index in 0..self.nodes.len() {
+            self.nodes[index].partitioned_until = 0;
+            if !self.nodes[index].is_up() {
+                self.nodes[index].restart_at = Some(self.now);
+            }
+            let primary = self.primary;
+            if let Part::Mirror(side) = &mut self.nodes[index].part {
+                if side.follows != primary {
+                    side.follows = primary;
+                    self.drop_conns_of(index);
+                }
+            }
+        }
+        let deadline = self.now + self.options.settle_ms;
+        while self.now < deadline {
+            self.tick();
+            if self.now.is_multiple_of(500) && self.converged().is_ok() {
+                break;
+            }
+        }
+        let at = self.now;
+        if let Some(store) = self.nodes[self.primary].store.clone() {
+            self.model.final_source(at, &store.history());
+        }
+        if let Err(behind) = self.converged() {
+            self.model.not_converged(at, behind);
+        }
+        self.say("end".into());
+    }
+
+    /// Whether every mirror that should follow the primary holds its state.
+    fn converged(&self) -> Result<(), String> {
+        let primary = &self.nodes[self.primary];
+        let Some(source) = &primary.store else {
+            return Err("the primary is down".into());
+        };
+        let target = source.position();
+        for node in &self.nodes {
+            let Part::Mirror(side) = &node.part else {
+                continue;
+            };
+            // A halted mirror keeps its data (checked apart), and an exited one waits for
+            // an operator: neither is expected to follow.
+            if side.exited.is_some() || side.progress.halt_reason.is_some() {
+                continue;
+            }
+            let Some(store) = &node.store else {
+                return Err(format!("{} is down", node.name));
+            };
+            let held = store.position();
+            if held != target || store.sync_state() != xmirror_store::SyncState::Consistent {
+                return Err(format!(
+                    "{} stands at LSN {} ({:?}), the primary {} at {}",
+                    node.name,
+                    held.lsn,
+                    store.sync_state(),
+                    primary.name,
+                    target.lsn
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn draw(&mut self) -> Op {
+        let nodes = self.nodes.len();
+        let node = self.rng.random_range(0..nodes);
+        let roll = self.rng.random_range(0..100);
+        match roll {
+            0..=44 => Op::Write {
+                to: self.rng.random_bool(0.1).then_some(node),
+                entries: self.rng.random_range(1..=6),
+            },
+            45..=54 => Op::Crash {
+                node,
+                down_ms: self.rng.random_range(50..=3_000),
+            },
+            55..=64 => Op::Partition {
+                node,
+                ms: self.rng.random_range(100..=8_000),
+            },
+            65..=71 => Op::Backup { node },
+            72..=77 => Op::Restore { node },
+            78..=80 => Op::PlannedPromotion { node },
+            81 => Op::ForcedPromotion { node },
+            82..=85 => Op::Failback { node },
+            86..=92 => Op::Repoint {
+                node,
+                to: self.rng.random_range(0..nodes),
+            },
+            93..=96 => Op::DropSlot {
+                source: self.primary,
+                mirror: node,
+            },
+            _ => Op::Fence { node },
+        }
+    }
+
+    /// Runs one operation (one that does not apply to the node as it is is skipped).
+    pub fn apply(&mut self, op: Op) {
+        match op {
+            Op::Write { to, entries } => self.write(to.unwrap_or(self.primary), entries),
+            Op::Crash { node, down_ms } => {
+                if self.nodes[node].is_up() {
+                    self.say(format!(
+                        "{} crashes (kill -9), back in {down_ms} ms",
+                        self.nodes[node].name
+                    ));
+                    self.crash(node);
+                    self.nodes[node].restart_at = Some(self.now + down_ms);
+                }
+            }
+            Op::Partition { node, ms } => {
+                self.say(format!("{} partitioned for {ms} ms", self.nodes[node].name));
+                self.nodes[node].partitioned_until = self.now + ms;
+            }
+            Op::Backup { node } => {
+                if self.nodes[node].is_up() {
+                    let to = self._root.path().join(format!("backup-{node}"));
+                    let at = self.nodes[node]
+                        .store
+                        .as_ref()
+                        .map(|store| store.position().lsn);
+                    let as_source = matches!(self.nodes[node].part, Part::Source(_));
+                    if copy_dir(&self.nodes[node].dir, &to).is_ok() {
+                        self.nodes[node].backup = Some((to, as_source));
+                        self.say(format!("{} backed up at LSN {at:?}", self.nodes[node].name));
+                    }
+                }
+            }
+            Op::Restore { node } => {
+                let as_source = matches!(self.nodes[node].part, Part::Source(_));
+                let Some(backup) = self.nodes[node]
+                    .backup
+                    .clone()
+                    .filter(|(_, of_source)| *of_source == as_source)
+                    .map(|(backup, _)| backup)
+                else {
+                    return;
+                };
+                self.say(format!(
+                    "{} restored from its backup",
+                    self.nodes[node].name
+                ));
+                // A fenced source put back to before its fence takes writes again: the
+                // operator forked its history, as a forced promotion does.
+                let unfenced = as_source && self.fenced_on_disk(node);
+                if unfenced {
+                    self.model.operator_forks += 1;
+                    self.say("the operator restores a fenced source to before its fence".into());
+                }
+                self.crash(node);
+                if let Err(error) = copy_dir(&backup, &self.nodes[node].dir.clone()) {
+                    let at = self.now;
+                    self.model.internal(at, format!("restore failed: {error}"));
+                }
+                self.nodes[node].restart_at = Some(self.now + 10);
+                self.restored.push(node);
+            }
+            Op::PlannedPromotion { node } => {
+                if self.promotions < 2 {
+                    if let Part::Mirror(side) = &mut self.nodes[node].part {
+                        if side.exited.is_none() && side.progress.consistent {
+                            side.promote = true;
+                            self.say(format!(
+                                "operator asks {} for a planned promotion",
+                                self.nodes[node].name
+                            ));
+                        }
+                    }
+                }
+            }
+            Op::ForcedPromotion { node } => self.forced_promotion(node),
+            Op::Failback { node } => self.failback(node),
+            Op::Repoint { node, to } => {
+                if node != to && matches!(self.nodes[to].part, Part::Source(_)) {
+                    if let Part::Mirror(side) = &mut self.nodes[node].part {
+                        if side.follows != to {
+                            side.follows = to;
+                            let (from, into) =
+                                (self.nodes[node].name.clone(), self.nodes[to].name.clone());
+                            self.say(format!("{from} pointed at {into}"));
+                            self.drop_conns_of(node);
+                        }
+                    }
+                }
+            }
+            Op::DropSlot { source, mirror } => {
+                let selector = self.nodes[mirror].identity().spiffe_uri();
+                if let Part::Source(side) = &self.nodes[source].part {
+                    if let Some(slots) = &side.slots {
+                        if slots.drop_slot(&selector).is_ok() {
+                            self.say(format!(
+                                "slot of {} dropped on {}",
+                                self.nodes[mirror].name, self.nodes[source].name
+                            ));
+                        }
+                    }
+                }
+            }
+            Op::Fence { node } => {
+                let Some(store) = self.nodes[node].store.clone() else {
+                    return;
+                };
+                if !matches!(self.nodes[node].part, Part::Source(_)) || node == self.primary {
+                    return;
+                }
+                let next = store
+                    .database()
+                    .map_or(Epoch::FIRST, |database| database.epoch)
+                    .next()
+                    .unwrap_or(Epoch::FIRST);
+                match work::fence_store(&*store, &FenceAsk::Operator(next), "xmirror fence") {
+                    Ok((fence, last)) => self.say(format!(
+                        "operator fences {} by epoch {} at LSN {last}",
+                        self.nodes[node].name, fence.epoch
+                    )),
+                    Err(error) => self.say(format!(
+                        "operator fence of {} refused: {error}",
+                        self.nodes[node].name
+                    )),
+                }
+            }
+        }
+    }
+
+    /// Whether the node's store is fenced (opened for a look when the node is down).
+    fn fenced_on_disk(&self, node: usize) -> bool {
+        match &self.nodes[node].store {
+            Some(store) => store.fenced().is_some(),
+            None => open(&self.nodes[node].dir).is_ok_and(|store| store.fenced().is_some()),
+        }
+    }
+
+    fn write(&mut self, node: usize, count: u32) {
+        let Some(store) = self.nodes[node].store.clone() else {
+            return;
+        };
+        if !matches!(self.nodes[node].part, Part::Source(_)) {
+            return;
+        }
+        let mut entries = Vec::new();
+        for _ in 0..count {
+            let key = format!("k{:02}", self.rng.random_range(0..40)).into_bytes();
+            self.next_key += 1;
+            let value = format!("v{}-{}", self.next_key, self.nodes[node].name).into_bytes();
+            entries.push(match self.rng.random_range(0..10) {
+                0 => Entry::Delete { key },
+                1 => Entry::Batch {
+                    writes: vec![
+                        Write::put(key, value.clone()),
+                        Write::put(format!("b{:02}", self.rng.random_range(0..10)), value),
+                    ],
+                },
+                _ => Entry::Put { key, value },
+            });
+        }
+        let commit_time = self.wall_clock(node);
+        self.model.committing(&*store, &entries);
+        match commit_group(&*store, &entries, commit_time) {
+            Ok(position) => {
+                let first = Lsn(position.lsn.0 + 1 - entries.len() as u64);
+                let history = store.history();
+                let at = self.now;
+                let writer = self.nodes[node].name.to_string();
+                for offset in 0..entries.len() as u64 {
+                    self.model
+                        .acknowledged(at, &writer, &history, first.advance(offset));
+                }
+                self.acknowledged += entries.len() as u64;
+                self.model.source_state(&*store);
+                let committed = Committed {
+                    last_lsn: position.lsn,
+                    commit_time,
+                };
+                for conn in self.conns.iter_mut().filter(|conn| conn.source == node) {
+                    if let Some(half) = &mut conn.source_half {
+                        half.machine.handle(SourceEvent::Committed(committed));
+                    }
+                }
+                self.say(format!(
+                    "{} acknowledges LSN {first}..={}",
+                    self.nodes[node].name, position.lsn
+                ));
+            }
+            Err(StoreError::Fenced { by }) => {
+                self.say(format!(
+                    "{} refuses a write: fenced by epoch {by}",
+                    self.nodes[node].name
+                ));
+            }
+            Err(error) => {
+                let at = self.now;
+                self.model.internal(
+                    at,
+                    format!("{}: a commit failed: {error}", self.nodes[node].name),
+                );
+            }
+        }
+    }
+
+    /// kill -9: the store closes with whatever it wrote, every connection of the node
+    /// loses its half.
+    fn crash(&mut self, node: usize) {
+        self.drop_conns_of(node);
+        let target = &mut self.nodes[node];
+        target.store = None;
+        target.restart_at = None;
+        match &mut target.part {
+            Part::Source(side) => side.slots = None,
+            Part::Mirror(side) => side.exited = None,
+        }
+    }
+
+    /// Ends every connection of `node`: its own halves now, the other ends once they
+    /// notice.
+    fn drop_conns_of(&mut self, node: usize) {
+        for index in 0..self.conns.len() {
+            let conn = &self.conns[index];
+            if conn.mirror == node {
+                self.end_mirror_half(index, "its process or connection went away");
+            } else if conn.source == node {
+                self.end_source_half(index);
+            }
+        }
+    }
+
+    fn start(&mut self, node: usize) {
+        let dir = self.nodes[node].dir.clone();
+        let store = match open(&dir) {
+            Ok(store) => store,
+            Err(error) => {
+                let at = self.now;
+                self.model.internal(
+                    at,
+                    format!("{} cannot open its store: {error}", self.nodes[node].name),
+                );
+                self.nodes[node].restart_at = None;
+                return;
+            }
+        };
+        // A new source's store gets its database (once: a restart keeps it).
+        if let Part::Source(_) = self.nodes[node].part {
+            if store.database().is_none() {
+                if let Err(error) = store.create_database(self.database) {
+                    let at = self.now;
+                    self.model.internal(at, format!("create_database: {error}"));
+                }
+                self.model.source_state(&*store);
+            }
+        }
+        let at = self.now;
+        match &mut self.nodes[node].part {
+            Part::Source(side) => match Slots::load(store.clone()) {
+                Ok(slots) => side.slots = Some(slots),
+                Err(error) => self.model.internal(at, format!("slots: {error}")),
+            },
+            Part::Mirror(side) => {
+                side.next_dial = at;
+                side.progress = MirrorProgress::new(store.position().lsn, false);
+                if let Ok(halted) = standing(&*store).map(|standing| standing.halted) {
+                    side.progress.halt_reason = halted;
+                }
+            }
+        }
+        // An operator who restores a source from a backup gives up what it acknowledged
+        // after the backup: the checkers forget those writes.
+        if self.restored.contains(&node) {
+            self.restored.retain(|restored| *restored != node);
+            let name = self.nodes[node].name.to_string();
+            let primary = node == self.primary;
+            self.model.restored(&name, store.position().lsn, primary);
+        }
+        self.nodes[node].store = Some(store);
+        self.nodes[node].restart_at = None;
+        let position = self.nodes[node].store.as_ref().map(|s| s.position().lsn);
+        self.say(format!(
+            "{} starts at LSN {position:?}",
+            self.nodes[node].name
+        ));
+    }
+
+    fn forced_promotion(&mut self, node: usize) {
+        let Some(store) = self.nodes[node].store.clone() else {
+            return;
+        };
+        let Part::Mirror(side) = &self.nodes[node].part else {
+            return;
+        };
+        if side.exited.is_some() || self.promotions >= 2 {
+            return;
+        }
+        if store.sync_state() != xmirror_store::SyncState::Consistent {
+            return;
+        }
+        self.drop_conns_of(node);
+        self.promote(node, true);
+    }
+
+    /// The store of mirror `node` becomes a source's: the node serves mirrors and takes
+    /// writes, and clients follow it.
+    fn promote(&mut self, node: usize, forced: bool) {
+        let Some(store) = self.nodes[node].store.clone() else {
+            return;
+        };
+        let fresh: u64 = self.rng.random();
+        match promote_store(&*store, || fresh) {
+            Ok(start) => {
+                self.promotions += 1;
+                if forced {
+                    self.model.forced_promotions += 1;
+                }
+                self.model.source_state(&*store);
+                let dir = self.nodes[node].dir.clone();
+                let mut config = self.source_config(&dir);
+                config.cluster_id = self.nodes[node].cluster.clone();
+                self.nodes[node].part = World::source_part(config);
+                if let Part::Source(side) = &mut self.nodes[node].part {
+                    match Slots::load(store.clone()) {
+                        Ok(slots) => side.slots = Some(slots),
+                        Err(error) => {
+                            let at = self.now;
+                            self.model.internal(at, format!("slots: {error}"));
+                        }
+                    }
+                }
+                self.say(format!(
+                    "{} promoted ({}) to epoch {} from LSN {}",
+                    self.nodes[node].name,
+                    if forced { "forced" } else { "planned" },
+                    start.epoch,
+                    start.first_lsn
+                ));
+                self.primary = node;
+            }
+            Err(error) => self.say(format!("{} cannot promote: {error}", self.nodes[node].name)),
+        }
+    }
+
+    fn failback(&mut self, node: usize) {
+        if node == self.primary || !matches!(self.nodes[node].part, Part::Source(_)) {
+            return;
+        }
+        self.drop_conns_of(node);
+        let policy = DivergencePolicy::Halt;
+        let mut part = self.mirror_part(self.primary, policy);
+        if let Part::Mirror(side) = &mut part {
+            side.setup.data_dir = self.nodes[node].dir.clone();
+            if let Some(store) = &self.nodes[node].store {
+                side.progress = MirrorProgress::new(store.position().lsn, false);
+            }
+        }
+        self.nodes[node].part = part;
+        let primary = self.nodes[self.primary].name.clone();
+        self.say(format!(
+            "{} starts again as a mirror of {primary} (failback)",
+            self.nodes[node].name
+        ));
+    }
+
+    fn tick(&mut self) {
+        self.now += TICK_MS;
+        for node in 0..self.nodes.len() {
+            if self.nodes[node].restart_at.is_some_and(|at| at <= self.now) {
+                self.start(node);
+            }
+        }
+        self.retention();
+        self.dial();
+        for index in 0..self.conns.len() {
+            self.step_conn(index);
+        }
+        self.conns
+            .retain(|conn| conn.mirror_half.is_some() || conn.source_half.is_some());
+    }
+
+    /// Each source enforces retention twice a second.
+    fn retention(&mut self) {
+        if !self.now.is_multiple_of(500) {
+            return;
+        }
+        let now = self.now;
+        for node in 0..self.nodes.len() {
+            let wall = self.wall_clock(node);
+            let Part::Source(side) = &self.nodes[node].part else {
+                continue;
+            };
+            let Some(slots) = &side.slots else {
+                continue;
+            };
+            let _admission = side.admission.lock().expect("not poisoned");
+            if let Err(error) = slots.enforce_retention(side.config.retention_limits(), wall) {
+                self.model.internal(now, format!("retention: {error}"));
+            }
+        }
+    }
+
+    /// Mirrors without a connection dial their source.
+    fn dial(&mut self) {
+        for node in 0..self.nodes.len() {
+            if !self.nodes[node].is_up() {
+                continue;
+            }
+            let Part::Mirror(side) = &self.nodes[node].part else {
+                continue;
+            };
+            if side.exited.is_some()
+                || side.next_dial > self.now
+                || self
+                    .conns
+                    .iter()
+                    .any(|conn| conn.mirror == node && conn.mirror_half.is_some())
+            {
+                continue;
+            }
+            let source = side.follows;
+            self.open_conn(node, source);
+        }
+    }
+
+    fn reachable(&self, a: usize, b: usize) -> bool {
+        self.nodes[a].partitioned_until <= self.now && self.nodes[b].partitioned_until <= self.now
+    }
+
+    fn open_conn(&mut self, mirror: usize, source: usize) {
+        let backoff = self.rng.random_range(200..=1_000);
+        let store = self.nodes[mirror].store.clone().expect("dialed when up");
+        let serves = self.nodes[source].is_up()
+            && matches!(self.nodes[source].part, Part::Source(_))
+            && self.reachable(mirror, source);
+        let mirror_name = self.nodes[mirror].name.clone();
+        let Part::Mirror(side) = &mut self.nodes[mirror].part else {
+            return;
+        };
+        side.next_dial = self.now + backoff;
+        if !serves {
+            return;
+        }
+        let standing = match standing(&*store) {
+            Ok(standing) => standing,
+            Err(error) => {
+                let at = self.now;
+                self.model.internal(at, format!("standing: {error}"));
+                return;
+            }
+        };
+        let config = MirrorSessionConfig {
+            versions: SUPPORTED_VERSIONS,
+            source_cluster: name("a"),
+            database: name("main"),
+            mirror_name,
+            on_divergence: side.policy,
+            handshake_timeout: Duration::from_secs(10),
+            max_queued_frames: 4,
+            max_group_bytes: 2048,
+            source_silence_timeout: Duration::from_secs(5),
+        };
+        let machine = MirrorSession::new(config, standing, &side.progress);
+        let source_store = self.nodes[source].store.clone().expect("checked up");
+        let Part::Source(source_side) = &self.nodes[source].part else {
+            return;
+        };
+        let last = source_store.position().lsn;
+        let source_machine = SourceSession::new(
+            source_side
+                .config
+                .session_config(&self.nodes[mirror].identity()),
+            Committed {
+                last_lsn: last,
+                commit_time: self.wall_clock(source),
+            },
+        );
+        self.conns.push(Conn {
+            mirror,
+            source,
+            mirror_half: Some(MirrorHalf {
+                machine,
+                handshake_at: None,
+                silence_at: None,
+                last_byte: self.now,
+            }),
+            source_half: Some(SourceHalf {
+                machine: source_machine,
+                ticket: None,
+                handshake_at: None,
+                heartbeat_at: None,
+            }),
+            to_source: VecDeque::new(),
+            to_mirror: VecDeque::new(),
+            closing_at: None,
+        });
+        let (m, s) = (
+            self.nodes[mirror].name.clone(),
+            self.nodes[source].name.clone(),
+        );
+        self.say(format!("{m} connects to {s}"));
+    }
+
+    fn step_conn(&mut self, index: usize) {
+        let now = self.now;
+        let (mirror, source) = (self.conns[index].mirror, self.conns[index].source);
+        let reachable = self.reachable(mirror, source);
+        if reachable {
+            while self.conns[index]
+                .to_source
+                .front()
+                .is_some_and(|(at, _)| *at <= now)
+                && self.conns[index]
+                    .source_half
+                    .as_ref()
+                    .is_some_and(|half| half.machine.wants_frames())
+            {
+                let (_, message) = self.conns[index].to_source.pop_front().expect("checked");
+                self.source_heard(index);
+                if let Some(half) = &mut self.conns[index].source_half {
+                    half.machine.handle(SourceEvent::Received(message));
+                }
+                self.pump_source(index);
+            }
+            while self.conns[index]
+                .to_mirror
+                .front()
+                .is_some_and(|(at, _)| *at <= now)
+                && self.conns[index]
+                    .mirror_half
+                    .as_ref()
+                    .is_some_and(|half| half.machine.wants_frames())
+            {
+                let (_, message) = self.conns[index].to_mirror.pop_front().expect("checked");
+                if let Some(half) = &mut self.conns[index].mirror_half {
+                    half.last_byte = now;
+                    half.machine.handle(MirrorEvent::Received(message));
+                }
+                self.pump_mirror(index);
+            }
+        }
+        // A half whose peer went away notices.
+        if self.conns[index].closing_at.is_some_and(|at| at <= now) {
+            self.conns[index].closing_at = None;
+            if self.conns[index].mirror_half.is_some() {
+                self.end_mirror_half(index, "the connection closed");
+            }
+            if self.conns[index].source_half.is_some() {
+                self.end_source_half(index);
+            }
+            return;
+        }
+        // Timers.
+        if let Some(half) = &mut self.conns[index].source_half {
+            if half.handshake_at.is_some_and(|at| at <= now) {
+                half.handshake_at = None;
+                half.machine
+                    .handle(SourceEvent::Timer(SourceTimer::Handshake));
+            }
+            if half.heartbeat_at.is_some_and(|at| at <= now) {
+                half.heartbeat_at = None;
+                half.machine
+                    .handle(SourceEvent::Timer(SourceTimer::Heartbeat));
+            }
+            if half
+                .ticket
+                .as_ref()
+                .is_some_and(|ticket| ticket.replaced.is_cancelled())
+            {
+                half.ticket = None;
+                half.machine.handle(SourceEvent::Replaced);
+            }
+        }
+        if let Some(half) = &mut self.conns[index].mirror_half {
+            if half.handshake_at.is_some_and(|at| at <= now) {
+                half.handshake_at = None;
+                half.machine
+                    .handle(MirrorEvent::Timer(MirrorTimer::Handshake));
+            }
+            if half.silence_at.is_some_and(|at| at <= now) {
+                half.silence_at = None;
+                half.machine
+                    .handle(MirrorEvent::Timer(MirrorTimer::SilenceCheck));
+            }
+        }
+        // A planned promotion the operator asked for goes to a streaming session.
+        if let (Part::Mirror(side), Some(store)) =
+            (&self.nodes[mirror].part, &self.nodes[mirror].store)
+        {
+            if side.promote {
+                if let Some(half) = &mut self.conns[index].mirror_half {
+                    if !half.machine.is_promoting() {
+                        if let Some(epoch) = next_epoch(&**store) {
+                            let fresh: u64 = self.rng.random();
+                            match planned_epoch_id(&**store, || fresh) {
+                                Ok(epoch_id) => half
+                                    .machine
+                                    .handle(MirrorEvent::Promote { epoch, epoch_id }),
+                                Err(error) => {
+                                    self.model.internal(now, format!("planned id: {error}"))
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        self.pump_source(index);
+        self.pump_mirror(index);
+    }
+
+    fn source_heard(&mut self, index: usize) {
+        let conn = &self.conns[index];
+        let mirror = self.nodes[conn.mirror].identity();
+        let instant = self.instant();
+        if let (Part::Source(side), Some(half)) = (&self.nodes[conn.source].part, &conn.source_half)
+        {
+            if let (Some(slots), Some(ticket)) = (&side.slots, &half.ticket) {
+                slots.heard(&work::mirror_identity(&mirror), ticket.id, instant);
+            }
+        }
+    }
+
+    /// Does everything the source's half asks for now.
+    fn pump_source(&mut self, index: usize) {
+        loop {
+            let now = self.now;
+            let latency = self.latency_ms;
+            let Some(half) = self.conns[index].source_half.as_mut() else {
+                return;
+            };
+            if let Some(action) = half.machine.poll_action() {
+                self.source_act(index, action);
+                continue;
+            }
+            if let Some(frame) = half.machine.poll_transmit() {
+                self.conns[index]
+                    .to_mirror
+                    .push_back((now + latency, frame.message().clone()));
+                continue;
+            }
+            if let Some(end) = half.machine.take_end() {
+                let who = format!(
+                    "{}'s session on {}",
+                    self.nodes[self.conns[index].mirror].name,
+                    self.nodes[self.conns[index].source].name
+                );
+                match end {
+                    Ok(()) => self.say(format!("{who} ends: the mirror finished")),
+                    Err(end) => {
+                        self.model.ended(now, &who, end.code(), &end.to_string());
+                        self.say(format!("{who} ends: {end}"));
+                    }
+                }
+                self.end_source_half(index);
+            }
+            return;
+        }
+    }
+
+    fn source_act(&mut self, index: usize, action: SourceAction) {
+        let now = self.now;
+        let (mirror, source) = (self.conns[index].mirror, self.conns[index].source);
+        let Some(store) = self.nodes[source].store.clone() else {
+            return;
+        };
+        let Part::Source(side) = &self.nodes[source].part else {
+            return;
+        };
+        let peer = self.nodes[mirror].identity();
+        let event = match action {
+            SourceAction::Admit(hello) => {
+                let Some(slots) = &side.slots else { return };
+                let parts = SessionStore {
+                    config: &side.config,
+                    store: &*store,
+                    slots,
+                    database: store.database().unwrap_or(self.database),
+                    admission: &side.admission,
+                };
+                let fresh = SnapshotId(self.rng.random());
+                match work::admit(hello, &peer, parts, self.instant(), fresh) {
+                    Ok(admission) => {
+                        let event = admission.event();
+                        if let Ok(decision) = &admission.decision {
+                            let fields = decision.log_fields();
+                            self.say(format!(
+                                "{} decides for {}: {} from {:?} (hello applied {}, {:?})",
+                                self.nodes[source].name,
+                                self.nodes[mirror].name,
+                                fields.decision,
+                                fields.from_lsn,
+                                admission.hello.applied_lsn,
+                                admission.slot
+                            ));
+                        } else if let Err(reject) = &admission.decision {
+                            self.say(format!(
+                                "{} refuses {}: {reject}",
+                                self.nodes[source].name, self.nodes[mirror].name
+                            ));
+                        }
+                        if let Some(half) = &mut self.conns[index].source_half {
+                            half.ticket = admission.ticket;
+                        }
+                        Some(event)
+                    }
+                    Err(error) => {
+                        self.model.internal(now, format!("admit: {error}"));
+                        None
+                    }
+                }
+            }
+            SourceAction::EnterDataPhase(_) => None,
+            SourceAction::MeasureSnapshot => store
+                .data_size()
+                .ok()
+                .map(|(keys, bytes)| SourceEvent::Measured { keys, bytes }),
+            SourceAction::Scan {
+                after_key,
+                max_bytes,
+            } => self.store_result(work::scan(&*store, after_key.as_deref(), max_bytes)),
+            SourceAction::ReadEndLsn => Some(work::read_end_lsn(&*store)),
+            SourceAction::ReadBatch {
+                from,
+                max_entries,
+                max_bytes,
+                ..
+            } => self.store_result(work::read_batch(&*store, from, max_entries, max_bytes)),
+            SourceAction::ReadRewindValues { keys } => {
+                self.store_result(work::read_rewind_values(&*store, &keys, 4096))
+            }
+            SourceAction::Fence { epoch, epoch_id } => {
+                let fenced = work::fence(&*store, &peer, epoch, epoch_id);
+                if let Ok(SourceEvent::Fenced(Ok(reply))) = &fenced {
+                    self.say(format!(
+                        "{} fenced by epoch {} for {} at LSN {}",
+                        self.nodes[source].name,
+                        reply.fenced_by,
+                        self.nodes[mirror].name,
+                        reply.last_lsn
+                    ));
+                }
+                self.store_result(fenced)
+            }
+            SourceAction::AdvanceSlot(durable) => {
+                let Part::Source(side) = &self.nodes[source].part else {
+                    return;
+                };
+                let replaced = match (
+                    &side.slots,
+                    self.conns[index]
+                        .source_half
+                        .as_ref()
+                        .and_then(|half| half.ticket.as_ref()),
+                ) {
+                    (Some(slots), Some(ticket)) => {
+                        !slots.acknowledge(&work::mirror_identity(&peer), ticket.id, durable)
+                    }
+                    _ => false,
+                };
+                replaced.then_some(SourceEvent::Replaced)
+            }
+            SourceAction::SnapshotSent => {
+                let Part::Source(side) = &self.nodes[source].part else {
+                    return;
+                };
+                if let (Some(slots), Some(ticket)) = (
+                    &side.slots,
+                    self.conns[index]
+                        .source_half
+                        .as_ref()
+                        .and_then(|half| half.ticket.as_ref()),
+                ) {
+                    slots.snapshot_sent(&work::mirror_identity(&peer), ticket.id);
+                }
+                None
+            }
+            SourceAction::ArmTimer(timer, after) => {
+                let at = Some(now + after.as_millis() as u64);
+                if let Some(half) = &mut self.conns[index].source_half {
+                    match timer {
+                        SourceTimer::Handshake => half.handshake_at = at,
+                        SourceTimer::Heartbeat => half.heartbeat_at = at,
+                    }
+                }
+                None
+            }
+        };
+        if let (Some(event), Some(half)) = (event, &mut self.conns[index].source_half) {
+            half.machine.handle(event);
+        }
+    }
+
+    fn store_result(&mut self, result: Result<SourceEvent, StoreError>) -> Option<SourceEvent> {
+        match result {
+            Ok(event) => Some(event),
+            Err(error) => {
+                let at = self.now;
+                self.model
+                    .internal(at, format!("source store work: {error}"));
+                None
+            }
+        }
+    }
+
+    /// Does everything the mirror's half asks for now.
+    fn pump_mirror(&mut self, index: usize) {
+        loop {
+            let now = self.now;
+            let latency = self.latency_ms;
+            let mirror = self.conns[index].mirror;
+            let Some(half) = self.conns[index].mirror_half.as_mut() else {
+                return;
+            };
+            if let Some(action) = half.machine.poll_action() {
+                match action {
+                    MirrorAction::EnterDataPhase(_) => {}
+                    MirrorAction::ArmTimer(MirrorTimer::Handshake, after) => {
+                        half.handshake_at = Some(now + after.as_millis() as u64);
+                    }
+                    MirrorAction::ArmTimer(MirrorTimer::SilenceCheck, after) => {
+                        half.silence_at = Some(now + after.as_millis() as u64);
+                    }
+                    MirrorAction::MeasureSilence => {
+                        let silent = Duration::from_millis(now - half.last_byte);
+                        half.machine.handle(MirrorEvent::SilenceMeasured(silent));
+                    }
+                    work => {
+                        let Some(store) = self.nodes[mirror].store.clone() else {
+                            return;
+                        };
+                        let Part::Mirror(side) = &self.nodes[mirror].part else {
+                            return;
+                        };
+                        let result = perform(&*store, &side.setup, work);
+                        let halted = half.machine.progress().halt_reason.is_some();
+                        match result {
+                            Ok(event) => {
+                                half.machine.handle(event);
+                                let name = self.nodes[mirror].name.to_string();
+                                self.model.mirror_state(now, &name, &*store, halted);
+                            }
+                            Err(error) => {
+                                self.mirror_failed(index, &error);
+                                return;
+                            }
+                        }
+                    }
+                }
+                continue;
+            }
+            if let Some(frame) = half.machine.poll_transmit() {
+                self.conns[index]
+                    .to_source
+                    .push_back((now + latency, frame.message().clone()));
+                continue;
+            }
+            let progress = half.machine.progress().clone();
+            let end = half.machine.take_end();
+            if let Part::Mirror(side) = &mut self.nodes[mirror].part {
+                side.progress = progress;
+            }
+            if let Some(end) = end {
+                self.mirror_ended(index, end);
+            }
+            return;
+        }
+    }
+
+    fn mirror_failed(&mut self, index: usize, error: &SessionError) {
+        let mirror = self.conns[index].mirror;
+        let who = format!("{}'s session", self.nodes[mirror].name);
+        let detail = format!("{error}: {}", chain(error));
+        self.model.ended(self.now, &who, error.code(), &detail);
+        self.say(format!("{who} fails: {detail}"));
+        if error.is_permanent() {
+            if let Part::Mirror(side) = &mut self.nodes[mirror].part {
+                side.exited = Some(detail);
+            }
+        }
+        self.end_mirror_half(index, "store work failed");
+    }
+
+    fn mirror_ended(&mut self, index: usize, end: Result<(), MirrorEnd>) {
+        let mirror = self.conns[index].mirror;
+        let who = format!("{}'s session", self.nodes[mirror].name);
+        match end {
+            Ok(()) => {
+                self.say(format!("{who} ends: the source finished"));
+                self.end_mirror_half(index, "finished");
+            }
+            Err(MirrorEnd::Promoting { source_last_lsn }) => {
+                self.say(format!(
+                    "{who} ends: source fenced at {source_last_lsn}, all applied: promoting"
+                ));
+                self.end_mirror_half(index, "promoting");
+                self.promote(mirror, false);
+            }
+            Err(end) => {
+                self.model
+                    .ended(self.now, &who, end.code(), &end.to_string());
+                self.say(format!("{who} ends: {end}"));
+                if end.is_permanent() {
+                    if let Part::Mirror(side) = &mut self.nodes[mirror].part {
+                        side.exited = Some(end.to_string());
+                    }
+                }
+                self.end_mirror_half(index, "ended");
+            }
+        }
+    }
+
+    /// The mirror's half is gone; the source's notices after the latency (or the idle
+    /// timeout, across a partition).
+    fn end_mirror_half(&mut self, index: usize, _why: &str) {
+        let reachable = self.reachable(self.conns[index].mirror, self.conns[index].source);
+        let conn = &mut self.conns[index];
+        if conn.mirror_half.take().is_some() && conn.source_half.is_some() {
+            let after = if reachable {
+                self.latency_ms
+            } else {
+                IDLE_TIMEOUT_MS
+            };
+            conn.closing_at = Some(self.now + after);
+        }
+        conn.to_mirror.clear();
+    }
+
+    fn end_source_half(&mut self, index: usize) {
+        let reachable = self.reachable(self.conns[index].mirror, self.conns[index].source);
+        let (mirror, source) = (self.conns[index].mirror, self.conns[index].source);
+        if let Some(half) = self.conns[index].source_half.take() {
+            if let (Part::Source(side), Some(ticket)) = (&self.nodes[source].part, half.ticket) {
+                if let Some(slots) = &side.slots {
+                    slots.end_session(
+                        &work::mirror_identity(&self.nodes[mirror].identity()),
+                        ticket.id,
+                    );
+                }
+            }
+            if self.conns[index].mirror_half.is_some() {
+                let after = if reachable {
+                    self.latency_ms
+                } else {
+                    IDLE_TIMEOUT_MS
+                };
+                self.conns[index].closing_at = Some(self.now + after);
+            }
+        }
+        self.conns[index].to_source.clear();
+    }
+}
+
+/// An error's causes, for the trace.
+fn chain(error: &dyn std::error::Error) -> String {
+    let mut causes = Vec::new();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        causes.push(cause.to_string());
+        source = cause.source();
+    }
+    causes.join(": ")
+}
+
+/// The first bytes of a chain hash, for the trace.
+pub use check::short;

@@ -53,6 +53,13 @@ struct Acknowledged {
     lsn: Lsn,
 }
 
+/// The copy a mirror held when it halted.
+#[derive(Clone, Copy, Debug)]
+struct Halt {
+    position: Position,
+    digest: StateDigest,
+}
+
 /// What the checkers remember of the run.
 #[derive(Default)]
 pub struct Model {
@@ -61,8 +68,8 @@ pub struct Model {
     acknowledged: Vec<Acknowledged>,
     /// Which node wrote in each epoch id.
     writers: BTreeMap<u64, String>,
-    /// A halted mirror's position and digest when its halt was first seen.
-    halts: BTreeMap<String, (Lsn, StateDigest)>,
+    /// A halted mirror's copy when its halt was first seen.
+    halts: BTreeMap<String, Halt>,
     /// Forced promotions so far: only they may leave an acknowledged write out.
     pub forced_promotions: u32,
     /// Fenced sources an operator restored from a backup taken before the fence: they take
@@ -153,15 +160,13 @@ impl Model {
             .retain(|write| (write.node != node && !primary) || write.lsn <= lsn);
     }
 
-    /// A mirror's store after store work: if it serves reads, its data must be a state a
-    /// source had at that position; if it is halted, the data it halted with.
+    /// A mirror's store after store work (`halted`: the store records a halt): if it
+    /// serves reads, its data must be a state a source had at that position; if it was
+    /// halted, its copy is kept until a source vouches for it by streaming to it (the
+    /// copy goes on from where it halted) or an operator acts.
     pub fn mirror_state(&mut self, at_ms: u64, node: &str, store: &dyn Store, halted: bool) {
         let position = store.position();
         let serves = store.sync_state() == SyncState::Consistent;
-        if !serves && !halted {
-            self.halts.remove(node);
-            return;
-        }
         let Ok((_, digest)) = store.digest() else {
             return;
         };
@@ -190,21 +195,38 @@ impl Model {
                 ),
             }
         }
-        if halted {
-            match self.halts.get(node) {
-                None => {
-                    self.halts.insert(node.to_owned(), (position.lsn, digest));
-                }
-                Some((lsn, kept)) if *kept != digest => {
-                    let detail = format!(
-                        "{node} halted holding LSN {lsn}, and now holds other data at LSN {}",
-                        position.lsn
-                    );
-                    self.violate(Rule::HaltKeepsData, at_ms, detail);
-                }
-                Some(_) => {}
+        let Some(kept) = self.halts.get(node).cloned() else {
+            if halted {
+                self.halts.insert(
+                    node.to_owned(),
+                    Halt {
+                        position,
+                        digest,
+                    },
+                );
             }
-        } else {
+            return;
+        };
+        let same_copy = position == kept.position && digest == kept.digest;
+        // Streamed on from the halted copy: the chain passes through it (or the WAL that
+        // would show it is gone, which streaming alone does not do this fast).
+        let streamed_on = serves
+            && position.lsn > kept.position.lsn
+            && store
+                .chain_hash_at(kept.position.lsn)
+                .ok()
+                .flatten()
+                .is_none_or(|hash| hash == kept.position.chain_hash);
+        if !same_copy && !streamed_on {
+            let detail = format!(
+                "{node} halted holding LSN {}, and now holds other data at LSN {} ({:?}) with no operator acting",
+                kept.position.lsn,
+                position.lsn,
+                store.sync_state()
+            );
+            self.violate(Rule::HaltKeepsData, at_ms, detail);
+            self.halts.remove(node);
+        } else if streamed_on && !halted {
             self.halts.remove(node);
         }
     }

@@ -1411,11 +1411,12 @@ impl World {
                             return;
                         };
                         let result = perform(&*store, &side.setup, work);
-                        let halted = half.machine.progress().halt_reason.is_some();
                         match result {
                             Ok(event) => {
                                 half.machine.handle(event);
                                 let name = self.nodes[mirror].name.to_string();
+                                let halted = standing(&*store)
+                                    .is_ok_and(|standing| standing.halted.is_some());
                                 self.model.mirror_state(now, &name, &*store, halted);
                             }
                             Err(error) => {

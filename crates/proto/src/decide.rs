@@ -309,6 +309,10 @@ fn choose(hello: &Hello, view: &SourceView) -> Decision {
     // (a source restored from an older backup has no slot that acknowledged it).
     let behind_retained_wal = || match view.slot_acked_lsn {
         Some(acked) if acked >= applied => fresh(SnapshotReason::BehindRetainedWal),
+        // The empty state before the first entry is a past state of every history.
+        _ if applied == Lsn::ZERO && hello.chain_hash == ChainHash::GENESIS => {
+            fresh(SnapshotReason::BehindRetainedWal)
+        }
         _ => diverged(Divergence::Unverifiable),
     };
     if applied.next() < view.wal_first_lsn {
@@ -875,6 +879,15 @@ mod tests {
             );
             assert_eq!(actual, expected, "{label}");
         }
+        // A copy of the empty state (LSN 0) is every history's: no slot needs to vouch.
+        let empty_copy = Hello {
+            chain_hash: ChainHash::GENESIS,
+            ..hello(0)
+        };
+        assert_eq!(
+            decide_with_slot(&empty_copy, &observer(), None, None, None),
+            behind
+        );
         // A mirror whose policy is to resnapshot gets one, saying why.
         let resnapshot = Hello {
             on_divergence: DivergencePolicy::Resnapshot,

@@ -197,13 +197,8 @@ impl Model {
         }
         let Some(kept) = self.halts.get(node).cloned() else {
             if halted {
-                self.halts.insert(
-                    node.to_owned(),
-                    Halt {
-                        position,
-                        digest,
-                    },
-                );
+                self.halts
+                    .insert(node.to_owned(), Halt { position, digest });
             }
             return;
         };

@@ -17,7 +17,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use xmirror_mirror::promotion::{next_epoch, planned_epoch_id, promote_store};
 use xmirror_mirror::session::{perform, standing, SessionError, WorkSetup};
-use xmirror_proto::history::FenceAsk;
+use xmirror_proto::history::{conflicting_epoch, FenceAsk};
 use xmirror_proto::message::Write;
 use xmirror_proto::session::mirror::{
     MirrorAction, MirrorEnd, MirrorEvent, MirrorProgress, MirrorSession, MirrorSessionConfig,
@@ -266,6 +266,8 @@ pub struct World {
     next_key: u64,
     /// Nodes restored from a backup that have not started since.
     restored: Vec<usize>,
+    /// The faults stopped: the world heals and converges.
+    settling: bool,
 }
 
 fn name(text: &str) -> Name {
@@ -338,6 +340,7 @@ impl World {
             promotions: 0,
             next_key: 0,
             restored: Vec::new(),
+            settling: false,
         };
         let source_dir = world._root.path().join("node-0");
         let config = world.source_config(&source_dir);
@@ -481,19 +484,8 @@ impl World {
     /// The faults stop: every node up and reachable, every mirror pointed at the primary.
     fn settle(&mut self) {
         self.say("faults stop: healing, restarting, pointing every mirror at the primary".into());
-        for index in 0..self.nodes.len() {
-            self.nodes[index].partitioned_until = 0;
-            if !self.nodes[index].is_up() {
-                self.nodes[index].restart_at = Some(self.now);
-            }
-            let primary = self.primary;
-            if let Part::Mirror(side) = &mut self.nodes[index].part {
-                if side.follows != primary {
-                    side.follows = primary;
-                    self.drop_conns_of(index);
-                }
-            }
-        }
+        self.settling = true;
+        self.heal();
         let deadline = self.now + self.options.settle_ms;
         while self.now < deadline {
             self.tick();
@@ -511,6 +503,26 @@ impl World {
         self.say("end".into());
     }
 
+    /// Every node up and reachable, every mirror pointed at the primary, no promotion
+    /// asked for.
+    fn heal(&mut self) {
+        for index in 0..self.nodes.len() {
+            self.nodes[index].partitioned_until = 0;
+            if !self.nodes[index].is_up() {
+                self.nodes[index].restart_at = Some(self.now);
+            }
+            let primary = self.primary;
+            if let Part::Mirror(side) = &mut self.nodes[index].part {
+                // The operator stops acting: a promotion asked for and not begun is off.
+                side.promote = false;
+                if side.follows != primary {
+                    side.follows = primary;
+                    self.drop_conns_of(index);
+                }
+            }
+        }
+    }
+
     /// Whether every mirror that should follow the primary holds its state.
     fn converged(&self) -> Result<(), String> {
         let primary = &self.nodes[self.primary];
@@ -522,15 +534,19 @@ impl World {
             let Part::Mirror(side) = &node.part else {
                 continue;
             };
-            // A halted mirror keeps its data (checked apart), and an exited one waits for
-            // an operator: neither is expected to follow.
-            if side.exited.is_some() || side.progress.halt_reason.is_some() {
-                continue;
-            }
             let Some(store) = &node.store else {
                 return Err(format!("{} is down", node.name));
             };
             let held = store.position();
+            // A halted mirror keeps its data (checked apart), and an exited one waits for
+            // an operator: neither follows, unless the source holds the halted copy's very
+            // position in its WAL (then it streams to it, and the halt ends).
+            let halted = standing(&**store).is_ok_and(|standing| standing.halted.is_some());
+            let vouched = source.chain_hash_at(held.lsn).ok().flatten() == Some(held.chain_hash)
+                && conflicting_epoch(&store.history(), &source.history()).is_none();
+            if side.exited.is_some() || (halted && !vouched) {
+                continue;
+            }
             if held != target || store.sync_state() != xmirror_store::SyncState::Consistent {
                 return Err(format!(
                     "{} stands at LSN {} ({:?}), the primary {} at {}",
@@ -915,6 +931,11 @@ impl World {
                     start.first_lsn
                 ));
                 self.primary = node;
+                // A promotion begun before the faults stopped: the operator points the
+                // mirrors at the new source once it is done.
+                if self.settling {
+                    self.heal();
+                }
             }
             Err(error) => self.say(format!("{} cannot promote: {error}", self.nodes[node].name)),
         }

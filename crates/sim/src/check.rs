@@ -37,6 +37,9 @@ pub enum Rule {
     Converges,
     /// No session or store work ends `INTERNAL`.
     NoInternalError,
+    /// After a forced promotion, the old source takes no write once it has been up and
+    /// reachable from the promoted node for a while (the promoted node fences it on sight).
+    OldSourceFenced,
 }
 
 impl std::fmt::Display for Violation {
@@ -263,6 +266,15 @@ impl Model {
             );
             self.violate(Rule::AcknowledgedWritesKept, at_ms, detail);
         }
+    }
+
+    /// `node`, the old source of a forced promotion, acknowledged a write after being in
+    /// reach of the promoted node since `since_ms`.
+    pub fn unfenced_write(&mut self, at_ms: u64, node: &str, promoted: &str, since_ms: u64) {
+        let detail = format!(
+            "{node} acknowledged a write though {promoted}, promoted by force, has reached it since {since_ms} ms"
+        );
+        self.violate(Rule::OldSourceFenced, at_ms, detail);
     }
 
     /// At the end: `node` did not reach the final source's state.

@@ -59,6 +59,14 @@ pub struct Options {
     pub verbose: bool,
     /// A fixed list of operations instead of drawn ones: (at ms, operation).
     pub script: Option<Vec<(u64, Op)>>,
+    /// Every mirror's divergence policy, instead of one drawn per mirror.
+    pub policy: Option<DivergencePolicy>,
+    /// The sources' WAL cap in entries, instead of a drawn one.
+    pub max_wal_entries: Option<u64>,
+    /// The one-way latency of every link, instead of a drawn one.
+    pub latency_ms: Option<u64>,
+    /// The sources' snapshot chunk budget in bytes, instead of a drawn one.
+    pub snapshot_chunk_bytes: Option<usize>,
 }
 
 impl Default for Options {
@@ -69,6 +77,10 @@ impl Default for Options {
             settle_ms: 60_000,
             verbose: false,
             script: None,
+            policy: None,
+            max_wal_entries: None,
+            latency_ms: None,
+            snapshot_chunk_bytes: None,
         }
     }
 }
@@ -157,6 +169,10 @@ pub struct Outcome {
     pub acknowledged: u64,
     /// The final source's last LSN.
     pub final_lsn: Lsn,
+    /// The mirrors halted at the end, with their applied LSN.
+    pub halted: Vec<(String, Lsn)>,
+    /// Sources fenced at the end.
+    pub fenced: Vec<String>,
 }
 
 /// A node's part in the world.
@@ -198,6 +214,10 @@ struct Node {
     /// Its clock runs this far ahead of (or behind) the simulation's.
     skew_ms: i64,
     part: Part,
+    /// After a forced promotion: the old source it keeps saying hello to, with its new
+    /// history, until that source answers (it fences itself on the hello), and when it
+    /// dials next.
+    fence_on_sight: Option<(usize, u64)>,
     /// Its latest backup, and whether it was taken while the node was a source (an
     /// operator restores a node from a backup of the role it has: the real source refuses
     /// to start on a mirror's copy).
@@ -242,6 +262,8 @@ struct Conn {
     to_mirror: VecDeque<(u64, Message)>,
     /// When the remaining half learns that the other is gone.
     closing_at: Option<u64>,
+    /// A promoted node's hello to its old source, which only waits for the answer.
+    fence_on_sight: bool,
 }
 
 /// The whole world of one seed.
@@ -268,6 +290,9 @@ pub struct World {
     restored: Vec<usize>,
     /// The faults stopped: the world heals and converges.
     settling: bool,
+    /// Forced promotions: (promoted node, old source, since when both have been up and in
+    /// reach of each other).
+    forced: Vec<(usize, usize, Option<u64>)>,
 }
 
 fn name(text: &str) -> Name {
@@ -322,6 +347,7 @@ impl World {
             epoch: Epoch::FIRST,
         };
         let latency_ms = rng.random_range(1..=40);
+        let latency_ms = options.latency_ms.unwrap_or(latency_ms);
         let mut world = World {
             seed,
             options,
@@ -341,16 +367,18 @@ impl World {
             next_key: 0,
             restored: Vec::new(),
             settling: false,
+            forced: Vec::new(),
         };
         let source_dir = world._root.path().join("node-0");
         let config = world.source_config(&source_dir);
         world.add_node("node-0", World::source_part(config));
         for index in 0..world.options.mirrors {
-            let policy = if world.rng.random_bool(0.5) {
+            let drawn = if world.rng.random_bool(0.5) {
                 DivergencePolicy::Halt
             } else {
                 DivergencePolicy::Resnapshot
             };
+            let policy = world.options.policy.unwrap_or(drawn);
             let part = world.mirror_part(0, policy);
             world.add_node(&format!("node-{}", index + 1), part);
         }
@@ -373,11 +401,15 @@ impl World {
         config.snapshot_window_chunks = self.rng.random_range(1..=4);
         config.max_unacked_bytes = self.rng.random_range(64..=16384);
         // Retention small enough to pass slots now and then.
-        config.max_wal_entries = if self.rng.random_bool(0.3) {
+        let max_wal_entries = if self.rng.random_bool(0.3) {
             self.rng.random_range(20..=200)
         } else {
             1_000_000
         };
+        config.max_wal_entries = self.options.max_wal_entries.unwrap_or(max_wal_entries);
+        if let Some(bytes) = self.options.snapshot_chunk_bytes {
+            config.snapshot_chunk_bytes = bytes;
+        }
         config.max_batch_writes = 8;
         config
     }
@@ -426,6 +458,7 @@ impl World {
             partitioned_until: 0,
             skew_ms,
             part,
+            fence_on_sight: None,
             backup: None,
         });
     }
@@ -472,7 +505,30 @@ impl World {
             .store
             .as_ref()
             .map_or(Lsn::ZERO, |store| store.position().lsn);
+        let halted = self
+            .nodes
+            .iter()
+            .filter(|node| matches!(node.part, Part::Mirror(_)))
+            .filter_map(|node| {
+                let store = node.store.as_ref()?;
+                let halted = standing(&**store).ok()?.halted.is_some();
+                halted.then(|| (node.name.to_string(), store.position().lsn))
+            })
+            .collect();
+        let fenced = self
+            .nodes
+            .iter()
+            .filter(|node| matches!(node.part, Part::Source(_)))
+            .filter(|node| {
+                node.store
+                    .as_ref()
+                    .is_some_and(|store| store.fenced().is_some())
+            })
+            .map(|node| node.name.to_string())
+            .collect();
         Outcome {
+            halted,
+            fenced,
             seed: self.seed,
             violations: std::mem::take(&mut self.model.violations),
             trace: std::mem::take(&mut self.trace),
@@ -644,6 +700,8 @@ impl World {
                 // A fenced source put back to before its fence takes writes again: the
                 // operator forked its history, as a forced promotion does.
                 let unfenced = as_source && self.fenced_on_disk(node);
+                // The operator's own fork: no promoted node has fenced this copy.
+                self.forced.retain(|(_, old, _)| *old != node);
                 if unfenced {
                     self.model.operator_forks += 1;
                     self.say("the operator restores a fenced source to before its fence".into());
@@ -758,6 +816,22 @@ impl World {
         self.model.committing(&*store, &entries);
         match commit_group(&*store, &entries, commit_time) {
             Ok(position) => {
+                // Old enough contact: the fence's hello had its backoff and round trip.
+                let stale = self
+                    .forced
+                    .iter()
+                    .find(|(_, old, since)| {
+                        *old == node && since.is_some_and(|since| since + 3_000 <= self.now)
+                    })
+                    .map(|(new, _, since)| (*new, since.unwrap_or_default()));
+                if let Some((new, since)) = stale {
+                    let (at, old_name, new_name) = (
+                        self.now,
+                        self.nodes[node].name.to_string(),
+                        self.nodes[new].name.to_string(),
+                    );
+                    self.model.unfenced_write(at, &old_name, &new_name, since);
+                }
                 let first = Lsn(position.lsn.0 + 1 - entries.len() as u64);
                 let history = store.history();
                 let at = self.now;
@@ -892,8 +966,13 @@ impl World {
         if store.sync_state() != xmirror_store::SyncState::Consistent {
             return;
         }
+        let old_source = side.follows;
         self.drop_conns_of(node);
         self.promote(node, true);
+        if self.primary == node {
+            self.nodes[node].fence_on_sight = Some((old_source, self.now));
+            self.forced.push((node, old_source, None));
+        }
     }
 
     /// The store of mirror `node` becomes a source's: the node serves mirrors and takes
@@ -955,6 +1034,8 @@ impl World {
             }
         }
         self.nodes[node].part = part;
+        // Its process restarts as a mirror: no fence-on-sight loop any more.
+        self.nodes[node].fence_on_sight = None;
         let primary = self.nodes[self.primary].name.clone();
         self.say(format!(
             "{} starts again as a mirror of {primary} (failback)",
@@ -970,12 +1051,33 @@ impl World {
             }
         }
         self.retention();
+        self.track_contact();
         self.dial();
         for index in 0..self.conns.len() {
             self.step_conn(index);
         }
         self.conns
             .retain(|conn| conn.mirror_half.is_some() || conn.source_half.is_some());
+    }
+
+    /// How long each forcibly promoted node and its old source have been in reach.
+    fn track_contact(&mut self) {
+        let now = self.now;
+        let mut forced = std::mem::take(&mut self.forced);
+        // A promoted node that is no source any more (fenced, failed back) fences nothing.
+        forced.retain(|(new, _, _)| {
+            matches!(self.nodes[*new].part, Part::Source(_)) && !self.fenced_on_disk(*new)
+        });
+        for (new, old, since) in &mut forced {
+            let in_reach =
+                self.nodes[*new].is_up() && self.nodes[*old].is_up() && self.reachable(*new, *old);
+            *since = if in_reach {
+                Some(since.unwrap_or(now))
+            } else {
+                None
+            };
+        }
+        self.forced = forced;
     }
 
     /// Each source enforces retention twice a second.
@@ -999,8 +1101,22 @@ impl World {
         }
     }
 
-    /// Mirrors without a connection dial their source.
+    /// Mirrors without a connection dial their source; a node promoted by force says
+    /// hello to its old source until it answers.
     fn dial(&mut self) {
+        for node in 0..self.nodes.len() {
+            if let (Some((old, next)), true) =
+                (self.nodes[node].fence_on_sight, self.nodes[node].is_up())
+            {
+                let dialling = self
+                    .conns
+                    .iter()
+                    .any(|conn| conn.mirror == node && conn.fence_on_sight);
+                if next <= self.now && !dialling {
+                    self.open_conn(node, old);
+                }
+            }
+        }
         for node in 0..self.nodes.len() {
             if !self.nodes[node].is_up() {
                 continue;
@@ -1010,10 +1126,9 @@ impl World {
             };
             if side.exited.is_some()
                 || side.next_dial > self.now
-                || self
-                    .conns
-                    .iter()
-                    .any(|conn| conn.mirror == node && conn.mirror_half.is_some())
+                || self.conns.iter().any(|conn| {
+                    conn.mirror == node && conn.mirror_half.is_some() && !conn.fence_on_sight
+                })
             {
                 continue;
             }
@@ -1033,10 +1148,25 @@ impl World {
             && matches!(self.nodes[source].part, Part::Source(_))
             && self.reachable(mirror, source);
         let mirror_name = self.nodes[mirror].name.clone();
-        let Part::Mirror(side) = &mut self.nodes[mirror].part else {
-            return;
+        // A source dialing a source: the fence's hello.
+        let fence_on_sight = matches!(self.nodes[mirror].part, Part::Source(_));
+        let (policy, progress) = match &mut self.nodes[mirror].part {
+            Part::Mirror(side) => {
+                side.next_dial = self.now + backoff;
+                (side.policy, side.progress.clone())
+            }
+            // A promoted node saying hello to its old source.
+            Part::Source(_) => match &mut self.nodes[mirror].fence_on_sight {
+                Some((_, next)) => {
+                    *next = self.now + backoff;
+                    (
+                        DivergencePolicy::Halt,
+                        MirrorProgress::new(Lsn::ZERO, false),
+                    )
+                }
+                None => return,
+            },
         };
-        side.next_dial = self.now + backoff;
         if !serves {
             return;
         }
@@ -1053,13 +1183,13 @@ impl World {
             source_cluster: name("a"),
             database: name("main"),
             mirror_name,
-            on_divergence: side.policy,
+            on_divergence: policy,
             handshake_timeout: Duration::from_secs(10),
             max_queued_frames: 4,
             max_group_bytes: 2048,
             source_silence_timeout: Duration::from_secs(5),
         };
-        let machine = MirrorSession::new(config, standing, &side.progress);
+        let machine = MirrorSession::new(config, standing, &progress);
         let source_store = self.nodes[source].store.clone().expect("checked up");
         let Part::Source(source_side) = &self.nodes[source].part else {
             return;
@@ -1092,6 +1222,7 @@ impl World {
             to_source: VecDeque::new(),
             to_mirror: VecDeque::new(),
             closing_at: None,
+            fence_on_sight,
         });
         let (m, s) = (
             self.nodes[mirror].name.clone(),
@@ -1131,6 +1262,10 @@ impl World {
                     .is_some_and(|half| half.machine.wants_frames())
             {
                 let (_, message) = self.conns[index].to_mirror.pop_front().expect("checked");
+                if self.conns[index].fence_on_sight {
+                    self.fence_answer(index, &message);
+                    return;
+                }
                 if let Some(half) = &mut self.conns[index].mirror_half {
                     half.last_byte = now;
                     half.machine.handle(MirrorEvent::Received(message));
@@ -1206,6 +1341,26 @@ impl World {
         }
         self.pump_source(index);
         self.pump_mirror(index);
+    }
+
+    /// The old source answered a promoted node's hello: whatever it said, the loop stops
+    /// (it fenced itself, or it is no longer the old history's source).
+    fn fence_answer(&mut self, index: usize, answer: &Message) {
+        let node = self.conns[index].mirror;
+        let old = self.conns[index].source;
+        let said = match answer {
+            Message::HelloAck(xmirror_proto::message::HelloAck::Rejected(rejected)) => {
+                rejected.code.name().to_string()
+            }
+            Message::HelloAck(_) => "accepted".to_string(),
+            other => format!("{:?}", other.message_type()),
+        };
+        self.say(format!(
+            "{} said hello to its old source {}: {said}",
+            self.nodes[node].name, self.nodes[old].name
+        ));
+        self.nodes[node].fence_on_sight = None;
+        self.end_mirror_half(index, "answered");
     }
 
     fn source_heard(&mut self, index: usize) {

@@ -27,8 +27,8 @@ use xmirror_proto::session::source::{
     Committed, SourceAction, SourceEvent, SourceSession, SourceTimer,
 };
 use xmirror_proto::{
-    DatabaseId, DivergencePolicy, Entry, Epoch, Lsn, Message, Name, PeerIdentity, Role, SnapshotId,
-    UnixMillis, SUPPORTED_VERSIONS,
+    DatabaseId, DivergencePolicy, Entry, Epoch, ErrorCode, Lsn, Message, Name, PeerIdentity, Role,
+    SnapshotId, UnixMillis, SUPPORTED_VERSIONS,
 };
 use xmirror_source::slots::{SessionTicket, Slots};
 use xmirror_source::work::{self, SessionStore};
@@ -67,6 +67,8 @@ pub struct Options {
     pub latency_ms: Option<u64>,
     /// The sources' snapshot chunk budget in bytes, instead of a drawn one.
     pub snapshot_chunk_bytes: Option<usize>,
+    /// Each link's bandwidth in bytes per simulated millisecond, instead of a drawn one.
+    pub bandwidth: Option<u64>,
 }
 
 impl Default for Options {
@@ -81,6 +83,7 @@ impl Default for Options {
             max_wal_entries: None,
             latency_ms: None,
             snapshot_chunk_bytes: None,
+            bandwidth: None,
         }
     }
 }
@@ -264,6 +267,9 @@ struct Conn {
     closing_at: Option<u64>,
     /// A promoted node's hello to its old source, which only waits for the answer.
     fence_on_sight: bool,
+    /// When each direction's link is free to carry the next frame.
+    to_source_free: u64,
+    to_mirror_free: u64,
 }
 
 /// The whole world of one seed.
@@ -278,6 +284,8 @@ pub struct World {
     /// The node clients write to.
     primary: usize,
     latency_ms: u64,
+    /// Bytes per simulated millisecond on every link.
+    bandwidth: u64,
     model: Model,
     trace: Vec<String>,
     /// Kept for its directories' lifetime.
@@ -348,6 +356,9 @@ impl World {
         };
         let latency_ms = rng.random_range(1..=40);
         let latency_ms = options.latency_ms.unwrap_or(latency_ms);
+        // From a slow long-distance link (20 kB/s) to a fast one (10 MB/s).
+        let bandwidth = rng.random_range(20..=10_000);
+        let bandwidth = options.bandwidth.unwrap_or(bandwidth).max(1);
         let mut world = World {
             seed,
             options,
@@ -358,6 +369,7 @@ impl World {
             conns: Vec::new(),
             primary: 0,
             latency_ms,
+            bandwidth,
             model: Model::default(),
             trace: Vec::new(),
             _root: root,
@@ -383,7 +395,7 @@ impl World {
             world.add_node(&format!("node-{}", index + 1), part);
         }
         world.say(format!(
-            "seed {seed}: {} mirrors, latency {latency_ms} ms",
+            "seed {seed}: {} mirrors, latency {latency_ms} ms, {bandwidth} bytes/ms",
             world.options.mirrors
         ));
         world
@@ -1223,6 +1235,8 @@ impl World {
             to_mirror: VecDeque::new(),
             closing_at: None,
             fence_on_sight,
+            to_source_free: 0,
+            to_mirror_free: 0,
         });
         let (m, s) = (
             self.nodes[mirror].name.clone(),
@@ -1388,9 +1402,12 @@ impl World {
                 continue;
             }
             if let Some(frame) = half.machine.poll_transmit() {
-                self.conns[index]
-                    .to_mirror
-                    .push_back((now + latency, frame.message().clone()));
+                let bandwidth = self.bandwidth;
+                let conn = &mut self.conns[index];
+                let message = frame.message().clone();
+                let sent = now.max(conn.to_mirror_free) + wire_bytes(&message) / bandwidth;
+                conn.to_mirror_free = sent;
+                conn.to_mirror.push_back((sent + latency, message));
                 continue;
             }
             if let Some(end) = half.machine.take_end() {
@@ -1439,11 +1456,15 @@ impl World {
                         if let Ok(decision) = &admission.decision {
                             let fields = decision.log_fields();
                             self.say(format!(
-                                "{} decides for {}: {} from {:?} (hello applied {}, {:?})",
+                                "{} decides for {}: {} {} (hello applied {}, {:?})",
                                 self.nodes[source].name,
                                 self.nodes[mirror].name,
                                 fields.decision,
-                                fields.from_lsn,
+                                match (fields.from_lsn, fields.reason) {
+                                    (Some(lsn), _) => format!("from {lsn}"),
+                                    (None, Some(reason)) => reason.to_string(),
+                                    (None, None) => String::new(),
+                                },
                                 admission.hello.applied_lsn,
                                 admission.slot
                             ));
@@ -1605,9 +1626,12 @@ impl World {
                 continue;
             }
             if let Some(frame) = half.machine.poll_transmit() {
-                self.conns[index]
-                    .to_source
-                    .push_back((now + latency, frame.message().clone()));
+                let bandwidth = self.bandwidth;
+                let conn = &mut self.conns[index];
+                let message = frame.message().clone();
+                let sent = now.max(conn.to_source_free) + wire_bytes(&message) / bandwidth;
+                conn.to_source_free = sent;
+                conn.to_source.push_back((sent + latency, message));
                 continue;
             }
             let progress = half.machine.progress().clone();
@@ -1655,8 +1679,16 @@ impl World {
                 self.model
                     .ended(self.now, &who, end.code(), &end.to_string());
                 self.say(format!("{who} ends: {end}"));
-                if end.is_permanent() {
-                    if let Part::Mirror(side) = &mut self.nodes[mirror].part {
+                // The source refused the promotion: it fails, and the node stays a mirror.
+                let refused = matches!(
+                    end.code(),
+                    ErrorCode::NotPromotable | ErrorCode::NotAuthorized
+                );
+                if let Part::Mirror(side) = &mut self.nodes[mirror].part {
+                    if refused {
+                        side.promote = false;
+                    }
+                    if end.is_permanent() {
                         side.exited = Some(end.to_string());
                     }
                 }
@@ -1704,6 +1736,16 @@ impl World {
         }
         self.conns[index].to_source.clear();
     }
+}
+
+/// About how many bytes a frame takes on the wire: its payload and a header.
+fn wire_bytes(message: &Message) -> u64 {
+    let payload = match message {
+        Message::WalBatch(batch) => batch.entries.iter().map(Entry::payload_len).sum(),
+        Message::SnapshotChunk(chunk) => chunk.payload_len(),
+        _ => 0,
+    };
+    payload as u64 + 48
 }
 
 /// An error's causes, for the trace.

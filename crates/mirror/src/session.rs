@@ -406,10 +406,7 @@ pub fn perform(
         MirrorAction::ApplyRewind(apply) => {
             let (to_lsn, target, keys) = (apply.to_lsn, apply.target.0, apply.values.len());
             crate::rewind::apply(store, &apply)?;
-            store.set_counter(
-                crate::LAST_DECISION,
-                crate::decision_number(DecisionKind::Rewind),
-            )?;
+            store.set_counter(crate::LAST_DECISION, crate::decision_number(apply.record))?;
             store.flush()?;
             tracing::info!(
                 to_lsn = to_lsn.0,

@@ -271,6 +271,8 @@ pub struct RewindApply {
     pub epoch: Epoch,
     /// Where each of the source's epochs began.
     pub history: Vec<EpochStart>,
+    /// The decision the store records with the rewind, for status (a rewind's).
+    pub record: DecisionKind,
 }
 
 /// Store work to start the decision: record it and, for a snapshot, clear the store.
@@ -915,6 +917,7 @@ impl MirrorSession {
                 database_id,
                 epoch,
                 history: self.source_history.clone(),
+                record: DecisionKind::Rewind,
             };
             self.in_flight = Some(InFlight::RewindApplication);
             self.actions.push_back(MirrorAction::ApplyRewind(apply));
@@ -1850,6 +1853,7 @@ mod tests {
             (Lsn(28), ChainHash([28; 32])),
             "consistent once the latest read state is applied"
         );
+        assert_eq!(apply.record, DecisionKind::Rewind, "the store records the decision");
         session.handle(MirrorEvent::RewindApplied);
         let done = drain(&mut session);
         assert_eq!(

@@ -24,6 +24,10 @@ certs cluster="dev":
     cargo run -p xmirror -- certs issue --dir certs --cluster-id {{cluster}} --role observer --name mirror-1
     cargo run -p xmirror -- certs issue --dir certs --cluster-id {{cluster}} --role client --name ops
 
+# The deterministic simulator's long search: N seeds from FIRST (CI runs 1,000 from 0).
+sim n="100000" first="1000000":
+    XMIRROR_SIM_SEEDS={{n}} XMIRROR_SIM_FIRST={{first}} cargo test -p xmirror-sim --test seeds -- --nocapture
+
 # The fault-injection suite with many more iterations (200 mirror kills, 30 source kills).
 chaos:
     cargo build -p xmirror

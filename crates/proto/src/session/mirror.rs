@@ -727,14 +727,14 @@ impl MirrorSession {
 
     /// Whether the driver should read another frame: the queue has room.
     pub fn wants_frames(&self) -> bool {
-        self.end.is_none()
-            && !matches!(self.phase, Phase::Halting(_))
+        !matches!(self.phase, Phase::Halting(_) | Phase::Ended)
             && self.queue.len() < self.config.max_queued_frames.max(1)
     }
 
     /// Feeds one event.
     pub fn handle(&mut self, event: MirrorEvent) {
-        if self.end.is_some() {
+        // Ended absorbs everything, whether or not the driver has taken the end yet.
+        if self.phase == Phase::Ended {
             return;
         }
         match event {
@@ -1853,7 +1853,11 @@ mod tests {
             (Lsn(28), ChainHash([28; 32])),
             "consistent once the latest read state is applied"
         );
-        assert_eq!(apply.record, DecisionKind::Rewind, "the store records the decision");
+        assert_eq!(
+            apply.record,
+            DecisionKind::Rewind,
+            "the store records the decision"
+        );
         session.handle(MirrorEvent::RewindApplied);
         let done = drain(&mut session);
         assert_eq!(
@@ -2827,5 +2831,53 @@ mod tests {
         let mut session = prepared(standing(7), Decision::Stream { from_lsn: Lsn(8) }, 7);
         session.handle(MirrorEvent::SourceFinished);
         assert!(matches!(session.take_end(), Some(Ok(()))));
+    }
+
+    #[test]
+    fn an_ended_session_absorbs_every_later_event() {
+        let later = || {
+            vec![
+                MirrorEvent::Received(accepted(Decision::Stream { from_lsn: Lsn(8) }, 7)),
+                MirrorEvent::Received(batch(8, 2, 4)),
+                MirrorEvent::SourceFinished,
+                MirrorEvent::Prepared,
+                MirrorEvent::ChunksApplied,
+                MirrorEvent::BatchesApplied {
+                    applied_lsn: Lsn(9),
+                    consistent: true,
+                },
+                MirrorEvent::Timer(MirrorTimer::Handshake),
+                MirrorEvent::Timer(MirrorTimer::SilenceCheck),
+                MirrorEvent::SilenceMeasured(Duration::from_secs(60)),
+                MirrorEvent::ForkRead(None),
+                MirrorEvent::RewindApplied,
+                MirrorEvent::HaltRecorded,
+                MirrorEvent::Promote {
+                    epoch: Epoch(2),
+                    epoch_id: EpochId(9),
+                },
+            ]
+        };
+        // However it ended: the source finished, or the ack never came.
+        let mut finished = prepared(standing(7), Decision::Stream { from_lsn: Lsn(8) }, 7);
+        finished.handle(MirrorEvent::SourceFinished);
+        let mut timed_out = new_session(standing(7));
+        drain(&mut timed_out);
+        timed_out.handle(MirrorEvent::Timer(MirrorTimer::Handshake));
+        for (label, mut session) in [("finished", finished), ("timed out", timed_out)] {
+            drain(&mut session);
+            assert!(session.take_end().is_some(), "{label}: ended");
+            let progress = session.progress().clone();
+            for event in later() {
+                let shown = format!("{event:?}");
+                session.handle(event);
+                let drained = drain(&mut session);
+                assert!(
+                    drained.actions.is_empty() && drained.frames.is_empty(),
+                    "{label}: {shown} after the end asked for {drained:?}"
+                );
+                assert_eq!(session.progress(), &progress, "{label}: {shown}");
+            }
+        }
     }
 }

@@ -589,12 +589,13 @@ impl SourceSession {
 
     /// Whether the driver should still read frames from the mirror.
     pub fn wants_frames(&self) -> bool {
-        self.end.is_none()
+        !self.has_ended()
     }
 
     /// Feeds one event.
     pub fn handle(&mut self, event: SourceEvent) {
-        if self.end.is_some() {
+        // Ended absorbs everything, whether or not the driver has taken the end yet.
+        if self.state == SourceState::Ended {
             return;
         }
         match event {
@@ -2231,6 +2232,58 @@ mod tests {
                 first_retained,
             })) => assert_eq!((requested, first_retained), (Lsn(5), Lsn(8))),
             other => panic!("expected SLOT_INVALIDATED, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn an_ended_session_absorbs_every_later_event() {
+        let later = || {
+            vec![
+                SourceEvent::Received(hello().into()),
+                SourceEvent::Received(
+                    MirrorAck {
+                        received: Lsn(1),
+                        durable: Lsn(1),
+                        applied: Lsn(1),
+                    }
+                    .into(),
+                ),
+                SourceEvent::MirrorFinished,
+                SourceEvent::Admitted {
+                    decision: Ok(Decision::Stream { from_lsn: Lsn(1) }),
+                    source: source(),
+                    slot: SlotClaim::Pinned,
+                },
+                SourceEvent::Committed(committed(Lsn(99))),
+                SourceEvent::Timer(SourceTimer::Heartbeat),
+                SourceEvent::Timer(SourceTimer::Handshake),
+                SourceEvent::Replaced,
+                SourceEvent::WriterStopped,
+                SourceEvent::BatchRead {
+                    batch: Some(batch(11, 1, 8)),
+                    first_retained: Lsn(1),
+                },
+            ]
+        };
+        // However it ended: replaced while streaming, or refused at the hello.
+        let (mut replaced, _) = accepted(Decision::Stream { from_lsn: Lsn(1) });
+        replaced.handle(SourceEvent::Replaced);
+        let mut refused = SourceSession::new(config(), committed(COMMITTED));
+        refused.handle(SourceEvent::Timer(SourceTimer::Handshake));
+        for (label, mut session) in [("replaced", replaced), ("refused", refused)] {
+            drain(&mut session);
+            let end = session.take_end().map(|end| end.map_err(|end| end.code()));
+            assert!(matches!(end, Some(Err(_))), "{label}: ended");
+            for event in later() {
+                let shown = format!("{event:?}");
+                session.handle(event);
+                let drained = drain(&mut session);
+                assert!(
+                    drained.actions.is_empty() && drained.frames.is_empty(),
+                    "{label}: {shown} after the end asked for {drained:?}"
+                );
+                assert_eq!(session.state(), &SourceState::Ended, "{label}: {shown}");
+            }
         }
     }
 }

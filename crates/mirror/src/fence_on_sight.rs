@@ -117,7 +117,12 @@ async fn hello_once(
         .map_err(|panic| AttemptError::Session(crate::session::SessionError::StorePanicked(panic)))?
         .map_err(AttemptError::StoreFailed)?;
     // The hello a mirror of this store would send: the machine writes it.
-    let mut machine = MirrorSession::new(shared.session_config(), standing, &shared.progress());
+    let mut machine = MirrorSession::new(
+        shared.session_config(),
+        standing,
+        &shared.progress(),
+        std::time::Instant::now(),
+    );
     let hello = machine
         .poll_transmit()
         .expect("a new session's first frame is its hello");

@@ -17,8 +17,8 @@ use xmirror_net::stage::{self, Stage};
 use xmirror_net::{sleep_until, Activity, FrameSender, FramedReader};
 use xmirror_proto::message::HelloAck;
 use xmirror_proto::session::mirror::{
-    InterruptedSnapshot, MirrorAction, MirrorEnd, MirrorEvent, MirrorSession, MirrorTimer,
-    Preparation, Standing, WalGroup,
+    InterruptedSnapshot, MirrorAction, MirrorEnd, MirrorEvent, MirrorSession, Preparation,
+    Standing, WalGroup,
 };
 use xmirror_proto::{DecisionKind, Epoch, ErrorCode, FrameError, Message};
 use xmirror_store::{Batch, DatabaseIdentity, Position, Store, StoreError, SyncState};
@@ -164,12 +164,15 @@ where
     let mut sender = FrameSender::new(writer, limits.handshake);
     let store = shared.store.clone();
     let standing = blocking(move || standing(&*store)).await?;
-    let mut machine = MirrorSession::new(shared.session_config(), standing, &shared.progress());
+    let mut machine = MirrorSession::new(
+        shared.session_config(),
+        standing,
+        &shared.progress(),
+        std::time::Instant::now(),
+    );
     // One piece of store work at a time: the machine asks for the next group only once the
     // last one is durable.
     let mut work: Option<Work> = None;
-    let mut handshake_deadline: Option<Instant> = None;
-    let mut silence_check: Option<Instant> = None;
     let mut promotion = shared.promotion.subscribe();
     let outcome = loop {
         // A planned promotion is the machine's to carry out once it streams.
@@ -187,12 +190,6 @@ where
                         reader.set_compression(compression);
                         sender.set_max_frame_len(limits.data);
                         sender.set_compression(compression, None);
-                    }
-                    MirrorAction::ArmTimer(MirrorTimer::Handshake, after) => {
-                        handshake_deadline = Some(Instant::now() + after);
-                    }
-                    MirrorAction::ArmTimer(MirrorTimer::SilenceCheck, after) => {
-                        silence_check = Some(Instant::now() + after);
                     }
                     MirrorAction::MeasureSilence => {
                         machine.handle(MirrorEvent::SilenceMeasured(activity.idle()));
@@ -215,6 +212,7 @@ where
         }
         let wants_frames = machine.wants_frames();
         let sending = !sender.is_free();
+        let timeout = machine.poll_timeout().map(Instant::from_std);
         tokio::select! {
             result = sender.sent(), if sending => {
                 if let Err(error) = result {
@@ -247,13 +245,8 @@ where
             // A promotion asked for: the top of the loop hands it to the machine. (The
             // sender lives as long as `shared`, so this never reports a closed channel.)
             _ = promotion.changed() => {}
-            () = sleep_until(handshake_deadline) => {
-                handshake_deadline = None;
-                machine.handle(MirrorEvent::Timer(MirrorTimer::Handshake));
-            }
-            () = sleep_until(silence_check) => {
-                silence_check = None;
-                machine.handle(MirrorEvent::Timer(MirrorTimer::SilenceCheck));
+            () = sleep_until(timeout) => {
+                machine.handle_timeout(std::time::Instant::now());
             }
         }
     };
@@ -310,7 +303,7 @@ pub struct WorkSetup {
 
 /// Does the store work `action` asks for, durably, and returns the event that reports it:
 /// what the async driver runs on a blocking thread and the simulator calls directly.
-/// `EnterDataPhase`, `ArmTimer` and `MeasureSilence` are the driver's own (the stream and
+/// `EnterDataPhase` and `MeasureSilence` are the driver's own (the stream and
 /// the clock), not store work: asked here they are a bug.
 pub fn perform(
     store: &dyn Store,
@@ -429,9 +422,7 @@ pub fn perform(
             store.flush()?;
             MirrorEvent::HaltRecorded
         }
-        MirrorAction::EnterDataPhase(_)
-        | MirrorAction::ArmTimer(..)
-        | MirrorAction::MeasureSilence => {
+        MirrorAction::EnterDataPhase(_) | MirrorAction::MeasureSilence => {
             unreachable!("the stream's and the clock's, not store work")
         }
     })

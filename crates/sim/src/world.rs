@@ -21,11 +21,8 @@ use xmirror_proto::history::{conflicting_epoch, FenceAsk};
 use xmirror_proto::message::Write;
 use xmirror_proto::session::mirror::{
     MirrorAction, MirrorEnd, MirrorEvent, MirrorProgress, MirrorSession, MirrorSessionConfig,
-    MirrorTimer,
 };
-use xmirror_proto::session::source::{
-    Committed, SourceAction, SourceEvent, SourceSession, SourceTimer,
-};
+use xmirror_proto::session::source::{Committed, SourceAction, SourceEvent, SourceSession};
 use xmirror_proto::{
     DatabaseId, DivergencePolicy, Entry, Epoch, ErrorCode, Lsn, Message, Name, PeerIdentity, Role,
     SnapshotId, UnixMillis, SUPPORTED_VERSIONS,
@@ -243,16 +240,12 @@ impl Node {
 
 struct MirrorHalf {
     machine: MirrorSession,
-    handshake_at: Option<u64>,
-    silence_at: Option<u64>,
     last_byte: u64,
 }
 
 struct SourceHalf {
     machine: SourceSession,
     ticket: Option<SessionTicket>,
-    handshake_at: Option<u64>,
-    heartbeat_at: Option<u64>,
 }
 
 /// One mirror's connection to one source: both halves and the frames in flight.
@@ -1201,7 +1194,7 @@ impl World {
             max_group_bytes: 2048,
             source_silence_timeout: Duration::from_secs(5),
         };
-        let machine = MirrorSession::new(config, standing, &progress);
+        let machine = MirrorSession::new(config, standing, &progress, self.instant());
         let source_store = self.nodes[source].store.clone().expect("checked up");
         let Part::Source(source_side) = &self.nodes[source].part else {
             return;
@@ -1215,21 +1208,18 @@ impl World {
                 last_lsn: last,
                 commit_time: self.wall_clock(source),
             },
+            self.instant(),
         );
         self.conns.push(Conn {
             mirror,
             source,
             mirror_half: Some(MirrorHalf {
                 machine,
-                handshake_at: None,
-                silence_at: None,
                 last_byte: self.now,
             }),
             source_half: Some(SourceHalf {
                 machine: source_machine,
                 ticket: None,
-                handshake_at: None,
-                heartbeat_at: None,
             }),
             to_source: VecDeque::new(),
             to_mirror: VecDeque::new(),
@@ -1299,16 +1289,10 @@ impl World {
             return;
         }
         // Timers.
+        let instant = self.instant();
         if let Some(half) = &mut self.conns[index].source_half {
-            if half.handshake_at.is_some_and(|at| at <= now) {
-                half.handshake_at = None;
-                half.machine
-                    .handle(SourceEvent::Timer(SourceTimer::Handshake));
-            }
-            if half.heartbeat_at.is_some_and(|at| at <= now) {
-                half.heartbeat_at = None;
-                half.machine
-                    .handle(SourceEvent::Timer(SourceTimer::Heartbeat));
+            if half.machine.poll_timeout().is_some_and(|at| at <= instant) {
+                half.machine.handle_timeout(instant);
             }
             if half
                 .ticket
@@ -1320,15 +1304,8 @@ impl World {
             }
         }
         if let Some(half) = &mut self.conns[index].mirror_half {
-            if half.handshake_at.is_some_and(|at| at <= now) {
-                half.handshake_at = None;
-                half.machine
-                    .handle(MirrorEvent::Timer(MirrorTimer::Handshake));
-            }
-            if half.silence_at.is_some_and(|at| at <= now) {
-                half.silence_at = None;
-                half.machine
-                    .handle(MirrorEvent::Timer(MirrorTimer::SilenceCheck));
+            if half.machine.poll_timeout().is_some_and(|at| at <= instant) {
+                half.machine.handle_timeout(instant);
             }
         }
         // A planned promotion the operator asked for goes to a streaming session.
@@ -1393,6 +1370,7 @@ impl World {
     fn pump_source(&mut self, index: usize) {
         loop {
             let now = self.now;
+            let instant = self.instant();
             let latency = self.latency_ms;
             let Some(half) = self.conns[index].source_half.as_mut() else {
                 return;
@@ -1401,7 +1379,7 @@ impl World {
                 self.source_act(index, action);
                 continue;
             }
-            if let Some(frame) = half.machine.poll_transmit() {
+            if let Some(frame) = half.machine.poll_transmit(instant) {
                 let bandwidth = self.bandwidth;
                 let conn = &mut self.conns[index];
                 let message = frame.message().clone();
@@ -1550,16 +1528,6 @@ impl World {
                 }
                 None
             }
-            SourceAction::ArmTimer(timer, after) => {
-                let at = Some(now + after.as_millis() as u64);
-                if let Some(half) = &mut self.conns[index].source_half {
-                    match timer {
-                        SourceTimer::Handshake => half.handshake_at = at,
-                        SourceTimer::Heartbeat => half.heartbeat_at = at,
-                    }
-                }
-                None
-            }
         };
         if let (Some(event), Some(half)) = (event, &mut self.conns[index].source_half) {
             half.machine.handle(event);
@@ -1590,12 +1558,6 @@ impl World {
             if let Some(action) = half.machine.poll_action() {
                 match action {
                     MirrorAction::EnterDataPhase(_) => {}
-                    MirrorAction::ArmTimer(MirrorTimer::Handshake, after) => {
-                        half.handshake_at = Some(now + after.as_millis() as u64);
-                    }
-                    MirrorAction::ArmTimer(MirrorTimer::SilenceCheck, after) => {
-                        half.silence_at = Some(now + after.as_millis() as u64);
-                    }
                     MirrorAction::MeasureSilence => {
                         let silent = Duration::from_millis(now - half.last_byte);
                         half.machine.handle(MirrorEvent::SilenceMeasured(silent));

@@ -20,7 +20,7 @@ use xmirror_net::admission::LogEvery;
 use xmirror_net::stage::{self, Stage};
 use xmirror_net::{sleep_until, FrameSender, FramedReader};
 use xmirror_proto::session::source::{
-    Committed, SlotClaim, SourceAction, SourceEnd, SourceEvent, SourceSession, SourceTimer,
+    Committed, SlotClaim, SourceAction, SourceEnd, SourceEvent, SourceSession,
 };
 use xmirror_proto::session::Outgoing;
 use xmirror_proto::{
@@ -92,25 +92,6 @@ fn blocking<T: Send + 'static>(
     }
 }
 
-/// The session's timers, as deadlines on the runtime's clock.
-#[derive(Default)]
-struct Timers {
-    /// When the hello is overdue.
-    handshake: Option<Instant>,
-    /// When a quiet stream gets a heartbeat.
-    heartbeat: Option<Instant>,
-}
-
-impl Timers {
-    fn arm(&mut self, timer: SourceTimer, after: std::time::Duration) {
-        let deadline = Some(Instant::now() + after);
-        match timer {
-            SourceTimer::Handshake => self.handshake = deadline,
-            SourceTimer::Heartbeat => self.heartbeat = deadline,
-        }
-    }
-}
-
 /// Runs a mirror session to its end: `Ok` when the mirror finished it.
 ///
 /// `handshake` is the permit that counts this connection among the unfinished handshakes;
@@ -130,11 +111,14 @@ where
     sender.set_pacer(shared.pacer.clone());
     let mut driver = Driver {
         limits: shared.config.frame_limits,
-        machine: SourceSession::new(shared.config.session_config(&peer), committed(&shared)),
+        machine: SourceSession::new(
+            shared.config.session_config(&peer),
+            committed(&shared),
+            std::time::Instant::now(),
+        ),
         reader: FramedReader::new(reader, shared.config.frame_limits.handshake),
         sender,
         work: FuturesUnordered::new(),
-        timers: Timers::default(),
         commits: shared.commits.clone(),
         ticket: None,
         handshake,
@@ -185,8 +169,6 @@ struct Driver<'a, R, W> {
     sender: FrameSender<'a, W>,
     /// Store work in flight (at most one read and one measurement, by the machine's rules).
     work: FuturesUnordered<Work>,
-    /// The deadlines the machine armed.
-    timers: Timers,
     /// The writer's durable LSN: streaming never reads beyond it.
     commits: tokio::sync::watch::Receiver<crate::writer::Committed>,
     /// The slot this session holds once admitted, with whose it is.
@@ -219,6 +201,7 @@ where
                 }
             }
             let wants_frames = self.machine.wants_frames();
+            let timeout = self.machine.poll_timeout().map(Instant::from_std);
             let replaced = self
                 .ticket
                 .as_ref()
@@ -260,13 +243,8 @@ where
                         Err(_) => SourceEvent::WriterStopped,
                     });
                 }
-                () = sleep_until(self.timers.handshake) => {
-                    self.timers.handshake = None;
-                    self.machine.handle(SourceEvent::Timer(SourceTimer::Handshake));
-                }
-                () = sleep_until(self.timers.heartbeat) => {
-                    self.timers.heartbeat = None;
-                    self.machine.handle(SourceEvent::Timer(SourceTimer::Heartbeat));
+                () = sleep_until(timeout) => {
+                    self.machine.handle_timeout(std::time::Instant::now());
                 }
                 () = async { match &replaced {
                     Some(token) => token.cancelled().await,
@@ -295,7 +273,7 @@ where
                 continue;
             }
             if self.sender.is_free() {
-                if let Some(frame) = self.machine.poll_transmit() {
+                if let Some(frame) = self.machine.poll_transmit(std::time::Instant::now()) {
                     self.owed_frame = self.machine.has_ended();
                     self.transmit(frame);
                     continue;
@@ -422,7 +400,6 @@ where
                 let fenced = blocking(move || work::fence(&*store, &peer, epoch, epoch_id)).await?;
                 self.machine.handle(fenced);
             }
-            SourceAction::ArmTimer(timer, after) => self.timers.arm(timer, after),
         }
         Ok(())
     }

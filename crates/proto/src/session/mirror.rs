@@ -24,7 +24,7 @@
 //! Store work and the source's silence (a byte-level liveness check) are the driver's.
 
 use std::collections::VecDeque;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::compress::Compression;
 use crate::hash::{ChainHash, Position};
@@ -34,7 +34,7 @@ use crate::message::{
     MirrorAck, Rejected, ResumeToken, RewindRequest, RewindValues, SnapshotChunk, SnapshotChunkAck,
     SnapshotReason, WalBatch,
 };
-use crate::session::Outgoing;
+use crate::session::{Outgoing, TimerTable};
 use crate::status::MirrorState;
 use crate::types::{
     DatabaseId, Divergence, DivergencePolicy, Epoch, EpochId, Lsn, Name, Role, SnapshotId,
@@ -165,14 +165,18 @@ pub struct SnapshotCounts {
     pub total: Option<(u64, u64)>,
 }
 
-/// The session's timer.
+/// The session's timers, each a slot of its timer table.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum MirrorTimer {
     /// The ack's deadline.
-    Handshake,
+    Handshake = 0,
     /// Time to ask how long the stream has been silent (every quarter of the silence
-    /// timeout): report [`MirrorEvent::SilenceMeasured`].
-    SilenceCheck,
+    /// timeout): the machine asks [`MirrorAction::MeasureSilence`].
+    SilenceCheck = 1,
+}
+
+impl MirrorTimer {
+    const ALL: [MirrorTimer; 2] = [MirrorTimer::Handshake, MirrorTimer::SilenceCheck];
 }
 
 /// What happened, for the session to react to.
@@ -203,8 +207,6 @@ pub enum MirrorEvent {
         /// Whether the store serves reads.
         consistent: bool,
     },
-    /// The timer armed with [`MirrorAction::ArmTimer`] fired.
-    Timer(MirrorTimer),
     /// How long since the last byte from the source, measured when
     /// [`MirrorTimer::SilenceCheck`] fired.
     SilenceMeasured(Duration),
@@ -342,8 +344,6 @@ pub enum MirrorAction {
     /// The hello was accepted: frames may now be as large as the data phase allows, and
     /// bulk frames travel with the negotiated compression.
     EnterDataPhase(Compression),
-    /// Fire [`MirrorEvent::Timer`] after the duration.
-    ArmTimer(MirrorTimer, Duration),
     /// Measure how long since the last byte from the source; report
     /// [`MirrorEvent::SilenceMeasured`].
     MeasureSilence,
@@ -632,6 +632,8 @@ pub struct MirrorSession {
     transmit: VecDeque<Outgoing>,
     /// Work for the driver, in order.
     actions: VecDeque<MirrorAction>,
+    /// The ack's deadline and the next silence check.
+    timers: TimerTable<2>,
     /// How the session ended, once it has.
     end: Option<Result<(), MirrorEnd>>,
 }
@@ -643,6 +645,7 @@ impl MirrorSession {
         config: MirrorSessionConfig,
         standing: Standing,
         previous: &MirrorProgress,
+        now: Instant,
     ) -> MirrorSession {
         let resume = match (standing.interrupted.clone(), standing.database_id) {
             (Some(snapshot), Some(database_id)) => Some(ResumeToken {
@@ -694,8 +697,15 @@ impl MirrorSession {
             halt_reason: standing.halted,
             ..previous.clone()
         };
-        let handshake_timeout = config.handshake_timeout;
-        let silence_check = silence_check_every(config.source_silence_timeout);
+        let mut timers = TimerTable::default();
+        timers.set(
+            MirrorTimer::Handshake as usize,
+            now + config.handshake_timeout,
+        );
+        timers.set(
+            MirrorTimer::SilenceCheck as usize,
+            now + silence_check_every(config.source_silence_timeout),
+        );
         MirrorSession {
             config,
             phase: Phase::AwaitingAck,
@@ -712,10 +722,8 @@ impl MirrorSession {
             queue: VecDeque::new(),
             in_flight: None,
             transmit: VecDeque::from([Outgoing::Message(hello.into())]),
-            actions: VecDeque::from([
-                MirrorAction::ArmTimer(MirrorTimer::Handshake, handshake_timeout),
-                MirrorAction::ArmTimer(MirrorTimer::SilenceCheck, silence_check),
-            ]),
+            actions: VecDeque::new(),
+            timers,
             end: None,
         }
     }
@@ -740,25 +748,11 @@ impl MirrorSession {
         match event {
             MirrorEvent::Received(message) => self.on_message(message),
             MirrorEvent::SourceFinished => self.finish(Ok(())),
-            MirrorEvent::Timer(MirrorTimer::Handshake) => {
-                if self.phase == Phase::AwaitingAck {
-                    self.finish(Err(MirrorEnd::HandshakeTimeout(
-                        self.config.handshake_timeout,
-                    )));
-                }
-            }
-            MirrorEvent::Timer(MirrorTimer::SilenceCheck) => {
-                self.actions.push_back(MirrorAction::MeasureSilence);
-            }
             MirrorEvent::SilenceMeasured(idle) => {
                 let timeout = self.config.source_silence_timeout;
                 if idle > timeout {
                     return self.finish(Err(MirrorEnd::SourceSilent(timeout)));
                 }
-                self.actions.push_back(MirrorAction::ArmTimer(
-                    MirrorTimer::SilenceCheck,
-                    silence_check_every(timeout),
-                ));
             }
             MirrorEvent::Prepared => self.on_prepared(),
             MirrorEvent::ChunksApplied => {
@@ -878,6 +872,39 @@ impl MirrorSession {
             }
         }
         self.pump();
+    }
+
+    /// When the driver must call [`Self::handle_timeout`] next, if ever.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        if self.phase == Phase::Ended {
+            return None;
+        }
+        self.timers.next()
+    }
+
+    /// The time has come for every timer due at `now`: the ack's deadline ends a session
+    /// still waiting for it; a silence check asks the driver how long the source has been
+    /// silent ([`MirrorEvent::SilenceMeasured`] decides), and the next one is set.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if self.phase == Phase::Ended {
+            return;
+        }
+        for timer in self.timers.expire(now) {
+            match MirrorTimer::ALL[timer] {
+                MirrorTimer::Handshake => {
+                    if self.phase == Phase::AwaitingAck {
+                        self.finish(Err(MirrorEnd::HandshakeTimeout(
+                            self.config.handshake_timeout,
+                        )));
+                    }
+                }
+                MirrorTimer::SilenceCheck => {
+                    self.actions.push_back(MirrorAction::MeasureSilence);
+                    let every = silence_check_every(self.config.source_silence_timeout);
+                    self.timers.set(timer, now + every);
+                }
+            }
+        }
     }
 
     /// Whether a planned promotion is under way (the source was asked to fence itself).
@@ -1038,6 +1065,8 @@ impl MirrorSession {
             self.queue.push_back(message);
             return;
         }
+        // The first frame answers the hello, whatever it is: the deadline is met.
+        self.timers.stop(MirrorTimer::Handshake as usize);
         match message {
             Message::HelloAck(HelloAck::Accepted(accepted)) => {
                 if accepted.source_cluster != self.config.source_cluster {
@@ -1563,7 +1592,23 @@ mod tests {
     }
 
     fn new_session(standing: Standing) -> MirrorSession {
-        MirrorSession::new(config(), standing, &MirrorProgress::new(Lsn::ZERO, false))
+        MirrorSession::new(
+            config(),
+            standing,
+            &MirrorProgress::new(Lsn::ZERO, false),
+            t0(),
+        )
+    }
+
+    /// The instant every test session starts at; the machine is only ever given times.
+    fn t0() -> Instant {
+        static T0: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+        *T0.get_or_init(Instant::now)
+    }
+
+    /// `t0` plus `ms`.
+    fn at(ms: u64) -> Instant {
+        t0() + Duration::from_millis(ms)
     }
 
     #[derive(Debug, Default)]
@@ -1995,13 +2040,9 @@ mod tests {
             });
             let database_id = Some(DATABASE);
             let first = drain(&mut session);
-            assert_eq!(
-                first.actions,
-                vec![
-                    MirrorAction::ArmTimer(MirrorTimer::Handshake, Duration::from_secs(10)),
-                    MirrorAction::ArmTimer(MirrorTimer::SilenceCheck, Duration::from_millis(1_250)),
-                ]
-            );
+            assert!(first.actions.is_empty(), "{:?}", first.actions);
+            // The silence check (a quarter of 5 s) comes before the ack's deadline (10 s).
+            assert_eq!(session.poll_timeout(), Some(at(1_250)));
             match &first.frames[..] {
                 [Message::Hello(hello)] => {
                     assert_eq!(hello.applied_lsn, Lsn(7));
@@ -2088,7 +2129,13 @@ mod tests {
             let label = format!("{answer:?}");
             match answer {
                 Some(message) => received(&mut session, message),
-                None => session.handle(MirrorEvent::Timer(MirrorTimer::Handshake)),
+                None => {
+                    // Silence checks come and go meanwhile; the deadline ends it.
+                    session.handle_timeout(at(9_999));
+                    session.handle(MirrorEvent::SilenceMeasured(Duration::ZERO));
+                    assert!(session.take_end().is_none(), "{label}: not yet");
+                    session.handle_timeout(at(10_000));
+                }
             }
             let after = drain(&mut session);
             assert!(after.frames.is_empty(), "{label}");
@@ -2106,8 +2153,10 @@ mod tests {
     #[test]
     fn the_ack_deadline_means_nothing_once_the_ack_came() {
         let mut session = prepared(standing(7), Decision::Stream { from_lsn: Lsn(8) }, 7);
-        session.handle(MirrorEvent::Timer(MirrorTimer::Handshake));
+        session.handle_timeout(at(10_000));
         assert!(session.take_end().is_none());
+        // Only the silence check runs on.
+        assert_eq!(session.poll_timeout(), Some(at(11_250)));
     }
 
     /// The source's silence is the machine's to judge: it asks for it every quarter of the
@@ -2124,10 +2173,12 @@ mod tests {
             (&[100, 6_000], true),
         ];
         for (idle_ms, ends) in cases {
-            let mut session = new_session(standing(7));
+            let mut session = prepared(standing(7), Decision::Stream { from_lsn: Lsn(8) }, 7);
             drain(&mut session);
             for (index, idle) in idle_ms.iter().enumerate() {
-                session.handle(MirrorEvent::Timer(MirrorTimer::SilenceCheck));
+                let check = 1_250 * (index as u64 + 1);
+                assert_eq!(session.poll_timeout(), Some(at(check)));
+                session.handle_timeout(at(check));
                 assert_eq!(
                     drain(&mut session).actions,
                     vec![MirrorAction::MeasureSilence]
@@ -2141,13 +2192,8 @@ mod tests {
                     }
                     other => {
                         assert!(!(last && ends), "{idle_ms:?}: {other:?}");
-                        assert_eq!(
-                            drain(&mut session).actions,
-                            vec![MirrorAction::ArmTimer(
-                                MirrorTimer::SilenceCheck,
-                                Duration::from_millis(1_250)
-                            )]
-                        );
+                        assert!(drain(&mut session).actions.is_empty());
+                        assert_eq!(session.poll_timeout(), Some(at(check + 1_250)));
                     }
                 }
             }
@@ -2698,8 +2744,12 @@ mod tests {
     fn with_resnapshot_a_source_may_replace_the_copy() {
         let mut config = config();
         config.on_divergence = DivergencePolicy::Resnapshot;
-        let mut session =
-            MirrorSession::new(config, standing(30), &MirrorProgress::new(Lsn(30), true));
+        let mut session = MirrorSession::new(
+            config,
+            standing(30),
+            &MirrorProgress::new(Lsn(30), true),
+            t0(),
+        );
         drain(&mut session);
         received(
             &mut session,
@@ -2780,6 +2830,7 @@ mod tests {
                 config,
                 halted(source_behind),
                 &MirrorProgress::new(Lsn(30), true),
+                t0(),
             );
             assert_eq!(session.progress().state, MirrorState::Halted, "{label}");
             assert_eq!(
@@ -2846,8 +2897,6 @@ mod tests {
                     applied_lsn: Lsn(9),
                     consistent: true,
                 },
-                MirrorEvent::Timer(MirrorTimer::Handshake),
-                MirrorEvent::Timer(MirrorTimer::SilenceCheck),
                 MirrorEvent::SilenceMeasured(Duration::from_secs(60)),
                 MirrorEvent::ForkRead(None),
                 MirrorEvent::RewindApplied,
@@ -2863,7 +2912,7 @@ mod tests {
         finished.handle(MirrorEvent::SourceFinished);
         let mut timed_out = new_session(standing(7));
         drain(&mut timed_out);
-        timed_out.handle(MirrorEvent::Timer(MirrorTimer::Handshake));
+        timed_out.handle_timeout(at(10_000));
         for (label, mut session) in [("finished", finished), ("timed out", timed_out)] {
             drain(&mut session);
             assert!(session.take_end().is_some(), "{label}: ended");
@@ -2878,6 +2927,14 @@ mod tests {
                 );
                 assert_eq!(session.progress(), &progress, "{label}: {shown}");
             }
+            // Nor does time move it.
+            assert_eq!(session.poll_timeout(), None, "{label}");
+            session.handle_timeout(at(3_600_000));
+            let drained = drain(&mut session);
+            assert!(
+                drained.actions.is_empty() && drained.frames.is_empty(),
+                "{label}"
+            );
         }
     }
 }

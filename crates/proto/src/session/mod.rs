@@ -20,6 +20,7 @@ pub mod mirror;
 pub mod source;
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use crate::message::{Message, WalBatch};
 use crate::types::Lsn;
@@ -32,6 +33,57 @@ pub const BATCH_ENTRIES_VERSION: u16 = 2;
 /// Key bytes per `RewindRequest` (one key may exceed it alone): far below any frame limit.
 /// The mirror asks no more; the source refuses more.
 pub const REWIND_REQUEST_KEY_BYTES: usize = 256 << 10;
+
+/// A machine's deadlines, one slot per timer (quinn-proto's `TimerTable`): the machine
+/// sets and stops them; the driver sleeps until the earliest ([`TimerTable::next`], which
+/// the machines' `poll_timeout` returns) and hands the machine the time once it has
+/// passed (`handle_timeout(now)`). Time is only ever given: no machine reads a clock.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct TimerTable<const N: usize> {
+    deadlines: [Option<Instant>; N],
+}
+
+impl<const N: usize> Default for TimerTable<N> {
+    fn default() -> Self {
+        TimerTable {
+            deadlines: [None; N],
+        }
+    }
+}
+
+impl<const N: usize> TimerTable<N> {
+    /// Sets timer `timer` to fire at `at`, replacing its deadline.
+    pub(crate) fn set(&mut self, timer: usize, at: Instant) {
+        self.deadlines[timer] = Some(at);
+    }
+
+    /// Stops timer `timer`.
+    pub(crate) fn stop(&mut self, timer: usize) {
+        self.deadlines[timer] = None;
+    }
+
+    /// Whether timer `timer` is set.
+    pub(crate) fn is_set(&self, timer: usize) -> bool {
+        self.deadlines[timer].is_some()
+    }
+
+    /// The earliest deadline.
+    pub(crate) fn next(&self) -> Option<Instant> {
+        self.deadlines.iter().flatten().min().copied()
+    }
+
+    /// Stops and returns the timers due at `now`, in timer order.
+    pub(crate) fn expire(&mut self, now: Instant) -> Vec<usize> {
+        let mut due = Vec::new();
+        for (timer, deadline) in self.deadlines.iter_mut().enumerate() {
+            if deadline.is_some_and(|at| at <= now) {
+                *deadline = None;
+                due.push(timer);
+            }
+        }
+        due
+    }
+}
 
 /// A WAL batch ready to transmit, shareable between the sessions of every mirror: the
 /// source's writer keeps its recent groups in this form, so that a mirror streaming live

@@ -21,7 +21,7 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::codec::FrameError;
 use crate::compress::{negotiate_compression, Compression};
@@ -33,7 +33,7 @@ use crate::message::{
     Accepted, Decision, FenceReply, Heartbeat, Hello, HelloAck, MessageType, MirrorAck, Rejected,
     RewindValues, SnapshotChunk, SnapshotChunkAck, SnapshotDone, SnapshotSize,
 };
-use crate::session::{Outgoing, SharedBatch};
+use crate::session::{Outgoing, SharedBatch, TimerTable};
 use crate::types::{DatabaseId, Epoch, EpochId, Lsn, Name, SnapshotId, UnixMillis, VersionRange};
 use crate::Message;
 
@@ -103,14 +103,17 @@ pub struct Committed {
     pub commit_time: UnixMillis,
 }
 
-/// The session's timers; the driver keeps one deadline per timer, and arming one again
-/// replaces its deadline.
+/// The session's timers, each a slot of its timer table.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SourceTimer {
     /// The hello's deadline.
-    Handshake,
-    /// Nothing was sent for `heartbeat_interval`.
-    Heartbeat,
+    Handshake = 0,
+    /// Every `heartbeat_interval` once the hello is accepted.
+    Heartbeat = 1,
+}
+
+impl SourceTimer {
+    const ALL: [SourceTimer; 2] = [SourceTimer::Handshake, SourceTimer::Heartbeat];
 }
 
 /// What happened, for the session to react to.
@@ -179,8 +182,6 @@ pub enum SourceEvent {
     },
     /// The writer made more entries durable.
     Committed(Committed),
-    /// A timer armed with [`SourceAction::ArmTimer`] fired.
-    Timer(SourceTimer),
     /// Another session for the same mirror took over the slot.
     Replaced,
     /// The writer stopped: the source is shutting down.
@@ -244,8 +245,6 @@ pub enum SourceAction {
     /// The whole scan and `SnapshotDone` are on their way: the slot's claim on the
     /// snapshot ends with the next acknowledgement.
     SnapshotSent,
-    /// Fire [`SourceEvent::Timer`] after the duration.
-    ArmTimer(SourceTimer, Duration),
 }
 
 /// Where the session stands. The names are ARCHITECTURE.md's.
@@ -502,8 +501,9 @@ pub struct SourceSession {
     /// A scan, end-LSN read or batch read is with the driver: one at a time, so that
     /// memory holds at most one read ahead of the stream.
     reading: bool,
-    /// The heartbeat timer runs (from the first frame after the hello is accepted).
-    heartbeat_armed: bool,
+    /// The hello's deadline and the next heartbeat (from the first frame after the hello
+    /// is accepted, every interval then).
+    timers: TimerTable<2>,
     /// How the session ended, once it has.
     end: Option<Result<(), SourceEnd>>,
 }
@@ -533,9 +533,14 @@ fn check_rewind_request(keys: &[Vec<u8>], keys_left: u64) -> Result<(), MirrorVi
 }
 
 impl SourceSession {
-    /// A session that waits for the hello; `committed` is the writer's newest commit.
-    pub fn new(config: SourceSessionConfig, committed: Committed) -> SourceSession {
-        let handshake_timeout = config.handshake_timeout;
+    /// A session that waits for the hello from `now` on; `committed` is the writer's newest
+    /// commit.
+    pub fn new(config: SourceSessionConfig, committed: Committed, now: Instant) -> SourceSession {
+        let mut timers = TimerTable::default();
+        timers.set(
+            SourceTimer::Handshake as usize,
+            now + config.handshake_timeout,
+        );
         SourceSession {
             config,
             state: SourceState::AwaitingHello,
@@ -551,12 +556,9 @@ impl SourceSession {
             version: 0,
             epoch: Epoch::FIRST,
             transmit: VecDeque::new(),
-            actions: VecDeque::from([SourceAction::ArmTimer(
-                SourceTimer::Handshake,
-                handshake_timeout,
-            )]),
+            actions: VecDeque::new(),
             reading: false,
-            heartbeat_armed: false,
+            timers,
             end: None,
         }
     }
@@ -665,35 +667,6 @@ impl SourceSession {
                     self.committed = committed;
                 }
             }
-            SourceEvent::Timer(SourceTimer::Handshake) => {
-                if self.state == SourceState::AwaitingHello {
-                    self.refuse(HelloRefusal::Timeout(self.config.handshake_timeout));
-                }
-            }
-            // Every interval, whatever the traffic, and ahead of queued frames: on a
-            // saturated link the mirror still learns the source's last LSN within about
-            // one frame's time, so its lag is never taken from the batches alone.
-            SourceEvent::Timer(SourceTimer::Heartbeat) => {
-                if self.sends_heartbeats() {
-                    let queued = self
-                        .transmit
-                        .iter()
-                        .any(|frame| matches!(frame.message(), Message::Heartbeat(_)));
-                    if !queued {
-                        self.transmit.push_front(Outgoing::Message(
-                            Heartbeat {
-                                last_lsn: self.committed.last_lsn,
-                                commit_time: self.committed.commit_time,
-                            }
-                            .into(),
-                        ));
-                    }
-                    self.actions.push_back(SourceAction::ArmTimer(
-                        SourceTimer::Heartbeat,
-                        self.config.heartbeat_interval,
-                    ));
-                }
-            }
             SourceEvent::Replaced => self.finish(Err(SourceEnd::Replaced)),
             SourceEvent::WriterStopped => self.finish(Err(SourceEnd::ShuttingDown)),
         }
@@ -711,16 +684,65 @@ impl SourceSession {
 
     /// The next frame to write, when the driver's stream can take one. The first one after
     /// the hello is accepted starts the heartbeat timer, which then runs on its own.
-    pub fn poll_transmit(&mut self) -> Option<Outgoing> {
+    pub fn poll_transmit(&mut self, now: Instant) -> Option<Outgoing> {
         let frame = self.transmit.pop_front()?;
-        if !self.heartbeat_armed && self.sends_heartbeats() {
-            self.heartbeat_armed = true;
-            self.actions.push_back(SourceAction::ArmTimer(
-                SourceTimer::Heartbeat,
-                self.config.heartbeat_interval,
-            ));
+        let heartbeat = SourceTimer::Heartbeat as usize;
+        if !self.timers.is_set(heartbeat) && self.sends_heartbeats() {
+            self.timers
+                .set(heartbeat, now + self.config.heartbeat_interval);
         }
         Some(frame)
+    }
+
+    /// When the driver must call [`Self::handle_timeout`] next, if ever.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        if self.has_ended() {
+            return None;
+        }
+        self.timers.next()
+    }
+
+    /// The time has come for every timer due at `now`.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if self.has_ended() {
+            return;
+        }
+        for timer in self.timers.expire(now) {
+            match SourceTimer::ALL[timer] {
+                SourceTimer::Handshake => {
+                    if self.state == SourceState::AwaitingHello {
+                        self.refuse(HelloRefusal::Timeout(self.config.handshake_timeout));
+                    }
+                }
+                SourceTimer::Heartbeat => self.heartbeat(now),
+            }
+        }
+    }
+
+    /// Every interval, whatever the traffic, and ahead of queued frames: on a saturated
+    /// link the mirror still learns the source's last LSN within about one frame's time,
+    /// so its lag is never taken from the batches alone.
+    fn heartbeat(&mut self, now: Instant) {
+        if !self.sends_heartbeats() {
+            return;
+        }
+        let queued = self
+            .transmit
+            .iter()
+            .any(|frame| matches!(frame.message(), Message::Heartbeat(_)));
+        if !queued {
+            self.transmit.push_front(Outgoing::Message(
+                Heartbeat {
+                    last_lsn: self.committed.last_lsn,
+                    commit_time: self.committed.commit_time,
+                }
+                .into(),
+            ));
+        }
+        self.timers.set(
+            SourceTimer::Heartbeat as usize,
+            now + self.config.heartbeat_interval,
+        );
     }
 
     /// The next piece of work for the driver: what events asked for first, then the next
@@ -819,6 +841,7 @@ impl SourceSession {
         match (&self.state, message) {
             (SourceState::AwaitingHello, Message::Hello(hello)) => {
                 self.state = SourceState::Admitting;
+                self.timers.stop(SourceTimer::Handshake as usize);
                 self.hello_versions = Some(hello.versions);
                 self.hello_applied = hello.applied_lsn;
                 self.hello_epoch = hello.epoch;
@@ -1153,6 +1176,17 @@ mod tests {
         }
     }
 
+    /// The instant every test session starts at; the machine is only ever given times.
+    fn t0() -> Instant {
+        static T0: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+        *T0.get_or_init(Instant::now)
+    }
+
+    /// `t0` plus `ms`.
+    fn at(ms: u64) -> Instant {
+        t0() + Duration::from_millis(ms)
+    }
+
     fn committed(last_lsn: Lsn) -> Committed {
         Committed {
             last_lsn,
@@ -1172,7 +1206,7 @@ mod tests {
         loop {
             if let Some(action) = session.poll_action() {
                 drained.actions.push(action);
-            } else if let Some(frame) = session.poll_transmit() {
+            } else if let Some(frame) = session.poll_transmit(t0()) {
                 drained.frames.push(frame.message().clone());
             } else {
                 return drained;
@@ -1210,7 +1244,7 @@ mod tests {
     }
 
     fn accepted_with(config: SourceSessionConfig, decision: Decision) -> (SourceSession, Drained) {
-        let mut session = SourceSession::new(config, committed(COMMITTED));
+        let mut session = SourceSession::new(config, committed(COMMITTED), t0());
         session.handle(SourceEvent::Received(hello().into()));
         drain(&mut session);
         session.handle(SourceEvent::Admitted {
@@ -1463,16 +1497,14 @@ mod tests {
 
     #[test]
     fn the_handshake_deadline_is_armed_at_once_and_refuses_a_silent_mirror() {
-        let mut session = SourceSession::new(config(), committed(COMMITTED));
+        let mut session = SourceSession::new(config(), committed(COMMITTED), t0());
         let first = drain(&mut session);
-        assert_eq!(
-            first.actions,
-            vec![SourceAction::ArmTimer(
-                SourceTimer::Handshake,
-                Duration::from_secs(10)
-            )]
-        );
-        session.handle(SourceEvent::Timer(SourceTimer::Handshake));
+        assert!(first.actions.is_empty() && first.frames.is_empty());
+        assert_eq!(session.poll_timeout(), Some(at(10_000)));
+        // A moment early changes nothing.
+        session.handle_timeout(at(9_999));
+        assert!(session.take_end().is_none() && drain(&mut session).frames.is_empty());
+        session.handle_timeout(at(10_000));
         // The rejected ack goes out before the session reports its end.
         assert!(session.take_end().is_none());
         let refused = drain(&mut session);
@@ -1491,13 +1523,18 @@ mod tests {
 
     #[test]
     fn the_deadline_means_nothing_once_the_hello_came() {
-        let mut session = SourceSession::new(config(), committed(COMMITTED));
+        let mut session = SourceSession::new(config(), committed(COMMITTED), t0());
         session.handle(SourceEvent::Received(hello().into()));
         let admitting = drain(&mut session);
         assert!(
-            matches!(&admitting.actions[1], SourceAction::Admit(hello) if hello.mirror_name == name("m1"))
+            matches!(&admitting.actions[0], SourceAction::Admit(hello) if hello.mirror_name == name("m1"))
         );
-        session.handle(SourceEvent::Timer(SourceTimer::Handshake));
+        assert_eq!(
+            session.poll_timeout(),
+            None,
+            "the hello's deadline is stopped"
+        );
+        session.handle_timeout(at(10_000));
         assert_eq!(session.state(), &SourceState::Admitting);
         assert!(drain(&mut session).frames.is_empty());
     }
@@ -1530,7 +1567,7 @@ mod tests {
             ),
         ];
         for (event, code) in cases {
-            let mut session = SourceSession::new(config(), committed(COMMITTED));
+            let mut session = SourceSession::new(config(), committed(COMMITTED), t0());
             session.handle(event);
             let refused = drain(&mut session);
             match &refused.frames[..] {
@@ -1545,7 +1582,7 @@ mod tests {
 
     #[test]
     fn a_refused_hello_gets_the_decision_code_and_no_data_phase() {
-        let mut session = SourceSession::new(config(), committed(COMMITTED));
+        let mut session = SourceSession::new(config(), committed(COMMITTED), t0());
         session.handle(SourceEvent::Received(hello().into()));
         drain(&mut session);
         session.handle(SourceEvent::Admitted {
@@ -1613,7 +1650,7 @@ mod tests {
             }))
         };
         let stream_with = |mirror_versions: VersionRange| {
-            let mut session = SourceSession::new(config(), committed(COMMITTED));
+            let mut session = SourceSession::new(config(), committed(COMMITTED), t0());
             let mut hello = hello();
             hello.versions = mirror_versions;
             session.handle(SourceEvent::Received(hello.into()));
@@ -1747,7 +1784,7 @@ mod tests {
         });
         // The batch waits for the stream: no read before it is taken.
         assert!(session.poll_action().is_none());
-        assert!(session.poll_transmit().is_some());
+        assert!(session.poll_transmit(t0()).is_some());
         // (The heartbeat timer was started by the ack and runs on its own.)
         assert!(matches!(
             session.poll_action(),
@@ -1961,8 +1998,8 @@ mod tests {
             }))),
             first_retained: Lsn(1),
         });
-        session.handle(SourceEvent::Timer(SourceTimer::Heartbeat));
-        session.handle(SourceEvent::Timer(SourceTimer::Heartbeat));
+        session.handle_timeout(at(1_000));
+        session.handle_timeout(at(2_000));
         let frames = drain(&mut session).frames;
         assert!(
             matches!(frames.first(), Some(Message::Heartbeat(_))),
@@ -1977,13 +2014,10 @@ mod tests {
 
     #[test]
     fn heartbeats_fill_quiet_intervals_with_the_last_commit() {
-        let (mut session, drained) = accepted(Decision::Stream { from_lsn: Lsn(11) });
-        // Every frame re-arms the heartbeat: the accepted ack did.
-        assert!(drained.actions.contains(&SourceAction::ArmTimer(
-            SourceTimer::Heartbeat,
-            Duration::from_secs(1)
-        )));
-        session.handle(SourceEvent::Timer(SourceTimer::Heartbeat));
+        let (mut session, _) = accepted(Decision::Stream { from_lsn: Lsn(11) });
+        // The first frame after the hello (the accepted ack) starts the heartbeat.
+        assert_eq!(session.poll_timeout(), Some(at(1_000)));
+        session.handle_timeout(at(1_000));
         let beat = drain(&mut session);
         assert_eq!(
             beat.frames,
@@ -1992,13 +2026,14 @@ mod tests {
                 commit_time: committed(COMMITTED).commit_time,
             })]
         );
-        assert!(beat.actions.contains(&SourceAction::ArmTimer(
-            SourceTimer::Heartbeat,
-            Duration::from_secs(1)
-        )));
+        // And it runs on, an interval after each.
+        assert_eq!(session.poll_timeout(), Some(at(2_000)));
         // No heartbeat before the hello is accepted.
-        let mut waiting = SourceSession::new(config(), committed(COMMITTED));
-        waiting.handle(SourceEvent::Timer(SourceTimer::Heartbeat));
+        let mut waiting = SourceSession::new(config(), committed(COMMITTED), t0());
+        waiting.handle(SourceEvent::Received(hello().into()));
+        drain(&mut waiting);
+        assert_eq!(waiting.poll_timeout(), None);
+        waiting.handle_timeout(at(1_000));
         assert!(drain(&mut waiting).frames.is_empty());
     }
 
@@ -2107,7 +2142,7 @@ mod tests {
         ];
         for (decision, slot, expected, fences) in table {
             let label = format!("{decision:?} {slot:?}");
-            let mut session = SourceSession::new(config(), committed(COMMITTED));
+            let mut session = SourceSession::new(config(), committed(COMMITTED), t0());
             session.handle(SourceEvent::Received(hello().into()));
             drain(&mut session);
             session.handle(SourceEvent::Admitted {
@@ -2146,7 +2181,7 @@ mod tests {
 
     #[test]
     fn a_frame_while_the_hello_is_decided_is_a_violation() {
-        let mut session = SourceSession::new(config(), committed(COMMITTED));
+        let mut session = SourceSession::new(config(), committed(COMMITTED), t0());
         session.handle(SourceEvent::Received(hello().into()));
         drain(&mut session);
         session.handle(SourceEvent::Received(ack(1)));
@@ -2213,7 +2248,7 @@ mod tests {
             .actions
             .contains(&SourceAction::EnterDataPhase(Compression::Zstd)));
         session.handle(SourceEvent::Committed(committed(Lsn(20))));
-        session.handle(SourceEvent::Timer(SourceTimer::Heartbeat));
+        session.handle_timeout(at(60_000));
         let after = drain(&mut session);
         assert!(after.frames.is_empty() && reads(&after).is_empty());
         session.handle(SourceEvent::MirrorFinished);
@@ -2255,8 +2290,6 @@ mod tests {
                     slot: SlotClaim::Pinned,
                 },
                 SourceEvent::Committed(committed(Lsn(99))),
-                SourceEvent::Timer(SourceTimer::Heartbeat),
-                SourceEvent::Timer(SourceTimer::Handshake),
                 SourceEvent::Replaced,
                 SourceEvent::WriterStopped,
                 SourceEvent::BatchRead {
@@ -2268,8 +2301,8 @@ mod tests {
         // However it ended: replaced while streaming, or refused at the hello.
         let (mut replaced, _) = accepted(Decision::Stream { from_lsn: Lsn(1) });
         replaced.handle(SourceEvent::Replaced);
-        let mut refused = SourceSession::new(config(), committed(COMMITTED));
-        refused.handle(SourceEvent::Timer(SourceTimer::Handshake));
+        let mut refused = SourceSession::new(config(), committed(COMMITTED), t0());
+        refused.handle_timeout(at(10_000));
         for (label, mut session) in [("replaced", replaced), ("refused", refused)] {
             drain(&mut session);
             let end = session.take_end().map(|end| end.map_err(|end| end.code()));
@@ -2284,6 +2317,14 @@ mod tests {
                 );
                 assert_eq!(session.state(), &SourceState::Ended, "{label}: {shown}");
             }
+            // Nor does time move it.
+            assert_eq!(session.poll_timeout(), None, "{label}");
+            session.handle_timeout(at(3_600_000));
+            let drained = drain(&mut session);
+            assert!(
+                drained.actions.is_empty() && drained.frames.is_empty(),
+                "{label}"
+            );
         }
     }
 }

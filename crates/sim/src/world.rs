@@ -248,21 +248,50 @@ struct SourceHalf {
     ticket: Option<SessionTicket>,
 }
 
+/// One direction of a connection: frames in flight, each with when it arrives, in order.
+#[derive(Default)]
+struct Link {
+    in_flight: VecDeque<(u64, Message)>,
+    /// When the link has carried everything sent so far and can take the next frame.
+    free_at: u64,
+}
+
+impl Link {
+    /// Sends `message` at `now`: it leaves once the frames before it have, takes its size
+    /// over the bandwidth (bytes per ms) to leave, and arrives `latency` ms later.
+    fn send(&mut self, now: u64, latency: u64, bandwidth: u64, message: Message) {
+        self.free_at = now.max(self.free_at) + wire_bytes(&message) / bandwidth;
+        self.in_flight.push_back((self.free_at + latency, message));
+    }
+
+    /// Whether the next frame has arrived by `now`.
+    fn arrived(&self, now: u64) -> bool {
+        self.in_flight.front().is_some_and(|(at, _)| *at <= now)
+    }
+
+    /// The next frame.
+    fn take(&mut self) -> Option<Message> {
+        self.in_flight.pop_front().map(|(_, message)| message)
+    }
+
+    /// The connection is gone: what was in flight is lost.
+    fn clear(&mut self) {
+        self.in_flight.clear();
+    }
+}
+
 /// One mirror's connection to one source: both halves and the frames in flight.
 struct Conn {
     mirror: usize,
     source: usize,
     mirror_half: Option<MirrorHalf>,
     source_half: Option<SourceHalf>,
-    to_source: VecDeque<(u64, Message)>,
-    to_mirror: VecDeque<(u64, Message)>,
+    to_source: Link,
+    to_mirror: Link,
     /// When the remaining half learns that the other is gone.
     closing_at: Option<u64>,
     /// A promoted node's hello to its old source, which only waits for the answer.
     fence_on_sight: bool,
-    /// When each direction's link is free to carry the next frame.
-    to_source_free: u64,
-    to_mirror_free: u64,
 }
 
 /// The whole world of one seed.
@@ -1221,12 +1250,10 @@ impl World {
                 machine: source_machine,
                 ticket: None,
             }),
-            to_source: VecDeque::new(),
-            to_mirror: VecDeque::new(),
+            to_source: Link::default(),
+            to_mirror: Link::default(),
             closing_at: None,
             fence_on_sight,
-            to_source_free: 0,
-            to_mirror_free: 0,
         });
         let (m, s) = (
             self.nodes[mirror].name.clone(),
@@ -1240,32 +1267,26 @@ impl World {
         let (mirror, source) = (self.conns[index].mirror, self.conns[index].source);
         let reachable = self.reachable(mirror, source);
         if reachable {
-            while self.conns[index]
-                .to_source
-                .front()
-                .is_some_and(|(at, _)| *at <= now)
+            while self.conns[index].to_source.arrived(now)
                 && self.conns[index]
                     .source_half
                     .as_ref()
                     .is_some_and(|half| half.machine.wants_frames())
             {
-                let (_, message) = self.conns[index].to_source.pop_front().expect("checked");
+                let message = self.conns[index].to_source.take().expect("checked");
                 self.source_heard(index);
                 if let Some(half) = &mut self.conns[index].source_half {
                     half.machine.handle(SourceEvent::Received(message));
                 }
                 self.pump_source(index);
             }
-            while self.conns[index]
-                .to_mirror
-                .front()
-                .is_some_and(|(at, _)| *at <= now)
+            while self.conns[index].to_mirror.arrived(now)
                 && self.conns[index]
                     .mirror_half
                     .as_ref()
                     .is_some_and(|half| half.machine.wants_frames())
             {
-                let (_, message) = self.conns[index].to_mirror.pop_front().expect("checked");
+                let message = self.conns[index].to_mirror.take().expect("checked");
                 if self.conns[index].fence_on_sight {
                     self.fence_answer(index, &message);
                     return;
@@ -1380,12 +1401,10 @@ impl World {
                 continue;
             }
             if let Some(frame) = half.machine.poll_transmit(instant) {
-                let bandwidth = self.bandwidth;
-                let conn = &mut self.conns[index];
-                let message = frame.message().clone();
-                let sent = now.max(conn.to_mirror_free) + wire_bytes(&message) / bandwidth;
-                conn.to_mirror_free = sent;
-                conn.to_mirror.push_back((sent + latency, message));
+                let (bandwidth, message) = (self.bandwidth, frame.message().clone());
+                self.conns[index]
+                    .to_mirror
+                    .send(now, latency, bandwidth, message);
                 continue;
             }
             if let Some(end) = half.machine.take_end() {
@@ -1588,12 +1607,10 @@ impl World {
                 continue;
             }
             if let Some(frame) = half.machine.poll_transmit() {
-                let bandwidth = self.bandwidth;
-                let conn = &mut self.conns[index];
-                let message = frame.message().clone();
-                let sent = now.max(conn.to_source_free) + wire_bytes(&message) / bandwidth;
-                conn.to_source_free = sent;
-                conn.to_source.push_back((sent + latency, message));
+                let (bandwidth, message) = (self.bandwidth, frame.message().clone());
+                self.conns[index]
+                    .to_source
+                    .send(now, latency, bandwidth, message);
                 continue;
             }
             let progress = half.machine.progress().clone();

@@ -144,3 +144,21 @@ impl Outgoing {
         }
     }
 }
+
+/// The clock of the machines' table tests: every session starts at one instant, and time
+/// passes only as a test says.
+#[cfg(test)]
+pub(crate) mod test_clock {
+    use std::time::{Duration, Instant};
+
+    /// The instant every test session starts at.
+    pub(crate) fn t0() -> Instant {
+        static T0: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+        *T0.get_or_init(Instant::now)
+    }
+
+    /// `t0` plus `ms`.
+    pub(crate) fn at(ms: u64) -> Instant {
+        t0() + Duration::from_millis(ms)
+    }
+}

@@ -1121,6 +1121,7 @@ mod tests {
     use crate::decide::Reject;
     use crate::hash::ChainHash;
     use crate::message::{Heartbeat, SnapshotReason, WalBatch};
+    use crate::session::test_clock::{at, t0};
     use crate::types::Role;
     use crate::Entry;
 
@@ -1174,17 +1175,6 @@ mod tests {
             history: vec![EpochStart::FIRST],
             last_lsn: COMMITTED,
         }
-    }
-
-    /// The instant every test session starts at; the machine is only ever given times.
-    fn t0() -> Instant {
-        static T0: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
-        *T0.get_or_init(Instant::now)
-    }
-
-    /// `t0` plus `ms`.
-    fn at(ms: u64) -> Instant {
-        t0() + Duration::from_millis(ms)
     }
 
     fn committed(last_lsn: Lsn) -> Committed {

@@ -1,5 +1,6 @@
 use super::*;
 use crate::message::{Accepted, Heartbeat, SnapshotDone, SnapshotReason, SnapshotSize};
+use crate::session::test_clock::{at, t0};
 
 fn name(value: &str) -> Name {
     Name::new(value).unwrap()
@@ -42,17 +43,6 @@ fn new_session(standing: Standing) -> MirrorSession {
         &MirrorProgress::new(Lsn::ZERO, false),
         t0(),
     )
-}
-
-/// The instant every test session starts at; the machine is only ever given times.
-fn t0() -> Instant {
-    static T0: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
-    *T0.get_or_init(Instant::now)
-}
-
-/// `t0` plus `ms`.
-fn at(ms: u64) -> Instant {
-    t0() + Duration::from_millis(ms)
 }
 
 #[derive(Debug, Default)]

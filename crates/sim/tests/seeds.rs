@@ -94,3 +94,19 @@ fn seeds_keep_every_promise() {
             .collect::<Vec<_>>()
     );
 }
+
+#[test]
+fn a_seed_replays_to_the_same_trace() {
+    for seed in [7, 1_234, 99_999] {
+        let first = run(seed, &Options::default());
+        let again = run(seed, &Options::default());
+        assert!(first.trace.len() > 20, "seed {seed}: a run does something");
+        assert_eq!(first.trace, again.trace, "seed {seed}");
+        assert_eq!(first.final_lsn, again.final_lsn, "seed {seed}");
+    }
+    // And another seed is another world.
+    assert_ne!(
+        run(7, &Options::default()).trace,
+        run(8, &Options::default()).trace
+    );
+}

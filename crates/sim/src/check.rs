@@ -40,6 +40,8 @@ pub enum Rule {
     /// After a forced promotion, the old source takes no write once it has been up and
     /// reachable from the promoted node for a while (the promoted node fences it on sight).
     OldSourceFenced,
+    /// A kill -9 loses nothing a node made durable: it restarts where it stood.
+    CrashLosesNothing,
 }
 
 impl std::fmt::Display for Violation {
@@ -81,6 +83,8 @@ pub struct Model {
     pub operator_forks: u32,
     /// What was found.
     pub violations: Vec<Violation>,
+    /// Where each crashed node's store stood when it was killed.
+    crashed_at: BTreeMap<String, Position>,
 }
 
 fn key(lsn: Lsn, chain_hash: ChainHash) -> (Lsn, [u8; 32]) {
@@ -159,6 +163,7 @@ impl Model {
     pub fn restored(&mut self, node: &str, lsn: Lsn, primary: bool) {
         // Restoring a halted mirror is the operator acting on it.
         self.halts.remove(node);
+        self.crashed_at.remove(node);
         self.acknowledged
             .retain(|write| (write.node != node && !primary) || write.lsn <= lsn);
     }
@@ -265,6 +270,28 @@ impl Model {
                 lost.iter().take(5).cloned().collect::<Vec<_>>().join(", ")
             );
             self.violate(Rule::AcknowledgedWritesKept, at_ms, detail);
+        }
+    }
+
+    /// `node` was killed standing at `position`.
+    pub fn crashed(&mut self, node: &str, position: Position) {
+        self.crashed_at.insert(node.to_owned(), position);
+    }
+
+    /// `node` restarted (not from a backup) standing at `position`: where it stood when
+    /// killed, everything it applied or committed being durable before it said so.
+    pub fn restarted(&mut self, at_ms: u64, node: &str, position: Position) {
+        if let Some(before) = self.crashed_at.remove(node) {
+            if position != before {
+                let detail = format!(
+                    "{node} was killed at LSN {} (chain {}) and restarted at LSN {} (chain {})",
+                    before.lsn,
+                    short(before.chain_hash),
+                    position.lsn,
+                    short(position.chain_hash)
+                );
+                self.violate(Rule::CrashLosesNothing, at_ms, detail);
+            }
         }
     }
 

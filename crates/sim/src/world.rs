@@ -910,6 +910,10 @@ impl World {
     /// loses its half.
     fn crash(&mut self, node: usize) {
         self.drop_conns_of(node);
+        if let Some(store) = &self.nodes[node].store {
+            let name = self.nodes[node].name.to_string();
+            self.model.crashed(&name, store.position());
+        }
         let target = &mut self.nodes[node];
         target.store = None;
         target.restart_at = None;
@@ -972,11 +976,14 @@ impl World {
         }
         // An operator who restores a source from a backup gives up what it acknowledged
         // after the backup: the checkers forget those writes.
+        let name = self.nodes[node].name.to_string();
         if self.restored.contains(&node) {
             self.restored.retain(|restored| *restored != node);
-            let name = self.nodes[node].name.to_string();
             let primary = node == self.primary;
             self.model.restored(&name, store.position().lsn, primary);
+        } else {
+            let at = self.now;
+            self.model.restarted(at, &name, store.position());
         }
         self.nodes[node].store = Some(store);
         self.nodes[node].restart_at = None;

@@ -1697,6 +1697,11 @@ impl World {
             conn.closing_at = Some(self.now + after);
         }
         conn.to_mirror.clear();
+        // Across a partition, what the closed side sent and was not delivered is lost with
+        // it (it retransmits no more).
+        if !reachable {
+            conn.to_source.clear();
+        }
     }
 
     fn end_source_half(&mut self, index: usize) {
@@ -1721,6 +1726,9 @@ impl World {
             }
         }
         self.conns[index].to_source.clear();
+        if !reachable {
+            self.conns[index].to_mirror.clear();
+        }
     }
 }
 

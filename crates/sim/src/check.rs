@@ -85,6 +85,10 @@ pub struct Model {
     pub violations: Vec<Violation>,
     /// Where each crashed node's store stood when it was killed.
     crashed_at: BTreeMap<String, Position>,
+    /// Where each node's store stood after its last durable work.
+    durable_at: BTreeMap<String, Position>,
+    /// Nodes whose power was cut and that have not restarted since.
+    power_cuts: Vec<String>,
 }
 
 fn key(lsn: Lsn, chain_hash: ChainHash) -> (Lsn, [u8; 32]) {
@@ -164,6 +168,8 @@ impl Model {
         // Restoring a halted mirror is the operator acting on it.
         self.halts.remove(node);
         self.crashed_at.remove(node);
+        self.power_cuts.retain(|cut| cut != node);
+        self.durable_at.remove(node);
         self.acknowledged
             .retain(|write| (write.node != node && !primary) || write.lsn <= lsn);
     }
@@ -278,9 +284,35 @@ impl Model {
         self.crashed_at.insert(node.to_owned(), position);
     }
 
+    /// The node killed last lost its power too: only what it made durable is kept.
+    pub fn power_cut(&mut self, node: &str) {
+        self.power_cuts.push(node.to_owned());
+    }
+
+    /// `node` finished durable work (a commit, a piece of a mirror's store work): its store
+    /// stands at `position` whatever happens next.
+    pub fn durable(&mut self, node: &str, position: Position) {
+        self.durable_at.insert(node.to_owned(), position);
+    }
+
     /// `node` restarted (not from a backup) standing at `position`: where it stood when
-    /// killed, everything it applied or committed being durable before it said so.
+    /// killed (a process crash keeps what the engine wrote), or at least past its last
+    /// durable work (a power cut keeps only that).
     pub fn restarted(&mut self, at_ms: u64, node: &str, position: Position) {
+        let powered_off = self.power_cuts.iter().any(|cut| cut == node);
+        self.power_cuts.retain(|cut| cut != node);
+        let durable = self.durable_at.get(node).copied();
+        if let (true, Some(durable)) = (powered_off, durable) {
+            self.crashed_at.remove(node);
+            if position.lsn < durable.lsn {
+                let detail = format!(
+                    "{node} lost power after LSN {} was durable, and restarted at LSN {}",
+                    durable.lsn, position.lsn
+                );
+                self.violate(Rule::CrashLosesNothing, at_ms, detail);
+            }
+        }
+        self.durable(node, position);
         if let Some(before) = self.crashed_at.remove(node) {
             if position != before {
                 let detail = format!(

@@ -15,6 +15,7 @@
 //! process crash, the page cache survives it), which keep their end-to-end and fault tests.
 
 pub mod check;
+pub mod disk;
 pub mod world;
 
 pub use check::Violation;

@@ -31,7 +31,10 @@ use xmirror_source::slots::{SessionTicket, Slots};
 use xmirror_source::work::{self, SessionStore};
 use xmirror_source::writer::commit_group;
 use xmirror_source::SourceConfig;
-use xmirror_store::{DatabaseIdentity, RedbStore, Store, StoreError};
+use xmirror_store::disk::Disk;
+use xmirror_store::{DatabaseIdentity, RedbStore, Store, StoreError, StoreOptions};
+
+use crate::disk::SimDisk;
 
 use crate::check::{self, Model, Violation};
 
@@ -98,6 +101,14 @@ pub enum Op {
     },
     /// kill -9 of the node; it restarts after `down_ms`.
     Crash {
+        /// The node.
+        node: usize,
+        /// How long it stays down.
+        down_ms: u64,
+    },
+    /// The node's power is cut: it loses what its disk had not synced, and restarts after
+    /// `down_ms`.
+    PowerCut {
         /// The node.
         node: usize,
         /// How long it stays down.
@@ -221,7 +232,9 @@ struct Node {
     /// Its latest backup, and whether it was taken while the node was a source (an
     /// operator restores a node from a backup of the role it has: the real source refuses
     /// to start on a mirror's copy).
-    backup: Option<(PathBuf, bool)>,
+    backup: Option<(Arc<SimDisk>, bool)>,
+    /// Its store's files.
+    disk: Arc<SimDisk>,
 }
 
 impl Node {
@@ -329,8 +342,13 @@ fn name(text: &str) -> Name {
     Name::new(text).expect("a valid name")
 }
 
-fn open(dir: &Path) -> Result<Arc<dyn Store>, StoreError> {
-    Ok(Arc::new(RedbStore::open(dir)?))
+/// Opens the store of a node whose files are on `disk` (its directory keeps the rest).
+fn open(dir: &Path, disk: &Arc<SimDisk>) -> Result<Arc<dyn Store>, StoreError> {
+    let options = StoreOptions {
+        cache_bytes: 4 << 20,
+    };
+    let disk: Arc<dyn Disk> = disk.clone();
+    Ok(Arc::new(RedbStore::open_on(dir, options, disk)?))
 }
 
 /// A directory for the world's stores: on tmpfs when there is one (fsync is cheap there).
@@ -348,23 +366,6 @@ fn root_dir() -> tempfile::TempDir {
         .prefix("xmirror-sim")
         .tempdir()
         .expect("a temporary directory")
-}
-
-fn copy_dir(from: &Path, to: &Path) -> std::io::Result<()> {
-    if to.exists() {
-        std::fs::remove_dir_all(to)?;
-    }
-    std::fs::create_dir_all(to)?;
-    for entry in std::fs::read_dir(from)? {
-        let entry = entry?;
-        let target = to.join(entry.file_name());
-        if entry.file_type()?.is_dir() {
-            copy_dir(&entry.path(), &target)?;
-        } else {
-            std::fs::copy(entry.path(), target)?;
-        }
-    }
-    Ok(())
 }
 
 impl World {
@@ -494,6 +495,7 @@ impl World {
             part,
             fence_on_sight: None,
             backup: None,
+            disk: Arc::default(),
         });
     }
 
@@ -660,7 +662,11 @@ impl World {
                 to: self.rng.random_bool(0.1).then_some(node),
                 entries: self.rng.random_range(1..=6),
             },
-            45..=54 => Op::Crash {
+            45..=50 => Op::Crash {
+                node,
+                down_ms: self.rng.random_range(50..=3_000),
+            },
+            51..=54 => Op::PowerCut {
                 node,
                 down_ms: self.rng.random_range(50..=3_000),
             },
@@ -699,22 +705,33 @@ impl World {
                     self.nodes[node].restart_at = Some(self.now + down_ms);
                 }
             }
+            Op::PowerCut { node, down_ms } => {
+                if self.nodes[node].is_up() {
+                    self.say(format!(
+                        "{} loses power (unsynced writes lost), back in {down_ms} ms",
+                        self.nodes[node].name
+                    ));
+                    self.crash(node);
+                    let name = self.nodes[node].name.to_string();
+                    self.model.power_cut(&name);
+                    self.nodes[node].disk.power_cut();
+                    self.nodes[node].restart_at = Some(self.now + down_ms);
+                }
+            }
             Op::Partition { node, ms } => {
                 self.say(format!("{} partitioned for {ms} ms", self.nodes[node].name));
                 self.nodes[node].partitioned_until = self.now + ms;
             }
             Op::Backup { node } => {
                 if self.nodes[node].is_up() {
-                    let to = self._root.path().join(format!("backup-{node}"));
                     let at = self.nodes[node]
                         .store
                         .as_ref()
                         .map(|store| store.position().lsn);
                     let as_source = matches!(self.nodes[node].part, Part::Source(_));
-                    if copy_dir(&self.nodes[node].dir, &to).is_ok() {
-                        self.nodes[node].backup = Some((to, as_source));
-                        self.say(format!("{} backed up at LSN {at:?}", self.nodes[node].name));
-                    }
+                    let copy = Arc::new(self.nodes[node].disk.copy());
+                    self.nodes[node].backup = Some((copy, as_source));
+                    self.say(format!("{} backed up at LSN {at:?}", self.nodes[node].name));
                 }
             }
             Op::Restore { node } => {
@@ -741,10 +758,7 @@ impl World {
                     self.say("the operator restores a fenced source to before its fence".into());
                 }
                 self.crash(node);
-                if let Err(error) = copy_dir(&backup, &self.nodes[node].dir.clone()) {
-                    let at = self.now;
-                    self.model.internal(at, format!("restore failed: {error}"));
-                }
+                self.nodes[node].disk = Arc::new(backup.copy());
                 self.nodes[node].restart_at = Some(self.now + 10);
                 self.restored.push(node);
             }
@@ -819,7 +833,12 @@ impl World {
     fn fenced_on_disk(&self, node: usize) -> bool {
         match &self.nodes[node].store {
             Some(store) => store.fenced().is_some(),
-            None => open(&self.nodes[node].dir).is_ok_and(|store| store.fenced().is_some()),
+            // A look at a copy: opening a store may write to it (a journal replayed).
+            None => open(
+                &self.nodes[node].dir,
+                &Arc::new(self.nodes[node].disk.copy()),
+            )
+            .is_ok_and(|store| store.fenced().is_some()),
         }
     }
 
@@ -876,6 +895,8 @@ impl World {
                 }
                 self.acknowledged += entries.len() as u64;
                 self.model.source_state(&*store);
+                let name = self.nodes[node].name.to_string();
+                self.model.durable(&name, position);
                 let committed = Committed {
                     last_lsn: position.lsn,
                     commit_time,
@@ -913,6 +934,9 @@ impl World {
         if let Some(store) = &self.nodes[node].store {
             let name = self.nodes[node].name.to_string();
             self.model.crashed(&name, store.position());
+            // What the disk holds at the kill: the store's own way out (its `Drop`, which
+            // a kill -9 never runs) writes to the files it leaves behind.
+            self.nodes[node].disk = Arc::new(self.nodes[node].disk.image());
         }
         let target = &mut self.nodes[node];
         target.store = None;
@@ -938,7 +962,7 @@ impl World {
 
     fn start(&mut self, node: usize) {
         let dir = self.nodes[node].dir.clone();
-        let store = match open(&dir) {
+        let store = match open(&dir, &self.nodes[node].disk) {
             Ok(store) => store,
             Err(error) => {
                 let at = self.now;
@@ -1600,6 +1624,8 @@ impl World {
                             Ok(event) => {
                                 half.machine.handle(event);
                                 let name = self.nodes[mirror].name.to_string();
+                                // Every piece of a mirror's store work is durable when done.
+                                self.model.durable(&name, store.position());
                                 let halted = standing(&*store)
                                     .is_ok_and(|standing| standing.halted.is_some());
                                 self.model.mirror_state(now, &name, &*store, halted);

@@ -21,11 +21,12 @@
 //! the group ends at, the entry count and the entries (the WAL's entry layout).
 
 use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use xmirror_proto::{ChainHash, Entry, Lsn, UnixMillis};
 
+use crate::disk::{Disk, DiskFile};
 use crate::record::{RecordReader, RecordWriter};
 use crate::{Batch, EngineError, StoreError};
 
@@ -73,8 +74,10 @@ impl JournaledGroup {
 /// The journal of one store.
 pub struct Journal {
     path: PathBuf,
+    /// Where the file lives when it is not the operating system's (the simulator's disk).
+    disk: Option<Arc<dyn Disk>>,
     /// Opened (and created) on the first append: a source's store never has one.
-    file: Option<File>,
+    file: Option<Arc<dyn DiskFile>>,
     /// The generation new records are written in: the engine's durable one.
     pub generation: u64,
     /// Where the next record goes; 0 when the engine holds everything journaled durably.
@@ -173,15 +176,31 @@ pub fn records(bytes: &[u8], generation: u64) -> Vec<JournaledGroup> {
 impl Journal {
     /// The journal of the store in `dir`, standing in the engine's `generation`, and the
     /// records of that generation it holds.
-    pub fn open(dir: &Path, generation: u64) -> Result<(Journal, Vec<JournaledGroup>), StoreError> {
+    pub fn open(
+        dir: &Path,
+        generation: u64,
+        disk: Option<Arc<dyn Disk>>,
+    ) -> Result<(Journal, Vec<JournaledGroup>), StoreError> {
         let path = dir.join(FILE_NAME);
-        let groups = match std::fs::read(&path) {
-            Ok(bytes) => records(&bytes, generation),
-            Err(error) if error.kind() == std::io::ErrorKind::NotFound => Vec::new(),
-            Err(error) => return Err(io_error(error)),
+        let bytes = match &disk {
+            Some(disk) if disk.exists(FILE_NAME) => {
+                let file = disk.file(FILE_NAME);
+                let len = usize::try_from(file.len().map_err(io_error)?).unwrap_or(usize::MAX);
+                let mut bytes = vec![0; len];
+                file.read_at(0, &mut bytes).map_err(io_error)?;
+                bytes
+            }
+            Some(_) => Vec::new(),
+            None => match std::fs::read(&path) {
+                Ok(bytes) => bytes,
+                Err(error) if error.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+                Err(error) => return Err(io_error(error)),
+            },
         };
+        let groups = records(&bytes, generation);
         let journal = Journal {
             path,
+            disk,
             file: None,
             generation,
             tail: 0,
@@ -205,10 +224,10 @@ impl Journal {
         }
         let file = match &mut self.file {
             Some(file) => file,
-            None => self.file.insert(create(&self.path)?),
+            None => self.file.insert(create(&self.path, self.disk.as_deref())?),
         };
-        file.write_all_at(record, self.tail).map_err(io_error)?;
-        file.sync_data().map_err(io_error)?;
+        file.write_at(self.tail, record).map_err(io_error)?;
+        file.sync().map_err(io_error)?;
         self.tail += len;
         self.records += 1;
         Ok(true)
@@ -222,23 +241,28 @@ impl Journal {
     }
 }
 
-/// Opens the journal file, creating it zero-filled (and durably) if it is new.
-fn create(path: &Path) -> Result<File, StoreError> {
+/// Opens the journal file (on `disk` when given), creating it zero-filled (and durably) if
+/// it is new.
+fn create(path: &Path, disk: Option<&dyn Disk>) -> Result<Arc<dyn DiskFile>, StoreError> {
     use std::os::unix::fs::OpenOptionsExt;
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .mode(0o600)
-        .open(path)
-        .map_err(io_error)?;
-    let len = file.metadata().map_err(io_error)?.len();
-    if len < CAPACITY {
+    let file: Arc<dyn DiskFile> = match disk {
+        Some(disk) => disk.file(FILE_NAME),
+        None => Arc::new(
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .mode(0o600)
+                .open(path)
+                .map_err(io_error)?,
+        ),
+    };
+    if file.len().map_err(io_error)? < CAPACITY {
         let zeros = vec![0u8; CAPACITY as usize];
-        file.write_all_at(&zeros, 0).map_err(io_error)?;
-        file.sync_all().map_err(io_error)?;
-        if let Some(dir) = path.parent() {
+        file.write_at(0, &zeros).map_err(io_error)?;
+        file.sync().map_err(io_error)?;
+        if let (None, Some(dir)) = (disk, path.parent()) {
             File::open(dir)
                 .and_then(|dir| dir.sync_all())
                 .map_err(io_error)?;
@@ -309,7 +333,7 @@ mod tests {
     #[test]
     fn appends_are_refused_once_the_journal_is_full() {
         let dir = tempfile::tempdir().unwrap();
-        let (mut journal, groups) = Journal::open(dir.path(), 0).unwrap();
+        let (mut journal, groups) = Journal::open(dir.path(), 0, None).unwrap();
         assert!(groups.is_empty());
         let big = record(
             0,
@@ -328,7 +352,7 @@ mod tests {
             std::fs::metadata(dir.path().join(FILE_NAME)).unwrap().len(),
             CAPACITY
         );
-        let (_, groups) = Journal::open(dir.path(), 0).unwrap();
+        let (_, groups) = Journal::open(dir.path(), 0, None).unwrap();
         assert_eq!(groups.len(), 1);
         journal.restart(1);
         assert_eq!(journal.tail, 0);

@@ -17,12 +17,13 @@ use std::borrow::Cow;
 use std::ops::Bound;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard};
 
 use xmirror_proto::hash::StateDigester;
 use xmirror_proto::history::{fence_after, Fence, FenceAsk, Successor};
 use xmirror_proto::{ChainHash, Entry, Epoch, EpochId, EpochStart, Lsn, SnapshotId, StateDigest};
 
+use crate::disk::Disk;
 use crate::journal::{self, Journal, JournaledGroup};
 use crate::record::{
     decode_history, encode_history, DatabaseIdentity, MirrorIdentity, RecordReader, RecordWriter,
@@ -62,6 +63,22 @@ pub trait Engine: Send + Sync + Sized + 'static {
     /// Opens (creating if needed) the engine's files in directory `path`; fails with
     /// [`StoreError::Locked`] if another process has them open.
     fn open(path: &Path, options: StoreOptions) -> Result<Self, StoreError>;
+
+    /// Opens (creating if needed) the engine's files on `disk` instead of in `path`, for
+    /// the simulator; an engine that cannot says so.
+    fn open_on(path: &Path, options: StoreOptions, disk: &dyn Disk) -> Result<Self, StoreError> {
+        let _ = (options, disk);
+        Err(StoreError::Open {
+            path: path.to_owned(),
+            source: crate::EngineError::new(
+                std::io::Error::new(
+                    std::io::ErrorKind::Unsupported,
+                    "this engine runs on the operating system's files only",
+                ),
+                false,
+            ),
+        })
+    }
 
     /// A key's value.
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError>;
@@ -441,9 +458,30 @@ impl<E: Engine> KvStore<E> {
         path: impl AsRef<Path>,
         options: StoreOptions,
     ) -> Result<KvStore<E>, StoreError> {
-        create_private_dir(path.as_ref())?;
-        let engine = E::open(path.as_ref(), options)?;
-        restrict_files(path.as_ref())?;
+        KvStore::open_in(path.as_ref(), options, None)
+    }
+
+    /// [`Self::open_with`], with the engine's file and the apply journal on `disk` (the
+    /// simulator's); `path` still holds what is not the store's own files.
+    pub fn open_on(
+        path: impl AsRef<Path>,
+        options: StoreOptions,
+        disk: Arc<dyn Disk>,
+    ) -> Result<KvStore<E>, StoreError> {
+        KvStore::open_in(path.as_ref(), options, Some(disk))
+    }
+
+    fn open_in(
+        path: &Path,
+        options: StoreOptions,
+        disk: Option<Arc<dyn Disk>>,
+    ) -> Result<KvStore<E>, StoreError> {
+        create_private_dir(path)?;
+        let engine = match &disk {
+            Some(disk) => E::open_on(path, options, &**disk)?,
+            None => E::open(path, options)?,
+        };
+        restrict_files(path)?;
         let read_position = |name, default| -> Result<Position, StoreError> {
             match engine.get(&meta_key(name))? {
                 Some(value) => decode_position("position", &value),
@@ -480,7 +518,7 @@ impl<E: Engine> KvStore<E> {
             Some(value) => RecordReader::new("journal generation", &value).u64()?,
             None => 0,
         };
-        let (journal, journaled) = Journal::open(path.as_ref(), generation)?;
+        let (journal, journaled) = Journal::open(path, generation, disk)?;
         let mut wal_bytes = 0u64;
         engine.for_each(&prefix_range(WAL), &mut |_, value| {
             wal_bytes += value.len() as u64;

@@ -10,6 +10,7 @@
 //! Durability: nothing written is durable until [`Store::flush`] returns. Callers batch
 //! (group commit) and flush once per batch before acknowledging anything.
 
+pub mod disk;
 mod journal;
 pub mod kv;
 mod record;

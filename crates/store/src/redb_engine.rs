@@ -23,6 +23,7 @@ use redb::{
     TableHandle,
 };
 
+use crate::disk::{Backend, Disk};
 use crate::kv::{Engine, KeyRange, KeyReader, ValueReader, Visitor, Writes};
 use crate::{EngineError, StoreError, StoreOptions};
 
@@ -268,6 +269,23 @@ impl Engine for RedbEngine {
                     StoreError::Engine(engine) => open_error(engine),
                     other => other,
                 },
+            })?;
+        let engine = RedbEngine { db };
+        engine.move_legacy_table()?;
+        Ok(engine)
+    }
+
+    fn open_on(path: &Path, options: StoreOptions, disk: &dyn Disk) -> Result<Self, StoreError> {
+        let cache = usize::try_from(options.cache_bytes).unwrap_or(usize::MAX);
+        let db = Database::builder()
+            .set_cache_size(cache)
+            .create_with_backend(Backend(disk.file(FILE_NAME)))
+            .map_err(|error| match engine_error(error) {
+                StoreError::Engine(source) => StoreError::Open {
+                    path: path.to_owned(),
+                    source,
+                },
+                other => other,
             })?;
         let engine = RedbEngine { db };
         engine.move_legacy_table()?;

@@ -89,6 +89,9 @@ pub struct Model {
     durable_at: BTreeMap<String, Position>,
     /// Nodes whose power was cut and that have not restarted since.
     power_cuts: Vec<String>,
+    /// Nodes stopped by a failed write, not restarted since: whether it survives is for
+    /// recovery to decide.
+    failed_writes: Vec<String>,
 }
 
 fn key(lsn: Lsn, chain_hash: ChainHash) -> (Lsn, [u8; 32]) {
@@ -284,6 +287,11 @@ impl Model {
         self.crashed_at.insert(node.to_owned(), position);
     }
 
+    /// The node is stopped by a store write that failed (its outcome unknown).
+    pub fn write_failed(&mut self, node: &str) {
+        self.failed_writes.push(node.to_owned());
+    }
+
     /// The node killed last lost its power too: only what it made durable is kept.
     pub fn power_cut(&mut self, node: &str) {
         self.power_cuts.push(node.to_owned());
@@ -301,6 +309,11 @@ impl Model {
     pub fn restarted(&mut self, at_ms: u64, node: &str, position: Position) {
         let powered_off = self.power_cuts.iter().any(|cut| cut == node);
         self.power_cuts.retain(|cut| cut != node);
+        if self.failed_writes.iter().any(|failed| failed == node) {
+            // The failed write may have survived: no exact position to expect.
+            self.failed_writes.retain(|failed| failed != node);
+            self.crashed_at.remove(node);
+        }
         let durable = self.durable_at.get(node).copied();
         if let (true, Some(durable)) = (powered_off, durable) {
             self.crashed_at.remove(node);

@@ -1,6 +1,8 @@
 //! The simulated disk: each node's store files in memory, with what was synced kept apart
 //! from what was only written. A process crash (kill -9) keeps what was written (the
-//! operating system still holds it); a power cut keeps only what was synced.
+//! operating system still holds it); a power cut keeps only what was synced. A fault can be
+//! set on it: every sync fails (`EIO`), or the disk is full (`ENOSPC` on a write that
+//! needs new space).
 
 use std::collections::BTreeMap;
 use std::io;
@@ -8,10 +10,23 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use xmirror_store::disk::{Disk, DiskFile};
 
+/// A fault the disk has while it is set.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DiskFault {
+    /// Every sync fails with `EIO` (nothing it would have made durable is).
+    SyncFails,
+    /// No new space: a write or a growth past a file's end fails with `ENOSPC`.
+    Full,
+}
+
+/// The fault of one disk, shared by its files.
+type Fault = Arc<Mutex<Option<DiskFault>>>;
+
 /// One file: its bytes as written, and as last synced.
 #[derive(Debug, Default)]
 pub struct SimFile {
     state: Mutex<FileState>,
+    fault: Fault,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -23,6 +38,18 @@ struct FileState {
 impl SimFile {
     fn state(&self) -> std::sync::MutexGuard<'_, FileState> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn fault(&self) -> Option<DiskFault> {
+        *self.fault.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// `ENOSPC` if the disk is full and the file would grow to `len`.
+    fn room_for(&self, len: usize) -> io::Result<()> {
+        if self.fault() == Some(DiskFault::Full) && len > self.state().written.len() {
+            return Err(io::Error::from_raw_os_error(28));
+        }
+        Ok(())
     }
 }
 
@@ -45,9 +72,10 @@ impl DiskFile for SimFile {
     }
 
     fn write_at(&self, offset: u64, data: &[u8]) -> io::Result<()> {
-        let mut state = self.state();
         let start = usize::try_from(offset).unwrap_or(usize::MAX);
         let end = start.saturating_add(data.len());
+        self.room_for(end)?;
+        let mut state = self.state();
         if state.written.len() < end {
             state.written.resize(end, 0);
         }
@@ -57,11 +85,15 @@ impl DiskFile for SimFile {
 
     fn set_len(&self, len: u64) -> io::Result<()> {
         let len = usize::try_from(len).unwrap_or(usize::MAX);
+        self.room_for(len)?;
         self.state().written.resize(len, 0);
         Ok(())
     }
 
     fn sync(&self) -> io::Result<()> {
+        if self.fault() == Some(DiskFault::SyncFails) {
+            return Err(io::Error::from_raw_os_error(5));
+        }
         let mut state = self.state();
         let FileState { written, synced } = &mut *state;
         synced.clone_from(written);
@@ -73,11 +105,17 @@ impl DiskFile for SimFile {
 #[derive(Default)]
 pub struct SimDisk {
     files: Mutex<BTreeMap<String, Arc<SimFile>>>,
+    fault: Fault,
 }
 
 impl SimDisk {
     fn files(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Arc<SimFile>>> {
         self.files.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Sets (or clears) the disk's fault.
+    pub fn set_fault(&self, fault: Option<DiskFault>) {
+        *self.fault.lock().unwrap_or_else(PoisonError::into_inner) = fault;
     }
 
     /// The power is cut: every file goes back to what was last synced.
@@ -100,18 +138,21 @@ impl SimDisk {
                 let state = file.state().clone();
                 let copied = SimFile {
                     state: Mutex::new(state),
+                    fault: self.fault.clone(),
                 };
                 (name.clone(), Arc::new(copied))
             })
             .collect();
         SimDisk {
             files: Mutex::new(files),
+            fault: self.fault.clone(),
         }
     }
 
     /// A copy of the disk as a backup tool reading the files would see it (what was
     /// written, synced or not), which restored is both written and synced.
     pub fn copy(&self) -> SimDisk {
+        let fault = Fault::default();
         let files = self
             .files()
             .iter()
@@ -122,19 +163,30 @@ impl SimDisk {
                         synced: written.clone(),
                         written,
                     }),
+                    fault: fault.clone(),
                 };
                 (name.clone(), Arc::new(copied))
             })
             .collect();
         SimDisk {
             files: Mutex::new(files),
+            fault,
         }
     }
 }
 
 impl Disk for SimDisk {
     fn file(&self, name: &str) -> Arc<dyn DiskFile> {
-        self.files().entry(name.to_owned()).or_default().clone()
+        let fault = self.fault.clone();
+        self.files()
+            .entry(name.to_owned())
+            .or_insert_with(|| {
+                Arc::new(SimFile {
+                    state: Mutex::default(),
+                    fault,
+                })
+            })
+            .clone()
     }
 
     fn exists(&self, name: &str) -> bool {
@@ -168,6 +220,34 @@ mod tests {
         assert_eq!(read(&copy.file("f")), b"syXXed\0\0\0\0tail");
         let mut beyond = [0; 4];
         assert!(disk.file("f").read_at(4, &mut beyond).is_err());
+    }
+
+    #[test]
+    fn a_faulty_disk_fails_syncs_or_growth_until_cleared() {
+        let disk = SimDisk::default();
+        let file = disk.file("f");
+        file.write_at(0, b"abcd").unwrap();
+        disk.set_fault(Some(DiskFault::SyncFails));
+        assert_eq!(file.sync().unwrap_err().raw_os_error(), Some(5));
+        disk.power_cut();
+        assert_eq!(
+            file.len().unwrap(),
+            0,
+            "the failed sync made nothing durable"
+        );
+        disk.set_fault(Some(DiskFault::Full));
+        file.write_at(0, b"").unwrap();
+        assert_eq!(file.write_at(0, b"x").unwrap_err().raw_os_error(), Some(28));
+        // A kill's image has the fault too; a restored copy does not.
+        let image = disk.image();
+        assert_eq!(
+            image.file("g").set_len(1).unwrap_err().raw_os_error(),
+            Some(28)
+        );
+        disk.copy().file("g").set_len(1).unwrap();
+        disk.set_fault(None);
+        file.write_at(0, b"x").unwrap();
+        file.sync().unwrap();
     }
 }
 

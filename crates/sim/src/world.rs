@@ -34,7 +34,7 @@ use xmirror_source::SourceConfig;
 use xmirror_store::disk::Disk;
 use xmirror_store::{DatabaseIdentity, RedbStore, Store, StoreError, StoreOptions};
 
-use crate::disk::SimDisk;
+use crate::disk::{DiskFault, SimDisk};
 
 use crate::check::{self, Model, Violation};
 
@@ -113,6 +113,16 @@ pub enum Op {
         node: usize,
         /// How long it stays down.
         down_ms: u64,
+    },
+    /// The node's disk fails every sync, or is full, for `ms`: its store fails, and the
+    /// node stops until its supervisor restarts it.
+    DiskFault {
+        /// The node.
+        node: usize,
+        /// Which fault.
+        fault: DiskFault,
+        /// How long.
+        ms: u64,
     },
     /// No packet between the node and every other for `ms`.
     Partition {
@@ -235,6 +245,8 @@ struct Node {
     backup: Option<(Arc<SimDisk>, bool)>,
     /// Its store's files.
     disk: Arc<SimDisk>,
+    /// Its disk has a fault until then.
+    fault_until: u64,
 }
 
 impl Node {
@@ -496,6 +508,7 @@ impl World {
             fence_on_sight: None,
             backup: None,
             disk: Arc::default(),
+            fault_until: 0,
         });
     }
 
@@ -666,9 +679,18 @@ impl World {
                 node,
                 down_ms: self.rng.random_range(50..=3_000),
             },
-            51..=54 => Op::PowerCut {
+            51..=53 => Op::PowerCut {
                 node,
                 down_ms: self.rng.random_range(50..=3_000),
+            },
+            54 => Op::DiskFault {
+                node,
+                fault: if self.rng.random_bool(0.5) {
+                    DiskFault::SyncFails
+                } else {
+                    DiskFault::Full
+                },
+                ms: self.rng.random_range(100..=3_000),
             },
             55..=64 => Op::Partition {
                 node,
@@ -717,6 +739,14 @@ impl World {
                     self.nodes[node].disk.power_cut();
                     self.nodes[node].restart_at = Some(self.now + down_ms);
                 }
+            }
+            Op::DiskFault { node, fault, ms } => {
+                self.say(format!(
+                    "{}'s disk: {fault:?} for {ms} ms",
+                    self.nodes[node].name
+                ));
+                self.nodes[node].disk.set_fault(Some(fault));
+                self.nodes[node].fault_until = self.now + ms;
             }
             Op::Partition { node, ms } => {
                 self.say(format!("{} partitioned for {ms} ms", self.nodes[node].name));
@@ -918,12 +948,27 @@ impl World {
                 ));
             }
             Err(error) => {
-                let at = self.now;
-                self.model.internal(
-                    at,
-                    format!("{}: a commit failed: {error}", self.nodes[node].name),
-                );
+                let detail = format!("a commit failed: {error}");
+                self.store_failed(node, detail);
             }
+        }
+    }
+
+    /// A store operation of `node` failed: under a disk fault the node stops (crash-only:
+    /// whether the failed write survives is for recovery to decide) and its supervisor
+    /// restarts it once the disk is well; without one, nothing should have failed.
+    fn store_failed(&mut self, node: usize, detail: String) {
+        let name = self.nodes[node].name.clone();
+        if self.nodes[node].fault_until > self.now {
+            self.say(format!(
+                "{name} stops: its store failed on the faulty disk ({detail})"
+            ));
+            self.model.write_failed(name.as_str());
+            self.crash(node);
+            self.nodes[node].restart_at = Some(self.nodes[node].fault_until + 500);
+        } else {
+            let at = self.now;
+            self.model.internal(at, format!("{name}: {detail}"));
         }
     }
 
@@ -965,12 +1010,8 @@ impl World {
         let store = match open(&dir, &self.nodes[node].disk) {
             Ok(store) => store,
             Err(error) => {
-                let at = self.now;
-                self.model.internal(
-                    at,
-                    format!("{} cannot open its store: {error}", self.nodes[node].name),
-                );
                 self.nodes[node].restart_at = None;
+                self.store_failed(node, format!("cannot open its store: {error}"));
                 return;
             }
         };
@@ -978,8 +1019,8 @@ impl World {
         if let Part::Source(_) = self.nodes[node].part {
             if store.database().is_none() {
                 if let Err(error) = store.create_database(self.database) {
-                    let at = self.now;
-                    self.model.internal(at, format!("create_database: {error}"));
+                    self.nodes[node].store = Some(store);
+                    return self.store_failed(node, format!("create_database: {error}"));
                 }
                 self.model.source_state(&*store);
             }
@@ -988,7 +1029,10 @@ impl World {
         match &mut self.nodes[node].part {
             Part::Source(side) => match Slots::load(store.clone()) {
                 Ok(slots) => side.slots = Some(slots),
-                Err(error) => self.model.internal(at, format!("slots: {error}")),
+                Err(error) => {
+                    self.nodes[node].store = Some(store);
+                    return self.store_failed(node, format!("slots: {error}"));
+                }
             },
             Part::Mirror(side) => {
                 side.next_dial = at;
@@ -1061,10 +1105,7 @@ impl World {
                 if let Part::Source(side) = &mut self.nodes[node].part {
                     match Slots::load(store.clone()) {
                         Ok(slots) => side.slots = Some(slots),
-                        Err(error) => {
-                            let at = self.now;
-                            self.model.internal(at, format!("slots: {error}"));
-                        }
+                        Err(error) => self.store_failed(node, format!("slots: {error}")),
                     }
                 }
                 self.say(format!(
@@ -1110,6 +1151,12 @@ impl World {
 
     fn tick(&mut self) {
         self.now += TICK_MS;
+        for node in &mut self.nodes {
+            if node.fault_until != 0 && node.fault_until <= self.now {
+                node.fault_until = 0;
+                node.disk.set_fault(None);
+            }
+        }
         for node in 0..self.nodes.len() {
             if self.nodes[node].restart_at.is_some_and(|at| at <= self.now) {
                 self.start(node);
@@ -1150,7 +1197,6 @@ impl World {
         if !self.now.is_multiple_of(500) {
             return;
         }
-        let now = self.now;
         for node in 0..self.nodes.len() {
             let wall = self.wall_clock(node);
             let Part::Source(side) = &self.nodes[node].part else {
@@ -1159,9 +1205,12 @@ impl World {
             let Some(slots) = &side.slots else {
                 continue;
             };
-            let _admission = side.admission.lock().expect("not poisoned");
-            if let Err(error) = slots.enforce_retention(side.config.retention_limits(), wall) {
-                self.model.internal(now, format!("retention: {error}"));
+            let enforced = {
+                let _admission = side.admission.lock().expect("not poisoned");
+                slots.enforce_retention(side.config.retention_limits(), wall)
+            };
+            if let Err(error) = enforced {
+                self.store_failed(node, format!("retention: {error}"));
             }
         }
     }
@@ -1237,11 +1286,7 @@ impl World {
         }
         let standing = match standing(&*store) {
             Ok(standing) => standing,
-            Err(error) => {
-                let at = self.now;
-                self.model.internal(at, format!("standing: {error}"));
-                return;
-            }
+            Err(error) => return self.store_failed(mirror, format!("standing: {error}")),
         };
         let config = MirrorSessionConfig {
             versions: SUPPORTED_VERSIONS,
@@ -1361,6 +1406,7 @@ impl World {
             }
         }
         // A planned promotion the operator asked for goes to a streaming session.
+        let mut failed = None;
         if let (Part::Mirror(side), Some(store)) =
             (&self.nodes[mirror].part, &self.nodes[mirror].store)
         {
@@ -1373,14 +1419,15 @@ impl World {
                                 Ok(epoch_id) => half
                                     .machine
                                     .handle(MirrorEvent::Promote { epoch, epoch_id }),
-                                Err(error) => {
-                                    self.model.internal(now, format!("planned id: {error}"))
-                                }
+                                Err(error) => failed = Some(format!("planned id: {error}")),
                             }
                         }
                     }
                 }
             }
+        }
+        if let Some(detail) = failed {
+            return self.store_failed(mirror, detail);
         }
         self.pump_source(index);
         self.pump_mirror(index);
@@ -1458,7 +1505,6 @@ impl World {
     }
 
     fn source_act(&mut self, index: usize, action: SourceAction) {
-        let now = self.now;
         let (mirror, source) = (self.conns[index].mirror, self.conns[index].source);
         let Some(store) = self.nodes[source].store.clone() else {
             return;
@@ -1508,7 +1554,7 @@ impl World {
                         Some(event)
                     }
                     Err(error) => {
-                        self.model.internal(now, format!("admit: {error}"));
+                        self.store_failed(source, format!("admit: {error}"));
                         None
                     }
                 }
@@ -1521,16 +1567,19 @@ impl World {
             SourceAction::Scan {
                 after_key,
                 max_bytes,
-            } => self.store_result(work::scan(&*store, after_key.as_deref(), max_bytes)),
+            } => self.store_result(source, work::scan(&*store, after_key.as_deref(), max_bytes)),
             SourceAction::ReadEndLsn => Some(work::read_end_lsn(&*store)),
             SourceAction::ReadBatch {
                 from,
                 max_entries,
                 max_bytes,
                 ..
-            } => self.store_result(work::read_batch(&*store, from, max_entries, max_bytes)),
+            } => self.store_result(
+                source,
+                work::read_batch(&*store, from, max_entries, max_bytes),
+            ),
             SourceAction::ReadRewindValues { keys } => {
-                self.store_result(work::read_rewind_values(&*store, &keys, 4096))
+                self.store_result(source, work::read_rewind_values(&*store, &keys, 4096))
             }
             SourceAction::Fence { epoch, epoch_id } => {
                 let fenced = work::fence(&*store, &peer, epoch, epoch_id);
@@ -1543,7 +1592,7 @@ impl World {
                         reply.last_lsn
                     ));
                 }
-                self.store_result(fenced)
+                self.store_result(source, fenced)
             }
             SourceAction::AdvanceSlot(durable) => {
                 let Part::Source(side) = &self.nodes[source].part else {
@@ -1584,13 +1633,15 @@ impl World {
         }
     }
 
-    fn store_result(&mut self, result: Result<SourceEvent, StoreError>) -> Option<SourceEvent> {
+    fn store_result(
+        &mut self,
+        source: usize,
+        result: Result<SourceEvent, StoreError>,
+    ) -> Option<SourceEvent> {
         match result {
             Ok(event) => Some(event),
             Err(error) => {
-                let at = self.now;
-                self.model
-                    .internal(at, format!("source store work: {error}"));
+                self.store_failed(source, format!("source store work: {error}"));
                 None
             }
         }
@@ -1662,6 +1713,11 @@ impl World {
         let mirror = self.conns[index].mirror;
         let who = format!("{}'s session", self.nodes[mirror].name);
         let detail = format!("{error}: {}", chain(error));
+        if matches!(error, SessionError::Store(_)) {
+            // The store failed: the node exits (a supervisor restarts it).
+            self.end_mirror_half(index, "store failed");
+            return self.store_failed(mirror, detail);
+        }
         self.model.ended(self.now, &who, error.code(), &detail);
         self.say(format!("{who} fails: {detail}"));
         if error.is_permanent() {

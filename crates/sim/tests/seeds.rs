@@ -69,6 +69,11 @@ fn seeds_keep_every_promise() {
                 let mut totals = totals.lock().unwrap();
                 totals.0 += outcome.acknowledged;
                 totals.1 += 1;
+                // A long search says how far it got.
+                if totals.1 % 10_000 == 0 {
+                    let broke = failures.lock().unwrap().len();
+                    eprintln!("{} seeds run, {broke} broke a promise", totals.1);
+                }
                 drop(totals);
                 if !outcome.violations.is_empty() {
                     failures.lock().unwrap().push(outcome);

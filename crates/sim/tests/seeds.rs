@@ -70,7 +70,7 @@ fn seeds_keep_every_promise() {
                 totals.0 += outcome.acknowledged;
                 totals.1 += 1;
                 // A long search says how far it got.
-                if totals.1 % 10_000 == 0 {
+                if totals.1.is_multiple_of(10_000) {
                     let broke = failures.lock().unwrap().len();
                     eprintln!("{} seeds run, {broke} broke a promise", totals.1);
                 }

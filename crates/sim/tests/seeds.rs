@@ -76,6 +76,8 @@ fn seeds_keep_every_promise() {
                 }
                 drop(totals);
                 if !outcome.violations.is_empty() {
+                    // Said at once: a long search shows what it finds as it goes.
+                    eprintln!("seed {} broke: {}", outcome.seed, outcome.violations[0]);
                     failures.lock().unwrap().push(outcome);
                 }
             });

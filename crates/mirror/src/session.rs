@@ -354,7 +354,22 @@ pub fn perform(
             }
         }
         MirrorAction::ApplyBatches(group) => {
-            let (position, consistent) = apply_group(store, &group)?;
+            let (position, consistent) = match apply_group(store, &group) {
+                // The end the store replays to is not on the source's history (restored
+                // from a backup older than it): the copy can never be made consistent from
+                // this source. It is no usable copy, so the next hello asks for a snapshot.
+                Err(error @ StoreError::ChainMismatch { .. }) if matches!(store.sync_state(), SyncState::Replaying { end } if end.lsn <= group.last_lsn()) =>
+                {
+                    if store.abandon_replay()? {
+                        tracing::warn!(
+                            error = %error,
+                            "the source no longer has the state this copy replays to (restored from an older backup?): giving the copy up for a fresh snapshot"
+                        );
+                    }
+                    return Err(SessionError::from(error));
+                }
+                other => other?,
+            };
             xmirror_store::enforce_wal_caps(store, setup.max_wal_entries, setup.max_wal_bytes)?;
             MirrorEvent::BatchesApplied {
                 applied_lsn: position.lsn,

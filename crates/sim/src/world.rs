@@ -247,6 +247,9 @@ struct Node {
     disk: Arc<SimDisk>,
     /// Its disk has a fault until then.
     fault_until: u64,
+    /// Its disk had a fault since its store was opened: a store error may surface after
+    /// the fault is gone (redb refuses everything once an I/O failed).
+    faulted: bool,
 }
 
 impl Node {
@@ -509,6 +512,7 @@ impl World {
             backup: None,
             disk: Arc::default(),
             fault_until: 0,
+            faulted: false,
         });
     }
 
@@ -747,6 +751,7 @@ impl World {
                 ));
                 self.nodes[node].disk.set_fault(Some(fault));
                 self.nodes[node].fault_until = self.now + ms;
+                self.nodes[node].faulted = true;
             }
             Op::Partition { node, ms } => {
                 self.say(format!("{} partitioned for {ms} ms", self.nodes[node].name));
@@ -959,13 +964,14 @@ impl World {
     /// restarts it once the disk is well; without one, nothing should have failed.
     fn store_failed(&mut self, node: usize, detail: String) {
         let name = self.nodes[node].name.clone();
-        if self.nodes[node].fault_until > self.now {
+        if self.nodes[node].fault_until > self.now || self.nodes[node].faulted {
             self.say(format!(
                 "{name} stops: its store failed on the faulty disk ({detail})"
             ));
             self.model.write_failed(name.as_str());
             self.crash(node);
-            self.nodes[node].restart_at = Some(self.nodes[node].fault_until + 500);
+            let well = self.nodes[node].fault_until.max(self.now);
+            self.nodes[node].restart_at = Some(well + 500);
         } else {
             let at = self.now;
             self.model.internal(at, format!("{name}: {detail}"));
@@ -1006,6 +1012,8 @@ impl World {
     }
 
     fn start(&mut self, node: usize) {
+        // A new process: a fault counts only while the disk still has it.
+        self.nodes[node].faulted = self.nodes[node].fault_until > self.now;
         let dir = self.nodes[node].dir.clone();
         let store = match open(&dir, &self.nodes[node].disk) {
             Ok(store) => store,

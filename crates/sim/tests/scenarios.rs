@@ -198,3 +198,31 @@ fn case_7_a_forced_promotion_fences_the_old_source_on_sight() {
         );
     }
 }
+
+/// Found by the search (seed 1003549): a failed-back source rewinds toward the new
+/// source's state as it read the values, and the new source is then restored from a backup
+/// older than that state. The replay's end is on no history the source has any more: the
+/// copy (its rewound writes saved) is given up for a fresh snapshot instead of failing at
+/// that end forever.
+#[test]
+fn a_replay_toward_a_state_the_source_lost_ends_in_a_snapshot() {
+    let options = Options {
+        mirrors: 1,
+        latency_ms: Some(40),
+        bandwidth: Some(5),
+        verbose: verbose(),
+        script: script(vec![
+            writes(100, 10, 40, 3),
+            vec![(600, Op::Partition { node: 0, ms: 1_400 })],
+            vec![(700, Op::ForcedPromotion { node: 1 })],
+            vec![(750, Op::Backup { node: 1 })],
+            writes(800, 20, 30, 3),
+            writes_to(0, 900, 5, 50),
+            vec![(2_100, Op::Failback { node: 0 })],
+            vec![(2_400, Op::Restore { node: 1 })],
+            writes(2_600, 20, 30, 3),
+        ]),
+        ..Options::default()
+    };
+    each_seed(options);
+}

@@ -1281,6 +1281,21 @@ impl<E: Engine> Store for KvStore<E> {
         self.lock().fenced.clone()
     }
 
+    fn abandon_replay(&self) -> Result<bool, StoreError> {
+        self.check_failed()?;
+        let mut state = self.lock();
+        if !matches!(state.sync, SyncState::Replaying { .. }) {
+            return Ok(false);
+        }
+        let mut writes = Writes::default();
+        writes.put(meta_key(META_SYNC), SyncState::Fresh.encode());
+        writes.delete(meta_key(META_DATABASE));
+        self.durable_engine_write(writes)?;
+        state.sync = SyncState::Fresh;
+        state.database = None;
+        Ok(true)
+    }
+
     fn fence(&self, by: Epoch) -> Result<Epoch, StoreError> {
         Ok(self.fence_as(&FenceAsk::LaterEpoch(by))?.epoch)
     }

@@ -499,6 +499,13 @@ pub trait Store: Send + Sync + 'static {
     /// it was created with for life.
     fn create_database(&self, database: DatabaseIdentity) -> Result<DatabaseIdentity, StoreError>;
 
+    /// Gives up a replay whose end the source no longer has (it was restored from a backup
+    /// older than the end of the snapshot or rewind being replayed): the data is no usable
+    /// copy (a rewind's own writes were saved first), so the store holds no database any
+    /// more and the next hello asks for a fresh snapshot. Durable; `false` (nothing done)
+    /// when the store is not replaying.
+    fn abandon_replay(&self) -> Result<bool, StoreError>;
+
     /// The later epoch this store's database was fenced by, if any: a source whose
     /// database went on elsewhere (a promotion) refuses every write from then on.
     fn fenced(&self) -> Option<Epoch>;

@@ -905,11 +905,24 @@ impl World {
         match commit_group(&*store, &entries, commit_time) {
             Ok(position) => {
                 // Old enough contact: the fence's hello had its backoff and round trip.
+                // Only an old source of an earlier epoch can be fenced by the promoted
+                // node's hello: one that went on to the same epoch number elsewhere (a
+                // promotion the forced one never heard of) is a history of its own, which
+                // the hello reports as diverged (RELIABILITY.md, "kept").
+                let epoch_of = |index: usize| {
+                    self.nodes[index]
+                        .store
+                        .as_ref()
+                        .and_then(|store| store.database())
+                        .map(|database| database.epoch)
+                };
                 let stale = self
                     .forced
                     .iter()
-                    .find(|(_, old, since)| {
-                        *old == node && since.is_some_and(|since| since + 3_000 <= self.now)
+                    .find(|(new, old, since)| {
+                        *old == node
+                            && since.is_some_and(|since| since + 3_000 <= self.now)
+                            && epoch_of(*old) < epoch_of(*new)
                     })
                     .map(|(new, _, since)| (*new, since.unwrap_or_default()));
                 if let Some((new, since)) = stale {

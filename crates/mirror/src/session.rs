@@ -132,6 +132,10 @@ pub fn standing(store: &dyn Store) -> Result<Standing, StoreError> {
         applied_lsn: position.lsn,
         chain_hash: position.chain_hash,
         consistent: sync == SyncState::Consistent,
+        replay_end: match &sync {
+            SyncState::Replaying { end } => Some(*end),
+            _ => None,
+        },
         interrupted: match sync {
             SyncState::Scanning(progress) => Some(InterruptedSnapshot {
                 snapshot_id: progress.snapshot_id,
@@ -431,6 +435,14 @@ pub fn perform(
                 "rewind: a step of fetched values applied"
             );
             MirrorEvent::RewindValuesApplied
+        }
+        MirrorAction::AbandonReplay => {
+            if store.abandon_replay()? {
+                tracing::warn!(
+                    "the source no longer has the state this copy replays to (restored from an older backup?): giving the copy up for a fresh snapshot"
+                );
+            }
+            MirrorEvent::ReplayAbandoned
         }
         MirrorAction::RecordHalt(reason) => {
             crate::record_halt(store, reason)?;

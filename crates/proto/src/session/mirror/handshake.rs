@@ -40,6 +40,14 @@ impl MirrorSession {
                 return self.halt(reason);
             }
         }
+        // The copy replays toward a state past the source's last LSN: the source lost it
+        // (restored from an older backup), and the copy can never be made consistent.
+        if let Some(end) = self
+            .replay_end
+            .filter(|end| end.lsn > accepted.source_last_lsn)
+        {
+            return self.abandon_replay(end.lsn, accepted.source_last_lsn);
+        }
         self.progress.halt_reason = None;
         self.on_decision(accepted.decision);
     }
@@ -87,6 +95,24 @@ impl MirrorSession {
 
     /// Halts: the copy is kept and served, nothing is applied. The halt is recorded in the
     /// store before the session ends, so that no restart of either side forgets it.
+    /// Gives the copy up (durably), then ends the session for a fresh snapshot.
+    pub(super) fn abandon_replay(&mut self, end: Lsn, source_lsn: Lsn) {
+        self.queue.clear();
+        self.transmit.clear();
+        self.phase = Phase::Abandoning { end, source_lsn };
+        self.in_flight = Some(InFlight::ReplayAbandon);
+        self.actions.push_back(MirrorAction::AbandonReplay);
+    }
+
+    /// The copy is given up: the session ends, the next one takes a snapshot.
+    pub(super) fn on_replay_abandoned(&mut self) {
+        if self.in_flight.take() == Some(InFlight::ReplayAbandon) {
+            if let Phase::Abandoning { end, source_lsn } = self.phase {
+                self.finish(Err(MirrorEnd::ReplayLost { end, source_lsn }));
+            }
+        }
+    }
+
     pub(super) fn halt(&mut self, reason: Divergence) {
         self.progress.state = MirrorState::Halted;
         self.progress.halt_reason = Some(reason);

@@ -114,6 +114,9 @@ pub struct Standing {
     /// ends only when a source vouches for the copy (it streams to it) or the policy is to
     /// resnapshot.
     pub halted: Option<Divergence>,
+    /// The state the copy replays to before it is consistent (a snapshot's end, or a
+    /// rewind's target), while it does.
+    pub replay_end: Option<Position>,
 }
 
 /// What the mirror shows of its replication: the one record status, metrics and waiters
@@ -229,6 +232,8 @@ pub enum MirrorEvent {
     RewindValuesApplied,
     /// [`MirrorAction::RecordHalt`] is durable.
     HaltRecorded,
+    /// [`MirrorAction::AbandonReplay`] is durable.
+    ReplayAbandoned,
     /// The operator asked for a planned promotion to `epoch`: fence the source, apply up
     /// to its final LSN, then end the session for the driver to promote the store.
     Promote {
@@ -397,6 +402,10 @@ pub enum MirrorAction {
     /// pass [`REWIND_STEP_BYTES`] goes in such steps, so that its memory stays bounded
     /// whatever the divergence; the last values go with [`MirrorAction::ApplyRewind`].
     ApplyRewindValues(Vec<(Vec<u8>, Option<Vec<u8>>)>),
+    /// Give the copy up, durably: it replays toward a state its source no longer has, and
+    /// is no usable copy (not consistent; a rewind's own writes were saved first); report
+    /// [`MirrorEvent::ReplayAbandoned`]. The next hello asks for a fresh snapshot.
+    AbandonReplay,
     /// Record durably that the mirror is halted and why (it stays halted across restarts
     /// until a source vouches for its copy); report [`MirrorEvent::HaltRecorded`].
     RecordHalt(Divergence),
@@ -500,6 +509,16 @@ pub enum MirrorEnd {
     /// data is kept and served, nothing is applied.
     #[error("{0}: the mirror holds data the source cannot vouch for; it keeps its data, serves reads, and retries")]
     Halted(Divergence),
+    /// The copy replays toward a state the source no longer has (its last LSN is below
+    /// it: restored from an older backup, or it lost writes): the copy is given up, and
+    /// the next session takes a snapshot.
+    #[error("the source is at LSN {source_lsn}, below LSN {end} this copy replays to: the copy is given up for a fresh snapshot")]
+    ReplayLost {
+        /// The LSN the copy replayed to.
+        end: Lsn,
+        /// The source's last LSN.
+        source_lsn: Lsn,
+    },
     /// The source is fenced and every entry it wrote is applied: the mirror may promote.
     #[error("the source is fenced at LSN {source_last_lsn}, all applied: promoting")]
     Promoting {
@@ -519,6 +538,7 @@ impl MirrorEnd {
                 ErrorCode::HandshakeTimeout
             }
             MirrorEnd::Halted(reason) => reason.code(),
+            MirrorEnd::ReplayLost { .. } => ErrorCode::SourceBehind,
             MirrorEnd::Promoting { .. } => ErrorCode::ShuttingDown,
         }
     }
@@ -532,6 +552,7 @@ impl MirrorEnd {
             | MirrorEnd::HandshakeTimeout(_)
             | MirrorEnd::SourceSilent(_)
             | MirrorEnd::Halted(_)
+            | MirrorEnd::ReplayLost { .. }
             | MirrorEnd::Promoting { .. } => false,
         }
     }
@@ -556,6 +577,12 @@ enum Phase {
     Replicating,
     /// Recording the halt before the session ends with it.
     Halting(Divergence),
+    /// Giving up a copy that replays toward a state the source lost, before the session
+    /// ends for a snapshot.
+    Abandoning {
+        end: Lsn,
+        source_lsn: Lsn,
+    },
     Ended,
 }
 
@@ -601,6 +628,7 @@ enum InFlight {
     RewindStep,
     RewindApplication,
     HaltRecord,
+    ReplayAbandon,
 }
 
 /// The mirror's session with its source, without I/O.
@@ -617,6 +645,8 @@ pub struct MirrorSession {
     held_copy: Option<(DatabaseId, Lsn)>,
     /// The halt the store records, if any (from the standing, or recorded in this session).
     recorded_halt: Option<Divergence>,
+    /// The state the copy replays to, from the standing.
+    replay_end: Option<Position>,
     /// The epochs of the history the store holds, with their ids.
     held_history: Vec<EpochStart>,
     /// The database the store holds and its epoch: what a decision's epoch policy (fence,
@@ -720,6 +750,7 @@ impl MirrorSession {
             resume,
             held_copy,
             recorded_halt: standing.halted,
+            replay_end: standing.replay_end,
             held_history: standing.history.clone(),
             held_database: standing.database_id.map(|id| (id, standing.epoch)),
             source_database: None,
@@ -742,8 +773,10 @@ impl MirrorSession {
 
     /// Whether the driver should read another frame: the queue has room.
     pub fn wants_frames(&self) -> bool {
-        !matches!(self.phase, Phase::Halting(_) | Phase::Ended)
-            && self.queue.len() < self.config.max_queued_frames.max(1)
+        !matches!(
+            self.phase,
+            Phase::Halting(_) | Phase::Abandoning { .. } | Phase::Ended
+        ) && self.queue.len() < self.config.max_queued_frames.max(1)
     }
 
     /// Feeds one event.
@@ -776,6 +809,7 @@ impl MirrorSession {
             MirrorEvent::RewindApplied => self.on_rewind_applied(),
             MirrorEvent::RewindValuesApplied => self.on_rewind_values_applied(),
             MirrorEvent::HaltRecorded => self.on_halt_recorded(),
+            MirrorEvent::ReplayAbandoned => self.on_replay_abandoned(),
             MirrorEvent::Promote { epoch, epoch_id } => self.on_promote(epoch, epoch_id),
         }
         self.pump();

@@ -33,6 +33,7 @@ fn standing(applied: u64) -> Standing {
         interrupted: None,
         consistent: applied > 0,
         halted: None,
+        replay_end: None,
     }
 }
 
@@ -1368,5 +1369,49 @@ fn an_ended_session_absorbs_every_later_event() {
             drained.actions.is_empty() && drained.frames.is_empty(),
             "{label}"
         );
+    }
+}
+
+/// A copy replaying toward a state past the source's last LSN can never be made
+/// consistent from it (the source lost that state): it is given up, durably, and the
+/// session ends for a snapshot; a source at or past the end streams on.
+#[test]
+fn a_copy_replaying_past_the_sources_last_lsn_is_given_up_for_a_snapshot() {
+    let replaying = Standing {
+        replay_end: Some(Position {
+            lsn: Lsn(40),
+            chain_hash: ChainHash([4; 32]),
+        }),
+        consistent: false,
+        ..standing(30)
+    };
+    // (the source's last LSN, whether the copy is given up)
+    for (source_last, given_up) in [(39, true), (31, true), (40, false), (90, false)] {
+        let mut session = new_session(replaying.clone());
+        drain(&mut session);
+        received(
+            &mut session,
+            accepted(Decision::Stream { from_lsn: Lsn(31) }, source_last),
+        );
+        let drained = drain(&mut session);
+        let abandons = drained.actions.contains(&MirrorAction::AbandonReplay);
+        assert_eq!(abandons, given_up, "source at {source_last}");
+        if !given_up {
+            assert!(session.take_end().is_none(), "source at {source_last}");
+            continue;
+        }
+        assert!(!session.wants_frames(), "nothing more is read");
+        assert!(session.take_end().is_none(), "not before it is durable");
+        session.handle(MirrorEvent::ReplayAbandoned);
+        match session.take_end() {
+            Some(Err(end @ MirrorEnd::ReplayLost { .. })) => {
+                assert_eq!(end.code(), ErrorCode::SourceBehind);
+                assert!(
+                    !end.is_permanent(),
+                    "the mirror reconnects for its snapshot"
+                );
+            }
+            other => panic!("source at {source_last}: {other:?}"),
+        }
     }
 }

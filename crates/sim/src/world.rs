@@ -1698,8 +1698,11 @@ impl World {
                                 let name = self.nodes[mirror].name.to_string();
                                 // Every piece of a mirror's store work is durable when done.
                                 self.model.durable(&name, store.position());
-                                let halted = standing(&*store)
-                                    .is_ok_and(|standing| standing.halted.is_some());
+                                // A mirror whose policy is to resnapshot has its operator's
+                                // leave to replace a halted copy.
+                                let halted = side.policy == DivergencePolicy::Halt
+                                    && standing(&*store)
+                                        .is_ok_and(|standing| standing.halted.is_some());
                                 self.model.mirror_state(now, &name, &*store, halted);
                             }
                             Err(error) => {

@@ -1547,7 +1547,6 @@ impl World {
                 let fresh = SnapshotId(self.rng.random());
                 match work::admit(hello, &peer, parts, self.instant(), fresh) {
                     Ok(admission) => {
-                        let event = admission.event();
                         if let Ok(decision) = &admission.decision {
                             let fields = decision.log_fields();
                             self.say(format!(
@@ -1569,8 +1568,9 @@ impl World {
                                 self.nodes[source].name, self.nodes[mirror].name
                             ));
                         }
+                        let (event, ticket) = admission.into_event();
                         if let Some(half) = &mut self.conns[index].source_half {
-                            half.ticket = admission.ticket;
+                            half.ticket = ticket;
                         }
                         Some(event)
                     }

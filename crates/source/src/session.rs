@@ -410,12 +410,11 @@ where
             hello,
             decision,
             slot,
-            ticket,
-            source,
-        } = admission;
+            ..
+        } = &admission;
         // A refusal is counted and logged with every other one when the session ends.
         let slot_refused = matches!(slot, SlotClaim::InUse(_) | SlotClaim::Full(_));
-        if let (Ok(decision), false) = (&decision, slot_refused) {
+        if let (Ok(decision), false) = (decision, slot_refused) {
             crate::telemetry::handshake(None);
             match decision {
                 Decision::Snapshot { .. } => crate::telemetry::snapshot_sent(&self.peer, "fresh"),
@@ -439,11 +438,8 @@ where
                 "hello accepted"
             );
         }
+        let (event, ticket) = admission.into_event();
         self.ticket = ticket.map(|ticket| (work::mirror_identity(&self.peer), ticket));
-        self.machine.handle(SourceEvent::Admitted {
-            decision,
-            source,
-            slot,
-        });
+        self.machine.handle(event);
     }
 }

@@ -54,13 +54,14 @@ pub struct Admission {
 }
 
 impl Admission {
-    /// The event that reports it to the machine.
-    pub fn event(&self) -> SourceEvent {
-        SourceEvent::Admitted {
-            decision: self.decision.clone(),
-            source: self.source.clone(),
-            slot: self.slot.clone(),
-        }
+    /// The event that reports it to the machine, and the slot's ticket for the driver.
+    pub fn into_event(self) -> (SourceEvent, Option<SessionTicket>) {
+        let event = SourceEvent::Admitted {
+            decision: self.decision,
+            source: self.source,
+            slot: self.slot,
+        };
+        (event, self.ticket)
     }
 }
 
